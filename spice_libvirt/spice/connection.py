@@ -1,0 +1,301 @@
+"""Sans-IO state machine of one client channel connection (h11-style).
+
+The caller owns the socket: it sends the bytes this object returns and feeds it the bytes
+it reads, then asks for events::
+
+    conn = ClientChannelConnection(LinkMess(0, ChannelType.MAIN, 0, caps...))
+    sock.send(conn.start())
+    while (event := conn.next_event()) is NEED_DATA: conn.receive_data(sock.recv(...))
+    # event is LinkReplyReceived
+    sock.send(conn.authenticate(password))
+    ...  # LinkEstablished, then MessageReceived events; conn.send(msg) -> bytes
+
+All transitions live in this file and the table :data:`TRANSITIONS`. Illegal calls by us
+raise :class:`LocalProtocolError`; illegal bytes from the peer raise
+:class:`RemoteProtocolError` (or :class:`LinkError` for refused links) and move the
+connection to ``ERROR`` for good.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from spice_libvirt.errors import (
+    AuthenticationError,
+    LinkError,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
+from spice_libvirt.spice.constants import CommonCap, LinkErr, MigrateFlags
+from spice_libvirt.spice.framing import DEFAULT_MAX_BODY, FrameDecoder, ReceiveBuffer, encode_frame
+from spice_libvirt.spice.link import (
+    LINK_HEADER,
+    U32,
+    LinkHeader,
+    LinkMess,
+    LinkReply,
+    encode_auth_mechanism,
+    encrypt_ticket,
+)
+from spice_libvirt.spice.messages import (
+    Ack,
+    AckSync,
+    Message,
+    Migrate,
+    MigrateData,
+    Ping,
+    Pong,
+    SetAck,
+    decode_server_message,
+    message_name,
+    message_type,
+)
+
+
+class ConnState(enum.Enum):
+    IDLE = "idle"
+    AWAIT_LINK_REPLY = "await-link-reply"
+    LINK_REPLY_RECEIVED = "link-reply-received"
+    AWAIT_LINK_RESULT = "await-link-result"
+    READY = "ready"
+    #: the server sent MIGRATE with NEED_DATA_TRANSFER: the next message must be MIGRATE_DATA
+    AWAIT_MIGRATE_DATA = "await-migrate-data"
+    #: MIGRATE was fully handled; the channel will move to the destination socket
+    MIGRATED = "migrated"
+    CLOSED = "closed"
+    ERROR = "error"
+
+
+#: (state, input) -> next state. Inputs: method names for our calls, message names for the
+#: peer's. Anything missing is illegal.
+TRANSITIONS: dict[tuple[ConnState, str], ConnState] = {
+    (ConnState.IDLE, "start"): ConnState.AWAIT_LINK_REPLY,
+    (ConnState.AWAIT_LINK_REPLY, "link-reply"): ConnState.LINK_REPLY_RECEIVED,
+    (ConnState.LINK_REPLY_RECEIVED, "authenticate"): ConnState.AWAIT_LINK_RESULT,
+    (ConnState.AWAIT_LINK_RESULT, "link-result"): ConnState.READY,
+    (ConnState.READY, "MIGRATE+data"): ConnState.AWAIT_MIGRATE_DATA,
+    (ConnState.READY, "MIGRATE"): ConnState.MIGRATED,
+    (ConnState.AWAIT_MIGRATE_DATA, "MIGRATE_DATA"): ConnState.MIGRATED,
+}
+
+
+class NeedData:
+    """Sentinel: feed more bytes before the next event."""
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = NeedData()
+
+
+@dataclass(frozen=True, slots=True)
+class LinkReplyReceived:
+    reply: LinkReply
+
+
+@dataclass(frozen=True, slots=True)
+class LinkEstablished:
+    mini_header: bool
+    common_caps: frozenset[int]
+    channel_caps: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    serial: int
+    message: Message
+
+
+Event = LinkReplyReceived | LinkEstablished | MessageReceived
+
+
+def _link_error(code: int, what: str) -> LinkError:
+    if code == LinkErr.PERMISSION_DENIED:
+        return AuthenticationError(code, f"permission denied ({what}): wrong or expired ticket")
+    return LinkError(code)
+
+
+class ClientChannelConnection:
+    """One channel's connection, from the client's side."""
+
+    def __init__(self, link: LinkMess, *, max_body: int = DEFAULT_MAX_BODY) -> None:
+        self.link = link
+        self.state = ConnState.IDLE
+        self.reply: LinkReply | None = None
+        self.mini_header = False
+        self.max_body = max_body
+        self._link_buffer = ReceiveBuffer()
+        self._decoder: FrameDecoder | None = None
+        self._serial_out = 0
+        #: messages received in the data phase (serial of the last one with mini headers)
+        self.received = 0
+        #: flags of the SPICE_MSG_MIGRATE received, once it was
+        self.migrate_flags: int | None = None
+
+    # -- transitions -------------------------------------------------------------------
+
+    def _go(self, event: str) -> None:
+        nxt = TRANSITIONS.get((self.state, event))
+        if nxt is None:
+            raise LocalProtocolError(f"{event!r} is not allowed in state {self.state.value}")
+        self.state = nxt
+
+    def _fail(self, exc: RemoteProtocolError) -> RemoteProtocolError:
+        self.state = ConnState.ERROR
+        return exc
+
+    # -- our side ------------------------------------------------------------------------
+
+    def start(self) -> bytes:
+        """Bytes of the link request."""
+        self._go("start")
+        return self.link.encode()
+
+    def authenticate(self, password: str | None) -> bytes:
+        """Bytes of the auth mechanism (when the server offers a choice) and the ticket.
+
+        Returned as two chunks because some observers (Wireshark) need them in separate
+        segments, as spice-gtk writes them.
+        """
+        if self.reply is None:
+            raise LocalProtocolError("authenticate() before the link reply")
+        self._go("authenticate")
+        ticket = encrypt_ticket(self.reply.pub_key, password)
+        if CommonCap.PROTOCOL_AUTH_SELECTION in self.reply.common_caps and (
+            CommonCap.PROTOCOL_AUTH_SELECTION in self.link.common_caps
+        ):
+            return encode_auth_mechanism(CommonCap.AUTH_SPICE) + ticket
+        return ticket
+
+    def auth_chunks(self, password: str | None) -> tuple[bytes, bytes]:
+        """Like :meth:`authenticate`, split into (mechanism, ticket); mechanism may be empty."""
+        data = self.authenticate(password)
+        return data[:-128], data[-128:]
+
+    def send(self, message: Message) -> bytes:
+        """Frame a message for this channel."""
+        if self.state not in (ConnState.READY, ConnState.AWAIT_MIGRATE_DATA, ConnState.MIGRATED):
+            raise LocalProtocolError(
+                f"cannot send {message_name(message)} in state {self.state.value}"
+            )
+        self._serial_out += 1
+        return encode_frame(
+            message_type(message),
+            message.encode_body(),
+            mini=self.mini_header,
+            serial=self._serial_out,
+        )
+
+    def resume_after_migration(self) -> None:
+        """Back to READY on the destination socket once the switch is done."""
+        if self.state is not ConnState.MIGRATED:
+            raise LocalProtocolError(f"resume_after_migration in state {self.state.value}")
+        self.state = ConnState.READY
+        self.migrate_flags = None
+
+    def close(self) -> None:
+        self.state = ConnState.CLOSED
+
+    # -- peer's side ---------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        if self.state in (ConnState.CLOSED, ConnState.ERROR):
+            raise LocalProtocolError(f"receive_data in state {self.state.value}")
+        if self._decoder is not None:
+            self._decoder.feed(data)
+        else:
+            self._link_buffer.feed(data)
+
+    def next_event(self) -> Event | NeedData:
+        if self.state is ConnState.ERROR:
+            raise LocalProtocolError("connection already failed")
+        try:
+            return self._next_event()
+        except RemoteProtocolError as exc:
+            raise self._fail(exc) from exc.__cause__
+
+    def _next_event(self) -> Event | NeedData:
+        if self.state is ConnState.AWAIT_LINK_REPLY:
+            head = self._link_buffer.peek(LINK_HEADER.size)
+            if head is None:
+                return NEED_DATA
+            header = LinkHeader.decode(head)
+            if len(self._link_buffer) < LINK_HEADER.size + header.size:
+                return NEED_DATA
+            self._link_buffer.take(LINK_HEADER.size)
+            body = self._link_buffer.take(header.size)
+            assert body is not None
+            reply = LinkReply.decode(body)
+            if reply.error != LinkErr.OK:
+                raise _link_error(reply.error, "link reply")
+            self.reply = reply
+            self._go("link-reply")
+            return LinkReplyReceived(reply)
+        if self.state is ConnState.AWAIT_LINK_RESULT:
+            raw = self._link_buffer.take(U32.size)
+            if raw is None:
+                return NEED_DATA
+            (code,) = U32.unpack(raw)
+            if code != LinkErr.OK:
+                raise _link_error(code, "link result")
+            assert self.reply is not None
+            self._go("link-result")
+            self.mini_header = CommonCap.MINI_HEADER in self.reply.common_caps
+            self._decoder = FrameDecoder(mini=self.mini_header, max_body=self.max_body)
+            self._decoder.feed(self._link_buffer.take_all())
+            return LinkEstablished(
+                self.mini_header, self.reply.common_caps, self.reply.channel_caps
+            )
+        if self._decoder is None:
+            return NEED_DATA
+        frame = self._decoder.next_frame()
+        if frame is None:
+            return NEED_DATA
+        message = decode_server_message(self.link.channel_type, frame.msg_type, frame.body)
+        self.received += 1
+        self._check_migration_order(message)
+        return MessageReceived(frame.serial, message)
+
+    def _check_migration_order(self, message: Message) -> None:
+        if self.state is ConnState.AWAIT_MIGRATE_DATA:
+            if not isinstance(message, MigrateData):
+                raise RemoteProtocolError(
+                    f"expected MIGRATE_DATA after MIGRATE, got {message_name(message)}"
+                )
+            self._go("MIGRATE_DATA")
+        elif isinstance(message, Migrate):
+            self.migrate_flags = message.flags
+            if self.state is not ConnState.READY:
+                raise RemoteProtocolError(f"MIGRATE in state {self.state.value}")
+            self._go(
+                "MIGRATE+data" if message.flags & MigrateFlags.NEED_DATA_TRANSFER else "MIGRATE"
+            )
+
+
+class KeepAlive:
+    """Answers the common flow-control messages the way spice-gtk does.
+
+    SET_ACK → ACK_SYNC and an ACK every ``window`` received messages; PING → PONG (the
+    payload is not echoed). Pure: returns the replies, the caller sends them.
+    """
+
+    def __init__(self) -> None:
+        self.window = 0
+        self.countdown = 0
+
+    def on_message(self, message: Message) -> list[Message]:
+        replies: list[Message] = []
+        if isinstance(message, SetAck):
+            self.window = self.countdown = message.window
+            replies.append(AckSync(message.generation))
+            return replies
+        if isinstance(message, Ping):
+            replies.append(Pong(message.id, message.timestamp))
+        if self.window:
+            self.countdown -= 1
+            if self.countdown <= 0:
+                self.countdown = self.window
+                replies.append(Ack())
+        return replies

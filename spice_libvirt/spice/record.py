@@ -1,0 +1,60 @@
+"""What the embedded client saw of one migration, as data.
+
+These models are the contract between the client (which fills them in, message by message)
+and the controller (which puts them into the verdict). They live apart from both so that
+neither has to import the other.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+#: The path the client actually took. ``none`` means no migration message arrived.
+ClientPath = Literal["seamless", "semi-seamless", "switch-host", "cancelled", "failed", "none"]
+
+
+class PathStep(BaseModel):
+    """One protocol step of a migration, in the order the client saw or did it."""
+
+    t_ms: float = Field(description="milliseconds since the first migration message")
+    channel: str = Field(description="channel name and id, e.g. 'main:0', 'display:0'")
+    side: Literal["src", "dst"]
+    direction: Literal["rx", "tx", "event"]
+    message: str = Field(description="message name, e.g. MIGRATE_BEGIN_SEAMLESS")
+    detail: str = ""
+
+
+class StreamStats(BaseModel):
+    """Continuity of the guest's record stream on the port channel."""
+
+    records: int = 0
+    gaps: int = 0
+    duplicates: int = 0
+    first: int | None = None
+    last: int | None = None
+    max_stall_ms: float = 0.0
+
+
+class ClientMigrationRecord(BaseModel):
+    """The embedded client's own account of one migration."""
+
+    path: ClientPath
+    connection_id_before: int
+    connection_id_after: int | None = None
+    connection_id_kept: bool = False
+    channels_before: list[str] = Field(default_factory=list)
+    channels_after: list[str] = Field(default_factory=list)
+    steps: list[PathStep] = Field(default_factory=list)
+    #: per channel: milliseconds between the last message read from the source and the first
+    #: read from (or sent to) the destination; the time the channel was dark for the user
+    blackout_ms: dict[str, float] = Field(default_factory=dict)
+    #: monotonic time (time.monotonic(), seconds) at which the client told the source it had
+    #: linked every channel to the destination (MIGRATE_CONNECTED[_SEAMLESS]); None if never
+    connected_reply_at: float | None = None
+    #: monotonic time of the first migration message (BEGIN*, SWITCH_HOST)
+    started_at: float | None = None
+    finished_at: float | None = None
+    destination: str | None = Field(default=None, description="host:port the client moved to")
+    error: str | None = None
