@@ -1,0 +1,219 @@
+"""Install, inspect and remove the libvirt hook shim.
+
+Where: ``/etc/libvirt/hooks/qemu.d/50-spice-libvirt``. libvirt (since 6.5.0) runs every
+executable in ``qemu.d/`` in alphabetical order *after* ``hooks/qemu``, feeding each one
+the previous one's output XML. We never write ``hooks/qemu`` itself: on an oVirt host VDSM
+owns that file, and other tools expect to own it too.
+
+What: a sh shim of a few lines (VDSM's layout) that sets a UTF-8 locale and execs the
+``spice-libvirt-hook`` console script *by absolute path*, because libvirtd runs hooks with
+a minimal environment and PATH. The path is that of the venv this code runs from, baked in
+at install time; ``--config`` bakes in ``SPICE_LIBVIRT_CONFIG`` too, which is how a lab runs
+several simulated hosts with different configurations on one file system.
+
+libvirtd reads the hook directory when it starts, so every change here needs a restart of
+libvirtd (or virtqemud); the functions say so in their messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from spice_libvirt.errors import ConfigError, HookError
+
+DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks")
+#: The shim's file name in ``qemu.d``: ``50-`` leaves room on both sides for ordering.
+SHIM_NAME = "50-spice-libvirt"
+#: The second line of every shim we write; it is how we recognise our own file.
+MARKER = "# spice-libvirt: libvirt qemu hook shim"
+RESTART_HINT = "restart libvirtd (or virtqemud) to load the hook"
+
+
+class HookStatus(BaseModel):
+    """What ``spice-libvirt hook status`` reports."""
+
+    hooks_dir: Path
+    shim_path: Path
+    #: a file exists at :attr:`shim_path`
+    present: bool
+    #: ... and it is one of ours (carries :data:`MARKER`)
+    ours: bool
+    #: the executable our shim execs, as written in it
+    target: Path | None = None
+    #: that executable exists and is executable
+    target_ok: bool = False
+    #: the configuration file baked into the shim, if any
+    config: Path | None = None
+    #: a ``hooks/qemu`` script exists (VDSM's or another tool's; we leave it alone)
+    foreign_qemu_hook: bool
+    #: other scripts in ``qemu.d``, in the order libvirt runs them
+    other_scripts: list[str]
+
+    @property
+    def installed(self) -> bool:
+        return self.present and self.ours
+
+
+class InstallResult(BaseModel):
+    path: Path
+    changed: bool
+    message: str
+
+
+def default_hook_executable() -> Path:
+    """The ``spice-libvirt-hook`` script of the venv the running interpreter belongs to.
+
+    ``sys.executable`` is the venv's ``bin/python`` (not resolved through its symlink), so
+    its directory is the venv's ``bin``.
+    """
+    return Path(sys.executable).parent / "spice-libvirt-hook"
+
+
+def render_shim(executable: Path, config: Path | None = None) -> str:
+    """The text of the shim that execs ``executable`` (and sets ``SPICE_LIBVIRT_CONFIG``)."""
+    lines = [
+        "#!/bin/sh",
+        MARKER,
+        "# libvirt runs hooks with LC_ALL=C and a minimal PATH: force UTF-8 and exec the",
+        "# hook by absolute path. See `spice-libvirt hook --help`.",
+        "LC_ALL=C.UTF-8",
+        "export LC_ALL",
+    ]
+    if config is not None:
+        lines += [f"SPICE_LIBVIRT_CONFIG={shlex.quote(str(config))}", "export SPICE_LIBVIRT_CONFIG"]
+    lines.append(f'exec {shlex.quote(str(executable))} "$@"')
+    return "\n".join(lines) + "\n"
+
+
+def parse_shim(text: str) -> tuple[Path | None, Path | None]:
+    """Return (executable, config) written in one of our shims (None where absent)."""
+    target: Path | None = None
+    config: Path | None = None
+    for line in text.splitlines():
+        if line.startswith("exec "):
+            with contextlib.suppress(ValueError):
+                words = shlex.split(line)
+                if len(words) >= 2:
+                    target = Path(words[1])
+        elif line.startswith("SPICE_LIBVIRT_CONFIG="):
+            with contextlib.suppress(ValueError):
+                config = Path(shlex.split(line.partition("=")[2])[0])
+    return target, config
+
+
+def _paths(hooks_dir: Path) -> tuple[Path, Path]:
+    qemu_d = hooks_dir / "qemu.d"
+    shim = qemu_d / SHIM_NAME
+    if shim.resolve() == (hooks_dir / "qemu").resolve():
+        # qemu.d symlinked so that our file would land on hooks/qemu: never write that.
+        raise HookError(f"refusing to write {hooks_dir / 'qemu'}: it belongs to another tool")
+    return qemu_d, shim
+
+
+def _is_ours(path: Path) -> bool:
+    try:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            head = [f.readline() for _ in range(3)]
+    except OSError:
+        return False
+    return any(line.rstrip("\n") == MARKER for line in head)
+
+
+def status(hooks_dir: Path = DEFAULT_HOOKS_DIR) -> HookStatus:
+    """Inspect ``hooks_dir`` without changing anything."""
+    qemu_d, shim = _paths(hooks_dir)
+    present = shim.is_file()
+    ours = present and _is_ours(shim)
+    target = config = None
+    if ours:
+        target, config = parse_shim(shim.read_text(encoding="utf-8", errors="replace"))
+    others: list[str] = []
+    if qemu_d.is_dir():
+        others = sorted(p.name for p in qemu_d.iterdir() if p.name != SHIM_NAME)
+    return HookStatus(
+        hooks_dir=hooks_dir,
+        shim_path=shim,
+        present=present,
+        ours=ours,
+        target=target,
+        target_ok=target is not None and target.is_file() and os.access(target, os.X_OK),
+        config=config,
+        foreign_qemu_hook=(hooks_dir / "qemu").exists(),
+        other_scripts=others,
+    )
+
+
+def install(
+    hooks_dir: Path = DEFAULT_HOOKS_DIR,
+    *,
+    executable: Path | None = None,
+    config: Path | None = None,
+) -> InstallResult:
+    """Write the shim into ``hooks_dir/qemu.d`` (mode 0755), creating ``qemu.d`` if needed.
+
+    Idempotent: an identical shim is left alone (``changed`` is False). An older shim of
+    ours is replaced; a file of the same name that is not ours is refused.
+    """
+    exe = executable if executable is not None else default_hook_executable()
+    if not exe.is_absolute():
+        raise ConfigError(f"hook executable must be an absolute path: {exe}")
+    if not (exe.is_file() and os.access(exe, os.X_OK)):
+        raise ConfigError(
+            f"{exe} is not an executable file; install spice-libvirt into this venv first "
+            "(pip install spice-libvirt) or pass --executable"
+        )
+    if config is not None and not config.is_absolute():
+        raise ConfigError(f"configuration path must be absolute: {config}")
+    qemu_d, shim = _paths(hooks_dir)
+    if qemu_d.exists() and not qemu_d.is_dir():
+        raise HookError(f"{qemu_d} exists and is not a directory")
+    text = render_shim(exe, config)
+    if shim.exists():
+        if not _is_ours(shim):
+            raise HookError(f"{shim} exists and was not written by spice-libvirt; not touching it")
+        if shim.read_text(encoding="utf-8", errors="replace") == text and os.access(shim, os.X_OK):
+            return InstallResult(
+                path=shim,
+                changed=False,
+                message=f"{shim} already installed; {RESTART_HINT} if it is not loaded yet",
+            )
+    try:
+        qemu_d.mkdir(mode=0o755, parents=True, exist_ok=True)
+        # Write beside the target, non-executable, then rename: libvirt never sees half a
+        # script, and a crash leaves at most a hidden temporary file.
+        fd, tmp = tempfile.mkstemp(prefix=f".{SHIM_NAME}.", dir=qemu_d)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, shim)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise HookError(f"cannot write {shim}: {exc.strerror or exc}") from exc
+    return InstallResult(path=shim, changed=True, message=f"installed {shim}; {RESTART_HINT}")
+
+
+def uninstall(hooks_dir: Path = DEFAULT_HOOKS_DIR) -> InstallResult:
+    """Remove our shim (only ours); ``qemu.d`` and everything else stay."""
+    _qemu_d, shim = _paths(hooks_dir)
+    if not shim.exists():
+        return InstallResult(path=shim, changed=False, message=f"{shim} is not installed")
+    if not _is_ours(shim):
+        raise HookError(f"{shim} was not written by spice-libvirt; not removing it")
+    try:
+        shim.unlink()
+    except OSError as exc:
+        raise HookError(f"cannot remove {shim}: {exc.strerror or exc}") from exc
+    return InstallResult(
+        path=shim, changed=True, message=f"removed {shim}; restart libvirtd (or virtqemud)"
+    )

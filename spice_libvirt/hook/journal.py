@@ -1,0 +1,210 @@
+"""A small local journal of every hook invocation, in SQLite.
+
+Why a journal at all: libvirt logs a hook only when it fails, so without one nobody can
+tell afterwards whether the hook ran for a migration, what it saw, or what it changed. The
+journal answers that (``spice-libvirt journal``) without the hook ever talking to libvirt.
+
+Why SQLite in WAL mode: several hooks may run at once (libvirt runs them per domain, VDSM
+per VM), readers must not block the writer, and a crash halfway through must not corrupt
+anything. Each writer holds the lock for one short transaction, and the busy timeout is
+short so that a stuck reader can delay a hook by at most that much, never past its
+deadline.
+
+Why bounded: a host runs for years. Every insert deletes rows older than the newest
+``max_rows`` in the same transaction, and ``journal_size_limit`` caps the WAL file, so
+the database stays at a few megabytes however long it lives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from spice_libvirt.errors import HookError
+
+#: What produced an entry: libvirt's qemu hook or one of the VDSM hook adapters.
+EntrySource = Literal["libvirt", "vdsm"]
+#: How the invocation ended, from the hook's point of view.
+Outcome = Literal["ok", "rewritten", "error"]
+
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS invocations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    source TEXT NOT NULL,
+    object TEXT NOT NULL,
+    operation TEXT NOT NULL,
+    suboperation TEXT NOT NULL,
+    extra TEXT NOT NULL,
+    domain TEXT,
+    uuid TEXT,
+    outcome TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '',
+    duration_ms REAL,
+    pid INTEGER
+);
+CREATE INDEX IF NOT EXISTS invocations_domain ON invocations(domain, id);
+"""
+_COLUMNS = (
+    "id, ts, source, object, operation, suboperation, extra, domain, uuid, outcome, detail, "
+    "duration_ms, pid"
+)
+#: Cap on the WAL file after a checkpoint, in bytes.
+_WAL_SIZE_LIMIT = 4 * 1024 * 1024
+
+
+class JournalEntry(BaseModel):
+    """One hook invocation as recorded: what libvirt (or VDSM) asked and what we did."""
+
+    id: int | None = None
+    ts: float = Field(description="UNIX time of the invocation, seconds")
+    source: EntrySource = "libvirt"
+    object: str = Field(description="libvirt's $1: the guest name, or '-'")
+    operation: str = Field(description="libvirt's $2, e.g. 'migrate', 'prepare'")
+    suboperation: str = Field(default="-", description="libvirt's $3, e.g. 'begin'")
+    extra: str = Field(default="-", description="libvirt's $4 (a shutoff reason, or '-')")
+    domain: str | None = Field(default=None, description="<name> of the domain XML")
+    uuid: str | None = Field(default=None, description="<uuid> of the domain XML")
+    outcome: Outcome = "ok"
+    detail: str = Field(default="", description="what was changed, or why it failed")
+    duration_ms: float | None = Field(
+        default=None, description="time from hook start to the journal write"
+    )
+    pid: int | None = None
+
+
+class Journal:
+    """The journal file: open per call, one short transaction per write.
+
+    Not kept open across calls on purpose: the hook is a short-lived process, and the CLI
+    reads once. ``timeout_s`` bounds how long any call waits for another writer's lock.
+    """
+
+    def __init__(self, path: Path, *, max_rows: int = 10_000, timeout_s: float = 0.5) -> None:
+        if max_rows < 1:
+            raise ValueError("max_rows must be at least 1")
+        self.path = Path(path)
+        self.max_rows = max_rows
+        self.timeout_s = timeout_s
+
+    @contextlib.contextmanager
+    def _connect(self, *, create: bool) -> Iterator[sqlite3.Connection]:
+        if create:
+            self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+            uri = f"file:{self.path}?mode=rwc"
+        else:
+            uri = f"file:{self.path}?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, timeout=self.timeout_s, isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout_s * 1000)}")
+            if create:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise HookError(f"journal {self.path}: cannot switch to WAL (got {mode})")
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
+                self._ensure_schema(conn)
+            yield conn
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _ensure_schema(conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == _SCHEMA_VERSION:
+            return
+        if version not in (0, _SCHEMA_VERSION):
+            raise HookError(f"journal has schema version {version}, expected {_SCHEMA_VERSION}")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+            conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def record(self, entry: JournalEntry) -> int:
+        """Append ``entry``, drop rows beyond the newest ``max_rows``; return the new id.
+
+        Raises :class:`HookError` when the file cannot be written (disk full, permissions,
+        a lock held longer than ``timeout_s``).
+        """
+        try:
+            with self._connect(create=True) as conn:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    cur = conn.execute(
+                        "INSERT INTO invocations (ts, source, object, operation, suboperation,"
+                        " extra, domain, uuid, outcome, detail, duration_ms, pid)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            entry.ts,
+                            entry.source,
+                            entry.object,
+                            entry.operation,
+                            entry.suboperation,
+                            entry.extra,
+                            entry.domain,
+                            entry.uuid,
+                            entry.outcome,
+                            entry.detail,
+                            entry.duration_ms,
+                            entry.pid,
+                        ),
+                    )
+                    new_id = int(cur.lastrowid or 0)
+                    # ids only grow (AUTOINCREMENT), so "older than the newest N" is a range.
+                    conn.execute("DELETE FROM invocations WHERE id <= ?", (new_id - self.max_rows,))
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                return new_id
+        except sqlite3.Error as exc:
+            raise HookError(f"journal {self.path}: cannot record: {exc}") from exc
+        except OSError as exc:
+            raise HookError(f"journal {self.path}: cannot create: {exc.strerror or exc}") from exc
+
+    def entries(self, *, limit: int | None = 50, domain: str | None = None) -> list[JournalEntry]:
+        """Return the newest entries first (at most ``limit``; None for all).
+
+        A journal that does not exist yet is empty, not an error: the hook creates it on
+        its first invocation, and reading must not create files as a side effect.
+        """
+        if not self.path.exists():
+            return []
+        query = f"SELECT {_COLUMNS} FROM invocations"
+        params: list[object] = []
+        if domain is not None:
+            query += " WHERE domain = ? OR object = ?"
+            params += [domain, domain]
+        query += " ORDER BY id DESC"
+        if limit is not None:
+            query += " LIMIT ?"
+            params.append(limit)
+        try:
+            with self._connect(create=False) as conn:
+                rows = conn.execute(query, params).fetchall()
+        except sqlite3.Error as exc:
+            raise HookError(f"journal {self.path}: cannot read: {exc}") from exc
+        names = [c.strip() for c in _COLUMNS.split(",")]
+        return [JournalEntry.model_validate(dict(zip(names, row, strict=True))) for row in rows]
+
+    def count(self) -> int:
+        """Number of rows currently kept."""
+        if not self.path.exists():
+            return 0
+        try:
+            with self._connect(create=False) as conn:
+                return int(conn.execute("SELECT count(*) FROM invocations").fetchone()[0])
+        except sqlite3.Error as exc:
+            raise HookError(f"journal {self.path}: cannot read: {exc}") from exc

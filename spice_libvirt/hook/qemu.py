@@ -1,0 +1,334 @@
+"""The libvirt ``qemu`` hook: journal every call, fix the SPICE address of incoming migrations.
+
+libvirt runs ``/etc/libvirt/hooks/qemu.d/50-spice-libvirt OBJECT OPERATION SUBOP EXTRA``
+(a sh shim that execs this module's :func:`main` through the ``spice-libvirt-hook``
+console script) with the domain XML on stdin, and waits for it. The rules this module
+keeps, and why:
+
+* **Never call libvirt.** libvirtd is blocked on us; calling back into it can deadlock
+  (libvirt's hooks documentation says so in capitals). Nothing here imports ``libvirt``,
+  and a test proves it.
+* **Be quick.** A hook delays the guest operation it belongs to. A watchdog ends every
+  invocation within ``hook_timeout_s`` (at most 2 s), interpreter start included: a soft
+  deadline (SIGALRM) lets it report and journal, a hard one (a thread that calls
+  ``os._exit``) covers the case where the soft one cannot fire.
+* **``migrate begin`` is a filter.** On the destination it receives the incoming XML; what
+  it prints replaces it, and printing nothing means "unchanged". We print only when the
+  SPICE listen address had to change (:mod:`spice_libvirt.hook.rewrite`), and we write
+  stdout once, at the very end, so a failure never leaves half a document.
+* **Fail open by default.** If anything goes wrong (bad arguments, malformed XML, an
+  unwritable journal, the deadline) we print one line on stderr and exit 0, so libvirt
+  carries on with the unchanged XML: losing a journal row must not stop a VM. With
+  ``fail_closed = true`` the exit status is 1 instead and libvirt aborts the operation,
+  logging our stderr line (``virHookCall ... unexpected exit status 1: <line>``).
+* An invalid configuration file is reported and treated as fail-open: with the file
+  unreadable we cannot know the administrator asked for fail-closed, and refusing every
+  VM start on a typo would be worse.
+
+Exit status: 0 = success or fail-open error; 1 = error with ``fail_closed``; 2 = usage
+error of ``--self-test``.
+"""
+
+from __future__ import annotations
+
+import time
+
+# Taken before the heavier imports below: the deadline counts from (almost) process start.
+_MODULE_LOADED = time.monotonic()
+
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from collections.abc import Iterator, Sequence  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from types import FrameType  # noqa: E402
+from typing import TextIO  # noqa: E402
+
+from spice_libvirt.config import Settings, load_config  # noqa: E402
+from spice_libvirt.errors import ConfigError, HookError  # noqa: E402
+from spice_libvirt.hook.journal import Journal, JournalEntry, Outcome  # noqa: E402
+from spice_libvirt.hook.rewrite import (  # noqa: E402
+    MAX_XML_BYTES,
+    host_addresses,
+    parse_domain,
+    rewrite_graphics_listen,
+)
+
+PROG = "spice-libvirt-hook"
+#: Time kept back between the soft deadline and the hard one, for reporting and journaling.
+_REPORT_MARGIN_S = 0.3
+#: Longest wait for the journal's lock; the journal write must fit into the margin above.
+_JOURNAL_TIMEOUT_S = 0.25
+
+EXIT_OK = 0
+EXIT_FAIL_CLOSED = 1
+EXIT_USAGE = 2
+
+
+class HookDeadlineError(HookError):
+    """The invocation ran into its soft deadline."""
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """libvirt's four arguments, named."""
+
+    object: str
+    operation: str
+    suboperation: str
+    extra: str
+
+    @classmethod
+    def from_argv(cls, args: Sequence[str]) -> Invocation:
+        if len(args) != 4:
+            raise HookError(
+                f"expected 4 arguments (object operation sub-operation extra), got {len(args)}"
+            )
+        return cls(*args)
+
+    @property
+    def is_migrate_begin(self) -> bool:
+        return self.operation == "migrate" and self.suboperation == "begin"
+
+
+@dataclass
+class _Result:
+    output: str | None = None
+    outcome: Outcome = "ok"
+    detail: str = ""
+    domain: str | None = None
+    uuid: str | None = None
+
+
+def _on_alarm(signum: int, frame: FrameType | None) -> None:
+    raise HookDeadlineError("deadline exceeded")
+
+
+@contextlib.contextmanager
+def _soft_deadline(seconds: float) -> Iterator[None]:
+    """Raise :class:`HookDeadlineError` in the main thread after ``seconds`` (if we can)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _start_hard_watchdog(seconds: float, exit_code: int) -> None:
+    """End the whole process after ``seconds`` whatever it is doing (console use only)."""
+
+    def fire() -> None:
+        with contextlib.suppress(OSError):
+            os.write(2, f"{PROG}: hard deadline of the hook exceeded, exiting\n".encode())
+        os._exit(exit_code)
+
+    timer = threading.Timer(max(seconds, 0.01), fire)
+    timer.daemon = True
+    timer.start()
+
+
+def _process(inv: Invocation, text: str, settings: Settings) -> _Result:
+    """Do the hook's job for one invocation; raise :class:`HookError` when it cannot."""
+    if inv.is_migrate_begin:
+        res = rewrite_graphics_listen(
+            text, settings.spice_address, host_addresses(), hostname=socket.gethostname()
+        )
+        if res.changes:
+            return _Result(res.xml, "rewritten", "; ".join(res.changes), res.name, res.uuid)
+        why = (
+            "no spice_address configured"
+            if settings.spice_address is None
+            else "SPICE listen address is local, unchanged"
+        )
+        return _Result(None, "ok", why, res.name, res.uuid)
+    if not text.strip():
+        # Guest hooks always get XML; tolerate its absence elsewhere (nothing to parse).
+        return _Result(detail="no XML on stdin")
+    dom = parse_domain(text)
+    return _Result(domain=dom.name, uuid=dom.uuid)
+
+
+def _journal(settings: Settings, entry: JournalEntry) -> None:
+    Journal(
+        settings.journal_path, max_rows=settings.journal_max_rows, timeout_s=_JOURNAL_TIMEOUT_S
+    ).record(entry)
+
+
+def run(
+    args: Sequence[str],
+    stdin: TextIO,
+    stdout: TextIO,
+    stderr: TextIO,
+    *,
+    started: float | None = None,
+    hard_watchdog: bool = False,
+) -> int:
+    """One hook invocation; see the module docstring for the contract."""
+    started = time.monotonic() if started is None else started
+    wall = time.time()
+    try:
+        settings = load_config()
+    except ConfigError as exc:
+        print(f"{PROG}: {exc} (failing open)", file=stderr)
+        return EXIT_OK
+    fail_code = EXIT_FAIL_CLOSED if settings.fail_closed else EXIT_OK
+    remaining = settings.hook_timeout_s - (time.monotonic() - started)
+    if hard_watchdog:
+        _start_hard_watchdog(remaining, fail_code)
+
+    obj, op, sub, extra = (list(args) + ["-"] * 4)[:4]
+    result = _Result()
+    error: HookError | None = None
+    with contextlib.suppress(HookDeadlineError), _soft_deadline(remaining - _REPORT_MARGIN_S):
+        try:
+            inv = Invocation.from_argv(args)
+            text = stdin.read(MAX_XML_BYTES + 1)
+            result = _process(inv, text, settings)
+        except HookError as exc:
+            error = exc
+        except UnicodeDecodeError as exc:
+            error = HookError(f"domain XML is not UTF-8: {exc.reason}")
+        if error is None:
+            entry = JournalEntry(
+                ts=wall,
+                object=obj,
+                operation=op,
+                suboperation=sub,
+                extra=extra,
+                domain=result.domain,
+                uuid=result.uuid,
+                outcome=result.outcome,
+                detail=result.detail,
+                duration_ms=(time.monotonic() - started) * 1000,
+                pid=os.getpid(),
+            )
+            try:
+                _journal(settings, entry)
+            except HookError as exc:
+                if settings.fail_closed:
+                    error = exc
+                else:
+                    print(f"{PROG}: {exc} (continuing)", file=stderr)
+        if error is None:
+            if result.output is not None:
+                stdout.write(result.output)
+                stdout.flush()
+            return EXIT_OK
+    if error is None:
+        error = HookDeadlineError(
+            f"deadline of {settings.hook_timeout_s:g} s exceeded before the hook finished"
+        )
+    print(f"{PROG}: {obj} {op} {sub}: {error}", file=stderr)
+    if not isinstance(error, HookDeadlineError):
+        # Best effort: the journal is most useful exactly when something went wrong.
+        with contextlib.suppress(HookError):
+            _journal(
+                settings,
+                JournalEntry(
+                    ts=wall,
+                    object=obj,
+                    operation=op,
+                    suboperation=sub,
+                    extra=extra,
+                    outcome="error",
+                    detail=str(error),
+                    duration_ms=(time.monotonic() - started) * 1000,
+                    pid=os.getpid(),
+                ),
+            )
+    return fail_code
+
+
+_SELF_TEST_XML = """<domain type='kvm'>
+  <name>spice-libvirt-self-test</name>
+  <uuid>00000000-0000-4000-8000-000000000000</uuid>
+  <devices>
+    <graphics type='spice' autoport='yes' listen='192.0.2.254'>
+      <listen type='address' address='192.0.2.254'/>
+    </graphics>
+  </devices>
+</domain>
+"""
+
+
+def self_test(stdout: TextIO, stderr: TextIO) -> int:
+    """Check this host's setup without libvirt: config valid, rewrite works, journal writable.
+
+    Used by the Ansible role's verification; it writes one ``self-test`` journal row.
+    """
+    try:
+        settings = load_config()
+    except ConfigError as exc:
+        print(f"{PROG}: self-test: {exc}", file=stderr)
+        return EXIT_USAGE
+    problems = []
+    if settings.spice_address is None:
+        print("spice_address: not set (incoming migrations are never rewritten)", file=stdout)
+    else:
+        res = rewrite_graphics_listen(_SELF_TEST_XML, settings.spice_address, host_addresses())
+        if res.xml is None or f'address="{settings.spice_address}"' not in res.xml:
+            problems.append("rewrite of a foreign listen address did not happen")
+        else:
+            print(f"rewrite: 192.0.2.254 -> {settings.spice_address}: ok", file=stdout)
+    try:
+        _journal(
+            settings,
+            JournalEntry(
+                ts=time.time(),
+                object="-",
+                operation="self-test",
+                detail="spice-libvirt-hook --self-test",
+                pid=os.getpid(),
+            ),
+        )
+        print(f"journal: {settings.journal_path}: writable", file=stdout)
+    except HookError as exc:
+        problems.append(str(exc))
+    for p in problems:
+        print(f"{PROG}: self-test: {p}", file=stderr)
+    return EXIT_FAIL_CLOSED if problems else EXIT_OK
+
+
+def _console_streams() -> tuple[TextIO, TextIO]:
+    """UTF-8 stdin/stdout whatever the locale: libvirt runs hooks with LC_ALL=C."""
+    stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="strict")
+    stdout = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="")
+    return stdin, stdout
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """Entry point; with no arguments (the console script) it reads ``sys.argv`` and stdio.
+
+    Returns the exit status; the console script wrapper passes it to ``sys.exit``.
+    """
+    console = argv is None
+    args = list(sys.argv[1:] if argv is None else argv)
+    err = stderr if stderr is not None else sys.stderr
+    if stdin is None or stdout is None:
+        cin, cout = _console_streams()
+        stdin = stdin if stdin is not None else cin
+        stdout = stdout if stdout is not None else cout
+    if args == ["--self-test"]:
+        return self_test(stdout, err)
+    return run(
+        args,
+        stdin,
+        stdout,
+        err,
+        started=_MODULE_LOADED if console else None,
+        hard_watchdog=console,
+    )
