@@ -35,6 +35,8 @@ class StreamStats(BaseModel):
     first: int | None = None
     last: int | None = None
     max_stall_ms: float = 0.0
+    #: records that did not parse (misaligned or corrupted bytes)
+    malformed: int = 0
 
 
 class ClientMigrationRecord(BaseModel):

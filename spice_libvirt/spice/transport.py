@@ -1,0 +1,245 @@
+"""asyncio transport for one SPICE channel connection: TCP or TLS, link, then messages.
+
+This is the only place in :mod:`spice_libvirt.spice` that touches sockets; all protocol
+decisions are made by :class:`~spice_libvirt.spice.connection.ClientChannelConnection`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spice_libvirt.errors import (
+    ConnectError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    TLSVerificationError,
+)
+from spice_libvirt.spice.connection import (
+    NEED_DATA,
+    ClientChannelConnection,
+    LinkEstablished,
+    LinkReplyReceived,
+    MessageReceived,
+)
+from spice_libvirt.spice.constants import channel_label
+from spice_libvirt.spice.link import LinkMess
+from spice_libvirt.spice.messages import Message, message_name
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """How to verify the server: a CA file, and either the host name or a cert subject."""
+
+    ca_file: Path | None = None
+    host_subject: str | None = None
+
+    def context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        if self.host_subject:
+            # spice-gtk semantics: with a subject given, the subject is checked instead of
+            # the host name (the cert of a migration target need not match its address).
+            ctx.check_hostname = False
+        return ctx
+
+
+def parse_subject(subject: str) -> frozenset[tuple[str, str]]:
+    """``"C=XX,O=Org,CN=host"`` → {("C","XX"), ...}; order and spacing do not matter."""
+    pairs = set()
+    for part in subject.split(","):
+        key, sep, value = part.strip().partition("=")
+        if not sep:
+            raise LocalProtocolError(f"cert subject part {part!r} is not KEY=VALUE")
+        pairs.add((key.strip().upper(), value.strip()))
+    return frozenset(pairs)
+
+
+_OID_SHORT = {
+    "countryName": "C",
+    "stateOrProvinceName": "ST",
+    "localityName": "L",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "commonName": "CN",
+    "emailAddress": "EMAILADDRESS",
+}
+
+
+def _peer_subject(writer: asyncio.StreamWriter) -> frozenset[tuple[str, str]]:
+    cert = writer.get_extra_info("peercert") or {}
+    pairs = set()
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            pairs.add((_OID_SHORT.get(key, key).upper(), value))
+    return frozenset(pairs)
+
+
+@dataclass
+class ChannelLink:
+    """A linked channel socket: send and receive typed messages."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    conn: ClientChannelConnection
+    host: str
+    port: int
+    tls: bool
+    common_caps: frozenset[int] = field(default_factory=frozenset)
+    channel_caps: frozenset[int] = field(default_factory=frozenset)
+
+    @property
+    def label(self) -> str:
+        return channel_label(self.conn.link.channel_type, self.conn.link.channel_id)
+
+    async def read(self) -> MessageReceived:
+        """The next message; raises ConnectError when the server closes the socket."""
+        while True:
+            event = self.conn.next_event()
+            if isinstance(event, MessageReceived):
+                return event
+            if event is not NEED_DATA:
+                raise RemoteProtocolError(f"unexpected {event!r} after the link")
+            data = await self.reader.read(READ_CHUNK)
+            if not data:
+                raise ConnectError(
+                    f"{self.label}: server closed the connection ({self.host}:{self.port})"
+                )
+            self.conn.receive_data(data)
+
+    async def send(self, *messages: Message) -> None:
+        for message in messages:
+            log.debug("%s tx %s", self.label, message_name(message))
+            self.writer.write(self.conn.send(message))
+        try:
+            await self.writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise ConnectError(f"{self.label}: send failed: {exc}", exc) from exc
+
+    async def close(self) -> None:
+        self.conn.close()
+        if not self.writer.is_closing():
+            self.writer.close()
+        with contextlib.suppress(TimeoutError, ConnectionError, OSError, ssl.SSLError):
+            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+
+
+async def open_link(
+    host: str,
+    port: int,
+    link: LinkMess,
+    *,
+    password: str | None,
+    tls: TLSSettings | None = None,
+    timeout: float = 10.0,
+) -> ChannelLink:
+    """Connect and run the link handshake; raises typed errors for every failure.
+
+    :raise ConnectError: host unreachable, refused, or the handshake timed out
+    :raise TLSVerificationError: the certificate did not verify
+    :raise LinkError: the server refused the link (AuthenticationError for a bad ticket)
+    :raise RemoteProtocolError: the peer is not a SPICE server
+    """
+    label = channel_label(link.channel_type, link.channel_id)
+    try:
+        async with asyncio.timeout(timeout):
+            return await _open_link(host, port, link, password=password, tls=tls)
+    except TimeoutError as exc:
+        raise ConnectError(
+            f"{label}: no SPICE link to {host}:{port} within {timeout:g} s", exc
+        ) from exc
+
+
+async def _open_link(
+    host: str, port: int, link: LinkMess, *, password: str | None, tls: TLSSettings | None
+) -> ChannelLink:
+    label = channel_label(link.channel_type, link.channel_id)
+    try:
+        if tls is None:
+            reader, writer = await asyncio.open_connection(host, port)
+        else:
+            reader, writer = await asyncio.open_connection(
+                host,
+                port,
+                ssl=tls.context(),
+                server_hostname=host if not tls.host_subject else None,
+            )
+    except ssl.SSLCertVerificationError as exc:
+        raise TLSVerificationError(
+            f"TLS verification of {host}:{port} failed: {exc.verify_message or exc}", exc
+        ) from exc
+    except ssl.SSLError as exc:
+        raise TLSVerificationError(f"TLS handshake with {host}:{port} failed: {exc}", exc) from exc
+    except OSError as exc:
+        raise ConnectError(f"cannot connect to {host}:{port}: {exc.strerror or exc}", exc) from exc
+    if tls is not None and tls.host_subject:
+        want = parse_subject(tls.host_subject)
+        got = _peer_subject(writer)
+        if want != got:
+            writer.close()
+            shown = ",".join(f"{k}={v}" for k, v in sorted(got))
+            raise TLSVerificationError(
+                f"TLS verification of {host}:{port} failed: subject {shown!r} is not {tls.host_subject!r}"
+            )
+    conn = ClientChannelConnection(link)
+    ok = False
+    try:
+        writer.write(conn.start())
+        await writer.drain()
+        await _await_event(conn, reader, LinkReplyReceived, label, host, port)
+        mechanism, ticket = conn.auth_chunks(password)
+        if mechanism:
+            # separate segments, as spice-gtk writes them (Wireshark depends on it)
+            writer.write(mechanism)
+            await writer.drain()
+        writer.write(ticket)
+        await writer.drain()
+        established = await _await_event(conn, reader, LinkEstablished, label, host, port)
+        ok = True
+    except (ConnectionError, OSError) as exc:
+        raise ConnectError(
+            f"{label}: connection to {host}:{port} broke during the link: {exc}", exc
+        ) from exc
+    finally:
+        if not ok:
+            writer.close()
+    assert isinstance(established, LinkEstablished)
+    return ChannelLink(
+        reader,
+        writer,
+        conn,
+        host,
+        port,
+        tls is not None,
+        established.common_caps,
+        established.channel_caps,
+    )
+
+
+async def _await_event(
+    conn: ClientChannelConnection,
+    reader: asyncio.StreamReader,
+    kind: type[LinkReplyReceived] | type[LinkEstablished],
+    label: str,
+    host: str,
+    port: int,
+) -> LinkReplyReceived | LinkEstablished:
+    while True:
+        event = conn.next_event()
+        if isinstance(event, kind):
+            return event
+        if event is not NEED_DATA:
+            raise RemoteProtocolError(f"{label}: unexpected {event!r} during the link")
+        data = await reader.read(READ_CHUNK)
+        if not data:
+            raise RemoteProtocolError(
+                f"{label}: {host}:{port} closed the connection during the link (not a SPICE server?)"
+            )
+        conn.receive_data(data)
