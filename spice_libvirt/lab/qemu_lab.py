@@ -1,0 +1,597 @@
+"""The built-in QEMU lab: two QEMUs on loopback that migrate back and forth.
+
+``lab up`` starts side ``a`` (the guest running) and side ``b`` (``-incoming``), records
+them in a JSON state file and *returns* while both keep running: they are spawned with
+``subprocess.Popen(start_new_session=True)`` so they outlive the CLI process and its
+terminal (an asyncio subprocess would be killed when its transport is collected).
+``lab migrate`` migrates from the running side to the waiting one with the controller
+(:func:`spice_libvirt.controller.migrate_qemu`), then re-arms the old source as a new
+incoming QEMU, so repeated calls ping-pong. ``lab status`` and ``lab down`` read the same
+state file; ``down`` stops the QEMUs by the PIDs recorded there, after checking that each
+PID still is the QEMU we started (start time and command line), never by name.
+
+The command lines come from :func:`spice_libvirt.lab.qemu.qemu_argv`, so the lab runs
+exactly the VMs the tests run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from spice_libvirt import errors
+from spice_libvirt.controller import MigrationRequest, MigrationWitness, migrate_qemu
+from spice_libvirt.lab import guest as guest_mod
+from spice_libvirt.lab.ports import free_tcp_port, free_tcp_ports, port_is_free
+from spice_libvirt.lab.qemu import QemuSpec, qemu_argv, resolve_accel
+from spice_libvirt.progress import ProgressReporter
+from spice_libvirt.qmp import QMPConnection
+from spice_libvirt.report import MigrationReport
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "lab.json"
+#: QEMUs started by this process (see :meth:`QemuLab._start_side`)
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+SideName = Literal["a", "b"]
+GuestKind = Literal["firmware", "linux"]
+
+
+def default_lab_dir() -> Path:
+    """``$SPICE_LIBVIRT_LAB_DIR``, else ``/run/spice-libvirt/lab`` (root) or a per-user dir."""
+    env = os.environ.get("SPICE_LIBVIRT_LAB_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/run/spice-libvirt/lab")
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/spice-libvirt-{os.getuid()}"
+    return Path(runtime) / "spice-libvirt" / "lab"
+
+
+class SideState(BaseModel):
+    """One QEMU of the lab, as recorded when we started it."""
+
+    side: SideName
+    role: Literal["source", "destination"]
+    name: str
+    pid: int
+    #: /proc/<pid>/stat start time: tells our QEMU from a later process with the same PID
+    start_time: int | None
+    qmp_path: Path
+    spice_host: str
+    spice_port: int
+    spice_tls_port: int | None = None
+    #: the port this side listens on for an incoming migration (destination only)
+    migrate_port: int | None = None
+    serial_log: Path
+    log_path: Path
+    argv: list[str]
+    started_at: dt.datetime
+
+    @property
+    def spice_uri(self) -> str:
+        uri = f"spice://{self.spice_host}:{self.spice_port}"
+        if self.spice_tls_port:
+            uri += f"?tls-port={self.spice_tls_port}"
+        return uri
+
+
+class LabState(BaseModel):
+    """The lab state file (``lab.json``)."""
+
+    version: int = 1
+    guest: GuestKind
+    accel: Literal["kvm", "tcg"]
+    memory_mib: int
+    directory: Path
+    created_at: dt.datetime
+    sides: dict[SideName, SideState]
+    source: SideName = "a"
+    migrations: int = 0
+    last_outcome: str | None = None
+
+    @property
+    def destination(self) -> SideName:
+        return "b" if self.source == "a" else "a"
+
+
+class SideStatus(BaseModel):
+    side: SideName
+    role: str
+    pid: int
+    alive: bool
+    qemu_status: str | None = None
+    spice_uri: str
+    qmp: str
+    migrate_uri: str | None = None
+
+
+class LabStatus(BaseModel):
+    up: bool
+    directory: Path
+    guest: GuestKind | None = None
+    migrations: int = 0
+    last_outcome: str | None = None
+    source: SideStatus | None = None
+    destination: SideStatus | None = None
+
+
+# -- process bookkeeping -----------------------------------------------------------------
+
+
+def _proc_start_time(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # field 22 (starttime); the command name in field 2 may contain spaces: skip past ')'
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[19])
+
+
+def _proc_state(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()[0]
+
+
+def side_alive(side: SideState) -> bool:
+    """True while the recorded PID is still *our* QEMU and not a zombie."""
+    if _proc_start_time(side.pid) != side.start_time:
+        return False
+    return _proc_state(side.pid) not in (None, "Z", "X")
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status if the QEMU is our child (same process); else nothing."""
+    proc = _CHILDREN.get(pid)
+    if proc is not None and proc.poll() is not None:
+        del _CHILDREN[pid]
+
+
+def stop_side(side: SideState, timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``; only if the PID is still ours."""
+    if not side_alive(side):
+        _reap(side.pid)
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(side.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _reap(side.pid)
+        if not side_alive(side):
+            break
+        time.sleep(0.02)
+    else:
+        log.warning("QEMU %s (pid %d) ignored SIGTERM: SIGKILL", side.name, side.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(side.pid, signal.SIGKILL)
+        kill_deadline = time.monotonic() + timeout
+        while side_alive(side) and time.monotonic() < kill_deadline:
+            _reap(side.pid)
+            time.sleep(0.02)
+    for leftover in (side.qmp_path,):
+        with contextlib.suppress(OSError):
+            leftover.unlink()
+
+
+# -- the lab -----------------------------------------------------------------------------
+
+
+class QemuLab:
+    """The lab in one directory; every public method takes the directory lock."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.directory = (directory or default_lab_dir()).absolute()
+        self.state_path = self.directory / STATE_FILE
+
+    # -- state ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self, timeout: float = 30.0) -> Iterator[None]:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with (self.directory / "lab.lock").open("a+") as handle:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise errors.LabError(
+                            f"the lab in {self.directory} is busy (another lab command runs)"
+                        ) from None
+                    time.sleep(0.05)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def load(self) -> LabState | None:
+        try:
+            text = self.state_path.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            return LabState.model_validate_json(text)
+        except ValueError as exc:
+            raise errors.LabError(f"{self.state_path} is not a lab state file: {exc}") from exc
+
+    def _save(self, state: LabState) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(state.model_dump_json(indent=1) + "\n")
+        tmp.replace(self.state_path)
+
+    # -- starting QEMUs ---------------------------------------------------------------
+
+    def _spec(
+        self, state_guest: GuestKind, memory_mib: int, side: SideName, incoming: str | None
+    ) -> QemuSpec:
+        return QemuSpec(
+            name=f"lab-{side}",
+            guest=state_guest,
+            memory_mib=memory_mib,
+            incoming=incoming,
+            workdir=self.directory,
+        )
+
+    async def _start_side(
+        self,
+        side: SideName,
+        *,
+        guest: GuestKind,
+        memory_mib: int,
+        role: Literal["source", "destination"],
+        spice_port: int | None = None,
+        timeout: float = 20.0,
+    ) -> SideState:
+        """Spawn one QEMU detached from our session and wait until its QMP answers."""
+        migrate_port = free_tcp_port() if role == "destination" else None
+        incoming = f"tcp:127.0.0.1:{migrate_port}" if migrate_port else None
+        spec = self._spec(guest, memory_mib, side, incoming)
+        images = None
+        if guest == "linux":
+            images = await asyncio.to_thread(guest_mod.ensure_linux_guest)
+        if spice_port is None or not port_is_free(spice_port):
+            spice_port = free_tcp_ports(1)[0]
+        argv = qemu_argv(spec, spice_port=spice_port, images=images)
+        for stale in (spec.qmp_path, spec.pidfile, spec.serial_log):
+            stale.unlink(missing_ok=True)
+        (self.directory / f"{spec.name}.cmdline").write_text(shlex.join(argv) + "\n")
+        proc = _spawn_detached(argv, spec.log_path)
+        state = SideState(
+            side=side,
+            role=role,
+            name=spec.name,
+            pid=proc.pid,
+            start_time=_proc_start_time(proc.pid),
+            qmp_path=spec.qmp_path,
+            spice_host=spec.spice_host,
+            spice_port=spice_port,
+            migrate_port=migrate_port,
+            serial_log=spec.serial_log,
+            log_path=spec.log_path,
+            argv=argv,
+            started_at=dt.datetime.now(dt.UTC),
+        )
+        # keep the handle for this process's lifetime: Popen.__del__ would otherwise warn
+        # about a running child; the lab itself tracks the QEMU by PID and start time
+        _CHILDREN[proc.pid] = proc
+        try:
+            await self._wait_qmp(state, timeout)
+        except BaseException:
+            stop_side(state)
+            raise
+        return state
+
+    async def _wait_qmp(self, side: SideState, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not side.qmp_path.exists():
+            if not side_alive(side):
+                raise errors.LabError(f"QEMU {side.name} exited at start:\n{_tail(side.log_path)}")
+            if time.monotonic() > deadline:
+                raise errors.LabError(f"QEMU {side.name}: no QMP socket within {timeout:g} s")
+            await asyncio.sleep(0.02)
+        async with QMPConnection.open(
+            side.qmp_path, name=side.name, timeout=max(0.5, deadline - time.monotonic())
+        ) as qmp:
+            await qmp.execute("query-status")
+
+    async def _wait_guest_ready(self, side: SideState, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if not side_alive(side):
+                raise errors.LabError(
+                    f"QEMU {side.name} exited while booting:\n{_tail(side.log_path)}"
+                )
+            with contextlib.suppress(OSError):
+                if guest_mod.READY_MARKER in side.serial_log.read_text(errors="replace"):
+                    return
+            if time.monotonic() > deadline:
+                raise errors.LabError(
+                    f"guest {side.name} printed no {guest_mod.READY_MARKER} within {timeout:g} s"
+                )
+            await asyncio.sleep(0.05)
+
+    # -- commands ---------------------------------------------------------------------
+
+    async def up(self, guest: GuestKind = "firmware", memory_mib: int | None = None) -> LabState:
+        """Start both sides; :class:`LabError` if a lab already runs in this directory."""
+        memory = memory_mib or (256 if guest == "linux" else 128)
+        with self._locked():
+            existing = self.load()
+            if existing is not None:
+                alive = [s for s in existing.sides.values() if side_alive(s)]
+                if alive:
+                    pids = ", ".join(f"{s.side}={s.pid}" for s in alive)
+                    raise errors.LabError(
+                        f"a lab is already up in {self.directory} (pids {pids}); "
+                        "run 'spice-libvirt lab down' first"
+                    )
+                self.state_path.unlink()
+            accel = resolve_accel(self._spec(guest, memory, "a", None))
+            src = await self._start_side("a", guest=guest, memory_mib=memory, role="source")
+            try:
+                dst = await self._start_side(
+                    "b", guest=guest, memory_mib=memory, role="destination"
+                )
+            except BaseException:
+                stop_side(src)
+                raise
+            state = LabState(
+                guest=guest,
+                accel=accel,
+                memory_mib=memory,
+                directory=self.directory,
+                created_at=dt.datetime.now(dt.UTC),
+                sides={"a": src, "b": dst},
+            )
+            self._save(state)
+        if guest == "linux":
+            try:
+                await self._wait_guest_ready(src)
+            except errors.LabError:
+                await self.down()
+                raise
+        return state
+
+    def _require(self) -> LabState:
+        state = self.load()
+        if state is None:
+            raise errors.LabError(f"no lab is up in {self.directory} (run 'spice-libvirt lab up')")
+        return state
+
+    async def status(self) -> LabStatus:
+        state = self.load()
+        if state is None:
+            return LabStatus(up=False, directory=self.directory)
+
+        async def side_status(side: SideState) -> SideStatus:
+            alive = side_alive(side)
+            qemu_status = None
+            if alive:
+                with contextlib.suppress(errors.SpiceLibvirtError):
+                    async with QMPConnection.open(side.qmp_path, timeout=2) as qmp:
+                        qemu_status = (await qmp.execute("query-status", timeout=2))["status"]
+            return SideStatus(
+                side=side.side,
+                role=side.role,
+                pid=side.pid,
+                alive=alive,
+                qemu_status=qemu_status,
+                spice_uri=side.spice_uri,
+                qmp=str(side.qmp_path),
+                migrate_uri=f"tcp:127.0.0.1:{side.migrate_port}" if side.migrate_port else None,
+            )
+
+        src = await side_status(state.sides[state.source])
+        dst = await side_status(state.sides[state.destination])
+        return LabStatus(
+            up=src.alive and dst.alive,
+            directory=self.directory,
+            guest=state.guest,
+            migrations=state.migrations,
+            last_outcome=state.last_outcome,
+            source=src,
+            destination=dst,
+        )
+
+    async def down(self) -> list[int]:
+        """Stop every recorded QEMU by PID and remove the state; returns the PIDs stopped."""
+        with self._locked():
+            state = self.load()
+            if state is None:
+                return []
+            stopped = []
+            for side in state.sides.values():
+                if side_alive(side):
+                    stopped.append(side.pid)
+                await asyncio.to_thread(stop_side, side)
+            self.state_path.unlink(missing_ok=True)
+            for name in ("lab-a", "lab-b"):
+                for suffix in (".qmp", ".pid"):
+                    (self.directory / f"{name}{suffix}").unlink(missing_ok=True)
+            return stopped
+
+    async def migrate(
+        self,
+        *,
+        watch: bool = True,
+        wait_client: bool = True,
+        require_seamless: bool = False,
+        reporter: ProgressReporter | None = None,
+        request_overrides: dict[str, Any] | None = None,
+        witness: MigrationWitness | None = None,
+    ) -> MigrationReport:
+        """Migrate to the waiting side, then re-arm the old source as the new destination."""
+        with self._locked(timeout=60):
+            state = self._require()
+            src = state.sides[state.source]
+            dst = state.sides[state.destination]
+            for side in (src, dst):
+                if not side_alive(side):
+                    raise errors.LabError(
+                        f"lab QEMU {side.name} (pid {side.pid}) is not running; "
+                        "run 'lab down' and 'lab up'"
+                    )
+            assert dst.migrate_port is not None
+            request = MigrationRequest(
+                source_qmp=str(src.qmp_path),
+                destination_qmp=str(dst.qmp_path),
+                migrate_uri=f"tcp:127.0.0.1:{dst.migrate_port}",
+                client_host=dst.spice_host,
+                client_port=dst.spice_port,
+                client_tls_port=dst.spice_tls_port,
+                require_seamless=require_seamless,
+                wait_client=wait_client,
+                source_pid=src.pid,
+                **(request_overrides or {}),
+            )
+            report: MigrationReport
+            if witness is not None or not watch:
+                report = await migrate_qemu(request, witness, reporter)
+            else:
+                async with embedded_client(src) as client:
+                    if client is None:
+                        report = await migrate_qemu(request, None, reporter)
+                        report.notes.append(
+                            "the embedded SPICE client is not available in this build: "
+                            "verdict from QMP only"
+                        )
+                    else:
+                        report = await migrate_qemu(request, client, reporter)
+            await self._rearm(state, report)
+            return report
+
+    async def _rearm(self, state: LabState, report: MigrationReport) -> None:
+        """Make the lab ready for the next ``migrate`` whatever happened."""
+        src = state.sides[state.source]
+        dst = state.sides[state.destination]
+        if report.migration.status == "completed":
+            # the old source is in 'postmigrate': replace it by a fresh incoming QEMU
+            await asyncio.to_thread(stop_side, src)
+            new_dst = await self._start_side(
+                src.side,
+                guest=state.guest,
+                memory_mib=state.memory_mib,
+                role="destination",
+                spice_port=src.spice_port,
+            )
+            dst.role = "source"
+            dst.migrate_port = None
+            state.sides[src.side] = new_dst
+            state.sides[dst.side] = dst
+            state.source = dst.side
+            state.migrations += 1
+        elif not side_alive(dst) or not await _is_incoming(dst):
+            # a failed migration may leave the destination dead or unusable: replace it
+            await asyncio.to_thread(stop_side, dst)
+            state.sides[dst.side] = await self._start_side(
+                dst.side,
+                guest=state.guest,
+                memory_mib=state.memory_mib,
+                role="destination",
+                spice_port=dst.spice_port,
+            )
+        state.last_outcome = report.outcome
+        self._save(state)
+
+
+async def _is_incoming(side: SideState) -> bool:
+    try:
+        async with QMPConnection.open(side.qmp_path, timeout=2) as qmp:
+            status = await qmp.execute("query-status", timeout=2)
+            return bool(status["status"] == "inmigrate")
+    except errors.SpiceLibvirtError:
+        return False
+
+
+def _spawn_detached(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in its own session (it survives our exit and our terminal's ^C)."""
+    with log_path.open("wb") as logfile:
+        try:
+            return subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except FileNotFoundError as exc:
+            raise errors.LabError(f"{argv[0]} is not installed") from exc
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join([ln for ln in text.splitlines() if ln.strip()][-lines:]) or "(log is empty)"
+
+
+@contextlib.asynccontextmanager
+async def embedded_client(side: SideState) -> AsyncIterator[MigrationWitness | None]:
+    """Our SPICE client connected to ``side`` (None when the client is not built in).
+
+    This is the adapter between the lab and :mod:`spice_libvirt.spice.client`: the
+    controller only sees the :class:`~spice_libvirt.controller.MigrationWitness` shape.
+    """
+    try:
+        from spice_libvirt.spice import client as client_mod
+    except ImportError:
+        yield None
+        return
+    options = client_mod.ClientOptions(
+        host=side.spice_host,
+        port=side.spice_port,
+        tls_port=side.spice_tls_port,
+        stream_port_name=guest_mod.STREAM_PORT_NAME,
+    )
+    client = client_mod.SpiceClient(options)
+    await client.connect(timeout=10)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+def state_summary(state: LabState) -> dict[str, Any]:
+    """What ``lab up --json`` prints: both sides' SPICE URIs, QMP sockets and PIDs."""
+    out: dict[str, Any] = {
+        "directory": str(state.directory),
+        "guest": state.guest,
+        "accel": state.accel,
+        "memory_mib": state.memory_mib,
+    }
+    for role, key in (("source", state.source), ("destination", state.destination)):
+        side = state.sides[key]
+        out[role] = {
+            "side": side.side,
+            "pid": side.pid,
+            "spice_uri": side.spice_uri,
+            "qmp": str(side.qmp_path),
+            "serial_log": str(side.serial_log),
+            "migrate_uri": f"tcp:127.0.0.1:{side.migrate_port}" if side.migrate_port else None,
+        }
+    return out
+
+
+def dump(obj: Any) -> str:
+    return json.dumps(obj, indent=1, default=str)
