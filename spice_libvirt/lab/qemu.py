@@ -61,7 +61,14 @@ KVM_CPU = "host,-arch-capabilities"
 TCG_CPU = "max"
 #: How often a start is retried when an auto-chosen port was taken in the meantime.
 _PORT_RETRIES = 3
-_PORT_CONFLICT_MARKERS = ("Address already in use", "Failed to listen", "failed to bind")
+#: What QEMU 7.2 / spice-server 0.15 print when a listening port is taken ("reds_init_socket:
+#: binding socket to 127.0.0.1:P failed", "Failed to open SPICE sockets"), plus the generic
+#: socket error text of other listeners (migration -incoming).
+_PORT_CONFLICT_MARKERS = (
+    "Failed to open SPICE sockets",
+    "binding socket to",
+    "Address already in use",
+)
 
 
 class QemuSpec(BaseModel):
@@ -87,6 +94,9 @@ class QemuSpec(BaseModel):
     seamless_migration: bool = True
     #: virtio-serial port (and spiceport chardev) name; None: no stream port at all
     stream_port_name: str | None = guest_mod.STREAM_PORT_NAME
+    #: chardev backend for the stream port instead of ``spiceport`` (e.g.
+    #: "socket,path=/x.sock,server=on,wait=off"): checks the guest's writer without SPICE
+    stream_chardev: str | None = None
     #: ``-incoming`` value, e.g. "tcp:127.0.0.1:PORT" or "defer"
     incoming: str | None = None
     #: linux guest only: MiB the in-guest dirtier keeps dirty, and its pause between passes
@@ -190,7 +200,9 @@ def qemu_argv(
 
     if spec.stream_port_name is not None:
         argv += ["-device", "virtio-serial-pci,id=vser0"]
-        argv += ["-chardev", f"spiceport,id=stream0,name={spec.stream_port_name}"]
+        backend = spec.stream_chardev or f"spiceport,name={spec.stream_port_name}"
+        kind, _, options = backend.partition(",")
+        argv += ["-chardev", ",".join(filter(None, [kind, "id=stream0", options]))]
         argv += [
             "-device",
             f"virtserialport,bus=vser0.0,chardev=stream0,name={spec.stream_port_name}",
