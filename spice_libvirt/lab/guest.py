@@ -471,13 +471,15 @@ def ensure_linux_guest(
 
     Safe to call from several processes at once (one builds, the others wait on a lock
     and then reuse the result). If apt cannot say which kernel is current (no package
-    lists, offline) but a build exists, that build is used with a warning.
+    lists, offline) but a build exists, that build is used with a warning, unless
+    ``SPICE_LIBVIRT_KERNEL_PACKAGE`` pins a package: then the error stands.
     """
     cache_dir = cache_dir or guest_cache_dir()
     try:
         kernel = resolve_kernel_package()
     except LabError as exc:
-        fallback = None if force else find_linux_guest(cache_dir)
+        pinned = bool(os.environ.get("SPICE_LIBVIRT_KERNEL_PACKAGE", "").strip())
+        fallback = None if force or pinned else find_linux_guest(cache_dir)
         if fallback is None:
             raise
         log.warning("using cached guest %s: %s", fallback.directory, exc)
@@ -504,6 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: %(prog)s cache")
     parser.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="spice-libvirt guest: %(message)s")
     try:
         if args.action == "build":
             images = ensure_linux_guest(cache_dir=args.cache_dir, force=args.force)

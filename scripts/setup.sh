@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Prepare this machine (Debian 12) for spice-libvirt development, tests and the lab.
+#
+#   bash scripts/setup.sh
+#
+# Idempotent and quiet: a second run changes nothing and prints nothing. On failure it says
+# which step failed and shows the end of that step's output. What it does:
+#   1. installs the Debian packages the lab needs (apt-get update only if one is missing);
+#   2. creates .venv/ in the repository and installs the project with its dev and libvirt
+#      extras (again only when pyproject.toml changed or the venv is incomplete);
+#   3. lets libvirt's QEMU driver run guests as root (user/group "+0" in qemu.conf), as the
+#      lab's private libvirtds do;
+#   4. builds the Linux test guest into the cache (python -m spice_libvirt.lab.guest build).
+# Environment: PYTHON (interpreter for the venv, default python3, must be >= 3.11),
+#              SPICE_LIBVIRT_CACHE (guest cache root), SETUP_SKIP_GUEST=1 (skip step 4).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV="$ROOT/.venv"
+PYTHON=${PYTHON:-python3}
+QEMU_CONF=/etc/libvirt/qemu.conf
+PACKAGES=(
+    qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc libc6-dev
+    virt-viewer xvfb xauth tshark busybox-static cpio iproute2 seabios ipxe-qemu procps
+    openssl xz-utils python3-venv python3-dev
+)
+
+LOG=$(mktemp "${TMPDIR:-/tmp}/spice-libvirt-setup.XXXXXX")
+trap 'rm -f "$LOG"' EXIT
+
+# run STEP-DESCRIPTION COMMAND...: quiet unless it fails
+run() {
+    local what=$1
+    shift
+    : >"$LOG"
+    if ! "$@" >"$LOG" 2>&1; then
+        echo "setup: $what failed (command: $*)" >&2
+        tail -n 40 "$LOG" >&2
+        exit 1
+    fi
+}
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null; then
+        sudo "$@"
+    else
+        echo "setup: need root for: $*" >&2
+        return 1
+    fi
+}
+
+# 1. Debian packages -------------------------------------------------------------------
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+        missing+=("$pkg")
+    fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    # tshark asks whether non-root users may capture; answer "no" without a prompt.
+    echo "wireshark-common wireshark-common/install-setuid boolean false" \
+        | as_root debconf-set-selections >/dev/null 2>&1 || true
+    run "apt-get update" as_root apt-get update -q
+    run "apt-get install ${missing[*]}" as_root apt-get install -y -q "${missing[@]}"
+fi
+
+# 2. Python virtual environment ---------------------------------------------------------
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "setup: $PYTHON is missing or older than Python 3.11 (set PYTHON=...)" >&2
+    exit 1
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+    run "python -m venv $VENV" "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.spice-libvirt-setup"
+want=$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] \
+    || ! "$VENV/bin/python" -c 'import spice_libvirt, libvirt, pytest, mypy' 2>/dev/null; then
+    run "pip install -e .[dev,libvirt]" \
+        "$VENV/bin/python" -m pip install -q -e "$ROOT[dev,libvirt]"
+    echo "$want" >"$stamp"
+fi
+
+# 3. libvirt's QEMU driver runs guests as root -------------------------------------------
+if [ -f "$QEMU_CONF" ]; then
+    for key in user group; do
+        if ! grep -Eq "^[[:space:]]*$key[[:space:]]*=" "$QEMU_CONF"; then
+            run "set $key in $QEMU_CONF" as_root sh -c "printf '%s = \"+0\"\n' $key >> $QEMU_CONF"
+        fi
+    done
+else
+    echo "setup: $QEMU_CONF is missing although libvirt-daemon-system is installed" >&2
+    exit 1
+fi
+
+# 4. Test guests ----------------------------------------------------------------------------
+# The firmware guest is SeaBIOS only (no build); the Linux guest is cached by its inputs,
+# so this is a no-op after the first run.
+if [ "${SETUP_SKIP_GUEST:-0}" != 1 ]; then
+    run "building the linux test guest" "$VENV/bin/python" -m spice_libvirt.lab.guest build -q
+fi
