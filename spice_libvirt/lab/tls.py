@@ -3,8 +3,10 @@
 spice-server (through QEMU's ``-spice x509-dir=DIR``) reads three PEM files with fixed
 names from one directory: ``ca-cert.pem``, ``server-cert.pem`` and ``server-key.pem``. The
 key must be unencrypted unless ``x509-key-password`` is passed, which the lab never does.
-QEMU also derives ``DIR/dh.pem``; spice-server 0.15 only warns when it cannot open it and
-then relies on the (EC)DHE groups OpenSSL has built in, so no DH parameters are written.
+QEMU 7.2 hands spice-server a DH parameter file only when ``x509-dh-key-file`` is given;
+without one, spice-server 0.15 negotiates ECDHE (checked here: TLS 1.3 with
+TLS_AES_256_GCM_SHA384, and TLS 1.2 with ECDHE-RSA-AES256-GCM-SHA384 when the client caps
+the version), so no DH parameters are written.
 
 Clients verify the server in one of two ways, and the lab must serve both:
 
