@@ -87,6 +87,7 @@ from spice_libvirt.spice.messages import (
     VmcData,
     message_name,
 )
+from spice_libvirt.spice.migrate_data import check_migrate_data
 from spice_libvirt.spice.record import ClientMigrationRecord, PathStep, StreamStats
 from spice_libvirt.spice.stream import StreamChecker
 from spice_libvirt.spice.transport import ChannelLink, TLSSettings, open_link
@@ -739,7 +740,12 @@ class SpiceClient:
             event = await src.read()  # the connection state machine allows only MIGRATE_DATA
             assert isinstance(event.message, MigrateData)
             data = event.message.data
-            self._step(mig, ch.key, "src", "rx", "MIGRATE_DATA", f"{len(data)} bytes")
+            try:
+                detail = check_migrate_data(ch.key[0], data).describe()
+            except RemoteProtocolError as exc:
+                # forwarded all the same: the destination server is the judge of its state
+                detail = f"{len(data)} bytes, envelope invalid: {exc}"
+            self._step(mig, ch.key, "src", "rx", "MIGRATE_DATA", detail)
         dst = mig.dst_links[ch.key]
         if data is not None:
             await dst.send(ClientMigrateData(data))
