@@ -1,0 +1,288 @@
+"""The two-host libvirt lab, for real: namespaces, two libvirtds, a guest, migrations, teardown.
+
+Each test builds its own lab (unique ``slab<hex>`` namespaces, its own state directory) and
+checks that ``down`` leaves no process, namespace or mount behind, also after a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from spice_libvirt.errors import ConfigError, LabError
+from spice_libvirt.lab import libvirt_lab, netns
+from spice_libvirt.lab.libvirt_host import LibvirtHost
+from spice_libvirt.lab.libvirt_lab import LabState
+from spice_libvirt.spice.client import ClientOptions, SpiceClient
+from spice_libvirt.spice.record import ClientMigrationRecord
+
+libvirt = pytest.importorskip("libvirt")
+
+pytestmark = [
+    pytest.mark.libvirt,
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root"),
+    pytest.mark.skipif(shutil.which("libvirtd") is None, reason="libvirtd is not installed"),
+]
+
+
+@pytest.fixture
+def lab(lab_dir: Path) -> Iterator[Path]:
+    """A lab directory; whatever the test leaves running is torn down afterwards."""
+    before = netns.list_names()
+    path = lab_dir / "lab"
+    try:
+        yield path
+    finally:
+        libvirt_lab.down(path)
+        assert netns.list_names() == before
+
+
+def _started_processes(state: LabState) -> list[netns.ProcRef]:
+    """Every process of the lab: recorded daemons plus whatever lives in its namespaces."""
+    refs = [state.bridge.proc] + [
+        r for h in state.hosts.values() for r in (h.runtime.libvirtd, h.runtime.virtlogd)
+    ]
+    found = [r for r in refs if r is not None]
+    for name in state.namespaces:
+        found += [netns.ProcRef.of(pid) for pid in netns.pids_in(name)]
+    return found
+
+
+def _assert_gone(state: LabState, procs: list[netns.ProcRef], before: list[str]) -> None:
+    assert [p for p in procs if p.alive()] == []
+    assert netns.list_names() == before
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert state.prefix not in mounts
+    assert str(state.run_dir) not in mounts
+    assert not (netns.NETNS_ETC_DIR / state.client.netns).exists()
+    assert not state.run_dir.exists()
+    assert libvirt_lab.load_state(state.lab_dir) is None
+
+
+def _follow_one_migration(
+    state: LabState, lab: Path, host: str, port: int
+) -> tuple[ClientMigrationRecord, libvirt_lab.MigrationResult]:
+    """Run the embedded SPICE client in namespace C, connected to ``host:port``, and migrate.
+
+    The client's whole asyncio loop runs in a thread that lives in the client namespace, so
+    every socket it opens goes through the client's (delayed) link.
+    """
+    linked = threading.Event()
+    go_on = threading.Event()
+    result: list[libvirt_lab.MigrationResult] = []
+
+    async def client_side() -> ClientMigrationRecord:
+        client = SpiceClient(ClientOptions(host=host, port=port, link_timeout=10))
+        await client.connect()
+        try:
+            linked.set()
+            record = await client.next_migration(timeout=90)
+            go_on.wait(30)
+            return record
+        finally:
+            await client.close()
+
+    box: list[ClientMigrationRecord] = []
+
+    def run_client() -> None:
+        box.append(
+            netns.call_in(state.client.netns, lambda: asyncio.run(client_side()), timeout=120)
+        )
+
+    errors: list[BaseException] = []
+
+    def guarded() -> None:
+        try:
+            run_client()
+        except BaseException as exc:
+            errors.append(exc)
+            linked.set()
+
+    t = threading.Thread(target=guarded)
+    t.start()
+    assert linked.wait(30)
+    assert not errors, errors
+    try:
+        result.append(libvirt_lab.migrate(lab))
+    finally:
+        go_on.set()
+        t.join(120)
+    assert not errors, errors
+    return box[0], result[0]
+
+
+def test_up_status_rtt_migrate_ping_pong_down(lab: Path) -> None:
+    before = netns.list_names()
+    state = libvirt_lab.up(lab, client_rtt_ms=50)
+
+    # the layout: five namespaces with the lab's unique prefix, nothing else
+    assert state.prefix.startswith("slab")
+    assert sorted(set(netns.list_names()) - set(before)) == sorted(state.namespaces)
+    assert all(n.startswith(state.prefix) for n in state.namespaces)
+
+    # two libvirtds with distinct host UUIDs, reachable from the root namespace by UNIX socket
+    st = libvirt_lab.status(lab)
+    assert st.healthy, st
+    uuids = {h.name: h.host_uuid for h in st.hosts}
+    assert uuids == {n: state.hosts[n].config.host_uuid for n in ("A", "B")}
+    assert uuids["A"] != uuids["B"]
+    for name in ("A", "B"):
+        conn = libvirt.open(
+            f"qemu+unix:///system?socket={state.hosts[name].config.state_dir}"
+            "/run/libvirt/libvirt-sock"
+        )
+        try:
+            assert conn.getHostname() == f"host{name}"
+        finally:
+            conn.close()
+    assert st.active_host == "A"
+    assert st.hosts[0].domains == {"labvm": "running"}
+    assert "labvm" not in st.hosts[1].domains
+    assert st.spice is not None
+    assert st.spice.address == state.hosts["A"].config.ip
+
+    # a second lab in the same directory is refused, the first one untouched
+    with pytest.raises(LabError, match="already running"):
+        libvirt_lab.up(lab)
+    assert libvirt_lab.status(lab).healthy
+
+    # the client link has the requested RTT (TCP connect to A's SPICE port), and it can change
+    probe = libvirt_lab.probe_rtt(lab)
+    assert probe.target == f"{st.spice.address}:{st.spice.port}"
+    assert probe.median_ms == pytest.approx(50, rel=0.15)
+    libvirt_lab.set_client_rtt(lab, 150)
+    assert libvirt_lab.probe_rtt(lab).median_ms == pytest.approx(150, rel=0.15)
+    libvirt_lab.set_client_rtt(lab, 0)
+    assert libvirt_lab.probe_rtt(lab).median_ms < 5
+    # the hosts' own link is not delayed
+    a_to_b = netns.tcp_connect_ms(state.hosts["A"].config.netns, state.hosts["B"].config.ip, 16509)
+    assert a_to_b < 5
+
+    # A -> B with the embedded client in namespace C following the guest
+    record, first = _follow_one_migration(state, lab, st.spice.address, st.spice.port)
+    assert (first.source, first.destination, first.ok) == ("A", "B", True)
+    assert first.spice_after is not None
+    assert first.spice_after.address == state.hosts["B"].config.ip
+    assert record.path in ("seamless", "semi-seamless", "switch-host"), record
+    assert record.destination == f"{first.spice_after.address}:{first.spice_after.port}"
+    assert libvirt_lab.status(lab).active_host == "B"
+
+    # ping-pong: B -> A, then A -> B again
+    second = libvirt_lab.migrate(lab)
+    assert (second.source, second.destination) == ("B", "A")
+    with pytest.raises(ConfigError, match="already runs"):
+        libvirt_lab.migrate(lab, to="A")
+    third = libvirt_lab.migrate(lab, to="B")
+    assert (third.source, third.destination) == ("A", "B")
+    final = libvirt_lab.status(lab)
+    assert final.active_host == "B"
+    assert final.migrations == 3
+    assert final.healthy
+
+    procs = _started_processes(state)
+    assert len(procs) >= 6  # bridge, 2 x (libvirtd, virtlogd), the guest's qemu
+    report = libvirt_lab.down(lab)
+    assert report.found
+    assert report.leftovers == []
+    assert "domain labvm on B" in report.stopped
+    _assert_gone(state, procs, before)
+    assert libvirt_lab.down(lab).found is False
+
+
+def test_down_after_a_crash(lab: Path) -> None:
+    before = netns.list_names()
+    state = libvirt_lab.up(lab)
+    procs = _started_processes(state)
+    daemons_a = {
+        ref.pid
+        for ref in (state.hosts["A"].runtime.libvirtd, state.hosts["A"].runtime.virtlogd)
+        if ref is not None
+    }
+    qemu = [p for p in netns.pids_in(state.hosts["A"].config.netns) if p not in daemons_a]
+    assert qemu, "the guest's qemu should run in A's namespace"
+    # the crash: A's libvirtd and the bridge die hard, B's virtlogd too; the state file stays
+    for ref in (
+        state.hosts["A"].runtime.libvirtd,
+        state.bridge.proc,
+        state.hosts["B"].runtime.virtlogd,
+    ):
+        assert ref is not None
+        os.kill(ref.pid, signal.SIGKILL)
+    bridge = state.bridge.proc
+    assert bridge is not None
+    netns.wait_for(lambda: not bridge.alive(), timeout=5, what="the bridge to die")
+    st = libvirt_lab.status(lab)
+    assert st.running
+    assert not st.healthy
+    assert not st.hosts[0].libvirtd_alive
+    # half alive is still "running": a new lab is refused
+    with pytest.raises(LabError, match="already running"):
+        libvirt_lab.up(lab)
+
+    report = libvirt_lab.down(lab)
+    assert report.leftovers == []
+    assert set(qemu) <= set(report.swept_pids)  # the orphaned qemu, found by namespace
+    _assert_gone(state, procs, before)
+
+
+def test_failed_up_cleans_up_after_itself(lab: Path) -> None:
+    before = netns.list_names()
+    seen: list[LibvirtHost] = []
+
+    def sabotage(host: LibvirtHost) -> None:
+        seen.append(host)
+        if host.config.name == "B":  # A is already running at this point
+            raise LabError("sabotaged before host B started")
+
+    with pytest.raises(LabError, match="sabotaged"):
+        libvirt_lab.up(lab, before_start=sabotage)
+    assert [h.config.name for h in seen] == ["A", "B"]
+    a = seen[0].runtime
+    assert a.libvirtd is not None
+    assert a.virtlogd is not None
+    assert not a.libvirtd.alive()
+    assert not a.virtlogd.alive()
+    assert netns.list_names() == before
+    assert libvirt_lab.load_state(lab) is None
+
+
+def test_stale_state_file_does_not_block_a_new_lab(lab: Path) -> None:
+    before = netns.list_names()
+    state = libvirt_lab.up(lab)
+    stale = (lab / libvirt_lab.STATE_FILE).read_text()
+    libvirt_lab.down(lab)
+    (lab / libvirt_lab.STATE_FILE).write_text(stale)  # as if down had crashed at the very end
+    fresh = libvirt_lab.up(lab)
+    assert fresh.id != state.id
+    assert libvirt_lab.status(lab).healthy
+    libvirt_lab.down(lab)
+    assert netns.list_names() == before
+
+
+def test_bad_input_is_refused_before_anything_starts(lab: Path) -> None:
+    before = netns.list_names()
+    with pytest.raises(ConfigError, match="memory"):
+        libvirt_lab.up(lab, memory_mib=1)
+    with pytest.raises(ConfigError, match="rtt"):
+        libvirt_lab.up(lab, client_rtt_ms=-3)
+    with pytest.raises(ConfigError, match="linux"):
+        libvirt_lab.up(lab, guest="linux")
+    with pytest.raises(ConfigError, match="domain name"):
+        libvirt_lab.up(lab, domain="bad name/..")
+    with pytest.raises(LabError, match="no libvirt lab"):
+        libvirt_lab.migrate(lab)
+    assert libvirt_lab.down(lab).found is False
+    assert libvirt_lab.status(lab).running is False
+    assert netns.list_names() == before
+    (lab / libvirt_lab.STATE_FILE).write_text("{not json")
+    with pytest.raises(LabError, match="unreadable"):
+        libvirt_lab.status(lab)
+    (lab / libvirt_lab.STATE_FILE).unlink()
