@@ -53,6 +53,7 @@ def test_cached_build_is_reused(guest_images: GuestImages, monkeypatch: pytest.M
         raise AssertionError("the cached guest was rebuilt")
 
     monkeypatch.setattr(guest_mod, "_build", no_rebuild)
+    monkeypatch.setattr(guest_mod, "_memo", {})  # go through the digest check, not the memo
     again = ensure_linux_guest()
     assert again == guest_images
     assert guest_images.kernel.stat().st_mtime_ns == mtime
@@ -82,6 +83,7 @@ def test_build_contents_and_rebuild_on_change(
     assert {f"lib/modules/{m}.ko" for m in guest_mod.VIRTIO_MODULES} <= set(names)
 
     started = time.monotonic()
+    monkeypatch.setattr(guest_mod, "_memo", {})
     assert ensure_linux_guest(cache_dir=cache) == first
     assert time.monotonic() - started < build_s
 
@@ -90,6 +92,7 @@ def test_build_contents_and_rebuild_on_change(
     with (sources / "init").open("a") as fh:
         fh.write("# changed\n")
     monkeypatch.setattr(guest_mod, "SOURCE_DIR", sources)
+    monkeypatch.setattr(guest_mod, "_memo", {})
     second = ensure_linux_guest(cache_dir=cache)
     assert second.digest != first.digest
     assert not first.directory.exists()  # the outdated build was pruned

@@ -472,9 +472,23 @@ def ensure_linux_guest(
     Safe to call from several processes at once (one builds, the others wait on a lock
     and then reuse the result). If apt cannot say which kernel is current (no package
     lists, offline) but a build exists, that build is used with a warning, unless
-    ``SPICE_LIBVIRT_KERNEL_PACKAGE`` pins a package: then the error stands.
+    ``SPICE_LIBVIRT_KERNEL_PACKAGE`` pins a package: then the error stands. Within one
+    process the answer is remembered per cache directory (``force`` bypasses that).
     """
     cache_dir = cache_dir or guest_cache_dir()
+    memo = _memo.get(cache_dir)
+    if not force and memo is not None and memo.kernel.is_file() and memo.initrd.is_file():
+        return memo
+    images = _ensure(cache_dir, force=force, lock_timeout=lock_timeout)
+    _memo[cache_dir] = images
+    return images
+
+
+#: Builds already checked by this process: asking apt again costs about a second per VM.
+_memo: dict[Path, GuestImages] = {}
+
+
+def _ensure(cache_dir: Path, *, force: bool, lock_timeout: float) -> GuestImages:
     try:
         kernel = resolve_kernel_package()
     except LabError as exc:

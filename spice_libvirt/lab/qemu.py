@@ -527,7 +527,9 @@ async def start_qemu(
 async def wait_guest_ready(inst: QemuInstance, timeout: float = 60.0) -> None:
     """Until the guest can be used: for linux, /init printed GUEST-READY on the serial log.
 
-    The firmware guest has nothing to wait for once QEMU runs. Raises :class:`LabError`
+    Only for a VM that boots (not ``incoming``): a migration destination's serial log
+    starts empty, because the guest booted on the source. The firmware guest has nothing
+    to wait for once QEMU runs. Raises :class:`LabError`
     with the serial and QEMU log tails if QEMU dies or the marker does not appear in time.
     """
     deadline = time.monotonic() + timeout
