@@ -293,6 +293,25 @@ async def test_tls_dir_without_files_is_config_error(
 
 
 @pytest.mark.qemu
+async def test_same_name_twice_in_one_workdir_is_refused(qemu_factory: QemuGroup) -> None:
+    first = await qemu_factory("twin")
+    with pytest.raises(ConfigError, match="already runs"):
+        await qemu_factory("twin")
+    assert first.is_running()
+    assert (await first.execute("query-status"))["status"] == "running"
+    await first.stop()
+    again = await qemu_factory("twin")  # a stale pidfile would not block either
+    assert again.is_running()
+
+
+@pytest.mark.qemu
+async def test_overlong_socket_path_is_config_error(qemu_factory: QemuGroup) -> None:
+    deep = qemu_factory.workdir / ("d" * 100)
+    with pytest.raises(ConfigError, match="unix socket"):
+        await qemu_factory("long", workdir=deep)
+
+
+@pytest.mark.qemu
 async def test_stop_kills_a_qemu_that_ignores_sigterm(qemu_factory: QemuGroup) -> None:
     vm = await qemu_factory("stubborn")
     os.kill(vm.pid, signal.SIGSTOP)  # a stopped process cannot act on SIGTERM

@@ -391,12 +391,34 @@ class _NotReady(Exception):
     """QMP did not answer yet; tenacity retries on this one only."""
 
 
+def _live_owner(spec: QemuSpec) -> int | None:
+    """PID of a running QEMU that owns this spec's pidfile and QMP socket, if any.
+
+    Starting a second VM of the same name in the same workdir would delete the first one's
+    QMP socket; this is checked by PID and command line, so a stale pidfile is harmless.
+    """
+    try:
+        pid = int(spec.pidfile.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    if f"unix:{spec.qmp_path},server=on,wait=off".encode() in cmdline:
+        return pid
+    return None
+
+
 def _check_spec_files(spec: QemuSpec) -> None:
-    longest = max(len(str(spec.qmp_path)), len(str(spec.qmp_path)) + 0)
+    longest = len(os.fsencode(spec.qmp_path))
     if longest > _SUN_PATH_MAX:
         raise ConfigError(
             f"QMP socket path {spec.qmp_path} is {longest} bytes, more than a unix socket"
             f" address holds ({_SUN_PATH_MAX}); use a shorter workdir or name"
+        )
+    owner = _live_owner(spec)
+    if owner is not None:
+        raise ConfigError(
+            f"a QEMU named {spec.name} already runs in {spec.workdir} (pid {owner});"
+            " pick another name or workdir"
         )
     if spec.tls_dir is not None:
         for name in (CA_CERT_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE):
