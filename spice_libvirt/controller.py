@@ -81,7 +81,19 @@ class MigrationWitness(Protocol):
     @property
     def channels(self) -> list[str]: ...
 
-    async def wait_migration_connected(self, timeout: float) -> float | None: ...
+    @property
+    def migration_count(self) -> int:
+        """Migrations the server started so far; read before ``client_migrate_info``."""
+        ...
+
+    async def wait_migration_connected(
+        self, timeout: float, after: int | None = None
+    ) -> float | None:
+        """Monotonic time the client told the source it linked (None: CONNECT_ERROR).
+
+        :raise TimeoutError: no answer within ``timeout``
+        """
+        ...
 
     async def next_migration(self, timeout: float) -> ClientMigrationRecord: ...
 
@@ -316,6 +328,8 @@ class QemuMigrationController:
         report.link_wait = link
         dst_spice.drain()  # destination events before client_migrate_info are not ours
 
+        migrations_before = self.witness.migration_count if self.witness is not None else None
+
         # -- tell the client where to go ----------------------------------------------
         async with self._phase("client_migrate_info"):
             args: dict[str, object] = {"protocol": "spice", "hostname": req.client_host}
@@ -336,7 +350,7 @@ class QemuMigrationController:
                 )
             )
         try:
-            linked = await self._link_wait(dst_spice, clients, link, t_cmi)
+            linked = await self._link_wait(dst_spice, clients, link, t_cmi, migrations_before)
             if not linked and req.require_seamless and clients:
                 report.outcome = "cancelled"
                 report.error_phase = "link-wait"
@@ -491,6 +505,7 @@ class QemuMigrationController:
         clients: dict[int, _SpiceClientView],
         link: LinkWait,
         t_cmi: float,
+        migrations_before: int | None = None,
     ) -> bool:
         """Wait until the client(s) linked every channel to the destination; True if so."""
         req = self.req
@@ -519,7 +534,7 @@ class QemuMigrationController:
             if self.witness is not None:
                 link.signal = "embedded-client"
                 witness_task = asyncio.create_task(
-                    self.witness.wait_migration_connected(req.link_timeout)
+                    self.witness.wait_migration_connected(req.link_timeout, migrations_before)
                 )
             else:
                 link.signal = "qmp-destination"
@@ -531,10 +546,12 @@ class QemuMigrationController:
                     if witness_task is not None and witness_task.done():
                         try:
                             connected_at = witness_task.result()
+                            if connected_at is None:
+                                link.result = "connect-error"
+                        except TimeoutError:
+                            link.result = "timeout"
                         except errors.SpiceLibvirtError as exc:
                             self.note(f"embedded client: {exc}")
-                            connected_at = None
-                        if connected_at is None:
                             link.result = "connect-error"
                         break
                     if witness_task is None and all_linked():
