@@ -346,3 +346,24 @@ async def test_qmp_errors_are_typed(qemu_factory: QemuGroup) -> None:
     await vm.stop()
     with pytest.raises(QMPError, match="cannot connect"):
         await vm.execute("query-status")
+
+
+class _Boom(Exception):
+    pass
+
+
+@pytest.mark.qemu
+async def test_group_stops_everything_when_the_body_fails(lab_dir: Path) -> None:
+    started: list[qemu_mod.QemuInstance] = []
+
+    async def body() -> None:
+        async with QemuGroup(lab_dir) as vms:
+            started.append(await vms())
+            started.append(await vms(incoming="defer"))
+            assert all(vm.is_running() for vm in started)
+            raise _Boom
+
+    with pytest.raises(_Boom):
+        await body()
+    assert len(started) == 2
+    assert not any(vm.is_running() for vm in started)
