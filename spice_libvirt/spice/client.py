@@ -97,6 +97,18 @@ log = logging.getLogger(__name__)
 ChannelKey = tuple[int, int]
 MAIN_KEY: ChannelKey = (ChannelType.MAIN, 0)
 
+#: channels on which spice-server always sends a first message once the channel client
+#: exists (SET_ACK, INPUTS_INIT, PORT_INIT)
+GREETING_CHANNELS = frozenset(
+    {
+        ChannelType.DISPLAY,
+        ChannelType.CURSOR,
+        ChannelType.INPUTS,
+        ChannelType.PORT,
+        ChannelType.WEBDAV,
+    }
+)
+
 #: spice-gtk's display cache announcement (ids 1, 20 MiB of pixels, 16 MiB GLZ window).
 DISPLAY_INIT = DisplayInit(1, 20 * 1024 * 1024 // 4, 1, 16 * 1024 * 1024 // 4)
 
@@ -192,6 +204,7 @@ class _Channel:
     last_rx: float = 0.0
     received: int = 0
     port_name: str | None = None
+    first_rx: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def label(self) -> str:
@@ -308,7 +321,9 @@ class SpiceClient:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for ch in list(self._channels.values()):
+        # non-main channels first, as spice-gtk does: the server then tears the session
+        # down from MAIN's disconnect with every other channel already gone
+        for ch in sorted(self._channels.values(), key=lambda c: c.key == MAIN_KEY):
             await ch.link.close()
         self._channels.clear()
         self._emit("closed")
@@ -447,9 +462,29 @@ class SpiceClient:
         if errors:
             err = errors[0]
             raise err if isinstance(err, SpiceLibvirtError) else ConnectError(str(err), err)
+        await self._wait_channels_created()
         self._emit(
             "session-up", "main:0", f"session {self.session_id}, {len(self._channels)} channels"
         )
+
+    async def _wait_channels_created(self) -> None:
+        """Wait for the first message on the channels whose server side always greets.
+
+        spice-server creates display/cursor channel clients in its worker thread after the
+        link result; a client that disconnects in that window crashed spice-server 0.15.1
+        (segfault in the SPICE worker, QEMU gone) in our tests. A channel counts as up only
+        once the server has spoken on it, so a probe that connects and leaves at once is
+        safe for the VM.
+        """
+        greeting = [
+            ch.first_rx.wait() for ch in self._channels.values() if ch.key[0] in GREETING_CHANNELS
+        ]
+        try:
+            async with asyncio.timeout(self.options.link_timeout):
+                await asyncio.gather(*greeting)
+        except TimeoutError:
+            silent = [ch.label for ch in self._channels.values() if not ch.first_rx.is_set()]
+            log.warning("channels without a first message after the link: %s", ", ".join(silent))
 
     def _add_channel(self, key: ChannelKey, link: ChannelLink) -> _Channel:
         ch = _Channel(key, link, last_rx=time.monotonic())
@@ -480,6 +515,7 @@ class SpiceClient:
                 now = time.monotonic()
                 ch.last_rx = now
                 ch.received += 1
+                ch.first_rx.set()
                 message = event.message
                 replies = self._keepalive(ch, message)
                 if replies:
