@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import socket
-import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -245,9 +244,9 @@ async def test_spice_tls_with_ticket(
     assert info["tls-port"] == vm.spice_tls_port
     assert info["port"] == vm.spice_port
     assert info["auth"] == "spice"
-    ctx = ssl.create_default_context(cafile=str(tls_material.ca_cert))
-    assert await spice_link("127.0.0.1", vm.spice_tls_port, "pw", ssl_context=ctx) == 0
-    assert await spice_link("127.0.0.1", vm.spice_tls_port, "no", ssl_context=ctx) == 7
+    ca = tls_material.ca_cert
+    assert await spice_link("127.0.0.1", vm.spice_tls_port, "pw", ca_file=ca) == 0
+    assert await spice_link("127.0.0.1", vm.spice_tls_port, "no", ca_file=ca) == 7
 
 
 @pytest.mark.qemu
