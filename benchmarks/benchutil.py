@@ -1,0 +1,142 @@
+"""What every benchmark script shares: percentiles, the machine line, result files.
+
+The scripts run as ``.venv/bin/python benchmarks/<name>.py``, so this module is imported
+by its file name (the script's directory is first on ``sys.path``). Results are small
+summaries committed under ``benchmarks/results/``; raw samples stay in the JSON a script
+prints with ``--json`` (and in the JSON-lines file it writes) so a reader can recompute
+any figure.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+RESULTS_DIR = Path(__file__).resolve().with_name("results")
+
+
+class Distribution(BaseModel):
+    """Summary of one series of samples (milliseconds unless the field name says otherwise)."""
+
+    n: int
+    median: float | None = None
+    p90: float | None = None
+    p95: float | None = None
+    min: float | None = None
+    max: float | None = None
+
+
+def percentile(samples: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100): a value that really occurred, no interpolation.
+
+    With 10-20 samples an interpolated p90 would invent a number between two runs; the
+    nearest rank keeps the figure honest about how few samples there are.
+    """
+    if not samples:
+        return None
+    ordered = sorted(samples)
+    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def distribution(samples: Sequence[float], digits: int = 3) -> Distribution:
+    if not samples:
+        return Distribution(n=0)
+
+    def r(x: float | None) -> float | None:
+        return None if x is None else round(x, digits)
+
+    return Distribution(
+        n=len(samples),
+        median=r(statistics.median(samples)),
+        p90=r(percentile(samples, 90)),
+        p95=r(percentile(samples, 95)),
+        min=r(min(samples)),
+        max=r(max(samples)),
+    )
+
+
+class Machine(BaseModel):
+    """Where a figure was measured: without this line a number means little."""
+
+    python: str = Field(default_factory=platform.python_version)
+    implementation: str = Field(default_factory=platform.python_implementation)
+    cpus: int = Field(default_factory=lambda: os.cpu_count() or 0)
+    cpu_model: str = ""
+    kernel: str = Field(default_factory=platform.release)
+    load_avg_1m: float = Field(default_factory=lambda: round(os.getloadavg()[0], 2))
+    measured_at: dt.datetime = Field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    versions: dict[str, str] = Field(default_factory=dict)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _tool_version(argv: list[str]) -> str | None:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (out.stdout or out.stderr).strip().splitlines()
+    return text[0] if text else None
+
+
+def machine(*, tools: Sequence[str] = ()) -> Machine:
+    """The machine line; ``tools`` adds versions of "qemu" and/or "remote-viewer"."""
+    info = Machine(cpu_model=_cpu_model())
+    commands = {
+        "qemu": ["qemu-system-x86_64", "--version"],
+        "remote-viewer": ["remote-viewer", "--version"],
+    }
+    for tool in tools:
+        version = _tool_version(commands[tool])
+        if version:
+            info.versions[tool] = version
+    if "remote-viewer" in tools:
+        pkg = _tool_version(["dpkg-query", "-W", "-f", "${Version}", "libspice-client-gtk-3.0-5"])
+        if pkg:
+            info.versions["spice-gtk"] = pkg
+    if "qemu" in tools:
+        pkg = _tool_version(["dpkg-query", "-W", "-f", "${Version}", "libspice-server1"])
+        if pkg:
+            info.versions["spice-server"] = pkg
+    return info
+
+
+def write_summary(name: str, summary: BaseModel) -> Path:
+    """Write the summary of one run to ``benchmarks/results/<name>.json`` (overwritten)."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(summary.model_dump_json(indent=1) + "\n")
+    return path
+
+
+def append_jsonl(name: str, rows: Sequence[dict[str, Any]]) -> Path:
+    """Append raw per-round rows to ``benchmarks/results/<name>.jsonl``."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.jsonl"
+    with path.open("a") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, default=str, sort_keys=True) + "\n")
+    return path
+
+
+def fmt(value: float | None, unit: str = "", digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}{unit}"
