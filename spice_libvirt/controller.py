@@ -130,6 +130,8 @@ class MigrationRequest(BaseModel):
     #: after SPICE_MIGRATE_COMPLETED: how long to watch the destination for a new session
     settle: float = Field(default=1.0, ge=0)
     poll_interval: float = Field(default=0.1, gt=0)
+    #: how long the embedded client may take to hand over its record after the migration
+    record_timeout: float = Field(default=10.0, gt=0)
     #: PID of the source QEMU, to check ``seamless-migration=on`` in its command line;
     #: found through SO_PEERCRED when the source QMP is a local unix socket
     source_pid: int | None = None
@@ -405,7 +407,7 @@ class QemuMigrationController:
                 report.migration.completed_to_spice_ms = round((t_done - completed_at) * 1e3, 3)
             async with self._phase("settle"):
                 dst_seen = await self._settle(dst_spice, clients)
-            record = await self._collect_record(record_task, 10.0)
+            record = await self._collect_record(record_task, req.record_timeout)
             source.status_after = await self._status(src)
             destination.status_after = await self._status(dst)
             dst_channels = await self._spice_channels(dst)
@@ -884,10 +886,17 @@ class QemuMigrationController:
                         verdict.channels_before = list(record.channels_before)
                     if completed:
                         verdict.path = self._embedded_path(verdict, record)
+                elif completed:
+                    # QMP may show the id kept, but the client itself never finished its
+                    # hand-over (e.g. a channel lost before MIGRATE_DATA): not seamless,
+                    # and not a switch-host either
+                    verdict.note = (
+                        "the embedded client did not finish its migration (no record); "
+                        f"QMP alone would say {verdict.path}"
+                    )
+                    verdict.path = "failed"
                 else:
                     verdict.note = "no record from the embedded client"
-                    if completed and verdict.path == "seamless":
-                        verdict.path = "none"
             verdicts.append(verdict)
         report.clients = verdicts
         cancelled = status == "cancelled" or report.error_phase == "link-wait"
