@@ -8,10 +8,14 @@ outside the controller too (the client's own session id, QEMU's state afterwards
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -415,3 +419,38 @@ def test_qmp_address_forms() -> None:
     assert parse_qmp_address("unix:/run/x.qmp") == "/run/x.qmp"
     assert parse_qmp_address("127.0.0.1:4444") == ("127.0.0.1", 4444)
     assert parse_qmp_address("tcp:[::1]:4444") == ("::1", 4444)
+
+
+async def test_cli_qmp_form_defaults_the_client_address_to_the_destination(
+    pair: Pair, client: SpiceClient
+) -> None:
+    """``spice-libvirt migrate --qmp-src --qmp-dst --migrate-uri --json`` as a user runs it."""
+    exe = Path(sys.executable).with_name("spice-libvirt")
+    proc = await asyncio.create_subprocess_exec(
+        str(exe),
+        "migrate",
+        "--qmp-src",
+        str(pair.src.qmp_path),
+        "--qmp-dst",
+        str(pair.dst.qmp_path),
+        "--migrate-uri",
+        f"tcp:127.0.0.1:{pair.migrate_port}",
+        "--json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == ExitCode.OK, err.decode()
+    report = json.loads(out)
+    assert report["outcome"] == "seamless"
+    assert report["client_target"] == f"127.0.0.1:{pair.dst.spice_port}"
+    assert report["clients"][0]["connection_id_after"] == client.session_id
+
+
+def test_cli_migrate_without_a_form_is_a_usage_error() -> None:
+    exe = Path(sys.executable).with_name("spice-libvirt")
+    done = subprocess.run(
+        [str(exe), "migrate", "--json"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == ExitCode.USAGE
+    assert "--qmp-src" in done.stderr

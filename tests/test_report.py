@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from spice_libvirt.progress import LogReporter, MigrationProgress, NullReporter, make_reporter
 from spice_libvirt.report import (
     CHANNEL_TYPE_NAMES,
     ClientVerdict,
@@ -133,3 +135,46 @@ def test_outcome_rejects_unknown_values() -> None:
                 "client_target": "y",
             }
         )
+
+
+def test_progress_from_query_migrate() -> None:
+    info = {
+        "status": "active",
+        "total-time": 1200,
+        "ram": {
+            "total": 1000,
+            "remaining": 250,
+            "transferred": 800,
+            "mbps": 80.0,
+            "dirty-pages-rate": 12,
+            "dirty-sync-count": 2,
+        },
+    }
+    progress = MigrationProgress.from_query(info)
+    assert progress.percent == 75.0
+    assert progress.mb_per_s == 10.0
+    assert progress.passes == 2
+    assert "pass 2" in progress.line()
+    done = MigrationProgress.from_query(
+        {"status": "completed", "ram": {"total": 1, "remaining": 1}}
+    )
+    assert done.percent == 100.0
+    # precopy shows at most 99 % until QEMU says completed
+    almost = MigrationProgress.from_query({"status": "active", "ram": {"total": 5, "remaining": 0}})
+    assert almost.percent == 99.0
+
+
+def test_reporter_is_log_lines_off_a_terminal(caplog: pytest.LogCaptureFixture) -> None:
+    reporter = make_reporter()
+    assert isinstance(reporter, LogReporter)  # pytest's stderr is not a TTY
+    assert isinstance(make_reporter(quiet=True), NullReporter)
+    with caplog.at_level(logging.INFO, logger="spice_libvirt.progress"):
+        reporter.phase("link-wait", "linked in 40 ms")
+        reporter.update(MigrationProgress(status="active", percent=50.0))
+        reporter.update(MigrationProgress(status="active", percent=51.0))  # rate-limited
+        reporter.update(MigrationProgress(status="completed", percent=100.0))
+        reporter.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "link-wait: linked in 40 ms"
+    assert len(lines) == 3
+    assert "completed" in lines[-1]
