@@ -195,6 +195,7 @@ class _SpiceClientView(BaseModel):
 
     connection_id: int
     channels: set[tuple[int, int]] = Field(default_factory=set)
+    tls: bool | None = None
 
 
 def _channels_of(event_or_entry: dict[str, Any]) -> tuple[int, tuple[int, int]] | None:
@@ -227,6 +228,7 @@ class QemuMigrationController:
         self._t0 = time.monotonic()
         self._phases: list[PhaseTiming] = []
         self._notes: list[str] = []
+        self._dst_tls: dict[int, bool] = {}
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -405,12 +407,18 @@ class QemuMigrationController:
             if report.migration.migrate_to_completed_ms is not None:
                 completed_at = t_migrate + report.migration.migrate_to_completed_ms / 1000
                 report.migration.completed_to_spice_ms = round((t_done - completed_at) * 1e3, 3)
-            async with self._phase("settle"):
-                dst_seen = await self._settle(dst_spice, clients)
             record = await self._collect_record(record_task, req.record_timeout)
+            settle = req.settle
+            if record is not None and record.path == "seamless" and len(clients) == 1:
+                # the only client says it kept its session: nothing new can show up on
+                # the destination, a short look for stray links is enough
+                settle = min(settle, 0.1)
+            async with self._phase("settle"):
+                dst_seen = await self._settle(dst_spice, clients, settle)
             source.status_after = await self._status(src)
             destination.status_after = await self._status(dst)
             dst_channels = await self._spice_channels(dst)
+            self._dst_tls = await self._spice_tls(dst)
             for cid, chans in dst_seen.items():
                 dst_channels.setdefault(cid, set()).update(chans)
             self._finish(report, clients, {}, dst_channels, record, seamless_on, witness_cid)
@@ -490,9 +498,9 @@ class QemuMigrationController:
         for entry in (await src.execute_retrying("query-spice")).get("channels", []):
             got = _channels_of(entry)
             if got:
-                clients.setdefault(got[0], _SpiceClientView(connection_id=got[0])).channels.add(
-                    got[1]
-                )
+                view = clients.setdefault(got[0], _SpiceClientView(connection_id=got[0]))
+                view.channels.add(got[1])
+                view.tls = bool(entry.get("tls")) and view.tls is not False
         for event in src_spice.drain():
             if event.name != "SPICE_INITIALIZED":
                 continue
@@ -753,7 +761,7 @@ class QemuMigrationController:
         return False
 
     async def _settle(
-        self, dst_spice: EventStream, clients: dict[int, _SpiceClientView]
+        self, dst_spice: EventStream, clients: dict[int, _SpiceClientView], settle: float
     ) -> dict[int, set[tuple[int, int]]]:
         """Watch the destination for ``settle`` s: a new connection id means SWITCH_HOST."""
         seen: dict[int, set[tuple[int, int]]] = {}
@@ -766,7 +774,7 @@ class QemuMigrationController:
 
         for event in dst_spice.history:
             absorb(event)
-        deadline = time.monotonic() + self.req.settle
+        deadline = time.monotonic() + settle
         while time.monotonic() < deadline:
             with contextlib.suppress(errors.QMPError):
                 absorb(await dst_spice.get(timeout=max(0.01, deadline - time.monotonic())))
@@ -803,6 +811,20 @@ class QemuMigrationController:
             return str((await conn.execute("query-status", timeout=3))["status"])
         except errors.QMPError:
             return None
+
+    @staticmethod
+    async def _spice_tls(conn: QMPConnection) -> dict[int, bool]:
+        """Per connection id: whether every channel QMP lists uses TLS."""
+        out: dict[int, bool] = {}
+        try:
+            spice = await conn.execute("query-spice", timeout=3)
+        except errors.QMPError:
+            return out
+        for entry in spice.get("channels", []):
+            got = _channels_of(entry)
+            if got:
+                out[got[0]] = out.get(got[0], True) and bool(entry.get("tls"))
+        return out
 
     @staticmethod
     async def _spice_channels(conn: QMPConnection) -> dict[int, set[tuple[int, int]]]:
@@ -843,6 +865,7 @@ class QemuMigrationController:
                 connection_id_before=cid,
                 channels_before=_names(view.channels),
                 linked_before_migrate=linked_ok,
+                tls_before=view.tls,
             )
             if completed:
                 if cid in dst_after:
@@ -875,6 +898,8 @@ class QemuMigrationController:
                     verdict.connection_id_kept = True
                     verdict.channels_after = _names(src_after[cid])
                     verdict.note = "the client stayed on the source"
+            if verdict.connection_id_after is not None:
+                verdict.tls_after = self._dst_tls.get(verdict.connection_id_after)
             if embedded and self.witness is not None:
                 verdict.evidence = "client-record"
                 verdict.stream = self.witness.stream_stats()

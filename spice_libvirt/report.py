@@ -74,6 +74,9 @@ class ClientVerdict(BaseModel):
     channels_after: list[str] = Field(default_factory=list)
     #: the client had linked every channel to the destination before ``migrate`` was issued
     linked_before_migrate: bool = False
+    #: every channel QMP lists for this client uses TLS (before: source, after: destination)
+    tls_before: bool | None = None
+    tls_after: bool | None = None
     #: how the path was established: "client-record" (embedded), "qmp" (events/queries)
     evidence: Literal["client-record", "qmp"] = "qmp"
     #: embedded client only: the record, with the message-by-message path

@@ -169,3 +169,21 @@ def test_linux_guest_stream_survives_ping_pong(lab: Path) -> None:
         assert stream["gaps"] == 0
         assert stream["duplicates"] == 0
         assert report["migration"]["passes"] >= 1
+
+
+async def test_tls_lab_sends_the_client_to_the_tls_port_with_the_subject(lab: Path) -> None:
+    qemu_lab = QemuLab(lab)
+    state = await qemu_lab.up("firmware", tls=True)
+    try:
+        assert state.tls is not None
+        assert state.sides["b"].spice_tls_port is not None
+        report = await qemu_lab.migrate()
+        assert report.outcome == "seamless", report.model_dump_json(indent=1)
+        assert report.client_target.endswith(f"/tls:{state.sides['b'].spice_tls_port}")
+        [client] = report.clients
+        # every channel was linked to the destination over TLS, and the session kept
+        assert client.tls_before is True
+        assert client.tls_after is True
+        assert client.connection_id_kept
+    finally:
+        await qemu_lab.down()

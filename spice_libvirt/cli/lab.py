@@ -40,6 +40,9 @@ def register(subparsers: Any) -> None:
     up = sub.add_parser("up", help="start the source (running) and the destination (incoming)")
     up.add_argument("--guest", choices=("firmware", "linux"), default="firmware")
     up.add_argument("--memory", type=int, default=None, metavar="MIB")
+    up.add_argument(
+        "--tls", action="store_true", help="also listen on TLS ports (lab CA); clients use TLS"
+    )
     up.add_argument("--json", action="store_true")
     up.set_defaults(handler=_up)
 
@@ -71,7 +74,7 @@ def _lab(args: argparse.Namespace) -> Any:
 def _up(args: argparse.Namespace) -> int:
     from spice_libvirt.lab.qemu_lab import dump, state_summary
 
-    state = asyncio.run(_lab(args).up(args.guest, args.memory))
+    state = asyncio.run(_lab(args).up(args.guest, args.memory, tls=args.tls))
     summary = state_summary(state)
     if args.json:
         print(dump(summary))

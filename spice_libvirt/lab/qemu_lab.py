@@ -90,11 +90,20 @@ class SideState(BaseModel):
         return uri
 
 
+class LabTls(BaseModel):
+    """The lab's TLS material: one CA and one server certificate shared by both sides."""
+
+    directory: Path
+    ca_cert: Path
+    subject: str
+
+
 class LabState(BaseModel):
     """The lab state file (``lab.json``)."""
 
     version: int = 1
     guest: GuestKind
+    tls: LabTls | None = None
     accel: Literal["kvm", "tcg"]
     memory_mib: int
     directory: Path
@@ -241,7 +250,12 @@ class QemuLab:
     # -- starting QEMUs ---------------------------------------------------------------
 
     def _spec(
-        self, state_guest: GuestKind, memory_mib: int, side: SideName, incoming: str | None
+        self,
+        state_guest: GuestKind,
+        memory_mib: int,
+        side: SideName,
+        incoming: str | None,
+        tls: LabTls | None = None,
     ) -> QemuSpec:
         return QemuSpec(
             name=f"lab-{side}",
@@ -249,6 +263,7 @@ class QemuLab:
             memory_mib=memory_mib,
             incoming=incoming,
             workdir=self.directory,
+            tls_dir=tls.directory if tls else None,
         )
 
     async def _start_side(
@@ -259,18 +274,24 @@ class QemuLab:
         memory_mib: int,
         role: Literal["source", "destination"],
         spice_port: int | None = None,
+        spice_tls_port: int | None = None,
+        tls: LabTls | None = None,
         timeout: float = 20.0,
     ) -> SideState:
         """Spawn one QEMU detached from our session and wait until its QMP answers."""
         migrate_port = free_tcp_port() if role == "destination" else None
         incoming = f"tcp:127.0.0.1:{migrate_port}" if migrate_port else None
-        spec = self._spec(guest, memory_mib, side, incoming)
+        spec = self._spec(guest, memory_mib, side, incoming, tls)
         images = None
         if guest == "linux":
             images = await asyncio.to_thread(guest_mod.ensure_linux_guest)
         if spice_port is None or not port_is_free(spice_port):
             spice_port = free_tcp_ports(1)[0]
-        argv = qemu_argv(spec, spice_port=spice_port, images=images)
+        if tls is not None and (spice_tls_port is None or not port_is_free(spice_tls_port)):
+            spice_tls_port = free_tcp_ports(1)[0]
+        if tls is None:
+            spice_tls_port = None
+        argv = qemu_argv(spec, spice_port=spice_port, spice_tls_port=spice_tls_port, images=images)
         for stale in (spec.qmp_path, spec.pidfile, spec.serial_log):
             stale.unlink(missing_ok=True)
         (self.directory / f"{spec.name}.cmdline").write_text(shlex.join(argv) + "\n")
@@ -284,6 +305,7 @@ class QemuLab:
             qmp_path=spec.qmp_path,
             spice_host=spec.spice_host,
             spice_port=spice_port,
+            spice_tls_port=spice_tls_port,
             migrate_port=migrate_port,
             serial_log=spec.serial_log,
             log_path=spec.log_path,
@@ -331,8 +353,14 @@ class QemuLab:
 
     # -- commands ---------------------------------------------------------------------
 
-    async def up(self, guest: GuestKind = "firmware", memory_mib: int | None = None) -> LabState:
-        """Start both sides; :class:`LabError` if a lab already runs in this directory."""
+    async def up(
+        self, guest: GuestKind = "firmware", memory_mib: int | None = None, *, tls: bool = False
+    ) -> LabState:
+        """Start both sides; :class:`LabError` if a lab already runs in this directory.
+
+        With ``tls`` both QEMUs also listen on a TLS port with a lab CA's certificate, and
+        migrations send the client there with the certificate subject.
+        """
         memory = memory_mib or (256 if guest == "linux" else 128)
         with self._locked():
             existing = self.load()
@@ -346,16 +374,20 @@ class QemuLab:
                     )
                 self.state_path.unlink()
             accel = resolve_accel(self._spec(guest, memory, "a", None))
-            src = await self._start_side("a", guest=guest, memory_mib=memory, role="source")
+            lab_tls = await asyncio.to_thread(self._tls_material) if tls else None
+            src = await self._start_side(
+                "a", guest=guest, memory_mib=memory, role="source", tls=lab_tls
+            )
             try:
                 dst = await self._start_side(
-                    "b", guest=guest, memory_mib=memory, role="destination"
+                    "b", guest=guest, memory_mib=memory, role="destination", tls=lab_tls
                 )
             except BaseException:
                 stop_side(src)
                 raise
             state = LabState(
                 guest=guest,
+                tls=lab_tls,
                 accel=accel,
                 memory_mib=memory,
                 directory=self.directory,
@@ -370,6 +402,14 @@ class QemuLab:
                 await self.down()
                 raise
         return state
+
+    def _tls_material(self) -> LabTls:
+        from spice_libvirt.lab.tls import generate_tls_material
+
+        material = generate_tls_material(self.directory / "tls")
+        return LabTls(
+            directory=material.directory, ca_cert=material.ca_cert, subject=material.subject
+        )
 
     def _require(self) -> LabState:
         state = self.load()
@@ -458,6 +498,7 @@ class QemuLab:
                 client_host=dst.spice_host,
                 client_port=dst.spice_port,
                 client_tls_port=dst.spice_tls_port,
+                client_cert_subject=state.tls.subject if state.tls else None,
                 require_seamless=require_seamless,
                 wait_client=wait_client,
                 source_pid=src.pid,
@@ -467,7 +508,7 @@ class QemuLab:
             if witness is not None or not watch:
                 report = await migrate_qemu(request, witness, reporter)
             else:
-                async with embedded_client(src) as client:
+                async with embedded_client(src, state.tls) as client:
                     if client is None:
                         report = await migrate_qemu(request, None, reporter)
                         report.notes.append(
@@ -492,6 +533,8 @@ class QemuLab:
                 memory_mib=state.memory_mib,
                 role="destination",
                 spice_port=src.spice_port,
+                spice_tls_port=src.spice_tls_port,
+                tls=state.tls,
             )
             dst.role = "source"
             dst.migrate_port = None
@@ -508,6 +551,8 @@ class QemuLab:
                 memory_mib=state.memory_mib,
                 role="destination",
                 spice_port=dst.spice_port,
+                spice_tls_port=dst.spice_tls_port,
+                tls=state.tls,
             )
         state.last_outcome = report.outcome
         self._save(state)
@@ -547,8 +592,12 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 @contextlib.asynccontextmanager
-async def embedded_client(side: SideState) -> AsyncIterator[MigrationWitness | None]:
+async def embedded_client(
+    side: SideState, tls: LabTls | None = None
+) -> AsyncIterator[MigrationWitness | None]:
     """Our SPICE client connected to ``side`` (None when the client is not built in).
+
+    With ``tls`` it connects to the TLS port only, verifying the lab CA and the subject.
 
     This is the adapter between the lab and :mod:`spice_libvirt.spice.client`: the
     controller only sees the :class:`~spice_libvirt.controller.MigrationWitness` shape.
@@ -560,8 +609,10 @@ async def embedded_client(side: SideState) -> AsyncIterator[MigrationWitness | N
         return
     options = client_mod.ClientOptions(
         host=side.spice_host,
-        port=side.spice_port,
-        tls_port=side.spice_tls_port,
+        port=None if tls else side.spice_port,
+        tls_port=side.spice_tls_port if tls else None,
+        ca_file=tls.ca_cert if tls else None,
+        host_subject=tls.subject if tls else None,
         stream_port_name=guest_mod.STREAM_PORT_NAME,
     )
     client = client_mod.SpiceClient(options)
@@ -579,6 +630,7 @@ def state_summary(state: LabState) -> dict[str, Any]:
         "guest": state.guest,
         "accel": state.accel,
         "memory_mib": state.memory_mib,
+        "tls": state.tls.model_dump(mode="json") if state.tls else None,
     }
     for role, key in (("source", state.source), ("destination", state.destination)):
         side = state.sides[key]
