@@ -1,8 +1,9 @@
 """The hook inside real, private libvirtd instances.
 
 Each simulated host is a network namespace plus a private mount and UTS namespace in which
-``/etc/libvirt``, ``/run/libvirt``, ``/var/lib/libvirt``, ``/var/log/libvirt`` and
-``/var/cache/libvirt`` are bind mounts of a per-test directory; its own virtlogd and libvirtd
+``/etc/libvirt``, ``/run``, ``/var/lib/libvirt``, ``/var/log/libvirt`` and
+``/var/cache/libvirt`` are bind mounts of a per-test directory (all of ``/run``, because a
+``/run/libvirt`` mount point would have to be created in the shared ``/run``); its own virtlogd and libvirtd
 run there (the root namespace's libvirtd is not used). The hook is installed into the private
 ``/etc/libvirt/hooks/qemu.d`` *before* libvirtd starts (libvirt reads hooks at start-up), with
 the host's configuration file baked into the shim, so that two hosts on one file system can
@@ -17,6 +18,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -101,7 +103,7 @@ class Host:
 
     @property
     def socket(self) -> Path:
-        return self.state / "run" / "libvirt-sock"
+        return self.state / "run" / "libvirt" / "libvirt-sock"
 
     @property
     def uri(self) -> str:
@@ -110,10 +112,10 @@ class Host:
     def virsh(self, *args: str, timeout: float = 120, check: bool = True) -> str:
         return _run(["virsh", "-c", self.uri, *args], timeout=timeout, check=check)
 
-    def prepare(self, *, spice_address: str, listen_tcp: bool) -> None:
+    def prepare(self, *, spice_address: str, listen_tcp: bool, install_hook: bool = True) -> None:
         s = self.state
         self.listen_tcp = listen_tcp
-        for sub in ("run", "lib/qemu", "log/qemu", "cache/qemu"):
+        for sub in ("run/libvirt", "run/lock", "lib/qemu", "log/qemu", "cache/qemu"):
             (s / sub).mkdir(parents=True, exist_ok=True)
         shutil.copytree("/etc/libvirt", s / "etc", symlinks=True)
         for link in (s / "etc/qemu/networks/autostart").glob("*"):
@@ -147,7 +149,11 @@ class Host:
         self.config_path.write_text(
             f'spice_address = "{spice_address}"\njournal_path = "{self.journal_path}"\n'
         )
-        res = hook_install.install(s / "etc/hooks", config=self.config_path)
+        if install_hook:
+            self.install_hook()
+
+    def install_hook(self) -> None:
+        res = hook_install.install(self.state / "etc/hooks", config=self.config_path)
         assert res.changed
 
     def start(self) -> None:
@@ -155,9 +161,8 @@ class Host:
         script = f"""
 set -e
 hostname {self.name}
-mkdir -p /run/libvirt
 mount --bind {s}/etc /etc/libvirt
-mount --bind {s}/run /run/libvirt
+mount --bind {s}/run /run
 mount --bind {s}/lib /var/lib/libvirt
 mount --bind {s}/log /var/log/libvirt
 mount --bind {s}/cache /var/cache/libvirt
@@ -185,13 +190,13 @@ libvirtd -d {"-l" if self.listen_tcp else ""} -p /run/libvirt/libvirtd.pid
         )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            if self.socket.exists() and (s / "run/libvirtd.pid").exists():
+            if self.socket.exists() and (s / "run/libvirt/libvirtd.pid").exists():
                 break
             time.sleep(0.1)
         else:
             raise AssertionError(f"libvirtd of {self.name} did not come up")
-        self.virtlogd_pid = int((s / "run/virtlogd.pid").read_text())
-        self.libvirtd_pid = int((s / "run/libvirtd.pid").read_text())
+        self.virtlogd_pid = int((s / "run/libvirt/virtlogd.pid").read_text())
+        self.libvirtd_pid = int((s / "run/libvirt/libvirtd.pid").read_text())
 
     def stop(self) -> None:
         if self.libvirtd_pid is not None and _pid_alive(self.libvirtd_pid):
@@ -200,6 +205,11 @@ libvirtd -d {"-l" if self.listen_tcp else ""} -p /run/libvirt/libvirtd.pid
         for pid in (self.libvirtd_pid, self.virtlogd_pid):
             if pid is not None:
                 _stop_pid(pid)
+
+    def restart(self) -> None:
+        """Stop both daemons (their namespaces die with them) and start them afresh."""
+        self.stop()
+        self.start()
 
     def journal(self, domain: str | None = None) -> list[JournalEntry]:
         return list(reversed(Journal(self.journal_path).entries(limit=None, domain=domain)))
@@ -357,3 +367,147 @@ def test_migration_destination_rewrites_spice_listen(lab: dict[str, Host]) -> No
     src_ops = _ops(a.journal("h4mig"))
     assert ("migrate", "begin") not in src_ops
     assert ("release", "end") in src_ops
+
+
+@pytest.fixture
+def single(tmp_path: Path) -> Iterator[Host]:
+    """One host in a network namespace of its own (loopback only); hook NOT installed yet."""
+    h = Host(
+        name="hostS",
+        state=tmp_path / "hostS",
+        netns=f"h4s-{uuid.uuid4().hex[:8]}",
+        address="127.0.0.1",
+        peers={},
+    )
+    created = False
+    try:
+        _run(["ip", "netns", "add", h.netns])
+        created = True
+        _run(["ip", "-n", h.netns, "link", "set", "lo", "up"])
+        h.prepare(spice_address="127.0.0.1", listen_tcp=False, install_hook=False)
+        yield h
+    finally:
+        try:
+            h.stop()
+        finally:
+            if created:
+                _run(["ip", "netns", "del", h.netns], check=False)
+
+
+def test_hook_is_loaded_only_after_a_libvirtd_restart(single: Host) -> None:
+    """Why ``hook install`` says to restart libvirtd: a hook added later is not called."""
+    h = single
+    h.start()
+    h.install_hook()
+    xml = h.state / "dom.xml"
+    xml.write_text(_domain_xml("h4late", None))
+    h.virsh("define", str(xml))
+    h.virsh("start", "h4late")
+    h.virsh("destroy", "h4late")
+    assert h.journal() == []
+    h.restart()
+    h.virsh("start", "h4late")
+    assert _ops(h.journal("h4late"))[:3] == [
+        ("prepare", "begin"),
+        ("start", "begin"),
+        ("started", "begin"),
+    ]
+
+
+def test_fail_closed_hook_stops_a_start_with_one_logged_line(single: Host) -> None:
+    """libvirt refuses the start and reports our single stderr line; fail-open lets it run."""
+    h = single
+    (h.state / "not-a-dir").write_text("")
+    broken = f'journal_path = "{h.state}/not-a-dir/journal.sqlite3"\n'
+    h.config_path.write_text(broken + "fail_closed = true\n")
+    h.install_hook()
+    h.start()
+    xml = h.state / "dom.xml"
+    xml.write_text(_domain_xml("h4closed", None))
+    h.virsh("define", str(xml))
+    proc = subprocess.run(
+        ["virsh", "-c", h.uri, "start", "h4closed"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "spice-libvirt-hook: h4closed prepare begin: journal" in proc.stderr
+    assert h.virsh("domstate", "h4closed").strip() == "shut off"
+    # the configuration is read on every call: fail-open needs no restart
+    h.config_path.write_text(broken + "fail_closed = false\n")
+    h.virsh("start", "h4closed")
+    assert h.virsh("domstate", "h4closed").strip() == "running"
+
+
+# --- in the project's two-host libvirt lab (spice_libvirt.lab.libvirt_lab) ---------------
+
+
+def test_hook_in_both_hosts_of_the_libvirt_lab(tmp_path: Path) -> None:
+    """The hook installed by ``before_start`` into both lab hosts; ping-pong migration.
+
+    The lab's guest takes its SPICE address from each host's ``spice_listen``; here it is
+    redefined with A's address pinned in its XML, which only the hook can make migratable.
+    """
+    pytest.importorskip("libvirt")
+    from spice_libvirt.lab import libvirt_lab
+    from spice_libvirt.lab.libvirt_host import LibvirtHost
+    from spice_libvirt.lab.libvirt_lab import HostName
+
+    lab_dir = Path(tempfile.mkdtemp(prefix="h4lab-"))  # short: unix socket paths
+    journals: dict[str, Path] = {}
+
+    def install_hook(host: LibvirtHost) -> None:
+        cfg = host.state_dir / "spice-libvirt.toml"
+        journals[host.config.name] = host.state_dir / "journal.sqlite3"
+        cfg.write_text(
+            f'spice_address = "{host.config.ip}"\njournal_path = "{journals[host.config.name]}"\n'
+        )
+        hook_install.install(host.etc_dir / "hooks", config=cfg)
+
+    def rows(name: str) -> list[JournalEntry]:
+        return list(reversed(Journal(journals[name]).entries(limit=None)))
+
+    try:
+        state = libvirt_lab.up(lab_dir / "lab", before_start=install_hook, memory_mib=128)
+        a = state.host("A")
+        dom = state.domain
+
+        def virsh(host: LibvirtHost, *args: str) -> str:
+            return _run(["virsh", "-c", host.uri_unix, *args], timeout=120)
+
+        assert ("started", "begin") in _ops(rows("A"))
+        virsh(a, "destroy", dom)
+        virsh(a, "undefine", dom)
+        pinned = state.domain_xml.read_text().replace(
+            "<listen type='address'/>", f"<listen type='address' address='{a.config.ip}'/>"
+        )
+        assert a.config.ip in pinned
+        (lab_dir / "pinned.xml").write_text(pinned)
+        virsh(a, "define", str(lab_dir / "pinned.xml"))
+        virsh(a, "start", dom)
+        dom_uuid = virsh(a, "domuuid", dom).strip()
+
+        legs: tuple[tuple[HostName, HostName], ...] = (("A", "B"), ("B", "A"))
+        for src, dst in legs:
+            src_ip = state.hosts[src].config.ip
+            dst_ip = state.hosts[dst].config.ip
+            result = libvirt_lab.migrate(lab_dir / "lab", to=dst)
+            assert result.ok, result.error
+            mig = [e for e in rows(dst) if e.operation == "migrate"]
+            assert mig, _ops(rows(dst))
+            last = mig[-1]
+            assert (last.suboperation, last.outcome, last.uuid) == ("begin", "rewritten", dom_uuid)
+            assert f"listen address {src_ip} -> {dst_ip}" in last.detail
+            assert last.duration_ms is not None
+            assert last.duration_ms < 2000
+            live = ET.fromstring(virsh(state.host(dst), "dumpxml", dom))
+            listen = live.find("./devices/graphics/listen")
+            assert listen is not None
+            assert listen.get("address") == dst_ip
+            assert result.spice_after is not None
+            assert result.spice_after.address == dst_ip
+    finally:
+        libvirt_lab.down(lab_dir / "lab")
+        shutil.rmtree(lab_dir, ignore_errors=True)
