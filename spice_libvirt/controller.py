@@ -592,16 +592,20 @@ class QemuMigrationController:
                 return False
             link.result = "linked"
             if witness_task is not None:
-                grace = req.embedded_grace
+                # the client has *sent* CONNECTED_SEAMLESS; it reaches the source half an
+                # RTT later, and linking took about 6 RTT (rtt-seamless.md)
+                grace = min(req.max_grace, max(req.embedded_grace, 0.15 * (end - t_cmi)))
                 if not all_linked():
                     self.note(
                         "the embedded client reported CONNECTED_SEAMLESS before the destination "
                         f"showed every channel (saw {link.channels_linked})"
                     )
             else:
-                # about one RTT for MIGRATE_CONNECTED_SEAMLESS to reach the source; the
-                # client needs ~6 RTT to link, so a fraction of the link time tracks the RTT
-                grace = min(req.max_grace, max(req.grace, 0.3 * (end - t_cmi)))
+                # the destination sees the last link about one RTT before the source gets
+                # MIGRATE_CONNECTED_SEAMLESS, and linking takes about 6 RTT + 50 ms
+                # (rtt-seamless.md: margins of RTT + 100..250 ms worked), so a fraction of
+                # the link time tracks the RTT without knowing it
+                grace = min(req.max_grace, max(req.grace, 0.4 * (end - t_cmi)))
             link.grace_ms = round(grace * 1000.0, 3)
             timing.detail = f"linked in {link.duration_ms:.0f} ms, grace {link.grace_ms:.0f} ms"
             await asyncio.sleep(grace)
