@@ -1,0 +1,339 @@
+"""libvirt connections with bounds, and libvirt's events as asyncio async iterators.
+
+Why not ``libvirtaio`` directly: the migration itself is a blocking ``migrateToURI3`` that
+must run in a worker thread, and libvirt's remote driver then updates its socket watches
+*from that thread*; libvirtaio answers with ``loop.add_reader`` calls that asyncio does not
+allow from a foreign thread, and it binds libvirt to one asyncio loop for the life of the
+process (the CLI and the tests run many loops one after another). So libvirt's events are
+dispatched by libvirt's own thread-safe default implementation, run by one daemon thread per
+process (:func:`ensure_event_loop`), and each event is handed to the asyncio loop that
+subscribed to it with ``call_soon_threadsafe``. Consumers see the same thing libvirtaio would
+give them: callbacks turned into async iterators, in the caller's loop.
+
+Every blocking libvirt call goes through :func:`call_blocking` (a daemon thread and a
+timeout), so a libvirtd that stops answering cannot hang a migration or the process exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Generic, TypeVar
+
+from spice_libvirt.errors import LibvirtError
+from spice_libvirt.libvirt.errors import (
+    DomainNotFoundError,
+    LibvirtConnectError,
+    LibvirtOperationError,
+    message_of,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+E = TypeVar("E")
+
+try:
+    import libvirt
+
+    # libvirt-python prints every error to stderr by default; we raise them instead
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+except ImportError:  # pragma: no cover - reported by require_libvirt()
+    libvirt = None
+
+_event_lock = threading.Lock()
+#: the one thread per process that runs libvirt's default event loop
+_event_threads: list[threading.Thread] = []
+
+#: graphics event phases (virDomainEventGraphicsPhase)
+GRAPHICS_PHASES = {0: "connect", 1: "initialize", 2: "disconnect"}
+
+
+def require_libvirt() -> Any:
+    """The ``libvirt`` module, or a :class:`LibvirtError` that says how to get it."""
+    if libvirt is None:
+        raise LibvirtError("libvirt-python is not installed: pip install 'spice-libvirt[libvirt]'")
+    return libvirt
+
+
+def ensure_event_loop() -> None:
+    """Register libvirt's default event implementation and run it in a daemon thread.
+
+    Idempotent. Must run before a connection that wants events (or keepalive) is opened.
+    """
+    lv = require_libvirt()
+    with _event_lock:
+        if _event_threads and _event_threads[0].is_alive():
+            return
+        lv.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                try:
+                    lv.virEventRunDefaultImpl()
+                except Exception:  # pragma: no cover - keep dispatching whatever happens
+                    log.exception("libvirt event loop iteration failed")
+                    time.sleep(0.1)
+
+        thread = threading.Thread(target=run, name="libvirt-events", daemon=True)
+        thread.start()
+        _event_threads[:] = [thread]
+
+
+async def call_blocking(fn: Callable[[], T], timeout: float, what: str) -> T:
+    """Run a blocking libvirt call in a daemon thread, bounded by ``timeout``.
+
+    libvirt errors come back as :class:`LibvirtOperationError` (the original in
+    ``__cause__``); a timeout raises :class:`LibvirtOperationError` too (the thread is left
+    to finish on its own; it is a daemon and cannot block the exit).
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def deliver(ok: bool, value: Any) -> None:
+        if future.done():
+            return
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    def run() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:  # handed to the loop below
+            with contextlib.suppress(RuntimeError):  # loop closed: nobody waits any more
+                loop.call_soon_threadsafe(deliver, False, exc)
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(deliver, True, result)
+
+    threading.Thread(target=run, name=f"libvirt: {what}", daemon=True).start()
+    try:
+        async with asyncio.timeout(timeout):
+            return await future
+    except TimeoutError as exc:
+        raise LibvirtOperationError(f"{what}: no answer from libvirt in {timeout:.0f} s") from exc
+    except LibvirtError:
+        raise
+    except Exception as exc:
+        if libvirt is not None and isinstance(exc, libvirt.libvirtError):
+            raise LibvirtOperationError(f"{what}: {message_of(exc)}", exc) from exc
+        raise
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphicsEvent:
+    """One ``VIR_DOMAIN_EVENT_ID_GRAPHICS`` event (libvirt's relay of QEMU's SPICE_* events).
+
+    libvirt drops QEMU's channel type and connection id; what identifies a channel is its
+    TCP connection, i.e. the client's address and port (``remote``).
+    """
+
+    domain: str
+    phase: str  # connect | initialize | disconnect
+    local: str
+    remote: str
+    at: float  # time.monotonic() when libvirt's event thread dispatched it
+
+
+@dataclasses.dataclass(frozen=True)
+class JobCompletedEvent:
+    """``VIR_DOMAIN_EVENT_ID_JOB_COMPLETED``: the finished job's statistics."""
+
+    domain: str
+    stats: dict[str, Any]
+    at: float
+
+
+class EventStream(Generic[E]):
+    """Events of one libvirt registration, queued in the subscriber's loop.
+
+    Iterate with ``async for``, or :meth:`get` with a timeout; :meth:`drain` takes whatever
+    has arrived without waiting. :meth:`close` deregisters the callback.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[E] = asyncio.Queue()
+        self._deregister: Callable[[], None] | None = None
+        self.seen: list[E] = []
+
+    def _push(self, event: E) -> None:
+        def put() -> None:
+            self.seen.append(event)
+            self._queue.put_nowait(event)
+
+        with contextlib.suppress(RuntimeError):  # the loop is gone: drop it
+            self._loop.call_soon_threadsafe(put)
+
+    async def get(self, timeout: float) -> E:
+        """The next event; :class:`TimeoutError` if none arrives within ``timeout``."""
+        async with asyncio.timeout(timeout):
+            return await self._queue.get()
+
+    def drain(self) -> list[E]:
+        out: list[E] = []
+        while not self._queue.empty():
+            out.append(self._queue.get_nowait())
+        return out
+
+    def __aiter__(self) -> AsyncIterator[E]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[E]:
+        while True:
+            yield await self._queue.get()
+
+    def close(self) -> None:
+        if self._deregister is not None:
+            with contextlib.suppress(Exception):
+                self._deregister()
+            self._deregister = None
+
+
+def _address(addr: dict[str, Any] | None) -> str:
+    if not addr:
+        return "?"
+    node, service = addr.get("node", "?"), addr.get("service", "?")
+    return f"[{node}]:{service}" if ":" in str(node) else f"{node}:{service}"
+
+
+class Connection:
+    """One libvirt connection: open with a timeout, typed errors, events as iterators.
+
+    Use :meth:`open` (async) and ``async with``; blocking calls go through :meth:`call`.
+    """
+
+    def __init__(self, uri: str, conn: Any, call_timeout: float) -> None:
+        self.uri = uri
+        self.conn = conn
+        self.call_timeout = call_timeout
+        self._streams: list[EventStream[Any]] = []
+
+    @classmethod
+    async def open(
+        cls, uri: str, *, timeout: float = 15.0, call_timeout: float = 30.0
+    ) -> Connection:
+        """Open ``uri``; :class:`LibvirtConnectError` if libvirtd is not there in time."""
+        lv = require_libvirt()
+        ensure_event_loop()
+        try:
+            conn = await call_blocking(lambda: lv.open(uri), timeout, f"connect to {uri}")
+        except LibvirtOperationError as exc:
+            raise LibvirtConnectError(
+                f"libvirt at {uri} is unreachable: {exc}", exc.exc or exc
+            ) from exc
+        if conn is None:  # pragma: no cover - old bindings returned None on failure
+            raise LibvirtConnectError(f"libvirt at {uri} is unreachable")
+        with contextlib.suppress(Exception):  # notice a dead peer instead of hanging on it
+            conn.setKeepAlive(5, 3)
+        return cls(uri, conn, call_timeout)
+
+    async def __aenter__(self) -> Connection:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for stream in self._streams:
+            stream.close()
+        self._streams.clear()
+        with contextlib.suppress(Exception):
+            await call_blocking(self.conn.close, 10.0, f"close {self.uri}")
+
+    async def call(self, fn: Callable[[], T], what: str, timeout: float | None = None) -> T:
+        return await call_blocking(fn, timeout or self.call_timeout, f"{self.uri}: {what}")
+
+    async def lookup(self, name: str) -> Any:
+        """The domain called ``name`` (a UUID string works too)."""
+        lv = require_libvirt()
+
+        def find() -> Any:
+            try:
+                return self.conn.lookupByName(name)
+            except lv.libvirtError as exc:
+                if exc.get_error_code() != lv.VIR_ERR_NO_DOMAIN:
+                    raise
+            try:
+                return self.conn.lookupByUUIDString(name)
+            except lv.libvirtError as exc:
+                if exc.get_error_code() in (lv.VIR_ERR_NO_DOMAIN, lv.VIR_ERR_INVALID_ARG):
+                    return None
+                raise
+
+        dom = await self.call(find, f"look up domain {name}")
+        if dom is None:
+            raise DomainNotFoundError(f"no domain {name!r} on {self.uri}")
+        return dom
+
+    def _register(self, dom: Any, event_id: int, callback: Any, stream: EventStream[Any]) -> None:
+        handle = self.conn.domainEventRegisterAny(dom, event_id, callback, None)
+        stream._deregister = lambda: self.conn.domainEventDeregisterAny(handle)
+        self._streams.append(stream)
+
+    async def graphics_events(self, dom: Any = None) -> EventStream[GraphicsEvent]:
+        """SPICE/VNC client connects, initializations and disconnects as they happen.
+
+        ``dom=None`` subscribes for every domain, including one that does not exist yet (an
+        incoming migration), which is what the destination of a migration needs.
+        """
+        lv = require_libvirt()
+        stream: EventStream[GraphicsEvent] = EventStream(asyncio.get_running_loop())
+
+        def callback(
+            _conn: Any,
+            domain: Any,
+            phase: int,
+            local: dict[str, Any],
+            remote: dict[str, Any],
+            _scheme: str,
+            _subject: Any,
+            _opaque: Any,
+        ) -> None:
+            stream._push(
+                GraphicsEvent(
+                    domain=domain.name(),
+                    phase=GRAPHICS_PHASES.get(phase, str(phase)),
+                    local=_address(local),
+                    remote=_address(remote),
+                    at=time.monotonic(),
+                )
+            )
+
+        await self.call(
+            lambda: self._register(dom, lv.VIR_DOMAIN_EVENT_ID_GRAPHICS, callback, stream),
+            "register graphics events",
+        )
+        return stream
+
+    async def job_completed_events(self, dom: Any) -> EventStream[JobCompletedEvent]:
+        """The statistics of ``dom``'s jobs as each one completes (migration figures)."""
+        lv = require_libvirt()
+        stream: EventStream[JobCompletedEvent] = EventStream(asyncio.get_running_loop())
+
+        def callback(_conn: Any, domain: Any, stats: dict[str, Any], _opaque: Any) -> None:
+            stream._push(JobCompletedEvent(domain.name(), dict(stats), time.monotonic()))
+
+        await self.call(
+            lambda: self._register(dom, lv.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, callback, stream),
+            "register job-completed events",
+        )
+        return stream
+
+
+__all__ = [
+    "Connection",
+    "EventStream",
+    "GraphicsEvent",
+    "JobCompletedEvent",
+    "call_blocking",
+    "ensure_event_loop",
+    "require_libvirt",
+]
