@@ -217,7 +217,20 @@ def test_migrate_begin_with_local_address_prints_nothing(hook_env: Path) -> None
     assert (rc, out, err) == (0, "", "")
     [row] = journal_rows(hook_env)
     assert row.outcome == "ok"
-    assert "local" in row.detail
+    assert row.detail == "unchanged: SPICE listen 127.0.0.1 is local here"
+
+
+def test_migrate_begin_without_any_listen_address_says_so(hook_env: Path) -> None:
+    rc, out, err = call(["guest1", "migrate", "begin", "-"], domain_xml(None, None))
+    assert (rc, out, err) == (0, "", "")
+    [row] = journal_rows(hook_env)
+    assert row.detail.startswith("unchanged: no SPICE listen address in the XML")
+
+
+def test_spice_listen_addresses_are_reported_in_order() -> None:
+    res = rewrite_graphics_listen(domain_xml(FOREIGN, "127.0.0.1"), None, set())
+    assert res.seen == (FOREIGN, "127.0.0.1")
+    assert rewrite_graphics_listen(domain_xml(None, None), NEW, set()).seen == ()
 
 
 @pytest.mark.parametrize(
@@ -422,3 +435,48 @@ def test_self_test(tmp_path: Path) -> None:
     proc = _console(["--self-test"], "", {"SPICE_LIBVIRT_CONFIG": str(cfg)})
     assert proc.returncode == 2
     assert "hook_timeout_s" in proc.stderr
+
+
+@pytest.mark.parametrize("fail_closed", [False, True])
+def test_hard_watchdog_ends_the_process_when_the_soft_deadline_cannot_fire(
+    tmp_path: Path, fail_closed: bool
+) -> None:
+    """SIGALRM blocked (as if stuck in C code): the watchdog thread still ends the hook."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'journal_path = "{tmp_path}/j.sqlite3"\nhook_timeout_s = 0.5\n'
+        f"fail_closed = {str(fail_closed).lower()}\n"
+    )
+    code = (
+        "import signal, sys\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})\n"
+        "sys.argv = ['spice-libvirt-hook', 'g', 'migrate', 'begin', '-']\n"
+        "from spice_libvirt.hook.qemu import main\n"
+        "sys.exit(main())\n"
+    )
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={"PATH": "/usr/bin:/bin", "SPICE_LIBVIRT_CONFIG": str(cfg)},
+    )
+    assert proc.stdin is not None
+    try:
+        proc.wait(timeout=5)  # stdin never closes
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+        proc.stdin.close()
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    out, err = proc.stdout.read(), proc.stderr.read()
+    proc.stdout.close()
+    proc.stderr.close()
+    assert elapsed < 2.0
+    assert proc.returncode == (1 if fail_closed else 0)
+    assert out == b""
+    assert b"hard deadline" in err

@@ -144,11 +144,12 @@ def _process(inv: Invocation, text: str, settings: Settings) -> _Result:
         )
         if res.changes:
             return _Result(res.xml, "rewritten", "; ".join(res.changes), res.name, res.uuid)
-        why = (
-            "no spice_address configured"
-            if settings.spice_address is None
-            else "SPICE listen address is local, unchanged"
-        )
+        if settings.spice_address is None:
+            why = "unchanged: no spice_address configured"
+        elif res.seen:
+            why = f"unchanged: SPICE listen {', '.join(res.seen)} is local here"
+        else:
+            why = "unchanged: no SPICE listen address in the XML (host's spice_listen applies)"
         return _Result(None, "ok", why, res.name, res.uuid)
     if not text.strip():
         # Guest hooks always get XML; tolerate its absence elsewhere (nothing to parse).

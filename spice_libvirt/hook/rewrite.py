@@ -67,6 +67,8 @@ class RewriteResult:
     changes: tuple[str, ...]
     name: str | None
     uuid: str | None
+    #: every SPICE listen address the input carried (attribute and children), for the journal
+    seen: tuple[str, ...] = ()
 
 
 def parse_domain(text: str) -> DomainXML:
@@ -147,8 +149,9 @@ def rewrite_graphics_listen(
     address), but the XML is still parsed, so malformed input is reported all the same.
     """
     dom = parse_domain(text)
+    seen = tuple(spice_listen_addresses(dom))
     if new_address is None:
-        return RewriteResult(None, (), dom.name, dom.uuid)
+        return RewriteResult(None, (), dom.name, dom.uuid, seen)
     keep = {*local_addresses, new_address}
     changes: list[str] = []
     for graphics in dom.root.iterfind("./devices/graphics"):
@@ -166,8 +169,29 @@ def rewrite_graphics_listen(
                 listen.set("address", new_address)
                 changes.append(f"listen address {addr} -> {new_address}")
     if not changes:
-        return RewriteResult(None, (), dom.name, dom.uuid)
-    return RewriteResult(serialize(dom), tuple(changes), dom.name, dom.uuid)
+        return RewriteResult(None, (), dom.name, dom.uuid, seen)
+    return RewriteResult(serialize(dom), tuple(changes), dom.name, dom.uuid, seen)
+
+
+def spice_listen_addresses(dom: DomainXML) -> list[str]:
+    """The distinct addresses in SPICE ``listen`` attributes and address listens, in order.
+
+    Empty when the XML leaves the address to the host's ``spice_listen``: libvirt omits an
+    address that came from ``qemu.conf`` from the XML it migrates.
+    """
+    found: list[str] = []
+    for graphics in dom.root.iterfind("./devices/graphics"):
+        if graphics.get("type") != "spice":
+            continue
+        candidates = [graphics.get("listen")] + [
+            listen.get("address")
+            for listen in graphics.iterfind("listen")
+            if listen.get("type") == "address"
+        ]
+        for c in candidates:
+            if c and c not in found:
+                found.append(c)
+    return found
 
 
 def serialize(dom: DomainXML) -> str:
