@@ -23,21 +23,27 @@ Run: ``.venv/bin/python benchmarks/bench_codec.py [--rounds N] [--messages N] [-
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # run as a script (``python benchmarks/x.py``): make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import cProfile
 import io
 import pstats
 import random
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
-from benchutil import Distribution, Machine, distribution, machine, write_summary
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import BaseModel
 
+from benchmarks.benchutil import Distribution, Machine, distribution, machine, write_summary
 from spice_libvirt.spice.connection import (
     NEED_DATA,
     ClientChannelConnection,

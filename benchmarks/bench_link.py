@@ -24,21 +24,34 @@ Run: ``.venv/bin/python benchmarks/bench_link.py [--rounds N] [--json]``.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # run as a script (``python benchmarks/x.py``): make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import asyncio
 import contextlib
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Literal
 
-from benchutil import Distribution, Machine, append_jsonl, distribution, fmt, machine, write_summary
 from pydantic import BaseModel
-from xclients import RemoteViewer, have_tools, start_viewer, xvfb
 
+from benchmarks.benchutil import (
+    Distribution,
+    Machine,
+    append_jsonl,
+    distribution,
+    fmt,
+    machine,
+    write_summary,
+)
+from benchmarks.xclients import RemoteViewer, have_tools, start_viewer, xvfb
 from spice_libvirt.lab.qemu import QemuGroup, QemuInstance
 from spice_libvirt.qmp import EventStream, QMPConnection, QMPEvent
 from spice_libvirt.report import channel_name
