@@ -144,6 +144,7 @@ def test_inventory_matches_the_vagrantfile() -> None:
         assert m, name
         assert m.group(1) == attrs["ansible_host"]
         assert m.group(2) == attrs["group"]
+        assert attrs["spice_libvirt_lab_ip"] == attrs["ansible_host"]
         if attrs["group"] == "hypervisors":
             assert attrs["spice_libvirt_spice_address"] == attrs["ansible_host"]
     assert set(hosts) == {"hv1", "hv2", "client"}
@@ -234,9 +235,11 @@ def test_vagrantfile_defines_the_lab(tmp_path: Path) -> None:
     for name in ("hv1", "hv2"):
         ip = machines[name]["networks"][0]["opts"]["ip"]
         assert ans["host_vars"][name] == {
-            "ansible_host": ip,
+            "spice_libvirt_lab_ip": ip,
             "spice_libvirt_spice_address": ip,
         }
+    client_ip = machines["client"]["networks"][0]["opts"]["ip"]
+    assert ans["host_vars"]["client"] == {"spice_libvirt_lab_ip": client_ip}
 
 
 # --- ansible-playbook, for real --------------------------------------------------------
