@@ -44,6 +44,14 @@ def register(subparsers: Any) -> None:
         "--tls", action="store_true", help="also listen on TLS ports (lab CA); clients use TLS"
     )
     up.add_argument("--json", action="store_true")
+    up.add_argument(
+        "--libvirt",
+        action="store_true",
+        help="the two-host libvirt lab (namespaces, two libvirtds, a delayed client C)",
+    )
+    up.add_argument(
+        "--client-rtt-ms", type=float, default=0.0, metavar="MS", help="libvirt lab: client RTT"
+    )
     up.set_defaults(handler=_up)
 
     mig = sub.add_parser("migrate", help="migrate to the other side (and re-arm it)")
@@ -54,6 +62,11 @@ def register(subparsers: Any) -> None:
         help="no embedded client: another client (remote-viewer) is the one connected",
     )
     add_common_arguments(mig)
+    mig.add_argument(
+        "--plain",
+        action="store_true",
+        help="libvirt lab: libvirt's own p2p migration without the hold (the baseline)",
+    )
     mig.set_defaults(handler=_migrate)
 
     st = sub.add_parser("status", help="show the lab")
@@ -71,8 +84,21 @@ def _lab(args: argparse.Namespace) -> Any:
     return QemuLab(args.dir)
 
 
+def _libvirt_dir(args: argparse.Namespace) -> Path | None:
+    """The libvirt lab's directory (``<lab dir>/libvirt``) if it holds a libvirt lab."""
+    from spice_libvirt.lab.qemu_lab import default_lab_dir
+
+    path = ((args.dir or default_lab_dir()) / "libvirt").absolute()
+    return path if (path / "state.json").exists() else None
+
+
 def _up(args: argparse.Namespace) -> int:
     from spice_libvirt.lab.qemu_lab import dump, state_summary
+
+    if args.libvirt:
+        from spice_libvirt.libvirt import lab_cli
+
+        return lab_cli.up(args)
 
     state = asyncio.run(_lab(args).up(args.guest, args.memory, tls=args.tls))
     summary = state_summary(state)
@@ -88,6 +114,10 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
+    if (path := _libvirt_dir(args)) is not None:
+        from spice_libvirt.libvirt import lab_cli
+
+        return lab_cli.migrate(args, path)
     reporter = make_reporter(quiet=args.json and not sys.stderr.isatty())
     overrides = request_options(args)
     require = overrides.pop("require_seamless")
@@ -106,6 +136,10 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    if (path := _libvirt_dir(args)) is not None:
+        from spice_libvirt.libvirt import lab_cli
+
+        return lab_cli.status(args, path)
     status = asyncio.run(_lab(args).status())
     if args.json:
         print(status.model_dump_json(indent=1))
@@ -125,6 +159,11 @@ def _status(args: argparse.Namespace) -> int:
 
 def _down(args: argparse.Namespace) -> int:
     import json
+
+    if (path := _libvirt_dir(args)) is not None:
+        from spice_libvirt.libvirt import lab_cli
+
+        return lab_cli.down(args, path)
 
     stopped = asyncio.run(_lab(args).down())
     if args.json:

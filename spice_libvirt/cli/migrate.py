@@ -145,6 +145,9 @@ def register(subparsers: Any) -> None:
     client.add_argument("--client-tls-port", type=int, metavar="PORT")
     client.add_argument("--cert-subject", metavar="DN", help="destination certificate subject")
     add_common_arguments(parser)
+    from spice_libvirt.libvirt import migrate_form
+
+    migrate_form.add_arguments(parser)
     parser.set_defaults(handler=_dispatch)
 
 
@@ -152,7 +155,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     for applies, handler in FORMS:
         if applies(args):
             return handler(args)
-    raise ConfigError("migrate: give --qmp-src and --qmp-dst (bare QEMU)")
+    raise ConfigError(
+        "migrate: give DOMAIN --to URI (libvirt) or --qmp-src and --qmp-dst (bare QEMU)"
+    )
 
 
 async def _destination_spice(address: str) -> tuple[str | None, int | None, int | None]:
@@ -199,3 +204,12 @@ def _migrate_qmp(args: argparse.Namespace) -> int:
 
 
 FORMS.append((lambda args: bool(args.qmp_src), _migrate_qmp))
+
+
+def _migrate_libvirt(args: argparse.Namespace) -> int:
+    from spice_libvirt.libvirt import migrate_form
+
+    return migrate_form.run(args)
+
+
+FORMS.append((lambda args: bool(args.domain or args.to), _migrate_libvirt))

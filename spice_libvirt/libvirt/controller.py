@@ -169,7 +169,9 @@ def _spice_clients(reply: dict[str, Any]) -> dict[int, set[tuple[int, int]]]:
         cid = ch.get("connection-id")
         if cid is None:
             continue
-        out.setdefault(int(cid), set()).add((int(ch["channel-type"]), int(ch["channel-id"])))
+        # QEMU prints the 32-bit id signed; the SPICE wire (and our client) carries it unsigned
+        key = int(cid) & 0xFFFFFFFF
+        out.setdefault(key, set()).add((int(ch["channel-type"]), int(ch["channel-id"])))
     return out
 
 

@@ -1,0 +1,106 @@
+"""The libvirt form of ``spice-libvirt migrate``: ``migrate DOMAIN --to URI``.
+
+Kept apart from :mod:`spice_libvirt.cli.migrate` (the QMP form) so that the command line
+of the bare-QEMU path does not import libvirt; ``cli.migrate`` registers these options and
+appends :func:`applies` / :func:`run` to its forms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any
+
+from spice_libvirt.errors import ConfigError
+from spice_libvirt.progress import make_reporter
+
+HOLD_CHOICES = ("auto", "qmp", "libvirt", "none")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("libvirt (migrate DOMAIN --to URI)")
+    group.add_argument("domain", nargs="?", metavar="DOMAIN", help="domain name or UUID")
+    group.add_argument("--to", metavar="URI", help="destination, e.g. qemu+tcp://HOST/system")
+    group.add_argument(
+        "--from",
+        dest="from_uri",
+        default="qemu:///system",
+        metavar="URI",
+        help="source libvirt (qemu:///system)",
+    )
+    group.add_argument(
+        "--to-connect",
+        metavar="URI",
+        help="how this machine reaches the destination libvirtd, if not as --to",
+    )
+    group.add_argument(
+        "--graphics-uri", metavar="URI", help="spice://host[:port][?tlsPort=P&tlsSubject=DN]"
+    )
+    group.add_argument(
+        "--plain",
+        action="store_true",
+        help="libvirt's own migration, no hold (the baseline; the verdict is still taken)",
+    )
+    group.add_argument(
+        "--hold",
+        choices=HOLD_CHOICES,
+        default="auto",
+        help="how to hold the switchover until the client linked (auto = QMP throttle)",
+    )
+    group.add_argument(
+        "--release-margin-ms",
+        type=float,
+        default=100.0,
+        metavar="MS",
+        help="added after the client's estimated answer time (100)",
+    )
+
+
+def applies(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "domain", None) or getattr(args, "to", None))
+
+
+def request_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """Request fields the shared ``migrate`` options set, in the libvirt form's terms."""
+    return {
+        "require_seamless": args.require_seamless,
+        "hold": args.hold if args.wait_client else "none",
+        "hold_timeout": args.link_timeout,
+        "release_margin_ms": args.release_margin_ms,
+        "completion_timeout": args.timeout,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from spice_libvirt.cli.migrate import exit_code_for, print_report
+    from spice_libvirt.libvirt.controller import LibvirtMigrationRequest, migrate_libvirt
+
+    if not args.domain or not args.to:
+        raise ConfigError("migrate: the libvirt form needs DOMAIN and --to URI")
+    try:
+        request = LibvirtMigrationRequest(
+            domain=args.domain,
+            source_uri=args.from_uri,
+            destination_uri=args.to,
+            destination_connect_uri=args.to_connect,
+            graphics_uri=args.graphics_uri,
+            plain=args.plain,
+            **request_fields(args),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"migrate: {exc}") from exc
+    reporter = make_reporter(quiet=args.json and not sys.stderr.isatty())
+    report = asyncio.run(migrate_libvirt(request, None, reporter))
+    print_report(report, args.json)
+    if not args.json:
+        print_hold(report)
+    return int(exit_code_for(report))
+
+
+def print_hold(report: Any) -> None:
+    hold = report.hold
+    print(
+        f"hold: {hold.applied} ({hold.reason}); released after {hold.released_after_ms} ms: "
+        f"{hold.release_reason}; migrateToURI3 {report.wall_ms} ms"
+    )
