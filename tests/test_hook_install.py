@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import stat
 import subprocess
 import time
@@ -285,3 +287,24 @@ def test_cli_journal_uses_the_configured_path(
     cfg.write_text("nonsense = 1\n")
     assert cli_main(["journal"]) == 2
     assert "nonsense: unknown key" in capsys.readouterr().err
+
+
+def test_status_reports_the_libvirt_version(tmp_path: Path) -> None:
+    st = hi.status(tmp_path / "hooks")
+    if shutil.which("libvirtd", path="/usr/sbin:/usr/bin") is None:
+        pytest.skip("libvirtd not installed")
+    assert st.libvirt_version is not None
+    assert re.fullmatch(r"\d+\.\d+(\.\d+)?", st.libvirt_version)
+    assert st.qemu_d_supported is True  # Debian 12 has 9.0
+    assert (
+        hi.HookStatus.model_validate(
+            {**st.model_dump(), "libvirt_version": "6.4.0"}
+        ).qemu_d_supported
+        is False
+    )
+    assert (
+        hi.HookStatus.model_validate(
+            {**st.model_dump(), "libvirt_version": "6.5.0"}
+        ).qemu_d_supported
+        is True
+    )

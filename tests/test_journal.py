@@ -122,3 +122,18 @@ def test_foreign_schema_version_is_refused(tmp_path: Path) -> None:
 def test_max_rows_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="max_rows"):
         Journal(tmp_path / "j.sqlite3", max_rows=0)
+
+
+def test_file_size_stays_bounded(tmp_path: Path) -> None:
+    """Deleted rows' pages are reused and the WAL is capped: bytes stay bounded too."""
+    path = tmp_path / "j.sqlite3"
+    j = Journal(path, max_rows=50)
+    sizes = []
+    for round_ in range(4):
+        for i in range(300):
+            j.record(_entry(round_ * 1000 + i))
+        wal = path.with_name(path.name + "-wal")
+        sizes.append(path.stat().st_size + (wal.stat().st_size if wal.exists() else 0))
+    assert j.count() == 50
+    assert sizes[-1] <= sizes[0] * 1.5
+    assert path.stat().st_size < 256 * 1024

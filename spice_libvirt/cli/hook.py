@@ -79,6 +79,7 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         data = st.model_dump(mode="json")
         data["installed"] = st.installed
+        data["qemu_d_supported"] = st.qemu_d_supported
         print(json.dumps(data, indent=2))
         return int(ExitCode.OK)
     if st.installed:
@@ -97,4 +98,10 @@ def _status(args: argparse.Namespace) -> int:
         print(f"foreign hook: none at {st.hooks_dir / 'qemu'}")
     if st.other_scripts:
         print("other qemu.d scripts: " + ", ".join(st.other_scripts))
+    if st.libvirt_version is None:
+        print("libvirt: daemon not found (qemu.d/ needs libvirt >= 6.5)")
+    elif st.qemu_d_supported is False:
+        print(f"libvirt: {st.libvirt_version}: TOO OLD, qemu.d/ hooks need libvirt >= 6.5")
+    else:
+        print(f"libvirt: {st.libvirt_version} (runs qemu.d/ hooks)")
     return int(ExitCode.OK)

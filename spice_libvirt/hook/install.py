@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
+import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -34,6 +37,31 @@ SHIM_NAME = "50-spice-libvirt"
 #: The second line of every shim we write; it is how we recognise our own file.
 MARKER = "# spice-libvirt: libvirt qemu hook shim"
 RESTART_HINT = "restart libvirtd (or virtqemud) to load the hook"
+#: The libvirt version that introduced ``hooks/qemu.d/``.
+QEMU_D_SINCE = (6, 5)
+_VERSION_RE = re.compile(r"\b(\d+\.\d+(?:\.\d+)?)\s*$")
+
+
+def libvirt_daemon_version(timeout: float = 5.0) -> str | None:
+    """The version ``virtqemud --version`` or ``libvirtd --version`` reports, if either exists.
+
+    Asking the daemon binary (not the libvirt API) works without a running daemon and
+    without libvirt-python.
+    """
+    for daemon in ("virtqemud", "libvirtd"):
+        exe = shutil.which(daemon) or shutil.which(daemon, path="/usr/sbin:/sbin")
+        if exe is None:
+            continue
+        try:
+            proc = subprocess.run(
+                [exe, "--version"], capture_output=True, text=True, timeout=timeout, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        m = _VERSION_RE.search(proc.stdout.strip())
+        if proc.returncode == 0 and m:
+            return m.group(1)
+    return None
 
 
 class HookStatus(BaseModel):
@@ -55,6 +83,19 @@ class HookStatus(BaseModel):
     foreign_qemu_hook: bool
     #: other scripts in ``qemu.d``, in the order libvirt runs them
     other_scripts: list[str]
+    #: version of the local libvirt daemon (``libvirtd --version``), None if not found
+    libvirt_version: str | None = None
+
+    @property
+    def qemu_d_supported(self) -> bool | None:
+        """libvirt runs ``qemu.d/`` scripts since 6.5.0; None when the version is unknown."""
+        if self.libvirt_version is None:
+            return None
+        try:
+            parts = tuple(int(p) for p in self.libvirt_version.split(".")[:2])
+        except ValueError:
+            return None
+        return parts >= QEMU_D_SINCE
 
     @property
     def installed(self) -> bool:
@@ -147,6 +188,7 @@ def status(hooks_dir: Path = DEFAULT_HOOKS_DIR) -> HookStatus:
         config=config,
         foreign_qemu_hook=(hooks_dir / "qemu").exists(),
         other_scripts=others,
+        libvirt_version=libvirt_daemon_version(),
     )
 
 
