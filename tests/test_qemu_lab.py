@@ -21,6 +21,7 @@ import pytest
 
 from spice_libvirt.exitcodes import ExitCode
 from spice_libvirt.lab.qemu_lab import QemuLab
+from spice_libvirt.spice.client import ClientOptions, SpiceClient
 
 pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("require_kvm")]
 
@@ -185,5 +186,24 @@ async def test_tls_lab_sends_the_client_to_the_tls_port_with_the_subject(lab: Pa
         assert client.tls_before is True
         assert client.tls_after is True
         assert client.connection_id_kept
+    finally:
+        await qemu_lab.down()
+
+
+async def test_a_connected_viewer_is_not_kicked_out_by_our_client(lab: Path) -> None:
+    """spice-server keeps one client per VM: with one connected, ours must stay away."""
+    qemu_lab = QemuLab(lab)
+    state = await qemu_lab.up("firmware")
+    try:
+        src = state.sides[state.source]
+        async with SpiceClient(ClientOptions(host="127.0.0.1", port=src.spice_port)) as viewer:
+            report = await qemu_lab.migrate()  # watch by default
+            assert report.outcome == "seamless", report.model_dump_json(indent=1)
+            [client] = report.clients
+            assert client.kind == "external"
+            assert client.connection_id_before == viewer.session_id
+            assert any("already connected" in n for n in report.notes)
+            record = await viewer.next_migration(5)
+            assert record.path == "seamless"  # the viewer itself followed, undisturbed
     finally:
         await qemu_lab.down()

@@ -505,8 +505,19 @@ class QemuLab:
                 **(request_overrides or {}),
             )
             report: MigrationReport
+            other = await _connected_client(src) if witness is None and watch else None
+            if other is not None:
+                # spice-server runs one client per VM: linking ours would disconnect the
+                # one the user is watching. Migrate theirs and judge it from QMP instead.
+                watch = False
             if witness is not None or not watch:
                 report = await migrate_qemu(request, witness, reporter)
+                if other is not None:
+                    report.notes.append(
+                        f"a SPICE client (connection id {other}) was already connected to the "
+                        "source: the embedded client was not attached (it would have replaced "
+                        "it); verdict from QMP"
+                    )
             else:
                 async with embedded_client(src, state.tls) as client:
                     if client is None:
@@ -556,6 +567,16 @@ class QemuLab:
             )
         state.last_outcome = report.outcome
         self._save(state)
+
+
+async def _connected_client(side: SideState) -> int | None:
+    """The connection id of a SPICE client connected to ``side``, if any."""
+    async with QMPConnection.open(side.qmp_path, timeout=5) as qmp:
+        spice = await qmp.execute("query-spice", timeout=5)
+    for channel in spice.get("channels", []):
+        if "connection-id" in channel:
+            return int(channel["connection-id"]) & 0xFFFFFFFF
+    return None
 
 
 async def _is_incoming(side: SideState) -> bool:
