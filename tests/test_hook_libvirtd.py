@@ -432,6 +432,7 @@ def test_fail_closed_hook_stops_a_start_with_one_logged_line(single: Host) -> No
         timeout=120,
         check=False,
     )
+    print(f"libvirt says: {proc.stderr.strip()}")
     assert proc.returncode != 0
     assert "spice-libvirt-hook: h4closed prepare begin: journal" in proc.stderr
     assert h.virsh("domstate", "h4closed").strip() == "shut off"

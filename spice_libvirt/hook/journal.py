@@ -96,7 +96,13 @@ class Journal:
     @contextlib.contextmanager
     def _connect(self, *, create: bool) -> Iterator[sqlite3.Connection]:
         if create:
-            self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise HookError(
+                    f"journal {self.path}: cannot create directory {self.path.parent}: "
+                    f"{exc.strerror or exc}"
+                ) from exc
             uri = f"file:{self.path}?mode=rwc"
         else:
             uri = f"file:{self.path}?mode=ro"
