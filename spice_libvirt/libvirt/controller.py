@@ -152,7 +152,7 @@ class LibvirtMigrationReport(MigrationReport):
     tainted: bool = False
 
 
-def _spice_graphics(xml: str) -> tuple[str | None, int | None, int | None] | None:
+def spice_graphics(xml: str) -> tuple[str | None, int | None, int | None] | None:
     """(listen, port, tls_port) of the domain's first SPICE graphics, None if it has none."""
     root = ET.fromstring(xml)
     node = root.find("./devices/graphics[@type='spice']")
@@ -326,7 +326,7 @@ class LibvirtMigrationController:
                 f"domain {name} is not running on {src.uri} (state {state}); nothing was changed"
             )
         xml = await src.call(dom.XMLDesc, "domain XML")
-        spice = _spice_graphics(xml)
+        spice = spice_graphics(xml)
         if spice is None or (spice[1] is None and spice[2] is None):
             raise PreflightError(
                 f"domain {name} has no SPICE graphics with a port; "

@@ -1,0 +1,151 @@
+"""The Python API for management tools: one call per job, a report model back.
+
+oVirt/VDSM-style callers want neither a command line nor asyncio: :func:`migrate_domain`
+and :func:`evacuate_host` block until done and return the pydantic reports the CLI prints
+with ``--json`` (same fields, same outcomes). Errors are the typed tree of
+:mod:`spice_libvirt.errors`; :func:`spice_libvirt.exitcodes.for_error` maps them to the
+documented exit codes. Async callers use the ``*_async`` variants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from spice_libvirt.libvirt.controller import (
+    HoldPolicy,
+    LibvirtMigrationReport,
+    LibvirtMigrationRequest,
+    migrate_libvirt,
+)
+from spice_libvirt.libvirt.evacuate import EvacuationReport, evacuate
+from spice_libvirt.progress import ProgressReporter
+
+
+async def migrate_domain_async(
+    domain: str,
+    to: str,
+    *,
+    source_uri: str = "qemu:///system",
+    to_connect: str | None = None,
+    graphics_uri: str | None = None,
+    plain: bool = False,
+    hold: HoldPolicy = "auto",
+    require_seamless: bool = False,
+    reporter: ProgressReporter | None = None,
+    **options: Any,
+) -> LibvirtMigrationReport:
+    """See :func:`migrate_domain`."""
+    request = LibvirtMigrationRequest(
+        domain=domain,
+        source_uri=source_uri,
+        destination_uri=to,
+        destination_connect_uri=to_connect,
+        graphics_uri=graphics_uri,
+        plain=plain,
+        hold=hold,
+        require_seamless=require_seamless,
+        **options,
+    )
+    return await migrate_libvirt(request, None, reporter)
+
+
+def migrate_domain(
+    domain: str,
+    to: str,
+    *,
+    source_uri: str = "qemu:///system",
+    to_connect: str | None = None,
+    graphics_uri: str | None = None,
+    plain: bool = False,
+    hold: HoldPolicy = "auto",
+    require_seamless: bool = False,
+    reporter: ProgressReporter | None = None,
+    **options: Any,
+) -> LibvirtMigrationReport:
+    """Live-migrate ``domain`` from ``source_uri`` to ``to`` (peer to peer), seamlessly for
+    its SPICE client, and return the verdict.
+
+    ``to`` is the destination as the source libvirtd reaches it (``qemu+tcp://HOST/system``);
+    ``to_connect`` is how *this* process reaches the destination libvirtd, when different.
+    ``options`` are further :class:`~spice_libvirt.libvirt.controller.LibvirtMigrationRequest`
+    fields (``hold_timeout``, ``release_margin_ms``, ``completion_timeout``, ...).
+
+    :raise LibvirtConnectError: a libvirtd is unreachable (exit code 3)
+    :raise DomainNotFoundError: no such domain (exit code 9)
+    :raise PreflightError: not running, no SPICE, incompatible destination (exit code 7;
+        nothing was changed)
+    A migration that fails is reported (``outcome`` failed/cancelled, ``source_resumed``).
+    """
+    return asyncio.run(
+        migrate_domain_async(
+            domain,
+            to,
+            source_uri=source_uri,
+            to_connect=to_connect,
+            graphics_uri=graphics_uri,
+            plain=plain,
+            hold=hold,
+            require_seamless=require_seamless,
+            reporter=reporter,
+            **options,
+        )
+    )
+
+
+async def evacuate_host_async(
+    from_uri: str,
+    to: str,
+    *,
+    to_connect: str | None = None,
+    parallel: int = 1,
+    domains: list[str] | None = None,
+    reporter: ProgressReporter | None = None,
+    **options: Any,
+) -> EvacuationReport:
+    """See :func:`evacuate_host`."""
+    return await evacuate(
+        from_uri,
+        to,
+        destination_connect_uri=to_connect,
+        parallel=parallel,
+        domains=domains,
+        options=options,
+        reporter=reporter,
+    )
+
+
+def evacuate_host(
+    from_uri: str,
+    to: str,
+    *,
+    to_connect: str | None = None,
+    parallel: int = 1,
+    domains: list[str] | None = None,
+    reporter: ProgressReporter | None = None,
+    **options: Any,
+) -> EvacuationReport:
+    """Migrate every running SPICE domain off ``from_uri`` to ``to``, ``parallel`` at a time;
+    one verdict per domain (:class:`~spice_libvirt.libvirt.evacuate.EvacuationReport`).
+
+    :raise LibvirtConnectError: the source libvirtd is unreachable (nothing was touched)
+    """
+    return asyncio.run(
+        evacuate_host_async(
+            from_uri,
+            to,
+            to_connect=to_connect,
+            parallel=parallel,
+            domains=domains,
+            reporter=reporter,
+            **options,
+        )
+    )
+
+
+__all__ = [
+    "evacuate_host",
+    "evacuate_host_async",
+    "migrate_domain",
+    "migrate_domain_async",
+]

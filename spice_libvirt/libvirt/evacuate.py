@@ -1,0 +1,173 @@
+"""Host evacuation: migrate every running SPICE domain off a host, a verdict for each.
+
+Maintenance empties a host; every desktop on it must follow seamlessly. The domains are
+migrated through :func:`~spice_libvirt.libvirt.controller.migrate_libvirt` (each with its
+own hold and release), ``parallel`` at a time. One domain failing never stops the others:
+its error is recorded (the domain stays on the source) and the rest go on. Domains without
+SPICE graphics are listed as skipped -- they are not ours to move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from spice_libvirt import errors
+from spice_libvirt.exitcodes import ExitCode, for_error
+from spice_libvirt.libvirt.connection import Connection, require_libvirt
+from spice_libvirt.libvirt.controller import (
+    LibvirtMigrationReport,
+    LibvirtMigrationRequest,
+    spice_graphics,
+    migrate_libvirt,
+)
+from spice_libvirt.progress import ProgressReporter
+
+
+class DomainResult(BaseModel):
+    domain: str
+    outcome: str = Field(description="the report's outcome, or 'failed' when it raised")
+    exit_code: int
+    report: LibvirtMigrationReport | None = None
+    error: str | None = None
+    error_type: str | None = None
+
+
+class SkippedDomain(BaseModel):
+    domain: str
+    reason: str
+
+
+class EvacuationReport(BaseModel):
+    source_uri: str
+    destination_uri: str
+    started_at: dt.datetime
+    duration_ms: float = 0.0
+    parallel: int
+    domains: list[DomainResult] = Field(default_factory=list)
+    skipped: list[SkippedDomain] = Field(default_factory=list)
+    #: outcome -> number of domains
+    counts: dict[str, int] = Field(default_factory=dict)
+    all_seamless: bool = False
+
+    def exit_code(self) -> ExitCode:
+        """The worst domain's code: failures over non-seamless over OK."""
+        codes = [ExitCode(d.exit_code) for d in self.domains]
+        if not codes:
+            return ExitCode.OK
+        worst = [c for c in codes if c not in (ExitCode.OK, ExitCode.NOT_SEAMLESS)]
+        if worst:
+            return worst[0]
+        return ExitCode.NOT_SEAMLESS if ExitCode.NOT_SEAMLESS in codes else ExitCode.OK
+
+
+def _exit_code_for_report(report: LibvirtMigrationReport) -> ExitCode:
+    if report.outcome in ("seamless", "no-client"):
+        return ExitCode.OK
+    if report.migration.status == "completed":
+        return ExitCode.NOT_SEAMLESS
+    return ExitCode.MIGRATION_FAILED
+
+
+async def spice_domains(
+    source_uri: str, timeout: float = 15.0
+) -> tuple[list[str], list[SkippedDomain]]:
+    """Running domains on ``source_uri`` with SPICE graphics, and the ones skipped (why)."""
+    lv = require_libvirt()
+    async with await Connection.open(source_uri, timeout=timeout) as conn:
+        doms = await conn.call(
+            lambda: conn.conn.listAllDomains(lv.VIR_CONNECT_LIST_DOMAINS_ACTIVE), "list domains"
+        )
+        chosen: list[str] = []
+        skipped: list[SkippedDomain] = []
+        for dom in doms:
+            name = await conn.call(dom.name, "domain name")
+            state = (await conn.call(dom.state, f"state of {name}"))[0]
+            if state != lv.VIR_DOMAIN_RUNNING:
+                skipped.append(SkippedDomain(domain=name, reason=f"not running (state {state})"))
+                continue
+            spice = spice_graphics(await conn.call(dom.XMLDesc, f"XML of {name}"))
+            if spice is None or (spice[1] is None and spice[2] is None):
+                skipped.append(SkippedDomain(domain=name, reason="no SPICE graphics"))
+                continue
+            chosen.append(name)
+    return sorted(chosen), skipped
+
+
+async def evacuate(
+    source_uri: str,
+    destination_uri: str,
+    *,
+    destination_connect_uri: str | None = None,
+    parallel: int = 1,
+    domains: list[str] | None = None,
+    options: dict[str, Any] | None = None,
+    reporter: ProgressReporter | None = None,
+) -> EvacuationReport:
+    """Migrate every running SPICE domain (or ``domains``) from source to destination.
+
+    :raise LibvirtConnectError: the source libvirtd is unreachable (nothing was touched)
+    :raise ConfigError: ``parallel`` < 1
+    Per-domain failures are in the report, never raised.
+    """
+    if parallel < 1:
+        raise errors.ConfigError("evacuate: --parallel must be at least 1")
+    t0 = time.monotonic()
+    report = EvacuationReport(
+        source_uri=source_uri,
+        destination_uri=destination_uri,
+        started_at=dt.datetime.now(dt.UTC),
+        parallel=parallel,
+    )
+    found, report.skipped = await spice_domains(source_uri)
+    names = found if domains is None else [d for d in domains if d in found]
+    if domains is not None:
+        report.skipped += [
+            SkippedDomain(domain=d, reason="not a running SPICE domain on the source")
+            for d in domains
+            if d not in found
+        ]
+    gate = asyncio.Semaphore(parallel)
+
+    async def one(name: str) -> DomainResult:
+        async with gate:
+            try:
+                request = LibvirtMigrationRequest(
+                    domain=name,
+                    source_uri=source_uri,
+                    destination_uri=destination_uri,
+                    destination_connect_uri=destination_connect_uri,
+                    **(options or {}),
+                )
+                result = await migrate_libvirt(request, None, reporter)
+            except errors.SpiceLibvirtError as exc:
+                return DomainResult(
+                    domain=name,
+                    outcome="failed",
+                    exit_code=int(for_error(exc)),
+                    error=str(exc),
+                    error_type=type(exc).__name__,
+                )
+            return DomainResult(
+                domain=name,
+                outcome=result.outcome,
+                exit_code=int(_exit_code_for_report(result)),
+                report=result,
+                error=result.error,
+            )
+
+    report.domains = list(await asyncio.gather(*(one(n) for n in names)))
+    for d in report.domains:
+        report.counts[d.outcome] = report.counts.get(d.outcome, 0) + 1
+    report.all_seamless = bool(report.domains) and all(
+        d.outcome in ("seamless", "no-client") for d in report.domains
+    )
+    report.duration_ms = round((time.monotonic() - t0) * 1000.0, 3)
+    return report
+
+
+__all__ = ["DomainResult", "EvacuationReport", "SkippedDomain", "evacuate", "spice_domains"]
