@@ -10,6 +10,7 @@ import asyncio
 import os
 import shutil
 import signal
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +66,20 @@ def _assert_gone(state: LabState, procs: list[netns.ProcRef], before: list[str])
     assert not (netns.NETNS_ETC_DIR / state.client.netns).exists()
     assert not state.run_dir.exists()
     assert libvirt_lab.load_state(state.lab_dir) is None
+
+
+def _embedded_client_channels(state: LabState, host: str, port: int) -> list[str]:
+    """Link the embedded SPICE client from namespace C; return the channels it linked."""
+
+    async def link() -> list[str]:
+        client = SpiceClient(ClientOptions(host=host, port=port, link_timeout=10))
+        await client.connect()
+        try:
+            return client.channels
+        finally:
+            await client.close()
+
+    return netns.call_in(state.client.netns, lambda: asyncio.run(link()), timeout=60)
 
 
 def _follow_one_migration(
@@ -166,14 +181,20 @@ def test_up_status_rtt_migrate_ping_pong_down(lab: Path) -> None:
     a_to_b = netns.tcp_connect_ms(state.hosts["A"].config.netns, state.hosts["B"].config.ip, 16509)
     assert a_to_b < 5
 
-    # A -> B with the embedded client in namespace C following the guest
-    record, first = _follow_one_migration(state, lab, st.spice.address, st.spice.port)
+    # the embedded client links every channel from namespace C, through the delayed link
+    channels = _embedded_client_channels(state, st.spice.address, st.spice.port)
+    assert {"main:0", "display:0", "inputs:0", "cursor:0"} <= set(channels)
+    assert any(c.startswith("port:") for c in channels)  # the spiceport stream channel
+
+    # A -> B, plain libvirt p2p driven from the root namespace over the UNIX socket
+    first = libvirt_lab.migrate(lab)
     assert (first.source, first.destination, first.ok) == ("A", "B", True)
+    assert first.spice_before == st.spice
     assert first.spice_after is not None
     assert first.spice_after.address == state.hosts["B"].config.ip
-    assert record.path in ("seamless", "semi-seamless", "switch-host"), record
-    assert record.destination == f"{first.spice_after.address}:{first.spice_after.port}"
     assert libvirt_lab.status(lab).active_host == "B"
+    after = _embedded_client_channels(state, first.spice_after.address, first.spice_after.port)
+    assert set(after) == set(channels)
 
     # ping-pong: B -> A, then A -> B again
     second = libvirt_lab.migrate(lab)
@@ -286,3 +307,94 @@ def test_bad_input_is_refused_before_anything_starts(lab: Path) -> None:
     with pytest.raises(LabError, match="unreadable"):
         libvirt_lab.status(lab)
     (lab / libvirt_lab.STATE_FILE).unlink()
+
+
+def test_embedded_client_in_c_follows_a_migration(lab: Path) -> None:
+    """The embedded client, living in namespace C, follows the guest from A to B.
+
+    Plain p2p migration does not wait for the client, so the path may be seamless or a
+    switch-host fallback; either way the client must end up on B with its channels.
+    """
+    state = libvirt_lab.up(lab, client_rtt_ms=0)
+    spice = libvirt_lab.status(lab).spice
+    assert spice is not None
+    record, result = _follow_one_migration(state, lab, spice.address, spice.port)
+    assert (result.source, result.destination) == ("A", "B")
+    assert result.spice_after is not None
+    assert record.path in ("seamless", "semi-seamless", "switch-host"), record
+    assert record.destination == f"{result.spice_after.address}:{result.spice_after.port}"
+    assert "display:0" in record.channels_after
+
+
+def _established(ns: str, address: str, port: int) -> int:
+    out = netns.run_in(ns, ["ss", "-tnH", "state", "established"]).stdout
+    return sum(1 for line in out.splitlines() if f"{address}:{port}" in line.split()[-1:])
+
+
+@pytest.mark.skipif(
+    shutil.which("remote-viewer") is None or shutil.which("Xvfb") is None,
+    reason="remote-viewer and Xvfb are needed",
+)
+def test_remote_viewer_in_c_follows_the_guest(lab: Path, lab_dir: Path) -> None:
+    """remote-viewer started in C by lab hostname stays connected across A -> B."""
+    state = libvirt_lab.up(lab, client_rtt_ms=0)
+    spice = libvirt_lab.status(lab).spice
+    assert spice is not None
+    read_fd, write_fd = os.pipe()
+    xvfb = subprocess.Popen(
+        ["Xvfb", "-displayfd", str(write_fd), "-nolisten", "tcp", "-screen", "0", "800x600x24"],
+        pass_fds=(write_fd,),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(write_fd)
+    viewer: subprocess.Popen[bytes] | None = None
+    try:
+        with os.fdopen(read_fd) as fh:
+            display = fh.readline().strip()
+        assert display.isdigit()
+        log = open(lab_dir / "viewer.log", "wb")  # noqa: SIM115 - closed below
+        viewer = subprocess.Popen(
+            netns.exec_argv(
+                state.client.netns,
+                [
+                    "env",
+                    f"DISPLAY=:{display}",
+                    "SPICE_DEBUG=1",
+                    "remote-viewer",
+                    f"spice://hostA:{spice.port}",  # resolved via /etc/netns/<C>/hosts
+                ],
+            ),
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+        a, b = state.hosts["A"].config.ip, state.hosts["B"].config.ip
+        netns.wait_for(
+            lambda: _established(state.client.netns, a, spice.port) >= 4,
+            timeout=30,
+            what="remote-viewer to link its channels to A",
+        )
+        result = libvirt_lab.migrate(lab)
+        assert result.spice_after is not None
+        port_b = result.spice_after.port
+        netns.wait_for(
+            lambda: (
+                _established(state.client.netns, b, port_b) >= 4
+                and _established(state.client.netns, a, spice.port) == 0
+            ),
+            timeout=30,
+            what="remote-viewer to move to B",
+        )
+        assert viewer.poll() is None, "remote-viewer exited"
+        text = (lab_dir / "viewer.log").read_text(errors="replace")
+        assert "migrate" in text  # spice-gtk logged a migration path
+    finally:
+        for proc in (viewer, xvfb):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
