@@ -45,10 +45,10 @@ from pydantic import BaseModel
 from benchmarks.benchutil import (
     Distribution,
     Machine,
-    append_jsonl,
     distribution,
     fmt,
     machine,
+    write_jsonl,
     write_summary,
 )
 from benchmarks.xclients import RemoteViewer, have_tools, start_viewer, xvfb
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"missing tools: {', '.join(missing)} (apt-get install xvfb virt-viewer)")
         return 2
     summary = asyncio.run(run(args.rounds, args.keep))
-    append_jsonl("link-rounds", [r.model_dump() for r in summary.samples])
+    write_jsonl("link-rounds", [r.model_dump() for r in summary.samples])
     path = write_summary("link", summary)
     if args.json:
         print(summary.model_dump_json(indent=1))

@@ -2,9 +2,8 @@
 
 The scripts run as ``.venv/bin/python benchmarks/<name>.py``, so this module is imported
 by its file name (the script's directory is first on ``sys.path``). Results are small
-summaries committed under ``benchmarks/results/``; raw samples stay in the JSON a script
-prints with ``--json`` (and in the JSON-lines file it writes) so a reader can recompute
-any figure.
+summaries committed under ``benchmarks/results/``, with the last run's raw rows as JSON
+lines next to them, so a reader can recompute any figure.
 """
 
 from __future__ import annotations
@@ -128,11 +127,12 @@ def write_summary(name: str, summary: BaseModel) -> Path:
     return path
 
 
-def append_jsonl(name: str, rows: Sequence[dict[str, Any]]) -> Path:
-    """Append raw per-round rows to ``benchmarks/results/<name>.jsonl``."""
+def write_jsonl(name: str, rows: Sequence[dict[str, Any]]) -> Path:
+    """Raw per-round rows of the last run to ``benchmarks/results/<name>.jsonl`` (overwritten,
+    so that the file always matches the summary next to it)."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.jsonl"
-    with path.open("a") as handle:
+    with path.open("w") as handle:
         for row in rows:
             handle.write(json.dumps(row, default=str, sort_keys=True) + "\n")
     return path
