@@ -22,7 +22,7 @@ from spice_libvirt.lab import libvirt_lab, netns
 from spice_libvirt.lab.libvirt_host import LibvirtHost
 from spice_libvirt.lab.libvirt_lab import LabState
 from spice_libvirt.spice.client import ClientOptions, SpiceClient
-from spice_libvirt.spice.record import ClientMigrationRecord
+from spice_libvirt.spice.record import ClientMigrationRecord, StreamStats
 
 libvirt = pytest.importorskip("libvirt")
 
@@ -80,6 +80,22 @@ def _embedded_client_channels(state: LabState, host: str, port: int) -> list[str
             await client.close()
 
     return netns.call_in(state.client.netns, lambda: asyncio.run(link()), timeout=60)
+
+
+def _stream_stats(state: LabState, host: str, port: int, seconds: float) -> StreamStats:
+    """Read the guest's record stream from namespace C for a while; its continuity."""
+
+    async def read() -> StreamStats:
+        client = SpiceClient(ClientOptions(host=host, port=port, link_timeout=10))
+        await client.connect()
+        try:
+            await client.port_stream(libvirt_lab.PORT_CHANNEL, timeout=10)
+            await asyncio.sleep(seconds)
+            return client.stream_stats()
+        finally:
+            await client.close()
+
+    return netns.call_in(state.client.netns, lambda: asyncio.run(read()), timeout=60)
 
 
 def _follow_one_migration(
@@ -294,8 +310,8 @@ def test_bad_input_is_refused_before_anything_starts(lab: Path) -> None:
         libvirt_lab.up(lab, memory_mib=1)
     with pytest.raises(ConfigError, match="rtt"):
         libvirt_lab.up(lab, client_rtt_ms=-3)
-    with pytest.raises(ConfigError, match="linux"):
-        libvirt_lab.up(lab, guest="linux")
+    with pytest.raises(ConfigError, match="unknown guest"):
+        libvirt_lab.up(lab, guest="windows")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="domain name"):
         libvirt_lab.up(lab, domain="bad name/..")
     with pytest.raises(LabError, match="no libvirt lab"):
@@ -398,3 +414,31 @@ def test_remote_viewer_in_c_follows_the_guest(lab: Path, lab_dir: Path) -> None:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+def test_linux_guest_boots_on_a_and_migrates(lab: Path) -> None:
+    """The TCG linux guest (kernel + initrd from lab.guest) boots, streams, and ping-pongs."""
+    before = netns.list_names()
+    state = libvirt_lab.up(lab, guest="linux")
+    assert state.timings.guest_ready_s is not None
+    assert "GUEST-READY" in libvirt_lab.serial_log(state, "A").read_text()
+    spice = libvirt_lab.status(lab).spice
+    assert spice is not None
+    channels = _embedded_client_channels(state, spice.address, spice.port)
+    assert any(c.startswith("port:") for c in channels)
+    there = libvirt_lab.migrate(lab)
+    back = libvirt_lab.migrate(lab)
+    assert (there.destination, back.destination) == ("B", "A")
+    assert libvirt_lab.status(lab).healthy
+    # after two migrations the guest still runs and streams records to a client in C
+    spice = libvirt_lab.status(lab).spice
+    assert spice is not None
+    stats = _stream_stats(state, spice.address, spice.port, seconds=1.5)
+    assert stats.records > 100
+    assert stats.gaps == 0
+    assert stats.duplicates == 0
+    # console history survives the return to A (append='on')
+    assert "GUEST-READY" in libvirt_lab.serial_log(state, "A").read_text()
+    procs = _started_processes(state)
+    assert libvirt_lab.down(lab).leftovers == []
+    _assert_gone(state, procs, before)
