@@ -442,3 +442,47 @@ def test_linux_guest_boots_on_a_and_migrates(lab: Path) -> None:
     procs = _started_processes(state)
     assert libvirt_lab.down(lab).leftovers == []
     _assert_gone(state, procs, before)
+
+
+HOOK = """#!/bin/sh
+# test hook: record argv, pass the XML through unchanged
+echo "$(hostname) $*" >> /var/log/libvirt/hook-calls.log
+cat > /dev/null
+exit 0
+"""
+
+
+def test_hooks_installed_before_start_and_after_restart(lab: Path) -> None:
+    """A hook in a host's private /etc/libvirt/hooks runs there (and only there)."""
+
+    def install(host: LibvirtHost) -> None:
+        if host.config.name == "A":
+            hook = host.etc_dir / "hooks" / "qemu"
+            hook.write_text(HOOK)
+            hook.chmod(0o755)
+
+    state = libvirt_lab.up(lab, before_start=install)
+    log_a = state.hosts["A"].config.state_dir / "log" / "hook-calls.log"
+    log_b = state.hosts["B"].config.state_dir / "log" / "hook-calls.log"
+    assert "hostA labvm started begin -" in log_a.read_text()
+
+    # install on B afterwards: needs a libvirtd restart, the lab keeps tracking the new PID
+    b = state.host("B")
+    (b.etc_dir / "hooks" / "qemu").write_text(HOOK)
+    (b.etc_dir / "hooks" / "qemu").chmod(0o755)
+    old_pid = state.hosts["B"].runtime.libvirtd
+    state = libvirt_lab.restart_libvirtd(lab, "B")
+    new_pid = state.hosts["B"].runtime.libvirtd
+    assert old_pid is not None
+    assert new_pid is not None
+    assert new_pid.pid != old_pid.pid
+    assert not old_pid.alive()
+    st = libvirt_lab.status(lab)
+    assert st.healthy
+    assert st.hosts[1].host_uuid == state.hosts["B"].config.host_uuid
+
+    libvirt_lab.migrate(lab)
+    calls_b = log_b.read_text()
+    assert "hostB labvm migrate begin -" in calls_b
+    assert "hostB labvm started begin -" in calls_b
+    assert "hostA labvm release end -" in log_a.read_text()

@@ -168,3 +168,24 @@ def test_terminate_escalates_to_sigkill() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_wait_for_retries_transient_errors_and_times_out() -> None:
+    calls: list[int] = []
+
+    def soon() -> bool:
+        calls.append(1)
+        if len(calls) < 3:
+            raise FileNotFoundError("not yet")
+        return len(calls) >= 4
+
+    netns.wait_for(soon, timeout=5, what="soon", interval=0.01)
+    assert len(calls) == 4
+    with pytest.raises(LabError, match="waiting for never"):
+        netns.wait_for(lambda: False, timeout=0.1, what="never", interval=0.01)
+
+    def broken() -> bool:
+        raise PermissionError("no")
+
+    with pytest.raises(PermissionError):
+        netns.wait_for(broken, timeout=5, what="broken")

@@ -873,6 +873,23 @@ def migrate(
         return result
 
 
+def restart_libvirtd(lab_dir: Path | None, host: HostName) -> LabState:
+    """Restart one host's libvirtd (to load a newly installed hook); the guest keeps running.
+
+    The new PID goes into the state file, so ``status`` and ``down`` keep tracking it.
+    """
+    lab_dir = (lab_dir or default_lab_dir()).absolute()
+    with _locked(lab_dir):
+        state = _require_state(lab_dir)
+        h = state.host(host)
+        try:
+            h.restart_libvirtd()
+        finally:
+            state.hosts[host].runtime = h.runtime
+            _save(state)
+        return state
+
+
 # --------------------------------------------------------------------------- client link
 
 

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+import tenacity
 from pydantic import BaseModel
 
 from spice_libvirt.errors import LabError
@@ -415,18 +416,32 @@ def terminate(
     return killed
 
 
+def _transient(exc: BaseException) -> bool:
+    """Errors that mean "not yet" while something starts: a socket or file not there yet."""
+    if isinstance(exc, FileNotFoundError | ConnectionRefusedError | BlockingIOError):
+        return True
+    return isinstance(exc, OSError) and exc.errno in (
+        errno.ENOENT,
+        errno.ECONNREFUSED,
+        errno.EAGAIN,
+    )
+
+
 def wait_for(
     predicate: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.05
 ) -> None:
-    """Poll ``predicate`` until it holds; :class:`LabError` naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if predicate():
-                return
-        except OSError as exc:
-            if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN):
-                raise
-        if time.monotonic() >= deadline:
-            raise LabError(f"timed out after {timeout:.1f} s waiting for {what}")
-        time.sleep(interval)
+    """Poll ``predicate`` until it holds; :class:`LabError` naming ``what`` after ``timeout`` s.
+
+    "Not yet" is a false result or a transient :class:`OSError` (see :func:`_transient`);
+    any other exception ends the wait at once and propagates.
+    """
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_delay(timeout),
+        wait=tenacity.wait_fixed(interval),
+        retry=tenacity.retry_if_result(lambda ok: not ok) | tenacity.retry_if_exception(_transient),
+        reraise=False,
+    )
+    try:
+        retrying(predicate)
+    except tenacity.RetryError as exc:
+        raise LabError(f"timed out after {timeout:.1f} s waiting for {what}") from exc
