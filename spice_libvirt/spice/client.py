@@ -109,6 +109,12 @@ GREETING_CHANNELS = frozenset(
     }
 )
 
+#: how long close() waits for the client's tasks to end
+CLOSE_TIMEOUT = 3.0
+
+#: how long a switch-host waits for the destination to drop the pre-linked session
+SWITCH_DRAIN_TIMEOUT = 2.0
+
 #: spice-gtk's display cache announcement (ids 1, 20 MiB of pixels, 16 MiB GLZ window).
 DISPLAY_INIT = DisplayInit(1, 20 * 1024 * 1024 // 4, 1, 16 * 1024 * 1024 // 4)
 
@@ -228,6 +234,8 @@ class _Migration:
     #: MIGRATE received per channel, for blackout accounting
     cut_at: dict[ChannelKey, float] = field(default_factory=dict)
     swapped: set[ChannelKey] = field(default_factory=set)
+    #: source sockets of swapped channels, closed together once the last one swapped
+    old_links: list[ChannelLink] = field(default_factory=list)
     awaiting_init: bool = False
     done: bool = False
 
@@ -318,13 +326,15 @@ class SpiceClient:
         ]
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if tasks:
+            # bounded: a task that does not end on cancellation must not hang the caller
+            _, stuck = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
+            for task in stuck:
+                log.warning("task %s did not end on cancellation", task.get_name())
         # non-main channels first, as spice-gtk does: the server then tears the session
         # down from MAIN's disconnect with every other channel already gone
         for ch in sorted(self._channels.values(), key=lambda c: c.key == MAIN_KEY):
-            await ch.link.close()
+            await ch.link.close(drain_timeout=0.5)
         self._channels.clear()
         self._emit("closed")
 
@@ -792,9 +802,13 @@ class SpiceClient:
         mig.swapped.add(ch.key)
         mig.record.blackout_ms[ch.label] = round((time.monotonic() - now) * 1000.0, 3)
         self._step(mig, ch.key, "dst", "event", "SWAPPED")
-        await src.close()
+        # keep the source socket open until every channel has swapped: closing the source
+        # MAIN makes spice-server drop the whole client, and channels still waiting for their
+        # MIGRATE_DATA would lose it (spice-gtk also closes the old session only at the end)
+        mig.old_links.append(src)
         if mig.swapped >= set(self._channels):
             self._finish(mig, "seamless", time.monotonic())
+            self._spawn(self._close_old_links(mig), "spice-leave-source")
 
     async def _semi_seamless_end(self, ch: _Channel, now: float) -> None:
         mig = self._migration
@@ -809,7 +823,7 @@ class SpiceClient:
         mig.awaiting_init = True
         await ch.link.send(MainClientMigrateEnd())
         self._step(mig, MAIN_KEY, "dst", "tx", "MIGRATE_END")
-        await src.close()
+        mig.old_links.append(src)
 
     async def _semi_seamless_init(self, mig: _Migration, init: MainInit, now: float) -> None:
         mig.awaiting_init = False
@@ -822,14 +836,22 @@ class SpiceClient:
             dst = mig.dst_links.get(key)
             if dst is None:
                 continue
-            await self._replace_link(ch, dst)
+            await self._replace_link(ch, dst, close_old=False, old_links=mig.old_links)
             await self._channel_up(ch)
             mig.record.blackout_ms[ch.label] = round((time.monotonic() - now) * 1000.0, 3)
             self._step(mig, key, "dst", "event", "SWAPPED")
         self.host = mig.dst.host or self.host
         self._finish(mig, "semi-seamless", time.monotonic())
+        self._spawn(self._close_old_links(mig), "spice-leave-source")
 
-    async def _replace_link(self, ch: _Channel, link: ChannelLink) -> None:
+    async def _replace_link(
+        self,
+        ch: _Channel,
+        link: ChannelLink,
+        *,
+        close_old: bool = True,
+        old_links: list[ChannelLink] | None = None,
+    ) -> None:
         """Move a channel to another socket from outside its reader task."""
         if ch.task is not None and ch.task is not asyncio.current_task():
             ch.task.cancel()
@@ -839,8 +861,17 @@ class SpiceClient:
         ch.link = link
         ch.received = 0
         self._keepalives.pop(ch.key, None)
-        await old.close()
+        if close_old:
+            await old.close()
+        elif old_links is not None:
+            old_links.append(old)
         self._start_reader(ch)
+
+    async def _close_old_links(self, mig: _Migration) -> None:
+        """Leave the source: close the sockets the channels used before the swap."""
+        old, mig.old_links = mig.old_links, []
+        for link in old:
+            await link.close()
 
     async def _switch_host(self, dst: DstInfo, now: float) -> None:
         mig = self._migration
@@ -879,12 +910,15 @@ class SpiceClient:
             mig.connect_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await mig.connect_task
-        await self._close_dst_links(mig)
-        old = list(self._channels.values())
+        # the destination must have torn the pre-linked session down before a fresh MAIN
+        # link arrives there (see ChannelLink.close)
+        await self._close_dst_links(mig, drain_timeout=SWITCH_DRAIN_TIMEOUT)
+        old = sorted(self._channels.values(), key=lambda c: c.key == MAIN_KEY)
         self._channels.clear()
         for ch in old:
             if ch.task is not None:
                 ch.task.cancel()
+        for ch in old:
             await ch.link.close()
         self._keepalives.clear()
         self.session_id = 0
@@ -921,13 +955,21 @@ class SpiceClient:
                 await task
         mig.connected.set()
         await self._close_dst_links(mig)
+        await self._close_old_links(mig)
 
-    async def _close_dst_links(self, mig: _Migration) -> None:
+    async def _close_dst_links(self, mig: _Migration, drain_timeout: float = 0.0) -> None:
+        """Drop the destination links no channel uses; non-MAIN first, as spice-gtk does."""
         in_use = {id(ch.link) for ch in self._channels.values()}
-        for key, link in list(mig.dst_links.items()):
-            if id(link) not in in_use:
-                await link.close()
-                del mig.dst_links[key]
+        unused = [(k, link) for k, link in mig.dst_links.items() if id(link) not in in_use]
+        unused.sort(key=lambda item: item[0] == MAIN_KEY)
+        for key, _link in unused:
+            del mig.dst_links[key]
+        await asyncio.gather(
+            *(link.close(drain_timeout=drain_timeout) for k, link in unused if k != MAIN_KEY)
+        )
+        for key, link in unused:
+            if key == MAIN_KEY:
+                await link.close(drain_timeout=drain_timeout)
 
     def _finish(self, mig: _Migration, path: str, at: float, error: str | None = None) -> None:
         if mig.done:

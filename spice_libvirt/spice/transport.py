@@ -123,12 +123,29 @@ class ChannelLink:
         except (ConnectionError, OSError) as exc:
             raise ConnectError(f"{self.label}: send failed: {exc}", exc) from exc
 
-    async def close(self) -> None:
+    async def close(self, *, drain_timeout: float = 0.0) -> None:
+        """Close the socket; with ``drain_timeout``, half-close first and wait for the server.
+
+        Waiting until the server has closed its side means it has finished tearing the
+        channel client down. spice-server 0.15.1 crashed (segfault in ``reds`` char-device
+        code) when a new MAIN link raced the teardown of the same session's links, so
+        callers that link again right after use the draining close.
+        """
         self.conn.close()
+        if drain_timeout > 0 and not self.tls and not self.writer.is_closing():
+            with contextlib.suppress(TimeoutError, ConnectionError, OSError):
+                self.writer.write_eof()
+                async with asyncio.timeout(drain_timeout):
+                    while await self.reader.read(READ_CHUNK):
+                        pass
         if not self.writer.is_closing():
             self.writer.close()
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
+        # that arrives as the inner future completes, and a reader task cancelled while
+        # closing would then never end
         with contextlib.suppress(TimeoutError, ConnectionError, OSError, ssl.SSLError):
-            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+            async with asyncio.timeout(1.0):
+                await self.writer.wait_closed()
 
 
 async def open_link(

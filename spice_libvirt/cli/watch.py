@@ -1,0 +1,128 @@
+"""``spice-libvirt watch``: stay connected like a user and report every migration.
+
+Useful on its own (point it at a VM and migrate it with any tool: virsh, VDSM, Proxmox) and
+as the witness the controller uses. One verdict per migration: a JSON object per line with
+``--json``, a short paragraph otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from spice_libvirt.errors import ConnectError
+from spice_libvirt.secrets import TICKET_ENV, read_ticket
+from spice_libvirt.spice.client import ClientOptions, SpiceClient
+from spice_libvirt.spice.record import ClientMigrationRecord
+from spice_libvirt.spice.uri import parse_spice_uri
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "watch",
+        help="stay connected to a SPICE server and report every migration the session goes through",
+        description=f"The ticket comes from --ticket-file or ${TICKET_ENV}, never from argv. "
+        "Exit status: 0 when every migration seen was seamless, 8 when one was not, "
+        "3 when the session was lost.",
+    )
+    p.add_argument("uri", help="spice://HOST:PORT[?tls-port=N]")
+    p.add_argument("--ticket-file", type=Path)
+    p.add_argument("--ca-file", type=Path)
+    p.add_argument("--host-subject")
+    p.add_argument(
+        "--stream-port",
+        default="org.spice-libvirt.stream",
+        help="port channel whose record stream is checked for gaps ('' to disable)",
+    )
+    p.add_argument(
+        "--count", type=int, default=0, help="stop after N migrations (0: run until interrupted)"
+    )
+    p.add_argument("--duration", type=float, default=0.0, help="stop after S seconds (0: no limit)")
+    p.add_argument(
+        "--old-client",
+        choices=["no-seamless", "no-semi-seamless"],
+        help="announce fewer capabilities, like an old client",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="one JSON object per migration, one per line"
+    )
+    p.set_defaults(handler=run)
+
+
+def describe(record: ClientMigrationRecord) -> str:
+    kept = "kept" if record.connection_id_kept else "NOT kept"
+    lines = [
+        f"migration to {record.destination}: {record.path}",
+        f"  connection id {record.connection_id_before} -> {record.connection_id_after} ({kept})",
+        f"  channels {len(record.channels_before)} -> {len(record.channels_after)}",
+    ]
+    if record.blackout_ms:
+        worst = max(record.blackout_ms, key=lambda k: record.blackout_ms[k])
+        lines.append(f"  longest blackout: {worst} {record.blackout_ms[worst]:.1f} ms")
+    if record.error:
+        lines.append(f"  error: {record.error}")
+    return "\n".join(lines)
+
+
+async def watch(options: ClientOptions, count: int, duration: float, as_json: bool) -> int:
+    client = SpiceClient(options)
+    await client.connect()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    deadline = loop.time() + duration if duration > 0 else None
+    seen, all_seamless = 0, True
+    if not as_json:
+        print(f"watching session {client.session_id} ({', '.join(client.channels)})", flush=True)
+    try:
+        while not stop.is_set() and (count == 0 or seen < count):
+            if deadline is not None and loop.time() >= deadline:
+                break
+            if client.failure is not None:
+                raise ConnectError(f"session lost: {client.failure}")
+            with contextlib.suppress(TimeoutError):
+                record = await client.next_migration(timeout=0.5)
+                seen += 1
+                all_seamless &= record.path == "seamless"
+                stream = client.stream_stats() if options.stream_port_name else None
+                if as_json:
+                    payload = record.model_dump(mode="json")
+                    payload["stream"] = stream.model_dump() if stream else None
+                    print(json.dumps(payload), flush=True)
+                else:
+                    print(describe(record), flush=True)
+                    if stream is not None:
+                        print(
+                            f"  stream: {stream.records} records, {stream.gaps} gaps, "
+                            f"{stream.duplicates} duplicates",
+                            flush=True,
+                        )
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await client.close()
+    return 0 if all_seamless else 8
+
+
+def run(args: argparse.Namespace) -> int:
+    uri = parse_spice_uri(args.uri)
+    ticket = read_ticket(args.ticket_file)
+    options = ClientOptions(
+        host=uri.host,
+        port=uri.port,
+        tls_port=uri.tls_port,
+        ticket=SecretStr(ticket) if ticket is not None else None,
+        ca_file=args.ca_file,
+        host_subject=args.host_subject or uri.tls_subject,
+        stream_port_name=args.stream_port or None,
+        seamless=args.old_client is None,
+        semi_seamless=args.old_client != "no-semi-seamless",
+    )
+    return asyncio.run(watch(options, args.count, args.duration, args.json))
