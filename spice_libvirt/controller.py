@@ -100,6 +100,10 @@ class MigrationWitness(Protocol):
     def stream_stats(self) -> StreamStats: ...
 
 
+#: assumed client RTT when a witness cannot tell its own
+DEFAULT_WITNESS_RTT = 0.05
+
+
 class MigrationRequest(BaseModel):
     """Everything one QMP-driven migration needs; validated before anything is touched."""
 
@@ -117,8 +121,9 @@ class MigrationRequest(BaseModel):
     #: minimum pause after the destination shows every link (QMP signal), so that the
     #: client's MIGRATE_CONNECTED_SEAMLESS reaches the source (about one RTT)
     grace: float = Field(default=0.25, ge=0)
-    #: pause after the embedded client reports it sent MIGRATE_CONNECTED_SEAMLESS
-    embedded_grace: float = Field(default=0.05, ge=0)
+    #: pause after the embedded client reports it sent MIGRATE_CONNECTED_SEAMLESS, on top
+    #: of the one-way latency it measured (its message must reach the source first)
+    embedded_grace: float = Field(default=0.005, ge=0)
     max_grace: float = Field(default=2.0, ge=0)
     downtime_limit_ms: int | None = Field(default=None, gt=0)
     max_bandwidth: int | None = Field(default=None, gt=0, description="bytes/s")
@@ -593,8 +598,12 @@ class QemuMigrationController:
             link.result = "linked"
             if witness_task is not None:
                 # the client has *sent* CONNECTED_SEAMLESS; it reaches the source half an
-                # RTT later, and linking took about 6 RTT (rtt-seamless.md)
-                grace = min(req.max_grace, max(req.embedded_grace, 0.15 * (end - t_cmi)))
+                # RTT later. The client measured its RTT to the source (TCP connect);
+                # twice the one-way time covers jitter on the way.
+                # (``rtt_estimate`` is optional in a witness: SpiceClient has it)
+                rtt = getattr(self.witness, "rtt_estimate", None)
+                rtt = rtt if isinstance(rtt, float) else DEFAULT_WITNESS_RTT
+                grace = min(req.max_grace, req.embedded_grace + rtt)
                 if not all_linked():
                     self.note(
                         "the embedded client reported CONNECTED_SEAMLESS before the destination "

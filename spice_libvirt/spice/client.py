@@ -287,6 +287,17 @@ class SpiceClient:
         return self._migrations_started
 
     @property
+    def rtt_estimate(self) -> float:
+        """Round-trip time to the current server in seconds (fastest TCP connect seen).
+
+        A TCP handshake costs one round trip (a TLS one more): the smallest connect time
+        among the session's channels is a fair, cheap estimate.
+        """
+        times = [ch.link.connect_seconds for ch in self._channels.values() if not ch.link.tls]
+        times = times or [ch.link.connect_seconds / 2 for ch in self._channels.values()]
+        return min(times, default=0.0)
+
+    @property
     def tls_in_use(self) -> bool:
         main = self._channels.get(MAIN_KEY)
         return bool(main and main.link.tls)

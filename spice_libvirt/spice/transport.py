@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import ssl
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +96,8 @@ class ChannelLink:
     tls: bool
     common_caps: frozenset[int] = field(default_factory=frozenset)
     channel_caps: frozenset[int] = field(default_factory=frozenset)
+    #: TCP (and TLS) connect time: about one round trip to the server
+    connect_seconds: float = 0.0
 
     @property
     def label(self) -> str:
@@ -178,6 +182,7 @@ async def _open_link(
     host: str, port: int, link: LinkMess, *, password: str | None, tls: TLSSettings | None
 ) -> ChannelLink:
     label = channel_label(link.channel_type, link.channel_id)
+    started = time.monotonic()
     try:
         if tls is None:
             reader, writer = await asyncio.open_connection(host, port)
@@ -195,7 +200,9 @@ async def _open_link(
     except ssl.SSLError as exc:
         raise TLSVerificationError(f"TLS handshake with {host}:{port} failed: {exc}", exc) from exc
     except OSError as exc:
-        raise ConnectError(f"cannot connect to {host}:{port}: {exc.strerror or exc}", exc) from exc
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConnectError(f"cannot connect to {host}:{port}: {reason}", exc) from exc
+    connect_seconds = time.monotonic() - started
     if tls is not None and tls.host_subject:
         want = parse_subject(tls.host_subject)
         got = _peer_subject(writer)
@@ -237,6 +244,7 @@ async def _open_link(
         tls is not None,
         established.common_caps,
         established.channel_caps,
+        connect_seconds=connect_seconds,
     )
 
 
