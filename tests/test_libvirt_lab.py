@@ -486,3 +486,20 @@ def test_hooks_installed_before_start_and_after_restart(lab: Path) -> None:
     assert "hostB labvm migrate begin -" in calls_b
     assert "hostB labvm started begin -" in calls_b
     assert "hostA labvm release end -" in log_a.read_text()
+
+
+def test_purge_removes_a_lab_whose_state_is_lost(lab: Path) -> None:
+    before = netns.list_names()
+    state = libvirt_lab.up(lab)
+    procs = _started_processes(state)
+    shutil.rmtree(lab)  # state file, logs and sockets gone; the lab still runs
+    assert libvirt_lab.down(lab).found is False
+    with pytest.raises(ConfigError, match="not a lab prefix"):
+        libvirt_lab.purge("slab")  # never a pattern that could match foreign namespaces
+    report = libvirt_lab.purge(state.prefix)
+    assert report.found
+    assert sorted(report.namespaces_deleted) == sorted(state.namespaces)
+    assert report.leftovers == []
+    assert [p for p in procs if p.alive()] == []
+    assert netns.list_names() == before
+    assert libvirt_lab.purge(state.prefix).found is False

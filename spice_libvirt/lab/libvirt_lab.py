@@ -41,6 +41,7 @@ import datetime
 import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
 import statistics
@@ -659,6 +660,30 @@ def down(lab_dir: Path | None = None, *, keep_logs: bool = False) -> DownReport:
     return report
 
 
+ROLES = ("A", "B", "C", "D", "sw")
+
+
+def purge(prefix: str) -> DownReport:
+    """Tear down a lab whose state file is lost, by its namespace prefix (``slab1a2b3c``).
+
+    Everything of a lab lives in its namespaces, so ending the processes inside them and
+    deleting them removes the lab (guests are stopped with SIGTERM, not destroyed through
+    libvirt). Only names of the lab's own shape are accepted, so nothing else is touched.
+    """
+    if not re.fullmatch(r"slab[0-9a-f]{6}", prefix):
+        raise ConfigError(f"not a lab prefix: {prefix!r} (expected slab + 6 hex digits)")
+    report = DownReport(found=False, id=prefix.removeprefix("slab"))
+    for role in ROLES:
+        name = f"{prefix}{role}"
+        if netns.exists(name):
+            report.found = True
+            report.swept_pids += netns.pids_in(name)
+            netns.delete(name, kill_timeout=10.0)
+            report.namespaces_deleted.append(name)
+    report.leftovers = [f"{prefix}{r}" for r in ROLES if netns.exists(f"{prefix}{r}")]
+    return report
+
+
 # --------------------------------------------------------------------------- status
 
 
@@ -966,6 +991,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_rtt.add_argument("--samples", type=int, default=5)
     p_down = sub.add_parser("down", parents=[common], help="tear everything down")
     p_down.add_argument("--keep-logs", action="store_true")
+    p_purge = sub.add_parser("purge", parents=[common], help="remove a lab whose state is lost")
+    p_purge.add_argument("prefix", help="namespace prefix, e.g. slab1a2b3c")
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
@@ -1002,6 +1029,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 set_client_rtt(args.lab_dir, args.set_ms)
             probe = probe_rtt(args.lab_dir, samples=args.samples)
             _print(probe, args.json, f"client -> {probe.target}: median {probe.median_ms} ms")
+        elif args.command == "purge":
+            report = purge(args.prefix)
+            _print(report, args.json, f"{args.prefix}: removed {report.namespaces_deleted}")
         else:
             report = down(args.lab_dir, keep_logs=args.keep_logs)
             _print(
