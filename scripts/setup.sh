@@ -22,7 +22,7 @@ QEMU_CONF=/etc/libvirt/qemu.conf
 PACKAGES=(
     qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc libc6-dev
     virt-viewer xvfb xauth tshark busybox-static cpio iproute2 seabios ipxe-qemu procps
-    openssl xz-utils python3-venv python3-dev
+    openssl xz-utils python3-venv python3-dev binutils ruby
 )
 
 LOG=$(mktemp "${TMPDIR:-/tmp}/spice-libvirt-setup.XXXXXX")

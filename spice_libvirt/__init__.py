@@ -4,14 +4,37 @@ The package has four layers, one module per concern:
 
 * :mod:`spice_libvirt.spice` -- a sans-IO SPICE codec and state machines, plus an asyncio
   client on top that follows every migration path and records what happened;
-* the migration controller over QMP (bare QEMU) and over libvirt;
-* the libvirt hook and management entry points (CLI, Python API, VDSM adapters);
+* the migration controller over QMP (:mod:`spice_libvirt.controller`, bare QEMU) and over
+  libvirt (:mod:`spice_libvirt.libvirt`);
+* the libvirt hook and management entry points (CLI, this Python API, VDSM adapters);
 * the built-in labs that run all of it for real on one machine.
+
+The libvirt entry points are imported on first use, so that ``import spice_libvirt`` works
+on hosts without libvirt-python (bare QEMU, or the hook, which must never load libvirt).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from spice_libvirt.errors import SpiceLibvirtError
 
-__all__ = ["SpiceLibvirtError", "__version__"]
+__all__ = [
+    "SpiceLibvirtError",
+    "__version__",
+    "evacuate_host",
+    "evacuate_host_async",
+    "migrate_domain",
+    "migrate_domain_async",
+]
 __version__ = "0.1.0"
+
+_LAZY = {"evacuate_host", "evacuate_host_async", "migrate_domain", "migrate_domain_async"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from spice_libvirt import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'spice_libvirt' has no attribute {name!r}")
