@@ -9,8 +9,10 @@ exit code (:mod:`spice_libvirt.exitcodes`), never a traceback: management tools 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -55,7 +57,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("spice-libvirt: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - last resort: one line, no traceback, unless -vv
+    except BrokenPipeError:
+        # the reader of our output went away (``| head``): not an error of ours
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the exit-time flush
+        return int(ExitCode.OK)
+    except Exception as exc:  # last resort: one line, no traceback, unless -vv
         if args.verbose >= 2:
             raise
         print(f"spice-libvirt: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
