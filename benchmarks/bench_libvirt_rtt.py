@@ -34,6 +34,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -41,6 +42,12 @@ from spice_libvirt.lab import libvirt_lab, netns
 from spice_libvirt.libvirt.lab import lab_migrate
 
 RESULTS_MD = Path(__file__).resolve().with_name("RESULTS-libvirt.md")
+#: method -> (plain, controller options, table label)
+METHODS: dict[str, tuple[bool, dict[str, Any], str]] = {
+    "plain": (True, {}, "plain `virsh migrate` (libvirt p2p)"),
+    "ours": (False, {}, "ours (QMP hold, released on the client's links)"),
+    "ours-floor": (False, {"hold": "libvirt"}, "ours, taint-free hold (libvirt's 1 MiB/s floor)"),
+}
 TS = re.compile(r"GSpice-DEBUG: (\d\d):(\d\d):(\d\d\.\d+):")
 
 
@@ -177,7 +184,8 @@ def run_viewer(lab_dir: Path, display: int, rtt: float, method: str, i: int, log
         viewer.wait_up()
         time.sleep(0.3)
         mark = len(viewer.text())
-        report = lab_migrate(lab_dir, watch=False, plain=method == "plain")
+        plain, options, _ = METHODS[method]
+        report = lab_migrate(lab_dir, watch=False, plain=plain, options=options)
         run.wall_s = round((report.wall_ms or 0) / 1000.0, 3)
         run.held_ms = report.hold.held_ms
         run.released_after_ms = report.hold.released_after_ms
@@ -205,7 +213,8 @@ def run_viewer(lab_dir: Path, display: int, rtt: float, method: str, i: int, log
 def run_embedded(lab_dir: Path, rtt: float, method: str, i: int) -> Run:
     run = Run(rtt_ms=rtt, method=method, client="embedded", index=i, outcome="?")
     try:
-        report = lab_migrate(lab_dir, watch=True, plain=method == "plain")
+        plain, options, _ = METHODS[method]
+        report = lab_migrate(lab_dir, watch=True, plain=plain, options=options)
         run.outcome = report.outcome
         run.wall_s = round((report.wall_ms or 0) / 1000.0, 3)
         run.held_ms = report.hold.held_ms
@@ -231,8 +240,8 @@ def run_embedded(lab_dir: Path, rtt: float, method: str, i: int) -> Run:
 def _med(values: list[float | None]) -> str:
     vs = [v for v in values if v is not None]
     if not vs:
-        return "–"
-    return f"{statistics.median(vs):.2f} ({min(vs):.2f}–{max(vs):.2f})"
+        return "-"
+    return f"{statistics.median(vs):.2f} ({min(vs):.2f}-{max(vs):.2f})"
 
 
 def table(runs: list[Run]) -> str:
@@ -244,7 +253,7 @@ def table(runs: list[Run]) -> str:
     rows = []
     keys = sorted(
         {(r.rtt_ms, r.client, r.method) for r in runs},
-        key=lambda k: (k[0], k[1], k[2] != "plain"),
+        key=lambda k: (k[0], k[1], list(METHODS).index(k[2])),
     )
     for rtt, client, method in keys:
         rs = [r for r in runs if (r.rtt_ms, r.client, r.method) == (rtt, client, method)]
@@ -253,14 +262,14 @@ def table(runs: list[Run]) -> str:
         other = len(rs) - seam - sw
         outages = [r.display_outage_s for r in rs]
         held = [r.held_ms for r in rs if r.held_ms is not None]
-        name = "plain `virsh migrate` (libvirt p2p)" if method == "plain" else "ours (hold)"
+        name = METHODS[method][2]
         rows.append(
             f"| {rtt:g} | {client} | {name} | {len(rs)} | **{seam}** | {sw} | {other} | "
             f"{_med([r.wall_s for r in rs])} | {_med(outages)} | "
             f"{statistics.median(held):.0f} |"
             if held
             else f"| {rtt:g} | {client} | {name} | {len(rs)} | **{seam}** | {sw} | {other} | "
-            f"{_med([r.wall_s for r in rs])} | {_med(outages)} | – |"
+            f"{_med([r.wall_s for r in rs])} | {_med(outages)} | - |"
         )
     return head + "\n".join(rows) + "\n"
 
