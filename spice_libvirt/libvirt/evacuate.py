@@ -22,8 +22,8 @@ from spice_libvirt.libvirt.connection import Connection, require_libvirt
 from spice_libvirt.libvirt.controller import (
     LibvirtMigrationReport,
     LibvirtMigrationRequest,
-    spice_graphics,
     migrate_libvirt,
+    spice_graphics,
 )
 from spice_libvirt.progress import ProgressReporter
 
