@@ -23,8 +23,14 @@ from spice_libvirt import api
 from spice_libvirt.cli import main as cli_main
 from spice_libvirt.exitcodes import ExitCode, for_error
 from spice_libvirt.lab import libvirt_lab, netns
-from spice_libvirt.libvirt.connection import Connection
-from spice_libvirt.libvirt.controller import LibvirtMigrationRequest, migrate_libvirt
+from spice_libvirt.libvirt.connection import Connection, GraphicsEvent
+from spice_libvirt.libvirt.controller import (
+    LibvirtMigrationRequest,
+    _DestinationLinks,
+    _spice_clients,
+    migrate_libvirt,
+    spice_graphics,
+)
 from spice_libvirt.libvirt.errors import (
     DomainNotFoundError,
     LibvirtConnectError,
@@ -273,3 +279,59 @@ def test_python_api_migrate_domain(lab: Path) -> None:
     assert libvirt_lab.status(lab / "libvirt").active_host == other
     request = LibvirtMigrationRequest(domain="x", destination_uri="qemu+tcp://h/system")
     assert request.dst_connect == "qemu+tcp://h/system"
+
+
+# --------------------------------------------------------------------------- no lab needed
+
+
+def test_spice_clients_keys_connection_ids_unsigned() -> None:
+    """QEMU prints the 32-bit id signed; the SPICE wire carries it unsigned."""
+    reply = {
+        "return": {
+            "channels": [
+                {"connection-id": -1159913299, "channel-type": 1, "channel-id": 0},
+                {"connection-id": -1159913299, "channel-type": 2, "channel-id": 0},
+                {"connection-id": 7, "channel-type": 10, "channel-id": 0},
+            ]
+        }
+    }
+    got = _spice_clients(reply)
+    assert got == {(-1159913299) & 0xFFFFFFFF: {(1, 0), (2, 0)}, 7: {(10, 0)}}
+    assert _spice_clients({"return": {}}) == {}
+
+
+def test_spice_graphics_of_domain_xml() -> None:
+    xml = libvirt_lab.render_domain_xml(name="x", memory_mib=64)
+    assert spice_graphics(xml) == (None, None, None)  # autoport, not running: no port yet
+    running = xml.replace(
+        "<graphics type='spice' autoport='yes'>",
+        ("<graphics type='spice' port='5901' tlsPort='5902' listen='10.0.0.1'>"),
+    )
+    assert spice_graphics(running) == ("10.0.0.1", 5901, 5902)
+    assert spice_graphics(VNC_XML.format(kind="qemu")) is None
+
+
+def _ev(phase: str, remote: str, at: float, domain: str = "vm") -> GraphicsEvent:
+    return GraphicsEvent(domain=domain, phase=phase, local="h:5900", remote=remote, at=at)
+
+
+def test_destination_links_complete_and_rtt_estimate() -> None:
+    links = _DestinationLinks("vm", t0=0.0)
+    links.absorb(_ev("connect", "c:1", 1.00))
+    links.absorb(_ev("connect", "c:9", 1.00, domain="other"))  # another domain: ignored
+    links.absorb(_ev("initialize", "c:1", 1.15))
+    assert not links.complete(3)
+    for port, t in (("c:2", 1.45), ("c:3", 1.46)):
+        links.absorb(_ev("connect", port, t))
+    assert not links.complete(3)  # connected but not yet initialized
+    links.absorb(_ev("initialize", "c:2", 1.61))
+    links.absorb(_ev("initialize", "c:3", 1.62))
+    assert links.complete(3)
+    rtt = links.rtt_estimate()
+    assert rtt is not None
+    assert abs(rtt - 0.16) < 1e-9
+    assert links.last_initialize() == 1.62
+    # a disconnect takes the channel away again
+    links.absorb(_ev("disconnect", "c:3", 1.7))
+    assert not links.complete(3)
+    assert len(links.log) == 7
