@@ -36,14 +36,16 @@ pytestmark = [
 
 @pytest.fixture
 def lab(lab_dir: Path) -> Iterator[Path]:
-    """A lab directory; whatever the test leaves running is torn down afterwards."""
-    before = netns.list_names()
+    """A lab directory; whatever the test leaves running is torn down afterwards.
+
+    Other labs (other test runs, other developers) may come and go on the machine at the
+    same time, so checks are about *this* lab's namespaces, never the global list.
+    """
     path = lab_dir / "lab"
     try:
         yield path
     finally:
-        libvirt_lab.down(path)
-        assert netns.list_names() == before
+        assert libvirt_lab.down(path).leftovers == []
 
 
 def _started_processes(state: LabState) -> list[netns.ProcRef]:
@@ -57,9 +59,13 @@ def _started_processes(state: LabState) -> list[netns.ProcRef]:
     return found
 
 
-def _assert_gone(state: LabState, procs: list[netns.ProcRef], before: list[str]) -> None:
+def _ours(prefix: str) -> list[str]:
+    return [n for n in netns.list_names() if n.startswith(prefix)]
+
+
+def _assert_gone(state: LabState, procs: list[netns.ProcRef]) -> None:
     assert [p for p in procs if p.alive()] == []
-    assert netns.list_names() == before
+    assert _ours(state.prefix) == []
     mounts = Path("/proc/self/mountinfo").read_text()
     assert state.prefix not in mounts
     assert str(state.run_dir) not in mounts
@@ -151,12 +157,11 @@ def _follow_one_migration(
 
 
 def test_up_status_rtt_migrate_ping_pong_down(lab: Path) -> None:
-    before = netns.list_names()
     state = libvirt_lab.up(lab, client_rtt_ms=50)
 
     # the layout: five namespaces with the lab's unique prefix, nothing else
     assert state.prefix.startswith("slab")
-    assert sorted(set(netns.list_names()) - set(before)) == sorted(state.namespaces)
+    assert sorted(_ours(state.prefix)) == sorted(state.namespaces)
     assert all(n.startswith(state.prefix) for n in state.namespaces)
 
     # two libvirtds with distinct host UUIDs, reachable from the root namespace by UNIX socket
@@ -230,12 +235,11 @@ def test_up_status_rtt_migrate_ping_pong_down(lab: Path) -> None:
     assert report.found
     assert report.leftovers == []
     assert "domain labvm on B" in report.stopped
-    _assert_gone(state, procs, before)
+    _assert_gone(state, procs)
     assert libvirt_lab.down(lab).found is False
 
 
 def test_down_after_a_crash(lab: Path) -> None:
-    before = netns.list_names()
     state = libvirt_lab.up(lab)
     procs = _started_processes(state)
     daemons_a = {
@@ -267,11 +271,10 @@ def test_down_after_a_crash(lab: Path) -> None:
     report = libvirt_lab.down(lab)
     assert report.leftovers == []
     assert set(qemu) <= set(report.swept_pids)  # the orphaned qemu, found by namespace
-    _assert_gone(state, procs, before)
+    _assert_gone(state, procs)
 
 
 def test_failed_up_cleans_up_after_itself(lab: Path) -> None:
-    before = netns.list_names()
     seen: list[LibvirtHost] = []
 
     def sabotage(host: LibvirtHost) -> None:
@@ -287,12 +290,11 @@ def test_failed_up_cleans_up_after_itself(lab: Path) -> None:
     assert a.virtlogd is not None
     assert not a.libvirtd.alive()
     assert not a.virtlogd.alive()
-    assert netns.list_names() == before
+    assert _ours(seen[0].config.netns[:-1]) == []
     assert libvirt_lab.load_state(lab) is None
 
 
 def test_stale_state_file_does_not_block_a_new_lab(lab: Path) -> None:
-    before = netns.list_names()
     state = libvirt_lab.up(lab)
     stale = (lab / libvirt_lab.STATE_FILE).read_text()
     libvirt_lab.down(lab)
@@ -301,11 +303,17 @@ def test_stale_state_file_does_not_block_a_new_lab(lab: Path) -> None:
     assert fresh.id != state.id
     assert libvirt_lab.status(lab).healthy
     libvirt_lab.down(lab)
-    assert netns.list_names() == before
+    assert _ours(state.prefix) == []
+    assert _ours(fresh.prefix) == []
 
 
-def test_bad_input_is_refused_before_anything_starts(lab: Path) -> None:
-    before = netns.list_names()
+def test_bad_input_is_refused_before_anything_starts(
+    lab: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_namespaces(name: str) -> None:
+        raise AssertionError(f"bad input must be refused before namespace {name} is made")
+
+    monkeypatch.setattr(netns, "add", no_namespaces)
     with pytest.raises(ConfigError, match="memory"):
         libvirt_lab.up(lab, memory_mib=1)
     with pytest.raises(ConfigError, match="rtt"):
@@ -318,7 +326,6 @@ def test_bad_input_is_refused_before_anything_starts(lab: Path) -> None:
         libvirt_lab.migrate(lab)
     assert libvirt_lab.down(lab).found is False
     assert libvirt_lab.status(lab).running is False
-    assert netns.list_names() == before
     (lab / libvirt_lab.STATE_FILE).write_text("{not json")
     with pytest.raises(LabError, match="unreadable"):
         libvirt_lab.status(lab)
@@ -418,7 +425,6 @@ def test_remote_viewer_in_c_follows_the_guest(lab: Path, lab_dir: Path) -> None:
 
 def test_linux_guest_boots_on_a_and_migrates(lab: Path) -> None:
     """The TCG linux guest (kernel + initrd from lab.guest) boots, streams, and ping-pongs."""
-    before = netns.list_names()
     state = libvirt_lab.up(lab, guest="linux")
     assert state.timings.guest_ready_s is not None
     assert "GUEST-READY" in libvirt_lab.serial_log(state, "A").read_text()
@@ -441,7 +447,7 @@ def test_linux_guest_boots_on_a_and_migrates(lab: Path) -> None:
     assert "GUEST-READY" in libvirt_lab.serial_log(state, "A").read_text()
     procs = _started_processes(state)
     assert libvirt_lab.down(lab).leftovers == []
-    _assert_gone(state, procs, before)
+    _assert_gone(state, procs)
 
 
 HOOK = """#!/bin/sh
@@ -489,7 +495,6 @@ def test_hooks_installed_before_start_and_after_restart(lab: Path) -> None:
 
 
 def test_purge_removes_a_lab_whose_state_is_lost(lab: Path) -> None:
-    before = netns.list_names()
     state = libvirt_lab.up(lab)
     procs = _started_processes(state)
     shutil.rmtree(lab)  # state file, logs and sockets gone; the lab still runs
@@ -501,5 +506,5 @@ def test_purge_removes_a_lab_whose_state_is_lost(lab: Path) -> None:
     assert sorted(report.namespaces_deleted) == sorted(state.namespaces)
     assert report.leftovers == []
     assert [p for p in procs if p.alive()] == []
-    assert netns.list_names() == before
+    assert _ours(state.prefix) == []
     assert libvirt_lab.purge(state.prefix).found is False

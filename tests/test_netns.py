@@ -35,7 +35,6 @@ def _thread_netns() -> int:
 
 
 def test_pair_talks_and_delete_leaves_nothing(names: list[str]) -> None:
-    before = netns.list_names()
     x, y = names
     netns.add(x)
     netns.add(y)
@@ -83,7 +82,7 @@ def test_pair_talks_and_delete_leaves_nothing(names: list[str]) -> None:
     netns.delete(y)
     proc.wait(5)
     assert not any(ref.alive() for ref in inside)
-    assert netns.list_names() == before
+    assert not {x, y} & set(netns.list_names())  # other users' namespaces may come and go
     mounts = Path("/proc/self/mountinfo").read_text()
     assert x not in mounts
     assert y not in mounts
