@@ -51,13 +51,14 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel
 
 from spice_libvirt.errors import LabError
+from spice_libvirt.lab.procs import exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -284,25 +285,13 @@ def find_linux_guest(
     return max(found, key=lambda m: m.built_at) if found else None
 
 
-@contextlib.contextmanager
-def _locked(directory: Path, timeout: float) -> Iterator[None]:
-    directory.mkdir(parents=True, exist_ok=True)
-    with (directory / ".lock").open("a") as fh:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise LabError(
-                        f"another process has been building in {directory} for {timeout:.0f} s"
-                    ) from None
-                time.sleep(0.2)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def _locked(directory: Path, timeout: float) -> contextlib.AbstractContextManager[None]:
+    return exclusive_lock(
+        directory / ".lock",
+        timeout,
+        f"another process has been building in {directory} for {timeout:.0f} s",
+        poll=0.2,
+    )
 
 
 def _download_kernel(kernel: KernelPackage, debs: Path) -> Path:

@@ -44,6 +44,7 @@ from spice_libvirt.errors import ConfigError, LabError, QMPError
 from spice_libvirt.lab import guest as guest_mod
 from spice_libvirt.lab.guest import GuestImages
 from spice_libvirt.lab.ports import free_tcp_ports
+from spice_libvirt.lab.procs import proc_start_time, same_process_alive
 from spice_libvirt.lab.tls import CA_CERT_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE
 
 log = logging.getLogger(__name__)
@@ -223,24 +224,6 @@ def qemu_argv(
     return argv
 
 
-def _proc_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (start time in clock ticks): tells a reused PID apart."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return int(fields[19])
-
-
-def _proc_state(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[0]
-
-
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -276,7 +259,7 @@ class QemuInstance:
         self.log_path = spec.log_path
         self.pidfile = spec.pidfile
         self._process = process
-        self._start_time = _proc_start_time(process.pid)
+        self._start_time = proc_start_time(process.pid)
         self._stopped = False
 
     def __repr__(self) -> str:
@@ -298,9 +281,7 @@ class QemuInstance:
         """True while our QEMU process exists and is not a zombie."""
         if self._process.returncode is not None:
             return False
-        if _proc_start_time(self.pid) != self._start_time:
-            return False  # gone, and the PID possibly reused by someone else
-        return _proc_state(self.pid) not in (None, "Z", "X")
+        return same_process_alive(self.pid, self._start_time)
 
     def log_tail(self, lines: int = 15) -> str:
         """The last non-empty lines QEMU wrote to stdout/stderr."""
@@ -314,15 +295,13 @@ class QemuInstance:
             return ""
 
     def _signal(self, sig: signal.Signals) -> None:
-        if _proc_start_time(self.pid) != self._start_time:
+        if proc_start_time(self.pid) != self._start_time:
             return  # not our process any more: never signal a stranger
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, sig)
 
     def _gone(self) -> bool:
-        return (
-            _proc_start_time(self.pid) != self._start_time or self._process.returncode is not None
-        )
+        return proc_start_time(self.pid) != self._start_time or self._process.returncode is not None
 
     async def _wait_gone(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

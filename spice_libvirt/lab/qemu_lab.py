@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import fcntl
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ import shlex
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +36,7 @@ from spice_libvirt import errors
 from spice_libvirt.controller import MigrationRequest, MigrationWitness, migrate_qemu
 from spice_libvirt.lab import guest as guest_mod
 from spice_libvirt.lab.ports import free_tcp_port, free_tcp_ports, port_is_free
+from spice_libvirt.lab.procs import exclusive_lock, proc_start_time, same_process_alive
 from spice_libvirt.lab.qemu import QemuSpec, qemu_argv, resolve_accel
 from spice_libvirt.progress import ProgressReporter
 from spice_libvirt.qmp import QMPConnection
@@ -142,29 +142,9 @@ class LabStatus(BaseModel):
 # -- process bookkeeping -----------------------------------------------------------------
 
 
-def _proc_start_time(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # field 22 (starttime); the command name in field 2 may contain spaces: skip past ')'
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[19])
-
-
-def _proc_state(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rindex(")") + 2 :].split()[0]
-
-
 def side_alive(side: SideState) -> bool:
     """True while the recorded PID is still *our* QEMU and not a zombie."""
-    if _proc_start_time(side.pid) != side.start_time:
-        return False
-    return _proc_state(side.pid) not in (None, "Z", "X")
+    return same_process_alive(side.pid, side.start_time)
 
 
 def _reap(pid: int) -> None:
@@ -212,25 +192,12 @@ class QemuLab:
 
     # -- state ----------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _locked(self, timeout: float = 30.0) -> Iterator[None]:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with (self.directory / "lab.lock").open("a+") as handle:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise errors.LabError(
-                            f"the lab in {self.directory} is busy (another lab command runs)"
-                        ) from None
-                    time.sleep(0.05)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    def _locked(self, timeout: float = 30.0) -> contextlib.AbstractContextManager[None]:
+        return exclusive_lock(
+            self.directory / "lab.lock",
+            timeout,
+            f"the lab in {self.directory} is busy (another lab command runs)",
+        )
 
     def load(self) -> LabState | None:
         try:
@@ -301,7 +268,7 @@ class QemuLab:
             role=role,
             name=spec.name,
             pid=proc.pid,
-            start_time=_proc_start_time(proc.pid),
+            start_time=proc_start_time(proc.pid),
             qmp_path=spec.qmp_path,
             spice_host=spec.spice_host,
             spice_port=spice_port,

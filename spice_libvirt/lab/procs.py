@@ -1,0 +1,65 @@
+"""Process identity and inter-process locks for the labs.
+
+The labs end only processes they started, by PID; a PID alone can be recycled, so a process
+is identified by (PID, start time). Lab commands from several shells serialise on a file
+lock with a bounded wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from spice_libvirt.errors import LabError
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # comm (field 2) may contain spaces and parentheses: the fields after the last ')' are fixed
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Field 22 of ``/proc/<pid>/stat`` (clock ticks since boot), None if no such process."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None
+
+
+def proc_state(pid: int) -> str | None:
+    """The one-letter state (R, S, Z, ...), None if no such process."""
+    fields = _stat_fields(pid)
+    return fields[0] if fields else None
+
+
+def same_process_alive(pid: int, start_time: int | None) -> bool:
+    """True while ``pid`` is still the process that started at ``start_time`` and not a zombie."""
+    return proc_start_time(pid) == start_time and proc_state(pid) not in (None, "Z", "X")
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, timeout: float, busy: str, poll: float = 0.05) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block.
+
+    :raise LabError: with ``busy`` as the message when the lock is not free within ``timeout``
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LabError(busy) from None
+                time.sleep(poll)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
