@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import fcntl
 import json
 import os
 import re
@@ -51,7 +50,7 @@ import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 from xml.sax.saxutils import escape as xml_escape
@@ -70,6 +69,7 @@ from spice_libvirt.lab.libvirt_host import (
     require_libvirt,
 )
 from spice_libvirt.lab.netns import ProcRef
+from spice_libvirt.lab.procs import exclusive_lock
 
 HostName = Literal["A", "B"]
 GuestKind = Literal["firmware", "linux"]
@@ -251,24 +251,11 @@ Migrator = Callable[[LabState, HostName, HostName, float], MigrationResult]
 # --------------------------------------------------------------------------- state file
 
 
-@contextlib.contextmanager
-def _locked(lab_dir: Path, timeout: float = 60.0) -> Iterator[None]:
+def _locked(lab_dir: Path, timeout: float = 60.0) -> contextlib.AbstractContextManager[None]:
     """Serialise up/down/migrate of one lab directory between processes."""
-    lab_dir.mkdir(parents=True, exist_ok=True)
-    with open(lab_dir / LOCK_FILE, "a+") as fh:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise LabError(f"lab {lab_dir} is busy (another lab command runs)") from None
-                time.sleep(0.1)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return exclusive_lock(
+        lab_dir / LOCK_FILE, timeout, f"lab {lab_dir} is busy (another lab command runs)", poll=0.1
+    )
 
 
 def _save(state: LabState) -> None:

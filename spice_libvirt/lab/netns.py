@@ -37,6 +37,7 @@ import tenacity
 from pydantic import BaseModel
 
 from spice_libvirt.errors import LabError
+from spice_libvirt.lab.procs import proc_start_time, same_process_alive
 
 #: Where ``ip netns`` keeps the bind mounts that name network namespaces.
 NETNS_RUN_DIR = Path("/run/netns")
@@ -346,26 +347,7 @@ class ProcRef(BaseModel):
 
     def alive(self) -> bool:
         """Whether this very process (not a recycled PID) still runs (zombies count as gone)."""
-        return proc_start_time(self.pid) == self.start_time and not _is_zombie(self.pid)
-
-
-def proc_start_time(pid: int) -> int | None:
-    """Field 22 of ``/proc/<pid>/stat``, or ``None`` if there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # comm (field 2) may contain spaces and parentheses; the fields after the last ')' are fixed
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[19])
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return stat[stat.rindex(")") + 2 :].split()[0] in ("Z", "X")
+        return same_process_alive(self.pid, self.start_time)
 
 
 def _reap(pid: int) -> None:
