@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from spice_libvirt.errors import AuthenticationError, TLSVerificationError
+from spice_libvirt.errors import AuthenticationError, LinkError, TLSVerificationError
 from spice_libvirt.lab.ports import free_tcp_port
 from spice_libvirt.lab.qemu import QemuGroup, QemuInstance
 from spice_libvirt.lab.tls import TlsMaterial
@@ -141,14 +141,17 @@ async def test_tls_port_with_subject_and_hostname_checks(
 async def test_need_secured_retries_on_tls_port(
     qemu_factory: QemuGroup, tls_material: TlsMaterial
 ) -> None:
+    # a second -spice merges into the first: every channel must use TLS, so the plain port
+    # answers NEED_SECURED and the client has to move to the TLS port on its own
     vm = await qemu_factory(
         "secured",
         tls_dir=tls_material.directory,
         spice_tls_port=free_tcp_port(),
-        extra_args=[],
+        extra_args=["-spice", "tls-channel=default"],
     )
-    # every channel on the TLS port when tls-channels=default is set by the server: emulate
-    # by asking only for the TLS port; plain port + NEED_SECURED is covered by the hostile test
+    plain_only = SpiceClient(ClientOptions(host="127.0.0.1", port=vm.spice_port))
+    with pytest.raises(LinkError, match="requires TLS"):
+        await plain_only.connect()
     client = SpiceClient(
         ClientOptions(
             host="127.0.0.1",
@@ -159,7 +162,8 @@ async def test_need_secured_retries_on_tls_port(
     )
     await client.connect()
     try:
-        assert len(client.channels) == 5
+        assert client.channels == CHANNELS
+        assert client.tls_in_use
     finally:
         await client.close()
 

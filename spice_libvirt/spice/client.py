@@ -438,8 +438,14 @@ class SpiceClient:
             try:
                 return await open_link(host, port, mess, password=password, timeout=timeout)
             except LinkError as exc:
-                if exc.code != LinkErr.NEED_SECURED or tls_port is None:
+                if exc.code != LinkErr.NEED_SECURED:
                     raise
+                if tls_port is None:
+                    raise LinkError(
+                        exc.code,
+                        f"{channel_label(*key)}: the server requires TLS (NEED_SECURED) and no "
+                        "tls-port is known (add ?tls-port=N to the URI)",
+                    ) from exc
                 log.debug("%s: server wants TLS, retrying on %s", channel_label(*key), tls_port)
         if tls_port is None:
             raise ConnectError(
