@@ -22,6 +22,7 @@ from spice_libvirt.lab.ports import free_tcp_port
 from spice_libvirt.lab.qemu import QemuGroup, QemuInstance
 from spice_libvirt.lab.tls import TlsMaterial
 from spice_libvirt.spice.client import ClientOptions, SpiceClient
+from spice_libvirt.spice.stream import parse_record
 
 pytestmark = pytest.mark.qemu
 
@@ -348,3 +349,35 @@ async def test_cancel_keeps_the_client_on_the_source(qemu_factory: QemuGroup) ->
         assert (await src.execute("query-status"))["status"] == "running"
     finally:
         await client.close()
+
+
+async def test_port_stream_and_events_from_the_linux_guest(qemu_factory: QemuGroup) -> None:
+    vm = await qemu_factory("linux", guest="linux", memory_mib=256)
+    client = SpiceClient(ClientOptions(host="127.0.0.1", port=vm.spice_port))
+    events: list[str] = []
+
+    async def collect() -> None:
+        async for event in client.events():
+            events.append(event.kind)
+
+    collector = asyncio.create_task(collect())
+    await asyncio.sleep(0)  # subscribe before connecting
+    await client.connect()
+    try:
+        stream = await client.port_stream("org.spice-libvirt.stream")
+        data = b""
+        async with asyncio.timeout(60):  # the guest boots under TCG first
+            while len(data) < 64:
+                data += await stream.read()
+        assert parse_record(data[:32]) is not None
+        assert stream.opened.is_set()
+        stats = client.stream_stats()
+        assert stats.records >= 1
+        assert stats.gaps == 0
+        assert stats.duplicates == 0
+    finally:
+        await client.close()
+        collector.cancel()
+    assert "linked" in events
+    assert "session-up" in events
+    assert "port-init" in events
