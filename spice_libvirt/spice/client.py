@@ -686,17 +686,7 @@ class SpiceClient:
         if old is not None and not old.done:
             self._spawn(self._abort_migration(old, "superseded by a new migration"), "spice-abort")
             self._finish(old, "cancelled", now, error="superseded by a new migration")
-        self._migrations_started += 1
-        record = ClientMigrationRecord(
-            path="none",
-            connection_id_before=self.session_id,
-            channels_before=self.channels,
-            started_at=now,
-            destination=f"{dst.host}:{dst.port or dst.tls_port}",
-        )
-        mig = _Migration(self._migrations_started, kind, dst, record, now)
-        self._migration = mig
-        self._history.append(mig)
+        mig = self._new_migration(kind, dst, now)
         if self._stream is not None:
             self._stream.reset_stall()
         self._step(
@@ -707,7 +697,7 @@ class SpiceClient:
             message_name(message),
             f"{dst.host} port={dst.port} tls-port={dst.tls_port}",
         )
-        self._emit("migration-begin", "main:0", f"{kind} to {record.destination}")
+        self._emit("migration-begin", "main:0", f"{kind} to {mig.record.destination}")
         mig.connect_task = asyncio.create_task(
             self._migration_connect(mig, src_version), name="spice-migrate-connect"
         )
@@ -917,6 +907,13 @@ class SpiceClient:
         self._spawn(self._do_switch_host(mig, dst, now), "spice-switch-host")
 
     def _begin_record_only(self, dst: DstInfo, now: float) -> None:
+        mig = self._new_migration("semi-seamless", dst, now)
+        mig.connected.set()
+
+    def _new_migration(
+        self, kind: Literal["seamless", "semi-seamless"], dst: DstInfo, now: float
+    ) -> _Migration:
+        """Open the record of a migration that starts now; it becomes the current one."""
         self._migrations_started += 1
         record = ClientMigrationRecord(
             path="none",
@@ -925,10 +922,10 @@ class SpiceClient:
             started_at=now,
             destination=f"{dst.host}:{dst.port or dst.tls_port}",
         )
-        mig = _Migration(self._migrations_started, "semi-seamless", dst, record, now)
-        mig.connected.set()
+        mig = _Migration(self._migrations_started, kind, dst, record, now)
         self._migration = mig
         self._history.append(mig)
+        return mig
 
     async def _do_switch_host(self, mig: _Migration, dst: DstInfo, now: float) -> None:
         task = mig.connect_task
