@@ -57,7 +57,9 @@ class LinkError(RemoteProtocolError):
             self.name = LinkErr(code).name
         except ValueError:
             self.name = f"UNKNOWN_{code}"
-        super().__init__(message or f"link refused by server: {self.name.lower().replace('_', ' ')}")
+        super().__init__(
+            message or f"link refused by server: {self.name.lower().replace('_', ' ')}"
+        )
 
 
 class AuthenticationError(LinkError):
