@@ -25,10 +25,10 @@ import contextlib
 import logging
 import time
 import uuid as uuidlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
@@ -88,7 +88,7 @@ from spice_libvirt.spice.messages import (
     message_name,
 )
 from spice_libvirt.spice.migrate_data import check_migrate_data
-from spice_libvirt.spice.record import ClientMigrationRecord, PathStep, StreamStats
+from spice_libvirt.spice.record import ClientMigrationRecord, ClientPath, PathStep, StreamStats
 from spice_libvirt.spice.stream import StreamChecker
 from spice_libvirt.spice.transport import ChannelLink, TLSSettings, open_link
 
@@ -530,8 +530,8 @@ class SpiceClient:
     def _start_reader(self, ch: _Channel) -> None:
         ch.task = asyncio.create_task(self._read_channel(ch), name=f"spice-{ch.label}")
 
-    def _spawn(self, coro: object, name: str) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -1004,12 +1004,14 @@ class SpiceClient:
             if key == MAIN_KEY:
                 await link.close(drain_timeout=drain_timeout)
 
-    def _finish(self, mig: _Migration, path: str, at: float, error: str | None = None) -> None:
+    def _finish(
+        self, mig: _Migration, path: ClientPath, at: float, error: str | None = None
+    ) -> None:
         if mig.done:
             return
         mig.done = True
         record = mig.record
-        record.path = path  # type: ignore[assignment]
+        record.path = path
         record.finished_at = at
         record.connection_id_after = self.session_id if path != "failed" else None
         record.connection_id_kept = path in ("seamless", "semi-seamless") and (
