@@ -23,5 +23,5 @@ echo
 status=0
 "${CLI[@]}" migrate || status=$?
 echo
-echo "(full report: spice-libvirt lab migrate --json; lab left running? no: it is torn down now)"
+echo "(the lab is torn down again; 'spice-libvirt lab migrate --json' gives the full timed report)"
 exit "$status"

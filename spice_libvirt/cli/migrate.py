@@ -63,7 +63,9 @@ def print_report(report: MigrationReport, as_json: bool) -> None:
             f"({'kept' if client.connection_id_kept else 'not kept'}), "
             f"channels {len(client.channels_before)} -> {len(client.channels_after)}"
         )
-        if client.stream is not None:
+        if client.record is not None and client.record.steps:
+            print(f"  path: {client.record.path_summary()}")
+        if client.stream is not None and (client.stream.records or client.stream.gaps):
             s = client.stream
             print(f"  stream: {s.records} records, {s.gaps} gaps, {s.duplicates} duplicates")
         if client.blackout_ms:

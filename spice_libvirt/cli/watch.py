@@ -61,6 +61,7 @@ def describe(record: ClientMigrationRecord) -> str:
         f"migration to {record.destination}: {record.path}",
         f"  connection id {record.connection_id_before} -> {record.connection_id_after} ({kept})",
         f"  channels {len(record.channels_before)} -> {len(record.channels_after)}",
+        f"  path: {record.path_summary()}",
     ]
     if record.blackout_ms:
         worst = max(record.blackout_ms, key=lambda k: record.blackout_ms[k])

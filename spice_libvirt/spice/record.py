@@ -60,3 +60,18 @@ class ClientMigrationRecord(BaseModel):
     finished_at: float | None = None
     destination: str | None = Field(default=None, description="host:port the client moved to")
     error: str | None = None
+
+    def path_summary(self) -> str:
+        """The protocol path in one line, each message once with its count, in order of first
+        appearance: ``src:MIGRATE x5 -> dst:MIGRATE_DATA x4``.
+
+        Meant for people reading a terminal (channels interleave, so exact order is in the
+        timed :attr:`steps`).
+        """
+        counts: dict[str, int] = {}
+        for step in self.steps:
+            if step.direction == "event" and not step.message.startswith(("LINKED", "DONE")):
+                continue
+            label = f"{step.side}:{step.message}"
+            counts[label] = counts.get(label, 0) + 1
+        return " -> ".join(f"{label} x{n}" if n > 1 else label for label, n in counts.items())
