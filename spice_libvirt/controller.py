@@ -33,14 +33,13 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field, model_validator
 
 from spice_libvirt import errors
-from spice_libvirt.progress import MigrationProgress, NullReporter, ProgressReporter
+from spice_libvirt.progress import MigrationProgress, NullReporter, ProgressReporter, RunLog
 from spice_libvirt.qmp import (
     EventStream,
     QMPAddress,
@@ -54,7 +53,6 @@ from spice_libvirt.report import (
     LinkWait,
     MigrationFigures,
     MigrationReport,
-    PhaseTiming,
     channel_name,
     classify_outcome,
     embedded_path_is_seamless,
@@ -230,34 +228,13 @@ class QemuMigrationController:
         self.req = request
         self.witness = witness
         self.reporter: ProgressReporter = reporter or NullReporter()
-        self._t0 = time.monotonic()
-        self._phases: list[PhaseTiming] = []
-        self._notes: list[str] = []
+        self.log = RunLog(self.reporter)
         self._dst_tls: dict[int, bool] = {}
 
     # -- helpers ----------------------------------------------------------------------
 
-    def _ms(self, t: float) -> float:
-        return round((t - self._t0) * 1000.0, 3)
-
-    @contextlib.asynccontextmanager
-    async def _phase(self, name: str) -> AsyncIterator[PhaseTiming]:
-        start = time.monotonic()
-        timing = PhaseTiming(name=name, start_ms=self._ms(start), duration_ms=0.0)
-        self.reporter.phase(name)
-        try:
-            yield timing
-        except BaseException as exc:
-            timing.ok = False
-            timing.detail = timing.detail or str(exc) or type(exc).__name__
-            raise
-        finally:
-            timing.duration_ms = round((time.monotonic() - start) * 1000.0, 3)
-            self._phases.append(timing)
-
     def note(self, text: str) -> None:
-        log.info("%s", text)
-        self._notes.append(text)
+        self.log.note(text)
 
     # -- the flow ---------------------------------------------------------------------
 
@@ -272,7 +249,7 @@ class QemuMigrationController:
         if source_pid is None and isinstance(src_addr, str):
             source_pid = await asyncio.to_thread(qemu_pid_of_socket, src_addr)
         try:
-            async with self._phase("connect"):
+            async with self.log.phase("connect"):
                 await asyncio.gather(
                     src.connect(src_addr, timeout=req.connect_timeout),
                     dst.connect(dst_addr, timeout=req.connect_timeout),
@@ -315,7 +292,7 @@ class QemuMigrationController:
         )
 
         # -- preflight: raises MigrationError before anything is changed ---------------
-        async with self._phase("preflight"):
+        async with self.log.phase("preflight"):
             seamless_on = await self._preflight(src, dst, source, destination, source_pid)
 
         # -- who is connected on the source, and with which channels -------------------
@@ -340,7 +317,7 @@ class QemuMigrationController:
         migrations_before = self.witness.migration_count if self.witness is not None else None
 
         # -- tell the client where to go ----------------------------------------------
-        async with self._phase("client_migrate_info"):
+        async with self.log.phase("client_migrate_info"):
             args: dict[str, object] = {"protocol": "spice", "hostname": req.client_host}
             if req.client_port is not None:
                 args["port"] = req.client_port
@@ -373,14 +350,14 @@ class QemuMigrationController:
                 return report
 
             # -- capabilities, parameters, migrate --------------------------------------
-            async with self._phase("parameters"):
+            async with self.log.phase("parameters"):
                 await self._set_parameters(src, report.migration)
             was_running = source.status_before == "running"
             t_migrate = time.monotonic()
             try:
-                async with self._phase("migrate"):
+                async with self.log.phase("migrate"):
                     await src.execute("migrate", {"uri": req.migrate_uri})
-                async with self._phase("transfer") as timing:
+                async with self.log.phase("transfer") as timing:
                     final = await self._follow(src, src_mig, report.migration, t_migrate)
                     timing.detail = final
                     timing.ok = final == "completed"
@@ -404,7 +381,7 @@ class QemuMigrationController:
                 return report
 
             # -- SPICE hand-over, then the verdict --------------------------------------
-            async with self._phase("spice-migrate-completed"):
+            async with self.log.phase("spice-migrate-completed"):
                 report.spice_migrate_completed = await self._wait_spice_completed(
                     src, src_spice, bool(clients)
                 )
@@ -418,7 +395,7 @@ class QemuMigrationController:
                 # the only client says it kept its session: nothing new can show up on
                 # the destination, a short look for stray links is enough
                 settle = min(settle, 0.1)
-            async with self._phase("settle"):
+            async with self.log.phase("settle"):
                 dst_seen = await self._settle(dst_spice, clients, settle)
             source.status_after = await self._status(src)
             destination.status_after = await self._status(dst)
@@ -531,7 +508,7 @@ class QemuMigrationController:
         if not clients:
             link.result = "no-client"
             return True
-        async with self._phase("link-wait") as timing:
+        async with self.log.phase("link-wait") as timing:
             deadline = t_cmi + req.link_timeout
             linked: dict[int, set[tuple[int, int]]] = {cid: set() for cid in clients}
 
@@ -953,9 +930,7 @@ class QemuMigrationController:
             )
             report.outcome = "failed"
         report.seamless = report.outcome == "seamless"
-        report.phases = list(self._phases)
-        report.notes = list(self._notes)
-        report.duration_ms = round((time.monotonic() - self._t0) * 1000.0, 3)
+        self.log.fill(report)
 
     def _embedded_path(self, verdict: ClientVerdict, record: ClientMigrationRecord) -> ClientPath:
         """Cross-check the embedded client's own path with what QMP showed."""

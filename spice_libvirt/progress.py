@@ -9,12 +9,16 @@ transferred" during precopy only means "this pass is done".
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from pydantic import BaseModel
+
+from spice_libvirt.report import MigrationReport, PhaseTiming
 
 log = logging.getLogger(__name__)
 
@@ -172,3 +176,60 @@ def make_reporter(*, quiet: bool = False) -> ProgressReporter:
     if sys.stderr.isatty():
         return RichReporter()
     return LogReporter()
+
+
+class RunLog:
+    """Phase timings and notes of one controller run, as the report carries them.
+
+    Both controllers (QMP and libvirt) keep their account here, so timings mean the same
+    thing in both reports: milliseconds since the run started.
+    """
+
+    def __init__(self, reporter: ProgressReporter) -> None:
+        self.reporter = reporter
+        self.t0 = time.monotonic()
+        self.phases: list[PhaseTiming] = []
+        self.notes: list[str] = []
+
+    def ms(self, t: float) -> float:
+        """``t`` (a ``time.monotonic()`` value) in milliseconds since the run started."""
+        return round((t - self.t0) * 1000.0, 3)
+
+    def note(self, text: str) -> None:
+        log.info("%s", text)
+        self.notes.append(text)
+
+    def record(self, name: str, start: float, ok: bool = True, detail: str | None = None) -> None:
+        """A phase that began at ``start`` and ends now."""
+        self.phases.append(
+            PhaseTiming(
+                name=name,
+                start_ms=self.ms(start),
+                duration_ms=round((time.monotonic() - start) * 1000.0, 3),
+                ok=ok,
+                detail=detail,
+            )
+        )
+        self.reporter.phase(name, detail or "")
+
+    @contextlib.asynccontextmanager
+    async def phase(self, name: str) -> AsyncIterator[PhaseTiming]:
+        """Time the block as phase ``name``; a failure marks it not ok and propagates."""
+        start = time.monotonic()
+        timing = PhaseTiming(name=name, start_ms=self.ms(start), duration_ms=0.0)
+        self.reporter.phase(name)
+        try:
+            yield timing
+        except BaseException as exc:
+            timing.ok = False
+            timing.detail = timing.detail or str(exc) or type(exc).__name__
+            raise
+        finally:
+            timing.duration_ms = round((time.monotonic() - start) * 1000.0, 3)
+            self.phases.append(timing)
+
+    def fill(self, report: MigrationReport) -> None:
+        """Copy phases, notes and the total duration into ``report``."""
+        report.phases = list(self.phases)
+        report.notes = list(self.notes)
+        report.duration_ms = self.ms(time.monotonic())

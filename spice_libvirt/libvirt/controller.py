@@ -63,13 +63,12 @@ from spice_libvirt.libvirt.connection import (
     require_libvirt,
 )
 from spice_libvirt.libvirt.errors import PreflightError, message_of
-from spice_libvirt.progress import MigrationProgress, NullReporter, ProgressReporter
+from spice_libvirt.progress import MigrationProgress, NullReporter, ProgressReporter, RunLog
 from spice_libvirt.report import (
     ClientVerdict,
     Endpoint,
     MigrationFigures,
     MigrationReport,
-    PhaseTiming,
     channel_name,
     classify_outcome,
     embedded_path_is_seamless,
@@ -263,26 +262,11 @@ class LibvirtMigrationController:
         self.req = request
         self.witness = witness
         self.reporter = reporter or NullReporter()
-        self._t0 = time.monotonic()
-        self._phases: list[PhaseTiming] = []
-        self._notes: list[str] = []
+        self.log = RunLog(self.reporter)
         self._lv = require_libvirt()
 
     def note(self, text: str) -> None:
-        log.info("%s", text)
-        self._notes.append(text)
-
-    def _phase(self, name: str, start: float, ok: bool = True, detail: str | None = None) -> None:
-        self._phases.append(
-            PhaseTiming(
-                name=name,
-                start_ms=round((start - self._t0) * 1000.0, 3),
-                duration_ms=round((time.monotonic() - start) * 1000.0, 3),
-                ok=ok,
-                detail=detail,
-            )
-        )
-        self.reporter.phase(name, detail or "")
+        self.log.note(text)
 
     # ------------------------------------------------------------------ helpers
 
@@ -364,7 +348,7 @@ class LibvirtMigrationController:
 
         if await dst.call(running_there, "look up the domain on the destination"):
             raise PreflightError(f"domain {name} already runs on the destination {dst.uri}")
-        self._phase("preflight", start, detail=f"{name}: SPICE {spice}")
+        self.log.record("preflight", start, detail=f"{name}: SPICE {spice}")
         return dom
 
     async def _source_clients(
@@ -501,7 +485,7 @@ class LibvirtMigrationController:
         completed = error is None and migration.done() and not migration.cancelled()
         for event in gfx.drain():
             links.absorb(event)
-        self._phase("migrate", t_start, ok=completed, detail=f"{report.wall_ms:.0f} ms")
+        self.log.record("migrate", t_start, ok=completed, detail=f"{report.wall_ms:.0f} ms")
         report.migration.status = (
             "completed" if completed else ("cancelled" if cancelled else "failed")
         )
@@ -594,7 +578,7 @@ class LibvirtMigrationController:
             except errors.LibvirtError as exc:
                 self.note(f"QMP throttle refused ({exc}): holding at libvirt's floor only")
                 hold.applied = "libvirt-floor"
-        self._phase("hold", start, detail=hold.applied)
+        self.log.record("hold", start, detail=hold.applied)
 
         # when to release
         deadline = t_active + req.hold_timeout
@@ -671,7 +655,7 @@ class LibvirtMigrationController:
             delay = release_at - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-        self._phase("link-wait", wait_start, ok=linked, detail=hold.release_reason)
+        self.log.record("link-wait", wait_start, ok=linked, detail=hold.release_reason)
         if migration.done():
             return linked
         if linked or not req.require_seamless:
@@ -808,16 +792,14 @@ class LibvirtMigrationController:
         status = report.migration.status
         report.outcome = classify_outcome(status, verdicts, cancelled=status == "cancelled")
         report.seamless = report.outcome == "seamless"
-        self._phase("verdict", start, detail=report.outcome)
-        report.phases = list(self._phases)
-        report.notes = list(self._notes)
+        self.log.record("verdict", start, detail=report.outcome)
         if report.tainted:
-            report.notes.append(
+            self.note(
                 "libvirt marked the domain tainted (custom-monitor): the QMP passthrough was used "
                 "for query-spice"
                 + (" and the hold" if report.hold.applied == "qmp-throttle" else "")
             )
-        report.duration_ms = round((time.monotonic() - self._t0) * 1000.0, 3)
+        self.log.fill(report)
 
     def _embedded_path(self, verdict: ClientVerdict, record: ClientMigrationRecord) -> ClientPath:
         if record.path == "seamless":
