@@ -58,7 +58,12 @@ for pkg in "${PACKAGES[@]}"; do
         missing+=("$pkg")
     fi
 done
-if [ ${#missing[@]} -gt 0 ]; then
+# the Linux test guest is built from the kernel package apt knows: without package lists
+# (a fresh image) apt cannot name it, so refresh them then too
+if ! apt-cache policy linux-image-amd64 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+    need_update=1
+fi
+if [ ${#missing[@]} -gt 0 ] || [ "${need_update:-0}" = 1 ]; then
     export DEBIAN_FRONTEND=noninteractive
     # tshark asks whether non-root users may capture; answer "no" without a prompt.
     echo "wireshark-common wireshark-common/install-setuid boolean false" \
