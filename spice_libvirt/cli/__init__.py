@@ -48,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    # qemu.qmp logs every failed connect attempt at ERROR; our retries and the one-line
+    # error on stderr say it better, so its own lines are shown only with -vv
+    logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if args.verbose >= 2 else logging.CRITICAL)
     handler: Handler = args.handler
     try:
         return int(handler(args))
