@@ -381,3 +381,40 @@ async def test_port_stream_and_events_from_the_linux_guest(qemu_factory: QemuGro
     assert "linked" in events
     assert "session-up" in events
     assert "port-init" in events
+
+
+EXTRA_CHANNELS = [
+    # usbredir: a USB redirection channel (spicevmc) on an xHCI controller
+    "-device", "qemu-xhci,id=xhci0",
+    "-chardev", "spicevmc,name=usbredir,id=usbredir0",
+    "-device", "usb-redir,chardev=usbredir0,id=usbredir0dev,bus=xhci0.0",
+    # webdav: a spiceport with the webdav name becomes a WEBDAV channel
+    "-chardev", "spiceport,name=org.spice-space.webdav.0,id=webdav0",
+    "-device", "virtserialport,bus=vser0.0,chardev=webdav0,name=org.spice-space.webdav.0",
+]  # fmt: skip
+
+
+async def test_usbredir_and_webdav_channels_link_and_migrate_seamlessly(
+    qemu_factory: QemuGroup, require_kvm: None
+) -> None:
+    src = await qemu_factory("src", extra_args=EXTRA_CHANNELS)
+    port = free_tcp_port()
+    dst = await qemu_factory("dst", incoming=f"tcp:127.0.0.1:{port}", extra_args=EXTRA_CHANNELS)
+    client = SpiceClient(ClientOptions(host="127.0.0.1", port=src.spice_port))
+    await client.connect()
+    try:
+        assert "usbredir:0" in client.channels
+        assert "webdav:0" in client.channels
+        await _migrate(src, dst, f"tcp:127.0.0.1:{port}", client, wait=True)
+        record = await client.next_migration(15)
+        assert record.path == "seamless"
+        assert record.channels_after == record.channels_before
+        received = {
+            s.channel: s.detail
+            for s in record.steps
+            if s.message == "MIGRATE_DATA" and s.side == "src"
+        }
+        assert received["usbredir:0"].startswith("SVMD v1")
+        assert received["webdav:0"].startswith("SVMD v1")
+    finally:
+        await client.close()
