@@ -391,10 +391,14 @@ EXTRA_CHANNELS = [
     # webdav: a spiceport with the webdav name becomes a WEBDAV channel
     "-chardev", "spiceport,name=org.spice-space.webdav.0,id=webdav0",
     "-device", "virtserialport,bus=vser0.0,chardev=webdav0,name=org.spice-space.webdav.0",
+    # playback and record: SPICE audio on an HDA codec
+    "-audiodev", "spice,id=snd0",
+    "-device", "ich9-intel-hda",
+    "-device", "hda-duplex,audiodev=snd0",
 ]  # fmt: skip
 
 
-async def test_usbredir_and_webdav_channels_link_and_migrate_seamlessly(
+async def test_usbredir_webdav_and_audio_channels_link_and_migrate_seamlessly(
     qemu_factory: QemuGroup, require_kvm: None
 ) -> None:
     src = await qemu_factory("src", extra_args=EXTRA_CHANNELS)
@@ -403,8 +407,7 @@ async def test_usbredir_and_webdav_channels_link_and_migrate_seamlessly(
     client = SpiceClient(ClientOptions(host="127.0.0.1", port=src.spice_port))
     await client.connect()
     try:
-        assert "usbredir:0" in client.channels
-        assert "webdav:0" in client.channels
+        assert {"usbredir:0", "webdav:0", "playback:0", "record:0"} <= set(client.channels)
         await _migrate(src, dst, f"tcp:127.0.0.1:{port}", client, wait=True)
         record = await client.next_migration(15)
         assert record.path == "seamless"
@@ -416,5 +419,7 @@ async def test_usbredir_and_webdav_channels_link_and_migrate_seamlessly(
         }
         assert received["usbredir:0"].startswith("SVMD v1")
         assert received["webdav:0"].startswith("SVMD v1")
+        flags = {s.channel: s.detail for s in record.steps if s.message == "MIGRATE"}
+        assert flags["playback:0"] == flags["record:0"] == "flags 0"  # no state to hand over
     finally:
         await client.close()
