@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import SecretStr
@@ -261,11 +262,23 @@ async def test_seamless_keeps_connection_id_and_forwards_migrate_data(
         await client.close()
 
 
-async def test_no_wait_on_kvm_falls_back_to_switch_host(
+class LateFollower(SpiceClient):
+    """A client that starts its destination links late, like one far away from the hosts.
+
+    The race is real (spice-server decides at the end of the migration), but who wins it on
+    loopback varies from run to run; delaying the pre-link makes the client lose it every time.
+    """
+
+    async def _migration_connect(self, mig: Any, src_version: int | None) -> None:
+        await asyncio.sleep(0.5)
+        await super()._migration_connect(mig, src_version)
+
+
+async def test_losing_the_race_falls_back_to_switch_host(
     qemu_factory: QemuGroup, require_kvm: None
 ) -> None:
     src, dst, uri = await _pair(qemu_factory)
-    client = SpiceClient(ClientOptions(host="127.0.0.1", port=src.spice_port))
+    client = LateFollower(ClientOptions(host="127.0.0.1", port=src.spice_port))
     await client.connect()
     try:
         before = client.session_id
@@ -276,6 +289,9 @@ async def test_no_wait_on_kvm_falls_back_to_switch_host(
         assert record.connection_id_after not in (None, before)
         assert "MIGRATE_SWITCH_HOST" in [s.message for s in record.steps]
         assert len(client.channels) == 5
+        # the destination really has a new session: QMP agrees with the client
+        spice = await dst.execute("query-spice")
+        assert {c["connection-id"] & 0xFFFFFFFF for c in spice["channels"]} == {client.session_id}
     finally:
         await client.close()
 

@@ -25,10 +25,20 @@ async def _wait_channels(qmp: QMPClient, count: int, tries: int = 500) -> None:
 
 
 @pytest.mark.parametrize(
-    ("wait", "expected", "code"), [(True, "seamless", 0), (False, "switch-host", 8)]
+    ("wait", "old_client", "expected", "code"),
+    [
+        (True, [], "seamless", 0),
+        # an old client (no migration caps) gets no BEGIN at all: always switch-host
+        (False, ["--old-client", "no-semi-seamless"], "switch-host", 8),
+    ],
 )
 async def test_watch_reports_each_migration(
-    qemu_factory: QemuGroup, require_kvm: None, wait: bool, expected: str, code: int
+    qemu_factory: QemuGroup,
+    require_kvm: None,
+    wait: bool,
+    old_client: list[str],
+    expected: str,
+    code: int,
 ) -> None:
     src = await qemu_factory("src")
     port = free_tcp_port()
@@ -43,6 +53,7 @@ async def test_watch_reports_each_migration(
         "1",
         "--duration",
         "30",
+        *old_client,
         f"spice://127.0.0.1:{src.spice_port}",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
