@@ -376,7 +376,7 @@ class QemuMigrationController:
                 record = await self._collect_record(record_task, 5.0)
                 source.status_after = await self._status(src)
                 destination.status_after = await self._status(dst)
-                src_channels = await self._spice_channels(src)
+                src_channels, _ = await self._spice_sessions(src)
                 self._finish(report, clients, src_channels, {}, record, seamless_on)
                 return report
 
@@ -399,8 +399,7 @@ class QemuMigrationController:
                 dst_seen = await self._settle(dst_spice, clients, settle)
             source.status_after = await self._status(src)
             destination.status_after = await self._status(dst)
-            dst_channels = await self._spice_channels(dst)
-            self._dst_tls = await self._spice_tls(dst)
+            dst_channels, self._dst_tls = await self._spice_sessions(dst)
             for cid, chans in dst_seen.items():
                 dst_channels.setdefault(cid, set()).update(chans)
             self._finish(report, clients, {}, dst_channels, record, seamless_on, witness_cid)
@@ -803,31 +802,22 @@ class QemuMigrationController:
             return None
 
     @staticmethod
-    async def _spice_tls(conn: QMPConnection) -> dict[int, bool]:
-        """Per connection id: whether every channel QMP lists uses TLS."""
-        out: dict[int, bool] = {}
+    async def _spice_sessions(
+        conn: QMPConnection,
+    ) -> tuple[dict[int, set[tuple[int, int]]], dict[int, bool]]:
+        """One ``query-spice``: per connection id its channels, and whether all use TLS."""
+        channels: dict[int, set[tuple[int, int]]] = {}
+        tls: dict[int, bool] = {}
         try:
             spice = await conn.execute("query-spice", timeout=3)
         except errors.QMPError:
-            return out
+            return channels, tls
         for entry in spice.get("channels", []):
             got = _channels_of(entry)
             if got:
-                out[got[0]] = out.get(got[0], True) and bool(entry.get("tls"))
-        return out
-
-    @staticmethod
-    async def _spice_channels(conn: QMPConnection) -> dict[int, set[tuple[int, int]]]:
-        out: dict[int, set[tuple[int, int]]] = {}
-        try:
-            spice = await conn.execute("query-spice", timeout=3)
-        except errors.QMPError:
-            return out
-        for entry in spice.get("channels", []):
-            got = _channels_of(entry)
-            if got:
-                out.setdefault(got[0], set()).add(got[1])
-        return out
+                channels.setdefault(got[0], set()).add(got[1])
+                tls[got[0]] = tls.get(got[0], True) and bool(entry.get("tls"))
+        return channels, tls
 
     # -- the verdict ------------------------------------------------------------------
 
