@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from spice_libvirt.spice.record import ClientMigrationRecord, ClientPath, StreamStats
+from spice_libvirt.spice.record import ClientMigrationRecord, ClientPath, SessionChange, StreamStats
 
 #: The overall outcome. ``no-client`` is used only when no SPICE client was connected at all:
 #: there was nothing to keep, and calling that "seamless" would be a claim without evidence.
@@ -60,18 +60,12 @@ def parse_channel_name(name: str) -> tuple[int, int]:
     return ctype, int(ident or 0)
 
 
-class ClientVerdict(BaseModel):
+class ClientVerdict(SessionChange):
     """One SPICE client, as both QEMUs (and, for ours, the client itself) saw it."""
 
     kind: Literal["embedded", "external"] = Field(
         description="embedded: our own client, with a protocol record; external: QMP only"
     )
-    path: ClientPath
-    connection_id_before: int
-    connection_id_after: int | None = None
-    connection_id_kept: bool = False
-    channels_before: list[str] = Field(default_factory=list)
-    channels_after: list[str] = Field(default_factory=list)
     #: the client had linked every channel to the destination before ``migrate`` was issued
     linked_before_migrate: bool = False
     #: every channel QMP lists for this client uses TLS (before: source, after: destination)

@@ -39,8 +39,9 @@ class StreamStats(BaseModel):
     malformed: int = 0
 
 
-class ClientMigrationRecord(BaseModel):
-    """The embedded client's own account of one migration."""
+class SessionChange(BaseModel):
+    """How a client's SPICE session came through a migration: the path, and the session id
+    and channels before and after. Shared by the client's own record and the verdict."""
 
     path: ClientPath
     connection_id_before: int
@@ -48,6 +49,11 @@ class ClientMigrationRecord(BaseModel):
     connection_id_kept: bool = False
     channels_before: list[str] = Field(default_factory=list)
     channels_after: list[str] = Field(default_factory=list)
+
+
+class ClientMigrationRecord(SessionChange):
+    """The embedded client's own account of one migration."""
+
     steps: list[PathStep] = Field(default_factory=list)
     #: per channel: milliseconds between the last message read from the source and the first
     #: read from (or sent to) the destination; the time the channel was dark for the user
