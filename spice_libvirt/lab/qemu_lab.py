@@ -233,6 +233,19 @@ class QemuLab:
             tls_dir=tls.directory if tls else None,
         )
 
+    async def _fresh_destination(self, state: LabState, side: SideState) -> SideState:
+        """Stop ``side`` and start a fresh incoming QEMU in its place, on the same ports."""
+        await asyncio.to_thread(stop_side, side)
+        return await self._start_side(
+            side.side,
+            guest=state.guest,
+            memory_mib=state.memory_mib,
+            role="destination",
+            spice_port=side.spice_port,
+            spice_tls_port=side.spice_tls_port,
+            tls=state.tls,
+        )
+
     async def _start_side(
         self,
         side: SideName,
@@ -504,16 +517,7 @@ class QemuLab:
         dst = state.sides[state.destination]
         if report.migration.status == "completed":
             # the old source is in 'postmigrate': replace it by a fresh incoming QEMU
-            await asyncio.to_thread(stop_side, src)
-            new_dst = await self._start_side(
-                src.side,
-                guest=state.guest,
-                memory_mib=state.memory_mib,
-                role="destination",
-                spice_port=src.spice_port,
-                spice_tls_port=src.spice_tls_port,
-                tls=state.tls,
-            )
+            new_dst = await self._fresh_destination(state, src)
             dst.role = "source"
             dst.migrate_port = None
             state.sides[src.side] = new_dst
@@ -522,16 +526,7 @@ class QemuLab:
             state.migrations += 1
         elif not side_alive(dst) or not await _is_incoming(dst):
             # a failed migration may leave the destination dead or unusable: replace it
-            await asyncio.to_thread(stop_side, dst)
-            state.sides[dst.side] = await self._start_side(
-                dst.side,
-                guest=state.guest,
-                memory_mib=state.memory_mib,
-                role="destination",
-                spice_port=dst.spice_port,
-                spice_tls_port=dst.spice_tls_port,
-                tls=state.tls,
-            )
+            state.sides[dst.side] = await self._fresh_destination(state, dst)
         state.last_outcome = report.outcome
         self._save(state)
 
