@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -30,15 +29,11 @@ from spice_libvirt.libvirt.evacuate import evacuate
 from spice_libvirt.libvirt.lab import start_extra_domains
 from spice_libvirt.libvirt.witness import ThreadedWitness
 from spice_libvirt.spice.client import ClientOptions
+from tests.lab_marks import LIBVIRT_LAB
 
 libvirt = pytest.importorskip("libvirt")
 
-pytestmark = [
-    pytest.mark.libvirt,
-    pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root"),
-    pytest.mark.skipif(shutil.which("libvirtd") is None, reason="libvirtd is not installed"),
-]
+pytestmark = LIBVIRT_LAB
 
 
 @pytest.fixture(scope="module")

@@ -37,15 +37,11 @@ from spice_libvirt.libvirt.errors import (
     PreflightError,
 )
 from spice_libvirt.libvirt.lab import lab_migrate, lab_request
+from tests.lab_marks import LIBVIRT_LAB
 
 libvirt = pytest.importorskip("libvirt")
 
-pytestmark = [
-    pytest.mark.libvirt,
-    pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root"),
-    pytest.mark.skipif(shutil.which("libvirtd") is None, reason="libvirtd is not installed"),
-]
+pytestmark = LIBVIRT_LAB
 
 RTT_MS = 150.0
 

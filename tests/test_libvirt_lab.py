@@ -23,15 +23,11 @@ from spice_libvirt.lab.libvirt_host import LibvirtHost
 from spice_libvirt.lab.libvirt_lab import LabState
 from spice_libvirt.spice.client import ClientOptions, SpiceClient
 from spice_libvirt.spice.record import ClientMigrationRecord, StreamStats
+from tests.lab_marks import LIBVIRT_LAB
 
 libvirt = pytest.importorskip("libvirt")
 
-pytestmark = [
-    pytest.mark.libvirt,
-    pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root"),
-    pytest.mark.skipif(shutil.which("libvirtd") is None, reason="libvirtd is not installed"),
-]
+pytestmark = LIBVIRT_LAB
 
 
 @pytest.fixture
