@@ -319,12 +319,12 @@ def test_unwritable_journal(
     monkeypatch.setenv("SPICE_LIBVIRT_CONFIG", str(cfg))
     rc, out, err = call(["guest1", "migrate", "begin", "-"], domain_xml())
     assert "journal" in err
-    if fail_closed:
-        assert (rc, out) == (1, "")
-    else:
-        # the rewrite worked; losing a journal row must not stop the migration
-        assert rc == 0
-        assert NEW in out
+    assert "(continuing)" in err
+    # the rewrite worked; losing a journal row must not stop the migration, not even
+    # with fail_closed (the journal is bookkeeping, not a condition of the operation)
+    assert rc == 0
+    assert NEW in out
+    ET.fromstring(out)
 
 
 def test_hook_never_imports_libvirt(hook_env: Path) -> None:

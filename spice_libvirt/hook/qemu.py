@@ -8,19 +8,30 @@ keeps, and why:
 * **Never call libvirt.** libvirtd is blocked on us; calling back into it can deadlock
   (libvirt's hooks documentation says so in capitals). Nothing here imports ``libvirt``,
   and a test proves it.
-* **Be quick.** A hook delays the guest operation it belongs to. A watchdog ends every
-  invocation within ``hook_timeout_s`` (at most 2 s), interpreter start included: a soft
-  deadline (SIGALRM) lets it report and journal, a hard one (a thread that calls
-  ``os._exit``) covers the case where the soft one cannot fire.
+* **Be quick.** A hook delays the guest operation it belongs to. Before anything else,
+  the configuration included, :class:`~spice_libvirt.hook.deadline.Deadline` arms a soft
+  deadline (SIGALRM: report, journal, pick the exit status) and, for the console script, a
+  hard one (a thread that calls ``os._exit``) for when the soft one cannot fire. The budget
+  is 2 s until the configuration is read, then ``hook_timeout_s``, interpreter start
+  included.
 * **``migrate begin`` is a filter.** On the destination it receives the incoming XML; what
   it prints replaces it, and printing nothing means "unchanged". We print only when the
-  SPICE listen address had to change (:mod:`spice_libvirt.hook.rewrite`), and we write
-  stdout once, at the very end, so a failure never leaves half a document.
-* **Fail open by default.** If anything goes wrong (bad arguments, malformed XML, an
-  unwritable journal, the deadline) we print one line on stderr and exit 0, so libvirt
-  carries on with the unchanged XML: losing a journal row must not stop a VM. With
-  ``fail_closed = true`` the exit status is 1 instead and libvirt aborts the operation,
-  logging our stderr line (``virHookCall ... unexpected exit status 1: <line>``).
+  SPICE listen address had to change (:mod:`spice_libvirt.hook.rewrite`), and only after
+  both deadlines are disarmed, the whole document in one write: a deadline firing halfway
+  would hand libvirt half a document with exit status 0.
+* **Input is bounded.** At most :data:`~spice_libvirt.hook.rewrite.MAX_XML_BYTES` are read
+  from stdin; a larger document, or one with a DOCTYPE or entity declarations, is
+  *declined*: one line on stderr, nothing on stdout, exit 0 even with ``fail_closed``
+  (:class:`~spice_libvirt.hook.rewrite.DeclinedXMLError` says why that is right for a
+  rewrite hook).
+* **Fail open by default.** If anything goes wrong (bad arguments, malformed XML, the
+  deadline) we print one line on stderr and exit 0, so libvirt carries on with the
+  unchanged XML. With ``fail_closed = true`` the exit status is 1 instead and libvirt
+  aborts the operation, logging our stderr line (``virHookCall ... unexpected exit status
+  1: <line>``).
+* **The journal is never fatal**, not even with ``fail_closed``: an unwritable or full
+  journal, or its lock held by someone else, is one line on stderr and the hook goes on.
+  It is our bookkeeping, not a condition of the guest operation.
 * An invalid configuration file is reported and treated as fail-open: with the file
   unreadable we cannot know the administrator asked for fail-closed, and refusing every
   VM start on a typo would be worse.
@@ -39,38 +50,31 @@ _MODULE_LOADED = time.monotonic()
 import contextlib  # noqa: E402
 import io  # noqa: E402
 import os  # noqa: E402
-import signal  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
-import threading  # noqa: E402
-from collections.abc import Iterator, Sequence  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
-from types import FrameType  # noqa: E402
 from typing import TextIO  # noqa: E402
 
-from spice_libvirt.config import Settings, load_config  # noqa: E402
+from spice_libvirt.config import MAX_HOOK_TIMEOUT_S, Settings, load_config  # noqa: E402
 from spice_libvirt.errors import ConfigError, HookError  # noqa: E402
+from spice_libvirt.hook.deadline import Deadline, HookDeadlineError  # noqa: E402
 from spice_libvirt.hook.journal import Journal, JournalEntry, Outcome  # noqa: E402
 from spice_libvirt.hook.rewrite import (  # noqa: E402
     MAX_XML_BYTES,
+    DeclinedXMLError,
     host_addresses,
     parse_domain,
     rewrite_graphics_listen,
 )
 
 PROG = "spice-libvirt-hook"
-#: Time kept back between the soft deadline and the hard one, for reporting and journaling.
-_REPORT_MARGIN_S = 0.3
-#: Longest wait for the journal's lock; the journal write must fit into the margin above.
+#: Longest wait for the journal's lock; the journal write must fit into the report margin.
 _JOURNAL_TIMEOUT_S = 0.25
 
 EXIT_OK = 0
 EXIT_FAIL_CLOSED = 1
 EXIT_USAGE = 2
-
-
-class HookDeadlineError(HookError):
-    """The invocation ran into its soft deadline."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,11 @@ class Invocation:
             )
         return cls(*args)
 
+    @classmethod
+    def lenient(cls, args: Sequence[str]) -> Invocation:
+        """The arguments padded or cut to four, for messages and journal rows."""
+        return cls(*(list(args) + ["-"] * 4)[:4])
+
     @property
     def is_migrate_begin(self) -> bool:
         return self.operation == "migrate" and self.suboperation == "begin"
@@ -102,38 +111,6 @@ class _Result:
     detail: str = ""
     domain: str | None = None
     uuid: str | None = None
-
-
-def _on_alarm(signum: int, frame: FrameType | None) -> None:
-    raise HookDeadlineError("deadline exceeded")
-
-
-@contextlib.contextmanager
-def _soft_deadline(seconds: float) -> Iterator[None]:
-    """Raise :class:`HookDeadlineError` in the main thread after ``seconds`` (if we can)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGALRM, _on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def _start_hard_watchdog(seconds: float, exit_code: int) -> None:
-    """End the whole process after ``seconds`` whatever it is doing (console use only)."""
-
-    def fire() -> None:
-        with contextlib.suppress(OSError):
-            os.write(2, f"{PROG}: hard deadline of the hook exceeded, exiting\n".encode())
-        os._exit(exit_code)
-
-    timer = threading.Timer(max(seconds, 0.01), fire)
-    timer.daemon = True
-    timer.start()
 
 
 def _process(inv: Invocation, text: str, settings: Settings) -> _Result:
@@ -158,10 +135,50 @@ def _process(inv: Invocation, text: str, settings: Settings) -> _Result:
     return _Result(domain=dom.name, uuid=dom.uuid)
 
 
+def _read_and_process(args: Sequence[str], stdin: TextIO, settings: Settings) -> _Result:
+    inv = Invocation.from_argv(args)
+    try:
+        # Bounded: one character more than the limit tells "too large" from "just fits",
+        # and the rest of a huge document is never read (libvirt gets EPIPE, not a hang).
+        text = stdin.read(MAX_XML_BYTES + 1)
+    except UnicodeDecodeError as exc:
+        raise HookError(f"domain XML is not UTF-8: {exc.reason}") from exc
+    return _process(inv, text, settings)
+
+
 def _journal(settings: Settings, entry: JournalEntry) -> None:
     Journal(
         settings.journal_path, max_rows=settings.journal_max_rows, timeout_s=_JOURNAL_TIMEOUT_S
     ).record(entry)
+
+
+def _journal_quietly(settings: Settings, entry: JournalEntry, stderr: TextIO) -> None:
+    """Record ``entry``; a journal that cannot be written is reported, never fatal.
+
+    Not even with ``fail_closed``: the journal is our bookkeeping, not a condition of the
+    guest operation, and a lock held by a reader (or 16 hooks at once) must not refuse VMs.
+    The deadline firing here counts as a journal failure too: the result is already known.
+    """
+    try:
+        _journal(settings, entry)
+    except HookError as exc:
+        print(f"{PROG}: {exc} (continuing)", file=stderr)
+
+
+def _entry(inv: Invocation, wall: float, started: float, res: _Result) -> JournalEntry:
+    return JournalEntry(
+        ts=wall,
+        object=inv.object,
+        operation=inv.operation,
+        suboperation=inv.suboperation,
+        extra=inv.extra,
+        domain=res.domain,
+        uuid=res.uuid,
+        outcome=res.outcome,
+        detail=res.detail,
+        duration_ms=(time.monotonic() - started) * 1000,
+        pid=os.getpid(),
+    )
 
 
 def run(
@@ -176,77 +193,61 @@ def run(
     """One hook invocation; see the module docstring for the contract."""
     started = time.monotonic() if started is None else started
     wall = time.time()
+    inv = Invocation.lenient(args)
+    deadline = Deadline(started, MAX_HOOK_TIMEOUT_S, prog=PROG, hard=hard_watchdog)
     try:
-        settings = load_config()
-    except ConfigError as exc:
-        print(f"{PROG}: {exc} (failing open)", file=stderr)
-        return EXIT_OK
-    fail_code = EXIT_FAIL_CLOSED if settings.fail_closed else EXIT_OK
-    remaining = settings.hook_timeout_s - (time.monotonic() - started)
-    if hard_watchdog:
-        _start_hard_watchdog(remaining, fail_code)
-
-    obj, op, sub, extra = (list(args) + ["-"] * 4)[:4]
-    result = _Result()
-    error: HookError | None = None
-    with contextlib.suppress(HookDeadlineError), _soft_deadline(remaining - _REPORT_MARGIN_S):
-        try:
-            inv = Invocation.from_argv(args)
-            text = stdin.read(MAX_XML_BYTES + 1)
-            result = _process(inv, text, settings)
-        except HookError as exc:
-            error = exc
-        except UnicodeDecodeError as exc:
-            error = HookError(f"domain XML is not UTF-8: {exc.reason}")
-        if error is None:
-            entry = JournalEntry(
-                ts=wall,
-                object=obj,
-                operation=op,
-                suboperation=sub,
-                extra=extra,
-                domain=result.domain,
-                uuid=result.uuid,
-                outcome=result.outcome,
-                detail=result.detail,
-                duration_ms=(time.monotonic() - started) * 1000,
-                pid=os.getpid(),
-            )
+        with deadline:
             try:
-                _journal(settings, entry)
+                settings = load_config()
+            except ConfigError as exc:
+                print(f"{PROG}: {exc} (failing open)", file=stderr)
+                return EXIT_OK
+            fail_code = EXIT_FAIL_CLOSED if settings.fail_closed else EXIT_OK
+            deadline.retarget(settings.hook_timeout_s, fail_code)
+            try:
+                result = _read_and_process(args, stdin, settings)
             except HookError as exc:
-                if settings.fail_closed:
-                    error = exc
-                else:
-                    print(f"{PROG}: {exc} (continuing)", file=stderr)
-        if error is None:
-            if result.output is not None:
-                stdout.write(result.output)
-                stdout.flush()
-            return EXIT_OK
-    if error is None:
+                return _failed(inv, exc, settings, wall, started, stderr)
+            _journal_quietly(settings, _entry(inv, wall, started, result), stderr)
+    except HookDeadlineError:
+        # Only reached when the deadline fired outside the inner handlers (config loading,
+        # or between them): nothing was written to stdout.
+        print(f"{PROG}: {inv.object} {inv.operation} {inv.suboperation}: deadline of "
+              f"{deadline.budget_s:g} s exceeded", file=stderr)  # fmt: skip
+        return deadline.exit_code
+    # Both deadlines are disarmed: the document goes out whole, in one write.
+    if result.output is not None:
+        stdout.write(result.output)
+        stdout.flush()
+    return EXIT_OK
+
+
+def _failed(
+    inv: Invocation,
+    error: HookError,
+    settings: Settings,
+    wall: float,
+    started: float,
+    stderr: TextIO,
+) -> int:
+    """Report ``error`` in one line, journal it (best effort), return the exit status."""
+    if isinstance(error, HookDeadlineError):
         error = HookDeadlineError(
             f"deadline of {settings.hook_timeout_s:g} s exceeded before the hook finished"
         )
-    print(f"{PROG}: {obj} {op} {sub}: {error}", file=stderr)
+    declined = isinstance(error, DeclinedXMLError)
+    note = " (passing the XML through unchanged)" if declined else ""
+    print(f"{PROG}: {inv.object} {inv.operation} {inv.suboperation}: {error}{note}", file=stderr)
     if not isinstance(error, HookDeadlineError):
         # Best effort: the journal is most useful exactly when something went wrong.
         with contextlib.suppress(HookError):
             _journal(
                 settings,
-                JournalEntry(
-                    ts=wall,
-                    object=obj,
-                    operation=op,
-                    suboperation=sub,
-                    extra=extra,
-                    outcome="error",
-                    detail=str(error),
-                    duration_ms=(time.monotonic() - started) * 1000,
-                    pid=os.getpid(),
-                ),
+                _entry(inv, wall, started, _Result(outcome="error", detail=str(error))),
             )
-    return fail_code
+    if declined or not settings.fail_closed:
+        return EXIT_OK
+    return EXIT_FAIL_CLOSED
 
 
 _SELF_TEST_XML = """<domain type='kvm'>

@@ -21,23 +21,41 @@ which aborts the migration; ``after_*`` points ignore the status. Hence:
 
 * fail-open (default): every problem is one line on stderr (VDSM logs it) and exit 0;
 * fail-closed (``fail_closed = true``): unusable input (no ``$_hook_domxml``, unreadable or
-  malformed XML, unknown hook point) exits 2; a journal that cannot be written exits 1.
+  malformed XML, unknown hook point) exits 2; the deadline exits 1;
+* either way, a journal that cannot be written (permissions, disk full, its lock held) is
+  one line on stderr and exit 0: the journal is our bookkeeping, and refusing a migration
+  because another hook held its lock would be absurd. A document over the size limit or
+  with a DOCTYPE is *declined* with exit 0 too (see
+  :class:`~spice_libvirt.hook.rewrite.DeclinedXMLError`);
+* like the libvirt hook, each run is bounded by ``hook_timeout_s`` (at most 2 s) from
+  interpreter start, armed before the configuration is read
+  (:mod:`spice_libvirt.hook.deadline`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
 import time
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import TextIO
 
-from spice_libvirt.config import Settings, load_config
-from spice_libvirt.errors import ConfigError, HookError
-from spice_libvirt.hook.journal import Journal, JournalEntry
-from spice_libvirt.hook.rewrite import MAX_XML_BYTES, DomainXML, parse_domain
+# Taken before the heavier imports below: the deadline counts from (almost) process start.
+_MODULE_LOADED = time.monotonic()
+
+import contextlib  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Mapping, Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import TextIO  # noqa: E402
+
+from spice_libvirt.config import MAX_HOOK_TIMEOUT_S, Settings, load_config  # noqa: E402
+from spice_libvirt.errors import ConfigError, HookError  # noqa: E402
+from spice_libvirt.hook.deadline import Deadline, HookDeadlineError  # noqa: E402
+from spice_libvirt.hook.journal import Journal, JournalEntry  # noqa: E402
+from spice_libvirt.hook.rewrite import (  # noqa: E402
+    MAX_XML_BYTES,
+    DeclinedXMLError,
+    DomainXML,
+    parse_domain,
+)
 
 PROG = "spice-libvirt-vdsm"
 HOOK_POINTS = ("before_vm_migrate_source", "after_vm_migrate_destination")
@@ -46,6 +64,8 @@ HOOK_POINTS = ("before_vm_migrate_source", "after_vm_migrate_destination")
 EXIT_OK = 0
 EXIT_ERROR_CONTINUE = 1
 EXIT_ERROR_STOP = 2
+#: Longest wait for the journal's lock (as the libvirt hook's).
+_JOURNAL_TIMEOUT_S = 0.25
 
 
 class _BadInputError(HookError):
@@ -79,24 +99,59 @@ def _read_domxml(environ: Mapping[str, str]) -> DomainXML:
             data = f.read(MAX_XML_BYTES + 1)
     except OSError as exc:
         raise _BadInputError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if len(data) > MAX_XML_BYTES:
+        raise _BadInputError(f"{path}: not read") from DeclinedXMLError(
+            f"domain XML is larger than {MAX_XML_BYTES} bytes"
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _BadInputError(f"{path}: domain XML is not UTF-8: {exc.reason}") from exc
     try:
         return parse_domain(text)
+    except HookDeadlineError:
+        raise
     except HookError as exc:
         raise _BadInputError(f"{path}: {exc}") from exc
 
 
-def run(hook_point: str, environ: Mapping[str, str], stderr: TextIO) -> int:
-    """One VDSM hook invocation; returns the exit code for VDSM."""
-    started = time.monotonic()
+def run(
+    hook_point: str,
+    environ: Mapping[str, str],
+    stderr: TextIO,
+    *,
+    started: float | None = None,
+    hard_watchdog: bool = False,
+) -> int:
+    """One VDSM hook invocation; returns the exit code for VDSM.
+
+    Under the same :class:`~spice_libvirt.hook.deadline.Deadline` as the libvirt hook, armed
+    before the configuration is read: VDSM waits for its hooks as libvirtd does.
+    """
+    started = time.monotonic() if started is None else started
+    deadline = Deadline(started, MAX_HOOK_TIMEOUT_S, prog=PROG, hard=hard_watchdog)
     try:
-        settings: Settings = load_config()
-    except ConfigError as exc:
-        print(f"{PROG}: {hook_point}: {exc} (failing open)", file=stderr)
-        return EXIT_OK
+        with deadline:
+            try:
+                settings: Settings = load_config()
+            except ConfigError as exc:
+                print(f"{PROG}: {hook_point}: {exc} (failing open)", file=stderr)
+                return EXIT_OK
+            fail_code = EXIT_ERROR_CONTINUE if settings.fail_closed else EXIT_OK
+            deadline.retarget(settings.hook_timeout_s, fail_code)
+            return _record(hook_point, environ, settings, started, stderr)
+    except HookDeadlineError:
+        print(f"{PROG}: {hook_point}: deadline of {deadline.budget_s:g} s exceeded", file=stderr)
+        return deadline.exit_code
+
+
+def _record(
+    hook_point: str,
+    environ: Mapping[str, str],
+    settings: Settings,
+    started: float,
+    stderr: TextIO,
+) -> int:
     vm_id = environ.get("vmId", "-") or "-"
     try:
         if hook_point not in HOOK_POINTS:
@@ -104,35 +159,41 @@ def run(hook_point: str, environ: Mapping[str, str], stderr: TextIO) -> int:
                 f"unknown hook point {hook_point!r}; expected one of {', '.join(HOOK_POINTS)}"
             )
         dom = _read_domxml(environ)
-        entry = JournalEntry(
-            ts=time.time(),
-            source="vdsm",
-            object=dom.name or vm_id,
-            operation=hook_point,
-            extra=vm_id,
-            domain=dom.name,
-            uuid=dom.uuid,
-            detail=spice_listen_summary(dom),
-            duration_ms=(time.monotonic() - started) * 1000,
-            pid=os.getpid(),
-        )
-        Journal(settings.journal_path, max_rows=settings.journal_max_rows, timeout_s=0.5).record(
-            entry
-        )
     except _BadInputError as exc:
         print(f"{PROG}: {hook_point}: {exc}", file=stderr)
         _record_error(settings, hook_point, vm_id, str(exc))
-        return EXIT_ERROR_STOP if settings.fail_closed else EXIT_OK
+        declined = isinstance(exc.__cause__, DeclinedXMLError)
+        return EXIT_ERROR_STOP if settings.fail_closed and not declined else EXIT_OK
+    entry = JournalEntry(
+        ts=time.time(),
+        source="vdsm",
+        object=dom.name or vm_id,
+        operation=hook_point,
+        extra=vm_id,
+        domain=dom.name,
+        uuid=dom.uuid,
+        detail=spice_listen_summary(dom),
+        duration_ms=(time.monotonic() - started) * 1000,
+        pid=os.getpid(),
+    )
+    try:
+        _journal(settings).record(entry)
     except HookError as exc:
-        print(f"{PROG}: {hook_point}: {exc}", file=stderr)
-        return EXIT_ERROR_CONTINUE if settings.fail_closed else EXIT_OK
+        # Never fatal, not even with fail_closed (see the module docstring).
+        print(f"{PROG}: {hook_point}: {exc} (continuing)", file=stderr)
     return EXIT_OK
+
+
+def _journal(settings: Settings) -> Journal:
+    return Journal(
+        settings.journal_path, max_rows=settings.journal_max_rows, timeout_s=_JOURNAL_TIMEOUT_S
+    )
 
 
 def _record_error(settings: Settings, hook_point: str, vm_id: str, detail: str) -> None:
     # Already reporting an error: the journal is best effort here.
     with contextlib.suppress(HookError):
-        Journal(settings.journal_path, max_rows=settings.journal_max_rows, timeout_s=0.5).record(
+        _journal(settings).record(
             JournalEntry(
                 ts=time.time(),
                 source="vdsm",
@@ -152,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args) != 1:
         print(f"usage: {PROG} HOOK_POINT   (one of: {', '.join(HOOK_POINTS)})", file=sys.stderr)
         return EXIT_ERROR_STOP
-    return run(args[0], os.environ, sys.stderr)
+    return run(args[0], os.environ, sys.stderr, started=_MODULE_LOADED, hard_watchdog=True)
 
 
 if __name__ == "__main__":
