@@ -12,7 +12,8 @@ each other's configuration, domains, sockets, logs or caches::
     <state>/cache        -> /var/cache/libvirt    QEMU capability cache
     <state>/hosts        -> /etc/hosts            resolves the peer lab hosts by name
 
-``/run`` is replaced as a whole because ``/run/libvirt`` does not exist on a machine whose own
+``/run`` is mounted last, because the state directory may lie under ``/run`` itself (the
+default lab directory does). ``/run`` is replaced as a whole because ``/run/libvirt`` does not exist on a machine whose own
 libvirtd never ran, and creating it in the shared ``/run`` would leave a trace (and removing it
 later would unmount it under another lab's feet).
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 import subprocess
 import textwrap
@@ -52,6 +54,16 @@ LIBVIRTD_TCP_PORT = 16509
 #: libvirt log filters: monitor traffic and migration steps in full (controllers and their
 #: tests read them), the rest of the QEMU driver at info, everything else at warning.
 LOG_FILTERS = "1:qemu.qemu_monitor 1:qemu.qemu_migration 2:qemu 3:*"
+
+#: (state sub-path, mount point) in mounting order; ``/run`` last (see namespace_script).
+BIND_MOUNTS: tuple[tuple[str, str], ...] = (
+    ("etc", "/etc/libvirt"),
+    ("lib", "/var/lib/libvirt"),
+    ("log", "/var/log/libvirt"),
+    ("cache", "/var/cache/libvirt"),
+    ("hosts", "/etc/hosts"),
+    ("run", "/run"),
+)
 
 try:  # libvirt-python prints every error to stderr by default; we raise them instead
     import libvirt
@@ -191,6 +203,24 @@ class LibvirtHost:
 
     # ------------------------------------------------------------------ start / stop
 
+    def namespace_script(self) -> str:
+        """The shell script that sets up the host's mount namespace and starts its daemons.
+
+        ``/run`` is mounted last: the state directory may itself lie under ``/run`` (the
+        default lab directory does), and once ``/run`` is replaced the other sources would
+        no longer be found ("special device ... does not exist"). Every path is quoted.
+        """
+        q = shlex.quote
+        s = self.state_dir.absolute()
+        binds = [(s / src, target) for src, target in BIND_MOUNTS]
+        lines = ["set -e", f"hostname {q(self.config.hostname)}"]
+        lines += [f"mount --bind {q(str(src))} {q(target)}" for src, target in binds]
+        lines += [
+            "virtlogd -d -p /run/libvirt/virtlogd.pid",
+            f"exec {shlex.join(self._libvirtd_argv())}",
+        ]
+        return "\n".join(lines) + "\n"
+
     def _libvirtd_argv(self) -> list[str]:
         argv = ["libvirtd", "-d", "-l", "-p", "/run/libvirt/libvirtd.pid"]
         if self.config.pin_cpu is not None:
@@ -199,19 +229,7 @@ class LibvirtHost:
 
     def start(self, *, timeout: float = 20.0) -> HostRuntime:
         """Create the mount/UTS namespaces, start virtlogd then libvirtd; wait for the socket."""
-        s = self.state_dir
-        script = textwrap.dedent(f"""\
-            set -e
-            hostname {self.config.hostname}
-            mount --bind {s}/etc /etc/libvirt
-            mount --bind {s}/run /run
-            mount --bind {s}/lib /var/lib/libvirt
-            mount --bind {s}/log /var/log/libvirt
-            mount --bind {s}/cache /var/cache/libvirt
-            mount --bind {s}/hosts /etc/hosts
-            virtlogd -d -p /run/libvirt/virtlogd.pid
-            exec {" ".join(self._libvirtd_argv())}
-            """)
+        script = self.namespace_script()
         argv = netns.exec_argv(
             self.config.netns,
             ["unshare", "--mount", "--uts", "--propagation", "private", "--", "sh", "-c", script],

@@ -7,8 +7,11 @@ lock with a bounded wait.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
+import os
+import select
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +43,56 @@ def proc_state(pid: int) -> str | None:
 def same_process_alive(pid: int, start_time: int | None) -> bool:
     """True while ``pid`` is still the process that started at ``start_time`` and not a zombie."""
     return proc_start_time(pid) == start_time and proc_state(pid) not in (None, "Z", "X")
+
+
+def _open_pidfd(pid: int, start_time: int | None) -> int | None:
+    """A pidfd for ``pid`` if it still is the process that started at ``start_time``.
+
+    The identity is checked *after* opening, so a PID recycled in between is never waited on.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    if not same_process_alive(pid, start_time):
+        os.close(fd)
+        return None
+    return fd
+
+
+def wait_exit(pid: int, start_time: int | None, timeout: float) -> bool:
+    """Block until the process ends (exits or becomes a zombie); False after ``timeout``.
+
+    Waits on a pidfd, which the kernel makes readable when the process ends: no polling.
+    """
+    fd = _open_pidfd(pid, start_time)
+    if fd is None:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(max(0, int(timeout * 1000))))
+    finally:
+        os.close(fd)
+
+
+async def wait_exit_async(pid: int, start_time: int | None, timeout: float) -> bool:
+    """:func:`wait_exit` on the running event loop (a reader on the pidfd)."""
+    fd = _open_pidfd(pid, start_time)
+    if fd is None:
+        return True
+    loop = asyncio.get_running_loop()
+    ended = asyncio.Event()
+    loop.add_reader(fd, ended.set)
+    try:
+        async with asyncio.timeout(timeout):
+            await ended.wait()
+        return True
+    except TimeoutError:
+        return not same_process_alive(pid, start_time)
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -19,165 +19,47 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import logging
-import os
 import shlex
-import signal
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel
-
 from spice_libvirt import errors
 from spice_libvirt.controller import MigrationRequest, MigrationWitness, migrate_qemu
 from spice_libvirt.lab import guest as guest_mod
+from spice_libvirt.lab import labdir
 from spice_libvirt.lab.ports import free_tcp_port, free_tcp_ports, port_is_free
-from spice_libvirt.lab.procs import exclusive_lock, proc_start_time, same_process_alive
+from spice_libvirt.lab.procs import exclusive_lock, proc_start_time
 from spice_libvirt.lab.qemu import QemuSpec, qemu_argv, resolve_accel
+from spice_libvirt.lab.qemu_lab_state import (
+    _CHILDREN,
+    STATE_FILE,
+    GuestKind,
+    LabState,
+    LabStatus,
+    LabTls,
+    SideName,
+    SideState,
+    SideStatus,
+    _spawn_detached,
+    _tail,
+    dump,
+    side_alive,
+    state_summary,
+    stop_side,
+)
 from spice_libvirt.progress import ProgressReporter
 from spice_libvirt.qmp import QMPConnection
 from spice_libvirt.report import MigrationReport
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "lab.json"
-#: QEMUs started by this process (see :meth:`QemuLab._start_side`)
-_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
-SideName = Literal["a", "b"]
-GuestKind = Literal["firmware", "linux"]
-
 
 def default_lab_dir() -> Path:
-    """``$SPICE_LIBVIRT_LAB_DIR``, else ``/run/spice-libvirt/lab`` (root) or a per-user dir."""
-    env = os.environ.get("SPICE_LIBVIRT_LAB_DIR")
-    if env:
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/run/spice-libvirt/lab")
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/spice-libvirt-{os.getuid()}"
-    return Path(runtime) / "spice-libvirt" / "lab"
-
-
-class SideState(BaseModel):
-    """One QEMU of the lab, as recorded when we started it."""
-
-    side: SideName
-    role: Literal["source", "destination"]
-    name: str
-    pid: int
-    #: /proc/<pid>/stat start time: tells our QEMU from a later process with the same PID
-    start_time: int | None
-    qmp_path: Path
-    spice_host: str
-    spice_port: int
-    spice_tls_port: int | None = None
-    #: the port this side listens on for an incoming migration (destination only)
-    migrate_port: int | None = None
-    serial_log: Path
-    log_path: Path
-    argv: list[str]
-    started_at: dt.datetime
-
-    @property
-    def spice_uri(self) -> str:
-        uri = f"spice://{self.spice_host}:{self.spice_port}"
-        if self.spice_tls_port:
-            uri += f"?tls-port={self.spice_tls_port}"
-        return uri
-
-
-class LabTls(BaseModel):
-    """The lab's TLS material: one CA and one server certificate shared by both sides."""
-
-    directory: Path
-    ca_cert: Path
-    subject: str
-
-
-class LabState(BaseModel):
-    """The lab state file (``lab.json``)."""
-
-    version: int = 1
-    guest: GuestKind
-    tls: LabTls | None = None
-    accel: Literal["kvm", "tcg"]
-    memory_mib: int
-    directory: Path
-    created_at: dt.datetime
-    sides: dict[SideName, SideState]
-    source: SideName = "a"
-    migrations: int = 0
-    last_outcome: str | None = None
-
-    @property
-    def destination(self) -> SideName:
-        return "b" if self.source == "a" else "a"
-
-
-class SideStatus(BaseModel):
-    side: SideName
-    role: str
-    pid: int
-    alive: bool
-    qemu_status: str | None = None
-    spice_uri: str
-    qmp: str
-    migrate_uri: str | None = None
-
-
-class LabStatus(BaseModel):
-    up: bool
-    directory: Path
-    guest: GuestKind | None = None
-    migrations: int = 0
-    last_outcome: str | None = None
-    source: SideStatus | None = None
-    destination: SideStatus | None = None
-
-
-# -- process bookkeeping -----------------------------------------------------------------
-
-
-def side_alive(side: SideState) -> bool:
-    """True while the recorded PID is still *our* QEMU and not a zombie."""
-    return same_process_alive(side.pid, side.start_time)
-
-
-def _reap(pid: int) -> None:
-    """Collect the exit status if the QEMU is our child (same process); else nothing."""
-    proc = _CHILDREN.get(pid)
-    if proc is not None and proc.poll() is not None:
-        del _CHILDREN[pid]
-
-
-def stop_side(side: SideState, timeout: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL after ``timeout``; only if the PID is still ours."""
-    if not side_alive(side):
-        _reap(side.pid)
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(side.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        _reap(side.pid)
-        if not side_alive(side):
-            break
-        time.sleep(0.02)
-    else:
-        log.warning("QEMU %s (pid %d) ignored SIGTERM: SIGKILL", side.name, side.pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(side.pid, signal.SIGKILL)
-        kill_deadline = time.monotonic() + timeout
-        while side_alive(side) and time.monotonic() < kill_deadline:
-            _reap(side.pid)
-            time.sleep(0.02)
-    for leftover in (side.qmp_path,):
-        with contextlib.suppress(OSError):
-            leftover.unlink()
+    """The one default lab directory (:func:`spice_libvirt.lab.labdir.default_lab_dir`)."""
+    return labdir.default_lab_dir()
 
 
 # -- the lab -----------------------------------------------------------------------------
@@ -193,6 +75,7 @@ class QemuLab:
     # -- state ----------------------------------------------------------------------
 
     def _locked(self, timeout: float = 30.0) -> contextlib.AbstractContextManager[None]:
+        labdir.ensure_private_dir(self.directory)
         return exclusive_lock(
             self.directory / "lab.lock",
             timeout,
@@ -550,30 +433,6 @@ async def _is_incoming(side: SideState) -> bool:
         return False
 
 
-def _spawn_detached(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in its own session (it survives our exit and our terminal's ^C)."""
-    with log_path.open("wb") as logfile:
-        try:
-            return subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=logfile,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-            )
-        except FileNotFoundError as exc:
-            raise errors.LabError(f"{argv[0]} is not installed") from exc
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join([ln for ln in text.splitlines() if ln.strip()][-lines:]) or "(log is empty)"
-
-
 @contextlib.asynccontextmanager
 async def embedded_client(
     side: SideState, tls: LabTls | None = None
@@ -606,27 +465,18 @@ async def embedded_client(
         await client.close()
 
 
-def state_summary(state: LabState) -> dict[str, Any]:
-    """What ``lab up --json`` prints: both sides' SPICE URIs, QMP sockets and PIDs."""
-    out: dict[str, Any] = {
-        "directory": str(state.directory),
-        "guest": state.guest,
-        "accel": state.accel,
-        "memory_mib": state.memory_mib,
-        "tls": state.tls.model_dump(mode="json") if state.tls else None,
-    }
-    for role, key in (("source", state.source), ("destination", state.destination)):
-        side = state.sides[key]
-        out[role] = {
-            "side": side.side,
-            "pid": side.pid,
-            "spice_uri": side.spice_uri,
-            "qmp": str(side.qmp_path),
-            "serial_log": str(side.serial_log),
-            "migrate_uri": f"tcp:127.0.0.1:{side.migrate_port}" if side.migrate_port else None,
-        }
-    return out
-
-
-def dump(obj: Any) -> str:
-    return json.dumps(obj, indent=1, default=str)
+__all__ = [
+    "STATE_FILE",
+    "LabState",
+    "LabStatus",
+    "LabTls",
+    "QemuLab",
+    "SideState",
+    "SideStatus",
+    "default_lab_dir",
+    "dump",
+    "embedded_client",
+    "side_alive",
+    "state_summary",
+    "stop_side",
+]

@@ -1,0 +1,236 @@
+"""The libvirt lab's state: what a lab consists of, written down before it is started.
+
+``<lab dir>/state.json`` grows as :func:`spice_libvirt.lab.libvirt_lab.up` builds the lab,
+so ``down`` can always finish the job, also after a crash that left half the daemons behind.
+The models here are also what ``lab status --json`` and ``lab down --json`` print.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from spice_libvirt.errors import LabError
+from spice_libvirt.lab import delaybridge, netns
+from spice_libvirt.lab.labdir import ensure_private_dir, libvirt_lab_dir
+from spice_libvirt.lab.libvirt_host import HostConfig, HostRuntime, LibvirtHost
+from spice_libvirt.lab.netns import ProcRef
+from spice_libvirt.lab.procs import exclusive_lock
+
+HostName = Literal["A", "B"]
+GuestKind = Literal["firmware", "linux"]
+
+HOSTS: tuple[HostName, HostName] = ("A", "B")
+#: How long the linux guest may take to print GUEST-READY (TCG on a busy 2-CPU machine).
+LINUX_BOOT_TIMEOUT = 90.0
+DEFAULT_DOMAIN = "labvm"
+#: The spiceport channel name, the same one the linux guest streams its records into.
+PORT_CHANNEL = "org.spice-libvirt.stream"
+STATE_FILE = "state.json"
+LOCK_FILE = "lock"
+
+
+def default_lab_dir() -> Path:
+    """The libvirt lab's directory: ``<the one default lab directory>/libvirt``."""
+    return libvirt_lab_dir()
+
+
+def default_caps_seed(pin_cpu: int = 0) -> Path:
+    """Where a pinned libvirtd's QEMU capability cache is kept between labs."""
+    explicit = os.environ.get("SPICE_LIBVIRT_CACHE")
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    root = (
+        Path(explicit)
+        if explicit
+        else (Path(xdg) if xdg else Path.home() / ".cache") / "spice-libvirt"
+    )
+    return root / f"libvirt-qemu-caps-cpu{pin_cpu}"
+
+
+# --------------------------------------------------------------------------- state models
+
+
+class HostState(BaseModel):
+    config: HostConfig
+    runtime: HostRuntime = Field(default_factory=HostRuntime)
+    uri_unix: str
+    uri_tcp: str
+
+
+class ClientState(BaseModel):
+    netns: str
+    ip: str
+    hostname: str = "client"
+
+
+class BridgeState(BaseModel):
+    netns: str
+    proc: ProcRef | None = None
+    control: Path
+    log: Path
+    rtt_ms: float
+
+
+class Timings(BaseModel):
+    network_s: float | None = None
+    daemons_ready_s: float | None = None
+    domain_running_s: float | None = None
+    #: linux guest only: until its /init printed GUEST-READY
+    guest_ready_s: float | None = None
+    caps_seeded: bool = False
+    caps_harvested: bool = False
+
+
+class LabState(BaseModel):
+    """Everything a lab consists of; written to ``<lab_dir>/state.json`` as it grows."""
+
+    kind: Literal["libvirt"] = "libvirt"
+    id: str
+    prefix: str
+    lab_dir: Path
+    run_dir: Path
+    subnet: str
+    created_at: str
+    phase: Literal["starting", "up"] = "starting"
+    namespaces: list[str]
+    switch_netns: str
+    hosts: dict[str, HostState]
+    client: ClientState
+    bridge: BridgeState
+    guest: GuestKind = "firmware"
+    domain: str = DEFAULT_DOMAIN
+    domain_xml: Path
+    active_host: HostName | None = None
+    migrations: int = 0
+    timings: Timings = Field(default_factory=Timings)
+
+    def host(self, name: str) -> LibvirtHost:
+        h = self.hosts[name]
+        return LibvirtHost(h.config, h.runtime)
+
+
+class SpiceEndpoint(BaseModel):
+    host: HostName
+    address: str
+    port: int
+    uri: str
+
+
+class HostStatus(BaseModel):
+    name: HostName
+    hostname: str
+    ip: str
+    netns: str
+    libvirtd_pid: int | None
+    libvirtd_alive: bool
+    virtlogd_pid: int | None
+    virtlogd_alive: bool
+    host_uuid: str | None = Field(description="the UUID libvirtd reports (None: unreachable)")
+    uri_unix: str
+    uri_tcp: str
+    domains: dict[str, str] = Field(default_factory=dict, description="name -> state")
+    error: str | None = None
+
+
+class LabStatus(BaseModel):
+    running: bool
+    id: str | None = None
+    lab_dir: Path
+    phase: str | None = None
+    healthy: bool = False
+    hosts: list[HostStatus] = Field(default_factory=list)
+    domain: str | None = None
+    active_host: HostName | None = None
+    spice: SpiceEndpoint | None = None
+    client_netns: str | None = None
+    client_rtt_ms: float | None = None
+    bridge_alive: bool = False
+    bridge: delaybridge.BridgeStats | None = None
+    namespaces_missing: list[str] = Field(default_factory=list)
+    migrations: int = 0
+    timings: Timings | None = None
+
+
+class MigrationResult(BaseModel):
+    """The outcome of one lab migration (the plain libvirt p2p one, or a plugged-in one)."""
+
+    domain: str
+    source: HostName
+    destination: HostName
+    method: str = "libvirt-p2p"
+    ok: bool
+    wall_s: float
+    spice_before: SpiceEndpoint | None = None
+    spice_after: SpiceEndpoint | None = None
+    error: str | None = None
+    #: whatever a plugged-in migrator wants to report (the controller's verdict)
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class RttProbe(BaseModel):
+    target: str
+    samples_ms: list[float]
+    median_ms: float
+    min_ms: float
+    max_ms: float
+
+
+class DownReport(BaseModel):
+    found: bool
+    id: str | None = None
+    stopped: list[str] = Field(default_factory=list, description="what was ended, by PID")
+    swept_pids: list[int] = Field(default_factory=list, description="leftovers ended by netns")
+    namespaces_deleted: list[str] = Field(default_factory=list)
+    leftovers: list[str] = Field(default_factory=list, description="anything that survived")
+
+
+#: A migration implementation: (state, source, destination, timeout) -> result.
+Migrator = Callable[[LabState, HostName, HostName, float], MigrationResult]
+
+
+# --------------------------------------------------------------------------- state file
+
+
+def locked(lab_dir: Path, timeout: float = 60.0) -> contextlib.AbstractContextManager[None]:
+    """Serialise up/down/migrate of one lab directory between processes.
+
+    The directory is created private first (see :mod:`spice_libvirt.lab.labdir`).
+    """
+    ensure_private_dir(lab_dir)
+    return exclusive_lock(
+        lab_dir / LOCK_FILE, timeout, f"lab {lab_dir} is busy (another lab command runs)", poll=0.1
+    )
+
+
+def save(state: LabState) -> None:
+    path = state.lab_dir / STATE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(state.model_dump_json(indent=2))
+    tmp.replace(path)
+
+
+def load_state(lab_dir: Path | None = None) -> LabState | None:
+    """The recorded lab in ``lab_dir``, or ``None`` if there is none."""
+    path = (lab_dir or default_lab_dir()) / STATE_FILE
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        return LabState.model_validate_json(text)
+    except ValueError as exc:
+        raise LabError(f"lab state file {path} is unreadable: {exc}") from exc
+
+
+def anything_alive(state: LabState) -> list[str]:
+    alive = [n for n in state.namespaces if netns.exists(n)]
+    refs = [state.bridge.proc] + [
+        r for h in state.hosts.values() for r in (h.runtime.libvirtd, h.runtime.virtlogd)
+    ]
+    alive += [f"{r.what} pid {r.pid}" for r in refs if r is not None and r.alive()]
+    return alive
