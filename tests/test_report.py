@@ -60,7 +60,7 @@ def test_channel_name_examples() -> None:
         ("completed", ["seamless"], False, "seamless"),
         ("completed", ["seamless", "switch-host"], False, "switch-host"),
         ("completed", ["semi-seamless", "seamless"], False, "semi-seamless"),
-        ("completed", ["none"], False, "switch-host"),
+        ("completed", ["none"], False, "failed"),
         ("completed", ["failed"], False, "failed"),
         ("completed", [], False, "no-client"),
         ("failed", ["seamless"], False, "failed"),
@@ -168,7 +168,7 @@ def test_reporter_is_log_lines_off_a_terminal(caplog: pytest.LogCaptureFixture) 
     reporter = make_reporter()
     assert isinstance(reporter, LogReporter)  # pytest's stderr is not a TTY
     assert isinstance(make_reporter(quiet=True), NullReporter)
-    with caplog.at_level(logging.INFO, logger="spice_libvirt.progress"):
+    with caplog.at_level(logging.INFO, logger="spice_libvirt.migration.progress"):
         reporter.phase("link-wait", "linked in 40 ms")
         reporter.update(MigrationProgress(status="active", percent=50.0))
         reporter.update(MigrationProgress(status="active", percent=51.0))  # rate-limited

@@ -1,0 +1,230 @@
+"""The decisions of a migration that are arithmetic or rules, not I/O: pure functions.
+
+* **Link-wait grace** (QEMU path): after the client linked, how long before ``migrate`` so
+  that its MIGRATE_CONNECTED_SEAMLESS reaches the source.
+* **Release point** (libvirt path): when to release the held migration.
+* **Hold choice** (libvirt path): how to hold the switchover, if at all.
+* **TLS target** (both paths, issue 13): which ports a client may be told, so that a client
+  on TLS is never offered a plain port it would downgrade to.
+
+Each is tested without QEMU in ``tests/test_policy.py``; the controllers only gather the
+inputs and act on the answers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Literal
+
+from spice_libvirt.migration.evidence import (
+    CHANNEL_TYPE_NAMES,
+    Sessions,
+    channel_names,
+)
+
+# --------------------------------------------------------------------- link wait, release
+
+
+def qmp_link_grace(link_s: float, *, floor: float, ceiling: float) -> float:
+    """Grace after the destination showed every link (QMP signal only).
+
+    The destination sees the last link about one RTT before the source gets
+    MIGRATE_CONNECTED_SEAMLESS, and linking takes about 6 RTT + 50 ms (``rtt-seamless.md``:
+    margins of RTT + 100..250 ms worked), so a fraction of the link time tracks the RTT
+    without knowing it.
+    """
+    return min(ceiling, max(floor, 0.4 * link_s))
+
+
+def embedded_link_grace(rtt_s: float, *, margin: float, ceiling: float) -> float:
+    """Grace after our client *sent* CONNECTED_SEAMLESS: it reaches the source half an RTT
+    later; a whole RTT (twice the one-way time) covers jitter on the way."""
+    return min(ceiling, margin + rtt_s)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleasePoint:
+    """When to release a held migration: ``at`` (monotonic seconds), ``grace`` after the signal."""
+
+    at: float
+    grace: float
+
+
+def release_point(signal_at: float, wait_s: float, margin_ms: float) -> ReleasePoint:
+    """The signal (our client answered the source / the destination initialized the last
+    channel), plus the network wait it implies (one-way delay / RTT estimate), plus a
+    margin. Releasing the moment the destination shows the links is *worse* than not
+    waiting (11-13 s outages measured), hence never zero wait for the QMP signal."""
+    grace = max(0.0, wait_s) + max(0.0, margin_ms) / 1000.0
+    return ReleasePoint(signal_at + grace, grace)
+
+
+def settle_floor(rtt_s: float) -> float:
+    """How long to watch the destination at least before trusting a kept id: a switch-host
+    client reconnects with a new id within a few RTTs."""
+    return max(0.5, 4 * rtt_s)
+
+
+# --------------------------------------------------------------------- hold choice
+
+HoldPolicy = Literal["auto", "qmp", "libvirt", "none"]
+HoldApplied = Literal["qmp-throttle", "libvirt-floor", "none"]
+
+
+def choose_hold(
+    *, plain: bool, has_client: bool, policy: HoldPolicy, passthrough: bool, hold_bytes_per_s: int
+) -> tuple[HoldApplied, str]:
+    """How to hold the switchover, and why (the reason goes into the report)."""
+    if plain:
+        return "none", "plain libvirt migration (baseline): no hold, no wait"
+    if not has_client:
+        return "none", "no SPICE client connected: nothing to wait for"
+    if policy == "none":
+        return "none", "hold disabled: the client may miss the switchover"
+    if policy == "libvirt":
+        return "libvirt-floor", "libvirt's 1 MiB/s floor only (taint-free; may not hold)"
+    if not passthrough:
+        return "libvirt-floor", "monitor passthrough unavailable: libvirt's floor only"
+    return "qmp-throttle", (
+        f"libvirt's 1 MiB/s floor, then QMP max-bandwidth {hold_bytes_per_s} B/s "
+        "until the client is linked (taints the domain)"
+    )
+
+
+# --------------------------------------------------------------------- TLS (issue 13)
+
+TlsDowngradePolicy = Literal["warn", "refuse"]
+ChannelMode = Literal["any", "secure", "insecure"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelSecurity:
+    """Which channels a SPICE server accepts in plain text (QEMU's ``tls-channel`` and
+    ``plaintext-channel``, libvirt's ``defaultMode`` and ``<channel mode>``)."""
+
+    default: ChannelMode = "any"
+    modes: Mapping[str, ChannelMode] = dataclasses.field(default_factory=dict)
+    #: the server listens on a plain port at all
+    plain_port: bool = True
+
+    def accepts_plain(self, channel_type: int) -> bool:
+        if not self.plain_port:
+            return False
+        name = CHANNEL_TYPE_NAMES.get(channel_type, str(channel_type))
+        return self.modes.get(name, self.default) != "secure"
+
+
+def security_from_qemu_spice(options: Iterable[str], *, plain_port: bool) -> ChannelSecurity:
+    """From the ``-spice`` option list (``tls-channel=main``, ``plaintext-channel=default``)."""
+    default: ChannelMode = "any"
+    modes: dict[str, ChannelMode] = {}
+    for opt in options:
+        key, _, value = opt.partition("=")
+        mode: ChannelMode
+        if key == "tls-channel":
+            mode = "secure"
+        elif key == "plaintext-channel":
+            mode = "insecure"
+        else:
+            continue
+        if value == "default":
+            default = mode
+        else:
+            modes[value] = mode
+    return ChannelSecurity(default, modes, plain_port)
+
+
+@dataclasses.dataclass(frozen=True)
+class TlsTarget:
+    """What a client may be told in ``client_migrate_info`` (or the graphics URI)."""
+
+    port: int | None
+    tls_port: int | None
+    #: a downgrade this choice cannot rule out (warn or refuse by policy); None: none left
+    risk: str | None = None
+    #: channels on TLS at the source (what must stay on TLS)
+    tls_channels: tuple[str, ...] = ()
+
+
+def tls_target(
+    before: Sessions,
+    port: int | None,
+    tls_port: int | None,
+    destination: ChannelSecurity | None,
+) -> TlsTarget:
+    """The ports to offer the clients ``before`` so that no TLS channel can go plain.
+
+    * nobody on TLS: both ports as asked (nothing to protect);
+    * every channel of every client on TLS: the TLS port only -- a client told a plain
+      port links there (spice-gtk 0.42 does so even with ``--spice-secure-channels=all``);
+    * mixed (some channels plain by the domain's choice): both ports, so each channel keeps
+      its own security; a TLS channel the destination would accept in plain text (its
+      mode is not ``secure`` there) is a risk left to the policy;
+    * a TLS client and no TLS port on the destination: a certain downgrade (a risk).
+
+    ``destination``: which channels the destination accepts in plain (None: unknown).
+    """
+    tls_ch = [ch for s in before.values() for ch, tls in s.channels.items() if tls is True]
+    plain_ch = [ch for s in before.values() for ch, tls in s.channels.items() if tls is False]
+    names = tuple(channel_names(tls_ch))
+    if not tls_ch:
+        return TlsTarget(port, tls_port)
+    if tls_port is None:
+        return TlsTarget(
+            port,
+            None,
+            f"the client is on TLS ({', '.join(names)}) but the destination offers no TLS "
+            "port: it would link in plain text",
+            names,
+        )
+    if not plain_ch or port is None:
+        return TlsTarget(None, tls_port, None, names)
+    exposed = (
+        names
+        if destination is None
+        else tuple(channel_names(ch for ch in tls_ch if destination.accepts_plain(ch[0])))
+    )
+    risk = None
+    if exposed:
+        how = "may accept" if destination is None else "accepts"
+        risk = (
+            f"mixed client: {', '.join(channel_names(plain_ch))} plain, so the plain port is "
+            f"offered; the destination {how} {', '.join(exposed)} in plain text too "
+            "(make them secure there: tls-channel= / <channel mode='secure'>)"
+        )
+    return TlsTarget(port, tls_port, risk, names)
+
+
+def libvirt_plain_port_risk(before: Sessions, destination: ChannelSecurity) -> str | None:
+    """The libvirt path's downgrade risk: libvirt takes the plain port from its migration
+    cookie even when the graphics URI names none, so the only protection is a destination
+    that refuses plain links for every channel the client has on TLS."""
+    tls_ch = [ch for s in before.values() for ch, tls in s.channels.items() if tls is True]
+    exposed = channel_names(ch for ch in tls_ch if destination.accepts_plain(ch[0]))
+    if not exposed:
+        return None
+    return (
+        f"the client has {', '.join(exposed)} on TLS, and the destination graphics would "
+        "still accept them in plain text (libvirt tells the client the plain port from its "
+        "migration cookie even when the graphics URI names none): set defaultMode='secure' "
+        "(or <channel mode='secure'>) on the domain's SPICE graphics"
+    )
+
+
+__all__ = [
+    "ChannelSecurity",
+    "HoldApplied",
+    "HoldPolicy",
+    "ReleasePoint",
+    "TlsDowngradePolicy",
+    "TlsTarget",
+    "choose_hold",
+    "embedded_link_grace",
+    "libvirt_plain_port_risk",
+    "qmp_link_grace",
+    "release_point",
+    "security_from_qemu_spice",
+    "settle_floor",
+    "tls_target",
+]

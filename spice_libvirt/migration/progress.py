@@ -1,0 +1,235 @@
+"""Migration progress: a model built from ``query-migrate`` and two ways to show it.
+
+A terminal user wants a live bar; a hook, a service or a CI log wants one line per step
+that a machine can grep. So :func:`make_reporter` returns a ``rich`` progress bar only
+when stderr is a TTY, and a logging reporter everywhere else. The percentage follows
+VDSM's rule: it stays at 99 until QEMU says the migration completed, because "100 %
+transferred" during precopy only means "this pass is done".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from spice_libvirt.migration.report import MigrationReport, PhaseTiming
+
+log = logging.getLogger(__name__)
+
+
+class MigrationProgress(BaseModel):
+    """One sample of ``query-migrate`` in the units people read."""
+
+    status: str
+    elapsed_ms: int = 0
+    percent: float = 0.0
+    transferred_bytes: int = 0
+    remaining_bytes: int = 0
+    total_bytes: int = 0
+    mbps: float = 0.0
+    dirty_pages_rate: int = 0
+    passes: int = 0
+    downtime_ms: int | None = None
+    setup_time_ms: int | None = None
+
+    @property
+    def mb_per_s(self) -> float:
+        """QEMU reports megabits per second; people read megabytes."""
+        return self.mbps / 8.0
+
+    @classmethod
+    def from_query(cls, info: dict[str, Any]) -> MigrationProgress:
+        ram: dict[str, Any] = info.get("ram") or {}
+        status = str(info.get("status", "none"))
+        total = int(ram.get("total", 0) or 0)
+        remaining = int(ram.get("remaining", 0) or 0)
+        if status == "completed":
+            percent = 100.0
+        elif total > 0:
+            percent = min(99.0, 100.0 * (total - remaining) / total)
+        else:
+            percent = 0.0
+        return cls(
+            status=status,
+            elapsed_ms=int(info.get("total-time", 0) or 0),
+            percent=round(percent, 1),
+            transferred_bytes=int(ram.get("transferred", 0) or 0),
+            remaining_bytes=remaining,
+            total_bytes=total,
+            mbps=float(ram.get("mbps", 0.0) or 0.0),
+            dirty_pages_rate=int(ram.get("dirty-pages-rate", 0) or 0),
+            passes=int(ram.get("dirty-sync-count", 0) or 0),
+            downtime_ms=info.get("downtime"),
+            setup_time_ms=info.get("setup-time"),
+        )
+
+    def line(self) -> str:
+        return (
+            f"migration {self.status}: {self.percent:5.1f} % "
+            f"{self.transferred_bytes / 2**20:8.1f} MiB sent, {self.mb_per_s:7.1f} MB/s, "
+            f"dirty {self.dirty_pages_rate} pages/s, pass {self.passes}"
+        )
+
+
+class ProgressReporter(Protocol):
+    """What the controller calls; implementations decide how (or whether) to show it."""
+
+    def phase(self, name: str, detail: str = "") -> None: ...
+    def update(self, progress: MigrationProgress) -> None: ...
+    def close(self) -> None: ...
+
+
+class LogReporter:
+    """One log line per phase, and at most one progress line per ``interval`` seconds."""
+
+    def __init__(self, logger: logging.Logger | None = None, interval: float = 1.0) -> None:
+        self._log = logger or log
+        self._interval = interval
+        self._last = 0.0
+        self._last_status: str | None = None
+
+    def phase(self, name: str, detail: str = "") -> None:
+        self._log.info("%s%s", name, f": {detail}" if detail else "")
+
+    def update(self, progress: MigrationProgress) -> None:
+        now = time.monotonic()
+        if progress.status != self._last_status or now - self._last >= self._interval:
+            self._log.info("%s", progress.line())
+            self._last = now
+            self._last_status = progress.status
+
+    def close(self) -> None:
+        return None
+
+
+class NullReporter:
+    """Shows nothing (for ``--json`` callers that only want the verdict)."""
+
+    def phase(self, name: str, detail: str = "") -> None:
+        return None
+
+    def update(self, progress: MigrationProgress) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class RichReporter:
+    """A live bar on stderr (terminal only): percent, MB/s, dirty rate, passes."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self._console = Console(stderr=True)
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            console=self._console,
+            transient=False,
+        )
+        self._task = self._progress.add_task("migration", total=100.0, rate="")
+        self._started = False
+
+    def phase(self, name: str, detail: str = "") -> None:
+        self._console.log(f"{name}{': ' + detail if detail else ''}")
+
+    def update(self, progress: MigrationProgress) -> None:
+        if not self._started:
+            self._progress.start()
+            self._started = True
+        self._progress.update(
+            self._task,
+            completed=progress.percent,
+            description=f"migration {progress.status}",
+            rate=(
+                f"{progress.mb_per_s:.1f} MB/s dirty {progress.dirty_pages_rate}/s "
+                f"pass {progress.passes}"
+            ),
+        )
+
+    def close(self) -> None:
+        if self._started:
+            self._progress.stop()
+
+
+def make_reporter(*, quiet: bool = False) -> ProgressReporter:
+    """A rich bar when stderr is a terminal, log lines otherwise, nothing when ``quiet``."""
+    if quiet:
+        return NullReporter()
+    if sys.stderr.isatty():
+        return RichReporter()
+    return LogReporter()
+
+
+class RunLog:
+    """Phase timings and notes of one controller run, as the report carries them.
+
+    Both controllers (QMP and libvirt) keep their account here, so timings mean the same
+    thing in both reports: milliseconds since the run started.
+    """
+
+    def __init__(self, reporter: ProgressReporter) -> None:
+        self.reporter = reporter
+        self.t0 = time.monotonic()
+        self.phases: list[PhaseTiming] = []
+        self.notes: list[str] = []
+
+    def ms(self, t: float) -> float:
+        """``t`` (a ``time.monotonic()`` value) in milliseconds since the run started."""
+        return round((t - self.t0) * 1000.0, 3)
+
+    def note(self, text: str) -> None:
+        log.info("%s", text)
+        self.notes.append(text)
+
+    def record(self, name: str, start: float, ok: bool = True, detail: str | None = None) -> None:
+        """A phase that began at ``start`` and ends now."""
+        self.phases.append(
+            PhaseTiming(
+                name=name,
+                start_ms=self.ms(start),
+                duration_ms=round((time.monotonic() - start) * 1000.0, 3),
+                ok=ok,
+                detail=detail,
+            )
+        )
+        self.reporter.phase(name, detail or "")
+
+    @contextlib.asynccontextmanager
+    async def phase(self, name: str) -> AsyncIterator[PhaseTiming]:
+        """Time the block as phase ``name``; a failure marks it not ok and propagates."""
+        start = time.monotonic()
+        timing = PhaseTiming(name=name, start_ms=self.ms(start), duration_ms=0.0)
+        self.reporter.phase(name)
+        try:
+            yield timing
+        except BaseException as exc:
+            timing.ok = False
+            timing.detail = timing.detail or str(exc) or type(exc).__name__
+            raise
+        finally:
+            timing.duration_ms = round((time.monotonic() - start) * 1000.0, 3)
+            self.phases.append(timing)
+
+    def fill(self, report: MigrationReport) -> None:
+        """Copy phases, notes and the total duration into ``report``."""
+        report.phases = list(self.phases)
+        report.notes = list(self.notes)
+        report.duration_ms = self.ms(time.monotonic())

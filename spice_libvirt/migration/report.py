@@ -1,0 +1,201 @@
+"""The migration verdict, as data.
+
+A verdict must be *true*, so it is computed here from evidence and nothing else: QMP
+events and queries from both QEMUs, and -- when our embedded client was attached -- the
+client's own message-by-message record. The CLI prints :class:`MigrationReport` with
+``--json`` as one object; management tools parse it, so field names are a contract.
+
+Classification rules (see ``spice-protocol-facts.md`` §5-§6):
+
+* a client that the destination shows with the *same* connection id it had on the source
+  was kept (seamless for QMP-only evidence; the embedded client must also have seen
+  ``MIGRATE_BEGIN_SEAMLESS``, ``MIGRATE`` and ``MIGRATE_DATA``);
+* a *new* connection id on the destination means the client went through
+  ``SWITCH_HOST`` (session reset);
+* a migration that did not complete is ``cancelled`` (we or the user cancelled it) or
+  ``failed`` (QEMU reported failure, or a step raised).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from spice_libvirt.migration.evidence import (
+    CHANNEL_TYPE_NAMES,
+    CHANNEL_TYPE_NUMBERS,
+    channel_name,
+    parse_channel_name,
+)
+from spice_libvirt.spice.record import ClientMigrationRecord, ClientPath, SessionChange, StreamStats
+
+#: The overall outcome. ``no-client`` is used only when no SPICE client was connected at all:
+#: there was nothing to keep, and calling that "seamless" would be a claim without evidence.
+Outcome = Literal["seamless", "semi-seamless", "switch-host", "cancelled", "failed", "no-client"]
+
+
+class ClientVerdict(SessionChange):
+    """One SPICE client, as both QEMUs (and, for ours, the client itself) saw it."""
+
+    kind: Literal["embedded", "external"] = Field(
+        description="embedded: our own client, with a protocol record; external: QMP only"
+    )
+    #: the client had linked every channel to the destination before ``migrate`` was issued
+    linked_before_migrate: bool = False
+    #: every channel QMP lists for this client uses TLS (before: source, after: destination)
+    tls_before: bool | None = None
+    tls_after: bool | None = None
+    #: channels on TLS before the migration and plain after it (issue 13: never allowed)
+    tls_downgraded_channels: list[str] = Field(default_factory=list)
+    #: how the path was established: "client-record" (embedded), "qmp" (events/queries)
+    evidence: Literal["client-record", "qmp"] = "qmp"
+    #: embedded client only: the record, with the message-by-message path
+    record: ClientMigrationRecord | None = None
+    stream: StreamStats | None = None
+    blackout_ms: dict[str, float] = Field(default_factory=dict)
+    note: str | None = None
+
+
+class LinkWait(BaseModel):
+    """The wait between ``client_migrate_info`` and ``migrate`` (the race this project closes)."""
+
+    skipped: bool = False
+    #: "linked": every channel linked (and, embedded, CONNECTED_SEAMLESS sent);
+    #: "timeout": not within the bound; "no-client"; "skipped"; "connect-error"
+    result: Literal["linked", "timeout", "no-client", "skipped", "connect-error"] = "skipped"
+    duration_ms: float | None = None
+    grace_ms: float = 0.0
+    timeout_s: float = 0.0
+    signal: Literal["embedded-client", "qmp-destination", "none"] = "none"
+    channels_expected: list[str] = Field(default_factory=list)
+    channels_linked: list[str] = Field(default_factory=list)
+
+
+class MigrationFigures(BaseModel):
+    """QEMU's own numbers (``query-migrate``) plus the controller's wall clocks."""
+
+    status: str | None = None
+    total_time_ms: int | None = None
+    downtime_ms: int | None = None
+    setup_time_ms: int | None = None
+    transferred_bytes: int | None = None
+    total_bytes: int | None = None
+    normal_pages: int | None = None
+    duplicate_pages: int | None = None
+    mbps: float | None = None
+    passes: int | None = Field(default=None, description="ram.dirty-sync-count")
+    dirty_pages_rate: int | None = None
+    #: wall time from issuing ``migrate`` to the COMPLETED state (controller clock)
+    migrate_to_completed_ms: float | None = None
+    #: wall time from COMPLETED to SPICE_MIGRATE_COMPLETED on the source
+    completed_to_spice_ms: float | None = None
+    downtime_limit_ms: int | None = None
+    max_bandwidth: int | None = None
+    error_desc: str | None = None
+
+
+class Endpoint(BaseModel):
+    """One QEMU as the controller saw it."""
+
+    qmp: str
+    qemu_version: str | None = None
+    spice_version: str | None = None
+    spice_host: str | None = None
+    spice_port: int | None = None
+    spice_tls_port: int | None = None
+    status_before: str | None = None
+    status_after: str | None = None
+
+
+class PhaseTiming(BaseModel):
+    name: str
+    start_ms: float
+    duration_ms: float
+    ok: bool = True
+    detail: str | None = None
+
+
+class MigrationReport(BaseModel):
+    """The verdict of one migration: printed as one JSON object with ``--json``."""
+
+    outcome: Outcome
+    seamless: bool = False
+    started_at: dt.datetime
+    duration_ms: float = 0.0
+    source: Endpoint
+    destination: Endpoint
+    migrate_uri: str
+    client_target: str = Field(description="host:port[/tls-port] given to client_migrate_info")
+    require_seamless: bool = False
+    link_wait: LinkWait = Field(default_factory=LinkWait)
+    clients: list[ClientVerdict] = Field(default_factory=list)
+    #: the embedded client's path, message by message (mirror of clients[i].record.steps)
+    stream: StreamStats | None = None
+    migration: MigrationFigures = Field(default_factory=MigrationFigures)
+    spice_migrate_completed: bool = False
+    phases: list[PhaseTiming] = Field(default_factory=list)
+    source_resumed: bool | None = None
+    error: str | None = None
+    error_phase: str | None = None
+    notes: list[str] = Field(default_factory=list)
+    #: some channel went from TLS at the source to plain text after the migration; such a
+    #: migration is never a success, whatever its protocol path
+    tls_downgraded: bool = False
+    #: those channels, by name (``"display:0"``); for several clients ``"<id>/display:0"``
+    tls_downgraded_channels: list[str] = Field(default_factory=list)
+
+
+def classify_outcome(
+    migration_status: str | None, clients: list[ClientVerdict], *, cancelled: bool
+) -> Outcome:
+    """The overall outcome from the migration state and every client's verdict.
+
+    The worst client wins: one client that fell back to switch-host makes the migration
+    ``switch-host`` even if another was kept.
+    """
+    if migration_status != "completed":
+        return "cancelled" if cancelled or migration_status == "cancelled" else "failed"
+    if not clients:
+        return "no-client"
+    order: list[ClientPath] = ["failed", "none", "switch-host", "semi-seamless", "seamless"]
+    worst = min((c.path for c in clients), key=lambda p: order.index(p) if p in order else 0)
+    if worst in ("seamless", "semi-seamless", "switch-host"):
+        return worst
+    # a client that broke, or that saw no migration at all: nothing shows it was reset
+    # (switch-host) nor kept, so the only true word is that it failed
+    return "failed"
+
+
+def embedded_path_is_seamless(record: ClientMigrationRecord) -> bool:
+    """The embedded client's claim of ``seamless`` checked against its own steps.
+
+    Seamless means: BEGIN_SEAMLESS arrived, at least one MIGRATE arrived, MIGRATE_DATA was
+    received and forwarded, and the connection id was kept.
+    """
+    messages = {s.message for s in record.steps}
+    return (
+        record.path == "seamless"
+        and record.connection_id_kept
+        and any("BEGIN_SEAMLESS" in m for m in messages)
+        and any(m == "MIGRATE" or m.endswith(".MIGRATE") for m in messages)
+        and any("MIGRATE_DATA" in m for m in messages)
+    )
+
+
+__all__ = [
+    "CHANNEL_TYPE_NAMES",
+    "CHANNEL_TYPE_NUMBERS",
+    "ClientVerdict",
+    "Endpoint",
+    "LinkWait",
+    "MigrationFigures",
+    "MigrationReport",
+    "Outcome",
+    "PhaseTiming",
+    "channel_name",
+    "classify_outcome",
+    "embedded_path_is_seamless",
+    "parse_channel_name",
+]

@@ -1,0 +1,54 @@
+"""What a controller needs from an embedded SPICE client attached to the source.
+
+Both controllers (QEMU and libvirt) accept a witness and neither knows the client class:
+:class:`spice_libvirt.spice.client.SpiceClient` satisfies the protocol, and so does the
+lab's threaded wrapper or any test double of the same shape. Without a witness a verdict
+rests on QMP evidence alone.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from spice_libvirt.spice.record import ClientMigrationRecord, StreamStats
+
+#: assumed client RTT when a witness cannot tell its own
+DEFAULT_WITNESS_RTT = 0.05
+
+
+@runtime_checkable
+class MigrationWitness(Protocol):
+    """The embedded client as the controllers see it (``rtt_estimate`` is optional)."""
+
+    @property
+    def session_id(self) -> int: ...
+
+    @property
+    def channels(self) -> list[str]: ...
+
+    @property
+    def migration_count(self) -> int:
+        """Migrations the server started so far; read before ``client_migrate_info``."""
+        ...
+
+    async def wait_migration_connected(
+        self, timeout: float, after: int | None = None
+    ) -> float | None:
+        """Monotonic time the client told the source it linked (None: CONNECT_ERROR).
+
+        :raise TimeoutError: no answer within ``timeout``
+        """
+        ...
+
+    async def next_migration(self, timeout: float) -> ClientMigrationRecord: ...
+
+    def stream_stats(self) -> StreamStats: ...
+
+
+def witness_rtt(witness: object) -> float:
+    """The witness's own RTT estimate to the source, or :data:`DEFAULT_WITNESS_RTT`."""
+    rtt = getattr(witness, "rtt_estimate", None)
+    return rtt if isinstance(rtt, float) else DEFAULT_WITNESS_RTT
+
+
+__all__ = ["DEFAULT_WITNESS_RTT", "MigrationWitness", "witness_rtt"]
