@@ -10,36 +10,45 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from spice_libvirt import errors
-from spice_libvirt.exitcodes import ExitCode, for_error
-
-#: Sub-command modules, in the order ``--help`` lists them.
-SUBCOMMAND_MODULES = ("probe", "watch", "lab", "migrate", "evacuate", "hook", "journal")
+from spice_libvirt.exitcodes import ExitCode, exit_codes_epilog, for_error
 
 Handler = Callable[[argparse.Namespace], int]
+Register = Callable[[Any], None]
+
+
+def commands() -> tuple[Register, ...]:
+    """Each sub-command's ``register``, in the order ``--help`` lists them."""
+    from spice_libvirt.cli import evacuate, hook, journal, lab, migrate, probe, watch
+
+    return (
+        probe.register,
+        watch.register,
+        lab.register,
+        migrate.register,
+        evacuate.register,
+        hook.register,
+        journal.register,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spice-libvirt",
         description="Seamless SPICE live migration for QEMU/KVM and libvirt, verified.",
+        epilog=exit_codes_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"spice_libvirt.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"spice_libvirt.cli.{name}":
-                raise
-            continue
-        module.register(sub)
+    for register in commands():
+        register(sub)
     return parser
 
 
@@ -59,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(for_error(exc))
     except KeyboardInterrupt:
         print("spice-libvirt: interrupted", file=sys.stderr)
-        return 130
+        return int(ExitCode.INTERRUPTED)
     except BrokenPipeError:
         # the reader of our output went away (``| head``): not an error of ours
         with contextlib.suppress(OSError):

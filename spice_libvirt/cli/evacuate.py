@@ -1,8 +1,8 @@
 """``spice-libvirt evacuate --from URI --to URI``: empty a host, seamlessly, a verdict each.
 
-Exit code: 0 when every domain kept its client (or had none), 8 when some migrated but a
-client fell back to switch-host, 7 (or the error's code) when a domain failed to migrate --
-that domain still runs on the source.
+Exit code (:func:`spice_libvirt.exitcodes.for_evacuation`): the first failed domain's code
+(7, or its error's code: that domain still runs on the source), else 11 if a channel lost
+TLS, else 8 if a client fell back to semi-seamless or switch-host, else 0.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import asyncio
 import sys
 from typing import Any
 
+from spice_libvirt.exitcodes import exit_codes_epilog, for_evacuation
 from spice_libvirt.progress import make_reporter
 
 
@@ -23,6 +24,8 @@ def register(subparsers: Any) -> None:
             "Migrate every running domain with SPICE graphics from one libvirt host to "
             "another (peer to peer), holding each switchover until its client is linked."
         ),
+        epilog=exit_codes_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--from", dest="from_uri", required=True, metavar="URI")
     parser.add_argument("--to", required=True, metavar="URI", help="as the source reaches it")
@@ -85,4 +88,4 @@ def _run(args: argparse.Namespace) -> int:
             f"{len(report.domains)} domain(s) in {report.duration_ms / 1000:.1f} s: "
             + ", ".join(f"{k} {v}" for k, v in sorted(report.counts.items()))
         )
-    return int(report.exit_code())
+    return int(for_evacuation(report))

@@ -1,8 +1,11 @@
-"""``spice-libvirt lab``: the built-in two-QEMU lab on loopback.
+"""``spice-libvirt lab``: the one lab command line, for both lab kinds.
 
-``lab up`` returns while both QEMUs keep running; ``lab migrate`` ping-pongs the VM
-between them; ``lab status`` and ``lab down`` inspect and remove it. See
-:mod:`spice_libvirt.lab.qemu_lab`.
+The built-in QEMU lab (two QEMUs on loopback, :mod:`spice_libvirt.lab.qemu_lab`) and the
+two-host libvirt lab (``up --libvirt``, :mod:`spice_libvirt.lab.libvirt_lab`, handled in
+:mod:`spice_libvirt.cli.lab_libvirt`) share one lab directory
+(:func:`spice_libvirt.lab.labdir.default_lab_dir`); ``migrate``, ``status`` and ``down`` act
+on the libvirt lab when ``<lab dir>/libvirt`` holds one. ``lab up`` returns while the lab
+keeps running; ``lab migrate`` ping-pongs the VM; ``lab down`` removes everything by PID.
 """
 
 from __future__ import annotations
@@ -13,27 +16,35 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from spice_libvirt.cli.migrate import (
-    add_common_arguments,
-    exit_code_for,
-    print_report,
-    request_options,
-)
-from spice_libvirt.exitcodes import ExitCode
+from spice_libvirt.cli import lab_libvirt
+from spice_libvirt.cli.migrate import add_common_arguments, request_options
+from spice_libvirt.cli.render import print_report
+from spice_libvirt.errors import LabError
+from spice_libvirt.exitcodes import ExitCode, exit_codes_epilog, for_report
+from spice_libvirt.lab import labdir
 from spice_libvirt.progress import make_reporter
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "lab",
-        help="run the built-in QEMU lab (two QEMUs on loopback)",
-        description="Start, migrate, inspect and remove the built-in two-QEMU lab.",
+        help="run a lab: two QEMUs on loopback, or two libvirt hosts (--libvirt)",
+        description=(
+            "Start, migrate, inspect and remove a lab: the built-in two-QEMU lab on "
+            "loopback, or (up --libvirt) two libvirt hosts and a delayed client in network "
+            "namespaces."
+        ),
+        epilog=exit_codes_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--dir",
         type=Path,
         default=None,
-        help="lab directory (default: $SPICE_LIBVIRT_LAB_DIR or /run/spice-libvirt/lab)",
+        help=(
+            f"lab directory, created private (default: ${labdir.LAB_DIR_ENV}, else "
+            f"{labdir.ROOT_LAB_DIR} for root, a per-user directory otherwise)"
+        ),
     )
     sub = parser.add_subparsers(dest="lab_command", metavar="ACTION", required=True)
 
@@ -73,32 +84,44 @@ def register(subparsers: Any) -> None:
     st.add_argument("--json", action="store_true")
     st.set_defaults(handler=_status)
 
-    down = sub.add_parser("down", help="stop both QEMUs (by PID) and remove the state")
+    down = sub.add_parser("down", help="stop everything the lab started (by PID)")
     down.add_argument("--json", action="store_true")
+    down.add_argument(
+        "--keep-logs", action="store_true", help="libvirt lab: keep libvirtd and QEMU logs"
+    )
     down.set_defaults(handler=_down)
+
+    rtt = sub.add_parser("rtt", help="libvirt lab: measure (and --set) the client's RTT")
+    rtt.add_argument("--set", type=float, dest="set_ms", metavar="MS", help="new RTT first")
+    rtt.add_argument("--samples", type=int, default=5)
+    rtt.add_argument("--json", action="store_true")
+    rtt.set_defaults(handler=_rtt)
+
+    purge = sub.add_parser("purge", help="libvirt lab: remove a lab whose state file is lost")
+    purge.add_argument("prefix", help="its namespace prefix, e.g. slab1a2b3c")
+    purge.add_argument("--json", action="store_true")
+    purge.set_defaults(handler=lab_libvirt.purge)
 
 
 def _lab(args: argparse.Namespace) -> Any:
     from spice_libvirt.lab.qemu_lab import QemuLab
 
-    return QemuLab(args.dir)
+    return QemuLab(args.dir or labdir.default_lab_dir())
 
 
 def _libvirt_dir(args: argparse.Namespace) -> Path | None:
     """The libvirt lab's directory (``<lab dir>/libvirt``) if it holds a libvirt lab."""
-    from spice_libvirt.lab.qemu_lab import default_lab_dir
+    from spice_libvirt.lab.libvirt_state import STATE_FILE
 
-    path = ((args.dir or default_lab_dir()) / "libvirt").absolute()
-    return path if (path / "state.json").exists() else None
+    path = labdir.libvirt_lab_dir(args.dir)
+    return path if (path / STATE_FILE).exists() else None
 
 
 def _up(args: argparse.Namespace) -> int:
     from spice_libvirt.lab.qemu_lab import dump, state_summary
 
     if args.libvirt:
-        from spice_libvirt.libvirt import lab_cli
-
-        return lab_cli.up(args)
+        return lab_libvirt.up(args, labdir.libvirt_lab_dir(args.dir))
 
     state = asyncio.run(_lab(args).up(args.guest, args.memory, tls=args.tls))
     summary = state_summary(state)
@@ -115,9 +138,7 @@ def _up(args: argparse.Namespace) -> int:
 
 def _migrate(args: argparse.Namespace) -> int:
     if (path := _libvirt_dir(args)) is not None:
-        from spice_libvirt.libvirt import lab_cli
-
-        return lab_cli.migrate(args, path)
+        return lab_libvirt.migrate(args, path)
     reporter = make_reporter(quiet=args.json and not sys.stderr.isatty())
     overrides = request_options(args)
     require = overrides.pop("require_seamless")
@@ -132,14 +153,12 @@ def _migrate(args: argparse.Namespace) -> int:
         )
     )
     print_report(report, args.json)
-    return int(exit_code_for(report))
+    return int(for_report(report))
 
 
 def _status(args: argparse.Namespace) -> int:
     if (path := _libvirt_dir(args)) is not None:
-        from spice_libvirt.libvirt import lab_cli
-
-        return lab_cli.status(args, path)
+        return lab_libvirt.status(args, path)
     status = asyncio.run(_lab(args).status())
     if args.json:
         print(status.model_dump_json(indent=1))
@@ -161,9 +180,7 @@ def _down(args: argparse.Namespace) -> int:
     import json
 
     if (path := _libvirt_dir(args)) is not None:
-        from spice_libvirt.libvirt import lab_cli
-
-        return lab_cli.down(args, path)
+        return lab_libvirt.down(args, path)
 
     stopped = asyncio.run(_lab(args).down())
     if args.json:
@@ -171,3 +188,11 @@ def _down(args: argparse.Namespace) -> int:
     else:
         print(f"lab down: stopped {len(stopped)} QEMU(s) {stopped}" if stopped else "no lab was up")
     return int(ExitCode.OK)
+
+
+def _rtt(args: argparse.Namespace) -> int:
+    if (path := _libvirt_dir(args)) is None:
+        raise LabError(
+            f"no libvirt lab in {labdir.libvirt_lab_dir(args.dir)}: 'lab rtt' needs 'lab up --libvirt'"
+        )
+    return lab_libvirt.rtt(args, path)

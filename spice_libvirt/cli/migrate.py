@@ -1,9 +1,10 @@
 """``spice-libvirt migrate``: a seamless SPICE live migration, with a verdict.
 
-This module holds the QMP form (bare QEMU: ``--qmp-src SOCK --qmp-dst SOCK``); the
-libvirt form is added next to it (see :data:`FORMS`). The options every form shares
-(client address, policy, limits, ``--json``) and the mapping from a verdict to an exit
-code live here too, so ``lab migrate`` behaves the same way.
+Two forms share one command: the QMP form (bare QEMU: ``--qmp-src SOCK --qmp-dst SOCK``),
+here, and the libvirt form (``DOMAIN --to URI``) in :mod:`spice_libvirt.cli.migrate_libvirt`.
+:data:`FORMS` names them explicitly, in the order they are tried. The options every form
+shares (client address, policy, limits, ``--json``) live here too, so ``lab migrate``
+behaves the same way; the exit code comes from :func:`spice_libvirt.exitcodes.for_report`.
 """
 
 from __future__ import annotations
@@ -12,69 +13,25 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
+from spice_libvirt.cli import migrate_libvirt
+from spice_libvirt.cli.render import print_report
 from spice_libvirt.errors import ConfigError
-from spice_libvirt.exitcodes import ExitCode
+from spice_libvirt.exitcodes import exit_codes_epilog, for_report
 from spice_libvirt.progress import make_reporter
 from spice_libvirt.qmp import QMPConnection
-from spice_libvirt.report import MigrationReport
 
-#: Forms of ``migrate``: (predicate on the parsed args, handler). The first match runs.
-FORMS: list[tuple[Callable[[argparse.Namespace], bool], Callable[[argparse.Namespace], int]]] = []
-
-
-def exit_code_for(report: MigrationReport) -> ExitCode:
-    """seamless / no client -> OK; completed without keeping the client -> NOT_SEAMLESS;
-    cancelled or failed -> MIGRATION_FAILED (the VM still runs on the source)."""
-    if report.outcome in ("seamless", "no-client"):
-        return ExitCode.OK
-    if report.outcome in ("semi-seamless", "switch-host"):
-        return ExitCode.NOT_SEAMLESS
-    if report.migration.status == "completed":
-        # the migration went through, but the verdict found the client's data broken
-        return ExitCode.NOT_SEAMLESS
-    return ExitCode.MIGRATION_FAILED
+#: Old name of :func:`spice_libvirt.exitcodes.for_report` (tests and tools import it).
+exit_code_for = for_report
 
 
-def print_report(report: MigrationReport, as_json: bool) -> None:
-    """``--json``: the verdict as one JSON object on stdout; else a short human summary."""
-    if as_json:
-        print(report.model_dump_json(indent=1))
-        return
-    fig = report.migration
-    print(f"outcome: {report.outcome}")
-    link = report.link_wait
-    if link.duration_ms is not None:
-        print(
-            f"client link wait: {link.result} in {link.duration_ms:.0f} ms "
-            f"(+{link.grace_ms:.0f} ms grace, signal {link.signal})"
-        )
-    if fig.status:
-        print(
-            f"migration: {fig.status}, total {fig.total_time_ms} ms, downtime "
-            f"{fig.downtime_ms} ms, setup {fig.setup_time_ms} ms, "
-            f"{(fig.transferred_bytes or 0) / 2**20:.1f} MiB, {fig.passes} passes"
-        )
-    for client in report.clients:
-        print(
-            f"client {client.kind}: {client.path}, connection id "
-            f"{client.connection_id_before} -> {client.connection_id_after} "
-            f"({'kept' if client.connection_id_kept else 'not kept'}), "
-            f"channels {len(client.channels_before)} -> {len(client.channels_after)}"
-        )
-        if client.record is not None and client.record.steps:
-            print(f"  path: {client.record.path_summary()}")
-        if client.stream is not None and (client.stream.records or client.stream.gaps):
-            s = client.stream
-            print(f"  stream: {s.records} records, {s.gaps} gaps, {s.duplicates} duplicates")
-        if client.blackout_ms:
-            worst = max(client.blackout_ms.items(), key=lambda kv: kv[1])
-            print(f"  longest blackout: {worst[0]} {worst[1]:.1f} ms")
-    if report.error:
-        print(f"error ({report.error_phase}): {report.error}")
-    for note in report.notes:
-        print(f"note: {note}")
+class Form(NamedTuple):
+    """One form of ``migrate``: when it applies to the parsed arguments, and what runs it."""
+
+    name: str
+    applies: Callable[[argparse.Namespace], bool]
+    run: Callable[[argparse.Namespace], int]
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,6 +87,8 @@ def register(subparsers: Any) -> None:
             "to go, wait until it has linked every channel to the destination, then migrate "
             "and report what the client saw."
         ),
+        epilog=exit_codes_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     qmp = parser.add_argument_group("bare QEMU (QMP)")
     qmp.add_argument("--qmp-src", metavar="SOCK", help="source QMP: unix path or host:port")
@@ -147,16 +106,14 @@ def register(subparsers: Any) -> None:
     client.add_argument("--client-tls-port", type=int, metavar="PORT")
     client.add_argument("--cert-subject", metavar="DN", help="destination certificate subject")
     add_common_arguments(parser)
-    from spice_libvirt.libvirt import migrate_form
-
-    migrate_form.add_arguments(parser)
+    migrate_libvirt.add_arguments(parser)
     parser.set_defaults(handler=_dispatch)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    for applies, handler in FORMS:
-        if applies(args):
-            return handler(args)
+    for form in FORMS:
+        if form.applies(args):
+            return form.run(args)
     raise ConfigError(
         "migrate: give DOMAIN --to URI (libvirt) or --qmp-src and --qmp-dst (bare QEMU)"
     )
@@ -202,16 +159,25 @@ def _migrate_qmp(args: argparse.Namespace) -> int:
     reporter = make_reporter(quiet=args.json and not sys.stderr.isatty())
     report = asyncio.run(migrate_qemu(request, reporter=reporter))
     print_report(report, args.json)
-    return int(exit_code_for(report))
+    return int(for_report(report))
 
 
-FORMS.append((lambda args: bool(args.qmp_src), _migrate_qmp))
+def _is_qmp_form(args: argparse.Namespace) -> bool:
+    return bool(args.qmp_src)
 
 
-def _migrate_libvirt(args: argparse.Namespace) -> int:
-    from spice_libvirt.libvirt import migrate_form
+#: The forms of ``migrate``, tried in this order; the first that applies runs.
+FORMS: tuple[Form, ...] = (
+    Form("qmp", _is_qmp_form, _migrate_qmp),
+    Form("libvirt", migrate_libvirt.applies, migrate_libvirt.run),
+)
 
-    return migrate_form.run(args)
-
-
-FORMS.append((lambda args: bool(args.domain or args.to), _migrate_libvirt))
+__all__ = [
+    "FORMS",
+    "Form",
+    "add_common_arguments",
+    "exit_code_for",
+    "print_report",
+    "register",
+    "request_options",
+]

@@ -17,6 +17,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from spice_libvirt.errors import ConnectError
+from spice_libvirt.exitcodes import ExitCode, exit_codes_epilog, for_client_record, worst
 from spice_libvirt.secrets import TICKET_ENV, read_ticket
 from spice_libvirt.spice.client import ClientOptions, SpiceClient
 from spice_libvirt.spice.record import ClientMigrationRecord
@@ -30,6 +31,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description=f"The ticket comes from --ticket-file or ${TICKET_ENV}, never from argv. "
         "Exit status: 0 when every migration seen was seamless, 8 when one was not, "
         "3 when the session was lost.",
+        epilog=exit_codes_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("uri", help="spice://HOST:PORT[?tls-port=N]")
     p.add_argument("--ticket-file", type=Path)
@@ -79,7 +82,7 @@ async def watch(options: ClientOptions, count: int, duration: float, as_json: bo
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     deadline = loop.time() + duration if duration > 0 else None
-    seen, all_seamless = 0, True
+    seen, codes = 0, [ExitCode.OK]
     if not as_json:
         print(f"watching session {client.session_id} ({', '.join(client.channels)})", flush=True)
     try:
@@ -91,7 +94,7 @@ async def watch(options: ClientOptions, count: int, duration: float, as_json: bo
             with contextlib.suppress(TimeoutError):
                 record = await client.next_migration(timeout=0.5)
                 seen += 1
-                all_seamless &= record.path == "seamless"
+                codes.append(for_client_record(record))
                 stream = client.stream_stats() if options.stream_port_name else None
                 if as_json:
                     payload = record.model_dump(mode="json")
@@ -109,7 +112,7 @@ async def watch(options: ClientOptions, count: int, duration: float, as_json: bo
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await client.close()
-    return 0 if all_seamless else 8
+    return int(worst(codes))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,8 +1,7 @@
 """The libvirt form of ``spice-libvirt migrate``: ``migrate DOMAIN --to URI``.
 
-Kept apart from :mod:`spice_libvirt.cli.migrate` (the QMP form) so that the command line
-of the bare-QEMU path does not import libvirt; ``cli.migrate`` registers these options and
-appends :func:`applies` / :func:`run` to its forms.
+Kept apart from the QMP form so that the bare-QEMU command line does not import libvirt:
+the controller is imported when this form runs, not when its options are registered.
 """
 
 from __future__ import annotations
@@ -12,7 +11,9 @@ import asyncio
 import sys
 from typing import Any
 
+from spice_libvirt.cli.render import print_hold, print_report
 from spice_libvirt.errors import ConfigError
+from spice_libvirt.exitcodes import for_report
 from spice_libvirt.progress import make_reporter
 
 HOLD_CHOICES = ("auto", "qmp", "libvirt", "none")
@@ -73,7 +74,6 @@ def request_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from spice_libvirt.cli.migrate import exit_code_for, print_report
     from spice_libvirt.libvirt.controller import LibvirtMigrationRequest, migrate_libvirt
 
     if not args.domain or not args.to:
@@ -95,12 +95,4 @@ def run(args: argparse.Namespace) -> int:
     print_report(report, args.json)
     if not args.json:
         print_hold(report)
-    return int(exit_code_for(report))
-
-
-def print_hold(report: Any) -> None:
-    hold = report.hold
-    print(
-        f"hold: {hold.applied} ({hold.reason}); released after {hold.released_after_ms} ms: "
-        f"{hold.release_reason}; migrateToURI3 {report.wall_ms} ms"
-    )
+    return int(for_report(report))

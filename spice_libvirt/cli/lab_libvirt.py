@@ -1,0 +1,116 @@
+"""``spice-libvirt lab ...`` for the two-host libvirt lab (``lab up --libvirt``).
+
+:mod:`spice_libvirt.cli.lab` dispatches here when ``<lab dir>/libvirt`` holds a libvirt
+lab (or ``--libvirt`` is given); ``lab migrate`` then runs the seamless controller
+(``--plain``: libvirt's own migration, the baseline). The lab itself is
+:mod:`spice_libvirt.lab.libvirt_lab`; this module only parses and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from spice_libvirt.cli.render import print_hold, print_report
+from spice_libvirt.exitcodes import ExitCode, for_report
+from spice_libvirt.progress import make_reporter
+
+
+def up(args: argparse.Namespace, path: Path) -> int:
+    from spice_libvirt.lab import libvirt_lab
+
+    state = libvirt_lab.up(
+        path,
+        client_rtt_ms=args.client_rtt_ms,
+        guest=args.guest,
+        memory_mib=args.memory or 256,
+    )
+    spice = libvirt_lab.spice_endpoint(state, "A")
+    if args.json:
+        print(state.model_dump_json(indent=1))
+        return int(ExitCode.OK)
+    print(
+        f"libvirt lab {state.id} up in {path}: guest {state.domain} on hostA, SPICE "
+        f"{spice.uri if spice else '?'}, client namespace {state.client.netns} "
+        f"(rtt {state.bridge.rtt_ms} ms)"
+    )
+    print(f"  A: {state.hosts['A'].uri_unix}\n  B: {state.hosts['B'].uri_unix}")
+    if spice:
+        print(f"connect a viewer: ip netns exec {state.client.netns} remote-viewer {spice.uri}")
+    return int(ExitCode.OK)
+
+
+def migrate(args: argparse.Namespace, path: Path) -> int:
+    from spice_libvirt.lab.libvirt_migrate import lab_migrate
+
+    reporter = make_reporter(quiet=args.json and not sys.stderr.isatty())
+    options = {
+        "require_seamless": args.require_seamless,
+        "hold": "auto" if args.wait_client else "none",
+        "hold_timeout": args.link_timeout,
+        "completion_timeout": args.timeout,
+    }
+    report = lab_migrate(
+        path, watch=args.watch, plain=args.plain, reporter=reporter, options=options
+    )
+    print_report(report, args.json)
+    if not args.json:
+        print_hold(report)
+    return int(for_report(report))
+
+
+def status(args: argparse.Namespace, path: Path) -> int:
+    from spice_libvirt.lab import libvirt_lab
+
+    st = libvirt_lab.status(path)
+    if args.json:
+        print(st.model_dump_json(indent=1))
+        return int(ExitCode.OK if st.healthy else ExitCode.LAB)
+    print(f"libvirt lab {st.id} in {path}: {'up' if st.healthy else 'BROKEN'}")
+    print(f"guest {st.domain} on host {st.active_host}, SPICE {st.spice.uri if st.spice else '-'}")
+    print(
+        f"client namespace {st.client_netns}, rtt {st.client_rtt_ms} ms; migrations {st.migrations}"
+    )
+    for h in st.hosts:
+        alive = "alive" if h.libvirtd_alive else "dead"
+        print(f"  {h.name}: libvirtd pid {h.libvirtd_pid} {alive}, domains {h.domains}")
+    return int(ExitCode.OK if st.healthy else ExitCode.LAB)
+
+
+def down(args: argparse.Namespace, path: Path) -> int:
+    from spice_libvirt.lab import libvirt_lab
+
+    report = libvirt_lab.down(path, keep_logs=args.keep_logs)
+    if args.json:
+        print(report.model_dump_json(indent=1))
+    else:
+        print(f"libvirt lab {report.id} down: stopped {', '.join(report.stopped) or 'nothing'}")
+    return int(ExitCode.OK)
+
+
+def rtt(args: argparse.Namespace, path: Path) -> int:
+    """Measure (and with ``--set`` first change) the client's round-trip time."""
+    from spice_libvirt.lab import libvirt_lab
+
+    if args.set_ms is not None:
+        libvirt_lab.set_client_rtt(path, args.set_ms)
+    probe = libvirt_lab.probe_rtt(path, samples=args.samples)
+    if args.json:
+        print(probe.model_dump_json(indent=1))
+    else:
+        print(f"client -> {probe.target}: median {probe.median_ms} ms {probe.samples_ms}")
+    return int(ExitCode.OK)
+
+
+def purge(args: argparse.Namespace) -> int:
+    """Remove a libvirt lab whose state file is lost, by its namespace prefix."""
+    from spice_libvirt.lab import libvirt_lab
+
+    report = libvirt_lab.purge(args.prefix)
+    if args.json:
+        print(report.model_dump_json(indent=1))
+    else:
+        found = ", ".join(report.namespaces_deleted) or "nothing"
+        print(f"{args.prefix}: removed {found}")
+    return int(ExitCode.OK if not report.leftovers else ExitCode.LAB)
