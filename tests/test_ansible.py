@@ -31,6 +31,7 @@ ROLE = ANSIBLE / "roles" / "spice_libvirt"
 VAGRANTFILE = REPO / "vagrant" / "Vagrantfile"
 BIN = Path(sys.executable).parent
 ANSIBLE_PLAYBOOK = BIN / "ansible-playbook"
+ANSIBLE_LINT = BIN / "ansible-lint"
 
 needs_ansible = pytest.mark.skipif(
     not ANSIBLE_PLAYBOOK.exists(), reason="ansible-core not installed in the venv"
@@ -274,6 +275,26 @@ def test_playbook_syntax_check(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "playbook: site.yml" in proc.stdout
+
+
+@pytest.mark.skipif(not ANSIBLE_LINT.exists(), reason="ansible-lint not installed in the venv")
+def test_ansible_lint_production_profile(tmp_path: Path) -> None:
+    """What an admin's CI runs before rolling the role out; --offline: no Galaxy, no network."""
+    env = _ansible_env(tmp_path)
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    env["NO_COLOR"] = "1"
+    proc = subprocess.run(
+        [str(ANSIBLE_LINT), "--offline", "--profile", "production", "--nocolor"],
+        cwd=ANSIBLE,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "Profile 'production' was required, and it passed" in out, out[-2000:]
 
 
 def _recap(output: str) -> dict[str, int]:
