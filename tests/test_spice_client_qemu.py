@@ -22,6 +22,7 @@ from spice_libvirt.errors import AuthenticationError, LinkError, TLSVerification
 from spice_libvirt.lab.ports import free_tcp_port
 from spice_libvirt.lab.qemu import QemuGroup, QemuInstance
 from spice_libvirt.lab.tls import TlsMaterial
+from spice_libvirt.spice.actions import StartPrelinks
 from spice_libvirt.spice.client import ClientOptions, SpiceClient
 from spice_libvirt.spice.stream import parse_record
 
@@ -269,9 +270,9 @@ class LateFollower(SpiceClient):
     loopback varies from run to run; delaying the pre-link makes the client lose it every time.
     """
 
-    async def _migration_connect(self, mig: Any, src_version: int | None) -> None:
+    async def _migration_connect(self, mig: Any, start: StartPrelinks) -> None:
         await asyncio.sleep(0.5)
-        await super()._migration_connect(mig, src_version)
+        await super()._migration_connect(mig, start)
 
 
 async def test_losing_the_race_falls_back_to_switch_host(

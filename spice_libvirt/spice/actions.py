@@ -62,6 +62,7 @@ class SendToSource:
 
 @dataclass(frozen=True, slots=True)
 class SendToDestination:
+    number: int
     key: ChannelKey
     message: Message
 
@@ -81,6 +82,7 @@ class SwapChannel:
     reader; ``channel_up``: send what a fresh channel sends (DISPLAY_INIT). Report with
     ``on_swapped``."""
 
+    number: int
     key: ChannelKey
     restart_reader: bool = False
     channel_up: bool = False

@@ -387,7 +387,10 @@ class ClientSession:
         self._step(mig, MAIN_KEY, "src", "rx", "MIGRATE_END", now)
         mig.cut_at[MAIN_KEY] = now
         self._step(mig, MAIN_KEY, "dst", "tx", "MIGRATE_END", now)
-        return [act.SwapChannel(MAIN_KEY), act.SendToDestination(MAIN_KEY, MainClientMigrateEnd())]
+        return [
+            act.SwapChannel(mig.number, MAIN_KEY),
+            act.SendToDestination(mig.number, MAIN_KEY, MainClientMigrateEnd()),
+        ]
 
     def on_source_lost(self, key: ChannelKey, error: str, now: float) -> bool:
         """A source channel broke during a migration; True when that is expected (the
@@ -418,7 +421,7 @@ class ClientSession:
             mig.awaiting_data.add(key)
             actions.append(act.ReadMigrateData(key))
         else:
-            actions.append(act.SwapChannel(key))
+            actions.append(act.SwapChannel(mig.number, key))
         return actions
 
     def on_migrate_data(self, key: ChannelKey, data: bytes, now: float) -> list[Action]:
@@ -434,7 +437,10 @@ class ClientSession:
             detail = f"{len(data)} bytes, envelope invalid: {exc}"
         self._step(mig, key, "src", "rx", "MIGRATE_DATA", now, detail)
         self._step(mig, key, "dst", "tx", "MIGRATE_DATA", now, f"{len(data)} bytes")
-        return [act.SendToDestination(key, ClientMigrateData(data)), act.SwapChannel(key)]
+        return [
+            act.SendToDestination(mig.number, key, ClientMigrateData(data)),
+            act.SwapChannel(mig.number, key),
+        ]
 
     def on_swapped(self, key: ChannelKey, now: float) -> list[Action]:
         """The driver moved ``key`` to its destination link (its source socket kept)."""
@@ -480,7 +486,7 @@ class ClientSession:
         rest = [k for k in mig.channels if k in self._semi_rest(mig)]
         if not rest:
             return self._all_swapped(mig, "semi-seamless", now)
-        return [act.SwapChannel(k, restart_reader=True, channel_up=True) for k in rest]
+        return [act.SwapChannel(mig.number, k, restart_reader=True, channel_up=True) for k in rest]
 
     def on_dst_linked(
         self, number: int, key: ChannelKey, caps: frozenset[int], where: str, now: float
@@ -505,7 +511,9 @@ class ClientSession:
                 self._step(
                     mig, MAIN_KEY, "dst", "tx", "MIGRATE_DST_DO_SEAMLESS", now, f"version {version}"
                 )
-                actions.append(act.SendToDestination(MAIN_KEY, MainMigrateDstDoSeamless(version)))
+                actions.append(
+                    act.SendToDestination(number, MAIN_KEY, MainMigrateDstDoSeamless(version))
+                )
             if others:
                 target = self._target(mig.dst, mig.dst.cert_subject)
                 actions.append(act.LinkToDestination(number, others, self.session_id, target))

@@ -1,0 +1,123 @@
+"""What a :class:`~spice_libvirt.spice.client.SpiceClient` is given and what it hands out:
+its options, its events and the byte streams of port channels."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from spice_libvirt.spice.constants import ChannelType, MainCap
+from spice_libvirt.spice.messages import DisplayInit
+
+#: channels on which spice-server always sends a first message once the channel client
+#: exists (SET_ACK, INPUTS_INIT, PORT_INIT)
+GREETING_CHANNELS = frozenset(
+    {
+        ChannelType.DISPLAY,
+        ChannelType.CURSOR,
+        ChannelType.INPUTS,
+        ChannelType.PORT,
+        ChannelType.WEBDAV,
+    }
+)
+
+#: how long close() waits for the client's tasks to end
+CLOSE_TIMEOUT = 3.0
+
+#: spice-gtk's display cache announcement (ids 1, 20 MiB of pixels, 16 MiB GLZ window).
+DISPLAY_INIT = DisplayInit(1, 20 * 1024 * 1024 // 4, 1, 16 * 1024 * 1024 // 4)
+
+
+class ClientOptions(BaseModel):
+    """Where and how to connect, and which capabilities to announce.
+
+    The capability switches exist so that tests can act as old clients (no SEAMLESS, no
+    SEMI_SEAMLESS) and check that spice-server's fallback is reported truthfully.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    host: str
+    port: int | None = None
+    tls_port: int | None = None
+    ticket: SecretStr | None = None
+    ca_file: Path | None = None
+    host_subject: str | None = None
+    #: check record continuity on the port channel of this name (None: no stream check)
+    stream_port_name: str | None = "org.spice-libvirt.stream"
+    #: open (send PORT_EVENT OPENED on) every port channel, not only the stream port
+    open_all_ports: bool = False
+    seamless: bool = True
+    semi_seamless: bool = True
+    agent_connected_tokens: bool = True
+    name_and_uuid: bool = True
+    link_timeout: float = Field(default=10.0, gt=0)
+    #: limit the channels linked after MAIN (None: every channel the server lists)
+    channel_types: frozenset[int] | None = None
+
+    def main_caps(self) -> frozenset[int]:
+        caps = set()
+        if self.semi_seamless:
+            caps.add(MainCap.SEMI_SEAMLESS_MIGRATE)
+        if self.name_and_uuid:
+            caps.add(MainCap.NAME_AND_UUID)
+        if self.agent_connected_tokens:
+            caps.add(MainCap.AGENT_CONNECTED_TOKENS)
+        if self.seamless:
+            caps.add(MainCap.SEAMLESS_MIGRATE)
+        return frozenset(caps)
+
+    def password(self) -> str | None:
+        return self.ticket.get_secret_value() if self.ticket else None
+
+    @property
+    def tls_configured(self) -> bool:
+        """A CA file or a tls-port was given: every link and relink of the session uses TLS,
+        and the plain port is never tried first (a downgrade an on-path attacker could force
+        by refusing the TLS port; issue 8)."""
+        return self.ca_file is not None or self.tls_port is not None
+
+
+@dataclass(frozen=True)
+class ClientEvent:
+    """Something the client saw or did, for :meth:`SpiceClient.events` subscribers."""
+
+    kind: str
+    channel: str = ""
+    detail: str = ""
+    at: float = field(default_factory=time.monotonic)
+
+
+class PortStream:
+    """The byte stream of one port channel, as an async iterator of chunks."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.opened = asyncio.Event()
+        self._chunks: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4096)
+        self.dropped = 0
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self._chunks.put_nowait(data)
+        except asyncio.QueueFull:
+            # nobody reads: keep the newest data flowing rather than stall the channel
+            self.dropped += 1
+            self._chunks.get_nowait()
+            self._chunks.put_nowait(data)
+
+    async def read(self, timeout: float | None = None) -> bytes:
+        async with asyncio.timeout(timeout):
+            return await self._chunks.get()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        while True:
+            yield await self._chunks.get()
