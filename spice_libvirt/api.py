@@ -12,14 +12,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from spice_libvirt.libvirt.controller import (
-    HoldPolicy,
-    LibvirtMigrationReport,
-    LibvirtMigrationRequest,
-    migrate_libvirt,
-)
+from spice_libvirt.libvirt.controller import migrate_libvirt
 from spice_libvirt.libvirt.evacuate import EvacuationReport, evacuate
-from spice_libvirt.progress import ProgressReporter
+from spice_libvirt.libvirt.request import LibvirtMigrationReport, LibvirtMigrationRequest
+from spice_libvirt.migration.policy import HoldPolicy
+from spice_libvirt.migration.progress import ProgressReporter
 
 
 async def migrate_domain_async(
@@ -73,8 +70,8 @@ def migrate_domain(
 
     :raise LibvirtConnectError: a libvirtd is unreachable (exit code 3)
     :raise DomainNotFoundError: no such domain (exit code 9)
-    :raise PreflightError: not running, no SPICE, incompatible destination (exit code 7;
-        nothing was changed)
+    :raise PreflightError: not running, no SPICE, incompatible destination, or a client on
+        TLS the destination would accept in plain text (exit code 7; nothing was changed)
     A migration that fails is reported (``outcome`` failed/cancelled, ``source_resumed``).
     """
     return asyncio.run(

@@ -26,8 +26,6 @@ from spice_libvirt.lab import libvirt_lab, netns
 from spice_libvirt.libvirt.connection import Connection, GraphicsEvent
 from spice_libvirt.libvirt.controller import (
     LibvirtMigrationRequest,
-    _DestinationLinks,
-    _spice_clients,
     migrate_libvirt,
     spice_graphics,
 )
@@ -36,7 +34,9 @@ from spice_libvirt.libvirt.errors import (
     LibvirtConnectError,
     PreflightError,
 )
+from spice_libvirt.libvirt.hold import DestinationLinks
 from spice_libvirt.libvirt.lab import lab_migrate, lab_request
+from spice_libvirt.migration.evidence import sessions_from_query_spice
 from tests.lab_marks import LIBVIRT_LAB
 
 libvirt = pytest.importorskip("libvirt")
@@ -291,9 +291,12 @@ def test_spice_clients_keys_connection_ids_unsigned() -> None:
             ]
         }
     }
-    got = _spice_clients(reply)
-    assert got == {(-1159913299) & 0xFFFFFFFF: {(1, 0), (2, 0)}, 7: {(10, 0)}}
-    assert _spice_clients({"return": {}}) == {}
+    got = sessions_from_query_spice(reply)
+    assert {cid: set(s.channels) for cid, s in got.items()} == {
+        (-1159913299) & 0xFFFFFFFF: {(1, 0), (2, 0)},
+        7: {(10, 0)},
+    }
+    assert sessions_from_query_spice({"return": {}}) == {}
 
 
 def test_spice_graphics_of_domain_xml() -> None:
@@ -312,7 +315,7 @@ def _ev(phase: str, remote: str, at: float, domain: str = "vm") -> GraphicsEvent
 
 
 def test_destination_links_complete_and_rtt_estimate() -> None:
-    links = _DestinationLinks("vm", t0=0.0)
+    links = DestinationLinks("vm", t0=0.0)
     links.absorb(_ev("connect", "c:1", 1.00))
     links.absorb(_ev("connect", "c:9", 1.00, domain="other"))  # another domain: ignored
     links.absorb(_ev("initialize", "c:1", 1.15))

@@ -17,15 +17,12 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from spice_libvirt import errors
-from spice_libvirt.exitcodes import ExitCode, for_error
+from spice_libvirt.exitcodes import ExitCode, for_error, for_evacuation, for_report
 from spice_libvirt.libvirt.connection import Connection, require_libvirt
-from spice_libvirt.libvirt.controller import (
-    LibvirtMigrationReport,
-    LibvirtMigrationRequest,
-    migrate_libvirt,
-    spice_graphics,
-)
-from spice_libvirt.progress import ProgressReporter
+from spice_libvirt.libvirt.controller import migrate_libvirt
+from spice_libvirt.libvirt.preflight import spice_graphics
+from spice_libvirt.libvirt.request import LibvirtMigrationReport, LibvirtMigrationRequest
+from spice_libvirt.migration.progress import ProgressReporter
 
 
 class DomainResult(BaseModel):
@@ -53,24 +50,12 @@ class EvacuationReport(BaseModel):
     #: outcome -> number of domains
     counts: dict[str, int] = Field(default_factory=dict)
     all_seamless: bool = False
+    #: domains whose client lost TLS on some channel (issue 13): never counted seamless
+    tls_downgraded: list[str] = Field(default_factory=list)
 
     def exit_code(self) -> ExitCode:
-        """The worst domain's code: failures over non-seamless over OK."""
-        codes = [ExitCode(d.exit_code) for d in self.domains]
-        if not codes:
-            return ExitCode.OK
-        worst = [c for c in codes if c not in (ExitCode.OK, ExitCode.NOT_SEAMLESS)]
-        if worst:
-            return worst[0]
-        return ExitCode.NOT_SEAMLESS if ExitCode.NOT_SEAMLESS in codes else ExitCode.OK
-
-
-def _exit_code_for_report(report: LibvirtMigrationReport) -> ExitCode:
-    if report.outcome in ("seamless", "no-client"):
-        return ExitCode.OK
-    if report.migration.status == "completed":
-        return ExitCode.NOT_SEAMLESS
-    return ExitCode.MIGRATION_FAILED
+        """The worst domain's code (the one policy of :mod:`spice_libvirt.exitcodes`)."""
+        return for_evacuation(self)
 
 
 async def spice_domains(
@@ -155,7 +140,7 @@ async def evacuate(
             return DomainResult(
                 domain=name,
                 outcome=result.outcome,
-                exit_code=int(_exit_code_for_report(result)),
+                exit_code=int(for_report(result)),
                 report=result,
                 error=result.error,
             )
@@ -163,8 +148,13 @@ async def evacuate(
     report.domains = list(await asyncio.gather(*(one(n) for n in names)))
     for d in report.domains:
         report.counts[d.outcome] = report.counts.get(d.outcome, 0) + 1
-    report.all_seamless = bool(report.domains) and all(
-        d.outcome in ("seamless", "no-client") for d in report.domains
+    report.tls_downgraded = [
+        d.domain for d in report.domains if d.report is not None and d.report.tls_downgraded
+    ]
+    report.all_seamless = (
+        bool(report.domains)
+        and not report.tls_downgraded
+        and all(d.outcome in ("seamless", "no-client") for d in report.domains)
     )
     report.duration_ms = round((time.monotonic() - t0) * 1000.0, 3)
     return report

@@ -63,6 +63,8 @@ class _Run:
     clients: Sessions = dataclasses.field(default_factory=dict)
     facts: PreflightFacts = dataclasses.field(default_factory=lambda: PreflightFacts(None, None))
     record_task: asyncio.Task[ClientMigrationRecord] | None = None
+    #: our client's connection id *before* the migration (a switch-host changes it)
+    embedded_id: int | None = None
 
 
 class QemuMigrationController:
@@ -148,7 +150,7 @@ class QemuMigrationController:
                 self.req.require_seamless,
             )
             run.clients = await source_sessions(run.src, run.src_spice)
-            self._add_witness_channels(run.clients)
+            self._add_witness_channels(run)
             target = self._tls_target(run)
         report.link_wait = LinkWait(
             timeout_s=self.req.link_timeout,
@@ -183,11 +185,12 @@ class QemuMigrationController:
                 with contextlib.suppress(BaseException):
                     await task
 
-    def _add_witness_channels(self, clients: Sessions) -> None:
+    def _add_witness_channels(self, run: _Run) -> None:
         """query-spice may miss channels of our client; it knows its own."""
         if self.witness is None:
             return
-        cid = self.witness.session_id
+        clients = run.clients
+        run.embedded_id = cid = self.witness.session_id
         session = clients.setdefault(cid, SpiceSession(cid))
         for name in self.witness.channels:
             session.add(_parse_name(name), None)
@@ -315,7 +318,7 @@ class QemuMigrationController:
                 linked=report.link_wait.result == "linked",
                 aborted_before_migrate=aborted,
                 seamless_option=run.facts.seamless_on,
-                embedded_id=self.witness.session_id if self.witness is not None else None,
+                embedded_id=run.embedded_id,
                 record=record,
                 stream=self.witness.stream_stats() if self.witness is not None else None,
             )

@@ -1,0 +1,284 @@
+"""Hold a libvirt migration before its switchover until the SPICE client is there; release.
+
+libvirt sends ``client_migrate_info`` itself and migrates at once, so the only lever is the
+*moment of switchover*: the migration starts at libvirt's 1 MiB/s floor and, once QEMU
+reports it ``active``, is throttled to a few KiB/s through the monitor passthrough (the
+floor alone moves an idle guest in ~1.3 s, less than a 300 ms client needs). The release
+(``migrateSetMaxSpeed`` back to the domain's speed) comes at the release point of
+:func:`spice_libvirt.migration.policy.release_point`:
+
+* our embedded client: when it sent MIGRATE_CONNECTED_SEAMLESS, plus its one-way delay and
+  a margin -- it knows, no guessing;
+* any other client: when the destination initialized every channel the client has on the
+  source (libvirt's graphics events), plus the RTT estimated from the connect ->
+  initialize spacing, plus a margin.
+
+The hold is bounded (``hold_timeout``): a client that never links is released anyway, and
+the report says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import time
+from typing import Any
+
+from spice_libvirt import errors
+from spice_libvirt.libvirt.connection import Connection, EventStream, GraphicsEvent
+from spice_libvirt.libvirt.request import (
+    LIBVIRT_MAX_SPEED_MIBS,
+    LibvirtMigrationReport,
+    LibvirtMigrationRequest,
+)
+from spice_libvirt.migration.policy import ReleasePoint, release_point
+from spice_libvirt.migration.progress import RunLog
+from spice_libvirt.migration.witness import MigrationWitness
+
+#: QEMU migration states in which the RAM transfer runs (and can be held)
+RUNNING_STATES = ("active", "pre-switchover", "device")
+
+
+class DestinationLinks:
+    """The client's channels on the destination, from libvirt's graphics events."""
+
+    def __init__(self, domain: str, t0: float) -> None:
+        self.domain = domain
+        self.t0 = t0
+        self.connect_at: dict[str, float] = {}
+        self.init_at: dict[str, float] = {}
+        self.log: list[str] = []
+
+    def absorb(self, event: GraphicsEvent) -> None:
+        if event.domain != self.domain:
+            return
+        self.log.append(f"{event.phase} {event.remote} @ {(event.at - self.t0) * 1000:.1f}")
+        if event.phase == "connect":
+            self.connect_at[event.remote] = event.at
+            self.init_at.pop(event.remote, None)
+        elif event.phase == "initialize":
+            self.init_at[event.remote] = event.at
+        elif event.phase == "disconnect":
+            self.connect_at.pop(event.remote, None)
+            self.init_at.pop(event.remote, None)
+
+    def rtt_estimate(self) -> float | None:
+        """Median connect -> initialize spacing (seconds): about one client RTT here."""
+        spans = [self.init_at[r] - self.connect_at[r] for r in self.init_at if r in self.connect_at]
+        return statistics.median(spans) if spans else None
+
+    def complete(self, expected: int) -> bool:
+        """Every expected channel initialized and no link still half-way."""
+        return len(self.init_at) >= expected and set(self.connect_at) <= set(self.init_at)
+
+    def last_initialize(self) -> float | None:
+        return max(self.init_at.values()) if self.init_at else None
+
+
+async def _next_or_done(
+    gfx: EventStream[GraphicsEvent], job: asyncio.Task[Any], timeout: float
+) -> GraphicsEvent | None:
+    """The next graphics event, or None when the job ended or ``timeout`` passed first."""
+    getter = asyncio.ensure_future(gfx.get(timeout=timeout))
+    try:
+        await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not getter.done():
+            getter.cancel()
+            with contextlib.suppress(BaseException):
+                await getter
+    if getter.cancelled() or getter.exception() is not None:
+        return None
+    return getter.result()
+
+
+class Hold:
+    """The hold and release of one running libvirt migration job."""
+
+    def __init__(
+        self,
+        src: Connection,
+        dom: Any,
+        migration: asyncio.Task[Any],
+        req: LibvirtMigrationRequest,
+        report: LibvirtMigrationReport,
+        log: RunLog,
+        witness: MigrationWitness | None,
+    ) -> None:
+        self.src = src
+        self.dom = dom
+        self.migration = migration
+        self.req = req
+        self.report = report
+        self.log = log
+        self.witness = witness
+
+    async def run(
+        self,
+        gfx: EventStream[GraphicsEvent],
+        links: DestinationLinks,
+        t_start: float,
+        orig_speed: int,
+        expected: int,
+        migrations_before: int | None,
+    ) -> bool:
+        """Hold the migration until the client is linked; release; True if it linked."""
+        hold = self.report.hold
+        start = time.monotonic()
+        active = await self._wait_active()
+        t_active = time.monotonic()
+        hold.active_after_ms = round((t_active - t_start) * 1000.0, 3)
+        if not active:
+            self.log.note("the migration was over before it could be held")
+            self.report.link_wait.result = "timeout"
+            return False
+        await self._throttle()
+        self.log.record("hold", start, detail=hold.applied)
+        wait_start = time.monotonic()
+        deadline = t_active + self.req.hold_timeout
+        if self.witness is not None:
+            point = await self._embedded_linked(deadline, t_active, migrations_before)
+        else:
+            point = await self._destination_linked(gfx, links, deadline, t_active, expected)
+        linked = point is not None
+        if not linked:
+            hold.release_reason = (
+                f"client not linked within {self.req.hold_timeout:.1f} s: released anyway "
+                "(switch-host risk)"
+                if not self.migration.done()
+                else "the migration ended during the hold"
+            )
+            self.log.note(hold.release_reason)
+        else:
+            assert point is not None
+            await asyncio.sleep(max(0.0, point.at - time.monotonic()))
+        self.log.record("link-wait", wait_start, ok=linked, detail=hold.release_reason)
+        if not self.migration.done() and (linked or not self.req.require_seamless):
+            await self._release(orig_speed, t_start, t_active)
+        return linked
+
+    async def _wait_active(self) -> bool:
+        """Poll QEMU's query-migrate until the migration is active (True) or over (False).
+
+        Polled, not awaited: libvirt relays no event for QEMU's "active", and the throttle
+        must follow it within milliseconds (the idle guest is across in ~1 s at the floor).
+        """
+        deadline = time.monotonic() + 60.0
+        seen_setup = False
+        while time.monotonic() < deadline and not self.migration.done():
+            try:
+                reply = await self.src.qemu_monitor(self.dom, {"execute": "query-migrate"})
+            except errors.LibvirtError:
+                await asyncio.sleep(0.01)
+                continue
+            status = (reply.get("return") or {}).get("status")
+            if status in RUNNING_STATES:
+                return True
+            # a QEMU that came in by migration answers "completed" until the next one
+            # starts: a final state counts only after this migration's "setup" was seen
+            if status == "setup":
+                seen_setup = True
+            elif status in ("completed", "failed", "cancelled") and seen_setup:
+                return False
+            await asyncio.sleep(0.01)
+        return False
+
+    async def _throttle(self) -> None:
+        hold = self.report.hold
+        if hold.applied != "qmp-throttle":
+            return
+        command = {
+            "execute": "migrate-set-parameters",
+            "arguments": {"max-bandwidth": self.req.hold_bytes_per_s},
+        }
+        try:
+            await self.src.qemu_monitor(self.dom, command)
+            hold.hold_bytes_per_s = self.req.hold_bytes_per_s
+        except errors.LibvirtError as exc:
+            self.log.note(f"QMP throttle refused ({exc}): holding at libvirt's floor only")
+            hold.applied = "libvirt-floor"
+
+    async def _embedded_linked(
+        self, deadline: float, t_active: float, migrations_before: int | None
+    ) -> ReleasePoint | None:
+        """Our client's own answer to the source: the release point, or None."""
+        assert self.witness is not None
+        link, hold = self.report.link_wait, self.report.hold
+        link.signal = "embedded-client"
+        one_way = (self.req.witness_one_way_ms or 0.0) / 1000.0
+        try:
+            connected = await self.witness.wait_migration_connected(
+                max(0.1, deadline - time.monotonic()), migrations_before
+            )
+        except TimeoutError:
+            link.result = "timeout"
+            return None
+        except errors.SpiceLibvirtError as exc:
+            self.log.note(f"embedded client: {exc}")
+            link.result = "connect-error"
+            return None
+        if connected is None:
+            link.result = "connect-error"
+            return None
+        link.result = "linked"
+        point = release_point(connected, one_way, self.req.embedded_margin_ms)
+        link.grace_ms = round(point.grace * 1000.0, 3)
+        link.duration_ms = round((connected - t_active) * 1000.0, 3)
+        hold.client_rtt_estimate_ms = round(2 * one_way * 1000.0, 3)
+        hold.release_reason = "embedded client answered the source (+ one-way delay + margin)"
+        return point
+
+    async def _destination_linked(
+        self,
+        gfx: EventStream[GraphicsEvent],
+        links: DestinationLinks,
+        deadline: float,
+        t_active: float,
+        expected: int,
+    ) -> ReleasePoint | None:
+        """Every channel initialized on the destination (graphics events): the release point."""
+        link, hold = self.report.link_wait, self.report.hold
+        link.signal = "qmp-destination"  # libvirt's relay of QEMU's SPICE events
+        need = max(1, expected)
+        for event in gfx.drain():
+            links.absorb(event)
+        while not links.complete(need) and not self.migration.done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            # the job's end is an event too: wake on whichever comes first
+            got = await _next_or_done(gfx, self.migration, left)
+            if got is not None:
+                links.absorb(got)
+        link.channels_linked = sorted(links.init_at)
+        if not links.complete(need):
+            if not self.migration.done():
+                link.result = "timeout"
+            return None
+        link.result = "linked"
+        rtt = links.rtt_estimate() or 0.0
+        last = links.last_initialize() or time.monotonic()
+        point = release_point(last, rtt, self.req.release_margin_ms)
+        link.grace_ms = round(point.grace * 1000.0, 3)
+        link.duration_ms = round((last - t_active) * 1000.0, 3)
+        hold.client_rtt_estimate_ms = round(rtt * 1000.0, 3)
+        hold.release_reason = (
+            f"destination initialized {len(links.init_at)}/{need} channels "
+            f"(+ RTT estimate {rtt * 1000:.0f} ms + margin {self.req.release_margin_ms:.0f} ms)"
+        )
+        return point
+
+    async def _release(self, orig_speed: int, t_start: float, t_active: float) -> None:
+        speed = orig_speed if orig_speed > 1 else LIBVIRT_MAX_SPEED_MIBS
+        try:
+            await self.src.call(lambda: self.dom.migrateSetMaxSpeed(speed, 0), "release the hold")
+        except errors.LibvirtError as exc:
+            if not self.migration.done():
+                raise errors.MigrationError("release", f"could not release: {exc}") from exc
+        hold = self.report.hold
+        hold.released_after_ms = round((time.monotonic() - t_start) * 1000.0, 3)
+        hold.held_ms = round((time.monotonic() - t_active) * 1000.0, 3)
+
+
+__all__ = ["DestinationLinks", "Hold"]

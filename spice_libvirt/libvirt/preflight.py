@@ -1,0 +1,184 @@
+"""Checks before a libvirt migration changes anything, and the facts they leave behind.
+
+Read-only: the domain's state and XML, both hypervisors' type and version, the clients on
+the source (``query-spice`` through the monitor passthrough), and which channels the
+destination graphics would accept in plain text -- the destination domain is built from
+the source's XML, so its ``<graphics>`` (``defaultMode``, ``<channel mode>``, a plain
+``port``) says it. A refusal raises :class:`PreflightError` with nothing changed.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.parse
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from typing import Any, cast
+
+from spice_libvirt import errors
+from spice_libvirt.libvirt.connection import Connection, require_libvirt
+from spice_libvirt.libvirt.errors import PreflightError
+from spice_libvirt.libvirt.request import LibvirtMigrationReport, LibvirtMigrationRequest
+from spice_libvirt.migration.evidence import Sessions, sessions_from_query_spice
+from spice_libvirt.migration.policy import ChannelMode, ChannelSecurity, libvirt_plain_port_risk
+from spice_libvirt.migration.progress import RunLog
+
+
+def spice_graphics(xml: str) -> tuple[str | None, int | None, int | None] | None:
+    """(listen, port, tls_port) of the domain's first SPICE graphics, None if it has none."""
+    root = ET.fromstring(xml)
+    node = root.find("./devices/graphics[@type='spice']")
+    if node is None:
+        return None
+    port = int(node.get("port", "-1"))
+    tls = int(node.get("tlsPort", "-1"))
+    return node.get("listen"), (port if port > 0 else None), (tls if tls > 0 else None)
+
+
+def graphics_security(xml: str) -> ChannelSecurity | None:
+    """Which channels the domain's SPICE graphics accept in plain text (None: no SPICE).
+
+    ``defaultMode`` and ``<channel name mode>`` map to QEMU's tls-channel/plaintext-channel;
+    a plain port exists when the running domain shows one (``port`` > 0).
+    """
+    root = ET.fromstring(xml)
+    node = root.find("./devices/graphics[@type='spice']")
+    if node is None:
+        return None
+    modes: dict[str, ChannelMode] = {}
+    for channel in node.findall("channel"):
+        mode = channel.get("mode", "any")
+        if mode in ("any", "secure", "insecure") and channel.get("name"):
+            modes[str(channel.get("name"))] = cast(ChannelMode, mode)
+    default = node.get("defaultMode", "any")
+    return ChannelSecurity(
+        default=cast(ChannelMode, default if default in ("secure", "insecure") else "any"),
+        modes=modes,
+        plain_port=int(node.get("port", "-1")) > 0,
+    )
+
+
+def graphics_uri_without_plain_port(uri: str) -> str:
+    """``spice://h:5900?tlsPort=5901&tlsSubject=..`` -> ``spice://h?tlsPort=5901&...``."""
+    parts = urllib.parse.urlsplit(uri)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+
+
+def _version(number: int) -> str:
+    return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
+
+
+async def preflight(
+    src: Connection,
+    dst: Connection,
+    req: LibvirtMigrationRequest,
+    report: LibvirtMigrationReport,
+    log: RunLog,
+) -> tuple[Any, str]:
+    """Check the domain and both hosts; (the domain, its live XML). Raises PreflightError."""
+    lv = require_libvirt()
+    start = time.monotonic()
+    dom = await src.lookup(req.domain)
+    name = await src.call(dom.name, "domain name")
+    report.domain = name
+    state = (await src.call(dom.state, "domain state"))[0]
+    if state != lv.VIR_DOMAIN_RUNNING:
+        raise PreflightError(
+            f"domain {name} is not running on {src.uri} (state {state}); nothing was changed"
+        )
+    xml = await src.call(dom.XMLDesc, "domain XML")
+    spice = spice_graphics(xml)
+    if spice is None or (spice[1] is None and spice[2] is None):
+        raise PreflightError(
+            f"domain {name} has no SPICE graphics with a port; "
+            "use plain 'virsh migrate' for it (nothing was changed)"
+        )
+    report.source.spice_host, report.source.spice_port, report.source.spice_tls_port = spice
+    report.source.status_before = "running"
+    await _check_destination(src, dst, dom, name, report)
+    log.record("preflight", start, detail=f"{name}: SPICE {spice}")
+    return dom, xml
+
+
+async def _check_destination(
+    src: Connection, dst: Connection, dom: Any, name: str, report: LibvirtMigrationReport
+) -> None:
+    """Reachable (it is: dst is open), same hypervisor, QEMU not older, not running there."""
+    lv = require_libvirt()
+    uuid = await src.call(dom.UUIDString, "domain UUID")
+    src_type = await src.call(src.conn.getType, "type")
+    dst_type = await dst.call(dst.conn.getType, "type")
+    if src_type != dst_type:
+        raise PreflightError(f"destination runs {dst_type}, the source {src_type}")
+    src_ver = await src.call(src.conn.getVersion, "hypervisor version")
+    dst_ver = await dst.call(dst.conn.getVersion, "hypervisor version")
+    report.source.qemu_version = _version(src_ver)
+    report.destination.qemu_version = _version(dst_ver)
+    if dst_ver < src_ver:
+        raise PreflightError(
+            f"destination QEMU {_version(dst_ver)} is older than the source's "
+            f"{_version(src_ver)}: a migration to an older QEMU is not supported"
+        )
+
+    def running_there() -> bool:
+        try:
+            other = dst.conn.lookupByUUIDString(uuid)
+        except lv.libvirtError:
+            return False
+        return bool(other.isActive())
+
+    if await dst.call(running_there, "look up the domain on the destination"):
+        raise PreflightError(f"domain {name} already runs on the destination {dst.uri}")
+
+
+async def source_sessions(
+    src: Connection, dom: Any, note: Callable[[str], None]
+) -> tuple[Sessions, bool]:
+    """The clients on the source (query-spice lists every channel here), and whether the
+    passthrough answered at all."""
+    try:
+        reply = await src.qemu_monitor(dom, {"execute": "query-spice"})
+    except errors.LibvirtError as exc:
+        note(f"query-spice on the source failed ({exc}): no hold, QMP-less verdict")
+        return {}, False
+    return sessions_from_query_spice(reply), True
+
+
+def check_tls(
+    req: LibvirtMigrationRequest, clients: Sessions, xml: str, note: Callable[[str], None]
+) -> str | None:
+    """Issue 13 on the libvirt path: the graphics URI to use, or a refusal.
+
+    A graphics URI with a plain port loses it when every client channel is on TLS. libvirt
+    still takes the plain port from its migration cookie, so the destination graphics must
+    refuse plain links for those channels; if they would not: warn, or refuse by policy.
+    """
+    uri = req.graphics_uri
+    tls_only = bool(clients) and all(
+        tls is True for s in clients.values() for tls in s.channels.values()
+    )
+    if uri and tls_only and urllib.parse.urlsplit(uri).port is not None:
+        uri = graphics_uri_without_plain_port(uri)
+        note(f"the client is on TLS: graphics URI without its plain port ({uri})")
+    security = graphics_security(xml)
+    risk = libvirt_plain_port_risk(clients, security) if security is not None else None
+    if risk is not None:
+        if req.tls_downgrade_policy == "refuse" or req.require_seamless:
+            raise PreflightError(
+                f"TLS downgrade risk: {risk}; refused (tls_downgrade_policy=refuse; 'warn' "
+                "migrates anyway). Nothing was changed"
+            )
+        note(f"TLS downgrade risk (tls_downgrade_policy=warn): {risk}")
+    return uri
+
+
+__all__ = [
+    "check_tls",
+    "graphics_security",
+    "graphics_uri_without_plain_port",
+    "preflight",
+    "source_sessions",
+    "spice_graphics",
+]

@@ -1,0 +1,98 @@
+"""What one libvirt-driven migration is asked to do, and the report it gives back."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from spice_libvirt.migration.policy import HoldApplied, HoldPolicy, TlsDowngradePolicy
+from spice_libvirt.migration.report import MigrationReport
+
+#: libvirt's "unlimited" migration speed in MiB/s (LLONG_MAX >> 20), what virsh uses too
+LIBVIRT_MAX_SPEED_MIBS = 8796093022207
+
+
+class LibvirtMigrationRequest(BaseModel):
+    """One libvirt-driven migration; validated before anything is touched."""
+
+    domain: str = Field(description="domain name or UUID on the source")
+    source_uri: str = "qemu:///system"
+    destination_uri: str = Field(description="the destination as the *source* libvirtd sees it")
+    #: how this process reaches the destination libvirtd (events, verdict); default: the above
+    destination_connect_uri: str | None = None
+    #: spice://host[:port][?tlsPort=P&tlsSubject=DN]; default: libvirt's migration cookie
+    graphics_uri: str | None = None
+    #: the baseline: libvirt's own migration, no hold, no wait (the verdict is still taken)
+    plain: bool = False
+    hold: HoldPolicy = "auto"
+    hold_bytes_per_s: int = Field(default=4096, ge=1)
+    #: how long the client may take to link before the hold is released anyway
+    hold_timeout: float = Field(default=15.0, gt=0)
+    #: added to the estimated one-way/RTT wait after the client linked
+    release_margin_ms: float = Field(default=100.0, ge=0)
+    #: after the embedded client's own answer: scheduling slack only (no network guess);
+    #: 20 ms lost 1 of 40 runs at 0 ms RTT in the benchmark, 50 ms none
+    embedded_margin_ms: float = Field(default=50.0, ge=0)
+    #: abort (domain stays on the source) if the client does not link within hold_timeout
+    require_seamless: bool = False
+    #: the embedded client's one-way delay to the source (None: measured by the caller or 0)
+    witness_one_way_ms: float | None = None
+    #: how long to watch the destination for the client's final connection id
+    settle_timeout: float = Field(default=6.0, gt=0)
+    completion_timeout: float = Field(default=300.0, gt=0)
+    connect_timeout: float = Field(default=15.0, gt=0)
+    call_timeout: float = Field(default=30.0, gt=0)
+    #: a client on TLS whose channels the destination graphics would still accept in plain
+    #: text (issue 13): ``refuse`` raises PreflightError (nothing changed), ``warn`` migrates
+    #: and notes it. ``refuse`` by default -- a migration must never move a client from TLS
+    #: to plain text, and libvirt offers the plain port from its cookie whatever the graphics
+    #: URI says, so the domain's own graphics (defaultMode='secure') are the only real
+    #: protection; the refusal names that fix. ``warn`` is an explicit operator choice.
+    tls_downgrade_policy: TlsDowngradePolicy = "refuse"
+
+    @property
+    def dst_connect(self) -> str:
+        return self.destination_connect_uri or self.destination_uri
+
+
+class HoldDetails(BaseModel):
+    """How the switchover was held and released (the part this controller adds)."""
+
+    policy: HoldPolicy
+    applied: HoldApplied = "none"
+    #: the domain was tainted by libvirt's monitor passthrough (custom-monitor)
+    tainted: bool = False
+    reason: str = ""
+    bandwidth_before_mibs: int | None = None
+    hold_bytes_per_s: int | None = None
+    #: ms from migrateToURI3 to QEMU "active" (libvirt's prepare + client_migrate_info)
+    active_after_ms: float | None = None
+    #: ms from migrateToURI3 to the release
+    released_after_ms: float | None = None
+    #: ms the migration was actually held (active -> release)
+    held_ms: float | None = None
+    release_reason: str | None = None
+    client_rtt_estimate_ms: float | None = None
+    expected_channels: int | None = None
+    destination_channels_initialized: int = 0
+    #: destination graphics events, ms from migrateToURI3: "connect 10.0.0.3:4711 @ 623.7"
+    destination_events: list[str] = Field(default_factory=list)
+
+
+class LibvirtMigrationReport(MigrationReport):
+    """The verdict of one libvirt migration: :class:`MigrationReport` plus the hold."""
+
+    domain: str
+    method: Literal["libvirt-seamless", "libvirt-plain"] = "libvirt-seamless"
+    wall_ms: float | None = Field(default=None, description="migrateToURI3 call, wall time")
+    hold: HoldDetails
+    tainted: bool = False
+
+
+__all__ = [
+    "LIBVIRT_MAX_SPEED_MIBS",
+    "HoldDetails",
+    "LibvirtMigrationReport",
+    "LibvirtMigrationRequest",
+]

@@ -1,0 +1,301 @@
+"""The one verdict (``migration/verdict.py``), table-driven, without QEMU.
+
+Both controllers hand their evidence to :func:`judge`; these tables are therefore the rules
+of both paths. Each row is one kind of evidence and the verdict it must give.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+from typing import Any
+
+import pytest
+
+from spice_libvirt.migration.evidence import Channel, Sessions, SpiceSession
+from spice_libvirt.migration.report import Endpoint, MigrationReport
+from spice_libvirt.migration.verdict import VerdictEvidence, judge
+from spice_libvirt.spice.record import ClientMigrationRecord, PathStep, StreamStats
+
+#: above 2**31: QEMU prints it negative; the verdict must use the unsigned form
+CID = 0xDEADBEEF
+NEW = 7
+#: deliberately not in protocol order: the verdict sorts
+CHANNELS: list[Channel] = [(10, 0), (2, 0), (1, 0), (4, 0), (3, 0)]
+NAMES = ["main:0", "display:0", "inputs:0", "cursor:0", "port:0"]
+
+
+def session(cid: int, tls: bool | None = False, channels: list[Channel] = CHANNELS) -> SpiceSession:
+    return SpiceSession(cid, dict.fromkeys(channels, tls))
+
+
+def sessions(*items: SpiceSession) -> Sessions:
+    return {s.connection_id: s for s in items}
+
+
+AFTER: dict[str, Sessions | None] = {
+    "kept": sessions(session(CID)),
+    "new": sessions(session(NEW)),
+    "kept+new": sessions(session(CID), session(NEW)),
+    "gone": {},
+    "unobserved": None,
+}
+
+
+def record(
+    path: str = "seamless",
+    *,
+    steps: tuple[str, ...] = ("MIGRATE_BEGIN_SEAMLESS", "MIGRATE", "MIGRATE_DATA"),
+    kept: bool = True,
+    after: int | None = CID,
+) -> ClientMigrationRecord:
+    return ClientMigrationRecord.model_validate(
+        {
+            "path": path,
+            "connection_id_before": CID,
+            "connection_id_after": after,
+            "connection_id_kept": kept,
+            "steps": [
+                PathStep(t_ms=float(i), channel="main:0", side="src", direction="rx", message=m)
+                for i, m in enumerate(steps)
+            ],
+            "blackout_ms": {"display:0": 12.5},
+        }
+    )
+
+
+RECORDS: dict[str, ClientMigrationRecord | None] = {
+    "none": None,
+    "seamless": record(),
+    "seamless-without-data": record(steps=("MIGRATE_BEGIN_SEAMLESS", "MIGRATE")),
+    "semi-seamless": record("semi-seamless"),
+    "switch-host": record("switch-host", kept=False, after=NEW),
+    "saw-nothing": record("none", steps=(), kept=False, after=None),
+    "cancelled": record("cancelled", steps=("MIGRATE_BEGIN_SEAMLESS", "MIGRATE_CANCEL")),
+}
+
+
+def evidence(
+    status: str | None = "completed",
+    after: str = "kept",
+    *,
+    option: bool | None = True,
+    embedded: bool = False,
+    rec: str = "none",
+    gaps: int = 0,
+    aborted: bool = False,
+) -> VerdictEvidence:
+    return VerdictEvidence(
+        status=status,
+        before=sessions(session(CID)),
+        after=AFTER[after],
+        linked=True,
+        aborted_before_migrate=aborted,
+        seamless_option=option,
+        embedded_id=CID if embedded else None,
+        record=RECORDS[rec] if embedded else None,
+        stream=StreamStats(records=10, gaps=gaps) if embedded else None,
+    )
+
+
+# ------------------------------------------------------------------ a client we do not drive
+
+EXTERNAL = [
+    # status, after, seamless option, path, outcome, id after, kept
+    ("completed", "kept", True, "seamless", "seamless", CID, True),
+    ("completed", "kept", None, "seamless", "seamless", CID, True),
+    ("completed", "kept", False, "semi-seamless", "semi-seamless", CID, True),
+    ("completed", "new", True, "switch-host", "switch-host", NEW, False),
+    ("completed", "kept+new", True, "switch-host", "switch-host", NEW, False),
+    ("completed", "gone", True, "failed", "failed", None, False),
+    ("completed", "unobserved", True, "failed", "failed", None, False),
+    ("failed", "kept", True, "failed", "failed", CID, True),
+    ("failed", "gone", True, "failed", "failed", None, False),
+    ("cancelled", "kept", True, "cancelled", "cancelled", CID, True),
+    (None, "unobserved", None, "failed", "failed", None, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("status", "after", "option", "path", "outcome", "id_after", "kept"), EXTERNAL
+)
+def test_external_client(
+    status: str | None,
+    after: str,
+    option: bool | None,
+    path: str,
+    outcome: str,
+    id_after: int | None,
+    kept: bool,
+) -> None:
+    v = judge(evidence(status, after, option=option))
+    [c] = v.clients
+    assert (c.kind, c.evidence) == ("external", "qmp")
+    assert c.path == path
+    assert v.outcome == outcome
+    assert v.seamless is (outcome == "seamless")
+    assert c.connection_id_before == CID
+    assert c.connection_id_after == id_after
+    assert c.connection_id_kept is kept
+    assert c.channels_before == NAMES
+    assert c.channels_after == (NAMES if id_after is not None else [])
+    if status == "completed" and after == "kept" and option is None:
+        assert c.note is not None
+        assert "look alike" in c.note
+    if status != "completed" and after == "kept":
+        assert c.note == "the client stayed on the source"
+
+
+def test_aborted_before_migrate_is_cancelled_and_the_client_stays() -> None:
+    v = judge(evidence(None, "kept", aborted=True))
+    [c] = v.clients
+    assert v.outcome == "cancelled"
+    assert c.path == "cancelled"
+    assert c.connection_id_kept
+
+
+def test_no_client_is_no_client_not_seamless() -> None:
+    v = judge(VerdictEvidence(status="completed", before={}, after={}))
+    assert v.outcome == "no-client"
+    assert not v.seamless
+    assert v.clients == []
+
+
+# ------------------------------------------------------------------ our embedded client
+
+EMBEDDED = [
+    # status, after, record, path, outcome
+    ("completed", "kept", "seamless", "seamless", "seamless"),
+    ("completed", "kept", "seamless-without-data", "failed", "failed"),
+    ("completed", "new", "seamless", "switch-host", "switch-host"),
+    ("completed", "kept", "none", "failed", "failed"),
+    ("completed", "new", "none", "failed", "failed"),  # never switch-host without a record
+    ("completed", "gone", "none", "failed", "failed"),
+    ("completed", "kept", "semi-seamless", "semi-seamless", "semi-seamless"),
+    ("completed", "new", "switch-host", "switch-host", "switch-host"),
+    ("completed", "kept", "saw-nothing", "failed", "failed"),
+    ("failed", "kept", "none", "failed", "failed"),
+    ("cancelled", "kept", "cancelled", "cancelled", "cancelled"),
+]
+
+
+@pytest.mark.parametrize(("status", "after", "rec", "path", "outcome"), EMBEDDED)
+def test_embedded_client(status: str, after: str, rec: str, path: str, outcome: str) -> None:
+    v = judge(evidence(status, after, embedded=True, rec=rec))
+    [c] = v.clients
+    assert (c.kind, c.evidence) == ("embedded", "client-record")
+    assert c.path == path
+    assert v.outcome == outcome
+    assert c.stream is not None
+    assert v.stream is c.stream
+    if rec == "none":
+        assert c.record is None
+        assert c.note is not None
+        if status == "completed":
+            assert "did not finish" in c.note
+    else:
+        assert c.record is RECORDS[rec]
+        assert c.blackout_ms == {"display:0": 12.5}
+    if rec == "switch-host":
+        assert c.connection_id_after == NEW
+        assert not c.connection_id_kept
+
+
+def test_stream_gaps_downgrade_seamless_only() -> None:
+    broken = judge(evidence(embedded=True, rec="seamless", gaps=2))
+    assert broken.clients[0].path == "seamless"  # the protocol path, as it happened
+    assert broken.outcome == "failed"
+    assert any("stream continuity broken" in n for n in broken.notes)
+    reset = judge(evidence(after="new", embedded=True, rec="switch-host", gaps=2))
+    assert reset.outcome == "switch-host"
+
+
+def test_every_combination_keeps_the_invariants() -> None:
+    """Over all evidence: a claim of seamless is always backed, and no record is never a reset."""
+    combos = itertools.product(
+        ["completed", "failed", "cancelled", None],
+        list(AFTER),
+        [True, False, None],
+        [False, True],
+        list(RECORDS),
+        [0, 3],
+    )
+    for status, after, option, embedded, rec, gaps in combos:
+        ev = evidence(status, after, option=option, embedded=embedded, rec=rec, gaps=gaps)
+        v = judge(ev)
+        [c] = v.clients
+        ctx: Any = (status, after, option, embedded, rec, gaps)
+        if v.outcome == "seamless":
+            assert status == "completed", ctx
+            assert c.path == "seamless", ctx
+            assert c.connection_id_kept, ctx
+            assert not (embedded and gaps), ctx
+            assert option is not False or embedded, ctx  # only its own record can say
+        if embedded and rec == "none":
+            assert c.path != "switch-host", ctx
+        if status != "completed":
+            assert v.outcome in ("failed", "cancelled"), ctx
+        assert c.channels_before == NAMES, ctx
+
+
+# ------------------------------------------------------------------ TLS, channel by channel
+
+
+TLS_CASES = [
+    # before (per channel), after, downgraded channels
+    ({(1, 0): True, (2, 0): True}, {(1, 0): True, (2, 0): True}, []),
+    ({(1, 0): True, (2, 0): True}, {(1, 0): False, (2, 0): False}, ["main:0", "display:0"]),
+    ({(1, 0): True, (2, 0): False}, {(1, 0): False, (2, 0): False}, ["main:0"]),
+    ({(1, 0): True, (2, 0): False}, {(1, 0): True, (2, 0): False}, []),
+    ({(1, 0): False, (2, 0): False}, {(1, 0): True, (2, 0): True}, []),
+    ({(1, 0): True, (2, 0): True}, {(1, 0): True}, []),  # a channel not seen after
+]
+
+
+@pytest.mark.parametrize(("before", "after", "downgraded"), TLS_CASES)
+def test_tls_compared_per_channel(
+    before: dict[Channel, bool], after: dict[Channel, bool], downgraded: list[str]
+) -> None:
+    b = {CID: SpiceSession(CID, dict(before))}
+    a = {CID: SpiceSession(CID, dict(after))}
+    v = judge(VerdictEvidence(status="completed", before=b, after=a, seamless_option=True))
+    [c] = v.clients
+    assert c.path == "seamless"
+    assert c.tls_downgraded_channels == downgraded
+    assert v.tls_downgraded_channels == downgraded
+    assert v.tls_downgraded is bool(downgraded)
+    # a downgrade is never a plain success, whatever the protocol path
+    assert v.seamless is not bool(downgraded)
+    assert c.tls_before is (all(before.values()))
+    assert c.tls_after is (all(after.values()))
+
+
+def test_tls_downgrade_after_switch_host_and_for_several_clients() -> None:
+    before = {CID: SpiceSession(CID, {(1, 0): True}), 9: SpiceSession(9, {(1, 0): True})}
+    after = {NEW: SpiceSession(NEW, {(1, 0): False}), 9: SpiceSession(9, {(1, 0): True})}
+    v = judge(VerdictEvidence(status="completed", before=before, after=after))
+    assert [c.path for c in v.clients] == ["switch-host", "switch-host"]
+    assert v.tls_downgraded_channels == [f"{CID}/main:0", "9/main:0"]
+
+
+def test_apply_writes_the_report_and_keeps_its_shape() -> None:
+    b = {CID: SpiceSession(CID, {(1, 0): True})}
+    a = {CID: SpiceSession(CID, {(1, 0): False})}
+    v = judge(VerdictEvidence(status="completed", before=b, after=a, seamless_option=True))
+    report = MigrationReport(
+        outcome="failed",
+        started_at=dt.datetime.now(dt.UTC),
+        source=Endpoint(qmp="a"),
+        destination=Endpoint(qmp="b"),
+        migrate_uri="tcp:x:1",
+        client_target="h:1",
+    )
+    v.apply(report)
+    data = report.model_dump(mode="json")
+    assert data["outcome"] == "seamless"
+    assert data["seamless"] is False
+    assert data["tls_downgraded"] is True
+    assert data["tls_downgraded_channels"] == ["main:0"]
+    assert data["clients"][0]["tls_before"] is True
+    assert data["clients"][0]["tls_after"] is False
+    assert data["clients"][0]["tls_downgraded_channels"] == ["main:0"]
