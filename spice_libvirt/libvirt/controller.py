@@ -49,35 +49,20 @@ from spice_libvirt.libvirt.request import (
     LibvirtMigrationRequest,
 )
 from spice_libvirt.libvirt.stats import figures_from_stats, progress_from_stats
+from spice_libvirt.migration.base import ControllerBase
 from spice_libvirt.migration.evidence import Sessions, sessions_from_query_spice
 from spice_libvirt.migration.policy import HoldPolicy, choose_hold, settle_floor
-from spice_libvirt.migration.progress import NullReporter, ProgressReporter, RunLog
 from spice_libvirt.migration.report import Endpoint
 from spice_libvirt.migration.verdict import VerdictEvidence, judge
-from spice_libvirt.migration.witness import MigrationWitness
 from spice_libvirt.spice.record import ClientMigrationRecord
 
 
-class LibvirtMigrationController:
+class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, LibvirtMigrationReport]):
     """Runs one migration; :func:`migrate_libvirt` is the public entry."""
-
-    def __init__(
-        self,
-        request: LibvirtMigrationRequest,
-        witness: MigrationWitness | None = None,
-        reporter: ProgressReporter | None = None,
-    ) -> None:
-        self.req = request
-        self.witness = witness
-        self.reporter = reporter or NullReporter()
-        self.log = RunLog(self.reporter)
-        self._lv = require_libvirt()
-
-    def note(self, text: str) -> None:
-        self.log.note(text)
 
     async def run(self) -> LibvirtMigrationReport:
         req = self.req
+        self._lv = require_libvirt()
         src = await Connection.open(
             req.source_uri, timeout=req.connect_timeout, call_timeout=req.call_timeout
         )
@@ -374,21 +359,12 @@ class LibvirtMigrationController:
         self.log.fill(report)
 
 
-async def migrate_libvirt(
-    request: LibvirtMigrationRequest,
-    witness: MigrationWitness | None = None,
-    reporter: ProgressReporter | None = None,
-) -> LibvirtMigrationReport:
-    """Migrate one domain through libvirt, seamlessly for its SPICE client; the verdict.
-
-    :raise LibvirtConnectError: the source or destination libvirtd is unreachable
-    :raise DomainNotFoundError: no such domain on the source
-    :raise PreflightError: not running, no SPICE graphics, incompatible destination, or a
-        TLS client the destination would accept in plain text (nothing was changed)
-    A migration that fails is *reported* (outcome ``failed``/``cancelled``, with
-    ``source_resumed``), not raised.
-    """
-    return await LibvirtMigrationController(request, witness, reporter).run()
+#: Migrate one domain through libvirt, seamlessly for its SPICE client; the verdict.
+#: Raises LibvirtConnectError (a libvirtd unreachable), DomainNotFoundError, PreflightError
+#: (not running, no SPICE graphics, incompatible destination, or a TLS client the
+#: destination would accept in plain text; nothing changed). A migration that fails is
+#: *reported* (outcome failed/cancelled, with ``source_resumed``), not raised.
+migrate_libvirt = LibvirtMigrationController.migrate
 
 
 __all__ = [

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import statistics
 import time
 from typing import Any
@@ -34,7 +35,7 @@ from spice_libvirt.libvirt.request import (
 )
 from spice_libvirt.migration.policy import ReleasePoint, release_point
 from spice_libvirt.migration.progress import RunLog
-from spice_libvirt.migration.witness import MigrationWitness
+from spice_libvirt.migration.witness import MigrationWitness, await_connected
 
 #: QEMU migration states in which the RAM transfer runs (and can be held)
 RUNNING_STATES = ("active", "pre-switchover", "device")
@@ -93,26 +94,17 @@ async def _next_or_done(
     return getter.result()
 
 
+@dataclasses.dataclass
 class Hold:
     """The hold and release of one running libvirt migration job."""
 
-    def __init__(
-        self,
-        src: Connection,
-        dom: Any,
-        migration: asyncio.Task[Any],
-        req: LibvirtMigrationRequest,
-        report: LibvirtMigrationReport,
-        log: RunLog,
-        witness: MigrationWitness | None,
-    ) -> None:
-        self.src = src
-        self.dom = dom
-        self.migration = migration
-        self.req = req
-        self.report = report
-        self.log = log
-        self.witness = witness
+    src: Connection
+    dom: Any
+    migration: asyncio.Task[Any]
+    req: LibvirtMigrationRequest
+    report: LibvirtMigrationReport
+    log: RunLog
+    witness: MigrationWitness | None
 
     async def run(
         self,
@@ -207,19 +199,11 @@ class Hold:
         link, hold = self.report.link_wait, self.report.hold
         link.signal = "embedded-client"
         one_way = (self.req.witness_one_way_ms or 0.0) / 1000.0
-        try:
-            connected = await self.witness.wait_migration_connected(
-                max(0.1, deadline - time.monotonic()), migrations_before
-            )
-        except TimeoutError:
-            link.result = "timeout"
-            return None
-        except errors.SpiceLibvirtError as exc:
-            self.log.note(f"embedded client: {exc}")
-            link.result = "connect-error"
-            return None
+        timeout = max(0.1, deadline - time.monotonic())
+        connected = await await_connected(
+            self.witness, timeout, migrations_before, link, self.log.note
+        )
         if connected is None:
-            link.result = "connect-error"
             return None
         link.result = "linked"
         point = release_point(connected, one_way, self.req.embedded_margin_ms)

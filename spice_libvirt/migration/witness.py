@@ -8,8 +8,11 @@ rests on QMP evidence alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+from spice_libvirt import errors
+from spice_libvirt.migration.report import LinkWait
 from spice_libvirt.spice.record import ClientMigrationRecord, StreamStats
 
 #: assumed client RTT when a witness cannot tell its own
@@ -51,4 +54,27 @@ def witness_rtt(witness: object) -> float:
     return rtt if isinstance(rtt, float) else DEFAULT_WITNESS_RTT
 
 
-__all__ = ["DEFAULT_WITNESS_RTT", "MigrationWitness", "witness_rtt"]
+async def await_connected(
+    witness: MigrationWitness,
+    timeout: float,
+    after: int | None,
+    link: LinkWait,
+    note: Callable[[str], None],
+) -> float | None:
+    """When our client told the source it linked; None (and ``link.result`` says why) if it
+    did not within ``timeout`` or could not link (CONNECT_ERROR, a failed client)."""
+    try:
+        connected_at = await witness.wait_migration_connected(timeout, after)
+    except TimeoutError:
+        link.result = "timeout"
+        return None
+    except errors.SpiceLibvirtError as exc:
+        note(f"embedded client: {exc}")
+        link.result = "connect-error"
+        return None
+    if connected_at is None:
+        link.result = "connect-error"
+    return connected_at
+
+
+__all__ = ["DEFAULT_WITNESS_RTT", "MigrationWitness", "await_connected", "witness_rtt"]

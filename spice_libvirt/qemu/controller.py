@@ -28,13 +28,12 @@ import datetime as dt
 import time
 
 from spice_libvirt import errors
+from spice_libvirt.migration.base import ControllerBase
 from spice_libvirt.migration.evidence import Sessions, SpiceSession, channel_names, merge
 from spice_libvirt.migration.evidence import parse_channel_name as _parse_name
 from spice_libvirt.migration.policy import TlsTarget, tls_target
-from spice_libvirt.migration.progress import NullReporter, ProgressReporter, RunLog
 from spice_libvirt.migration.report import Endpoint, LinkWait, MigrationReport
 from spice_libvirt.migration.verdict import VerdictEvidence, judge
-from spice_libvirt.migration.witness import MigrationWitness
 from spice_libvirt.qemu.preflight import (
     PreflightFacts,
     preflight,
@@ -67,26 +66,12 @@ class _Run:
     embedded_id: int | None = None
 
 
-class QemuMigrationController:
+class QemuMigrationController(ControllerBase[MigrationRequest, MigrationReport]):
     """Runs one migration; :meth:`run` returns the verdict. Use :func:`migrate_qemu`."""
-
-    def __init__(
-        self,
-        request: MigrationRequest,
-        witness: MigrationWitness | None = None,
-        reporter: ProgressReporter | None = None,
-    ) -> None:
-        self.req = request
-        self.witness = witness
-        self.reporter: ProgressReporter = reporter or NullReporter()
-        self.log = RunLog(self.reporter)
-        self.waits = ClientWaits(request, witness, self.log)
-
-    def note(self, text: str) -> None:
-        self.log.note(text)
 
     async def run(self) -> MigrationReport:
         req = self.req
+        self.waits = ClientWaits(req, self.witness, self.log)
         started_at = dt.datetime.now(dt.UTC)
         src = QMPConnection("src", command_timeout=req.command_timeout)
         dst = QMPConnection("dst", command_timeout=req.command_timeout)
@@ -329,17 +314,10 @@ class QemuMigrationController:
         self.log.fill(report)
 
 
-async def migrate_qemu(
-    request: MigrationRequest,
-    witness: MigrationWitness | None = None,
-    reporter: ProgressReporter | None = None,
-) -> MigrationReport:
-    """Migrate one QEMU to another over QMP, waiting for the SPICE client; return the verdict.
-
-    :raise QMPConnectError: a QMP socket could not be reached.
-    :raise MigrationError: preflight refused (nothing was changed).
-    """
-    return await QemuMigrationController(request, witness, reporter).run()
+#: Migrate one QEMU to another over QMP, waiting for the SPICE client; the verdict.
+#: Raises QMPConnectError (a QMP socket unreachable) or MigrationError (preflight refused,
+#: nothing changed); a migration that fails is reported, not raised.
+migrate_qemu = QemuMigrationController.migrate
 
 
 __all__ = ["QemuMigrationController", "migrate_qemu"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -54,22 +55,15 @@ async def query_status(conn: QMPConnection) -> str | None:
         return None
 
 
+@dataclasses.dataclass
 class SourceMigration:
     """The migration job on one source QEMU, followed through its ``MIGRATION`` events."""
 
-    def __init__(
-        self,
-        src: QMPConnection,
-        events: EventStream,
-        req: MigrationRequest,
-        note: Callable[[str], None],
-        reporter: ProgressReporter,
-    ) -> None:
-        self.src = src
-        self.events = events
-        self.req = req
-        self.note = note
-        self.reporter = reporter
+    src: QMPConnection
+    events: EventStream
+    req: MigrationRequest
+    note: Callable[[str], None]
+    reporter: ProgressReporter
 
     async def set_parameters(self, figures: MigrationFigures) -> None:
         src = self.src

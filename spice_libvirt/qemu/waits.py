@@ -20,7 +20,7 @@ from spice_libvirt.migration.evidence import MAIN, Sessions, absorb, channel_nam
 from spice_libvirt.migration.policy import embedded_link_grace, qmp_link_grace
 from spice_libvirt.migration.progress import RunLog
 from spice_libvirt.migration.report import LinkWait
-from spice_libvirt.migration.witness import MigrationWitness, witness_rtt
+from spice_libvirt.migration.witness import MigrationWitness, await_connected, witness_rtt
 from spice_libvirt.qemu.qmp import EventStream, QMPConnection, QMPEvent, QMPTimeoutError
 from spice_libvirt.qemu.request import MigrationRequest
 from spice_libvirt.spice.record import ClientMigrationRecord
@@ -67,7 +67,9 @@ class ClientWaits:
             linked: Sessions = {}
             if self.witness is not None:
                 link.signal = "embedded-client"
-                connected_at = await self._witness_connected(link, migrations_before)
+                connected_at = await await_connected(
+                    self.witness, self.req.link_timeout, migrations_before, link, self.log.note
+                )
             else:
                 link.signal = "qmp-destination"
                 connected_at = None
@@ -95,21 +97,6 @@ class ClientWaits:
             timing.detail = f"linked in {link.duration_ms:.0f} ms, grace {link.grace_ms:.0f} ms"
             await asyncio.sleep(grace)
             return True
-
-    async def _witness_connected(self, link: LinkWait, after: int | None) -> float | None:
-        assert self.witness is not None
-        try:
-            connected_at = await self.witness.wait_migration_connected(self.req.link_timeout, after)
-        except TimeoutError:
-            link.result = "timeout"
-            return None
-        except errors.SpiceLibvirtError as exc:
-            self.log.note(f"embedded client: {exc}")
-            link.result = "connect-error"
-            return None
-        if connected_at is None:
-            link.result = "connect-error"
-        return connected_at
 
     async def _destination_linked(
         self, dst_spice: EventStream, clients: Sessions, linked: Sessions, t_cmi: float
