@@ -161,6 +161,8 @@ def _journal_quietly(settings: Settings, entry: JournalEntry, stderr: TextIO) ->
     """
     try:
         _journal(settings, entry)
+    except HookDeadlineError:
+        print(f"{PROG}: journal skipped: the deadline is near (continuing)", file=stderr)
     except HookError as exc:
         print(f"{PROG}: {exc} (continuing)", file=stderr)
 
