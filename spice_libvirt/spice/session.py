@@ -54,6 +54,7 @@ from spice_libvirt.spice.record import ClientMigrationRecord, ClientPath, PathSt
 ChannelKey = tuple[int, int]
 MAIN_KEY: ChannelKey = (ChannelType.MAIN, 0)
 Side = Literal["src", "dst"]
+Direction = Literal["rx", "tx", "event"]
 
 #: how long a switch-host waits for the destination to drop the pre-linked session
 SWITCH_DRAIN_TIMEOUT = 2.0
@@ -233,13 +234,11 @@ class ClientSession:
             raise LocalProtocolError(f"{event.value} is not allowed in phase {self.phase.value}")
         self.phase = nxt
 
-    def _current(self, number: int | None = None) -> MigrationState | None:
-        """The open migration; None when ``number`` names an older one (its pre-link task
-        was cancelled or superseded and reports late: its links are dropped by that path)."""
+    def _current(self, number: int) -> MigrationState | None:
+        """None when ``number`` is not the open migration: a cancelled or superseded pre-link
+        task reporting late (that path drops its links)."""
         mig = self.migration
-        if mig is None or (number is not None and mig.number != number):
-            return None
-        return mig
+        return mig if mig is not None and mig.number == number else None
 
     def _need(self) -> MigrationState:
         if self.migration is None:
@@ -247,25 +246,13 @@ class ClientSession:
         return self.migration
 
     def _step(
-        self,
-        mig: MigrationState,
-        key: ChannelKey,
-        side: Side,
-        direction: Literal["rx", "tx", "event"],
-        name: str,
-        now: float,
-        detail: str = "",
-    ) -> None:
-        mig.record.steps.append(
-            PathStep(
-                t_ms=round((now - mig.started) * 1000.0, 3),
-                channel=channel_label(*key),
-                side=side,
-                direction=direction,
-                message=name,
-                detail=detail,
-            )
-        )
+        self, mig: MigrationState, key: ChannelKey, side: Side, direction: Direction, name: str,
+        now: float, detail: str = "",
+    ) -> None:  # fmt: skip
+        t_ms = round((now - mig.started) * 1000.0, 3)
+        where = {"t_ms": t_ms, "channel": channel_label(*key), "side": side}
+        what = {"direction": direction, "message": name, "detail": detail}
+        mig.record.steps.append(PathStep.model_validate(where | what))
 
     def _open(
         self, kind: Literal["seamless", "semi-seamless"], dst: DstInfo, now: float
@@ -324,10 +311,8 @@ class ClientSession:
             actions.append(act.InBackground(self._abandon(old), "spice-abort"))
             actions += self._finish(old, "cancelled", now, "superseded by a new migration")
         self._go(Ev.BEGIN)
-        kind: Literal["seamless", "semi-seamless"] = (
-            "seamless" if src_version is not None else "semi-seamless"
-        )
-        mig = self._open(kind, dst, now)
+        mig = self._open("semi-seamless" if src_version is None else "seamless", dst, now)
+        kind = mig.kind
         mig.src_version = src_version
         mig.prelinked = True
         mig.pending = {MAIN_KEY}
@@ -445,6 +430,13 @@ class ClientSession:
     def on_swapped(self, key: ChannelKey, now: float) -> list[Action]:
         """The driver moved ``key`` to its destination link (its source socket kept)."""
         mig = self._need()
+        ready = {
+            Phase.HANDOVER: set(mig.cut_at) - mig.awaiting_data,
+            Phase.AWAIT_DST_INIT: {MAIN_KEY},
+            Phase.SWAPPING: self._semi_rest(mig),
+        }.get(self.phase, set())
+        if key not in ready - mig.swapped:
+            raise LocalProtocolError(f"{channel_label(*key)}: no swap is due")
         self._go(Ev.SWAPPED)
         if self.phase is Phase.AWAIT_DST_INIT:
             return []  # MAIN reads the destination now; its blackout ends with INIT
