@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pydantic
 import pytest
+from qemu.qmp import EventListener
 
 from spice_libvirt.errors import ConfigError, LabError, QMPError
 from spice_libvirt.lab import guest as guest_mod
@@ -315,8 +316,20 @@ async def test_stop_kills_a_qemu_that_ignores_sigterm(qemu_factory: QemuGroup) -
     vm = await qemu_factory("stubborn")
     os.kill(vm.pid, signal.SIGSTOP)  # a stopped process cannot act on SIGTERM
     await vm.stop(timeout=0.3)
-    assert not vm.is_running()
+    # stop() returns only once the process is reaped: the status is known at once
     assert vm.returncode == -signal.SIGKILL
+    assert not vm.is_running()
+    await vm.stop()  # idempotent
+
+
+@pytest.mark.qemu
+async def test_stop_returns_with_the_exit_status_known(qemu_factory: QemuGroup) -> None:
+    """A QEMU that honours SIGTERM: no SIGKILL, and returncode is set when stop() returns."""
+    vm = await qemu_factory("polite")
+    await vm.stop(timeout=60)
+    assert vm.returncode in (0, -signal.SIGTERM)
+    assert not vm.is_running()
+    assert not vm.qmp_path.exists()
 
 
 @pytest.mark.qemu
@@ -327,12 +340,17 @@ async def test_incoming_defer_and_firmware_migration(qemu_factory: QemuGroup) ->
     assert (await dst.execute("query-status"))["status"] == "inmigrate"
     port = ports_mod.free_tcp_port()
     await dst.execute("migrate-incoming", {"uri": f"tcp:127.0.0.1:{port}"})
-    await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
-    for _ in range(300):
-        state = (await src.execute("query-migrate")).get("status")
-        if state in ("completed", "failed", "cancelled"):
-            break
-        await asyncio.sleep(0.05)
+    async with src.qmp() as q:
+        caps = [{"capability": "events", "state": True}]
+        await q.execute("migrate-set-capabilities", {"capabilities": caps})
+        # awaited on QEMU's MIGRATION events (a generous bound), not polled
+        with q.listen(listener := EventListener("MIGRATION")):
+            await q.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+            async with asyncio.timeout(120):
+                async for event in listener:
+                    state = event["data"]["status"]
+                    if state in ("completed", "failed", "cancelled"):
+                        break
     assert state == "completed"
     assert (await dst.execute("query-status"))["status"] == "running"
 

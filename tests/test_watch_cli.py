@@ -15,13 +15,32 @@ from spice_libvirt.lab.qemu import QemuGroup
 pytestmark = pytest.mark.qemu
 
 
-async def _wait_channels(qmp: QMPClient, count: int, tries: int = 500) -> None:
-    for _ in range(tries):
-        spice: dict[str, list[object]] = await qmp.execute("query-spice")  # type: ignore[assignment]
-        if len(spice.get("channels", [])) >= count:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"fewer than {count} SPICE channels after {tries} polls")
+#: Generous: the machine is shared, and nothing here is a measurement.
+BOUND_S = 60.0
+
+
+async def _wait_channels(qmp: QMPClient, count: int) -> None:
+    """Until QEMU lists ``count`` SPICE channels (QMP has no event for every channel)."""
+    async with asyncio.timeout(BOUND_S):
+        while True:
+            spice: dict[str, list[object]] = await qmp.execute("query-spice")  # type: ignore[assignment]
+            if len(spice.get("channels", [])) >= count:
+                return
+            await asyncio.sleep(0.02)
+
+
+async def _stderr_line(proc: asyncio.subprocess.Process, prefix: str, seen: list[str]) -> str:
+    """The watcher's next human line on stderr starting with ``prefix`` (an event)."""
+    assert proc.stderr is not None
+    async with asyncio.timeout(BOUND_S):
+        while True:
+            raw = await proc.stderr.readline()
+            if not raw:
+                raise AssertionError(f"watch exited before {prefix!r}: {seen}")
+            line = raw.decode().strip()
+            seen.append(line)
+            if line.startswith(prefix):
+                return line
 
 
 @pytest.mark.parametrize(
@@ -58,20 +77,25 @@ async def test_watch_reports_each_migration(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+    seen: list[str] = []
     try:
-        async with src.qmp() as q, dst.qmp() as qd:
-            await _wait_channels(q, 2)
-            await asyncio.sleep(0.5)  # let every channel of the watcher greet
+        # "watching session N (main:0, display:0, ...)": every channel is linked
+        ready = await _stderr_line(proc, "watching session", seen)
+        channels = ready[ready.index("(") + 1 : ready.rindex(")")].split(", ")
+        async with src.qmp() as q:
+            await _wait_channels(q, len(channels))
             await q.execute(
                 "client_migrate_info",
                 {"protocol": "spice", "hostname": "127.0.0.1", "port": dst.spice_port},
             )
             if wait:
-                await _wait_channels(qd, 5)
-                await asyncio.sleep(0.1)
+                # the client says when it has answered the source, linked to the destination
+                linked = await _stderr_line(proc, "migration 1:", seen)
+                assert "linked to the destination" in linked
             await q.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), 30)
+            async with asyncio.timeout(BOUND_S):
+                out, err = await proc.communicate()
         except TimeoutError:
             proc.kill()
             out, err = await proc.communicate()
@@ -80,7 +104,7 @@ async def test_watch_reports_each_migration(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-    assert proc.returncode == code, err.decode()
+    assert proc.returncode == code, "\n".join(seen) + err.decode()
     verdict = json.loads(out.decode().splitlines()[-1])
     assert verdict["path"] == expected
     assert verdict["connection_id_kept"] is (expected == "seamless")

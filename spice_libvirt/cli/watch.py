@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import json
 import signal
+import sys
 from pathlib import Path
+from typing import TextIO
 
 from pydantic import SecretStr
 
@@ -74,6 +76,39 @@ def describe(record: ClientMigrationRecord) -> str:
     return "\n".join(lines)
 
 
+def _print_verdict(client: SpiceClient, record: ClientMigrationRecord, as_json: bool) -> None:
+    stream = client.stream_stats() if client.options.stream_port_name else None
+    if as_json:
+        payload = record.model_dump(mode="json")
+        payload["stream"] = stream.model_dump() if stream else None
+        print(json.dumps(payload), flush=True)
+        return
+    print(describe(record), flush=True)
+    if stream is not None:
+        print(
+            f"  stream: {stream.records} records, {stream.gaps} gaps, "
+            f"{stream.duplicates} duplicates",
+            flush=True,
+        )
+
+
+async def _announce_links(client: SpiceClient, out: TextIO) -> None:
+    """Say when the client has answered a migration's source: linked to the destination.
+
+    That is the moment a migration may switch over seamlessly; a person (or a test)
+    driving the migration by hand waits for this line instead of guessing a delay.
+    """
+    after = client.migration_count
+    while True:
+        try:
+            at = await client.wait_migration_connected(timeout=3600.0, after=after)
+        except TimeoutError:
+            continue
+        after += 1
+        state = "linked to the destination" if at is not None else "could NOT link to it"
+        print(f"migration {after}: {state}", file=out, flush=True)
+
+
 async def watch(options: ClientOptions, count: int, duration: float, as_json: bool) -> int:
     client = SpiceClient(options)
     await client.connect()
@@ -83,32 +118,39 @@ async def watch(options: ClientOptions, count: int, duration: float, as_json: bo
         loop.add_signal_handler(sig, stop.set)
     deadline = loop.time() + duration if duration > 0 else None
     seen, codes = 0, [ExitCode.OK]
-    if not as_json:
-        print(f"watching session {client.session_id} ({', '.join(client.channels)})", flush=True)
+    # with --json stdout carries only verdicts; the human lines go to stderr
+    human = sys.stderr if as_json else sys.stdout
+    print(
+        f"watching session {client.session_id} ({', '.join(client.channels)})",
+        file=human,
+        flush=True,
+    )
+    announcer = asyncio.create_task(_announce_links(client, human))
+    stopped = asyncio.create_task(stop.wait())
     try:
         while not stop.is_set() and (count == 0 or seen < count):
-            if deadline is not None and loop.time() >= deadline:
-                break
             if client.failure is not None:
                 raise ConnectError(f"session lost: {client.failure}")
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                break
+            # wake on a verdict or on a signal; at least once a second to notice a lost session
+            step = 1.0 if left is None else min(1.0, left)
+            nxt = asyncio.create_task(client.next_migration(timeout=step))
+            await asyncio.wait({nxt, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not nxt.done():
+                nxt.cancel()
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    await nxt
+                continue
             with contextlib.suppress(TimeoutError):
-                record = await client.next_migration(timeout=0.5)
+                record = nxt.result()
                 seen += 1
                 codes.append(for_client_record(record))
-                stream = client.stream_stats() if options.stream_port_name else None
-                if as_json:
-                    payload = record.model_dump(mode="json")
-                    payload["stream"] = stream.model_dump() if stream else None
-                    print(json.dumps(payload), flush=True)
-                else:
-                    print(describe(record), flush=True)
-                    if stream is not None:
-                        print(
-                            f"  stream: {stream.records} records, {stream.gaps} gaps, "
-                            f"{stream.duplicates} duplicates",
-                            flush=True,
-                        )
+                _print_verdict(client, record, as_json)
     finally:
+        for task in (announcer, stopped):
+            task.cancel()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await client.close()

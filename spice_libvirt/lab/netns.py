@@ -37,7 +37,7 @@ import tenacity
 from pydantic import BaseModel
 
 from spice_libvirt.errors import LabError
-from spice_libvirt.lab.procs import proc_start_time, same_process_alive
+from spice_libvirt.lab.procs import proc_start_time, same_process_alive, wait_exit
 
 #: Where ``ip netns`` keeps the bind mounts that name network namespaces.
 NETNS_RUN_DIR = Path("/run/netns")
@@ -377,25 +377,25 @@ def terminate(
     for ref in refs:
         with contextlib.suppress(ProcessLookupError):
             os.kill(ref.pid, sig)
+    if not _wait_all_exit(refs, timeout):
+        killed: list[int] = []
+        for ref in refs:
+            if ref.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(ref.pid, signal.SIGKILL)
+                killed.append(ref.pid)
+        _wait_all_exit(refs, 30.0)
+        return killed
+    return []
+
+
+def _wait_all_exit(refs: Sequence[ProcRef], timeout: float) -> bool:
+    """Await every process's end on its pidfd (one deadline for all), reaping our children."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for ref in refs:
-            _reap(ref.pid)
-        if not any(ref.alive() for ref in refs):
-            return []
-        time.sleep(0.05)
-    killed: list[int] = []
     for ref in refs:
-        if ref.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(ref.pid, signal.SIGKILL)
-            killed.append(ref.pid)
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline and any(ref.alive() for ref in refs):
-        for ref in refs:
-            _reap(ref.pid)
-        time.sleep(0.05)
-    return killed
+        wait_exit(ref.pid, ref.start_time, max(0.0, deadline - time.monotonic()))
+        _reap(ref.pid)
+    return not any(ref.alive() for ref in refs)
 
 
 def _transient(exc: BaseException) -> bool:

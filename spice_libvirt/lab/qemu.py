@@ -394,19 +394,31 @@ async def wait_guest_ready(inst: QemuInstance, timeout: float = 60.0) -> None:
     to wait for once QEMU runs. Raises :class:`LabError`
     with the serial and QEMU log tails if QEMU dies or the marker does not appear in time.
     """
+    if inst.spec.guest == "firmware":
+        if not inst.is_running():
+            raise LabError(f"QEMU {inst.spec.name} is not running:\n{inst.log_tail()}")
+        return
+    await wait_serial(inst, guest_mod.READY_MARKER, timeout)
+
+
+async def wait_serial(inst: QemuInstance, text: str, timeout: float) -> None:
+    """Until the guest wrote ``text`` on its serial console.
+
+    The console is a file QEMU appends to; there is no event to await, so it is re-read
+    every 50 ms under one deadline. :class:`LabError` if QEMU dies or the time runs out.
+    """
     deadline = time.monotonic() + timeout
     while True:
         if not inst.is_running():
             raise LabError(
                 f"QEMU {inst.spec.name} exited while the guest was booting:\n{inst.log_tail()}"
             )
-        if inst.spec.guest == "firmware" or guest_mod.READY_MARKER in inst.serial_text():
+        if text in inst.serial_text():
             return
         if time.monotonic() > deadline:
             serial = "\n".join(inst.serial_text().splitlines()[-10:]) or "(serial log is empty)"
             raise LabError(
-                f"guest {inst.spec.name} printed no {guest_mod.READY_MARKER} within"
-                f" {timeout:.0f} s; serial:\n{serial}"
+                f"guest {inst.spec.name} printed no {text} within {timeout:.0f} s; serial:\n{serial}"
             )
         await asyncio.sleep(0.05)
 
@@ -481,4 +493,5 @@ __all__ = [
     "resolve_accel",
     "start_qemu",
     "wait_guest_ready",
+    "wait_serial",
 ]
