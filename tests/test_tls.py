@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import stat
 from collections.abc import Awaitable, Callable
@@ -142,3 +143,53 @@ async def test_qemu_serves_the_material(
     # And SPICE itself links over it, with verification by IP address.
     assert await spice_link("127.0.0.1", vm.spice_tls_port, ca_file=tls_material.ca_cert) == 0
     assert "dh" not in vm.log_tail().lower()
+
+
+# --- safe files ------------------------------------------------------------------------
+
+
+def test_key_files_are_private_and_written_through_no_symlink(tmp_path: Path) -> None:
+    """Keys 0600 (the CA key too), certificates 0644; a planted symlink is replaced, not
+    followed, and a planted file is never written into in place."""
+    directory = tmp_path / "tls"
+    directory.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (directory / "server-key.pem").symlink_to(victim)
+    (directory / "ca-key.pem").symlink_to(victim)  # a dangling pair: no CA to reuse
+    material = generate_tls_material(directory, reuse_ca=False)
+    assert victim.read_text() == "precious\n"
+    for key in (material.ca_key, material.server_key):
+        st = key.lstat()
+        assert stat.S_ISREG(st.st_mode), key
+        assert stat.S_IMODE(st.st_mode) == 0o600, key
+        serialization.load_pem_private_key(key.read_bytes(), password=None)
+    for cert in (material.ca_cert, material.server_cert):
+        assert stat.S_IMODE(cert.lstat().st_mode) == 0o644
+    # a second server certificate into the same directory replaces the files atomically
+    inode = material.server_key.stat().st_ino
+    again = generate_tls_material(directory)
+    assert again.server_key.stat().st_ino != inode
+    assert stat.S_IMODE(again.server_key.stat().st_mode) == 0o600
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "ca-cert.pem", "ca-key.pem", "server-cert.pem", "server-key.pem",
+    ]  # fmt: skip
+
+
+def test_tls_directory_must_be_ours_and_real(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with pytest.raises(LabError, match="not a plain directory"):
+        generate_tls_material(link)
+    assert list(real.iterdir()) == []
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    os.chown(foreign, 65534, 65534)
+    if os.geteuid() == 0:  # only root can make a directory that is not its own
+        with pytest.raises(LabError, match="belongs to uid 65534"):
+            generate_tls_material(foreign)
+    fresh = tmp_path / "fresh" / "tls"
+    generate_tls_material(fresh)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o700

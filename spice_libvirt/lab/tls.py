@@ -21,9 +21,11 @@ Clients verify the server in one of two ways, and the lab must serve both:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
+import stat
 from pathlib import Path
 
 from cryptography import x509
@@ -102,10 +104,47 @@ def _name(common_name: str, organization: str, country: str) -> x509.Name:
     )
 
 
+def _write_file(path: Path, data: bytes, mode: int) -> None:
+    """Write ``path`` whole, through a new file that nobody can have prepared for us.
+
+    The data goes to a fresh name opened ``O_CREAT|O_EXCL|O_NOFOLLOW`` (so neither a
+    planted file nor a symlink there is ever written through), gets exactly ``mode``
+    before the first byte, and is renamed over ``path``: a rename replaces a symlink at the
+    destination instead of following it, and readers never see half a key.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask can only have removed bits; be exact anyway
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
 def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
+    _write_file(path, data, 0o600)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    _write_file(path, data, 0o644)
+
+
+def _own_directory(directory: Path) -> None:
+    """Create ``directory`` (0700) or accept an existing one only if it is really ours.
+
+    Keys are written into it: a directory that is a symlink or belongs to someone else
+    could hand them to that someone.
+    """
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(directory)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise LabError(f"TLS directory {directory} is not a plain directory")
+    if st.st_uid != os.geteuid():
+        raise LabError(f"TLS directory {directory} belongs to uid {st.st_uid}, not to us")
 
 
 def _key_pem(key: rsa.RSAPrivateKey) -> bytes:
@@ -185,12 +224,12 @@ def generate_tls_material(
     """
     if len(country) != 2:
         raise LabError(f"country must be a two-letter code, got {country!r}")
-    directory.mkdir(parents=True, exist_ok=True)
+    _own_directory(directory)
     if reuse_ca and (directory / CA_CERT_FILE).exists() and (directory / CA_KEY_FILE).exists():
         ca_cert, ca_key = _load_ca(directory)
     else:
         ca_cert, ca_key = _new_ca(organization, country)
-        (directory / CA_CERT_FILE).write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+        _write_public(directory / CA_CERT_FILE, ca_cert.public_bytes(serialization.Encoding.PEM))
         _write_private(directory / CA_KEY_FILE, _key_pem(ca_key))
     return issue_server_certificate(
         directory,
@@ -220,10 +259,10 @@ def issue_server_certificate(
     hosts = list(hosts) if hosts is not None else ["127.0.0.1", "::1", "localhost"]
     if not hosts:
         raise LabError("a server certificate needs at least one host name or address")
-    directory.mkdir(parents=True, exist_ok=True)
+    _own_directory(directory)
     ca_cert, ca_key = _load_ca(ca_dir)
     if directory.resolve() != ca_dir.resolve():
-        (directory / CA_CERT_FILE).write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+        _write_public(directory / CA_CERT_FILE, ca_cert.public_bytes(serialization.Encoding.PEM))
     key = rsa.generate_private_key(public_exponent=65537, key_size=_KEY_BITS)
     subject = _name(common_name, organization, country)
     now = datetime.datetime.now(datetime.UTC)
@@ -259,7 +298,7 @@ def issue_server_certificate(
         )
         .sign(ca_key, hashes.SHA256())
     )
-    (directory / SERVER_CERT_FILE).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_public(directory / SERVER_CERT_FILE, cert.public_bytes(serialization.Encoding.PEM))
     _write_private(directory / SERVER_KEY_FILE, _key_pem(key))
     return TlsMaterial(
         directory=directory,
