@@ -120,6 +120,7 @@ MIXED = {(1, 0): True, (2, 0): False}
 PLAIN = {(1, 0): False, (2, 0): False}
 ANY = ChannelSecurity()
 MAIN_SECURE = ChannelSecurity(modes={"main": "secure"})
+ALL_SECURE = ChannelSecurity(default="secure")
 
 
 @pytest.mark.parametrize(
@@ -128,6 +129,7 @@ MAIN_SECURE = ChannelSecurity(modes={"main": "secure"})
         (PLAIN, 5900, 5901, ANY, 5900, 5901, False),  # nothing to protect
         (ALL_TLS, 5900, 5901, ANY, None, 5901, False),  # TLS port only: the fix
         (ALL_TLS, 5900, 5901, None, None, 5901, False),
+        (ALL_TLS, 5900, 5901, ALL_SECURE, 5900, 5901, False),  # NEED_SECURED keeps TLS
         (ALL_TLS, None, 5901, ANY, None, 5901, False),
         (ALL_TLS, 5900, None, ANY, 5900, None, True),  # no TLS port there: certain downgrade
         (MIXED, 5900, 5901, ANY, 5900, 5901, True),  # main would be accepted in plain
@@ -148,6 +150,8 @@ def test_tls_target(
     target = tls_target(_clients(channels), port, tls_port, dst)
     assert (target.port, target.tls_port) == (want_port, want_tls)
     assert (target.risk is not None) is risk
+    # a TLS-only target says what it may cost a spice-gtk client
+    assert (target.caveat is not None) is (want_port is None and port is not None)
 
 
 def test_qemu_spice_options_to_channel_security() -> None:

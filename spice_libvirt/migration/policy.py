@@ -145,6 +145,19 @@ class TlsTarget:
     risk: str | None = None
     #: channels on TLS at the source (what must stay on TLS)
     tls_channels: tuple[str, ...] = ()
+    #: not a downgrade, but worth saying (e.g. a client that may not pre-link)
+    caveat: str | None = None
+
+
+#: why a TLS-only target may cost seamlessness with spice-gtk (measured with 0.42)
+SPICE_GTK_TLS_ONLY = (
+    "a client told the TLS port only: QEMU passes the missing plain port as -1, which "
+    "reaches the client as port 65535; spice-gtk 0.42 links its migration channels in plain "
+    "text there, fails, and falls back to switch-host -- over TLS, never in plain text. For "
+    "seamless *and* secure, make the destination refuse plain text for these channels "
+    "(-spice tls-channel=default, libvirt defaultMode='secure'): then both ports are offered "
+    "and NEED_SECURED keeps every link on TLS"
+)
 
 
 def tls_target(
@@ -156,12 +169,16 @@ def tls_target(
     """The ports to offer the clients ``before`` so that no TLS channel can go plain.
 
     * nobody on TLS: both ports as asked (nothing to protect);
-    * every channel of every client on TLS: the TLS port only -- a client told a plain
-      port links there (spice-gtk 0.42 does so even with ``--spice-secure-channels=all``);
+    * a TLS client and no TLS port on the destination: a certain downgrade (a risk);
+    * a channel on TLS that the destination is known to *refuse* in plain text
+      (``tls-channel``): safe with both ports -- a plain link gets NEED_SECURED and the
+      client retries on TLS (the only way spice-gtk 0.42 keeps TLS *and* pre-links);
+    * every channel on TLS, the destination accepting plain (or unknown): the TLS port only
+      (spice-gtk 0.42 links in plain text when it is told a plain port, even with
+      ``--spice-secure-channels=all``: issue 13);
     * mixed (some channels plain by the domain's choice): both ports, so each channel keeps
-      its own security; a TLS channel the destination would accept in plain text (its
-      mode is not ``secure`` there) is a risk left to the policy;
-    * a TLS client and no TLS port on the destination: a certain downgrade (a risk).
+      its own security; a TLS channel the destination would accept in plain text is a risk
+      left to the policy.
 
     ``destination``: which channels the destination accepts in plain (None: unknown).
     """
@@ -178,21 +195,21 @@ def tls_target(
             "port: it would link in plain text",
             names,
         )
-    if not plain_ch or port is None:
-        return TlsTarget(None, tls_port, None, names)
     exposed = (
         names
         if destination is None
         else tuple(channel_names(ch for ch in tls_ch if destination.accepts_plain(ch[0])))
     )
-    risk = None
-    if exposed:
-        how = "may accept" if destination is None else "accepts"
-        risk = (
-            f"mixed client: {', '.join(channel_names(plain_ch))} plain, so the plain port is "
-            f"offered; the destination {how} {', '.join(exposed)} in plain text too "
-            "(make them secure there: tls-channel= / <channel mode='secure'>)"
-        )
+    if not exposed or port is None:
+        return TlsTarget(port, tls_port, None, names)
+    if not plain_ch:
+        return TlsTarget(None, tls_port, None, names, SPICE_GTK_TLS_ONLY)
+    how = "may accept" if destination is None else "accepts"
+    risk = (
+        f"mixed client: {', '.join(channel_names(plain_ch))} plain, so the plain port is "
+        f"offered; the destination {how} {', '.join(exposed)} in plain text too "
+        "(make them secure there: tls-channel= / <channel mode='secure'>)"
+    )
     return TlsTarget(port, tls_port, risk, names)
 
 
@@ -213,6 +230,7 @@ def libvirt_plain_port_risk(before: Sessions, destination: ChannelSecurity) -> s
 
 
 __all__ = [
+    "SPICE_GTK_TLS_ONLY",
     "ChannelSecurity",
     "HoldApplied",
     "HoldPolicy",

@@ -197,8 +197,12 @@ class QemuMigrationController(ControllerBase[MigrationRequest, MigrationReport])
                     "(tls_downgrade_policy=refuse; 'warn' migrates anyway). Nothing was changed",
                 )
             self.note(f"TLS downgrade risk (tls_downgrade_policy=warn): {target.risk}")
-        elif target.tls_channels and target.port is None and req.client_port is not None:
-            self.note("the client is on TLS: it is told only the destination's TLS port")
+        elif target.caveat is not None:
+            self.note(
+                f"the client is on TLS: it is told only the destination's TLS port; {target.caveat}"
+            )
+        elif target.tls_channels:
+            self.note("the client is on TLS and the destination refuses plain text for it")
         return target
 
     def _migrate_info(self, target: TlsTarget, report: MigrationReport) -> dict[str, object]:

@@ -47,7 +47,8 @@ def spice_options_of(pid: int) -> list[str] | None:
     found: list[str] | None = None
     for i, arg in enumerate(argv[:-1]):
         if arg in (b"-spice", b"--spice"):
-            found = argv[i + 1].decode(errors="replace").split(",")
+            # QEMU merges repeated -spice options into one set
+            found = (found or []) + argv[i + 1].decode(errors="replace").split(",")
     return found
 
 

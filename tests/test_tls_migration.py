@@ -1,0 +1,279 @@
+"""Issue 13 for real: a client on TLS stays on TLS through every migration of the QEMU lab.
+
+The oracle is not the verdict: after each migration ``query-spice`` on the side where the
+VM now runs must show every channel of the client with ``"tls": true``. Two real clients:
+
+* our embedded client, TLS only (the lab CA and the certificate subject), migrated back and
+  forth three times; then once more with the plain port offered on purpose -- our client
+  never takes it, and the verdict must not cry wolf;
+* remote-viewer (spice-gtk 0.42) with ``--spice-secure-channels=all``, three times; then
+  the downgrade of issue 13 forced on purpose (``test_offer_plain_port``): spice-gtk links
+  the destination in plain text, and the report must say ``tls_downgraded`` with the
+  channels, not a success, exit code 11 -- checked against ``query-spice`` too.
+
+Every QEMU, Xvfb and remote-viewer is stopped by PID, also when an assertion fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from benchmarks.xclients import (
+    REMOTE_VIEWER,
+    RemoteViewer,
+    XServer,
+    have_tools,
+    viewer_env,
+    xvfb,
+)
+from spice_libvirt.exitcodes import ExitCode, for_report
+from spice_libvirt.lab.ports import free_tcp_port
+from spice_libvirt.lab.qemu import QemuGroup, QemuInstance
+from spice_libvirt.lab.qemu_lab import QemuLab, embedded_client
+from spice_libvirt.lab.qemu_lab_state import LabTls
+from spice_libvirt.lab.tls import TlsMaterial
+from spice_libvirt.migration.evidence import Sessions, sessions_from_query_spice
+from spice_libvirt.migration.report import MigrationReport
+from spice_libvirt.qemu.controller import migrate_qemu
+from spice_libvirt.qemu.qmp import QMPConnection
+from spice_libvirt.qemu.request import MigrationRequest
+
+pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("require_kvm")]
+
+#: what remote-viewer links against the firmware guest (and what our client links too)
+VIEWER_CHANNELS = {"main:0", "display:0", "inputs:0", "cursor:0", "port:0"}
+
+
+@pytest.fixture
+async def tls_lab(lab_dir: Path) -> AsyncIterator[QemuLab]:
+    """The built-in QEMU lab with TLS (both QEMUs on a plain and a TLS port); down after."""
+    lab = QemuLab(lab_dir / "lab")
+    await lab.up(tls=True)
+    try:
+        yield lab
+    finally:
+        await lab.down()
+
+
+async def _running_side_sessions(lab: QemuLab) -> Sessions:
+    """``query-spice`` on the side where the VM runs now (the lab's current source)."""
+    state = lab.load()
+    assert state is not None
+    side = state.sides[state.source]
+    async with QMPConnection.open(side.qmp_path, name="tls-test", timeout=10) as qmp:
+        assert (await qmp.execute("query-status"))["status"] == "running"
+        return sessions_from_query_spice(await qmp.execute("query-spice"))
+
+
+def _assert_kept_on_tls(report: MigrationReport, cid: int, *, both_ports: bool = False) -> None:
+    assert report.migration.status == "completed", report.model_dump_json(indent=1)
+    assert report.outcome == "seamless", (report.outcome, report.notes)
+    assert report.seamless
+    assert report.tls_downgraded is False
+    assert report.tls_downgraded_channels == []
+    assert for_report(report) is ExitCode.OK
+    # issue 13's fix: the TLS port only ("host:-/tls:N"), unless the destination refuses
+    # plain text (then NEED_SECURED keeps the client on TLS)
+    assert (":-/tls:" not in report.client_target) is both_ports, report.client_target
+    [client] = report.clients
+    assert client.connection_id_before == cid
+    assert client.tls_before is True
+    assert client.tls_after is True
+
+
+async def test_embedded_client_on_tls_stays_on_tls_back_and_forth(tls_lab: QemuLab) -> None:
+    state = tls_lab.load()
+    assert state is not None
+    assert state.tls is not None
+    async with embedded_client(state.sides[state.source], state.tls) as client:
+        assert client is not None
+        cid = client.session_id
+        for _ in range(3):
+            report = await tls_lab.migrate(witness=client)
+            _assert_kept_on_tls(report, cid)
+            assert report.clients[0].kind == "embedded"
+            # the oracle: QEMU where the VM runs now, channel by channel
+            sessions = await _running_side_sessions(tls_lab)
+            assert list(sessions) == [cid]
+            assert sessions[cid].channels, sessions
+            assert sessions[cid].tls_names(False) == [], sessions[cid].channels
+            assert sessions[cid].all_tls is True
+        # offered the plain port on purpose, our client still refuses to leave TLS, and
+        # the verdict does not report a downgrade that did not happen
+        report = await tls_lab.migrate(witness=client, request_overrides=_OFFER_PLAIN)
+        assert report.outcome == "seamless", report.notes
+        assert report.tls_downgraded is False
+        assert (await _running_side_sessions(tls_lab))[cid].all_tls is True
+
+
+_OFFER_PLAIN = {"test_offer_plain_port": True}
+
+
+# --------------------------------------------------------------------------- remote-viewer
+
+
+@pytest.fixture
+def x_server(lab_dir: Path) -> Iterator[XServer]:
+    missing = have_tools()
+    if missing:
+        pytest.skip(f"missing tools: {missing}")
+    with xvfb(lab_dir) as server:
+        yield server
+
+
+def _start_secure_viewer(
+    uri: str, tls: TlsMaterial | LabTls, display: str, workdir: Path, name: str = "rv-tls"
+) -> RemoteViewer:
+    """remote-viewer on the TLS port, every channel secure, verifying the lab CA."""
+    home = workdir / f"{name}-home"
+    home.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / f"{name}.log"
+    argv = [
+        REMOTE_VIEWER,
+        f"--spice-ca-file={tls.ca_cert}",
+        f"--spice-host-subject={tls.subject}",
+        "--spice-secure-channels=all",
+        uri,
+    ]
+    with log_path.open("wb") as log:
+        started = time.time()
+        proc = subprocess.Popen(
+            argv,
+            env=viewer_env(display, home, debug=True),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return RemoteViewer(proc, log_path, started)
+
+
+async def _wait_viewer(
+    query: Callable[[], Awaitable[Sessions]], viewer: RemoteViewer, timeout: float = 30.0
+) -> int:
+    """The connection id of remote-viewer's full session, all of it on TLS from the start."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sessions = await query()
+        for cid, session in sessions.items():
+            if set(session.names) >= VIEWER_CHANNELS:
+                assert session.all_tls is True, session.channels
+                return cid
+        if not viewer.alive():
+            pytest.fail(f"remote-viewer exited:\n{viewer.log_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no full remote-viewer session: {sessions}")
+        await asyncio.sleep(0.1)
+
+
+def _request(src: QemuInstance, dst: QemuInstance, port: int, tls: TlsMaterial) -> MigrationRequest:
+    return MigrationRequest(
+        source_qmp=str(src.qmp_path),
+        destination_qmp=str(dst.qmp_path),
+        migrate_uri=f"tcp:127.0.0.1:{port}",
+        client_host="127.0.0.1",
+        client_port=dst.spice_port,
+        client_tls_port=dst.spice_tls_port,
+        client_cert_subject=tls.subject,
+        source_pid=src.pid,
+        settle=0.5,
+    )
+
+
+async def _sessions_of(vm: QemuInstance) -> Sessions:
+    async with QMPConnection.open(vm.qmp_path, name="tls-test", timeout=10) as qmp:
+        return sessions_from_query_spice(await qmp.execute("query-spice"))
+
+
+@pytest.mark.slow
+async def test_remote_viewer_all_secure_seamless_and_on_tls_when_the_destination_insists(
+    qemu_factory: QemuGroup, tls_material: TlsMaterial, x_server: XServer, lab_dir: Path
+) -> None:
+    """Destinations that refuse plain text (``tls-channel=default``): both ports offered,
+    spice-gtk's plain attempt gets NEED_SECURED and it links on TLS -- seamless, 3 times."""
+    tls_dir, strict = tls_material.directory, ["-spice", "tls-channel=default"]
+    vm = await qemu_factory("tls0", tls_dir=tls_dir, extra_args=strict)
+    viewer = _start_secure_viewer(
+        f"spice://127.0.0.1:{vm.spice_port}?tls-port={vm.spice_tls_port}",
+        tls_material,
+        x_server.display,
+        lab_dir,
+    )
+    try:
+        cid = await _wait_viewer(lambda: _sessions_of(vm), viewer)
+        for n in range(1, 4):
+            port = free_tcp_port()
+            nxt = await qemu_factory(
+                f"tls{n}", incoming=f"tcp:127.0.0.1:{port}", tls_dir=tls_dir, extra_args=strict
+            )
+            report = await migrate_qemu(_request(vm, nxt, port, tls_material))
+            _assert_kept_on_tls(report, cid, both_ports=True)
+            sessions = await _sessions_of(nxt)  # where the VM runs now
+            assert list(sessions) == [cid]
+            assert set(sessions[cid].names) >= VIEWER_CHANNELS
+            assert sessions[cid].tls_names(False) == [], sessions[cid].channels
+            await vm.stop()
+            vm = nxt
+        assert viewer.alive(), viewer.log_text()[-2000:]
+    finally:
+        viewer.stop()
+    assert not viewer.alive()
+
+
+@pytest.mark.slow
+async def test_remote_viewer_all_secure_never_goes_plain_in_the_tls_lab(
+    tls_lab: QemuLab, x_server: XServer, lab_dir: Path
+) -> None:
+    """The lab's destination accepts plain text. Told the TLS port only, spice-gtk 0.42
+    cannot pre-link (it tries plain text on port 65535) and is switched over -- on TLS.
+    Forced to see the plain port (the bug of issue 13), it goes plain, and the report says
+    so with exit code 11."""
+    state = tls_lab.load()
+    assert state is not None
+    assert state.tls is not None
+    tls = state.tls
+    uri = state.sides[state.source].spice_uri
+    viewer = _start_secure_viewer(uri, tls, x_server.display, lab_dir, name="rv-forced")
+    try:
+        cid = await _wait_viewer(lambda: _running_side_sessions(tls_lab), viewer)
+        report = await tls_lab.migrate(watch=False, request_overrides=_OFFER_PLAIN)
+        assert report.migration.status == "completed", report.notes
+        assert report.tls_downgraded is True, report.model_dump_json(indent=1)
+        assert set(report.tls_downgraded_channels) >= {"main:0", "display:0"}
+        assert report.seamless is False
+        assert for_report(report) is ExitCode.TLS_DOWNGRADED
+        assert any("TLS downgraded" in n for n in report.notes)
+        [client] = report.clients
+        assert client.connection_id_before == cid
+        assert (client.tls_before, client.tls_after) == (True, False)
+        # the oracle agrees: QEMU shows the client's channels in plain text now
+        sessions = await _running_side_sessions(tls_lab)
+        plain = {name for s in sessions.values() for name in s.tls_names(False)}
+        assert plain >= set(report.tls_downgraded_channels)
+    finally:
+        viewer.stop()
+    # a fresh viewer (spice-gtk 0.42 follows no seamless migration after a switch-host)
+    uri = tls_lab.load().sides[tls_lab.load().source].spice_uri  # type: ignore[union-attr]
+    viewer = _start_secure_viewer(uri, tls, x_server.display, lab_dir, name="rv-tls-only")
+    try:
+        cid = await _wait_viewer(lambda: _running_side_sessions(tls_lab), viewer)
+        report = await tls_lab.migrate(watch=False, request_overrides={"link_timeout": 3.0})
+        assert report.migration.status == "completed", report.notes
+        assert ":-/tls:" in report.client_target  # the TLS port only
+        assert any("65535" in n for n in report.notes)
+        assert report.tls_downgraded is False, report.tls_downgraded_channels
+        assert report.outcome == "switch-host", (report.outcome, report.notes)
+        assert for_report(report) is ExitCode.NOT_SEAMLESS
+        new_cid = await _wait_viewer(lambda: _running_side_sessions(tls_lab), viewer)
+        assert new_cid != cid
+        sessions = await _running_side_sessions(tls_lab)
+        assert sessions[new_cid].all_tls is True, sessions[new_cid].channels
+    finally:
+        viewer.stop()
+    assert not viewer.alive()
