@@ -23,14 +23,9 @@ Run: ``.venv/bin/python benchmarks/bench_codec.py [--rounds N] [--messages N] [-
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+if __package__ in (None, ""):  # run as a file: benchutil puts the repository on sys.path
+    import benchutil  # type: ignore[import-not-found]  # noqa: F401
 
-if __package__ in (None, ""):
-    # run as a script (``python benchmarks/x.py``): make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse
 import cProfile
 import io
 import pstats
@@ -43,7 +38,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import BaseModel
 
-from benchmarks.benchutil import Distribution, Machine, distribution, machine, write_summary
+from benchmarks.benchutil import Distribution, Machine, arg_parser, distribution, finish, machine
 from spice_libvirt.spice.connection import (
     NEED_DATA,
     ClientChannelConnection,
@@ -315,27 +310,23 @@ def markdown(summary: CodecSummary) -> str:
     return "\n".join(lines)
 
 
+def _print_profile(summary: CodecSummary) -> None:
+    if summary.profile_top:
+        print("\ncProfile (framing-64k, by own time):")
+        print("\n".join(summary.profile_top))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arg_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=7, help="runs per measurement (>= 5)")
     parser.add_argument("--messages", type=int, default=100_000, help="messages per run")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--profile", action="store_true", help="add a cProfile of framing")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.messages < 100:
         parser.error("--rounds >= 1 and --messages >= 100")
     summary = run(args.rounds, args.messages, args.profile)
-    path = write_summary("codec", summary)
-    if args.json:
-        print(summary.model_dump_json(indent=1))
-    else:
-        print(markdown(summary))
-        if summary.profile_top:
-            print("\ncProfile (framing-64k, by own time):")
-            print("\n".join(summary.profile_top))
-        print(f"\nsummary written to {path}", file=sys.stderr)
-    return 0
+    return finish("codec", summary, args, markdown, extra=_print_profile)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

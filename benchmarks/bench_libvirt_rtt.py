@@ -2,7 +2,7 @@
 
 One two-host libvirt lab (:mod:`spice_libvirt.lab.libvirt_lab`); for each client RTT (set on
 the lab's delaying bridge) and each method (``plain``: libvirt's own p2p migration, the
-baseline; ``ours``: :func:`spice_libvirt.libvirt.lab.lab_migrate` with the hold) and each
+baseline; ``ours``: :func:`spice_libvirt.lab.libvirt_migrate.lab_migrate` with the hold) and each
 client kind, N ping-pong migrations of the idle 256 MiB firmware guest:
 
 * ``remote-viewer``: a *fresh* remote-viewer per run (a viewer that once fell back to
@@ -22,14 +22,15 @@ lab is torn down at the end (``--keep-lab`` keeps it).
 
 from __future__ import annotations
 
-import argparse
+if __package__ in (None, ""):  # run as a file: benchutil puts the repository on sys.path
+    import benchutil  # type: ignore[import-not-found]  # noqa: F401
+
 import contextlib
 import datetime as dt
 import os
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -38,8 +39,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from benchmarks.benchutil import arg_parser
 from spice_libvirt.lab import libvirt_lab, netns
-from spice_libvirt.libvirt.lab import lab_migrate
+from spice_libvirt.lab.libvirt_migrate import lab_migrate
 
 RESULTS_MD = Path(__file__).resolve().with_name("RESULTS-libvirt.md")
 #: method -> (plain, controller options, table label)
@@ -275,7 +277,7 @@ def table(runs: list[Run]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arg_parser(__doc__, summary=False)
     parser.add_argument("--rtts", default="0,50,150,300")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--methods", default="plain,ours")
@@ -337,4 +339,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -24,20 +24,16 @@ Run: ``.venv/bin/python benchmarks/bench_link.py [--rounds N] [--json]``.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+if __package__ in (None, ""):  # run as a file: benchutil puts the repository on sys.path
+    import benchutil  # type: ignore[import-not-found]  # noqa: F401
 
-if __package__ in (None, ""):
-    # run as a script (``python benchmarks/x.py``): make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse
 import asyncio
 import contextlib
 import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel
@@ -45,11 +41,11 @@ from pydantic import BaseModel
 from benchmarks.benchutil import (
     Distribution,
     Machine,
+    arg_parser,
     distribution,
+    finish,
     fmt,
     machine,
-    write_jsonl,
-    write_summary,
 )
 from benchmarks.xclients import RemoteViewer, have_tools, start_viewer, xvfb
 from spice_libvirt.lab.qemu import QemuGroup, QemuInstance
@@ -328,9 +324,8 @@ def markdown(s: LinkSummary) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arg_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=10, help="rounds per client (>= 10)")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     args = parser.parse_args(argv)
     missing = have_tools()
@@ -338,15 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"missing tools: {', '.join(missing)} (apt-get install xvfb virt-viewer)")
         return 2
     summary = asyncio.run(run(args.rounds, args.keep))
-    write_jsonl("link-rounds", [r.model_dump() for r in summary.samples])
-    path = write_summary("link", summary)
-    if args.json:
-        print(summary.model_dump_json(indent=1))
-    else:
-        print(markdown(summary))
-        print(f"\nsummary written to {path}", file=sys.stderr)
-    return 0
+    rows = [r.model_dump() for r in summary.samples]
+    return finish("link", summary, args, markdown, rows=("link-rounds", rows))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

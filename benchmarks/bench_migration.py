@@ -24,19 +24,16 @@ Run: ``.venv/bin/python benchmarks/bench_migration.py [--rounds N] [--linux-roun
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+if __package__ in (None, ""):  # run as a file: benchutil puts the repository on sys.path
+    import benchutil  # type: ignore[import-not-found]  # noqa: F401
 
-if __package__ in (None, ""):
-    # run as a script (``python benchmarks/x.py``): make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse
 import asyncio
 import shutil
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel
@@ -44,11 +41,12 @@ from pydantic import BaseModel
 from benchmarks.benchutil import (
     Distribution,
     Machine,
+    arg_parser,
     distribution,
+    finish,
     fmt,
     machine,
     write_jsonl,
-    write_summary,
 )
 from spice_libvirt import errors
 from spice_libvirt.lab.ports import free_tcp_port
@@ -338,7 +336,9 @@ def summarise_overhead(rows: list[MigrationRow], bare: list[BareRow]) -> Overhea
     )
 
 
-async def run(rounds: int, linux_rounds: int, bare: int, keep: bool) -> MigrationSummary:
+async def run(
+    rounds: int, linux_rounds: int, bare: int, keep: bool, *, save: bool = True
+) -> MigrationSummary:
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="slb-mig-"))
     rows: list[MigrationRow] = []
@@ -353,8 +353,9 @@ async def run(rounds: int, linux_rounds: int, bare: int, keep: bool) -> Migratio
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    write_jsonl("migration-rounds", [r.model_dump() for r in rows])
-    write_jsonl("migration-bare", [b.model_dump() for b in bare_rows])
+    if save:
+        write_jsonl("migration-rounds", [r.model_dump() for r in rows])
+        write_jsonl("migration-bare", [b.model_dump() for b in bare_rows])
     modes = []
     for guest in ("firmware", "linux"):
         for mode in ("wait", "no-wait"):
@@ -450,23 +451,16 @@ def markdown(s: MigrationSummary) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arg_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=20, help="firmware migrations per mode")
     parser.add_argument("--linux-rounds", type=int, default=10, help="linux migrations per mode")
     parser.add_argument("--bare", type=int, default=None, help="bare migrations (default: rounds)")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     args = parser.parse_args(argv)
     bare = args.rounds if args.bare is None else args.bare
-    summary = asyncio.run(run(args.rounds, args.linux_rounds, bare, args.keep))
-    path = write_summary("migration", summary)
-    if args.json:
-        print(summary.model_dump_json(indent=1))
-    else:
-        print(markdown(summary))
-        print(f"\nsummary written to {path}", file=sys.stderr)
-    return 0
+    summary = asyncio.run(run(args.rounds, args.linux_rounds, bare, args.keep, save=args.save))
+    return finish("migration", summary, args, markdown)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,13 +1,30 @@
-"""What every benchmark script shares: percentiles, the machine line, result files.
+"""What every benchmark script shares: the prelude, percentiles, the machine line, results.
 
-The scripts run as ``.venv/bin/python benchmarks/<name>.py``, so this module is imported
-by its file name (the script's directory is first on ``sys.path``). Results are small
-summaries committed under ``benchmarks/results/``, with the last run's raw rows as JSON
-lines next to them, so a reader can recompute any figure.
+The scripts run either way, from the repository root:
+
+    .venv/bin/python -m benchmarks.bench_codec --rounds 7
+    .venv/bin/python benchmarks/bench_codec.py --rounds 7
+
+Run as a file, a script's directory (``benchmarks/``) is first on ``sys.path`` and the
+repository is not, so each script starts with the same two-line prelude::
+
+    if __package__ in (None, ""):  # run as a file: benchutil puts the repository on sys.path
+        import benchutil  # type: ignore[import-not-found]  # noqa: F401
+
+which imports this module by its file name; importing it puts the repository first on
+``sys.path`` (below), after which ``from benchmarks.benchutil import ...`` and
+``from spice_libvirt ...`` work the same in both modes.
+
+Every script also shares its command-line skeleton (:func:`arg_parser`: the description
+from the docstring, ``--json``, ``--no-save``) and its ending (:func:`finish`: summary
+and raw rows under ``benchmarks/results/``, then JSON or a markdown table on stdout).
+Results are small summaries committed under ``benchmarks/results/``, with the last run's
+raw rows as JSON lines next to them, so a reader can recompute any figure.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import math
@@ -15,13 +32,63 @@ import os
 import platform
 import statistics
 import subprocess
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 
+REPOSITORY = Path(__file__).resolve().parents[1]
+if str(REPOSITORY) not in sys.path:
+    sys.path.insert(0, str(REPOSITORY))
+
 RESULTS_DIR = Path(__file__).resolve().with_name("results")
+S = TypeVar("S", bound=BaseModel)
+
+
+def arg_parser(doc: str | None, *, summary: bool = True) -> argparse.ArgumentParser:
+    """The parser every benchmark starts from: its docstring's first paragraph as the
+    description; with a ``summary`` (see :func:`finish`) also ``--json`` and ``--no-save``
+    (a trial run leaves the committed results alone)."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    if not summary:
+        return parser
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument(
+        "--no-save",
+        dest="save",
+        action="store_false",
+        help="do not overwrite benchmarks/results/ (a trial run)",
+    )
+    return parser
+
+
+def finish(
+    name: str,
+    summary: S,
+    args: argparse.Namespace,
+    markdown: Callable[[S], str],
+    *,
+    rows: tuple[str, Sequence[dict[str, Any]]] | None = None,
+    extra: Callable[[S], None] | None = None,
+) -> int:
+    """Save the summary (and raw ``rows`` as ``(name, rows)``) unless ``--no-save``, then
+    print it: JSON with ``--json``, else the markdown table (and ``extra``)."""
+    path = None
+    if args.save:
+        if rows is not None:
+            write_jsonl(rows[0], rows[1])
+        path = write_summary(name, summary)
+    if args.json:
+        print(summary.model_dump_json(indent=1))
+        return 0
+    print(markdown(summary))
+    if extra is not None:
+        extra(summary)
+    if path is not None:
+        print(f"\nsummary written to {path}", file=sys.stderr)
+    return 0
 
 
 class Distribution(BaseModel):

@@ -8,6 +8,7 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pydantic
 import pytest
@@ -348,7 +349,8 @@ async def test_incoming_defer_and_firmware_migration(qemu_factory: QemuGroup) ->
             await q.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
             async with asyncio.timeout(120):
                 async for event in listener:
-                    state = event["data"]["status"]
+                    data: dict[str, Any] = event["data"]  # type: ignore[assignment]
+                    state = data["status"]
                     if state in ("completed", "failed", "cancelled"):
                         break
     assert state == "completed"

@@ -1,0 +1,51 @@
+"""The benchmark scripts stay runnable both ways (``-m`` and as a file) with one prelude.
+
+A trial run (``--no-save``) must leave the committed results alone.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ["bench_codec", "bench_link", "bench_migration", "bench_libvirt_rtt"]
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("mode", ["module", "file"])
+def test_help_both_ways(script: str, mode: str) -> None:
+    argv = ["-m", f"benchmarks.{script}"] if mode == "module" else [f"benchmarks/{script}.py"]
+    done = _run(*argv, "--help")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage:")
+
+
+def test_every_script_uses_the_one_prelude() -> None:
+    prelude = 'if __package__ in (None, ""):  # run as a file: benchutil puts the repository'
+    for script in SCRIPTS:
+        text = (ROOT / "benchmarks" / f"{script}.py").read_text()
+        assert prelude in text, script
+        assert "sys.path.insert" not in text, script
+
+
+def test_quick_codec_run_leaves_the_results_alone() -> None:
+    committed = ROOT / "benchmarks" / "results" / "codec.json"
+    before = committed.read_bytes() if committed.exists() else None
+    done = _run(
+        "benchmarks/bench_codec.py", "--rounds", "1", "--messages", "500", "--json", "--no-save"
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["benchmark"] == "codec"
+    assert (committed.read_bytes() if committed.exists() else None) == before
