@@ -3,12 +3,17 @@ without QEMU or libvirt: grace, release point, hold choice, and the TLS target o
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pytest
 
+from spice_libvirt.libvirt.errors import PreflightError
 from spice_libvirt.libvirt.preflight import (
+    check_tls,
     graphics_security,
     graphics_uri_without_plain_port,
 )
+from spice_libvirt.libvirt.request import LibvirtMigrationRequest
 from spice_libvirt.migration.evidence import (
     SpiceSession,
     channel_name,
@@ -111,7 +116,7 @@ def test_one_channel_naming_reads_the_clients_form_too() -> None:
 # ------------------------------------------------------------------ TLS target (issue 13)
 
 
-def _clients(channels: dict[tuple[int, int], bool | None]) -> dict[int, SpiceSession]:
+def _clients(channels: Mapping[tuple[int, int], bool | None]) -> dict[int, SpiceSession]:
     return {5: SpiceSession(5, dict(channels))}
 
 
@@ -205,3 +210,28 @@ def test_graphics_uri_loses_only_its_plain_port() -> None:
     assert (
         graphics_uri_without_plain_port("spice://[::1]:5900?tlsPort=1") == "spice://[::1]?tlsPort=1"
     )
+
+
+def test_libvirt_tls_check_refuses_by_default_and_warns_on_request() -> None:
+    exposed = GRAPHICS.format(port=5900, mode="", channels="")
+    secure = GRAPHICS.format(port=5900, mode="defaultMode='secure'", channels="")
+    uri = "spice://10.0.0.2:5900?tlsPort=5901"
+    notes: list[str] = []
+    req = LibvirtMigrationRequest(
+        domain="vm", destination_uri="qemu+tcp://b/system", graphics_uri=uri
+    )
+    assert req.tls_downgrade_policy == "refuse"
+    with pytest.raises(PreflightError, match="TLS downgrade risk"):
+        check_tls(req, _clients(ALL_TLS), exposed, notes.append)
+    # nothing on TLS, or a destination that refuses plain text: the URI as given
+    assert check_tls(req, _clients(PLAIN), exposed, notes.append) == uri
+    assert check_tls(req, _clients(ALL_TLS), secure, notes.append) == uri
+    assert notes == []
+    warn = req.model_copy(update={"tls_downgrade_policy": "warn"})
+    assert (
+        check_tls(warn, _clients(ALL_TLS), exposed, notes.append) == "spice://10.0.0.2?tlsPort=5901"
+    )
+    assert any("tls_downgrade_policy=warn" in n for n in notes)
+    strict = warn.model_copy(update={"require_seamless": True})
+    with pytest.raises(PreflightError):
+        check_tls(strict, _clients(ALL_TLS), exposed, notes.append)

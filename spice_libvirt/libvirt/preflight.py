@@ -151,26 +151,30 @@ def check_tls(
 ) -> str | None:
     """Issue 13 on the libvirt path: the graphics URI to use, or a refusal.
 
-    A graphics URI with a plain port loses it when every client channel is on TLS. libvirt
-    still takes the plain port from its migration cookie, so the destination graphics must
-    refuse plain links for those channels; if they would not: warn, or refuse by policy.
+    libvirt tells the client the destination's plain port from its migration cookie even
+    when the graphics URI names none (``qemuMigrationSrcGraphicsRelocate`` keeps the
+    cookie's port unless the URI has one), so the URI cannot withhold it. The protection is
+    the domain's own graphics: a channel the destination refuses in plain text
+    (``defaultMode='secure'`` or ``<channel mode='secure'>``) gets NEED_SECURED and the
+    client links it on TLS -- there the URI keeps its port (the client's NAT view, and the
+    plain link spice-gtk needs to get NEED_SECURED). A client channel on TLS that the
+    destination would accept in plain text is a downgrade risk: refused by default, or
+    with ``warn`` migrated with a note and a URI without a plain port of ours.
     """
     uri = req.graphics_uri
-    tls_only = bool(clients) and all(
-        tls is True for s in clients.values() for tls in s.channels.values()
-    )
-    if uri and tls_only and urllib.parse.urlsplit(uri).port is not None:
-        uri = graphics_uri_without_plain_port(uri)
-        note(f"the client is on TLS: graphics URI without its plain port ({uri})")
     security = graphics_security(xml)
     risk = libvirt_plain_port_risk(clients, security) if security is not None else None
-    if risk is not None:
-        if req.tls_downgrade_policy == "refuse" or req.require_seamless:
-            raise PreflightError(
-                f"TLS downgrade risk: {risk}; refused (tls_downgrade_policy=refuse; 'warn' "
-                "migrates anyway). Nothing was changed"
-            )
-        note(f"TLS downgrade risk (tls_downgrade_policy=warn): {risk}")
+    if risk is None:
+        return uri
+    if req.tls_downgrade_policy == "refuse" or req.require_seamless:
+        raise PreflightError(
+            f"TLS downgrade risk: {risk}; refused (tls_downgrade_policy=refuse; 'warn' "
+            "migrates anyway). Nothing was changed"
+        )
+    note(f"TLS downgrade risk (tls_downgrade_policy=warn): {risk}")
+    if uri and urllib.parse.urlsplit(uri).port is not None:
+        uri = graphics_uri_without_plain_port(uri)
+        note(f"graphics URI without its plain port ({uri}); libvirt's cookie may still add one")
     return uri
 
 
