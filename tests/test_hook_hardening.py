@@ -482,3 +482,16 @@ def test_16_cold_console_scripts_at_once_measured(tmp_path: Path) -> None:
         f"{len(late)} past the deadline (load {os.getloadavg()[0]:.1f})"
     )
     assert elapsed < 2.0 + 5.0
+
+
+@pytest.mark.parametrize("fail_closed", [False, True])
+def test_a_budget_shorter_than_start_up_is_a_deadline_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_closed: bool
+) -> None:
+    cfg = config(tmp_path, tmp_path / "j.sqlite3", hook_timeout_s=0.05, fail_closed=fail_closed)
+    monkeypatch.setenv("SPICE_LIBVIRT_CONFIG", str(cfg))
+    out, err = io.StringIO(), io.StringIO()
+    rc = hook_qemu.main(MIGRATE, io.StringIO(domain_xml()), out, err)
+    assert (rc, out.getvalue()) == (1 if fail_closed else 0, "")
+    assert "deadline of 0.05 s exceeded" in err.getvalue()
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)

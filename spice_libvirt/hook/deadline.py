@@ -96,12 +96,18 @@ class Deadline:
         return self
 
     def retarget(self, budget_s: float, exit_code: int) -> None:
-        """Replace the budget (still counted from ``started``) and the hard exit status."""
+        """Replace the budget (still counted from ``started``) and the hard exit status.
+
+        Raises :class:`HookDeadlineError` at once when the new soft deadline has already
+        passed (a budget shorter than start-up): better than racing a 10 ms alarm.
+        """
         with self._cond:
             self.budget_s = budget_s
             self.exit_code = exit_code
             self._cond.notify_all()
         if self._soft:
+            if self.remaining() - self._margin_s <= 0:
+                raise HookDeadlineError("the budget was spent before the hook could start")
             signal.setitimer(signal.ITIMER_REAL, self._soft_in())
 
     def __exit__(
