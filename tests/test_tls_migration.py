@@ -32,6 +32,7 @@ from benchmarks.xclients import (
     viewer_env,
     xvfb,
 )
+from spice_libvirt.errors import MigrationError
 from spice_libvirt.exitcodes import ExitCode, for_report
 from spice_libvirt.lab.ports import free_tcp_port
 from spice_libvirt.lab.qemu import QemuGroup, QemuInstance
@@ -43,6 +44,7 @@ from spice_libvirt.migration.report import MigrationReport
 from spice_libvirt.qemu.controller import migrate_qemu
 from spice_libvirt.qemu.qmp import QMPConnection
 from spice_libvirt.qemu.request import MigrationRequest
+from spice_libvirt.spice.client import ClientOptions, SpiceClient
 
 pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("require_kvm")]
 
@@ -277,3 +279,40 @@ async def test_remote_viewer_all_secure_never_goes_plain_in_the_tls_lab(
     finally:
         viewer.stop()
     assert not viewer.alive()
+
+
+async def test_a_tls_client_is_never_sent_to_a_plain_only_target(
+    qemu_factory: QemuGroup, tls_material: TlsMaterial
+) -> None:
+    """No TLS port for the client on the destination: refused before anything changed
+    (``tls_downgrade_policy`` defaults to ``refuse``); ``warn`` migrates and says so."""
+    src = await qemu_factory("tsrc", tls_dir=tls_material.directory)
+    port = free_tcp_port()
+    dst = await qemu_factory(
+        "tdst", incoming=f"tcp:127.0.0.1:{port}", tls_dir=tls_material.directory
+    )
+    options = ClientOptions(
+        host="127.0.0.1",
+        tls_port=src.spice_tls_port,
+        ca_file=tls_material.ca_cert,
+        host_subject=tls_material.subject,
+    )
+    async with SpiceClient(options) as client:
+        plain_only = _request(src, dst, port, tls_material).model_copy(
+            update={"client_tls_port": None}
+        )
+        with pytest.raises(MigrationError, match="TLS downgrade risk") as info:
+            await migrate_qemu(plain_only, client)
+        assert info.value.phase == "preflight"
+        assert list(await _sessions_of(src)) == [client.session_id]  # untouched, still there
+        async with QMPConnection.open(dst.qmp_path, timeout=5) as qmp:
+            assert (await qmp.execute("query-status"))["status"] == "inmigrate"
+        # warn: migrates; our client refuses the plain port, so the hand-over fails rather
+        # than going plain -- and nothing is reported as a downgrade or a success
+        warn = plain_only.model_copy(update={"tls_downgrade_policy": "warn", "link_timeout": 2.0})
+        report = await migrate_qemu(warn, client)
+        assert any("tls_downgrade_policy=warn" in n for n in report.notes)
+        assert report.tls_downgraded is False
+        assert report.outcome != "seamless"
+        # the oracle: wherever the VM runs now, no link of any client is in plain text
+        assert all(not s.tls_names(False) for s in (await _sessions_of(dst)).values())
