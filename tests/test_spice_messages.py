@@ -54,10 +54,23 @@ def test_init_is_eight_u32() -> None:
     assert msg.encode_body() == body
 
 
+def test_channels_list_is_bounded_in_distinct_channels() -> None:
+    many = [(t, i) for t in range(2, 12) for i in range(26)]  # 260 distinct pairs
+    body = struct.pack("<I", len(many)) + b"".join(bytes(p) for p in many)
+    with pytest.raises(RemoteProtocolError, match="more than 256 distinct"):
+        m.MainChannelsList.decode_body(body)
+    # many duplicates of three channels decode to three
+    dups = struct.pack("<I", 300_000) + bytes([2, 0, 3, 0, 10, 1]) * 100_000
+    assert len(m.MainChannelsList.decode_body(dups).channels) == 3
+
+
 def test_channels_list_and_name_and_uuid() -> None:
     body = struct.pack("<I", 3) + bytes([2, 0, 3, 0, 10, 1])
     assert m.MainChannelsList.decode_body(body).channels == ((2, 0), (3, 0), (10, 1))
     assert m.MainName.decode_body(struct.pack("<I", 6) + b"labvm\0").name == "labvm"
+    # duplicates are dropped while reading, first-seen order kept
+    dup = struct.pack("<I", 5) + bytes([2, 0, 3, 0, 2, 0, 3, 0, 10, 1])
+    assert m.MainChannelsList.decode_body(dup).channels == ((2, 0), (3, 0), (10, 1))
     assert m.MainName("labvm").encode_body() == struct.pack("<I", 6) + b"labvm\0"
     assert m.MainUuid.decode_body(bytes(range(16))).uuid == bytes(range(16))
 
@@ -187,7 +200,9 @@ SPECIAL: dict[type[m.Message], st.SearchStrategy[Any]] = {
     m.MainMigrateBeginSeamless: st.builds(m.MainMigrateBeginSeamless, dst_info, u32),
     m.MainChannelsList: st.builds(
         m.MainChannelsList,
-        st.lists(st.tuples(st.integers(0, 255), st.integers(0, 255)), max_size=20).map(tuple),
+        st.lists(st.tuples(st.integers(0, 255), st.integers(0, 255)), max_size=20, unique=True).map(
+            tuple
+        ),
     ),
     m.MainName: st.builds(m.MainName, text),
     m.MainUuid: st.builds(m.MainUuid, st.binary(min_size=16, max_size=16)),

@@ -100,6 +100,7 @@ class SpiceClient(ChannelSet):
         super().__init__(options)
         self._history: list[_Migration] = []
         self._by_number: dict[int, _Migration] = {}
+        self._migration_added = asyncio.Event()
         self._finished: asyncio.Queue[ClientMigrationRecord] = asyncio.Queue()
 
     # ------------------------------------------------------------------ public API
@@ -194,12 +195,10 @@ class SpiceClient(ChannelSet):
         :raise TimeoutError: no answer in time
         """
         async with asyncio.timeout(timeout):
-            while True:
-                mig = self._migration_after(after)
-                if mig is not None:
-                    await mig.connected.wait()
-                    return mig.record.connected_reply_at if mig.connected_ok else None
-                await asyncio.sleep(0.002)
+            while (mig := self._migration_after(after)) is None:
+                await self._migration_added.wait()
+            await mig.connected.wait()
+            return mig.record.connected_reply_at if mig.connected_ok else None
 
     def _migration_after(self, after: int | None) -> _Migration | None:
         if after is None:
@@ -248,6 +247,9 @@ class SpiceClient(ChannelSet):
             assert state.number == number
             mig = self._by_number[number] = _Migration(number, state.record)
             self._history.append(mig)
+            # wake wait_migration_connected() callers; later ones wait on a fresh event
+            added, self._migration_added = self._migration_added, asyncio.Event()
+            added.set()
         return mig
 
     async def _on_migration_message(self, ch: Channel, message: Message, now: float) -> bool:
@@ -373,24 +375,33 @@ class SpiceClient(ChannelSet):
         )
 
     async def _await_seamless_answer(self, number: int) -> None:
-        """Read the destination MAIN until ACK/NACK; nothing else is expected before it."""
+        """The destination's ACK/NACK, within the link timeout: a destination that never
+        answers fails the pre-link (the source then gets CONNECT_ERROR) instead of holding it."""
         session = self._session
         dst_main = self._track(number).dst_links[MAIN_KEY]
+        timeout = self.options.link_timeout
         try:
-            while True:
-                message = (await dst_main.read()).message
-                now = time.monotonic()
-                if isinstance(message, MainMigrateDstSeamlessAck | MainMigrateDstSeamlessNack):
-                    ack = isinstance(message, MainMigrateDstSeamlessAck)
-                    actions = self._ours(session.on_seamless_answer, number, ack, now)
-                    break
-                name = message_name(message)
-                self._ours(session.on_dst_message, number, name, now)
+            async with asyncio.timeout(timeout):
+                actions = await self._read_seamless_answer(number, dst_main)
+        except TimeoutError:
+            failed = f"no MIGRATE_DST_SEAMLESS_ACK/NACK within {timeout:g} s"
+            actions = self._ours(session.on_prelink_failed, number, failed, time.monotonic())
         except (SpiceLibvirtError, OSError) as exc:
             failed = str(exc)
             now = time.monotonic()
             actions = self._ours(session.on_prelink_failed, number, failed, now)
         await self._run(actions)
+
+    async def _read_seamless_answer(self, number: int, dst_main: ChannelLink) -> list[act.Action]:
+        """Destination MAIN until ACK/NACK; nothing else is expected before it."""
+        session = self._session
+        while True:
+            message = (await dst_main.read()).message
+            now = time.monotonic()
+            if isinstance(message, MainMigrateDstSeamlessAck | MainMigrateDstSeamlessNack):
+                ack = isinstance(message, MainMigrateDstSeamlessAck)
+                return self._ours(session.on_seamless_answer, number, ack, now)
+            self._ours(session.on_dst_message, number, message_name(message), now)
 
     async def _stop_prelinks(self, mig: _Migration) -> None:
         task = mig.connect_task
@@ -474,9 +485,13 @@ class SpiceClient(ChannelSet):
         self._keepalives.clear()
 
     async def _relink(self, target: act.LinkTarget) -> None:
+        deadline = self.options.link_timeout * 2  # as connect(): a drip cannot hold us
         try:
-            await self._establish(target)
-        except (SpiceLibvirtError, OSError) as exc:
+            async with asyncio.timeout(deadline):
+                await self._establish(target)
+        except (SpiceLibvirtError, OSError, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError):
+                exc = ConnectError(f"no new session at {target.host} within {deadline:g} s")
             failed, channels = str(exc), list(self._channels)
             now = time.monotonic()
             actions = self._ours(self._session.on_relink_failed, failed, channels, now)

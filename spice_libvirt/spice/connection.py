@@ -27,7 +27,13 @@ from spice_libvirt.errors import (
     LocalProtocolError,
     RemoteProtocolError,
 )
-from spice_libvirt.spice.constants import CommonCap, LinkErr, MigrateFlags
+from spice_libvirt.spice.constants import (
+    MAIN_MAX_BODY,
+    ChannelType,
+    CommonCap,
+    LinkErr,
+    MigrateFlags,
+)
 from spice_libvirt.spice.framing import DEFAULT_MAX_BODY, FrameDecoder, ReceiveBuffer, encode_frame
 from spice_libvirt.spice.link import (
     LINK_HEADER,
@@ -120,11 +126,14 @@ def _link_error(code: int, what: str) -> LinkError:
 class ClientChannelConnection:
     """One channel's connection, from the client's side."""
 
-    def __init__(self, link: LinkMess, *, max_body: int = DEFAULT_MAX_BODY) -> None:
+    def __init__(self, link: LinkMess, *, max_body: int | None = None) -> None:
         self.link = link
         self.state = ConnState.IDLE
         self.reply: LinkReply | None = None
         self.mini_header = False
+        if max_body is None:
+            main = link.channel_type == ChannelType.MAIN
+            max_body = MAIN_MAX_BODY if main else DEFAULT_MAX_BODY
         self.max_body = max_body
         self._link_buffer = ReceiveBuffer()
         self._decoder: FrameDecoder | None = None

@@ -107,6 +107,16 @@ class PortEvent(enum.IntEnum):
 #: Channels whose SPICE_MSG_MIGRATE carries flags 0 in spice-server: no flush mark, no data.
 NO_MIGRATE_DATA_CHANNELS = frozenset({ChannelType.CURSOR, ChannelType.PLAYBACK, ChannelType.RECORD})
 
+#: Most distinct (type, id) channels a client accepts from one CHANNELS_LIST. spice-server
+#: lists a handful (a VM with every device: ~12); a hostile list must not make us link, or
+#: even hold, thousands (issue 8: 4 million entries grew a probe to 3.6 GB).
+MAX_CHANNELS = 256
+
+#: Largest main-channel message body accepted. Main messages are small (agent data is
+#: chunked at 2 KiB; main MIGRATE_DATA is the agent's state, tens of KiB at most): a bigger
+#: size field is hostile and is refused at the header, before any body byte is buffered.
+MAIN_MAX_BODY = 256 * 1024
+
 #: spice-server's migration protocol version (SPICE_MIGRATION_PROTOCOL_VERSION).
 MIGRATION_PROTOCOL_VERSION = 1
 

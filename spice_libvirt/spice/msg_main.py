@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Self
 
 from spice_libvirt.errors import LocalProtocolError, RemoteProtocolError
-from spice_libvirt.spice.constants import MIGRATION_PROTOCOL_VERSION
+from spice_libvirt.spice.constants import MAX_CHANNELS, MIGRATION_PROTOCOL_VERSION
 from spice_libvirt.spice.msg_base import (
     DST_INFO,
     U16,
@@ -74,7 +74,16 @@ class MainChannelsList(Message):
         (count,) = U32.unpack_from(body)
         if 4 + 2 * count > len(body):
             raise RemoteProtocolError(f"CHANNELS_LIST announces {count} channels, body too short")
-        return cls(tuple((body[4 + 2 * i], body[5 + 2 * i]) for i in range(count)))
+        # de-duplicated while reading, and bounded: only distinct pairs are ever held
+        raw = body[4 : 4 + 2 * count]
+        unique: dict[tuple[int, int], None] = {}
+        for pair in zip(raw[0::2], raw[1::2], strict=True):
+            unique[pair] = None
+            if len(unique) > MAX_CHANNELS:
+                raise RemoteProtocolError(
+                    f"CHANNELS_LIST names more than {MAX_CHANNELS} distinct channels"
+                )
+        return cls(tuple(unique))
 
 
 @dataclass(frozen=True, slots=True)

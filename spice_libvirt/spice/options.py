@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,31 +94,66 @@ class ClientEvent:
     at: float = field(default_factory=time.monotonic)
 
 
-class PortStream:
-    """The byte stream of one port channel, as an async iterator of chunks."""
+#: what a port stream keeps for a reader that does not keep up (or never reads): beyond
+#: either bound the oldest chunks are dropped, so a guest (or a hostile server) streaming
+#: into an unread port cannot grow the client without bound
+PORT_QUEUE_BYTES = 16 * 1024 * 1024
+PORT_QUEUE_CHUNKS = 4096
 
-    def __init__(self, name: str) -> None:
+
+class PortStream:
+    """The byte stream of one port channel, as an async iterator of chunks.
+
+    Bounded in bytes and in chunks; what does not fit drops the oldest chunks (counted in
+    :attr:`dropped`), keeping the newest data flowing rather than stalling the channel.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        max_bytes: int = PORT_QUEUE_BYTES,
+        max_chunks: int = PORT_QUEUE_CHUNKS,
+    ) -> None:
         self.name = name
         self.opened = asyncio.Event()
-        self._chunks: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4096)
+        self.max_bytes = max_bytes
+        self.max_chunks = max_chunks
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._ready = asyncio.Event()
         self.dropped = 0
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not read yet."""
+        return self._size
+
     def _feed(self, data: bytes) -> None:
-        try:
-            self._chunks.put_nowait(data)
-        except asyncio.QueueFull:
-            # nobody reads: keep the newest data flowing rather than stall the channel
+        self._chunks.append(data)
+        self._size += len(data)
+        while len(self._chunks) > 1 and (
+            self._size > self.max_bytes or len(self._chunks) > self.max_chunks
+        ):
+            self._size -= len(self._chunks.popleft())
             self.dropped += 1
-            self._chunks.get_nowait()
-            self._chunks.put_nowait(data)
+        self._ready.set()
+
+    async def _get(self) -> bytes:
+        while not self._chunks:
+            self._ready.clear()
+            await self._ready.wait()
+        data = self._chunks.popleft()
+        self._size -= len(data)
+        return data
 
     async def read(self, timeout: float | None = None) -> bytes:
         async with asyncio.timeout(timeout):
-            return await self._chunks.get()
+            return await self._get()
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[bytes]:
         while True:
-            yield await self._chunks.get()
+            yield await self._get()
