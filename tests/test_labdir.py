@@ -139,3 +139,17 @@ def test_host_namespace_mounts_run_last_and_quotes_paths(lab_dir: Path) -> None:
     assert [m[-1] for m in mounts] == [target for _, target in BIND_MOUNTS]
     assert mounts[-1][-1] == "/run"
     assert all(m[2] == str(state / src) for m, (src, _) in zip(mounts, BIND_MOUNTS, strict=True))
+
+
+def test_reading_checks_without_creating(lab_dir: Path) -> None:
+    """Read-only commands check an existing directory and create nothing."""
+    missing = lab_dir / "nothing-here"
+    assert labdir.check_private_dir(missing) == missing
+    assert not missing.exists()
+    shared = lab_dir / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(UnsafeLabDirectory, match="writable by others"):
+        libvirt_lab.load_state(shared)
+    with pytest.raises(UnsafeLabDirectory, match="writable by others"):
+        qemu_lab.QemuLab(shared).load()

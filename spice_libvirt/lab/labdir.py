@@ -104,6 +104,22 @@ def ensure_private_dir(path: Path) -> Path:
     return path
 
 
+def check_private_dir(path: Path) -> Path:
+    """Check an existing lab directory as :func:`ensure_private_dir` does; create nothing.
+
+    For read-only commands (``status``): state read from a directory others can write is
+    not evidence of anything. A directory that does not exist passes (there is no lab).
+    """
+    path = path.absolute()
+    if not path.exists() and not path.is_symlink():
+        return path
+    uid = os.geteuid()
+    for ancestor in path.parents:
+        _check_ancestor(ancestor, uid)
+    _check_own(path, uid)
+    return path
+
+
 def remove_inside(root: Path, path: Path) -> None:
     """``rmtree(path)`` only if ``path`` lies strictly inside ``root`` (symlinks resolved).
 
@@ -120,6 +136,7 @@ __all__ = [
     "LAB_DIR_ENV",
     "ROOT_LAB_DIR",
     "UnsafeLabDirectory",
+    "check_private_dir",
     "default_lab_dir",
     "ensure_private_dir",
     "libvirt_lab_dir",

@@ -48,6 +48,7 @@ from pydantic import BaseModel
 
 from spice_libvirt.errors import LabError, LibvirtError
 from spice_libvirt.lab import netns
+from spice_libvirt.lab.labdir import remove_inside
 
 #: libvirtd's default TCP port (each lab host has its own network namespace, so no clash).
 LIBVIRTD_TCP_PORT = 16509
@@ -155,7 +156,7 @@ class LibvirtHost:
         """Write a fresh private state directory: config, hosts file, empty runtime dirs."""
         cfg = self.config
         if self.state_dir.exists():
-            shutil.rmtree(self.state_dir)
+            remove_inside(self.state_dir.parent, self.state_dir)
         for sub in (
             "etc/hooks",
             "etc/qemu/networks/autostart",

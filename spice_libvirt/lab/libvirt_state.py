@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from spice_libvirt.errors import LabError
 from spice_libvirt.lab import delaybridge, netns
-from spice_libvirt.lab.labdir import ensure_private_dir, libvirt_lab_dir
+from spice_libvirt.lab.labdir import check_private_dir, ensure_private_dir, libvirt_lab_dir
 from spice_libvirt.lab.libvirt_host import HostConfig, HostRuntime, LibvirtHost
 from spice_libvirt.lab.netns import ProcRef
 from spice_libvirt.lab.procs import exclusive_lock
@@ -216,7 +216,8 @@ def save(state: LabState) -> None:
 
 def load_state(lab_dir: Path | None = None) -> LabState | None:
     """The recorded lab in ``lab_dir``, or ``None`` if there is none."""
-    path = (lab_dir or default_lab_dir()) / STATE_FILE
+    directory = check_private_dir(lab_dir or default_lab_dir())
+    path = directory / STATE_FILE
     try:
         text = path.read_text()
     except FileNotFoundError:

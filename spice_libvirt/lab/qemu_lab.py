@@ -83,6 +83,7 @@ class QemuLab:
         )
 
     def load(self) -> LabState | None:
+        labdir.check_private_dir(self.directory)
         try:
             text = self.state_path.read_text()
         except FileNotFoundError:

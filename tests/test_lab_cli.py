@@ -1,0 +1,84 @@
+"""The one lab command line: its libvirt-only actions, its lab directory checks, and the
+``migrate`` forms, through the real ``spice-libvirt`` entry point (no lab is built here)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spice_libvirt.cli import build_parser
+from spice_libvirt.cli.migrate import FORMS
+from spice_libvirt.exitcodes import ExitCode
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "spice_libvirt", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_rtt_without_a_libvirt_lab_is_a_lab_error(lab_dir: Path) -> None:
+    done = cli("lab", "--dir", str(lab_dir), "rtt")
+    assert done.returncode == ExitCode.LAB, done.stderr
+    assert "lab up --libvirt" in done.stderr
+
+
+def test_purge_refuses_a_name_that_is_not_a_lab_prefix() -> None:
+    done = cli("lab", "purge", "not-a-lab")
+    assert done.returncode == ExitCode.USAGE, done.stderr
+    assert "not a lab prefix" in done.stderr
+
+
+def test_a_lab_directory_others_can_write_is_refused(lab_dir: Path) -> None:
+    shared = lab_dir / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    done = cli("lab", "--dir", str(shared), "status")
+    assert done.returncode == ExitCode.LAB, done.stderr
+    assert "writable by others" in done.stderr
+    assert not (shared / "lab.lock").exists()  # refused before anything was created in it
+
+
+def test_default_lab_directory_is_created_private(lab_dir: Path) -> None:
+    """``$SPICE_LIBVIRT_LAB_DIR`` (missing parents included) is made 0700 by ``lab down``."""
+    target = lab_dir / "new" / "lab"
+    env = {**os.environ, "SPICE_LIBVIRT_LAB_DIR": str(target)}
+    done = subprocess.run(
+        [sys.executable, "-m", "spice_libvirt", "lab", "down"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert done.returncode == ExitCode.OK, done.stderr
+    assert "no lab was up" in done.stdout
+    for path in (target.parent, target):
+        assert path.stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "form"),
+    [
+        (["migrate", "--qmp-src", "a", "--qmp-dst", "b"], "qmp"),
+        (["migrate", "vm1", "--to", "qemu+tcp://h/system"], "libvirt"),
+        (["migrate", "--to", "qemu+tcp://h/system"], "libvirt"),
+    ],
+)
+def test_migrate_forms_are_chosen_explicitly(argv: list[str], form: str) -> None:
+    args = build_parser().parse_args(argv)
+    assert next(f.name for f in FORMS if f.applies(args)) == form
+
+
+def test_migrate_without_a_form_is_a_usage_error() -> None:
+    done = cli("migrate")
+    assert done.returncode == ExitCode.USAGE
+    assert "DOMAIN --to URI" in done.stderr
