@@ -3,22 +3,23 @@
 #
 #   bash scripts/setup.sh
 #
-# Idempotent and quiet: a second run changes nothing and prints nothing. On failure it says
-# which step failed and shows the end of that step's output. What it does:
-#   1. installs the Debian packages the lab needs (apt-get update only if one is missing);
+# Idempotent: it prints one short line for each step it actually performs, and nothing when
+# nothing needs doing. On failure it says which step failed and shows the end of that step's
+# output. What it does:
+#   1. installs the Debian packages the lab needs (apt-get update only if one is missing, or
+#      apt cannot name the guest's kernel package);
 #   2. creates .venv/ in the repository and installs the project with its dev and libvirt
 #      extras (again only when pyproject.toml changed or the venv is incomplete);
-#   3. lets libvirt's QEMU driver run guests as root (user/group "+0" in qemu.conf), as the
-#      lab's private libvirtds do;
-#   4. builds the Linux test guest into the cache (python -m spice_libvirt.lab.guest build).
+#   3. builds the Linux test guest into the cache (python -m spice_libvirt.lab.guest build).
+# It never edits the machine's libvirt configuration: every lab libvirtd has its own private
+# /etc/libvirt (qemu.conf included), and nothing here uses the machine's own libvirtd.
 # Environment: PYTHON (interpreter for the venv, default python3, must be >= 3.11),
-#              SPICE_LIBVIRT_CACHE (guest cache root), SETUP_SKIP_GUEST=1 (skip step 4).
+#              SPICE_LIBVIRT_CACHE (guest cache root), SETUP_SKIP_GUEST=1 (skip step 3).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV="$ROOT/.venv"
 PYTHON=${PYTHON:-python3}
-QEMU_CONF=/etc/libvirt/qemu.conf
 PACKAGES=(
     qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc libc6-dev
     virt-viewer xvfb xauth tshark busybox-static cpio iproute2 seabios ipxe-qemu procps
@@ -27,6 +28,8 @@ PACKAGES=(
 
 LOG=$(mktemp "${TMPDIR:-/tmp}/spice-libvirt-setup.XXXXXX")
 trap 'rm -f "$LOG"' EXIT
+
+say() { echo "setup: $*"; }
 
 # run STEP-DESCRIPTION COMMAND...: quiet unless it fails
 run() {
@@ -54,13 +57,17 @@ as_root() {
 # 1. Debian packages -------------------------------------------------------------------
 missing=()
 for pkg in "${PACKAGES[@]}"; do
-    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+    # (outputs captured before matching: with pipefail, "cmd | grep -q" fails when grep's
+    # early exit kills cmd with SIGPIPE)
+    status=$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)
+    if [ "$status" != "install ok installed" ]; then
         missing+=("$pkg")
     fi
 done
 # the Linux test guest is built from the kernel package apt knows: without package lists
 # (a fresh image) apt cannot name it, so refresh them then too
-if ! apt-cache policy linux-image-amd64 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+policy=$(apt-cache policy linux-image-amd64 2>/dev/null || true)
+if ! grep -q 'Candidate: [0-9]' <<<"$policy"; then
     need_update=1
 fi
 if [ ${#missing[@]} -gt 0 ] || [ "${need_update:-0}" = 1 ]; then
@@ -68,8 +75,12 @@ if [ ${#missing[@]} -gt 0 ] || [ "${need_update:-0}" = 1 ]; then
     # tshark asks whether non-root users may capture; answer "no" without a prompt.
     echo "wireshark-common wireshark-common/install-setuid boolean false" \
         | as_root debconf-set-selections >/dev/null 2>&1 || true
+    say "refreshing the apt package lists"
     run "apt-get update" as_root apt-get update -q
-    run "apt-get install ${missing[*]}" as_root apt-get install -y -q "${missing[@]}"
+    if [ ${#missing[@]} -gt 0 ]; then
+        say "installing ${#missing[@]} Debian packages: ${missing[*]}"
+        run "apt-get install ${missing[*]}" as_root apt-get install -y -q "${missing[@]}"
+    fi
 fi
 
 # 2. Python virtual environment ---------------------------------------------------------
@@ -78,32 +89,30 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
     exit 1
 fi
 if [ ! -x "$VENV/bin/python" ]; then
+    say "creating the virtual environment $VENV"
     run "python -m venv $VENV" "$PYTHON" -m venv "$VENV"
 fi
 stamp="$VENV/.spice-libvirt-setup"
 want=$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] \
     || ! "$VENV/bin/python" -c 'import spice_libvirt, libvirt, pytest, mypy' 2>/dev/null; then
+    say "installing spice-libvirt and its dev and libvirt extras into .venv"
     run "pip install -e .[dev,libvirt]" \
         "$VENV/bin/python" -m pip install -q -e "$ROOT[dev,libvirt]"
     echo "$want" >"$stamp"
 fi
 
-# 3. libvirt's QEMU driver runs guests as root -------------------------------------------
-if [ -f "$QEMU_CONF" ]; then
-    for key in user group; do
-        if ! grep -Eq "^[[:space:]]*$key[[:space:]]*=" "$QEMU_CONF"; then
-            run "set $key in $QEMU_CONF" as_root sh -c "printf '%s = \"+0\"\n' $key >> $QEMU_CONF"
-        fi
-    done
-else
-    echo "setup: $QEMU_CONF is missing although libvirt-daemon-system is installed" >&2
-    exit 1
-fi
-
-# 4. Test guests ----------------------------------------------------------------------------
+# 3. Test guests ----------------------------------------------------------------------------
 # The firmware guest is SeaBIOS only (no build); the Linux guest is cached by its inputs,
-# so this is a no-op after the first run.
+# so this is a no-op after the first run ("show" tells which guest is there before and after).
 if [ "${SETUP_SKIP_GUEST:-0}" != 1 ]; then
-    run "building the linux test guest" "$VENV/bin/python" -m spice_libvirt.lab.guest build -q
+    guest() { "$VENV/bin/python" -m spice_libvirt.lab.guest "$@"; }
+    before=$(guest show 2>/dev/null || true)
+    if [ -z "$before" ]; then
+        say "building the Linux test guest (first run: a few minutes)"
+    fi
+    run "building the linux test guest" guest build -q
+    if [ -n "$before" ] && [ "$(guest show 2>/dev/null || true)" != "$before" ]; then
+        say "rebuilt the Linux test guest (its inputs changed)"
+    fi
 fi
