@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from spice_libvirt.errors import ConnectError, RemoteProtocolError, SpiceLibvirtError
-from spice_libvirt.spice.client import ClientOptions, SpiceClient
+from spice_libvirt.spice.client import ClientOptions, PortStream, SpiceClient
 from spice_libvirt.spice.constants import MAIN_MAX_BODY, CommonCap, MainCap
 from spice_libvirt.spice.messages import MainChannelsList, MainInit, Message, Ping
 from tests.spice_helpers import link_reply_bytes, server_frame
@@ -205,3 +205,16 @@ async def test_slow_drip_cannot_hold_the_client(
     error, elapsed, _, _ = await _bounded_connect(await hostile(flood), 1.5)
     assert isinstance(error, ConnectError), error
     assert elapsed < 1.5 + 4.0
+
+
+async def test_port_queue_is_bounded_in_bytes_and_chunks() -> None:
+    stream = PortStream("p", max_bytes=4 * 1024 * 1024, max_chunks=64)
+    for n in range(100):  # 100 MiB into a port nobody reads
+        stream._feed(bytes([n]) * (1 << 20))
+    assert stream.buffered == 4 * 1024 * 1024
+    assert stream.dropped == 96
+    assert (await stream.read(1))[0] == 96  # the newest data is kept, in order
+    for _ in range(10_000):  # tiny chunks: bounded in count too
+        stream._feed(b"x")
+    assert len(stream._chunks) == 64
+    assert stream.buffered <= 4 * 1024 * 1024
