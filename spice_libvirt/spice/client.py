@@ -367,7 +367,11 @@ class SpiceClient(ChannelSet):
             now = time.monotonic()
             await self._run(self._ours(session.on_prelink_failed, number, failed, now, key))
             return
-        self._track(number).dst_links[key] = link
+        mig = self._track(number)
+        if mig.done or self._closing:
+            await link.close()  # a late link of a migration that is over: nobody will use it
+            return
+        mig.dst_links[key] = link
         where = f"{target.host}:{link.port}"
         now = time.monotonic()
         await self._run(
