@@ -1,6 +1,10 @@
 """Fixtures the whole suite shares: QEMU processes, TLS material, the Linux guest and a
 MAIN-channel link probe.
 
+A skipped test, in particular a real-component one (marked ``qemu``/``libvirt``, or using
+``qemu_factory``, ``require_kvm`` or ``guest_images``), makes the run fail unless
+``SPICE_LIBVIRT_ALLOW_SKIPS=1`` (:mod:`tests.honest_skips`).
+
 Everything here cleans up after itself even when a test fails: every QEMU a test started
 through ``qemu_factory`` is stopped by PID at teardown, and per-test directories live under
 a fresh, short temp dir (unix socket paths must stay under 108 bytes, which pytest's own
@@ -9,6 +13,7 @@ a fresh, short temp dir (unix socket paths must stay under 108 bytes, which pyte
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -23,6 +28,13 @@ from spice_libvirt.lab.tls import TlsMaterial, generate_tls_material
 from spice_libvirt.spice.constants import ChannelType, CommonCap
 from spice_libvirt.spice.link import LinkMess
 from spice_libvirt.spice.transport import TLSSettings, open_link
+from tests.honest_skips import (  # noqa: F401  (hooks: a skipped real test fails the run)
+    pytest_collection_modifyitems,
+    pytest_collectreport,
+    pytest_runtest_logreport,
+    pytest_sessionfinish,
+    pytest_terminal_summary,
+)
 
 
 @pytest.fixture
@@ -60,10 +72,14 @@ def guest_images() -> GuestImages:
     return ensure_linux_guest()
 
 
+#: Set to 1 to make ``require_kvm`` act as on a host without /dev/kvm (proves the CI fails).
+PRETEND_NO_KVM_ENV = "SPICE_LIBVIRT_TEST_PRETEND_NO_KVM"
+
+
 @pytest.fixture
 def require_kvm() -> None:
-    """Skip the test on hosts where /dev/kvm cannot be used."""
-    if not kvm_usable():
+    """Skip the test on hosts where /dev/kvm cannot be used (which fails the run, see above)."""
+    if os.environ.get(PRETEND_NO_KVM_ENV) == "1" or not kvm_usable():
         pytest.skip("/dev/kvm is not usable on this host")
 
 
