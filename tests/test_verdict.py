@@ -299,3 +299,41 @@ def test_apply_writes_the_report_and_keeps_its_shape() -> None:
     assert data["clients"][0]["tls_before"] is True
     assert data["clients"][0]["tls_after"] is False
     assert data["clients"][0]["tls_downgraded_channels"] == ["main:0"]
+
+
+def test_an_evacuation_with_a_tls_downgrade_is_not_all_seamless() -> None:
+    """The same verdict feeds ``evacuate``: one domain's downgrade is the batch's exit code."""
+    from spice_libvirt.exitcodes import ExitCode, for_report
+    from spice_libvirt.libvirt.evacuate import DomainResult, EvacuationReport
+    from spice_libvirt.libvirt.request import HoldDetails, LibvirtMigrationReport
+
+    def domain(name: str, downgraded: bool) -> DomainResult:
+        b = {CID: SpiceSession(CID, {(1, 0): True})}
+        a = {CID: SpiceSession(CID, {(1, 0): not downgraded})}
+        report = LibvirtMigrationReport(
+            outcome="failed",
+            started_at=dt.datetime.now(dt.UTC),
+            source=Endpoint(qmp="a"),
+            destination=Endpoint(qmp="b"),
+            migrate_uri="qemu+tcp://b/system",
+            client_target="cookie",
+            domain=name,
+            hold=HoldDetails(policy="auto"),
+        )
+        report.migration.status = "completed"
+        judge(VerdictEvidence(status="completed", before=b, after=a, seamless_option=True)).apply(
+            report
+        )
+        return DomainResult(
+            domain=name, outcome=report.outcome, exit_code=int(for_report(report)), report=report
+        )
+
+    batch = EvacuationReport(
+        source_uri="a",
+        destination_uri="b",
+        started_at=dt.datetime.now(dt.UTC),
+        parallel=2,
+        domains=[domain("ok", False), domain("bad", True)],
+    )
+    assert [d.exit_code for d in batch.domains] == [ExitCode.OK, ExitCode.TLS_DOWNGRADED]
+    assert batch.exit_code() is ExitCode.TLS_DOWNGRADED
