@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,51 @@ def test_invalid_config_fails_open(host: dict[str, Path], monkeypatch: pytest.Mo
     rc = vdsm.run("before_vm_migrate_source", {"_hook_domxml": str(host["domxml"])}, err)
     assert rc == vdsm.EXIT_OK
     assert "extra: unknown key" in err.getvalue()
+
+
+# --- hardening: deadline, declined documents, journal never fatal -----------------------
+
+
+@needs_venv_package
+@pytest.mark.parametrize("fail_closed", [False, True])
+def test_a_domxml_that_never_arrives_is_cut_by_the_deadline(
+    host: dict[str, Path], fail_closed: bool
+) -> None:
+    """``$_hook_domxml`` names a FIFO nobody writes: open() blocks until the deadline."""
+    fifo = host["dir"] / "stuck.xml"
+    os.mkfifo(fifo)
+    host["config"].write_text(
+        f'journal_path = "{host["journal"]}"\nhook_timeout_s = 0.8\n'
+        f"fail_closed = {str(fail_closed).lower()}\n"
+    )
+    t0 = time.monotonic()
+    proc = run_adapter("before_vm_migrate_source", host, domxml=fifo)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 2.5  # 0.8 s budget from module load, plus interpreter start
+    assert proc.returncode == (vdsm.EXIT_ERROR_CONTINUE if fail_closed else vdsm.EXIT_OK)
+    assert "deadline of 0.8 s exceeded" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
+@needs_venv_package
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"<!DOCTYPE domain [<!ENTITY x 'y'>]>" + XML.encode(), "DOCTYPE"),
+        (b"<domain>" + b" " * (9 * 1024 * 1024) + b"</domain>", "larger than"),
+    ],
+)
+def test_declined_documents_never_stop_the_migration(
+    host: dict[str, Path], content: bytes, fragment: str
+) -> None:
+    """With fail_closed too: a non-zero status at before_* would abort VDSM's migration."""
+    domxml = host["dir"] / "odd.xml"
+    domxml.write_bytes(content)
+    proc = run_adapter(
+        "before_vm_migrate_source", host, domxml=domxml, SPICE_LIBVIRT_FAIL_CLOSED="true"
+    )
+    assert proc.returncode == vdsm.EXIT_OK
+    assert fragment in proc.stderr
+    assert domxml.read_bytes() == content
+    [row] = Journal(host["journal"]).entries()
+    assert row.outcome == "error"

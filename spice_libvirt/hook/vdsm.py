@@ -100,9 +100,8 @@ def _read_domxml(environ: Mapping[str, str]) -> DomainXML:
     except OSError as exc:
         raise _BadInputError(f"cannot read {path}: {exc.strerror or exc}") from exc
     if len(data) > MAX_XML_BYTES:
-        raise _BadInputError(f"{path}: not read") from DeclinedXMLError(
-            f"domain XML is larger than {MAX_XML_BYTES} bytes"
-        )
+        declined = DeclinedXMLError(f"domain XML is larger than {MAX_XML_BYTES} bytes; not read")
+        raise _BadInputError(f"{path}: {declined}") from declined
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
