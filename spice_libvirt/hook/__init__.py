@@ -3,6 +3,7 @@
 Modules, one concern each:
 
 * :mod:`~spice_libvirt.hook.qemu` - the ``spice-libvirt-hook`` entry point libvirt runs;
+* :mod:`~spice_libvirt.hook.deadline` - the time budget both entry points run under;
 * :mod:`~spice_libvirt.hook.rewrite` - pure XML rewrite of the SPICE listen address;
 * :mod:`~spice_libvirt.hook.journal` - the SQLite journal of invocations;
 * :mod:`~spice_libvirt.hook.install` - putting the shim into ``hooks/qemu.d/`` and out again;
