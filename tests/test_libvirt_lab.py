@@ -259,7 +259,7 @@ def test_down_after_a_crash(lab: Path) -> None:
         os.kill(ref.pid, signal.SIGKILL)
     bridge = state.bridge.proc
     assert bridge is not None
-    netns.wait_for(lambda: not bridge.alive(), timeout=5, what="the bridge to die")
+    netns.wait_for(lambda: not bridge.alive(), timeout=30, what="the bridge to die")
     st = libvirt_lab.status(lab)
     assert st.running
     assert not st.healthy
