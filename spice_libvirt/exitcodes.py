@@ -40,8 +40,13 @@ class ExitCode(enum.IntEnum):
     LAB = 10
     #: The migration moved a channel from TLS to plain text.
     TLS_DOWNGRADED = 11
+    #: Where the VM runs could not be established as exactly one host (it may run on
+    #: both, on neither, or an end did not answer): check it now.
+    PLACEMENT_UNKNOWN = 12
     #: Interrupted (SIGINT), by the shell's convention 128 + 2.
     INTERRUPTED = 130
+    #: Terminated (SIGTERM), 128 + 15; handled like SIGINT: the migration is undone first.
+    TERMINATED = 143
 
 
 #: One line per code, for ``--help`` epilogs (the README's table says the same).
@@ -58,8 +63,13 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.HYPERVISOR: "QEMU/QMP or libvirt refused an operation",
     ExitCode.LAB: "the lab could not be built, used or torn down",
     ExitCode.TLS_DOWNGRADED: "the migration moved a channel from TLS to plain text",
-    ExitCode.INTERRUPTED: "interrupted (SIGINT)",
+    ExitCode.PLACEMENT_UNKNOWN: "the VM does not run on exactly one host, or that is unknown",
+    ExitCode.INTERRUPTED: "interrupted (SIGINT); the migration was undone first",
+    ExitCode.TERMINATED: "terminated (SIGTERM); the migration was undone first",
 }
+
+#: Placements (``report.placement``) that are not exactly one host.
+_UNSETTLED_PLACEMENTS = frozenset({"both", "none", "unknown"})
 
 #: Outcomes in which the client kept its session without any loss.
 _SEAMLESS_OUTCOMES = frozenset({"seamless", "no-client"})
@@ -102,9 +112,12 @@ def migration_failed(report: Verdict) -> bool:
 def for_report(report: Verdict) -> ExitCode:
     """The exit code of one migration's verdict.
 
-    Precedence: the VM did not move (7), then a channel lost TLS (11), then the client did
+    Precedence: the VM's placement not established as one host (12), then the VM did
+    not move (7), then a channel lost TLS (11), then the client did
     not follow seamlessly (8); seamless or no client at all is 0.
     """
+    if getattr(report, "placement", None) in _UNSETTLED_PLACEMENTS:
+        return ExitCode.PLACEMENT_UNKNOWN
     if migration_failed(report):
         return ExitCode.MIGRATION_FAILED
     if getattr(report, "tls_downgraded", False):

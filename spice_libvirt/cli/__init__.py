@@ -12,8 +12,10 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
 from typing import Any
 
 from spice_libvirt import errors
@@ -52,7 +54,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _sigterm_as_sigint() -> Iterator[list[int]]:
+    """SIGTERM takes SIGINT's path: the running migration is cancelled and undone, not
+    killed mid-way (a service manager stops us with SIGTERM, a user with Ctrl-C).
+
+    The first SIGTERM is handed to whatever handles SIGINT at that moment -- inside
+    ``asyncio.run`` the runner's handler, which cancels the main task so every controller
+    runs its shielded undo; elsewhere Python's default, KeyboardInterrupt. Later SIGTERMs
+    are ignored while that undo runs (SIGKILL stays the way to stop us at once). The list
+    yielded holds the signals received, so the exit code can say which one it was.
+    """
+    received: list[int] = []
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        if len(received) > 1:
+            return
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:  # SIGINT ignored or default at the C level: still stop, the Python way
+            raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread (an embedding application): leave it alone
+        yield received
+        return
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    with _sigterm_as_sigint() as received:
+        return _main(argv, received)
+
+
+def _main(argv: Sequence[str] | None, received: list[int]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
@@ -67,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"spice-libvirt: error: {exc}", file=sys.stderr)
         return int(for_error(exc))
     except KeyboardInterrupt:
+        if received:
+            print("spice-libvirt: terminated (SIGTERM)", file=sys.stderr)
+            return int(ExitCode.TERMINATED)
         print("spice-libvirt: interrupted", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
     except BrokenPipeError:
