@@ -29,6 +29,7 @@ from spice_libvirt.migration.evidence import (
     channel_name,
     parse_channel_name,
 )
+from spice_libvirt.migration.placement import Placement
 from spice_libvirt.spice.record import ClientMigrationRecord, ClientPath, SessionChange, StreamStats
 
 #: The overall outcome. ``no-client`` is used only when no SPICE client was connected at all:
@@ -145,6 +146,11 @@ class MigrationReport(BaseModel):
     tls_downgraded: bool = False
     #: those channels, by name (``"display:0"``); for several clients ``"<id>/display:0"``
     tls_downgraded_channels: list[str] = Field(default_factory=list)
+    #: where the VM runs, asked of both ends after anything but a clean completion
+    #: (:mod:`spice_libvirt.migration.placement`); None: a completed migration, not asked
+    placement: Placement | None = None
+    #: what each end said, in words ("source running, destination absent")
+    placement_evidence: str | None = None
 
 
 def classify_outcome(
