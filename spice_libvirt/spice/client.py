@@ -144,7 +144,9 @@ class SpiceClient(ChannelSet):
     async def close(self) -> None:
         """Disconnect every channel and every destination link; idempotent."""
         self._closing = True
-        await self._run(self._session.close())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT):  # a migration's links and tasks
+                await self._run(self._session.close())
         tasks = [t for t in self._background if t is not asyncio.current_task()]
         tasks += [
             ch.task
@@ -160,8 +162,15 @@ class SpiceClient(ChannelSet):
                 log.warning("task %s did not end on cancellation", task.get_name())
         # non-main channels first, as spice-gtk does: the server then tears the session
         # down from MAIN's disconnect with every other channel already gone
-        for ch in sorted(self._channels.values(), key=lambda c: c.key == MAIN_KEY):
-            await ch.link.close(drain_timeout=0.5)
+        channels = sorted(self._channels.values(), key=lambda c: c.key == MAIN_KEY)
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                for ch in channels:
+                    await ch.link.close(drain_timeout=0.5)
+        except TimeoutError:
+            log.warning("channels did not close within %s s: aborted", CLOSE_TIMEOUT)
+            for ch in channels:
+                ch.link.abort()
         self._channels.clear()
         self._emit("closed")
 

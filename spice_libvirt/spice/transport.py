@@ -127,6 +127,11 @@ class ChannelLink:
         except (ConnectionError, OSError) as exc:
             raise ConnectError(f"{self.label}: send failed: {exc}", exc) from exc
 
+    def abort(self) -> None:
+        """Drop the connection at once (no drain, no TLS goodbye): the bounded close's end."""
+        self.conn.close()
+        self.writer.transport.abort()
+
     async def close(self, *, drain_timeout: float = 0.0) -> None:
         """Close the socket; with ``drain_timeout``, half-close first and wait for the server.
 
