@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import time
 from typing import Any
 
@@ -49,12 +50,19 @@ from spice_libvirt.libvirt.request import (
     LibvirtMigrationRequest,
 )
 from spice_libvirt.libvirt.stats import figures_from_stats, progress_from_stats
+from spice_libvirt.libvirt.undo import JobUndo, settle_placement
 from spice_libvirt.migration.base import ControllerBase
 from spice_libvirt.migration.evidence import Sessions, sessions_from_query_spice
+from spice_libvirt.migration.placement import run_to_completion
 from spice_libvirt.migration.policy import HoldPolicy, choose_hold, settle_floor
 from spice_libvirt.migration.report import Endpoint
 from spice_libvirt.migration.verdict import VerdictEvidence, judge
 from spice_libvirt.spice.record import ClientMigrationRecord
+
+log = logging.getLogger(__name__)
+
+#: the whole undo (abort, job end, bandwidth, both ends settled) is bounded by this
+UNDO_TIMEOUT = 120.0
 
 
 class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, LibvirtMigrationReport]):
@@ -129,7 +137,14 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
             if completed:
                 await self._figures(dst, jobs, report)
             else:
-                await self._after_failure(src, dom, report)
+                await run_to_completion(self._placement(report), UNDO_TIMEOUT, "placement")
+                if report.placement == "destination":
+                    # the call failed (a libvirtd restarted, a connection dropped) but the
+                    # job went through: say so, and judge the client where the VM runs
+                    self.note("migrateToURI3 failed, yet the domain runs on the destination")
+                    report.migration.status = "completed"
+                    report.outcome = "failed"
+                    completed = True
             await self._verdict(src, dst, dom, gfx, report, clients, completed, witness_cid)
         finally:
             gfx.close()
@@ -150,6 +165,8 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
         lv, req = self._lv, self.req
         orig_speed = await src.call(dom.migrateGetMaxSpeed, "migration max speed")
         report.hold.bandwidth_before_mibs = orig_speed
+        if report.hold.applied == "qmp-throttle":
+            report.hold.qemu_bandwidth_before = await self._qemu_bandwidth(src, dom)
         params: dict[str, Any] = {}
         if graphics_uri:
             params[lv.VIR_MIGRATE_PARAM_GRAPHICS_URI] = graphics_uri
@@ -166,6 +183,9 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
             )
         )
         progress = asyncio.create_task(self._progress_loop(src, dom, migration))
+        undo = JobUndo(
+            src, dom, migration, orig_speed, report.hold.qemu_bandwidth_before, self.note
+        )
         error: BaseException | None = None
         cancelled = False
         try:
@@ -183,10 +203,18 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
             cancelled = await self._await_job(src, dom, migration) or cancelled
         except errors.SpiceLibvirtError as exc:
             error = exc
+        except BaseException as exc:
+            # cancelled (Ctrl-C, SIGTERM, an outer timeout) or a bug: undo, then unwind
+            await run_to_completion(self._interrupted(undo, report, exc), UNDO_TIMEOUT, "undo")
+            raise
         finally:
             progress.cancel()
             with contextlib.suppress(BaseException):
                 await progress
+        if not migration.done() or report.hold.qemu_bandwidth_before is not None:
+            report.hold.bandwidth_restored = await run_to_completion(
+                undo.run(), UNDO_TIMEOUT, "undo"
+            )
         report.wall_ms = round((time.monotonic() - t_start) * 1000.0, 3)
         if error is None and migration.done() and not migration.cancelled():
             error = migration.exception()
@@ -222,6 +250,50 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
             return True
         return False
 
+    async def _qemu_bandwidth(self, src: Connection, dom: Any) -> int | None:
+        """QEMU's max-bandwidth now (B/s), what the undo puts back; None if unreadable."""
+        try:
+            reply = await src.qemu_monitor(dom, {"execute": "query-migrate-parameters"})
+        except errors.LibvirtError:
+            return None
+        value = (reply.get("return") or {}).get("max-bandwidth")
+        return int(value) if value is not None else None
+
+    async def _interrupted(
+        self, undo: JobUndo, report: LibvirtMigrationReport, exc: BaseException
+    ) -> None:
+        """The job undone and the domain placed before a cancellation unwinds; one line on
+        stderr says where it runs, since no report will be printed."""
+        what = "interrupted" if isinstance(exc, asyncio.CancelledError) else type(exc).__name__
+        self.note(f"{what} during the migration: undoing it")
+        report.hold.bandwidth_restored = await undo.run()
+        await self._placement(report)
+        log.warning(
+            "spice-libvirt: %s: migration of %s undone (job ended, bandwidth %s); "
+            "the domain runs on: %s (%s)",
+            what,
+            report.domain,
+            {True: "as before", False: "NOT restored", None: "not checked"}[
+                report.hold.bandwidth_restored
+            ],
+            report.placement,
+            report.placement_evidence,
+        )
+
+    async def _placement(self, report: LibvirtMigrationReport) -> None:
+        """Ask both libvirtds where the domain runs (fresh connections, bounded)."""
+        verdict, src_state, _dst_state = await settle_placement(
+            self.req.source_uri,
+            self.req.dst_connect,
+            report.domain,
+            was_running=True,
+            note=self.note,
+        )
+        report.placement, report.placement_evidence = verdict.placement, verdict.reason
+        report.source_resumed = src_state == "running"
+        report.source.status_after = src_state
+        self.note(f"placement: {verdict.placement} ({verdict.reason})")
+
     async def _abort(self, src: Connection, dom: Any) -> None:
         with contextlib.suppress(errors.LibvirtError):
             await src.call(dom.abortJob, "abort the migration job")
@@ -253,25 +325,6 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
             figures_from_stats(stats, report.migration)
         report.spice_migrate_completed = True  # libvirt's Confirm waited for it
         report.source_resumed = False
-
-    async def _after_failure(
-        self, src: Connection, dom: Any, report: LibvirtMigrationReport
-    ) -> None:
-        try:
-            state = (await src.call(dom.state, "domain state"))[0]
-            running: bool | None = state in (
-                self._lv.VIR_DOMAIN_RUNNING,
-                self._lv.VIR_DOMAIN_PAUSED,
-            )
-        except errors.LibvirtError:
-            running = None
-        report.source_resumed = running
-        report.source.status_after = "running" if running else "not running"
-        self.note(
-            "the domain still runs on the source"
-            if running
-            else "the domain is NOT running on the source: check it now"
-        )
 
     async def _sessions(self, conn: Connection, dom: Any) -> Sessions | None:
         try:

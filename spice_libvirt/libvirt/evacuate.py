@@ -58,6 +58,17 @@ class EvacuationReport(BaseModel):
         return for_evacuation(self)
 
 
+def _unexpected(name: str, exc: BaseException) -> DomainResult:
+    """A domain whose migration raised something outside the error tree (a bug)."""
+    return DomainResult(
+        domain=name,
+        outcome="failed",
+        exit_code=int(for_error(exc)),
+        error=f"{type(exc).__name__}: {exc}",
+        error_type=type(exc).__name__,
+    )
+
+
 async def spice_domains(
     source_uri: str, timeout: float = 15.0
 ) -> tuple[list[str], list[SkippedDomain]]:
@@ -145,7 +156,15 @@ async def evacuate(
                 error=result.error,
             )
 
-    report.domains = list(await asyncio.gather(*(one(n) for n in names)))
+    # one domain's unexpected error must never cancel another mid-hold: every domain's
+    # task runs to its own end (each undoes its own job when cancelled)
+    results = await asyncio.gather(*(one(n) for n in names), return_exceptions=True)
+    report.domains = [
+        r if isinstance(r, DomainResult) else _unexpected(n, r)
+        for n, r in zip(names, results, strict=True)
+    ]
+    if any(isinstance(r, asyncio.CancelledError) for r in results):
+        raise asyncio.CancelledError
     for d in report.domains:
         report.counts[d.outcome] = report.counts.get(d.outcome, 0) + 1
     report.tls_downgraded = [

@@ -78,6 +78,10 @@ class HoldDetails(BaseModel):
     destination_channels_initialized: int = 0
     #: destination graphics events, ms from migrateToURI3: "connect 10.0.0.3:4711 @ 623.7"
     destination_events: list[str] = Field(default_factory=list)
+    #: QEMU's own max-bandwidth (B/s) before the migration, read when the passthrough
+    #: throttle is used; and whether it was found (or put) back after a failed job
+    qemu_bandwidth_before: int | None = None
+    bandwidth_restored: bool | None = None
 
 
 class LibvirtMigrationReport(MigrationReport):
