@@ -21,6 +21,7 @@ import pytest
 from spice_libvirt.cli import main as cli_main
 from spice_libvirt.exitcodes import ExitCode
 from spice_libvirt.lab import libvirt_lab, netns
+from spice_libvirt.lab.libvirt_status import where
 from tests import faults
 from tests.lab_marks import LIBVIRT_LAB
 
@@ -57,7 +58,7 @@ def _uris(lab: Path) -> tuple[str, dict[str, str], str]:
     state = libvirt_lab.load_state(lab / "libvirt")
     assert state is not None
     uris = {name: h.uri_unix for name, h in state.hosts.items()}
-    return state.domain, uris, libvirt_lab.where(state)
+    return state.domain, uris, where(state)
 
 
 def _bandwidth_before(uris: dict[str, str], domain: str, host: str) -> int | None:
@@ -92,7 +93,8 @@ def test_interrupt_during_the_hold_leaves_no_job_and_no_throttle(lab: Path, sig:
     assert run.signalled_after_s is not None, run.stderr
     expected = ExitCode.INTERRUPTED if sig == signal.SIGINT else ExitCode.TERMINATED
     assert run.returncode == expected, run.stderr
-    assert "undone" in run.stderr and "the domain runs on: source" in run.stderr, run.stderr
+    assert "undone" in run.stderr, run.stderr
+    assert "the domain runs on: source" in run.stderr, run.stderr
     _check_left_clean(uris, domain, before, expect_on=source)
 
 
