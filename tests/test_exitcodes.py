@@ -34,11 +34,18 @@ OK, FAILED, NOT_SEAMLESS, TLS_DOWN = (
 )
 
 
-def report(outcome: str, status: str | None, tls_downgraded: bool | None = None) -> object:
+def report(
+    outcome: str,
+    status: str | None,
+    tls_downgraded: bool | None = None,
+    placement: str | None = None,
+) -> object:
     """A verdict as the policy reads it; ``None``: the field is absent (older reports)."""
     fields: dict[str, object] = {"outcome": outcome, "migration": SimpleNamespace(status=status)}
     if tls_downgraded is not None:
         fields["tls_downgraded"] = tls_downgraded
+    if placement is not None:
+        fields["placement"] = placement
     return SimpleNamespace(**fields)
 
 
@@ -67,6 +74,26 @@ REPORT_TABLE = [
     ("cancelled", "cancelled", True, FAILED),
     ("failed", "failed", True, FAILED),
 ]
+
+
+# (outcome, status, tls_downgraded, placement, expected): where the VM runs comes first
+PLACEMENT_TABLE = [
+    ("seamless", "completed", None, "destination", OK),
+    ("failed", "failed", None, "source", FAILED),
+    ("cancelled", "cancelled", True, "source", FAILED),
+    ("seamless", "completed", True, "destination", TLS_DOWN),
+    ("failed", "failed", None, "both", ExitCode.PLACEMENT_UNKNOWN),
+    ("cancelled", "cancelled", None, "none", ExitCode.PLACEMENT_UNKNOWN),
+    ("seamless", "completed", True, "unknown", ExitCode.PLACEMENT_UNKNOWN),
+]
+
+
+@pytest.mark.parametrize(("outcome", "status", "tls", "placement", "expected"), PLACEMENT_TABLE)
+def test_placement_comes_first(
+    outcome: str, status: str, tls: bool | None, placement: str, expected: ExitCode
+) -> None:
+    verdict = report(outcome, status, tls, placement)
+    assert for_report(verdict) is expected  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("outcome", "status", "tls", "expected"), REPORT_TABLE)
@@ -175,7 +202,9 @@ def test_codes_are_stable_and_all_documented() -> None:
         "HYPERVISOR": 9,
         "LAB": 10,
         "TLS_DOWNGRADED": 11,
+        "PLACEMENT_UNKNOWN": 12,
         "INTERRUPTED": 130,
+        "TERMINATED": 143,
     }
     assert set(EXIT_CODE_HELP) == set(ExitCode)
 
