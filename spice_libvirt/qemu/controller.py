@@ -16,7 +16,11 @@ The flow, each step bounded by a timeout; each step lives in its own module::
       -> SPICE_MIGRATE_COMPLETED -> settle (.waits) -> verdict (migration.verdict)
 
 On failure after ``migrate`` the migration is cancelled, the source resumed if it was
-running, and the client stays on the source (spice-server sends it MIGRATE_CANCEL).
+running, and the client stays on the source (spice-server sends it MIGRATE_CANCEL). The
+same undo runs, shielded and bounded, when the run is cancelled (Ctrl-C, SIGTERM) in any
+phase, and the parameters we set are put back on every path. After anything but a clean
+completion both QEMUs are asked where the guest runs (.undo; a lost QMP socket is
+reconnected first -- QEMU keeps migrating without it).
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import logging
 import time
 
 from spice_libvirt import errors
 from spice_libvirt.migration.base import ControllerBase
 from spice_libvirt.migration.evidence import Sessions, SpiceSession, channel_names, merge
 from spice_libvirt.migration.evidence import parse_channel_name as _parse_name
+from spice_libvirt.migration.placement import run_to_completion
 from spice_libvirt.migration.policy import TlsTarget, tls_target
 from spice_libvirt.migration.report import Endpoint, LinkWait, MigrationReport
 from spice_libvirt.migration.verdict import VerdictEvidence, judge
@@ -41,11 +47,19 @@ from spice_libvirt.qemu.preflight import (
     source_sessions,
     spice_sessions,
 )
-from spice_libvirt.qemu.qmp import EventStream, QMPConnection
+from spice_libvirt.qemu.qmp import EventStream, QMPConnection, QMPDisconnectedError
 from spice_libvirt.qemu.request import MigrationRequest, client_target, parse_qmp_address
 from spice_libvirt.qemu.transfer import SourceMigration, query_status
+from spice_libvirt.qemu.undo import QmpEnd, settle_placement
 from spice_libvirt.qemu.waits import ClientWaits
 from spice_libvirt.spice.record import ClientMigrationRecord
+
+log = logging.getLogger(__name__)
+
+#: the whole undo (cancel, resume, parameters, both ends asked) is bounded by this
+UNDO_TIMEOUT = 60.0
+#: how long both ends may take to settle after a failure (a cut-off destination exits)
+PLACEMENT_TIMEOUT = 15.0
 
 
 @dataclasses.dataclass
@@ -59,11 +73,15 @@ class _Run:
     dst_spice: EventStream
     report: MigrationReport
     transfer: SourceMigration
+    src_end: QmpEnd
+    dst_end: QmpEnd
     clients: Sessions = dataclasses.field(default_factory=dict)
     facts: PreflightFacts = dataclasses.field(default_factory=lambda: PreflightFacts(None, None))
     record_task: asyncio.Task[ClientMigrationRecord] | None = None
     #: our client's connection id *before* the migration (a switch-host changes it)
     embedded_id: int | None = None
+    #: ``migrate`` was sent: from then on there is a job to cancel or complete
+    migrate_sent: bool = False
 
 
 class QemuMigrationController(ControllerBase[MigrationRequest, MigrationReport]):
@@ -92,8 +110,15 @@ class QemuMigrationController(ControllerBase[MigrationRequest, MigrationReport])
             ):
                 report = self._new_report(started_at)
                 transfer = SourceMigration(src, src_mig, req, self.note, self.reporter)
-                run = _Run(src, dst, src_spice, src_mig, dst_spice, report, transfer)
-                return await self._run_connected(run)
+                ends = (
+                    QmpEnd("source", req.source_qmp, src, req.command_timeout, self.note),
+                    QmpEnd("destination", req.destination_qmp, dst, req.command_timeout, self.note),
+                )
+                run = _Run(src, dst, src_spice, src_mig, dst_spice, report, transfer, *ends)
+                try:
+                    return await self._run_connected(run)
+                finally:
+                    await asyncio.gather(run.src_end.conn.close(), run.dst_end.conn.close())
         finally:
             await asyncio.gather(src.close(), dst.close())
             self.reporter.close()
@@ -161,8 +186,12 @@ class QemuMigrationController(ControllerBase[MigrationRequest, MigrationReport])
                 return await self._abort_before_migrate(run)
             t_migrate = await self._migrate(run)
             if report.migration.status != "completed":
-                return await self._after_failure(run)
+                return await self._after_failure(run, t_migrate)
             return await self._after_completion(run, t_migrate)
+        except BaseException as exc:
+            # cancelled (Ctrl-C, SIGTERM, an outer timeout) or a bug: undo, then unwind
+            await run_to_completion(self._interrupted(run, exc), UNDO_TIMEOUT, "undo")
+            raise
         finally:
             task = run.record_task
             if task is not None and not task.done():
@@ -239,38 +268,100 @@ class QemuMigrationController(ControllerBase[MigrationRequest, MigrationReport])
         t_migrate = time.monotonic()
         try:
             async with self.log.phase("migrate"):
+                run.migrate_sent = True
                 await run.src.execute("migrate", {"uri": self.req.migrate_uri})
             async with self.log.phase("transfer") as timing:
-                final = await run.transfer.follow(report.migration, t_migrate)
+                final = await self._follow(run, t_migrate)
                 timing.detail = final
                 timing.ok = final == "completed"
-        except (asyncio.CancelledError, KeyboardInterrupt):
-            await run.transfer.recover(report, was_running, "interrupted")
-            raise
         except errors.SpiceLibvirtError as exc:
-            await run.transfer.recover(report, was_running, "migrate")
+            await run_to_completion(
+                run.transfer.recover(report, was_running, "migrate"), UNDO_TIMEOUT, "recover"
+            )
             report.error = report.error or str(exc)
             report.error_phase = report.error_phase or "migrate"
         if report.migration.status != "completed" and report.source_resumed is None:
-            await run.transfer.recover(report, was_running, "migrate")
+            await run_to_completion(
+                run.transfer.recover(report, was_running, "migrate"), UNDO_TIMEOUT, "recover"
+            )
+        await run_to_completion(run.transfer.restore(), 10.0, "restore parameters")
         return t_migrate
 
-    async def _after_failure(self, run: _Run) -> MigrationReport:
+    async def _follow(self, run: _Run, t_migrate: float) -> str:
+        """The transfer to its end; a lost source QMP is reconnected and followed on
+        (QEMU migrates on without its QMP client), else the loss propagates."""
+        while True:
+            try:
+                return await run.transfer.follow(run.report.migration, t_migrate)
+            except QMPDisconnectedError:
+                if not await self._reconnect_source(run):
+                    raise
+
+    async def _reconnect_source(self, run: _Run) -> bool:
+        conn = await run.src_end.connection()
+        if conn is None:
+            return False
+        run.src = run.transfer.src = conn
+        return True
+
+    async def _interrupted(self, run: _Run, exc: BaseException) -> None:
+        """Undo what this run changed before the cancellation unwinds; one line on stderr
+        says where the guest runs, since no report will be printed."""
+        what = "interrupted" if isinstance(exc, asyncio.CancelledError) else type(exc).__name__
+        report = run.report
+        self.note(f"{what}: undoing the migration")
+        moving = run.migrate_sent and report.migration.status != "completed"
+        if moving and await self._reconnect_source(run):
+            was_running = report.source.status_before == "running"
+            await run.transfer.recover(report, was_running, "interrupted")
+        if await self._reconnect_source(run):
+            await run.transfer.restore()
+        await self._placement(run)
+        log.warning(
+            "spice-libvirt: %s: migration undone; the guest runs on: %s (%s)",
+            what,
+            report.placement,
+            report.placement_evidence,
+        )
+
+    async def _placement(self, run: _Run) -> None:
+        """Both QEMUs asked (reconnected if lost) where the guest runs; into the report."""
+        verdict, _src, _dst = await settle_placement(run.src_end, run.dst_end, PLACEMENT_TIMEOUT)
+        if run.src_end.reconnected:
+            run.src = run.transfer.src = run.src_end.conn
+        if run.dst_end.reconnected:
+            run.dst = run.dst_end.conn
+        report = run.report
+        report.placement, report.placement_evidence = verdict.placement, verdict.reason
+        self.note(f"placement: {verdict.placement} ({verdict.reason})")
+
+    async def _after_failure(self, run: _Run, t_migrate: float) -> MigrationReport:
+        await self._placement(run)
+        report = run.report
+        if report.placement == "destination":
+            # the source's QMP was lost, not the migration: QEMU finished it on its own
+            self.note("the migration went through without us: the guest runs on the destination")
+            report.migration.status = "completed"
+            report.error = None
+            return await self._after_completion(run, t_migrate)
         # spice-server tells the client MIGRATE_CANCEL; its record says when it got it
         if run.record_task is None:
             await asyncio.sleep(min(self.req.settle, 0.5))
         record = await self.waits.collect_record(run.record_task, 5.0)
         run.src_spice.drain()
-        run.report.source.status_after = await query_status(run.src)
-        run.report.destination.status_after = await query_status(run.dst)
+        report.source.status_after = await query_status(run.src)
+        report.destination.status_after = await query_status(run.dst)
         self._judge(run, await spice_sessions(run.src), record)
-        return run.report
+        return report
 
     async def _after_completion(self, run: _Run, t_migrate: float) -> MigrationReport:
         report = run.report
         async with self.log.phase("spice-migrate-completed"):
             report.spice_migrate_completed = await self.waits.spice_completed(
-                run.src, run.src_spice, bool(run.clients)
+                run.src,
+                run.src_spice,
+                bool(run.clients),
+                events_alive=not run.src_end.reconnected,
             )
         t_done = time.monotonic()
         if report.migration.migrate_to_completed_ms is not None:

@@ -64,6 +64,8 @@ class SourceMigration:
     req: MigrationRequest
     note: Callable[[str], None]
     reporter: ProgressReporter
+    #: the parameters we changed, as they were before (put back by :meth:`restore`)
+    saved: dict[str, object] = dataclasses.field(default_factory=dict)
 
     async def set_parameters(self, figures: MigrationFigures) -> None:
         src = self.src
@@ -77,6 +79,8 @@ class SourceMigration:
         if self.req.max_bandwidth is not None:
             params["max-bandwidth"] = self.req.max_bandwidth
         if params:
+            before = await src.execute_retrying("query-migrate-parameters")
+            self.saved = {k: before[k] for k in params if k in before}
             await src.execute("migrate-set-parameters", params)
         current = await src.execute_retrying("query-migrate-parameters")
         figures.downtime_limit_ms = current.get("downtime-limit")
@@ -133,23 +137,34 @@ class SourceMigration:
             info = await self.src.execute_retrying("query-migrate")
         return info
 
+    async def restore(self) -> bool:
+        """Put back the parameters :meth:`set_parameters` changed (True: as before)."""
+        if not self.saved:
+            return True
+        try:
+            await self.src.execute("migrate-set-parameters", self.saved, timeout=5)
+        except errors.QMPError as exc:
+            self.note(f"could not put back the migration parameters {self.saved}: {exc}")
+            return False
+        return True
+
     async def cancel(self) -> str:
-        """``migrate_cancel`` and await (bounded) the final state as a MIGRATION event."""
+        """``migrate_cancel`` and await (bounded) the final state as a MIGRATION event
+        (or, on a reconnected QMP whose event stream is gone, as ``query-migrate``)."""
         with contextlib.suppress(errors.QMPError):
             await self.src.execute("migrate_cancel")
         deadline = time.monotonic() + self.req.cancel_timeout
         status = "cancelling"
-        with contextlib.suppress(errors.QMPError):
-            status = str((await self.src.execute("query-migrate", timeout=2)).get("status"))
-        while status not in FINAL_STATES and status != "none":
+        while True:
+            with contextlib.suppress(errors.QMPError):
+                status = str((await self.src.execute("query-migrate", timeout=2)).get("status"))
             left = deadline - time.monotonic()
-            if left <= 0:
-                return "cancelling"
+            if status in FINAL_STATES or status == "none" or left <= 0:
+                return status
             with contextlib.suppress(QMPTimeoutError):
-                event = await self.events.get(timeout=left)
+                event = await self.events.get(timeout=min(left, 0.5))
                 if event.name == "MIGRATION":
                     status = str(event.data.get("status", status))
-        return status
 
     async def recover(self, report: MigrationReport, was_running: bool, phase: str) -> None:
         """After a failure: cancel what still runs, resume the source if it ran before."""

@@ -127,13 +127,24 @@ class ClientWaits:
         )
 
     async def spice_completed(
-        self, src: QMPConnection, src_spice: EventStream, had_clients: bool
+        self,
+        src: QMPConnection,
+        src_spice: EventStream,
+        had_clients: bool,
+        *,
+        events_alive: bool = True,
     ) -> bool:
-        """SPICE_MIGRATE_COMPLETED on the source (or ``query-spice.migrated``), bounded."""
+        """SPICE_MIGRATE_COMPLETED on the source (or ``query-spice.migrated``), bounded.
+
+        ``events_alive`` False: the source QMP was reconnected and the event stream is
+        the lost connection's; only ``query-spice`` can tell.
+        """
         timeout = self.req.spice_completed_timeout
         if any(e.name == "SPICE_MIGRATE_COMPLETED" for e in src_spice.history):
             return True
         with contextlib.suppress(errors.QMPError):
+            if not events_alive:
+                raise errors.QMPError("no event stream")
             await src.wait_event(src_spice, lambda e: e.name == "SPICE_MIGRATE_COMPLETED", timeout)
             return True
         with contextlib.suppress(errors.QMPError):  # fired before we listened?
