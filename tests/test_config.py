@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -92,7 +93,7 @@ def test_explicitly_named_missing_file_is_an_error(
         ("hook_timeout_s = 0\n", "hook_timeout_s"),
         ("journal_max_rows = 1\n", "journal_max_rows"),
         ('journal_max_rows = "many"\n', "journal_max_rows"),
-        ('journal_path = "relative/j.sqlite3"\n', "journal_path: Value error, must be an absolute"),
+        ('journal_path = "relative/j.sqlite3"\n', "journal_path: must be an absolute"),
         ('fail_closed = "perhaps"\n', "fail_closed"),
         ("spice_address = [\n", "not valid TOML"),
     ],
@@ -115,5 +116,49 @@ def test_invalid_environment_value_is_a_config_error(monkeypatch: pytest.MonkeyP
 
 def test_settings_are_frozen() -> None:
     s = load_config()
-    with pytest.raises(ValueError, match="frozen"):
-        s.fail_closed = True
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.fail_closed = True  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("env", "field", "value"),
+    [
+        ("true", "fail_closed", True),
+        ("0", "fail_closed", False),
+        ("Off", "fail_closed", False),
+        ("0.8", "hook_timeout_s", 0.8),
+        ("2", "hook_timeout_s", 2.0),
+        ("250", "journal_max_rows", 250),
+        ("/srv/j.sqlite3", "journal_path", Path("/srv/j.sqlite3")),
+    ],
+)
+def test_environment_strings_are_typed(
+    monkeypatch: pytest.MonkeyPatch, env: str, field: str, value: object
+) -> None:
+    monkeypatch.setenv(f"spice_libvirt_{field}", env)  # the prefix is case-insensitive
+    assert getattr(load_config(), field) == value
+
+
+def test_toml_types_are_checked_too(tmp_path: Path) -> None:
+    for text, fragment in [
+        ("fail_closed = 1\n", "fail_closed: not a boolean"),
+        ("journal_max_rows = 100.5\n", "journal_max_rows: not an integer"),
+        ("hook_timeout_s = true\n", "hook_timeout_s: not a number"),
+        ("spice_address = 5\n", "spice_address: not an IP address"),
+        ("journal_path = 5\n", "journal_path: not a path"),
+    ]:
+        with pytest.raises(ConfigError, match=fragment):
+            load_config(_write(tmp_path, text))
+
+
+def test_every_bad_key_is_named_at_once(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, "hook_timeout_s = 9\njournal_max_rows = 1\n"))
+    assert "hook_timeout_s: must be more than 0 and at most 2" in str(info.value)
+    assert "journal_max_rows: must be between 10 and 10000000, got 1" in str(info.value)
+
+
+def test_other_spice_libvirt_variables_are_not_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPICE_LIBVIRT_TICKET", "secret")
+    monkeypatch.setenv("SPICE_LIBVIRT_LAB_DIR", "/tmp/x")
+    assert load_config().fail_closed is False

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
-
-from pydantic import BaseModel, Field
+from typing import Any, Literal
 
 from spice_libvirt.errors import HookError
 
@@ -55,28 +54,51 @@ _COLUMNS = (
     "id, ts, source, object, operation, suboperation, extra, domain, uuid, outcome, detail, "
     "duration_ms, pid"
 )
+_COLUMN_NAMES = tuple(c.strip() for c in _COLUMNS.split(","))
 #: Cap on the WAL file after a checkpoint, in bytes.
 _WAL_SIZE_LIMIT = 4 * 1024 * 1024
 
 
-class JournalEntry(BaseModel):
-    """One hook invocation as recorded: what libvirt (or VDSM) asked and what we did."""
+@dataclass(frozen=True)
+class JournalEntry:
+    """One hook invocation as recorded: what libvirt (or VDSM) asked and what we did.
 
-    id: int | None = None
-    ts: float = Field(description="UNIX time of the invocation, seconds")
-    source: EntrySource = "libvirt"
-    object: str = Field(description="libvirt's $1: the guest name, or '-'")
-    operation: str = Field(description="libvirt's $2, e.g. 'migrate', 'prepare'")
-    suboperation: str = Field(default="-", description="libvirt's $3, e.g. 'begin'")
-    extra: str = Field(default="-", description="libvirt's $4 (a shutoff reason, or '-')")
-    domain: str | None = Field(default=None, description="<name> of the domain XML")
-    uuid: str | None = Field(default=None, description="<uuid> of the domain XML")
+    A standard-library dataclass, not a pydantic model: the hook builds one on every guest
+    operation under a 2 s deadline that counts interpreter start-up (see
+    :mod:`spice_libvirt.config` for the figures). Rows come back from our own table, so
+    there is nothing to validate on the way out either.
+    """
+
+    #: UNIX time of the invocation, seconds
+    ts: float
+    #: libvirt's $1: the guest name, or '-'
+    object: str
+    #: libvirt's $2, e.g. 'migrate', 'prepare'
+    operation: str
+    #: libvirt's $3, e.g. 'begin'
+    suboperation: str = "-"
+    #: libvirt's $4 (a shutoff reason, or '-')
+    extra: str = "-"
+    #: <name> and <uuid> of the domain XML
+    domain: str | None = None
+    uuid: str | None = None
     outcome: Outcome = "ok"
-    detail: str = Field(default="", description="what was changed, or why it failed")
-    duration_ms: float | None = Field(
-        default=None, description="time from hook start to the journal write"
-    )
+    #: what was changed, or why it failed
+    detail: str = ""
+    #: time from hook start to the journal write
+    duration_ms: float | None = None
     pid: int | None = None
+    source: EntrySource = "libvirt"
+    id: int | None = None
+
+    def model_dump(self, *, mode: str = "python", exclude: Collection[str] = ()) -> dict[str, Any]:
+        """The entry as a dict of JSON-ready values (the shape ``journal --json`` prints).
+
+        Keys in the table's column order (``id`` first), as the pydantic model had them.
+        """
+        del mode  # every value is already JSON-ready
+        values = asdict(self)
+        return {k: values[k] for k in _COLUMN_NAMES if k not in exclude}
 
 
 class Journal:
@@ -202,8 +224,7 @@ class Journal:
                 rows = conn.execute(query, params).fetchall()
         except sqlite3.Error as exc:
             raise HookError(f"journal {self.path}: cannot read: {exc}") from exc
-        names = [c.strip() for c in _COLUMNS.split(",")]
-        return [JournalEntry.model_validate(dict(zip(names, row, strict=True))) for row in rows]
+        return [JournalEntry(**dict(zip(_COLUMN_NAMES, row, strict=True))) for row in rows]
 
     def count(self) -> int:
         """Number of rows currently kept."""
