@@ -1,7 +1,8 @@
 """The ``spice-libvirt`` command line.
 
 Each sub-command lives in its own module of this package and exposes
-``register(subparsers)``; the handler it installs returns an exit code. Errors derived from
+``register(subparsers)``; :func:`commands` lists them explicitly, and the handler each
+installs returns an exit code. No product module imports this package. Errors derived from
 :class:`~spice_libvirt.errors.SpiceLibvirtError` become one line on stderr and a documented
 exit code (:mod:`spice_libvirt.exitcodes`), never a traceback: management tools parse both.
 """
