@@ -226,16 +226,20 @@ LogLevel VERBOSE
 """
 
 
-def _start_sshd(lab: LibvirtHost, ssh_dir: Path) -> int:
-    """Keys, known_hosts and an sshd inside the host's namespaces; its PID."""
+def start_sshd(lab: LibvirtHost, ssh_dir: Path, ip: str) -> int:
+    """Keys, known_hosts and an sshd on ``ip`` inside the host's namespaces; its PID.
+
+    ``ssh_dir`` gets ``id_ed25519`` (the client key) and ``known_hosts`` (the host key for
+    ``ip``): what an inventory needs for strict host key checking.
+    """
     ssh_dir.mkdir(mode=0o700)
     for key in ("ssh_host_ed25519_key", "id_ed25519"):
         _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", key, "-f", str(ssh_dir / key)])
     shutil.copy(ssh_dir / "id_ed25519.pub", ssh_dir / "authorized_keys")
     host_pub = (ssh_dir / "ssh_host_ed25519_key.pub").read_text().split()
-    (ssh_dir / "known_hosts").write_text(f"{HOST_IP} {host_pub[0]} {host_pub[1]}\n")
+    (ssh_dir / "known_hosts").write_text(f"{ip} {host_pub[0]} {host_pub[1]}\n")
     config = ssh_dir / "sshd_config"
-    config.write_text(_SSHD_CONFIG.format(d=ssh_dir, ip=HOST_IP))
+    config.write_text(_SSHD_CONFIG.format(d=ssh_dir, ip=ip))
     # privilege separation directory, in the host's private /run
     (lab.state_dir / "run" / "sshd").mkdir(mode=0o755, exist_ok=True)
     _run(lab.enter_argv(["/usr/sbin/sshd", "-f", str(config), "-E", str(ssh_dir / "sshd.log")]))
@@ -338,7 +342,7 @@ def ssh_host(find_links: Path) -> Iterator[SshHost]:
         )
         lab.prepare()
         lab.start(timeout=60)
-        sshd_pid = _start_sshd(lab, root / "ssh")
+        sshd_pid = start_sshd(lab, root / "ssh", HOST_IP)
         prefix = root / "prefix"
         (prefix / "usr" / "libexec" / "vdsm" / "hooks").mkdir(parents=True)  # "VDSM is here"
         inventory = _write_inventory(root, prefix, find_links, _snapshot_source(root / "src"))
