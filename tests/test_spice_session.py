@@ -494,3 +494,27 @@ def test_per_channel_order_is_checked() -> None:
     s = at(Phase.CONNECTED)
     with pytest.raises(LocalProtocolError, match="prepared destination link"):
         s.on_migrate((ChannelType.PORT, 3), 0, 1.0)
+
+
+def test_the_machine_does_no_io() -> None:
+    """session.py and actions.py import no asyncio, socket or ssl (pydantic, through the
+    record model, may pull socket in; the machine itself never touches one)."""
+    import ast
+    from pathlib import Path
+
+    import spice_libvirt.spice.session as session_mod
+
+    here = Path(session_mod.__file__).parent
+    for name in ("session.py", "actions.py"):
+        tree = ast.parse((here / name).read_text())
+        imported = {
+            alias.name.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        } | {
+            (node.module or "").split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom)
+        }
+        assert not imported & {"asyncio", "socket", "ssl", "selectors"}, (name, imported)
