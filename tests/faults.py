@@ -57,6 +57,19 @@ def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.
         time.sleep(interval)
 
 
+def handler_installed(pid: int, sig: int = signal.SIGTERM) -> bool:
+    """Process ``pid`` catches ``sig``: the CLI's own code runs (its SIGTERM handler is
+    the first thing it installs), so a signal now reaches it, not the interpreter's start."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    for line in status.splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
 def run_cli_interrupted(
     argv: list[str],
     when: Callable[[], bool] | None,
@@ -65,7 +78,8 @@ def run_cli_interrupted(
     timeout: float = 180.0,
     when_timeout: float = 60.0,
 ) -> CliRun:
-    """``spice-libvirt argv``; send ``sig`` once ``when()`` holds (None: at once)."""
+    """``spice-libvirt argv``; send ``sig`` once ``when()`` holds (None: as soon as the
+    CLI's code runs, i.e. in its preflight)."""
     env = dict(os.environ, PYTHONPATH=str(REPOSITORY))
     t0 = time.monotonic()
     proc = subprocess.Popen(
@@ -78,7 +92,8 @@ def run_cli_interrupted(
     )
     signalled: float | None = None
     try:
-        seen = when is None or wait_for(lambda: proc.poll() is not None or when(), when_timeout)
+        ready = when or (lambda: handler_installed(proc.pid))
+        seen = wait_for(lambda: proc.poll() is not None or ready(), when_timeout, 0.002)
         if seen and proc.poll() is None:
             signalled = time.monotonic()
             proc.send_signal(sig)

@@ -168,17 +168,17 @@ class QemuMigrationController(ControllerBase[MigrationRequest, MigrationReport])
         )
         run.dst_spice.drain()  # destination events before client_migrate_info are not ours
         migrations_before = self.witness.migration_count if self.witness is not None else None
-        async with self.log.phase("client_migrate_info"):
-            await run.src.execute("client_migrate_info", self._migrate_info(target, report))
-        t_cmi = time.monotonic()
-        if self.witness is not None:
-            req = self.req
-            run.record_task = asyncio.create_task(
-                self.witness.next_migration(
-                    req.link_timeout + req.completion_timeout + req.spice_completed_timeout + 30
-                )
-            )
         try:
+            async with self.log.phase("client_migrate_info"):
+                await run.src.execute("client_migrate_info", self._migrate_info(target, report))
+            t_cmi = time.monotonic()
+            if self.witness is not None:
+                req = self.req
+                run.record_task = asyncio.create_task(
+                    self.witness.next_migration(
+                        req.link_timeout + req.completion_timeout + req.spice_completed_timeout + 30
+                    )
+                )
             linked = await self.waits.link_wait(
                 run.dst_spice, run.clients, report.link_wait, t_cmi, migrations_before
             )
@@ -324,9 +324,9 @@ class QemuMigrationController(ControllerBase[MigrationRequest, MigrationReport])
             report.placement_evidence,
         )
 
-    async def _placement(self, run: _Run) -> None:
+    async def _placement(self, run: _Run, timeout: float = PLACEMENT_TIMEOUT) -> None:
         """Both QEMUs asked (reconnected if lost) where the guest runs; into the report."""
-        verdict, _src, _dst = await settle_placement(run.src_end, run.dst_end, PLACEMENT_TIMEOUT)
+        verdict, _src, _dst = await settle_placement(run.src_end, run.dst_end, timeout)
         if run.src_end.reconnected:
             run.src = run.transfer.src = run.src_end.conn
         if run.dst_end.reconnected:
@@ -377,6 +377,7 @@ class QemuMigrationController(ControllerBase[MigrationRequest, MigrationReport])
             seen = await self.waits.settle(run.dst_spice, run.clients, settle)
         report.source.status_after = await query_status(run.src)
         report.destination.status_after = await query_status(run.dst)
+        await self._placement(run, timeout=2.0)
         after = merge(await spice_sessions(run.dst), seen)
         self._judge(run, after, record)
         return report
