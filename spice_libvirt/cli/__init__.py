@@ -91,7 +91,18 @@ def _sigterm_as_sigint() -> Iterator[list[int]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     with _sigterm_as_sigint() as received:
-        return _main(argv, received)
+        try:
+            return _main(argv, received)
+        except KeyboardInterrupt:  # before or after the handler ran (parsing, set-up)
+            return _interrupted(received)
+
+
+def _interrupted(received: list[int]) -> int:
+    if received:
+        print("spice-libvirt: terminated (SIGTERM)", file=sys.stderr)
+        return int(ExitCode.TERMINATED)
+    print("spice-libvirt: interrupted", file=sys.stderr)
+    return int(ExitCode.INTERRUPTED)
 
 
 def _main(argv: Sequence[str] | None, received: list[int]) -> int:
@@ -109,11 +120,7 @@ def _main(argv: Sequence[str] | None, received: list[int]) -> int:
         print(f"spice-libvirt: error: {exc}", file=sys.stderr)
         return int(for_error(exc))
     except KeyboardInterrupt:
-        if received:
-            print("spice-libvirt: terminated (SIGTERM)", file=sys.stderr)
-            return int(ExitCode.TERMINATED)
-        print("spice-libvirt: interrupted", file=sys.stderr)
-        return int(ExitCode.INTERRUPTED)
+        return _interrupted(received)
     except BrokenPipeError:
         # the reader of our output went away (``| head``): not an error of ours
         with contextlib.suppress(OSError):
