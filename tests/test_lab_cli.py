@@ -82,3 +82,39 @@ def test_migrate_without_a_form_is_a_usage_error() -> None:
     done = cli("migrate")
     assert done.returncode == ExitCode.USAGE
     assert "DOMAIN --to URI" in done.stderr
+
+
+# ------------------------------------------------------------ options that do not apply
+
+
+def test_tls_mode_without_tls_is_a_usage_error(lab_dir: Path) -> None:
+    done = cli("lab", "--dir", str(lab_dir / "lab"), "up", "--tls-mode", "mixed")
+    assert done.returncode == ExitCode.USAGE, done.stderr
+    assert "--tls-mode without --tls" in done.stderr
+    assert not (lab_dir / "lab" / "lab.json").exists()  # nothing was started
+
+
+def test_libvirt_only_options_are_refused_on_the_qemu_lab(lab_dir: Path) -> None:
+    done = cli("lab", "--dir", str(lab_dir / "lab"), "up", "--client-rtt-ms", "50")
+    assert done.returncode == ExitCode.USAGE, done.stderr
+    assert "--client-rtt-ms" in done.stderr
+    done = cli("lab", "--dir", str(lab_dir / "lab"), "migrate", "--plain")
+    assert done.returncode == ExitCode.USAGE, done.stderr
+    assert "--plain" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "option", [["--grace", "0.5"], ["--downtime-limit", "50"], ["--max-bandwidth", "1000"]]
+)
+def test_qemu_only_migrate_options_are_refused_on_the_libvirt_lab(
+    lab_dir: Path, option: list[str]
+) -> None:
+    """Refused before the lab is even read (a placeholder state file is enough)."""
+    libvirt_dir = lab_dir / "lab" / "libvirt"
+    libvirt_dir.mkdir(parents=True, mode=0o700)
+    (lab_dir / "lab").chmod(0o700)
+    (libvirt_dir / "state.json").write_text("{}")
+    done = cli("lab", "--dir", str(lab_dir / "lab"), "migrate", *option)
+    assert done.returncode == ExitCode.USAGE, done.stderr
+    assert option[0] in done.stderr
+    assert "libvirt lab" in done.stderr

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from spice_libvirt.cli import lab_libvirt
+from spice_libvirt.cli.lab_libvirt import refuse
 from spice_libvirt.cli.migrate import add_common_arguments, request_options
 from spice_libvirt.cli.render import print_report
 from spice_libvirt.errors import LabError
@@ -54,6 +55,16 @@ def register(subparsers: Any) -> None:
     up.add_argument(
         "--tls", action="store_true", help="also listen on TLS ports (lab CA); clients use TLS"
     )
+    up.add_argument(
+        "--tls-mode",
+        choices=("secure", "mixed"),
+        default=None,
+        help=(
+            "with --tls: 'secure' (default) every channel refuses plain text (the plain port "
+            "answers NEED_SECURED); 'mixed' plain links are accepted too (QEMU lab) or only "
+            "main, inputs and cursor are secure (libvirt lab)"
+        ),
+    )
     up.add_argument("--json", action="store_true")
     up.add_argument(
         "--libvirt",
@@ -61,7 +72,7 @@ def register(subparsers: Any) -> None:
         help="the two-host libvirt lab (namespaces, two libvirtds, a delayed client C)",
     )
     up.add_argument(
-        "--client-rtt-ms", type=float, default=0.0, metavar="MS", help="libvirt lab: client RTT"
+        "--client-rtt-ms", type=float, default=None, metavar="MS", help="libvirt lab: client RTT"
     )
     up.set_defaults(handler=_up)
 
@@ -73,6 +84,8 @@ def register(subparsers: Any) -> None:
         help="no embedded client: another client (remote-viewer) is the one connected",
     )
     add_common_arguments(mig)
+    # None = not given: the libvirt lab refuses QEMU-only options instead of ignoring them
+    mig.set_defaults(grace=None)
     mig.add_argument(
         "--plain",
         action="store_true",
@@ -120,10 +133,13 @@ def _libvirt_dir(args: argparse.Namespace) -> Path | None:
 def _up(args: argparse.Namespace) -> int:
     from spice_libvirt.lab.qemu_lab import dump, state_summary
 
+    refuse({"--tls-mode without --tls": args.tls_mode is not None and not args.tls}, "lab up")
     if args.libvirt:
         return lab_libvirt.up(args, labdir.libvirt_lab_dir(args.dir))
-
-    state = asyncio.run(_lab(args).up(args.guest, args.memory, tls=args.tls))
+    refuse({"--client-rtt-ms": args.client_rtt_ms is not None}, "the QEMU lab (libvirt lab only)")
+    state = asyncio.run(
+        _lab(args).up(args.guest, args.memory, tls=args.tls, tls_mode=args.tls_mode or "secure")
+    )
     summary = state_summary(state)
     if args.json:
         print(dump(summary))
@@ -132,15 +148,25 @@ def _up(args: argparse.Namespace) -> int:
         print(f"lab up in {summary['directory']} ({summary['guest']}, {summary['accel']})")
         print(f"source:      {src['spice_uri']}  qmp {src['qmp']}  pid {src['pid']}")
         print(f"destination: {dst['spice_uri']}  qmp {dst['qmp']}  pid {dst['pid']}")
-        print(f"connect a viewer: remote-viewer {src['spice_uri']}")
+        if state.tls is not None:
+            print(
+                f"connect a viewer: remote-viewer --spice-ca-file={state.tls.ca_cert} "
+                f"'--spice-host-subject={state.tls.subject}' --spice-secure-channels=all "
+                f"'{src['spice_uri']}'  (TLS {state.tls.mode})"
+            )
+        else:
+            print(f"connect a viewer: remote-viewer {src['spice_uri']}")
     return int(ExitCode.OK)
 
 
 def _migrate(args: argparse.Namespace) -> int:
     if (path := _libvirt_dir(args)) is not None:
         return lab_libvirt.migrate(args, path)
+    refuse({"--plain": args.plain}, "the QEMU lab (libvirt lab only)")
     reporter = make_reporter(quiet=args.json and not sys.stderr.isatty())
     overrides = request_options(args)
+    if overrides["grace"] is None:
+        del overrides["grace"]  # the request's own default
     require = overrides.pop("require_seamless")
     wait_client = overrides.pop("wait_client")
     report = asyncio.run(

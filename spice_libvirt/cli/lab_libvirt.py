@@ -13,16 +13,26 @@ import sys
 from pathlib import Path
 
 from spice_libvirt.cli.render import print_hold, print_report
+from spice_libvirt.errors import ConfigError
 from spice_libvirt.exitcodes import ExitCode, for_report
 from spice_libvirt.progress import make_reporter
+
+
+def refuse(options: dict[str, bool], where: str) -> None:
+    """A usage error naming every given option that does not apply to this lab kind:
+    accepted and ignored, an option would make the user believe it took effect."""
+    given = [name for name, present in options.items() if present]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: not applicable to {where}")
 
 
 def up(args: argparse.Namespace, path: Path) -> int:
     from spice_libvirt.lab import libvirt_lab
 
+    refuse({"--tls": args.tls}, "the libvirt lab (not built yet)")
     state = libvirt_lab.up(
         path,
-        client_rtt_ms=args.client_rtt_ms,
+        client_rtt_ms=args.client_rtt_ms or 0.0,
         guest=args.guest,
         memory_mib=args.memory or 256,
     )
@@ -44,6 +54,14 @@ def up(args: argparse.Namespace, path: Path) -> int:
 def migrate(args: argparse.Namespace, path: Path) -> int:
     from spice_libvirt.lab.libvirt_migrate import lab_migrate
 
+    refuse(
+        {
+            "--grace": args.grace is not None,
+            "--downtime-limit": args.downtime_limit is not None,
+            "--max-bandwidth": args.max_bandwidth is not None,
+        },
+        "the libvirt lab (libvirt holds and releases the migration itself)",
+    )
     reporter = make_reporter(quiet=args.json and not sys.stderr.isatty())
     options = {
         "require_seamless": args.require_seamless,

@@ -43,6 +43,7 @@ from spice_libvirt.lab.qemu_lab_state import (
     SideName,
     SideState,
     SideStatus,
+    TlsMode,
     _spawn_detached,
     _tail,
     dump,
@@ -115,6 +116,7 @@ class QemuLab:
             incoming=incoming,
             workdir=self.directory,
             tls_dir=tls.directory if tls else None,
+            tls_channels=["default"] if tls is not None and tls.mode == "secure" else [],
         )
 
     async def _fresh_destination(self, state: LabState, side: SideState) -> SideState:
@@ -218,12 +220,22 @@ class QemuLab:
     # -- commands ---------------------------------------------------------------------
 
     async def up(
-        self, guest: GuestKind = "firmware", memory_mib: int | None = None, *, tls: bool = False
+        self,
+        guest: GuestKind = "firmware",
+        memory_mib: int | None = None,
+        *,
+        tls: bool = False,
+        tls_mode: TlsMode = "secure",
     ) -> LabState:
         """Start both sides; :class:`LabError` if a lab already runs in this directory.
 
         With ``tls`` both QEMUs also listen on a TLS port with a lab CA's certificate, and
-        migrations send the client there with the certificate subject.
+        migrations send the client there with the certificate subject. ``tls_mode``
+        ``secure`` (the default, as a production host runs) makes every channel refuse
+        plain text (``tls-channel=default``), so a client on TLS is offered both ports,
+        links the plain one, gets NEED_SECURED and stays on TLS -- seamless for spice-gtk
+        too (issue 13); ``mixed`` accepts plain links as well, the setup in which a client
+        told the plain port would go plain.
         """
         memory = memory_mib or (256 if guest == "linux" else 128)
         with self._locked():
@@ -238,7 +250,7 @@ class QemuLab:
                     )
                 self.state_path.unlink()
             accel = resolve_accel(self._spec(guest, memory, "a", None))
-            lab_tls = await asyncio.to_thread(self._tls_material) if tls else None
+            lab_tls = await asyncio.to_thread(self._tls_material, tls_mode) if tls else None
             src = await self._start_side(
                 "a", guest=guest, memory_mib=memory, role="source", tls=lab_tls
             )
@@ -267,12 +279,15 @@ class QemuLab:
                 raise
         return state
 
-    def _tls_material(self) -> LabTls:
+    def _tls_material(self, mode: TlsMode) -> LabTls:
         from spice_libvirt.lab.tls import generate_tls_material
 
         material = generate_tls_material(self.directory / "tls")
         return LabTls(
-            directory=material.directory, ca_cert=material.ca_cert, subject=material.subject
+            directory=material.directory,
+            ca_cert=material.ca_cert,
+            subject=material.subject,
+            mode=mode,
         )
 
     def _require(self) -> LabState:
@@ -310,6 +325,7 @@ class QemuLab:
             up=src.alive and dst.alive,
             directory=self.directory,
             guest=state.guest,
+            tls_mode=state.tls.mode if state.tls else None,
             migrations=state.migrations,
             last_outcome=state.last_outcome,
             source=src,
@@ -474,6 +490,7 @@ __all__ = [
     "QemuLab",
     "SideState",
     "SideStatus",
+    "TlsMode",
     "default_lab_dir",
     "dump",
     "embedded_client",

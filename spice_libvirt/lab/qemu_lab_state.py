@@ -58,12 +58,21 @@ class SideState(BaseModel):
         return uri
 
 
+TlsMode = Literal["secure", "mixed"]
+
+
 class LabTls(BaseModel):
-    """The lab's TLS material: one CA and one server certificate shared by both sides."""
+    """The lab's TLS material: one CA and one server certificate shared by both sides.
+
+    ``mode``: ``secure`` (``tls-channel=default``: every channel refuses plain text, the
+    plain port answers NEED_SECURED) or ``mixed`` (plain links accepted too). A state file
+    written before modes existed was mixed, hence that default here.
+    """
 
     directory: Path
     ca_cert: Path
     subject: str
+    mode: TlsMode = "mixed"
 
 
 class LabState(BaseModel):
@@ -101,6 +110,8 @@ class LabStatus(BaseModel):
     up: bool
     directory: Path
     guest: GuestKind | None = None
+    #: None: no TLS
+    tls_mode: TlsMode | None = None
     migrations: int = 0
     last_outcome: str | None = None
     source: SideStatus | None = None

@@ -25,6 +25,22 @@ DEFAULT_QEMU_BINARY = "qemu-system-x86_64"
 KVM_CPU = "host,-arch-capabilities"
 #: CPU model under TCG: everything TCG can emulate.
 TCG_CPU = "max"
+#: what QEMU's ``tls-channel=`` accepts (spice-server's channel names, and "default")
+_SPICE_CHANNEL_NAMES = frozenset(
+    {
+        "default",
+        "main",
+        "display",
+        "inputs",
+        "cursor",
+        "playback",
+        "record",
+        "smartcard",
+        "usbredir",
+        "port",
+        "webdav",
+    }
+)
 
 
 class QemuSpec(BaseModel):
@@ -45,6 +61,10 @@ class QemuSpec(BaseModel):
     spice_tls_port: int | None = Field(default=None, ge=1, le=65535)
     #: x509-dir with ca-cert.pem, server-cert.pem, server-key.pem (see lab.tls)
     tls_dir: Path | None = None
+    #: channels spice-server refuses in plain text (``-spice tls-channel=X``; "default" =
+    #: every channel not named otherwise): a plain link to them gets NEED_SECURED, which is
+    #: what keeps a TLS client on TLS *and* lets spice-gtk pre-link (issue 13)
+    tls_channels: list[str] = Field(default_factory=list)
     #: None: ``disable-ticketing=on``; else ticketing on, password set over QMP after start
     password: str | None = None
     seamless_migration: bool = True
@@ -70,6 +90,11 @@ class QemuSpec(BaseModel):
     def _coherent(self) -> QemuSpec:
         if self.spice_tls_port is not None and self.tls_dir is None:
             raise ValueError("spice_tls_port needs tls_dir")
+        if self.tls_channels and self.tls_dir is None:
+            raise ValueError("tls_channels needs tls_dir")
+        for channel in self.tls_channels:
+            if channel not in _SPICE_CHANNEL_NAMES:
+                raise ValueError(f"unknown SPICE channel {channel!r} in tls_channels")
         if self.dirty_mb and self.guest != "linux":
             raise ValueError("dirty_mb needs the linux guest")
         if self.dirty_mb >= self.memory_mib:
@@ -150,6 +175,7 @@ def qemu_argv(
     ]
     if spec.tls_dir is not None:
         spice += [f"tls-port={tls_port}", f"x509-dir={spec.tls_dir}"]
+        spice += [f"tls-channel={channel}" for channel in spec.tls_channels]
     if spec.password is None:
         spice.append("disable-ticketing=on")
     argv += ["-spice", ",".join(spice)]
