@@ -183,3 +183,34 @@ def throttled(uri: str, domain: str, bytes_per_s: int = 4096) -> bool:
 
 def job_running(uri: str, domain: str) -> bool:
     return bool(libvirt_host_view(uri, domain).job)
+
+
+def qemu_pids_in(netns_name: str, domain: str) -> list[int]:
+    """PIDs of the QEMU running ``domain`` inside network namespace ``netns_name``."""
+    try:
+        target = os.stat(f"/run/netns/{netns_name}").st_ino
+    except OSError:
+        return []
+    found: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.stat(entry / "ns" / "net").st_ino != target:
+                continue
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and b"qemu-system" in argv[0] and f"guest={domain}".encode() in b",".join(argv):
+            found.append(int(entry.name))
+    return found
+
+
+def record_row(**row: Any) -> None:
+    """Append one fault-matrix row to ``$SPICE_LIBVIRT_FAULT_ROWS`` (the benchmark sets
+    it; a plain test run writes nothing)."""
+    path = os.environ.get("SPICE_LIBVIRT_FAULT_ROWS")
+    if not path:
+        return
+    with open(path, "a", encoding="utf-8") as out:
+        out.write(json.dumps(row, sort_keys=True, default=str) + "\n")

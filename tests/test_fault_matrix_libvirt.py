@@ -10,18 +10,24 @@ the job crawling at 4 KiB/s with the domain paused on the destination.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from spice_libvirt.cli import main as cli_main
-from spice_libvirt.exitcodes import ExitCode
+from spice_libvirt.exitcodes import ExitCode, for_report
 from spice_libvirt.lab import libvirt_lab, netns
+from spice_libvirt.lab.libvirt_migrate import lab_request
 from spice_libvirt.lab.libvirt_status import where
+from spice_libvirt.lab.witness_thread import netns_witness
+from spice_libvirt.libvirt.controller import LibvirtMigrationReport, migrate_libvirt
+from spice_libvirt.spice.client import ClientOptions
 from tests import faults
 from tests.lab_marks import LIBVIRT_LAB
 
@@ -40,12 +46,7 @@ def lab() -> Iterator[Path]:
     base = Path(tempfile.mkdtemp(prefix="sfm-"))
     prefix = None
     try:
-        rc = cli_main(
-            ["lab", "--dir", str(base), "up", "--libvirt", "--client-rtt-ms", str(RTT_MS)]
-        )
-        assert rc == 0
-        state = libvirt_lab.load_state(base / "libvirt")
-        assert state is not None
+        state = libvirt_lab.up(base / "libvirt", client_rtt_ms=RTT_MS)
         prefix = state.prefix
         yield base
     finally:
@@ -76,7 +77,8 @@ def _check_left_clean(
     (host,) = faults.running_on(views)
     if expect_on is not None:
         assert host == expect_on, views
-    assert views[host].qemu_max_bandwidth == bandwidth, views
+    if bandwidth is not None:
+        assert views[host].qemu_max_bandwidth == bandwidth, views
     return host
 
 
@@ -108,3 +110,121 @@ def test_sigint_in_the_preflight_changes_nothing(lab: Path) -> None:
     host = _check_left_clean(uris, domain, before, expect_on=None)
     if run.returncode == ExitCode.INTERRUPTED:
         assert host == source
+
+
+def test_sigterm_after_the_job_completed_leaves_it_on_the_destination(lab: Path) -> None:
+    """Interrupted in the verdict phase (the job is over): nothing to undo, placed there."""
+    domain, uris, source = _uris(lab)
+    destination = "B" if source == "A" else "A"
+    before = _bandwidth_before(uris, domain, source)
+    run = faults.run_cli_interrupted(
+        ["lab", "--dir", str(lab), "migrate", "--json", "--no-watch"],
+        lambda: faults.libvirt_host_view(uris[destination], domain).state == "running",
+        signal.SIGTERM,
+    )
+    assert run.returncode in (ExitCode.TERMINATED, ExitCode.OK), run.stderr
+    host = _check_left_clean(uris, domain, None, expect_on=destination)
+    assert host == destination
+    assert before is None or before > 0
+
+
+async def _held_migration(
+    lab: Path, fault: Callable[[libvirt_lab.LabState, str, str], None], **options: Any
+) -> tuple[LibvirtMigrationReport, str, str]:
+    """Migrate with the embedded client sent where it cannot link (so the hold holds for
+    ``hold_timeout``), strike with ``fault(state, source, destination)`` once the throttle
+    is in place, and return the report with the source and destination names."""
+    state = libvirt_lab.load_state(lab / "libvirt")
+    assert state is not None
+    source = where(state)
+    destination = "B" if source == "A" else "A"
+    endpoint = libvirt_lab.spice_endpoint(state, source)
+    assert endpoint is not None
+    bogus = state.subnet.replace(".0/24", ".99")
+    fields: dict[str, Any] = {
+        "graphics_uri": f"spice://{bogus}:5900",
+        "hold_timeout": 20.0,
+        "completion_timeout": 60.0,
+    }
+    fields.update(options)
+    request = lab_request(state, source, destination, **fields)  # type: ignore[arg-type]
+    uri = state.hosts[source].uri_unix
+    witness = netns_witness(
+        ClientOptions(host=endpoint.address, port=endpoint.port, stream_port_name=None),
+        state.client.netns,
+    )
+    async with witness:
+        task = asyncio.create_task(migrate_libvirt(request, witness))
+        held = await asyncio.to_thread(
+            faults.wait_for, lambda: task.done() or faults.throttled(uri, state.domain), 60
+        )
+        assert held
+        assert not task.done()
+        await asyncio.to_thread(fault, state, source, destination)
+        async with asyncio.timeout(180):
+            report = await task
+    return report, source, destination
+
+
+def _kill_destination_qemu(state: libvirt_lab.LabState, _src: str, dst: str) -> None:
+    pids = faults.qemu_pids_in(state.hosts[dst].config.netns, state.domain)
+    assert pids, "no destination QEMU found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+
+
+def _restart(which: str) -> Callable[[libvirt_lab.LabState, str, str], None]:
+    def fault(state: libvirt_lab.LabState, src: str, dst: str) -> None:
+        host: libvirt_lab.HostName = "A" if (src if which == "source" else dst) == "A" else "B"
+        libvirt_lab.restart_libvirtd(state.lab_dir, host)
+
+    return fault
+
+
+@pytest.mark.parametrize(
+    "fault",
+    ["destination-qemu-killed", "source-libvirtd-restarted", "destination-libvirtd-restarted"],
+)
+async def test_fault_mid_job_leaves_the_domain_on_exactly_one_host(lab: Path, fault: str) -> None:
+    domain, uris, source = _uris(lab)
+    before = _bandwidth_before(uris, domain, source)
+    strike = {
+        "destination-qemu-killed": _kill_destination_qemu,
+        "source-libvirtd-restarted": _restart("source"),
+        "destination-libvirtd-restarted": _restart("destination"),
+    }[fault]
+    report, src, _dst = await _held_migration(lab, strike)
+    host = await asyncio.to_thread(_check_left_clean, uris, domain, None, None)
+    views = faults.libvirt_views(uris, domain)
+    faults.record_row(
+        path="libvirt",
+        scenario=fault,
+        placement=report.placement,
+        runs_on=host,
+        exit_code=int(for_report(report)),
+        bandwidth=views[host].qemu_max_bandwidth,
+        bandwidth_before=before,
+    )
+    assert report.placement == ("source" if host == src else "destination"), report.notes
+    assert report.placement_evidence
+    if host == src:
+        assert views[host].qemu_max_bandwidth == before, views
+        assert for_report(report) is ExitCode.MIGRATION_FAILED
+    assert report.outcome in ("failed", "cancelled", "switch-host", "seamless"), report.notes
+
+
+async def test_require_seamless_with_the_client_blocked_releases_the_hold(lab: Path) -> None:
+    """The client cannot reach the destination: ``--require-seamless`` aborts the held
+    job; the domain stays on the source at its old bandwidth, the client with it."""
+    domain, uris, source = _uris(lab)
+    before = _bandwidth_before(uris, domain, source)
+
+    def nothing(_state: libvirt_lab.LabState, _src: str, _dst: str) -> None:
+        return None
+
+    report, src, _dst = await _held_migration(lab, nothing, require_seamless=True, hold_timeout=3.0)
+    assert report.outcome == "cancelled", report.notes
+    assert report.placement == "source"
+    assert for_report(report) is ExitCode.MIGRATION_FAILED
+    host = await asyncio.to_thread(_check_left_clean, uris, domain, before, src)
+    assert host == src
