@@ -212,5 +212,6 @@ def record_row(**row: Any) -> None:
     path = os.environ.get("SPICE_LIBVIRT_FAULT_ROWS")
     if not path:
         return
+    row.setdefault("test", os.environ.get("PYTEST_CURRENT_TEST", "").removesuffix(" (call)"))
     with open(path, "a", encoding="utf-8") as out:
         out.write(json.dumps(row, sort_keys=True, default=str) + "\n")

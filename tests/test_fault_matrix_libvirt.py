@@ -92,6 +92,17 @@ def test_interrupt_during_the_hold_leaves_no_job_and_no_throttle(lab: Path, sig:
         lambda: faults.throttled(uris[source], domain),
         sig,
     )
+    views = faults.libvirt_views(uris, domain)
+    faults.record_row(
+        path="libvirt",
+        scenario=f"{signal.Signals(sig).name} during the hold",
+        exit_code=run.returncode,
+        signal_to_exit_s=run.exit_after_signal_s,
+        runs_on=faults.running_on(views),
+        bandwidth_before=before,
+        bandwidth_after=views[source].qemu_max_bandwidth,
+        jobs=[v.job for v in views.values()],
+    )
     assert run.signalled_after_s is not None, run.stderr
     expected = ExitCode.INTERRUPTED if sig == signal.SIGINT else ExitCode.TERMINATED
     assert run.returncode == expected, run.stderr
@@ -105,6 +116,15 @@ def test_sigint_in_the_preflight_changes_nothing(lab: Path) -> None:
     before = _bandwidth_before(uris, domain, source)
     run = faults.run_cli_interrupted(
         ["lab", "--dir", str(lab), "migrate", "--json", "--no-watch"], None, signal.SIGINT
+    )
+    views = faults.libvirt_views(uris, domain)
+    faults.record_row(
+        path="libvirt",
+        scenario="SIGINT in the preflight",
+        exit_code=run.returncode,
+        signal_to_exit_s=run.exit_after_signal_s,
+        runs_on=faults.running_on(views),
+        jobs=[v.job for v in views.values()],
     )
     assert run.returncode in (ExitCode.INTERRUPTED, ExitCode.OK), run.stderr
     host = _check_left_clean(uris, domain, before, expect_on=None)
@@ -121,6 +141,15 @@ def test_sigterm_after_the_job_completed_leaves_it_on_the_destination(lab: Path)
         ["lab", "--dir", str(lab), "migrate", "--json", "--no-watch"],
         lambda: faults.libvirt_host_view(uris[destination], domain).state == "running",
         signal.SIGTERM,
+    )
+    views = faults.libvirt_views(uris, domain)
+    faults.record_row(
+        path="libvirt",
+        scenario="SIGTERM in the verdict",
+        exit_code=run.returncode,
+        signal_to_exit_s=run.exit_after_signal_s,
+        runs_on=faults.running_on(views),
+        jobs=[v.job for v in views.values()],
     )
     assert run.returncode in (ExitCode.TERMINATED, ExitCode.OK), run.stderr
     host = _check_left_clean(uris, domain, None, expect_on=destination)
@@ -223,6 +252,18 @@ async def test_require_seamless_with_the_client_blocked_releases_the_hold(lab: P
         return None
 
     report, src, _dst = await _held_migration(lab, nothing, require_seamless=True, hold_timeout=3.0)
+    views = faults.libvirt_views(uris, domain)
+    faults.record_row(
+        path="libvirt",
+        scenario="client blocked, --require-seamless",
+        outcome=report.outcome,
+        placement=report.placement,
+        exit_code=int(for_report(report)),
+        runs_on=faults.running_on(views),
+        bandwidth_before=before,
+        bandwidth_after=views[src].qemu_max_bandwidth,
+        jobs=[v.job for v in views.values()],
+    )
     assert report.outcome == "cancelled", report.notes
     assert report.placement == "source"
     assert for_report(report) is ExitCode.MIGRATION_FAILED

@@ -149,6 +149,16 @@ async def test_cli_interrupted_in_each_phase(qemu_factory: QemuGroup, phase: str
         run = await asyncio.to_thread(
             faults.run_cli_interrupted, _cli(src, dst, port, *extra), when, sig
         )
+        s_after, d_after = await _facts(src), await _facts(dst)
+        faults.record_row(
+            path="qemu",
+            scenario=f"{signal.Signals(sig).name} in {phase}",
+            exit_code=run.returncode,
+            signal_to_exit_s=run.exit_after_signal_s,
+            source=s_after,
+            destination=d_after,
+            bandwidth_before=before[2],
+        )
         interrupted = ExitCode.INTERRUPTED if sig == signal.SIGINT else ExitCode.TERMINATED
         if phase == "verdict" and run.returncode == ExitCode.OK:
             pass  # the run ended before the signal could land: fine, and checked below
@@ -213,6 +223,15 @@ async def test_destination_killed_mid_migration_is_placed_on_the_source(
         os.kill(dst.pid, signal.SIGKILL)
         async with asyncio.timeout(90):
             report = await task
+        faults.record_row(
+            path="qemu",
+            scenario="destination QEMU killed mid-transfer",
+            placement=report.placement,
+            evidence=report.placement_evidence,
+            exit_code=int(for_report(report)),
+            source=await _facts(src),
+            bandwidth_before=before[2],
+        )
         assert report.placement == "source", report.placement_evidence
         assert report.placement_evidence is not None
         assert "destination absent" in report.placement_evidence
@@ -250,6 +269,16 @@ async def test_source_qmp_dropped_mid_migration(
         async with asyncio.timeout(120):
             report = await task
         notes = "\n".join(report.notes)
+        faults.record_row(
+            path="qemu",
+            scenario="source QMP dropped mid-transfer"
+            + (" (reconnected)" if relay_survives else " (socket gone)"),
+            placement=report.placement,
+            evidence=report.placement_evidence,
+            outcome=report.outcome,
+            exit_code=int(for_report(report)),
+            destination=await _facts(dst),
+        )
         if relay_survives:
             assert "reconnected" in notes, notes
             assert relay.accepted >= 2
