@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -296,4 +297,135 @@ async def test_source_qmp_dropped_mid_migration(
         assert s is None or s[0] != "running"
     finally:
         await relay.close()
+        await client.close()
+
+
+@pytest.mark.parametrize("require_seamless", [False, True], ids=["default", "require-seamless"])
+async def test_client_cannot_reach_the_destination(
+    qemu_factory: QemuGroup, require_seamless: bool
+) -> None:
+    """The client's path to the destination is blocked (told a port nobody listens on):
+    by default the migration proceeds and the verdict says the client did not follow
+    seamlessly; with ``--require-seamless`` nothing moves and nothing is left changed."""
+    src, dst, port = await _pair(qemu_factory)
+    before = await _facts(src)
+    assert before is not None
+    client = SpiceClient(ClientOptions(host="127.0.0.1", port=src.spice_port))
+    await client.connect(timeout=10)
+    try:
+        request = _request(
+            src.qmp_path,
+            dst,
+            port,
+            source_pid=src.pid,
+            client_port=free_tcp_port(),
+            link_timeout=2.0,
+            require_seamless=require_seamless,
+            max_bandwidth=500_000_000,
+        )
+        report = await migrate_qemu(request, client)
+        code = for_report(report)
+        faults.record_row(
+            path="qemu",
+            scenario="client blocked, " + ("--require-seamless" if require_seamless else "default"),
+            outcome=report.outcome,
+            exit_code=int(code),
+            placement=report.placement,
+            source=await _facts(src),
+            bandwidth_before=before[2],
+        )
+        assert not report.seamless
+        if require_seamless:
+            assert report.outcome == "cancelled"
+            assert code is ExitCode.MIGRATION_FAILED
+            assert await _left_clean(src, dst, before[2]) == "source"
+            assert await _attached(src, client.session_id)
+        else:
+            assert report.migration.status == "completed"
+            assert report.outcome in ("switch-host", "failed"), report.notes
+            assert code is ExitCode.NOT_SEAMLESS
+            assert report.placement == "destination"
+            assert await _left_clean(src, dst, before[2]) == "destination"
+    finally:
+        await client.close()
+
+
+async def test_embedded_client_killed_mid_handover(qemu_factory: QemuGroup) -> None:
+    """Our client dies right after the server told it to migrate: the VM still moves
+    (nothing waits forever for a dead client) and the report says the client was lost."""
+    src, dst, port = await _pair(qemu_factory)
+    client = SpiceClient(ClientOptions(host="127.0.0.1", port=src.spice_port))
+    await client.connect(timeout=10)
+    migrations = client.migration_count
+    session = client.session_id
+
+    async def kill_on_begin() -> None:
+        await _wait(lambda: client.migration_count > migrations, 30)
+        await client.close()
+
+    killer = asyncio.create_task(kill_on_begin())
+    try:
+        request = _request(src.qmp_path, dst, port, source_pid=src.pid, link_timeout=5.0)
+        report = await migrate_qemu(request, client)
+        await killer
+        faults.record_row(
+            path="qemu",
+            scenario="embedded client killed mid-handover",
+            outcome=report.outcome,
+            exit_code=int(for_report(report)),
+            placement=report.placement,
+        )
+        assert report.migration.status == "completed"
+        assert report.placement == "destination"
+        assert not report.seamless
+        (verdict,) = report.clients
+        assert verdict.path in ("failed", "none"), verdict
+        assert for_report(report) is ExitCode.NOT_SEAMLESS
+        assert not await _attached(dst, session)
+    finally:
+        killer.cancel()
+        await client.close()
+
+
+async def test_link_between_the_hosts_cut_mid_transfer(qemu_factory: QemuGroup) -> None:
+    """The migration stream is reset mid-transfer (``ss -K``): the source runs on, the
+    destination gives up, the report places the guest on the source."""
+    if shutil.which("ss") is None:
+        pytest.fail("ss (iproute2) is needed to cut the stream")
+    src, dst, port = await _pair(qemu_factory)
+    before = await _facts(src)
+    assert before is not None
+    client = SpiceClient(ClientOptions(host="127.0.0.1", port=src.spice_port))
+    await client.connect(timeout=10)
+    try:
+        active = _Active()
+        request = _request(
+            src.qmp_path, dst, port, source_pid=src.pid, max_bandwidth=SLOW_BYTES_PER_S
+        )
+        task = asyncio.create_task(migrate_qemu(request, client, active))
+        async with asyncio.timeout(30):
+            await active.active.wait()
+        assert await _wait(lambda: _migration_stream_open(port), 30)
+        cut = await asyncio.create_subprocess_exec(
+            *["ss", "-K", "dst", "127.0.0.1", "dport", "=", f":{port}"],
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+        assert await cut.wait() == 0
+        async with asyncio.timeout(120):
+            report = await task
+        faults.record_row(
+            path="qemu",
+            scenario="link between the hosts cut mid-transfer",
+            outcome=report.outcome,
+            exit_code=int(for_report(report)),
+            placement=report.placement,
+            source=await _facts(src),
+            bandwidth_before=before[2],
+        )
+        assert report.migration.status in ("failed", "cancelled"), report.notes
+        assert report.placement == "source", report.placement_evidence
+        assert for_report(report) is ExitCode.MIGRATION_FAILED
+        assert await _left_clean(src, dst, before[2]) == "source"
+        assert await _attached(src, client.session_id)
+    finally:
         await client.close()
