@@ -8,6 +8,7 @@ third-party client leaves behind: the destination's graphics events for the hold
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import shutil
@@ -25,10 +26,11 @@ from spice_libvirt.exitcodes import ExitCode
 from spice_libvirt.lab import libvirt_lab, netns
 from spice_libvirt.libvirt.connection import Connection
 from spice_libvirt.libvirt.controller import spice_graphics
-from spice_libvirt.libvirt.evacuate import evacuate
+from spice_libvirt.libvirt.evacuate import evacuate, spice_domains
 from spice_libvirt.libvirt.lab import start_extra_domains
 from spice_libvirt.libvirt.witness import ThreadedWitness
 from spice_libvirt.spice.client import ClientOptions
+from tests import faults
 from tests.lab_marks import LIBVIRT_LAB
 
 libvirt = pytest.importorskip("libvirt")
@@ -167,3 +169,67 @@ def test_evacuate_unreachable_source_is_exit_code_3() -> None:
         check=False,
     ).returncode
     assert rc == ExitCode.UNREACHABLE
+
+
+async def test_cancelled_evacuation_leaves_every_domain_on_the_source_unthrottled(
+    lab: Path,
+) -> None:
+    """Cancelled (what Ctrl-C does to the CLI) while every job is held: each domain's own
+    undo runs to its end -- no job, no throttle, every domain on A -- before it unwinds."""
+    state = libvirt_lab.load_state(lab)
+    assert state is not None
+    uri_a = state.hosts["A"].uri_unix
+    uris = {"A": uri_a, "B": state.hosts["B"].uri_unix}
+    names, _skipped = await spice_domains(uri_a)
+    assert names
+    endpoints = await _endpoints(uri_a, names)
+    before = {n: faults.libvirt_host_view(uri_a, n).qemu_max_bandwidth for n in names}
+    bogus = state.subnet.replace(".0/24", ".99")
+    witnesses: list[ThreadedWitness] = []
+    try:
+        for name in names:
+            host, port = endpoints[name]
+            w = ThreadedWitness(
+                ClientOptions(host=host, port=port, stream_port_name=None),
+                netns_name=state.client.netns,
+            )
+            await w.start()
+            witnesses.append(w)
+        task = asyncio.create_task(
+            evacuate(
+                uri_a,
+                state.hosts["B"].uri_tcp,
+                destination_connect_uri=state.hosts["B"].uri_unix,
+                parallel=len(names),
+                options={"graphics_uri": f"spice://{bogus}:5900", "hold_timeout": 30.0},
+            )
+        )
+        held = await asyncio.to_thread(
+            faults.wait_for,
+            lambda: task.done() or all(faults.throttled(uri_a, n) for n in names),
+            90,
+        )
+        assert held
+        assert not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            async with asyncio.timeout(180):
+                await task
+        for name in names:
+            views = faults.libvirt_views(uris, name)
+            faults.record_row(
+                path="libvirt",
+                scenario="evacuation cancelled mid-hold",
+                domain=name,
+                runs_on=faults.running_on(views),
+                jobs=[v.job for v in views.values()],
+                bandwidth_before=before[name],
+                bandwidth_after=views["A"].qemu_max_bandwidth,
+            )
+            assert faults.settled(views), (name, views)
+            assert faults.running_on(views) == ["A"], (name, views)
+            assert views["A"].qemu_max_bandwidth == before[name], (name, views)
+    finally:
+        for w in witnesses:
+            with contextlib.suppress(Exception):
+                await w.stop()
