@@ -50,7 +50,7 @@ def test_placement_table(source: EndState, destination: EndState, placement: str
     assert f"destination {destination}" in verdict.reason
 
 
-@pytest.mark.parametrize(("source", "destination"), itertools.product(STATES, STATES))
+@pytest.mark.parametrize(("source", "destination"), list(itertools.product(STATES, STATES)))
 def test_placement_never_claims_an_end_that_does_not_hold_the_guest(
     source: EndState, destination: EndState
 ) -> None:
