@@ -8,7 +8,7 @@ QEMU killed, the source QMP dropped, a libvirtd restarted mid-job, the client bl
 host (asked of both ends), no migration job is left, the source's bandwidth is what it was,
 the client is attached where the VM runs (QEMU path), and the exit code or the report's
 placement is the documented one. This script runs the tests ``--rounds`` times with
-``SPICE_LIBVIRT_FAULT_ROWS`` set, so every test writes what it observed as one raw row,
+``SPICE_LIBVIRT_FAULT_ROWS`` set (plus the cancelled evacuation of ``tests/test_evacuate.py``), so every test writes what it observed as one raw row,
 joins those rows with pytest's own pass/fail (JUnit XML), and summarises per scenario.
 
     .venv/bin/python -m benchmarks.fault_matrix --rounds 1
@@ -41,7 +41,11 @@ from benchmarks.benchutil import (
     machine,
 )
 
-FILES = ("tests/test_fault_matrix_qemu.py", "tests/test_fault_matrix_libvirt.py")
+FILES = (
+    "tests/test_fault_matrix_qemu.py",
+    "tests/test_fault_matrix_libvirt.py",
+    "tests/test_evacuate.py::test_cancelled_evacuation_leaves_every_domain_on_the_source_unthrottled",
+)
 
 
 class Scenario(BaseModel):
