@@ -217,6 +217,7 @@ async def test_require_seamless_aborts_before_migrate_when_the_client_cannot_lin
     assert report.link_wait.result in ("connect-error", "timeout")
     assert "migrate" not in [p.name for p in report.phases]
     assert exit_code_for(report) is ExitCode.MIGRATION_FAILED
+    assert report.placement == "source"
     assert await qmp_status(pair.src) == ("running", "none")
     assert (await qmp_status(pair.dst))[0] == "inmigrate"
     assert client.session_id == session

@@ -254,6 +254,8 @@ def test_failed_migration_is_reported_and_the_domain_keeps_running(lab: Path) ->
     assert rc == ExitCode.MIGRATION_FAILED
     assert report["outcome"] == "failed"
     assert report["source_resumed"] is True
+    assert report["placement"] == "source"
+    assert "source running" in report["placement_evidence"]
     assert report["error"]
     assert libvirt_lab.status(lab / "libvirt").active_host == where
 

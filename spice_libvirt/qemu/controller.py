@@ -255,6 +255,7 @@ class QemuMigrationController(ControllerBase[MigrationRequest, MigrationReport])
             "the VM is untouched"
         )
         report.source.status_after = await query_status(run.src)
+        await self._placement(run, timeout=2.0)
         after = await spice_sessions(run.src)
         self._judge(run, after, None, aborted=True)
         return report
