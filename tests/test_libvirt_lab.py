@@ -73,8 +73,9 @@ def _assert_gone(state: LabState, procs: list[netns.ProcRef]) -> None:
     assert libvirt_lab.load_state(state.lab_dir) is None
 
 
-def _embedded_client_channels(state: LabState, host: str, port: int) -> list[str]:
+def _embedded_client_channels(state: LabState, host: str, port: int | None) -> list[str]:
     """Link the embedded SPICE client from namespace C; return the channels it linked."""
+    assert port is not None  # a plain lab always has a plain port
 
     async def link() -> list[str]:
         client = SpiceClient(ClientOptions(host=host, port=port, link_timeout=10))
@@ -87,8 +88,9 @@ def _embedded_client_channels(state: LabState, host: str, port: int) -> list[str
     return netns.call_in(state.client.netns, lambda: asyncio.run(link()), timeout=60)
 
 
-def _stream_stats(state: LabState, host: str, port: int, seconds: float) -> StreamStats:
+def _stream_stats(state: LabState, host: str, port: int | None, seconds: float) -> StreamStats:
     """Read the guest's record stream from namespace C for a while; its continuity."""
+    assert port is not None
 
     async def read() -> StreamStats:
         client = SpiceClient(ClientOptions(host=host, port=port, link_timeout=10))
@@ -104,7 +106,7 @@ def _stream_stats(state: LabState, host: str, port: int, seconds: float) -> Stre
 
 
 def _follow_one_migration(
-    state: LabState, lab: Path, host: str, port: int
+    state: LabState, lab: Path, host: str, port: int | None
 ) -> tuple[ClientMigrationRecord, libvirt_lab.MigrationResult]:
     """Run the embedded SPICE client in namespace C, connected to ``host:port``, and migrate.
 
@@ -349,7 +351,7 @@ def test_embedded_client_in_c_follows_a_migration(lab: Path) -> None:
     assert "display:0" in record.channels_after
 
 
-def _established(ns: str, address: str, port: int) -> int:
+def _established(ns: str, address: str, port: int | None) -> int:
     out = netns.run_in(ns, ["ss", "-tnH", "state", "established"]).stdout
     return sum(1 for line in out.splitlines() if f"{address}:{port}" in line.split()[-1:])
 

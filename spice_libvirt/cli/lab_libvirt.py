@@ -29,12 +29,13 @@ def refuse(options: dict[str, bool], where: str) -> None:
 def up(args: argparse.Namespace, path: Path) -> int:
     from spice_libvirt.lab import libvirt_lab
 
-    refuse({"--tls": args.tls}, "the libvirt lab (not built yet)")
     state = libvirt_lab.up(
         path,
         client_rtt_ms=args.client_rtt_ms or 0.0,
         guest=args.guest,
         memory_mib=args.memory or 256,
+        tls=args.tls,
+        tls_mode=args.tls_mode or "secure",
     )
     spice = libvirt_lab.spice_endpoint(state, "A")
     if args.json:
@@ -46,7 +47,18 @@ def up(args: argparse.Namespace, path: Path) -> int:
         f"(rtt {state.bridge.rtt_ms} ms)"
     )
     print(f"  A: {state.hosts['A'].uri_unix}\n  B: {state.hosts['B'].uri_unix}")
-    if spice:
+    if spice and state.tls is not None:
+        print(
+            f"  TLS {state.tls.mode}: CA {state.tls.ca_cert}, subjects "
+            + ", ".join(f"{h}={s!r}" for h, s in state.tls.subjects.items())
+        )
+        secure = " --spice-secure-channels=all" if state.tls.mode == "secure" else ""
+        print(
+            f"connect a viewer: ip netns exec {state.client.netns} remote-viewer "
+            f"--spice-ca-file={state.tls.ca_cert} '--spice-host-subject={spice.subject}'"
+            f"{secure} '{spice.uri}'"
+        )
+    elif spice:
         print(f"connect a viewer: ip netns exec {state.client.netns} remote-viewer {spice.uri}")
     return int(ExitCode.OK)
 

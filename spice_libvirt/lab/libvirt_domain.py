@@ -9,10 +9,42 @@ from pathlib import Path
 from xml.sax.saxutils import escape as xml_escape
 
 from spice_libvirt.errors import ConfigError
-from spice_libvirt.lab.libvirt_state import DEFAULT_DOMAIN, PORT_CHANNEL, GuestKind
+from spice_libvirt.lab.libvirt_state import (
+    DEFAULT_DOMAIN,
+    PORT_CHANNEL,
+    TLS_LAB_PORT,
+    TLS_LAB_TLS_PORT,
+    GuestKind,
+    TlsMode,
+)
 
 TEMPLATE = Path(__file__).with_name("templates") / "domain.xml"
 TEMPLATE_LINUX = TEMPLATE.with_name("domain-linux.xml")
+#: ``--tls-mode mixed``: the channels that refuse plain text; the others (display, the
+#: agent's and the port's data) go as the client chooses
+MIXED_SECURE_CHANNELS = ("main", "inputs", "cursor")
+
+
+def graphics_xml(tls_mode: TlsMode | None = None) -> str:
+    """The guest's ``<graphics>``: plain (autoport), or TLS as a manager configures it.
+
+    With TLS the ports are fixed (see :data:`~spice_libvirt.lab.libvirt_state.TLS_LAB_PORT`)
+    and ``secure`` puts the whole device in ``defaultMode='secure'``: libvirt then starts
+    QEMU with ``tls-channel=default``. The plain port stays on purpose: it refuses every
+    link with NEED_SECURED, which is how spice-gtk (told ``port`` and ``tls-port``) ends up
+    pre-linking on TLS; told no plain port it tries port 65535 in plain text and falls back
+    to switch-host.
+    """
+    if tls_mode is None:
+        return "<graphics type='spice' autoport='yes'><listen type='address'/></graphics>"
+    ports = f"autoport='no' port='{TLS_LAB_PORT}' tlsPort='{TLS_LAB_TLS_PORT}'"
+    if tls_mode == "secure":
+        return (
+            f"<graphics type='spice' {ports} defaultMode='secure'>"
+            "<listen type='address'/></graphics>"
+        )
+    channels = "".join(f"<channel name='{c}' mode='secure'/>" for c in MIXED_SECURE_CHANNELS)
+    return f"<graphics type='spice' {ports}><listen type='address'/>{channels}</graphics>"
 
 
 def render_domain_xml(
@@ -23,6 +55,7 @@ def render_domain_xml(
     emulator: str = "/usr/bin/qemu-system-x86_64",
     machine: str = "pc",
     port_name: str = PORT_CHANNEL,
+    tls_mode: TlsMode | None = None,
 ) -> str:
     """The lab guest's domain XML from :data:`TEMPLATE` (firmware) or :data:`TEMPLATE_LINUX`.
 
@@ -45,6 +78,7 @@ def render_domain_xml(
         "emulator": xml_escape(emulator, {"'": "&apos;"}),
         "machine": machine,
         "port_name": port_name,
+        "graphics": graphics_xml(tls_mode),
     }
     if guest == "firmware":
         kvm = os.access("/dev/kvm", os.R_OK | os.W_OK)

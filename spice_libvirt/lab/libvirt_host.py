@@ -96,6 +96,9 @@ class HostConfig(BaseModel):
     pin_cpu: int | None = 0
     #: a capability cache directory to seed /var/cache/libvirt/qemu/capabilities from
     caps_seed: Path | None = None
+    #: qemu.conf ``spice_tls = 1`` with its certificates in ``spice_tls_dir`` (inside the
+    #: host's mount namespace); None: no TLS
+    spice_tls_dir: str | None = None
 
 
 class HostRuntime(BaseModel):
@@ -185,16 +188,22 @@ class LibvirtHost:
                 log_outputs = "1:file:/var/log/libvirt/libvirtd.log"
                 """)
         )
-        (self.etc_dir / "qemu.conf").write_text(
-            textwrap.dedent(f"""\
-                # spice-libvirt lab host {cfg.name}: root may open /dev/kvm; SPICE and
-                # incoming migration listen on this host's lab address only
-                user = "+0"
-                group = "+0"
-                spice_listen = "{cfg.ip}"
-                migration_address = "{cfg.ip}"
+        qemu_conf = textwrap.dedent(f"""\
+            # spice-libvirt lab host {cfg.name}: root may open /dev/kvm; SPICE and
+            # incoming migration listen on this host's lab address only
+            user = "+0"
+            group = "+0"
+            spice_listen = "{cfg.ip}"
+            migration_address = "{cfg.ip}"
+            """)
+        if cfg.spice_tls_dir is not None:
+            # what a manager (oVirt) sets: SPICE TLS with this host's own certificate;
+            # the destination's libvirt puts its subject into the migration cookie
+            qemu_conf += textwrap.dedent(f"""\
+                spice_tls = 1
+                spice_tls_x509_cert_dir = "{cfg.spice_tls_dir}"
                 """)
-        )
+        (self.etc_dir / "qemu.conf").write_text(qemu_conf)
         (self.etc_dir / "virtlogd.conf").write_text("# defaults\n")
         (self.state_dir / "hosts").write_text(
             "127.0.0.1 localhost\n" + "".join(f"{ip} {h}\n" for h, ip in cfg.hosts.items())

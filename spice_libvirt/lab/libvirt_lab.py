@@ -50,7 +50,7 @@ from typing import Any
 
 from spice_libvirt import errors
 from spice_libvirt.errors import ConfigError, LabError, LibvirtError, MigrationError
-from spice_libvirt.lab import delaybridge, netns
+from spice_libvirt.lab import delaybridge, libvirt_tls, netns
 from spice_libvirt.lab.labdir import remove_inside
 from spice_libvirt.lab.libvirt_domain import TEMPLATE, TEMPLATE_LINUX, render_domain_xml
 from spice_libvirt.lab.libvirt_host import (
@@ -64,6 +64,7 @@ from spice_libvirt.lab.libvirt_state import (
     HOSTS,
     LINUX_BOOT_TIMEOUT,
     PORT_CHANNEL,
+    SPICE_TLS_DIR,
     STATE_FILE,
     BridgeState,
     ClientState,
@@ -78,6 +79,7 @@ from spice_libvirt.lab.libvirt_state import (
     RttProbe,
     SpiceEndpoint,
     Timings,
+    TlsMode,
     anything_alive,
     default_caps_seed,
     default_lab_dir,
@@ -96,7 +98,9 @@ from spice_libvirt.lab.libvirt_status import (
 # --------------------------------------------------------------------------- up
 
 
-def _new_state(lab_dir: Path, rtt_ms: float, guest: GuestKind, domain: str) -> LabState:
+def _new_state(
+    lab_dir: Path, rtt_ms: float, guest: GuestKind, domain: str, tls_mode: TlsMode | None
+) -> LabState:
     lab_id = secrets.token_hex(3)
     prefix = f"slab{lab_id}"
     subnet_octet = int(lab_id[:2], 16) % 250 + 1
@@ -117,6 +121,7 @@ def _new_state(lab_dir: Path, rtt_ms: float, guest: GuestKind, domain: str) -> L
             hosts=peers,
             pin_cpu=0,
             caps_seed=seed if seed.is_dir() else None,
+            spice_tls_dir=SPICE_TLS_DIR if tls_mode is not None else None,
         )
         h = LibvirtHost(cfg)
         hosts[name] = HostState(config=cfg, uri_unix=h.uri_unix, uri_tcp=h.uri_tcp)
@@ -140,6 +145,11 @@ def _new_state(lab_dir: Path, rtt_ms: float, guest: GuestKind, domain: str) -> L
         guest=guest,
         domain=domain,
         domain_xml=run_dir / "domain.xml",
+        tls=(
+            libvirt_tls.plan(run_dir, {n: f"host{n}" for n in HOSTS}, tls_mode)
+            if tls_mode is not None
+            else None
+        ),
         timings=Timings(caps_seeded=seed.is_dir()),
     )
 
@@ -218,8 +228,15 @@ def up(
     domain: str = DEFAULT_DOMAIN,
     timeout: float = 120.0,
     before_start: Callable[[LibvirtHost], None] | None = None,
+    tls: bool = False,
+    tls_mode: TlsMode = "secure",
 ) -> LabState:
     """Build the lab and start the guest on host A; return the recorded state.
+
+    With ``tls`` the hosts run SPICE over TLS as a manager sets it up
+    (:mod:`~spice_libvirt.lab.libvirt_tls`): a lab CA, a certificate per host, ``spice_tls``
+    in each qemu.conf, and the guest's graphics in ``tls_mode`` (see
+    :class:`~spice_libvirt.lab.libvirt_state.LabTlsState`).
 
     ``before_start`` is called with each prepared host before its daemons start (to install
     a hook into ``host.etc_dir / "hooks"``). Raises :class:`LabError` if a lab already runs in
@@ -228,7 +245,8 @@ def up(
     """
     require_libvirt()
     lab_dir = (lab_dir or default_lab_dir()).absolute()
-    xml = render_domain_xml(name=domain, memory_mib=memory_mib, guest=guest)
+    mode: TlsMode | None = tls_mode if tls else None
+    xml = render_domain_xml(name=domain, memory_mib=memory_mib, guest=guest, tls_mode=mode)
     if not 0 <= client_rtt_ms <= delaybridge.MAX_RTT_MS:
         raise ConfigError(f"client rtt must be 0..{delaybridge.MAX_RTT_MS:.0f} ms")
     with locked(lab_dir):
@@ -241,7 +259,7 @@ def up(
                     f"{', '.join(alive[:4])}); run 'lab down' first"
                 )
             _teardown(old)
-        state = _new_state(lab_dir, client_rtt_ms, guest, domain)
+        state = _new_state(lab_dir, client_rtt_ms, guest, domain, mode)
         state.run_dir.mkdir(parents=True)
         save(state)
         try:
@@ -275,9 +293,13 @@ def _bring_up(
         log_path=state.bridge.log,
     )
     save(state)
+    if state.tls is not None:
+        libvirt_tls.create(state)
     for name in HOSTS:
         host = state.host(name)
         host.prepare()
+        if state.tls is not None:
+            libvirt_tls.issue(state, name)
         if before_start is not None:
             before_start(host)
         try:
@@ -425,10 +447,14 @@ def libvirt_p2p_migrate(
     """Plain libvirt peer-to-peer live migration: source libvirtd -> ``qemu+tcp://hostX``.
 
     On timeout the migration job is aborted, which leaves the guest running on the source.
+    A TLS lab passes the destination's ``tlsPort`` and ``tlsSubject`` in the graphics URI.
     """
     lv = require_libvirt()
     dst_uri = state.hosts[destination].uri_tcp
     flags = lv.VIR_MIGRATE_LIVE | lv.VIR_MIGRATE_PEER2PEER
+    params: dict[str, Any] = {}
+    if (graphics := libvirt_tls.graphics_uri(state, destination)) is not None:
+        params[lv.VIR_MIGRATE_PARAM_GRAPHICS_URI] = graphics
     conn = state.host(source).open()
     try:
         dom = conn.lookupByName(state.domain)
@@ -436,7 +462,7 @@ def libvirt_p2p_migrate(
         error: str | None = None
         try:
             _call_with_timeout(
-                lambda: dom.migrateToURI3(dst_uri, {}, flags), timeout, "live migration"
+                lambda: dom.migrateToURI3(dst_uri, params, flags), timeout, "live migration"
             )
         except LabError as exc:  # timed out: abort, the guest stays on the source
             with contextlib.suppress(lv.libvirtError):

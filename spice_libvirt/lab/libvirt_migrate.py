@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from spice_libvirt.errors import LabError, MigrationError
-from spice_libvirt.lab import libvirt_lab
+from spice_libvirt.lab import libvirt_lab, libvirt_tls
 from spice_libvirt.lab.libvirt_lab import HostName, LabState, MigrationResult
-from spice_libvirt.lab.witness_thread import netns_witness
+from spice_libvirt.lab.witness_thread import ThreadedWitness, netns_witness
 from spice_libvirt.libvirt.connection import Connection, call_blocking
 from spice_libvirt.libvirt.controller import (
     LibvirtMigrationReport,
@@ -26,13 +26,15 @@ from spice_libvirt.libvirt.controller import (
     migrate_libvirt,
 )
 from spice_libvirt.progress import ProgressReporter
-from spice_libvirt.spice.client import ClientOptions
+from spice_libvirt.spice.transport import verification_failure
 
 
 def lab_request(
     state: LabState, source: HostName, destination: HostName, domain: str | None = None, **kw: Any
 ) -> LibvirtMigrationRequest:
-    """The request for a lab migration: p2p over the lab network, events over UNIX sockets."""
+    """The request for a lab migration: p2p over the lab network, events over UNIX sockets;
+    on a TLS lab the graphics URI names the destination's ``tlsPort`` and ``tlsSubject``."""
+    kw.setdefault("graphics_uri", libvirt_tls.graphics_uri(state, destination))
     return LibvirtMigrationRequest(
         domain=domain or state.domain,
         source_uri=state.hosts[source].uri_unix,
@@ -51,10 +53,10 @@ async def _migrate_with_witness(
     endpoint = libvirt_lab.spice_endpoint(state, source)
     if endpoint is None:
         raise LabError(f"no SPICE server for {state.domain} on host {source}")
-    witness = netns_witness(
-        ClientOptions(host=endpoint.address, port=endpoint.port, stream_port_name=None),
-        state.client.netns,
+    options = libvirt_tls.client_options(
+        state, source, endpoint.address, endpoint.port, endpoint.tls_port
     )
+    witness = netns_witness(options, state.client.netns)
     async with witness:
         request = request.model_copy(update={"witness_one_way_ms": witness.one_way_ms})
         report = await migrate_libvirt(request, witness, reporter)
@@ -62,7 +64,32 @@ async def _migrate_with_witness(
             f"embedded client in namespace {state.client.netns}, RTT to the source "
             f"{witness.rtt_ms} ms (TCP connect)"
         )
+        if report.link_wait.result == "connect-error":
+            await _why_not_linked(report, witness)
         return report
+
+
+async def _why_not_linked(report: LibvirtMigrationReport, witness: ThreadedWitness) -> None:
+    """Name the reason our client could not link to the destination, from its own record.
+
+    A certificate failure (wrong subject, unknown CA) is the client *refusing* the
+    destination, not a network problem, and the report must say so (issue 11). After an
+    aborted job the controller fetches no record, and the client's migration stays open
+    (spice-server sends no MIGRATE_CANCEL to a client that answered CONNECT_ERROR), so the
+    open migration's record is read instead.
+    """
+    errors = [c.record.error for c in report.clients if c.record is not None and c.record.error]
+    if not errors:
+        errors = _open_migration_errors(witness)
+    for error in errors:
+        kind = verification_failure(error)
+        if kind is None:
+            report.notes.append(f"embedded client could not link to the destination: {error}")
+            continue
+        reason = f"client could not verify the destination ({kind})"
+        report.notes.append(f"{reason}: {error}")
+        if report.migration.status != "completed":
+            report.error = f"{reason}; {report.error}" if report.error else reason
 
 
 def lab_migrate(
@@ -108,6 +135,19 @@ def lab_migrate(
         if not box:
             raise
     return box[0]
+
+
+def _open_migration_errors(witness: ThreadedWitness) -> list[str]:
+    """The error the client recorded for its latest migration, finished or not.
+
+    SpiceClient has no public accessor for a migration that has not finished (the
+    MigrationWitness protocol only hands out finished records); until it has one, its
+    history is read defensively: no history, no reason -- never an exception.
+    """
+    history = getattr(witness.client, "_history", None) or []
+    record = getattr(history[-1], "record", None) if history else None
+    error = getattr(record, "error", None)
+    return [error] if isinstance(error, str) and error else []
 
 
 async def start_extra_domains(

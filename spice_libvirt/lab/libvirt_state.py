@@ -24,6 +24,7 @@ from spice_libvirt.lab.procs import exclusive_lock
 
 HostName = Literal["A", "B"]
 GuestKind = Literal["firmware", "linux"]
+TlsMode = Literal["secure", "mixed"]
 
 HOSTS: tuple[HostName, HostName] = ("A", "B")
 #: How long the linux guest may take to print GUEST-READY (TCG on a busy 2-CPU machine).
@@ -33,6 +34,14 @@ DEFAULT_DOMAIN = "labvm"
 PORT_CHANNEL = "org.spice-libvirt.stream"
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
+#: The guest's SPICE ports when the lab runs TLS: fixed (each host has its own network
+#: namespace, so they never clash), so that the graphics URI can name the destination's
+#: ``tlsPort`` before its QEMU exists -- autoport would pick it only in Prepare.
+TLS_LAB_PORT = 5900
+TLS_LAB_TLS_PORT = 5901
+#: Where each host's private qemu.conf points ``spice_tls_x509_cert_dir`` (inside the
+#: host's mount namespace: ``<state>/etc/spice-tls``).
+SPICE_TLS_DIR = "/etc/libvirt/spice-tls"
 
 
 def default_lab_dir() -> Path:
@@ -86,6 +95,26 @@ class Timings(BaseModel):
     caps_harvested: bool = False
 
 
+class LabTlsState(BaseModel):
+    """SPICE over TLS as a manager sets it up: one CA, a certificate per host.
+
+    ``mode``: ``secure`` -- the graphics in ``defaultMode='secure'``, every channel refuses
+    plain text (the plain port stays, answering NEED_SECURED: it is what lets spice-gtk
+    pre-link a migration without ever going plain); ``mixed`` -- only main, inputs and
+    cursor secure, the other channels as the client chooses.
+    """
+
+    mode: TlsMode = "secure"
+    #: the lab CA (root-namespace paths; the key never leaves this directory)
+    ca_dir: Path
+    ca_cert: Path
+    #: host -> the subject its certificate carries ("O=lab,CN=hostA"), in certificate
+    #: order (what spice-gtk's --spice-host-subject and libvirt's tlsSubject compare)
+    subjects: dict[str, str]
+    port: int = TLS_LAB_PORT
+    tls_port: int = TLS_LAB_TLS_PORT
+
+
 class LabState(BaseModel):
     """Everything a lab consists of; written to ``<lab_dir>/state.json`` as it grows."""
 
@@ -105,6 +134,8 @@ class LabState(BaseModel):
     guest: GuestKind = "firmware"
     domain: str = DEFAULT_DOMAIN
     domain_xml: Path
+    #: None: SPICE in plain text only (no spice_tls on the hosts)
+    tls: LabTlsState | None = None
     active_host: HostName | None = None
     migrations: int = 0
     timings: Timings = Field(default_factory=Timings)
@@ -117,8 +148,12 @@ class LabState(BaseModel):
 class SpiceEndpoint(BaseModel):
     host: HostName
     address: str
-    port: int
+    #: None: the graphics have no plain port
+    port: int | None
     uri: str
+    tls_port: int | None = None
+    #: the subject the host's certificate carries (TLS labs)
+    subject: str | None = None
 
 
 class HostStatus(BaseModel):

@@ -48,11 +48,24 @@ def spice_endpoint(state: LabState, host: HostName) -> SpiceEndpoint | None:
     finally:
         conn.close()
     graphics = root.find("./devices/graphics[@type='spice']")
-    if graphics is None or int(graphics.get("port", "-1")) <= 0:
+    if graphics is None:
+        return None
+    port = int(graphics.get("port", "-1"))
+    tls_port = int(graphics.get("tlsPort", "-1"))
+    if port <= 0 and tls_port <= 0:
         return None
     address = graphics.get("listen") or state.hosts[host].config.ip
-    port = int(graphics.get("port", "0"))
-    return SpiceEndpoint(host=host, address=address, port=port, uri=f"spice://{address}:{port}")
+    uri = f"spice://{address}" + (f":{port}" if port > 0 else "")
+    if tls_port > 0:
+        uri += f"?tls-port={tls_port}"
+    return SpiceEndpoint(
+        host=host,
+        address=address,
+        port=port if port > 0 else None,
+        uri=uri,
+        tls_port=tls_port if tls_port > 0 else None,
+        subject=state.tls.subjects.get(host) if state.tls else None,
+    )
 
 
 def _host_status(state: LabState, name: HostName) -> HostStatus:
@@ -169,7 +182,8 @@ def probe_rtt(
         endpoint = spice_endpoint(state, on)
         if endpoint is None:
             raise LabError(f"no SPICE server for {state.domain} on host {on}")
-        address, port = endpoint.address, endpoint.port
+        address, port = endpoint.address, endpoint.port or endpoint.tls_port
+        assert port is not None  # spice_endpoint returns None without either port
     else:
         address = state.hosts[host or "A"].config.ip
     ms = [

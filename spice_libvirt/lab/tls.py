@@ -94,14 +94,16 @@ def subject_string(name: x509.Name) -> str:
     return ",".join(parts)
 
 
-def _name(common_name: str, organization: str, country: str) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.COUNTRY_NAME, country),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ]
-    )
+def _name(common_name: str, organization: str, country: str | None) -> x509.Name:
+    """C (if any), O, CN in that order; without a country as oVirt's host certificates
+    ("O=lab,CN=hostA") are issued."""
+    attributes = [
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
+        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+    ]
+    if country is not None:
+        attributes.insert(0, x509.NameAttribute(NameOID.COUNTRY_NAME, country))
+    return x509.Name(attributes)
 
 
 def _write_file(path: Path, data: bytes, mode: int) -> None:
@@ -163,7 +165,7 @@ def _load_ca(directory: Path) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
     return cert, key
 
 
-def _new_ca(organization: str, country: str) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
+def _new_ca(organization: str, country: str | None) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
     key = rsa.generate_private_key(public_exponent=65537, key_size=_KEY_BITS)
     name = _name(f"{organization} CA", organization, country)
     now = datetime.datetime.now(datetime.UTC)
@@ -212,7 +214,7 @@ def generate_tls_material(
     common_name: str = "localhost",
     hosts: list[str] | None = None,
     organization: str = DEFAULT_ORGANIZATION,
-    country: str = DEFAULT_COUNTRY,
+    country: str | None = DEFAULT_COUNTRY,
     reuse_ca: bool = True,
 ) -> TlsMaterial:
     """Write a CA (unless one is already there) and a fresh server certificate into ``directory``.
@@ -222,15 +224,10 @@ def generate_tls_material(
     new server certificate; a second server under the same CA (another subject, for
     instance) comes from :func:`issue_server_certificate`.
     """
-    if len(country) != 2:
-        raise LabError(f"country must be a two-letter code, got {country!r}")
-    _own_directory(directory)
     if reuse_ca and (directory / CA_CERT_FILE).exists() and (directory / CA_KEY_FILE).exists():
-        ca_cert, ca_key = _load_ca(directory)
+        _own_directory(directory)
     else:
-        ca_cert, ca_key = _new_ca(organization, country)
-        _write_public(directory / CA_CERT_FILE, ca_cert.public_bytes(serialization.Encoding.PEM))
-        _write_private(directory / CA_KEY_FILE, _key_pem(ca_key))
+        create_ca(directory, organization=organization, country=country)
     return issue_server_certificate(
         directory,
         ca_dir=directory,
@@ -241,6 +238,30 @@ def generate_tls_material(
     )
 
 
+def _check_country(country: str | None) -> None:
+    if country is not None and len(country) != 2:
+        raise LabError(f"country must be a two-letter code, got {country!r}")
+
+
+def create_ca(
+    directory: Path,
+    *,
+    organization: str = DEFAULT_ORGANIZATION,
+    country: str | None = DEFAULT_COUNTRY,
+) -> Path:
+    """A new CA (``ca-cert.pem``, ``ca-key.pem``) in ``directory``; the certificate's path.
+
+    A manager's CA lives apart from the hosts: each host directory then gets a copy of the
+    CA certificate only (:func:`issue_server_certificate`), never its key.
+    """
+    _check_country(country)
+    _own_directory(directory)
+    ca_cert, ca_key = _new_ca(organization, country)
+    _write_public(directory / CA_CERT_FILE, ca_cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(directory / CA_KEY_FILE, _key_pem(ca_key))
+    return directory / CA_CERT_FILE
+
+
 def issue_server_certificate(
     directory: Path,
     *,
@@ -248,7 +269,7 @@ def issue_server_certificate(
     common_name: str = "localhost",
     hosts: list[str] | None = None,
     organization: str = DEFAULT_ORGANIZATION,
-    country: str = DEFAULT_COUNTRY,
+    country: str | None = DEFAULT_COUNTRY,
 ) -> TlsMaterial:
     """Issue a server certificate signed by the CA in ``ca_dir`` into ``directory``.
 
@@ -256,6 +277,7 @@ def issue_server_certificate(
     not of the CA key. Use this for a migration destination that must present a different
     subject than the source while chaining to the same CA.
     """
+    _check_country(country)
     hosts = list(hosts) if hosts is not None else ["127.0.0.1", "::1", "localhost"]
     if not hosts:
         raise LabError("a server certificate needs at least one host name or address")

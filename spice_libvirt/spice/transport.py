@@ -36,6 +36,27 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 256 * 1024
 
+#: The kinds of certificate failure, in every TLSVerificationError's text as "failed
+#: (<kind>)": a migration report can then say *why* the client would not link to a
+#: destination (issue 11), from the one line the client records.
+TLS_SUBJECT_MISMATCH = "subject mismatch"
+TLS_UNKNOWN_CA = "not signed by a trusted CA"
+TLS_REJECTED = "certificate rejected"
+#: OpenSSL verify codes meaning the chain does not end at a CA we were given:
+#: 2 unable to get issuer certificate, 18 self-signed leaf, 19 self-signed in chain,
+#: 20 unable to get local issuer certificate, 21 unable to verify the first certificate
+_UNTRUSTED_CHAIN = frozenset({2, 18, 19, 20, 21})
+
+
+def verification_failure(text: str | None) -> str | None:
+    """The kind of certificate failure a client's recorded error names (None: not one)."""
+    if not text or "TLS verification of" not in text:
+        return None
+    for kind in (TLS_SUBJECT_MISMATCH, TLS_UNKNOWN_CA, TLS_REJECTED):
+        if f"failed ({kind})" in text:
+            return kind
+    return TLS_REJECTED
+
 
 @dataclass(frozen=True)
 class TLSSettings:
@@ -199,8 +220,10 @@ async def _open_link(
                 server_hostname=host if not tls.host_subject else None,
             )
     except ssl.SSLCertVerificationError as exc:
+        why = TLS_UNKNOWN_CA if exc.verify_code in _UNTRUSTED_CHAIN else TLS_REJECTED
         raise TLSVerificationError(
-            f"TLS verification of {host}:{port} failed: {exc.verify_message or exc}", exc
+            f"TLS verification of {host}:{port} failed ({why}): {exc.verify_message or exc}",
+            exc,
         ) from exc
     except ssl.SSLError as exc:
         raise TLSVerificationError(f"TLS handshake with {host}:{port} failed: {exc}", exc) from exc
@@ -215,7 +238,8 @@ async def _open_link(
             writer.close()
             shown = ",".join(f"{k}={v}" for k, v in sorted(got))
             raise TLSVerificationError(
-                f"TLS verification of {host}:{port} failed: subject {shown!r} is not {tls.host_subject!r}"
+                f"TLS verification of {host}:{port} failed ({TLS_SUBJECT_MISMATCH}): "
+                f"subject {shown!r} is not {tls.host_subject!r}"
             )
     conn = ClientChannelConnection(link)
     ok = False
