@@ -356,6 +356,9 @@ def ssh_host(find_links: Path) -> Iterator[SshHost]:
                 "ANSIBLE_HOME": str(root / "ansible-home"),
                 "ANSIBLE_LOCAL_TEMP": str(root / "ansible-tmp"),
                 "ANSIBLE_HOST_KEY_CHECKING": "True",
+                # a loaded CI machine: retry a dropped ssh connection rather than fail the run
+                "ANSIBLE_SSH_RETRIES": "3",
+                "ANSIBLE_TIMEOUT": "30",
                 "ANSIBLE_NOCOLOR": "1",
                 "ANSIBLE_FORCE_COLOR": "0",
                 "TMPDIR": str(root),
@@ -396,6 +399,9 @@ def _recap(output: str) -> dict[str, int]:
 
 def _ok(proc: subprocess.CompletedProcess[str]) -> dict[str, int]:
     out = proc.stdout + proc.stderr
+    if "UNREACHABLE" in out:  # say why: sshd's side of it
+        logs = sorted(Path(tempfile.gettempdir()).glob("sla-*/ssh/sshd.log"))
+        out += "".join(f"\n--- {log}\n{log.read_text()[-3000:]}" for log in logs)
     assert proc.returncode == 0, out[-6000:]
     recap = _recap(proc.stdout)
     assert recap["failed"] == 0, out[-6000:]
