@@ -23,7 +23,7 @@ PYTHON=${PYTHON:-python3}
 PACKAGES=(
     qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc libc6-dev
     virt-viewer xvfb xauth tshark busybox-static cpio iproute2 seabios ipxe-qemu procps
-    openssl xz-utils python3-venv python3-dev binutils ruby
+    openssl xz-utils python3-venv python3-dev binutils ruby openssh-server openssh-client
 )
 
 LOG=$(mktemp "${TMPDIR:-/tmp}/spice-libvirt-setup.XXXXXX")
