@@ -65,6 +65,14 @@ def _sigterm_as_sigint() -> Iterator[list[int]]:
     runs its shielded undo; elsewhere Python's default, KeyboardInterrupt. Later SIGTERMs
     are ignored while that undo runs (SIGKILL stays the way to stop us at once). The list
     yielded holds the signals received, so the exit code can say which one it was.
+
+    A process started in the background by a script inherits SIGINT *ignored*; then
+    ``asyncio.run`` installs no handler of its own and a SIGTERM could only raise
+    KeyboardInterrupt somewhere inside the event loop, skipping the undo. So for the
+    command's duration an ignored SIGINT is blocked (held pending in every thread, the
+    later ones inherit the mask) and Python's default handler stands in, which lets
+    ``asyncio.run`` install its own; the inherited disposition is put back at the end,
+    pending SIGINTs discarded, as ignoring them meant.
     """
     received: list[int] = []
 
@@ -75,7 +83,7 @@ def _sigterm_as_sigint() -> Iterator[list[int]]:
         handler = signal.getsignal(signal.SIGINT)
         if callable(handler):
             handler(signal.SIGINT, frame)
-        else:  # SIGINT ignored or default at the C level: still stop, the Python way
+        else:  # SIGINT at the C default: still stop, the Python way
             raise KeyboardInterrupt
 
     try:
@@ -83,9 +91,17 @@ def _sigterm_as_sigint() -> Iterator[list[int]]:
     except ValueError:  # not the main thread (an embedding application): leave it alone
         yield received
         return
+    inherited = signal.getsignal(signal.SIGINT)
+    masked = inherited is signal.SIG_IGN
+    if masked:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield received
     finally:
+        if masked:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # discards a pending SIGINT
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         signal.signal(signal.SIGTERM, previous)
 
 
