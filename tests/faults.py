@@ -79,11 +79,23 @@ def run_cli_interrupted(
     when_timeout: float = 60.0,
 ) -> CliRun:
     """``spice-libvirt argv``; send ``sig`` once ``when()`` holds (None: as soon as the
-    CLI's code runs, i.e. in its preflight)."""
+    CLI's code runs, i.e. in its preflight).
+
+    The CLI starts as a user's would for SIGINT (Python's default handler, whatever this
+    process inherited) and, for SIGTERM, as a script's background job does: with SIGINT
+    *ignored* -- SIGTERM must undo the migration whatever SIGINT's disposition is.
+    """
     env = dict(os.environ, PYTHONPATH=str(REPOSITORY))
+    disposition = "default_int_handler" if sig == signal.SIGINT else "SIG_IGN"
+    boot = (
+        "import signal, sys\n"
+        f"signal.signal(signal.SIGINT, signal.{disposition})\n"
+        "from spice_libvirt.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
     t0 = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "spice_libvirt", *argv],
+        [sys.executable, "-c", boot, *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
