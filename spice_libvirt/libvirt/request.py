@@ -50,6 +50,11 @@ class LibvirtMigrationRequest(BaseModel):
     #: URI says, so the domain's own graphics (defaultMode='secure') are the only real
     #: protection; the refusal names that fix. ``warn`` is an explicit operator choice.
     tls_downgrade_policy: TlsDowngradePolicy = "refuse"
+    #: a SPICE ticket with an expiry (``passwdValidTo``) that would run out before the client
+    #: can link to the destination is refused in the preflight; with this set, it is
+    #: extended instead to now + max(this, what the client needs), as VDSM extends it by
+    #: 120 s for a migration (issue 11). The ticket itself is kept; the report says so.
+    extend_ticket_s: float | None = Field(default=None, gt=0, le=86400)
 
     @property
     def dst_connect(self) -> str:
