@@ -101,6 +101,15 @@ def test_libvirt_only_options_are_refused_on_the_qemu_lab(lab_dir: Path) -> None
     done = cli("lab", "--dir", str(lab_dir / "lab"), "migrate", "--plain")
     assert done.returncode == ExitCode.USAGE, done.stderr
     assert "--plain" in done.stderr
+    ticket = lab_dir / "ticket"
+    ticket.write_text("t\n")
+    done = cli("lab", "--dir", str(lab_dir / "lab"), "up", "--ticket-file", str(ticket))
+    assert done.returncode == ExitCode.USAGE, done.stderr
+    assert "--ticket-file" in done.stderr
+    done = cli("lab", "--dir", str(lab_dir / "lab"), "migrate", "--extend-ticket", "120")
+    assert done.returncode == ExitCode.USAGE, done.stderr
+    assert "--extend-ticket" in done.stderr
+    assert not (lab_dir / "lab" / "lab.json").exists()  # nothing was started
 
 
 @pytest.mark.parametrize(

@@ -74,6 +74,20 @@ def register(subparsers: Any) -> None:
     up.add_argument(
         "--client-rtt-ms", type=float, default=None, metavar="MS", help="libvirt lab: client RTT"
     )
+    up.add_argument(
+        "--ticket-file",
+        type=Path,
+        default=None,
+        metavar="F",
+        help="libvirt lab: set this SPICE ticket on the guest through libvirt (never argv)",
+    )
+    up.add_argument(
+        "--ticket-valid-s",
+        type=float,
+        default=None,
+        metavar="S",
+        help="libvirt lab: the ticket expires S seconds after 'lab up' (passwdValidTo)",
+    )
     up.set_defaults(handler=_up)
 
     mig = sub.add_parser("migrate", help="migrate to the other side (and re-arm it)")
@@ -86,6 +100,14 @@ def register(subparsers: Any) -> None:
     add_common_arguments(mig)
     # None = not given: the libvirt lab refuses QEMU-only options instead of ignoring them
     mig.set_defaults(grace=None)
+    mig.add_argument(
+        "--extend-ticket",
+        type=float,
+        default=None,
+        metavar="S",
+        help="libvirt lab: extend a SPICE ticket that would expire before the client links "
+        "(to now + S s; VDSM uses 120), instead of refusing",
+    )
     mig.add_argument(
         "--plain",
         action="store_true",
@@ -136,7 +158,14 @@ def _up(args: argparse.Namespace) -> int:
     refuse({"--tls-mode without --tls": args.tls_mode is not None and not args.tls}, "lab up")
     if args.libvirt:
         return lab_libvirt.up(args, labdir.libvirt_lab_dir(args.dir))
-    refuse({"--client-rtt-ms": args.client_rtt_ms is not None}, "the QEMU lab (libvirt lab only)")
+    refuse(
+        {
+            "--client-rtt-ms": args.client_rtt_ms is not None,
+            "--ticket-file": args.ticket_file is not None,
+            "--ticket-valid-s": args.ticket_valid_s is not None,
+        },
+        "the QEMU lab (libvirt lab only)",
+    )
     state = asyncio.run(
         _lab(args).up(args.guest, args.memory, tls=args.tls, tls_mode=args.tls_mode or "secure")
     )
@@ -162,7 +191,10 @@ def _up(args: argparse.Namespace) -> int:
 def _migrate(args: argparse.Namespace) -> int:
     if (path := _libvirt_dir(args)) is not None:
         return lab_libvirt.migrate(args, path)
-    refuse({"--plain": args.plain}, "the QEMU lab (libvirt lab only)")
+    refuse(
+        {"--plain": args.plain, "--extend-ticket": args.extend_ticket is not None},
+        "the QEMU lab (libvirt lab only)",
+    )
     reporter = make_reporter(quiet=args.json and not sys.stderr.isatty())
     overrides = request_options(args)
     if overrides["grace"] is None:

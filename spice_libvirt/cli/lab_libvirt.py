@@ -36,6 +36,8 @@ def up(args: argparse.Namespace, path: Path) -> int:
         memory_mib=args.memory or 256,
         tls=args.tls,
         tls_mode=args.tls_mode or "secure",
+        ticket_file=args.ticket_file,
+        ticket_valid_s=args.ticket_valid_s,
     )
     spice = libvirt_lab.spice_endpoint(state, "A")
     if args.json:
@@ -80,6 +82,7 @@ def migrate(args: argparse.Namespace, path: Path) -> int:
         "hold": "auto" if args.wait_client else "none",
         "hold_timeout": args.link_timeout,
         "completion_timeout": args.timeout,
+        "extend_ticket_s": args.extend_ticket,
     }
     report = lab_migrate(
         path, watch=args.watch, plain=args.plain, reporter=reporter, options=options

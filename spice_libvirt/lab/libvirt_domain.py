@@ -25,7 +25,14 @@ TEMPLATE_LINUX = TEMPLATE.with_name("domain-linux.xml")
 MIXED_SECURE_CHANNELS = ("main", "inputs", "cursor")
 
 
-def graphics_xml(tls_mode: TlsMode | None = None) -> str:
+#: VDSM's placeholder: ticketing on from the start with a ticket that expired long ago, so
+#: nobody links until the manager sets a real one (through libvirt, on the live device).
+#: QEMU started without any ticket runs ``disable-ticketing=on`` and then refuses
+#: ``set_password`` ("Could not set password").
+TICKET_PLACEHOLDER = "passwd='*****' passwdValidTo='1970-01-01T00:00:01'"
+
+
+def graphics_xml(tls_mode: TlsMode | None = None, *, ticket: bool = False) -> str:
     """The guest's ``<graphics>``: plain (autoport), or TLS as a manager configures it.
 
     With TLS the ports are fixed (see :data:`~spice_libvirt.lab.libvirt_state.TLS_LAB_PORT`)
@@ -35,9 +42,10 @@ def graphics_xml(tls_mode: TlsMode | None = None) -> str:
     pre-linking on TLS; told no plain port it tries port 65535 in plain text and falls back
     to switch-host.
     """
+    auth = f" {TICKET_PLACEHOLDER}" if ticket else ""
     if tls_mode is None:
-        return "<graphics type='spice' autoport='yes'><listen type='address'/></graphics>"
-    ports = f"autoport='no' port='{TLS_LAB_PORT}' tlsPort='{TLS_LAB_TLS_PORT}'"
+        return f"<graphics type='spice' autoport='yes'{auth}><listen type='address'/></graphics>"
+    ports = f"autoport='no' port='{TLS_LAB_PORT}' tlsPort='{TLS_LAB_TLS_PORT}'{auth}"
     if tls_mode == "secure":
         return (
             f"<graphics type='spice' {ports} defaultMode='secure'>"
@@ -56,6 +64,7 @@ def render_domain_xml(
     machine: str = "pc",
     port_name: str = PORT_CHANNEL,
     tls_mode: TlsMode | None = None,
+    ticket: bool = False,
 ) -> str:
     """The lab guest's domain XML from :data:`TEMPLATE` (firmware) or :data:`TEMPLATE_LINUX`.
 
@@ -78,7 +87,7 @@ def render_domain_xml(
         "emulator": xml_escape(emulator, {"'": "&apos;"}),
         "machine": machine,
         "port_name": port_name,
-        "graphics": graphics_xml(tls_mode),
+        "graphics": graphics_xml(tls_mode, ticket=ticket),
     }
     if guest == "firmware":
         kvm = os.access("/dev/kvm", os.R_OK | os.W_OK)

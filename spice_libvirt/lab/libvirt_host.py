@@ -40,7 +40,9 @@ import shlex
 import shutil
 import subprocess
 import textwrap
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,9 @@ LIBVIRTD_TCP_PORT = 16509
 #: libvirt log filters: monitor traffic and migration steps in full (controllers and their
 #: tests read them), the rest of the QEMU driver at info, everything else at warning.
 LOG_FILTERS = "1:qemu.qemu_monitor 1:qemu.qemu_migration 2:qemu 3:*"
+#: the same without monitor traffic, for hosts whose guests carry a SPICE ticket: libvirt
+#: logs every monitor command in full, ``set_password`` with its password included
+SECRET_SAFE_LOG_FILTERS = "3:qemu.qemu_monitor 1:qemu.qemu_migration 2:qemu 3:*"
 
 #: (state sub-path, mount point) in mounting order; ``/run`` last (see namespace_script).
 BIND_MOUNTS: tuple[tuple[str, str], ...] = (
@@ -81,6 +86,33 @@ def require_libvirt() -> Any:
     return libvirt
 
 
+def call_with_timeout(fn: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Run a blocking libvirt call in a thread so that every wait has a bound."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name=what, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise LabError(f"{what}: timed out after {timeout:.0f} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
+def libvirt_error(exc: BaseException, what: str) -> LibvirtError:
+    lv = require_libvirt()
+    if isinstance(exc, lv.libvirtError):
+        return LibvirtError(f"{what}: {exc.get_error_message()}")
+    return LibvirtError(f"{what}: {exc}")
+
+
 class HostConfig(BaseModel):
     """Everything that makes one lab host what it is."""
 
@@ -99,6 +131,8 @@ class HostConfig(BaseModel):
     #: qemu.conf ``spice_tls = 1`` with its certificates in ``spice_tls_dir`` (inside the
     #: host's mount namespace); None: no TLS
     spice_tls_dir: str | None = None
+    #: libvirtd's log_filters (:data:`SECRET_SAFE_LOG_FILTERS` when a ticket is used)
+    log_filters: str = LOG_FILTERS
 
 
 class HostRuntime(BaseModel):
@@ -184,7 +218,7 @@ class LibvirtHost:
                 auth_unix_rw = "none"
                 auth_unix_ro = "none"
                 host_uuid = "{cfg.host_uuid}"
-                log_filters = "{LOG_FILTERS}"
+                log_filters = "{cfg.log_filters}"
                 log_outputs = "1:file:/var/log/libvirt/libvirtd.log"
                 """)
         )

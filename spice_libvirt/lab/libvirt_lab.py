@@ -49,14 +49,18 @@ from pathlib import Path
 from typing import Any
 
 from spice_libvirt import errors
-from spice_libvirt.errors import ConfigError, LabError, LibvirtError, MigrationError
-from spice_libvirt.lab import delaybridge, libvirt_tls, netns
+from spice_libvirt.errors import ConfigError, LabError, MigrationError
+from spice_libvirt.lab import delaybridge, libvirt_ticket, libvirt_tls, netns
 from spice_libvirt.lab.labdir import remove_inside
 from spice_libvirt.lab.libvirt_domain import TEMPLATE, TEMPLATE_LINUX, render_domain_xml
 from spice_libvirt.lab.libvirt_host import (
     LIBVIRTD_TCP_PORT,
+    LOG_FILTERS,
+    SECRET_SAFE_LOG_FILTERS,
     HostConfig,
     LibvirtHost,
+    call_with_timeout,
+    libvirt_error,
     require_libvirt,
 )
 from spice_libvirt.lab.libvirt_state import (
@@ -99,7 +103,12 @@ from spice_libvirt.lab.libvirt_status import (
 
 
 def _new_state(
-    lab_dir: Path, rtt_ms: float, guest: GuestKind, domain: str, tls_mode: TlsMode | None
+    lab_dir: Path,
+    rtt_ms: float,
+    guest: GuestKind,
+    domain: str,
+    tls_mode: TlsMode | None,
+    ticket_file: Path | None = None,
 ) -> LabState:
     lab_id = secrets.token_hex(3)
     prefix = f"slab{lab_id}"
@@ -122,6 +131,7 @@ def _new_state(
             pin_cpu=0,
             caps_seed=seed if seed.is_dir() else None,
             spice_tls_dir=SPICE_TLS_DIR if tls_mode is not None else None,
+            log_filters=SECRET_SAFE_LOG_FILTERS if ticket_file else LOG_FILTERS,
         )
         h = LibvirtHost(cfg)
         hosts[name] = HostState(config=cfg, uri_unix=h.uri_unix, uri_tcp=h.uri_tcp)
@@ -145,6 +155,7 @@ def _new_state(
         guest=guest,
         domain=domain,
         domain_xml=run_dir / "domain.xml",
+        ticket_file=ticket_file,
         tls=(
             libvirt_tls.plan(run_dir, {n: f"host{n}" for n in HOSTS}, tls_mode)
             if tls_mode is not None
@@ -192,33 +203,6 @@ def _check_links(state: LabState) -> None:
         netns.tcp_connect_ms(state.client.netns, ip, LIBVIRTD_TCP_PORT, timeout=10.0)
 
 
-def _call_with_timeout(fn: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Run a blocking libvirt call in a thread so that every wait has a bound."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as exc:  # handed to the caller below
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, name=what, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise LabError(f"{what}: timed out after {timeout:.0f} s")
-    if "error" in box:
-        raise box["error"]
-    return box.get("result")
-
-
-def _libvirt_error(exc: BaseException, what: str) -> LibvirtError:
-    lv = require_libvirt()
-    if isinstance(exc, lv.libvirtError):
-        return LibvirtError(f"{what}: {exc.get_error_message()}")
-    return LibvirtError(f"{what}: {exc}")
-
-
 def up(
     lab_dir: Path | None = None,
     *,
@@ -230,13 +214,17 @@ def up(
     before_start: Callable[[LibvirtHost], None] | None = None,
     tls: bool = False,
     tls_mode: TlsMode = "secure",
+    ticket_file: Path | None = None,
+    ticket_valid_s: float | None = None,
 ) -> LabState:
     """Build the lab and start the guest on host A; return the recorded state.
 
     With ``tls`` the hosts run SPICE over TLS as a manager sets it up
     (:mod:`~spice_libvirt.lab.libvirt_tls`): a lab CA, a certificate per host, ``spice_tls``
     in each qemu.conf, and the guest's graphics in ``tls_mode`` (see
-    :class:`~spice_libvirt.lab.libvirt_state.LabTlsState`).
+    :class:`~spice_libvirt.lab.libvirt_state.LabTlsState`). ``ticket_file``: the guest gets
+    that SPICE ticket through libvirt once it runs (:mod:`~spice_libvirt.lab.libvirt_ticket`),
+    valid ``ticket_valid_s`` seconds (None: no expiry).
 
     ``before_start`` is called with each prepared host before its daemons start (to install
     a hook into ``host.etc_dir / "hooks"``). Raises :class:`LabError` if a lab already runs in
@@ -246,7 +234,12 @@ def up(
     require_libvirt()
     lab_dir = (lab_dir or default_lab_dir()).absolute()
     mode: TlsMode | None = tls_mode if tls else None
-    xml = render_domain_xml(name=domain, memory_mib=memory_mib, guest=guest, tls_mode=mode)
+    if ticket_valid_s is not None and ticket_file is None:
+        raise ConfigError("a ticket validity needs a ticket file")
+    ticket = libvirt_ticket.check_ticket_file(ticket_file) if ticket_file else None
+    xml = render_domain_xml(
+        name=domain, memory_mib=memory_mib, guest=guest, tls_mode=mode, ticket=bool(ticket)
+    )
     if not 0 <= client_rtt_ms <= delaybridge.MAX_RTT_MS:
         raise ConfigError(f"client rtt must be 0..{delaybridge.MAX_RTT_MS:.0f} ms")
     with locked(lab_dir):
@@ -259,11 +252,13 @@ def up(
                     f"{', '.join(alive[:4])}); run 'lab down' first"
                 )
             _teardown(old)
-        state = _new_state(lab_dir, client_rtt_ms, guest, domain, mode)
+        state = _new_state(lab_dir, client_rtt_ms, guest, domain, mode, ticket)
         state.run_dir.mkdir(parents=True)
         save(state)
         try:
             _bring_up(state, xml, timeout, before_start)
+            if ticket is not None:
+                libvirt_ticket.set_ticket(state, "A", ticket_valid_s)
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 _teardown(state)
@@ -316,12 +311,12 @@ def _bring_up(
     state.domain_xml.write_text(xml)
     conn = state.host("A").open()
     try:
-        dom = _call_with_timeout(lambda: conn.defineXML(xml), timeout, "define the lab guest on A")
-        _call_with_timeout(dom.create, timeout, "start the lab guest on A")
+        dom = call_with_timeout(lambda: conn.defineXML(xml), timeout, "define the lab guest on A")
+        call_with_timeout(dom.create, timeout, "start the lab guest on A")
     except errors.LabError:
         raise
     except Exception as exc:
-        raise _libvirt_error(exc, "start the lab guest on A") from exc
+        raise libvirt_error(exc, "start the lab guest on A") from exc
     finally:
         conn.close()
     state.timings.domain_running_s = round(time.monotonic() - t0, 3)
@@ -349,12 +344,12 @@ def _bring_up(
 
 def _destroy_domains(host: LibvirtHost, timeout: float) -> list[str]:
     lv = require_libvirt()
-    conn = _call_with_timeout(host.open, timeout, f"connect to host {host.config.name}")
+    conn = call_with_timeout(host.open, timeout, f"connect to host {host.config.name}")
     destroyed: list[str] = []
     try:
         for dom in conn.listAllDomains(lv.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
             with contextlib.suppress(lv.libvirtError, LabError):
-                _call_with_timeout(dom.destroy, timeout, f"destroy {dom.name()}")
+                call_with_timeout(dom.destroy, timeout, f"destroy {dom.name()}")
                 destroyed.append(dom.name())
     finally:
         conn.close()
@@ -461,7 +456,7 @@ def libvirt_p2p_migrate(
         start = time.monotonic()
         error: str | None = None
         try:
-            _call_with_timeout(
+            call_with_timeout(
                 lambda: dom.migrateToURI3(dst_uri, params, flags), timeout, "live migration"
             )
         except LabError as exc:  # timed out: abort, the guest stays on the source

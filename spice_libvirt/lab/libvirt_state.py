@@ -136,6 +136,8 @@ class LabState(BaseModel):
     domain_xml: Path
     #: None: SPICE in plain text only (no spice_tls on the hosts)
     tls: LabTlsState | None = None
+    #: the file the SPICE ticket is read from (never the ticket itself); None: no ticket
+    ticket_file: Path | None = None
     active_host: HostName | None = None
     migrations: int = 0
     timings: Timings = Field(default_factory=Timings)

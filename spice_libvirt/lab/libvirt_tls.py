@@ -28,6 +28,7 @@ from spice_libvirt.lab.libvirt_state import (
     load_state,
     locked,
 )
+from spice_libvirt.lab.libvirt_ticket import lab_ticket
 from spice_libvirt.lab.tls import create_ca, issue_server_certificate
 from spice_libvirt.spice.client import ClientOptions
 
@@ -132,15 +133,18 @@ def client_options(
     state: LabState, host: str, address: str, port: int | None, tls_port: int | None
 ) -> ClientOptions:
     """Our client for the guest on ``host``: on a TLS lab TLS only, verifying the lab CA
-    and the host's subject (never the plain port: no downgrade to offer)."""
+    and the host's subject (never the plain port: no downgrade to offer); with the lab's
+    ticket when it has one."""
+    ticket = lab_ticket(state)
     if state.tls is None:
-        return ClientOptions(host=address, port=port, stream_port_name=None)
+        return ClientOptions(host=address, port=port, stream_port_name=None, ticket=ticket)
     return ClientOptions(
         host=address,
         tls_port=tls_port or state.tls.tls_port,
         ca_file=state.tls.ca_cert,
         host_subject=state.tls.subjects[host],
         stream_port_name=None,
+        ticket=ticket,
     )
 
 
