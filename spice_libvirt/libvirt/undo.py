@@ -34,6 +34,8 @@ JOB_END_TIMEOUT = 30.0
 #: how long both hosts may take to settle (the destination's incoming domain destroyed,
 #: the source resumed) before the placement is taken as it stands
 SETTLE_TIMEOUT = 30.0
+#: how long an abort refused for want of a job is retried (the job is about to start)
+ABORT_RETRY = 5.0
 #: a source paused this long with nothing on the destination is resumed by us
 RESUME_AFTER = 5.0
 
@@ -58,12 +60,20 @@ class JobUndo:
         return await self._restore_bandwidth()
 
     async def _abort_or_release(self) -> None:
-        try:
-            await self.src.call(self.dom.abortJob, "abort the migration job", timeout=10.0)
-            self.note("undo: migration job aborted")
-        except errors.LibvirtError as exc:
-            self.note(f"undo: abortJob refused ({exc}): releasing the hold so the job completes")
-            await self._release()
+        # right after migrateToURI3 was called libvirt may not have started the job yet
+        # ("no job is active"): try again briefly before settling for a completion
+        deadline = time.monotonic() + ABORT_RETRY
+        while True:
+            try:
+                await self.src.call(self.dom.abortJob, "abort the migration job", timeout=10.0)
+                self.note("undo: migration job aborted")
+                break
+            except errors.LibvirtError as exc:
+                if self.migration.done() or time.monotonic() >= deadline:
+                    self.note(f"undo: abortJob refused ({exc}): releasing the hold")
+                    await self._release()
+                    break
+            await asyncio.wait({self.migration}, timeout=0.2)
         if await self._job_ended(JOB_END_TIMEOUT):
             return
         self.note("undo: the job did not end after abortJob: releasing the hold")
