@@ -17,7 +17,15 @@ client kind, N ping-pong migrations of the idle 256 MiB firmware guest:
 Wall time is libvirt's ``migrateToURI3`` call. Everything started here is ended by PID; the
 lab is torn down at the end (``--keep-lab`` keeps it).
 
+``--tls`` runs the same on a TLS lab (``lab up --libvirt --tls``: per-host certificates,
+``defaultMode='secure'``, the graphics URI with ``tlsPort``/``tlsSubject``): remote-viewer
+then verifies the lab CA and each host's subject with every channel secure, our client
+the same; each row records ``tls``, and the TLS handshakes' cost shows in the wall time
+and the client's link time next to the plain-TCP table.
+
     .venv/bin/python benchmarks/bench_libvirt_rtt.py --rtts 0,50,150,300 --runs 10
+    .venv/bin/python benchmarks/bench_libvirt_rtt.py --tls --rtts 0,50,150,300 --runs 10 \
+        --out benchmarks/results/libvirt-rtt-tls.jsonl
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ from spice_libvirt.lab import libvirt_lab, netns
 from spice_libvirt.lab.libvirt_migrate import lab_migrate
 
 RESULTS_MD = Path(__file__).resolve().with_name("RESULTS-libvirt.md")
+#: the TLS table goes beside the plain-TCP one, never over it
+RESULTS_TLS_MD = RESULTS_MD.with_name("RESULTS-libvirt-tls.md")
 #: method -> (plain, controller options, table label)
 METHODS: dict[str, tuple[bool, dict[str, Any], str]] = {
     "plain": (True, {}, "plain `virsh migrate` (libvirt p2p)"),
@@ -59,6 +69,8 @@ class Run(BaseModel):
     client: str
     index: int
     outcome: str
+    #: the lab ran SPICE over TLS (every channel secure, CA and subject verified)
+    tls: bool = False
     wall_s: float | None = None
     display_outage_s: float | None = None
     client_link_s: float | None = None
@@ -108,12 +120,12 @@ def xvfb(log_dir: Path) -> Iterator[int]:
 class Viewer:
     """A fresh remote-viewer in the client namespace, its SPICE_DEBUG log as the oracle."""
 
-    def __init__(self, ns: str, display: int, uri: str, log: Path) -> None:
+    def __init__(self, ns: str, display: int, uri: str, log: Path, tls: list[str]) -> None:
         self.log = log
         env = dict(os.environ, DISPLAY=f":{display}", SPICE_DEBUG="1")
         with log.open("wb") as fh:
             self.proc = subprocess.Popen(
-                netns.exec_argv(ns, ["remote-viewer", uri]),
+                netns.exec_argv(ns, ["remote-viewer", *tls, uri]),
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -180,8 +192,22 @@ def run_viewer(lab_dir: Path, display: int, rtt: float, method: str, i: int, log
     endpoint = libvirt_lab.spice_endpoint(state, where)
     assert endpoint is not None
     log = log_dir / f"rv-{int(rtt)}-{method}-{i}.log"
-    viewer = Viewer(state.client.netns, display, endpoint.uri, log)
-    run = Run(rtt_ms=rtt, method=method, client="remote-viewer", index=i, outcome="?")
+    tls: list[str] = []
+    if state.tls is not None:
+        tls = [
+            f"--spice-ca-file={state.tls.ca_cert}",
+            f"--spice-host-subject={endpoint.subject}",
+            "--spice-secure-channels=all",
+        ]
+    viewer = Viewer(state.client.netns, display, endpoint.uri, log, tls)
+    run = Run(
+        rtt_ms=rtt,
+        method=method,
+        client="remote-viewer",
+        index=i,
+        outcome="?",
+        tls=state.tls is not None,
+    )
     try:
         viewer.wait_up()
         time.sleep(0.3)
@@ -213,7 +239,9 @@ def run_viewer(lab_dir: Path, display: int, rtt: float, method: str, i: int, log
 
 
 def run_embedded(lab_dir: Path, rtt: float, method: str, i: int) -> Run:
-    run = Run(rtt_ms=rtt, method=method, client="embedded", index=i, outcome="?")
+    state = libvirt_lab.load_state(lab_dir)
+    tls = state is not None and state.tls is not None
+    run = Run(rtt_ms=rtt, method=method, client="embedded", index=i, outcome="?", tls=tls)
     try:
         plain, options, _ = METHODS[method]
         report = lab_migrate(lab_dir, watch=True, plain=plain, options=options)
@@ -284,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", default="remote-viewer,embedded")
     parser.add_argument("--lab-dir", type=Path, default=None)
     parser.add_argument("--keep-lab", action="store_true")
+    parser.add_argument(
+        "--tls", action="store_true", help="a TLS lab (lab up --libvirt --tls, all secure)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON-lines file of the runs")
     parser.add_argument("--write-results", action="store_true", help=f"write {RESULTS_MD.name}")
     args = parser.parse_args(argv)
@@ -298,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     own_lab = libvirt_lab.load_state(lab_dir) is None
     if own_lab:
-        libvirt_lab.up(lab_dir, client_rtt_ms=rtts[0])
+        libvirt_lab.up(lab_dir, client_rtt_ms=rtts[0], tls=args.tls)
+    elif args.tls != (libvirt_lab.load_state(lab_dir).tls is not None):  # type: ignore[union-attr]
+        parser.error(f"--tls does not match the lab already up in {lab_dir}")
     try:
         with xvfb(work) as display:
             for rtt in rtts:
@@ -328,13 +361,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"runs: {out}; logs: {work}; {time.monotonic() - t0:.0f} s")
     if args.write_results:
         body = (
-            "# Plain libvirt migration vs. the seamless controller, by client RTT\n\n"
+            "# Plain libvirt migration vs. the seamless controller, by client RTT"
+            f"{' (SPICE over TLS)' if args.tls else ''}\n\n"
             f"Measured {started:%Y-%m-%d %H:%M} UTC by `benchmarks/bench_libvirt_rtt.py "
+            f"{'--tls ' if args.tls else ''}"
             f"--rtts {args.rtts} --runs {args.runs}` ({time.monotonic() - t0:.0f} s), "
             "two-host libvirt lab, idle 256 MiB firmware guest.\n\n" + text
         )
-        RESULTS_MD.write_text(body)
-        print(f"wrote {RESULTS_MD}")
+        target = RESULTS_TLS_MD if args.tls else RESULTS_MD
+        target.write_text(body)
+        print(f"wrote {target}")
     return 0
 
 
