@@ -227,7 +227,7 @@ async def test_fault_mid_job_leaves_the_domain_on_exactly_one_host(lab: Path, fa
     views = faults.libvirt_views(uris, domain)
     faults.record_row(
         path="libvirt",
-        scenario=fault,
+        scenario=fault.replace("-", " ") + " mid-hold",
         placement=report.placement,
         runs_on=host,
         exit_code=int(for_report(report)),
@@ -269,3 +269,42 @@ async def test_require_seamless_with_the_client_blocked_releases_the_hold(lab: P
     assert for_report(report) is ExitCode.MIGRATION_FAILED
     host = await asyncio.to_thread(_check_left_clean, uris, domain, before, src)
     assert host == src
+
+
+async def test_link_between_the_hosts_cut_mid_job(lab: Path) -> None:
+    """The destination host drops off the network while the job is held: libvirt's
+    keepalive ends the job, the source keeps (or gets back) the domain, and the report
+    places it there; the link comes back afterwards."""
+    domain, uris, source = _uris(lab)
+    before = _bandwidth_before(uris, domain, source)
+    state = libvirt_lab.load_state(lab / "libvirt")
+    assert state is not None
+    cut: list[str] = []
+
+    def cut_link(state: libvirt_lab.LabState, _src: str, dst: str) -> None:
+        netns.ip(state.switch_netns, "link", "set", f"p{dst}", "down")
+        cut.append(dst)
+
+    try:
+        report, src, _dst = await _held_migration(
+            lab, cut_link, hold_timeout=5.0, completion_timeout=90.0
+        )
+    finally:
+        for dst in cut:
+            netns.link_up(state.switch_netns, f"p{dst}", master="br0")
+    host = await asyncio.to_thread(_check_left_clean, uris, domain, None, None)
+    views = faults.libvirt_views(uris, domain)
+    faults.record_row(
+        path="libvirt",
+        scenario="link between the hosts cut mid-hold",
+        placement=report.placement,
+        runs_on=host,
+        exit_code=int(for_report(report)),
+        jobs=[v.job for v in views.values()],
+        bandwidth_before=before,
+        bandwidth_after=views[host].qemu_max_bandwidth,
+    )
+    assert host == src, views
+    assert report.placement == "source", report.notes
+    assert views[host].qemu_max_bandwidth == before, views
+    assert for_report(report) is ExitCode.MIGRATION_FAILED
