@@ -54,9 +54,11 @@ VIEWER_CHANNELS = {"main:0", "display:0", "inputs:0", "cursor:0", "port:0"}
 
 @pytest.fixture
 async def tls_lab(lab_dir: Path) -> AsyncIterator[QemuLab]:
-    """The built-in QEMU lab with TLS (both QEMUs on a plain and a TLS port); down after."""
+    """The built-in QEMU lab with TLS, in ``mixed`` mode: both QEMUs on a plain and a TLS
+    port *and accepting plain text* -- the case where a TLS client could be downgraded
+    (the all-secure default answers a plain link with NEED_SECURED); down after."""
     lab = QemuLab(lab_dir / "lab")
-    await lab.up(tls=True)
+    await lab.up(tls=True, tls_mode="mixed")
     try:
         yield lab
     finally:
