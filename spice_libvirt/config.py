@@ -20,43 +20,66 @@ A missing default file means "all defaults"; a missing file that was named expli
 file that is not TOML, unknown keys and out-of-range values raise
 :class:`~spice_libvirt.errors.ConfigError` with one line that says which key is wrong.
 
-Why a standard-library dataclass with hand-written checks instead of pydantic(-settings):
-the hook loads this module on every guest operation, under a deadline of at most 2 s that
-counts from interpreter start, and 16 hooks at once on a small host all pay the import.
-pydantic and pydantic-settings were two thirds of the hook's start-up (0.19 s of CPU); without
-them 16 hooks starting together on two busy cores still make their deadline.
+Why plain Python with hand-written checks instead of pydantic(-settings), dataclasses or even
+``tomllib`` and ``pathlib`` on every call: the hook loads this module on every guest
+operation of every domain, under a deadline of at most 2 s that counts from interpreter
+start, and 16 hooks at once on a small host all pay the imports. pydantic and
+pydantic-settings were two thirds of the hook's start-up (0.19 s of CPU); ``dataclasses``
+(which imports ``inspect``), ``typing``, ``pathlib`` and ``tomllib`` (``re``, ``typing``) were
+most of what remained. So :class:`Settings` is a plain frozen class, paths are kept as
+strings and handed out as :class:`~pathlib.Path` on attribute access, and a flat file of
+simple ``key = value`` lines is read by :func:`_read_flat_toml`, which hands anything
+beyond that subset to ``tomllib`` (same values, same errors). ``benchmarks/bench_hook.py``
+measures the result.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import re
-import tomllib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
-from pathlib import Path
-from typing import Any
 
 from spice_libvirt.errors import ConfigError
 
-#: Where the host configuration lives unless ``SPICE_LIBVIRT_CONFIG`` says otherwise.
-DEFAULT_CONFIG_PATH = Path("/etc/spice-libvirt/config.toml")
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from pathlib import Path
+    from typing import Any
+
+#: libvirt blocks the guest operation while a hook runs; the project promises at most 2 s.
+MAX_HOOK_TIMEOUT_S = 2.0
 #: The environment variable that names another configuration file.
 CONFIG_ENV = "SPICE_LIBVIRT_CONFIG"
 #: Prefix of the environment variables that override single keys (case-insensitive).
 ENV_PREFIX = "SPICE_LIBVIRT_"
-#: Where the hook journal lives by default (FHS: variable state of a local package).
-DEFAULT_JOURNAL_PATH = Path("/var/lib/spice-libvirt/journal.sqlite3")
-#: libvirt blocks the guest operation while a hook runs; the project promises at most 2 s.
-MAX_HOOK_TIMEOUT_S = 2.0
+#: Where the host configuration lives unless ``SPICE_LIBVIRT_CONFIG`` says otherwise (as a
+#: string; ``DEFAULT_CONFIG_PATH`` is the same as a Path).
+DEFAULT_CONFIG_FILE = "/etc/spice-libvirt/config.toml"
+#: Where the hook journal lives by default (FHS: variable state of a local package);
+#: ``DEFAULT_JOURNAL_PATH`` is the same as a Path.
+DEFAULT_JOURNAL_FILE = "/var/lib/spice-libvirt/journal.sqlite3"
 
-_HOSTNAME_RE = re.compile(
+#: The keys, in the order :class:`Settings` lists them.
+FIELDS = ("spice_address", "journal_path", "journal_max_rows", "fail_closed", "hook_timeout_s")
+
+_LAZY_PATHS = {
+    "DEFAULT_CONFIG_PATH": DEFAULT_CONFIG_FILE,
+    "DEFAULT_JOURNAL_PATH": DEFAULT_JOURNAL_FILE,
+}
+_HOSTNAME_PATTERN = (
     r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
 )
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def __getattr__(name: str) -> Path:
+    """``DEFAULT_CONFIG_PATH`` and ``DEFAULT_JOURNAL_PATH`` as Paths, built on first use."""
+    if name in _LAZY_PATHS:
+        from pathlib import Path
+
+        return Path(_LAZY_PATHS[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class InvalidSettingsError(ValueError):
@@ -67,44 +90,103 @@ class InvalidSettingsError(ValueError):
         self.problems = problems
 
 
-@dataclass(frozen=True)
 class Settings:
-    """Everything a host's spice-libvirt installation is configured with.
+    """Everything a host's spice-libvirt installation is configured with. Frozen.
 
     Values are checked (and normalised) on construction, from TOML types or from the strings
     of environment variables alike; :class:`InvalidSettingsError` names every bad key.
+
+    * ``spice_address``: the address this host's SPICE servers listen on and clients can
+      reach; the hook rewrites a non-local graphics listen address of an incoming migration
+      to it. Unset: the hook never rewrites.
+    * ``journal_path``: SQLite file of the hook journal (a Path; ``journal_file`` is the
+      same as a string, for the hook's start-up).
+    * ``journal_max_rows``: newest rows kept in the journal (10 .. 10 000 000).
+    * ``fail_closed``: when the hook cannot do its job: false = say so on stderr and let
+      libvirt go on (exit 0), true = make libvirt abort the operation (exit 1).
+    * ``hook_timeout_s``: hard deadline of one hook invocation, interpreter start included
+      (0 < s <= 2).
     """
 
-    #: the address this host's SPICE servers listen on and clients can reach; the hook
-    #: rewrites a non-local graphics listen address of an incoming migration to it.
-    #: Unset: the hook never rewrites.
-    spice_address: str | None = None
-    #: SQLite file of the hook journal
-    journal_path: Path = DEFAULT_JOURNAL_PATH
-    #: newest rows kept in the journal (10 .. 10 000 000)
-    journal_max_rows: int = 10_000
-    #: when the hook cannot do its job: false = say so on stderr and let libvirt go on
-    #: (exit 0), true = make libvirt abort the operation (exit 1)
-    fail_closed: bool = False
-    #: hard deadline of one hook invocation, interpreter start included (0 < s <= 2)
-    hook_timeout_s: float = 1.5
+    __slots__ = (
+        "fail_closed",
+        "hook_timeout_s",
+        "journal_file",
+        "journal_max_rows",
+        "spice_address",
+    )
 
-    def __post_init__(self) -> None:
+    spice_address: str | None
+    journal_file: str
+    journal_max_rows: int
+    fail_closed: bool
+    hook_timeout_s: float
+
+    def __init__(
+        self,
+        spice_address: object = None,
+        journal_path: object = DEFAULT_JOURNAL_FILE,
+        journal_max_rows: object = 10_000,
+        fail_closed: object = False,
+        hook_timeout_s: object = 1.5,
+    ) -> None:
         problems: list[tuple[str, str]] = []
-        checks: dict[str, Callable[[Any], Any]] = {
-            "spice_address": _address_or_hostname,
-            "journal_path": _absolute_path,
-            "journal_max_rows": _integer(10, 10_000_000),
-            "fail_closed": _boolean,
-            "hook_timeout_s": _timeout,
-        }
-        for name, check in checks.items():
+        checks: tuple[tuple[str, str, Callable[[Any], Any], object], ...] = (
+            ("spice_address", "spice_address", _address_or_hostname, spice_address),
+            ("journal_path", "journal_file", _absolute_path, journal_path),
+            ("journal_max_rows", "journal_max_rows", _integer(10, 10_000_000), journal_max_rows),
+            ("fail_closed", "fail_closed", _boolean, fail_closed),
+            ("hook_timeout_s", "hook_timeout_s", _timeout, hook_timeout_s),
+        )
+        for key, slot, check, value in checks:
             try:
-                object.__setattr__(self, name, check(getattr(self, name)))
+                object.__setattr__(self, slot, check(value))
             except ValueError as exc:
-                problems.append((name, str(exc)))
+                problems.append((key, str(exc)))
         if problems:
             raise InvalidSettingsError(problems)
+
+    @property
+    def journal_path(self) -> Path:
+        from pathlib import Path
+
+        return Path(self.journal_file)
+
+    def _values(self) -> tuple[object, ...]:
+        return (
+            self.spice_address,
+            self.journal_file,
+            self.journal_max_rows,
+            self.fail_closed,
+            self.hook_timeout_s,
+        )
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}: Settings are frozen")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}: Settings are frozen")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Settings):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={getattr(self, k)!r}" for k in FIELDS)
+        return f"Settings({shown})"
+
+
+def _canonical_ipv4(value: str) -> bool:
+    """True for a dotted quad that ``ipaddress`` would print back unchanged (no import)."""
+    parts = value.split(".")
+    return len(parts) == 4 and all(
+        p.isascii() and p.isdigit() and len(p) <= 3 and (p == "0" or p[0] != "0") and int(p) < 256
+        for p in parts
+    )
 
 
 def _address_or_hostname(value: object) -> str | None:
@@ -114,23 +196,38 @@ def _address_or_hostname(value: object) -> str | None:
     if not isinstance(value, str):
         raise ValueError(f"not an IP address or host name: {value!r}")
     value = value.strip()
+    if _canonical_ipv4(value):
+        return value
+    import ipaddress
+
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
         pass
-    if _HOSTNAME_RE.match(value):
+    import re
+
+    if re.match(_HOSTNAME_PATTERN, value):
         return value
     raise ValueError(f"not an IP address or host name: {value!r}")
 
 
-def _absolute_path(value: object) -> Path:
-    if not isinstance(value, str | Path):
+def _absolute_path(value: object) -> str:
+    if not isinstance(value, str | os.PathLike):
         raise ValueError(f"not a path: {value!r}")
-    path = Path(value)
+    path = os.fspath(value)
+    if not isinstance(path, str):
+        raise ValueError(f"not a path: {value!r}")
     # libvirtd runs hooks with cwd=/; a relative path would silently mean /<path>.
-    if not path.is_absolute():
+    if not os.path.isabs(path):
         raise ValueError(f"must be an absolute path: {str(value)!r}")
-    return path
+    return _pure_path_text(path)
+
+
+def _pure_path_text(path: str) -> str:
+    """``str(Path(path))`` for an absolute POSIX path, without importing pathlib: empty and
+    ``.`` components dropped (``..`` kept), two leading slashes kept as POSIX allows."""
+    root = "//" if path.startswith("//") and not path.startswith("///") else "/"
+    return root + "/".join(p for p in path.split("/") if p and p != ".")
 
 
 def _boolean(value: object) -> bool:
@@ -171,13 +268,26 @@ def _timeout(value: object) -> float:
     return number
 
 
+def _default_config_file() -> str:
+    # A test (or an embedding tool) may have replaced the module's DEFAULT_CONFIG_PATH.
+    named: str | os.PathLike[str] = globals().get("DEFAULT_CONFIG_PATH", DEFAULT_CONFIG_FILE)
+    return os.fspath(named)
+
+
 def config_path(environ: dict[str, str] | None = None) -> tuple[Path, bool]:
     """Return the configuration file to read and whether it was named explicitly."""
+    from pathlib import Path
+
+    name, explicit = _config_file(environ)
+    return Path(name), explicit
+
+
+def _config_file(environ: Mapping[str, str] | None = None) -> tuple[str, bool]:
     env = os.environ if environ is None else environ
     named = env.get(CONFIG_ENV)
     if named:
-        return Path(named), True
-    return DEFAULT_CONFIG_PATH, False
+        return named, True
+    return _default_config_file(), False
 
 
 def load_config(path: Path | str | None = None, **overrides: Any) -> Settings:
@@ -188,25 +298,24 @@ def load_config(path: Path | str | None = None, **overrides: Any) -> Settings:
     ``overrides`` win over every other source.
     """
     if path is not None:
-        toml_file, explicit = Path(path), True
+        toml_file, explicit = os.fspath(path), True
     else:
-        toml_file, explicit = config_path()
-    if explicit and not toml_file.is_file():
+        toml_file, explicit = _config_file()
+    if explicit and not os.path.isfile(toml_file):
         raise ConfigError(f"configuration file {toml_file} does not exist")
     values: dict[str, Any] = {}
     try:
-        with toml_file.open("rb") as f:
-            values.update(tomllib.load(f))
+        with open(toml_file, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         pass  # only possible for the default file: all defaults
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{toml_file}: not valid TOML: {exc}") from exc
     except OSError as exc:
         raise ConfigError(f"{toml_file}: cannot read: {exc.strerror or exc}") from exc
+    else:
+        values.update(_parse_toml(toml_file, data))
     values.update(_from_environment(os.environ))
     values.update(overrides)
-    known = {f.name for f in fields(Settings)}
-    unknown = [(k, "unknown key") for k in values if k not in known]
+    unknown = [(k, "unknown key") for k in values if k not in FIELDS]
     try:
         if unknown:
             raise InvalidSettingsError(unknown)
@@ -215,11 +324,86 @@ def load_config(path: Path | str | None = None, **overrides: Any) -> Settings:
         raise ConfigError(f"invalid configuration ({toml_file}): {exc}") from exc
 
 
+def _parse_toml(toml_file: str, data: bytes) -> dict[str, Any]:
+    flat = _read_flat_toml(data)
+    if flat is not None:
+        return flat
+    import tomllib
+
+    try:
+        return tomllib.loads(data.decode())
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{toml_file}: not valid TOML: not UTF-8 ({exc.reason})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{toml_file}: not valid TOML: {exc}") from exc
+
+
+_BARE_KEY = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+def _read_flat_toml(data: bytes) -> dict[str, Any] | None:
+    """The values of a file made only of comments and ``key = value`` lines, or None.
+
+    The subset: bare keys; values that are basic strings without escapes, literal strings,
+    ``true``/``false``, decimal integers and plain decimal fractions; comments after
+    values. For every file inside it the result equals ``tomllib``'s (a property test
+    checks this); anything outside it (tables, arrays, escapes, exponents, duplicate keys,
+    control characters, text that is not UTF-8...) returns None, and ``tomllib`` reads the
+    file, with its own values and errors.
+    """
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        return None
+    out: dict[str, Any] = {}
+    lines = text.split("\n")
+    for number, raw in enumerate(lines, 1):
+        # CR only as half of a CRLF: a lone one (the last line's too) is tomllib's to refuse
+        line = raw[:-1] if raw.endswith("\r") and number < len(lines) else raw
+        if any((c < " " and c != "\t") or c == "\x7f" for c in line):
+            return None
+        line = line.strip(" \t")
+        if not line or line[0] == "#":
+            continue
+        key, eq, rest = line.partition("=")
+        key = key.strip(" \t")
+        if not eq or not key or not _BARE_KEY.issuperset(key) or key in out:
+            return None
+        value = _flat_value(rest.strip(" \t"))
+        if value is None:
+            return None
+        out[key] = value[0]
+    return out
+
+
+def _flat_value(text: str) -> tuple[object] | None:
+    """One value of the flat subset, as a 1-tuple; None when outside it."""
+    if text[:1] in ('"', "'"):
+        end = text.find(text[0], 1)
+        content = text[1:end]
+        after = text[end + 1 :].lstrip(" \t")
+        if end < 0 or (text[0] == '"' and "\\" in content) or (after and after[0] != "#"):
+            return None
+        return (content,)
+    token = text.partition("#")[0].rstrip(" \t")
+    if token in ("true", "false"):
+        return (token == "true",)
+    digits = token[1:] if token[:1] in ("+", "-") else token
+    whole, dot, fraction = digits.partition(".")
+    if not (whole.isascii() and whole.isdigit()) or (whole[0] == "0" and whole != "0"):
+        return None
+    if not dot:
+        return (int(token),)
+    if fraction.isascii() and fraction.isdigit():
+        return (float(token),)
+    return None
+
+
 def _from_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """``SPICE_LIBVIRT_<KEY>`` for every known key (other ``SPICE_LIBVIRT_*`` are not ours).
 
     Values stay strings; :class:`Settings` turns "true", "0.8" or "100" into the field's
     type, and reports them like a bad file value.
     """
-    keys = {f"{ENV_PREFIX}{f.name}".lower(): f.name for f in fields(Settings)}
+    keys = {f"{ENV_PREFIX}{name}".lower(): name for name in FIELDS}
     return {keys[k.lower()]: v for k, v in environ.items() if k.lower() in keys}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
+import ipaddress
+import tomllib
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spice_libvirt import config
 from spice_libvirt.config import load_config
@@ -116,8 +119,9 @@ def test_invalid_environment_value_is_a_config_error(monkeypatch: pytest.MonkeyP
 
 def test_settings_are_frozen() -> None:
     s = load_config()
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError, match="frozen"):
         s.fail_closed = True  # type: ignore[misc]
+    assert s.fail_closed is False
 
 
 @pytest.mark.parametrize(
@@ -162,3 +166,108 @@ def test_other_spice_libvirt_variables_are_not_keys(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("SPICE_LIBVIRT_TICKET", "secret")
     monkeypatch.setenv("SPICE_LIBVIRT_LAB_DIR", "/tmp/x")
     assert load_config().fail_closed is False
+
+
+# -- the flat-file fast path reads exactly what tomllib reads ------------------------------
+
+_KEYS = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABC0123456789_-", min_size=1, max_size=8)
+_SCALARS = st.one_of(
+    st.booleans().map(lambda b: "true" if b else "false"),
+    st.integers(-(10**20), 10**20).map(str),
+    st.from_regex(r"[+-]?(0|[1-9][0-9]{0,3})(\.[0-9]{1,4})?", fullmatch=True),
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=12).map(lambda t: f'"{t}"'),
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=12).map(lambda t: f"'{t}'"),
+    # outside the subset or invalid: tomllib must decide
+    st.sampled_from(
+        [
+            "01",
+            "1e3",
+            "1_000",
+            "inf",
+            '"a\\tb"',
+            "[1, 2]",
+            "{a = 1}",
+            '"""x"""',
+            "1.",
+            ".5",
+            "TRUE",
+            "",
+        ]
+    ),
+)
+_LINES = st.one_of(
+    st.tuples(
+        _KEYS, _SCALARS, st.sampled_from(["", " ", "\t"]), st.sampled_from(["", " # c", "#x=1"])
+    ).map(lambda t: f"{t[2]}{t[0]} = {t[1]}{t[3]}"),
+    st.sampled_from(["", "# comment", "  ", "[table]", "a.b = 1", "x = 1 2", "\x01", "k = 1\r"]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_LINES, max_size=6), st.sampled_from(["\n", "\r\n"]))
+def test_flat_fast_path_agrees_with_tomllib(lines: list[str], newline: str) -> None:
+    data = newline.join(lines).encode()
+    fast = config._read_flat_toml(data)
+    try:
+        expected: dict[str, object] | None = tomllib.loads(data.decode())
+    except tomllib.TOMLDecodeError:
+        expected = None
+    if fast is not None:
+        # inside the subset: the same values and types, never a file tomllib refuses
+        assert expected is not None
+        assert fast == expected
+        assert [type(v) for v in fast.values()] == [type(v) for v in expected.values()]
+
+
+def test_flat_fast_path_covers_what_a_host_file_holds() -> None:
+    text = (
+        "# written by the Ansible role\n"
+        'spice_address = "192.0.2.10"\n'
+        "journal_path = '/var/lib/spice-libvirt/journal.sqlite3'  # default\n"
+        "journal_max_rows = 10000\nfail_closed = false\nhook_timeout_s = 1.5\n"
+    )
+    assert config._read_flat_toml(text.encode()) == tomllib.loads(text)
+
+
+def test_files_outside_the_subset_get_tomllib_errors(tmp_path: Path) -> None:
+    for text, fragment in [
+        ("a = 1\na = 2\n", "not valid TOML"),
+        ("[spice]\naddress = 1\n", "unknown key"),
+        ('spice_address = "192.0.2.\\u0031"\n', None),
+    ]:
+        path = _write(tmp_path, text)
+        if fragment is None:
+            assert load_config(path).spice_address == "192.0.2.1"
+        else:
+            with pytest.raises(ConfigError, match=fragment):
+                load_config(path)
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_bytes(b'spice_address = "\xff"\n')
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(path)
+
+
+def test_paths_are_normalised_like_pathlib(tmp_path: Path) -> None:
+    for raw in ["/srv//j.sqlite3", "/srv/./x/", "//srv/j", "///srv/j", "/srv/../j"]:
+        path = _write(tmp_path, f'journal_path = "{raw}"\n')
+        s = load_config(path)
+        assert s.journal_path == Path(raw)
+        assert s.journal_file == str(Path(raw))
+
+
+def test_default_paths_are_paths() -> None:
+    assert isinstance(config.DEFAULT_JOURNAL_PATH, Path)
+    assert str(config.DEFAULT_JOURNAL_PATH) == config.DEFAULT_JOURNAL_FILE
+
+
+def test_ipv4_fast_path_is_what_ipaddress_prints() -> None:
+    for text in ["192.0.2.1", "0.0.0.0", "255.255.255.255", "10.0.0.01", "256.1.1.1", "1.2.3"]:
+        fast = config._canonical_ipv4(text)
+        try:
+            same = str(ipaddress.ip_address(text)) == text
+        except ValueError:
+            same = False
+        assert fast == same, text

@@ -22,17 +22,25 @@ at once.
 
 from __future__ import annotations
 
-import contextlib
+# The C modules behind ``signal`` and ``threading``: the Python wrappers import ``enum`` and
+# more, a measurable share of a hook's start-up (``benchmarks/bench_hook.py``), for
+# nothing this module needs.
+import _signal  # type: ignore[import-not-found]  # no stubs; used as signal's C half
+import _thread
 import os
-import signal
-import threading
 import time
-from types import FrameType, TracebackType
 
 from spice_libvirt.errors import HookError
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import FrameType, TracebackType
+
 #: Time kept back between the soft deadline and the hard one, for reporting and journaling.
 REPORT_MARGIN_S = 0.3
+#: Longest sleep of the hard watchdog before it looks at the budget again (a retarget
+#: that shortens the budget takes effect within this).
+WATCH_SLICE_S = 0.05
 
 
 class HookDeadlineError(HookError):
@@ -68,10 +76,10 @@ class Deadline:
         self._prog = prog
         self._hard = hard
         self._margin_s = margin_s
-        self._cond = threading.Condition()
-        self._armed = False
+        #: held while armed; the watchdog ends when it can take it
+        self._armed = _thread.allocate_lock()
         self._soft = False
-        self._previous: signal._HANDLER = None
+        self._previous: object = None
 
     # ------------------------------------------------------------------ arithmetic
 
@@ -85,14 +93,16 @@ class Deadline:
     # ------------------------------------------------------------------ arming
 
     def __enter__(self) -> Deadline:
-        with self._cond:
-            self._armed = True
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGALRM, _on_alarm)
+        self._armed.acquire()
+        try:
+            self._previous = _signal.signal(_signal.SIGALRM, _on_alarm)
+        except ValueError:
+            pass  # not the main thread: signals are delivered there only, no soft deadline
+        else:
             self._soft = True
-            signal.setitimer(signal.ITIMER_REAL, self._soft_in())
+            _signal.setitimer(_signal.ITIMER_REAL, self._soft_in())
         if self._hard:
-            threading.Thread(target=self._watch, name="hook-watchdog", daemon=True).start()
+            _thread.start_new_thread(self._watch, ())
         return self
 
     def retarget(self, budget_s: float, exit_code: int) -> None:
@@ -101,14 +111,12 @@ class Deadline:
         Raises :class:`HookDeadlineError` at once when the new soft deadline has already
         passed (a budget shorter than start-up): better than racing a 10 ms alarm.
         """
-        with self._cond:
-            self.budget_s = budget_s
-            self.exit_code = exit_code
-            self._cond.notify_all()
+        self.budget_s = budget_s
+        self.exit_code = exit_code
         if self._soft:
             if self.remaining() - self._margin_s <= 0:
                 raise HookDeadlineError("the budget was spent before the hook could start")
-            signal.setitimer(signal.ITIMER_REAL, self._soft_in())
+            _signal.setitimer(_signal.ITIMER_REAL, self._soft_in())
 
     def __exit__(
         self,
@@ -122,23 +130,25 @@ class Deadline:
         """Stop both deadlines; idempotent. Call before writing anything libvirt consumes."""
         try:
             if self._soft:
-                signal.setitimer(signal.ITIMER_REAL, 0)
+                _signal.setitimer(_signal.ITIMER_REAL, 0)
         finally:
             if self._soft:
                 self._soft = False
-                signal.signal(signal.SIGALRM, self._previous)
-            with self._cond:
-                self._armed = False
-                self._cond.notify_all()
+                _signal.signal(_signal.SIGALRM, self._previous)
+            if self._armed.locked():
+                self._armed.release()
 
     # ------------------------------------------------------------------ the hard watchdog
 
     def _watch(self) -> None:
-        with self._cond:
-            while self._armed:
-                left = self.remaining()
-                if left <= 0:
-                    with contextlib.suppress(OSError):
-                        os.write(2, f"{self._prog}: hard deadline exceeded, exiting\n".encode())
-                    os._exit(self.exit_code)
-                self._cond.wait(left)
+        while True:
+            left = self.remaining()
+            if left <= 0:
+                try:  # noqa: SIM105 - contextlib would be one more import at start-up
+                    os.write(2, f"{self._prog}: hard deadline exceeded, exiting\n".encode())
+                except OSError:
+                    pass
+                os._exit(self.exit_code)
+            if self._armed.acquire(timeout=min(left, WATCH_SLICE_S)):
+                self._armed.release()
+                return

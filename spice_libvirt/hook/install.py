@@ -5,11 +5,22 @@ executable in ``qemu.d/`` in alphabetical order *after* ``hooks/qemu``, feeding 
 the previous one's output XML. We never write ``hooks/qemu`` itself: on an oVirt host VDSM
 owns that file, and other tools expect to own it too.
 
-What: a sh shim of a few lines (VDSM's layout) that sets a UTF-8 locale and execs the
-``spice-libvirt-hook`` console script *by absolute path*, because libvirtd runs hooks with
-a minimal environment and PATH. The path is that of the venv this code runs from, baked in
-at install time; ``--config`` bakes in ``SPICE_LIBVIRT_CONFIG`` too, which is how a lab runs
-several simulated hosts with different configurations on one file system.
+What: a sh shim of a few lines (VDSM's layout) that sets a UTF-8 locale and execs the hook
+*by absolute path*, because libvirtd runs hooks with a minimal environment and PATH. Two
+forms, both recognised by :func:`parse_shim`:
+
+* the default (:func:`render_default_shim`): the venv's interpreter with ``-I -S`` on
+  :mod:`spice_libvirt.hook.launch` inside the installed package. libvirtd runs the hook on
+  every event of every domain, and skipping ``site`` (site-packages scan, ``.pth`` files)
+  is most of what separates a hook call from a bare interpreter start
+  (``benchmarks/bench_hook.py``);
+* ``exec .../spice-libvirt-hook "$@"``, the console script (``--executable``; the form the
+  Ansible role's template writes): the same :func:`~spice_libvirt.hook.qemu.main`, with
+  ``site``.
+
+The paths are those of the venv this code runs from, baked in at install time;
+``--config`` bakes in ``SPICE_LIBVIRT_CONFIG`` too, which is how a lab runs several
+simulated hosts with different configurations on one file system.
 
 libvirtd reads the hook directory when it starts, so every change here needs a restart of
 libvirtd (or virtqemud); the functions say so in their messages.
@@ -73,9 +84,12 @@ class HookStatus(BaseModel):
     present: bool
     #: ... and it is one of ours (carries :data:`MARKER`)
     ours: bool
-    #: the executable our shim execs, as written in it
+    #: the executable our shim execs, as written in it (the console script, or the
+    #: interpreter of the default form)
     target: Path | None = None
-    #: that executable exists and is executable
+    #: the default form's launcher file (``spice_libvirt/hook/launch.py``), else None
+    launcher: Path | None = None
+    #: that executable exists and is executable (and the launcher, if any, is a file)
     target_ok: bool = False
     #: the configuration file baked into the shim, if any
     config: Path | None = None
@@ -117,8 +131,16 @@ def default_hook_executable() -> Path:
     return Path(sys.executable).parent / "spice-libvirt-hook"
 
 
-def render_shim(executable: Path, config: Path | None = None) -> str:
-    """The text of the shim that execs ``executable`` (and sets ``SPICE_LIBVIRT_CONFIG``)."""
+def default_launcher() -> Path:
+    """This installation's ``spice_libvirt/hook/launch.py`` (what the default shim runs)."""
+    return Path(__file__).resolve().with_name("launch.py")
+
+
+#: The interpreter options of the default form: no environment, no ``site``.
+LAUNCH_OPTIONS = ("-I", "-S")
+
+
+def _shim_lines(exec_words: list[str], config: Path | None) -> str:
     lines = [
         "#!/bin/sh",
         MARKER,
@@ -129,13 +151,40 @@ def render_shim(executable: Path, config: Path | None = None) -> str:
     ]
     if config is not None:
         lines += [f"SPICE_LIBVIRT_CONFIG={shlex.quote(str(config))}", "export SPICE_LIBVIRT_CONFIG"]
-    lines.append(f'exec {shlex.quote(str(executable))} "$@"')
+    lines.append("exec " + " ".join(shlex.quote(w) for w in exec_words) + ' "$@"')
     return "\n".join(lines) + "\n"
+
+
+def render_shim(
+    executable: Path, config: Path | None = None, *, launcher: Path | None = None
+) -> str:
+    """The text of the shim that execs ``executable`` (and sets ``SPICE_LIBVIRT_CONFIG``).
+
+    Without ``launcher``, ``executable`` is the ``spice-libvirt-hook`` console script; with
+    it, ``executable`` is the venv's interpreter, run as ``executable -I -S launcher``.
+    """
+    words = [str(executable)]
+    if launcher is not None:
+        words += [*LAUNCH_OPTIONS, str(launcher)]
+    return _shim_lines(words, config)
+
+
+def render_default_shim(config: Path | None = None) -> str:
+    """The shim :func:`install` writes by default: this venv's interpreter, ``-I -S``, and
+    this installation's launcher."""
+    return render_shim(Path(sys.executable), config, launcher=default_launcher())
 
 
 def parse_shim(text: str) -> tuple[Path | None, Path | None]:
     """Return (executable, config) written in one of our shims (None where absent)."""
+    target, _launcher, config = parse_shim_full(text)
+    return target, config
+
+
+def parse_shim_full(text: str) -> tuple[Path | None, Path | None, Path | None]:
+    """Return (executable, launcher, config) of one of our shims (None where absent)."""
     target: Path | None = None
+    launcher: Path | None = None
     config: Path | None = None
     for line in text.splitlines():
         if line.startswith("exec "):
@@ -143,10 +192,12 @@ def parse_shim(text: str) -> tuple[Path | None, Path | None]:
                 words = shlex.split(line)
                 if len(words) >= 2:
                     target = Path(words[1])
+                if len(words) >= 5 and tuple(words[2:4]) == LAUNCH_OPTIONS:
+                    launcher = Path(words[4])
         elif line.startswith("SPICE_LIBVIRT_CONFIG="):
             with contextlib.suppress(ValueError):
                 config = Path(shlex.split(line.partition("=")[2])[0])
-    return target, config
+    return target, launcher, config
 
 
 def _paths(hooks_dir: Path) -> tuple[Path, Path]:
@@ -172,9 +223,11 @@ def status(hooks_dir: Path = DEFAULT_HOOKS_DIR) -> HookStatus:
     qemu_d, shim = _paths(hooks_dir)
     present = shim.is_file()
     ours = present and _is_ours(shim)
-    target = config = None
+    target = launcher = config = None
     if ours:
-        target, config = parse_shim(shim.read_text(encoding="utf-8", errors="replace"))
+        target, launcher, config = parse_shim_full(
+            shim.read_text(encoding="utf-8", errors="replace")
+        )
     others: list[str] = []
     if qemu_d.is_dir():
         others = sorted(p.name for p in qemu_d.iterdir() if p.name != SHIM_NAME)
@@ -184,7 +237,11 @@ def status(hooks_dir: Path = DEFAULT_HOOKS_DIR) -> HookStatus:
         present=present,
         ours=ours,
         target=target,
-        target_ok=target is not None and target.is_file() and os.access(target, os.X_OK),
+        launcher=launcher,
+        target_ok=target is not None
+        and target.is_file()
+        and os.access(target, os.X_OK)
+        and (launcher is None or launcher.is_file()),
         config=config,
         foreign_qemu_hook=(hooks_dir / "qemu").exists(),
         other_scripts=others,
@@ -200,10 +257,16 @@ def install(
 ) -> InstallResult:
     """Write the shim into ``hooks_dir/qemu.d`` (mode 0755), creating ``qemu.d`` if needed.
 
-    Idempotent: an identical shim is left alone (``changed`` is False). An older shim of
+    By default the shim runs this venv's interpreter with ``-I -S`` on this installation's
+    launcher (see the module docstring); ``executable`` names a ``spice-libvirt-hook``
+    console script to exec instead. Idempotent: an identical shim is left alone (``changed`` is False). An older shim of
     ours is replaced; a file of the same name that is not ours is refused.
     """
-    exe = executable if executable is not None else default_hook_executable()
+    launcher = None
+    if executable is None:
+        exe, launcher = Path(sys.executable), default_launcher()
+    else:
+        exe = executable
     if not exe.is_absolute():
         raise ConfigError(f"hook executable must be an absolute path: {exe}")
     if not (exe.is_file() and os.access(exe, os.X_OK)):
@@ -216,7 +279,7 @@ def install(
     qemu_d, shim = _paths(hooks_dir)
     if qemu_d.exists() and not qemu_d.is_dir():
         raise HookError(f"{qemu_d} exists and is not a directory")
-    text = render_shim(exe, config)
+    text = render_shim(exe, config, launcher=launcher)
     if shim.exists():
         if not _is_ours(shim):
             raise HookError(f"{shim} exists and was not written by spice-libvirt; not touching it")

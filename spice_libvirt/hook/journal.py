@@ -17,19 +17,26 @@ the database stays at a few megabytes however long it lives.
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
-from collections.abc import Collection, Iterator
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Literal
+# The C module ``sqlite3`` is built on (``sqlite3.connect``, ``sqlite3.Error`` and
+# ``sqlite3.Connection`` are its objects): the package adds only the deprecated default
+# date/time adapters, and their ``datetime`` and ``collections.abc`` imports, which the
+# hook would pay for on every guest event (``benchmarks/bench_hook.py``).
+import _sqlite3 as sqlite3
+import builtins
+import os
 
 from spice_libvirt.errors import HookError
 
-#: What produced an entry: libvirt's qemu hook or one of the VDSM hook adapters.
-EntrySource = Literal["libvirt", "vdsm"]
-#: How the invocation ended, from the hook's point of view.
-Outcome = Literal["ok", "rewritten", "error"]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Collection
+    from pathlib import Path
+    from typing import Any, Literal
+
+    #: What produced an entry: libvirt's qemu hook or one of the VDSM hook adapters.
+    EntrySource = Literal["libvirt", "vdsm"]
+    #: How the invocation ended, from the hook's point of view.
+    Outcome = Literal["ok", "rewritten", "error"]
 
 _SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -59,37 +66,78 @@ _COLUMN_NAMES = tuple(c.strip() for c in _COLUMNS.split(","))
 _WAL_SIZE_LIMIT = 4 * 1024 * 1024
 
 
-@dataclass(frozen=True)
 class JournalEntry:
     """One hook invocation as recorded: what libvirt (or VDSM) asked and what we did.
 
-    A standard-library dataclass, not a pydantic model: the hook builds one on every guest
-    operation under a 2 s deadline that counts interpreter start-up (see
-    :mod:`spice_libvirt.config` for the figures). Rows come back from our own table, so
-    there is nothing to validate on the way out either.
+    A plain frozen class, neither a pydantic model nor a dataclass: the hook builds one on
+    every guest operation under a 2 s deadline that counts interpreter start-up, and
+    ``dataclasses`` alone (it imports ``inspect``) is a measurable share of that start-up
+    (``benchmarks/bench_hook.py``). Rows come back from our own table, so there is nothing
+    to validate on the way out either. Fields, in the table's column order:
+
+    * ``ts``: UNIX time of the invocation, seconds; ``object``: libvirt's $1 (the guest
+      name, or '-'); ``operation``: $2 ('migrate', 'prepare'...); ``suboperation``: $3
+      ('begin'...); ``extra``: $4 (a shutoff reason, or '-');
+    * ``domain``, ``uuid``: ``<name>`` and ``<uuid>`` of the domain XML;
+    * ``outcome``: 'ok', 'rewritten' or 'error'; ``detail``: what changed, or why it failed;
+    * ``duration_ms``: time from hook start to the journal write; ``pid``;
+    * ``source``: 'libvirt' or 'vdsm'; ``id``: the row id (None before it is recorded).
     """
 
-    #: UNIX time of the invocation, seconds
+    __slots__ = _COLUMN_NAMES
+
+    id: int | None
     ts: float
-    #: libvirt's $1: the guest name, or '-'
+    source: EntrySource
     object: str
-    #: libvirt's $2, e.g. 'migrate', 'prepare'
     operation: str
-    #: libvirt's $3, e.g. 'begin'
-    suboperation: str = "-"
-    #: libvirt's $4 (a shutoff reason, or '-')
-    extra: str = "-"
-    #: <name> and <uuid> of the domain XML
-    domain: str | None = None
-    uuid: str | None = None
-    outcome: Outcome = "ok"
-    #: what was changed, or why it failed
-    detail: str = ""
-    #: time from hook start to the journal write
-    duration_ms: float | None = None
-    pid: int | None = None
-    source: EntrySource = "libvirt"
-    id: int | None = None
+    suboperation: str
+    extra: str
+    domain: str | None
+    uuid: str | None
+    outcome: Outcome
+    detail: str
+    duration_ms: float | None
+    pid: int | None
+
+    def __init__(
+        self,
+        ts: float,
+        object: str,
+        operation: str,
+        suboperation: str = "-",
+        extra: str = "-",
+        domain: str | None = None,
+        uuid: str | None = None,
+        outcome: Outcome = "ok",
+        detail: str = "",
+        duration_ms: float | None = None,
+        pid: int | None = None,
+        source: EntrySource = "libvirt",
+        id: int | None = None,
+    ) -> None:
+        values = (id, ts, source, object, operation, suboperation, extra, domain, uuid,
+                  outcome, detail, duration_ms, pid)  # fmt: skip
+        for name, value in zip(_COLUMN_NAMES, values, strict=True):
+            object_setattr(self, name, value)
+
+    def _values(self) -> tuple[builtins.object, ...]:
+        return tuple(getattr(self, name) for name in _COLUMN_NAMES)
+
+    def __setattr__(self, name: str, value: builtins.object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}: journal entries are frozen")
+
+    def __eq__(self, other: builtins.object) -> bool:
+        if not isinstance(other, JournalEntry):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={getattr(self, k)!r}" for k in _COLUMN_NAMES)
+        return f"JournalEntry({shown})"
 
     def model_dump(self, *, mode: str = "python", exclude: Collection[str] = ()) -> dict[str, Any]:
         """The entry as a dict of JSON-ready values (the shape ``journal --json`` prints).
@@ -97,50 +145,69 @@ class JournalEntry:
         Keys in the table's column order (``id`` first), as the pydantic model had them.
         """
         del mode  # every value is already JSON-ready
-        values = asdict(self)
-        return {k: values[k] for k in _COLUMN_NAMES if k not in exclude}
+        return {k: getattr(self, k) for k in _COLUMN_NAMES if k not in exclude}
+
+
+object_setattr = object.__setattr__
 
 
 class Journal:
-    """The journal file: open per call, one short transaction per write.
+    """The journal file: one connection and one transaction per write.
 
     Not kept open across calls on purpose: the hook is a short-lived process, and the CLI
     reads once. ``timeout_s`` bounds how long any call waits for another writer's lock.
+    What one write costs (connect, a few pragmas, ``BEGIN IMMEDIATE``, insert, trim,
+    commit; no fsync with WAL and ``synchronous = NORMAL`` except at checkpoints) is in
+    ``benchmarks/bench_hook.py``: well under a millisecond warm.
     """
 
-    def __init__(self, path: Path, *, max_rows: int = 10_000, timeout_s: float = 0.5) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, max_rows: int = 10_000, timeout_s: float = 0.5
+    ) -> None:
         if max_rows < 1:
             raise ValueError("max_rows must be at least 1")
-        self.path = Path(path)
+        #: the file as a string: the hook never needs pathlib (see :attr:`path`)
+        self.file = os.fspath(path)
         self.max_rows = max_rows
         self.timeout_s = timeout_s
 
-    @contextlib.contextmanager
-    def _connect(self, *, create: bool) -> Iterator[sqlite3.Connection]:
+    @property
+    def path(self) -> Path:
+        from pathlib import Path
+
+        return Path(self.file)
+
+    def _connect(self, *, create: bool) -> sqlite3.Connection:
+        """An open connection (the caller closes it); with ``create``, WAL and the schema.
+
+        The busy timeout is sqlite3's ``timeout``; WAL mode is persistent in the file, so
+        the ``journal_mode`` pragma only reads it back after the first call.
+        """
         if create:
+            directory = os.path.dirname(self.file) or "."
             try:
-                self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+                os.makedirs(directory, mode=0o750, exist_ok=True)
             except OSError as exc:
                 raise HookError(
-                    f"journal {self.path}: cannot create directory {self.path.parent}: "
+                    f"journal {self.file}: cannot create directory {directory}: "
                     f"{exc.strerror or exc}"
                 ) from exc
-            uri = f"file:{self.path}?mode=rwc"
+            uri = f"file:{self.file}?mode=rwc"
         else:
-            uri = f"file:{self.path}?mode=ro"
+            uri = f"file:{self.file}?mode=ro"
         conn = sqlite3.connect(uri, uri=True, timeout=self.timeout_s, isolation_level=None)
         try:
-            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout_s * 1000)}")
             if create:
                 mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
                 if str(mode).lower() != "wal":
-                    raise HookError(f"journal {self.path}: cannot switch to WAL (got {mode})")
+                    raise HookError(f"journal {self.file}: cannot switch to WAL (got {mode})")
                 conn.execute("PRAGMA synchronous = NORMAL")
                 conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
                 self._ensure_schema(conn)
-            yield conn
-        finally:
+        except BaseException:
             conn.close()
+            raise
+        return conn
 
     @staticmethod
     def _ensure_schema(conn: sqlite3.Connection) -> None:
@@ -167,7 +234,8 @@ class Journal:
         a lock held longer than ``timeout_s``).
         """
         try:
-            with self._connect(create=True) as conn:
+            conn = self._connect(create=True)
+            try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     cur = conn.execute(
@@ -197,10 +265,12 @@ class Journal:
                     conn.execute("ROLLBACK")
                     raise
                 return new_id
+            finally:
+                conn.close()
         except sqlite3.Error as exc:
-            raise HookError(f"journal {self.path}: cannot record: {exc}") from exc
+            raise HookError(f"journal {self.file}: cannot record: {exc}") from exc
         except OSError as exc:
-            raise HookError(f"journal {self.path}: cannot create: {exc.strerror or exc}") from exc
+            raise HookError(f"journal {self.file}: cannot create: {exc.strerror or exc}") from exc
 
     def entries(self, *, limit: int | None = 50, domain: str | None = None) -> list[JournalEntry]:
         """Return the newest entries first (at most ``limit``; None for all).
@@ -208,7 +278,7 @@ class Journal:
         A journal that does not exist yet is empty, not an error: the hook creates it on
         its first invocation, and reading must not create files as a side effect.
         """
-        if not self.path.exists():
+        if not os.path.exists(self.file):
             return []
         query = f"SELECT {_COLUMNS} FROM invocations"
         params: list[object] = []
@@ -220,18 +290,24 @@ class Journal:
             query += " LIMIT ?"
             params.append(limit)
         try:
-            with self._connect(create=False) as conn:
+            conn = self._connect(create=False)
+            try:
                 rows = conn.execute(query, params).fetchall()
+            finally:
+                conn.close()
         except sqlite3.Error as exc:
-            raise HookError(f"journal {self.path}: cannot read: {exc}") from exc
+            raise HookError(f"journal {self.file}: cannot read: {exc}") from exc
         return [JournalEntry(**dict(zip(_COLUMN_NAMES, row, strict=True))) for row in rows]
 
     def count(self) -> int:
         """Number of rows currently kept."""
-        if not self.path.exists():
+        if not os.path.exists(self.file):
             return 0
         try:
-            with self._connect(create=False) as conn:
+            conn = self._connect(create=False)
+            try:
                 return int(conn.execute("SELECT count(*) FROM invocations").fetchone()[0])
+            finally:
+                conn.close()
         except sqlite3.Error as exc:
-            raise HookError(f"journal {self.path}: cannot read: {exc}") from exc
+            raise HookError(f"journal {self.file}: cannot read: {exc}") from exc

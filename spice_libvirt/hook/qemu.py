@@ -47,26 +47,22 @@ import time
 # Taken before the heavier imports below: the deadline counts from (almost) process start.
 _MODULE_LOADED = time.monotonic()
 
-import contextlib  # noqa: E402
 import io  # noqa: E402
 import os  # noqa: E402
-import socket  # noqa: E402
 import sys  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import TextIO  # noqa: E402
 
 from spice_libvirt.config import MAX_HOOK_TIMEOUT_S, Settings, load_config  # noqa: E402
 from spice_libvirt.errors import ConfigError, HookError  # noqa: E402
 from spice_libvirt.hook.deadline import Deadline, HookDeadlineError  # noqa: E402
-from spice_libvirt.hook.journal import Journal, JournalEntry, Outcome  # noqa: E402
-from spice_libvirt.hook.rewrite import (  # noqa: E402
-    MAX_XML_BYTES,
-    DeclinedXMLError,
-    host_addresses,
-    parse_domain,
-    rewrite_graphics_listen,
-)
+from spice_libvirt.hook.journal import Journal, JournalEntry  # noqa: E402
+from spice_libvirt.hook.scan import MAX_XML_BYTES, DeclinedXMLError, scan_domain  # noqa: E402
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import TextIO
+
+    from spice_libvirt.hook.journal import Outcome
 
 PROG = "spice-libvirt-hook"
 #: Longest wait for the journal's lock; the journal write must fit into the report margin.
@@ -77,14 +73,16 @@ EXIT_FAIL_CLOSED = 1
 EXIT_USAGE = 2
 
 
-@dataclass(frozen=True)
 class Invocation:
     """libvirt's four arguments, named."""
 
-    object: str
-    operation: str
-    suboperation: str
-    extra: str
+    __slots__ = ("extra", "object", "operation", "suboperation")
+
+    def __init__(self, object: str, operation: str, suboperation: str, extra: str) -> None:
+        self.object = object
+        self.operation = operation
+        self.suboperation = suboperation
+        self.extra = extra
 
     @classmethod
     def from_argv(cls, args: Sequence[str]) -> Invocation:
@@ -104,20 +102,37 @@ class Invocation:
         return self.operation == "migrate" and self.suboperation == "begin"
 
 
-@dataclass
 class _Result:
-    output: str | None = None
-    outcome: Outcome = "ok"
-    detail: str = ""
-    domain: str | None = None
-    uuid: str | None = None
+    __slots__ = ("detail", "domain", "outcome", "output", "uuid")
+
+    def __init__(
+        self,
+        output: str | None = None,
+        outcome: Outcome = "ok",
+        detail: str = "",
+        domain: str | None = None,
+        uuid: str | None = None,
+    ) -> None:
+        self.output = output
+        self.outcome: Outcome = outcome
+        self.detail = detail
+        self.domain = domain
+        self.uuid = uuid
 
 
 def _process(inv: Invocation, text: str, settings: Settings) -> _Result:
     """Do the hook's job for one invocation; raise :class:`HookError` when it cannot."""
     if inv.is_migrate_begin:
+        # Only here: ElementTree and ipaddress are most of a rewrite's cost, and the only
+        # call that may rewrite is the one that needs them.
+        from spice_libvirt.hook.rewrite import host_addresses, rewrite_graphics_listen
+
         res = rewrite_graphics_listen(
-            text, settings.spice_address, host_addresses(), hostname=socket.gethostname()
+            # os.uname().nodename is what socket.gethostname() returns, without socket
+            text,
+            settings.spice_address,
+            host_addresses(),
+            hostname=os.uname().nodename,
         )
         if res.changes:
             return _Result(res.xml, "rewritten", "; ".join(res.changes), res.name, res.uuid)
@@ -131,7 +146,7 @@ def _process(inv: Invocation, text: str, settings: Settings) -> _Result:
     if not text.strip():
         # Guest hooks always get XML; tolerate its absence elsewhere (nothing to parse).
         return _Result(detail="no XML on stdin")
-    dom = parse_domain(text)
+    dom = scan_domain(text)
     return _Result(domain=dom.name, uuid=dom.uuid)
 
 
@@ -148,7 +163,7 @@ def _read_and_process(args: Sequence[str], stdin: TextIO, settings: Settings) ->
 
 def _journal(settings: Settings, entry: JournalEntry) -> None:
     Journal(
-        settings.journal_path, max_rows=settings.journal_max_rows, timeout_s=_JOURNAL_TIMEOUT_S
+        settings.journal_file, max_rows=settings.journal_max_rows, timeout_s=_JOURNAL_TIMEOUT_S
     ).record(entry)
 
 
@@ -242,6 +257,8 @@ def _failed(
     print(f"{PROG}: {inv.object} {inv.operation} {inv.suboperation}: {error}{note}", file=stderr)
     if not isinstance(error, HookDeadlineError):
         # Best effort: the journal is most useful exactly when something went wrong.
+        import contextlib  # an error path: not worth an import on every call
+
         with contextlib.suppress(HookError):
             _journal(
                 settings,
@@ -275,6 +292,8 @@ def self_test(stdout: TextIO, stderr: TextIO) -> int:
         print(f"{PROG}: self-test: {exc}", file=stderr)
         return EXIT_USAGE
     problems = []
+    from spice_libvirt.hook.rewrite import host_addresses, rewrite_graphics_listen
+
     if settings.spice_address is None:
         print("spice_address: not set (incoming migrations are never rewritten)", file=stdout)
     else:

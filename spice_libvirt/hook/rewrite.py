@@ -29,48 +29,55 @@ Reading this host's addresses is the only impure part and lives in :func:`host_a
 from __future__ import annotations
 
 import ipaddress
+import os
 import xml.etree.ElementTree as ET
-from collections.abc import Collection
-from dataclasses import dataclass, field
-from pathlib import Path
-from xml.parsers import expat
 
 from spice_libvirt.errors import HookError
+from spice_libvirt.hook.scan import MAX_XML_BYTES, DeclinedXMLError, check_size, scan
 
-#: libvirt's migratable XML is a few KiB; anything far larger is not a domain and would
-#: eat the hook's time budget.
-MAX_XML_BYTES = 8 * 1024 * 1024
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Collection
+
+__all__ = [
+    "MAX_XML_BYTES",
+    "DeclinedXMLError",
+    "DomainXML",
+    "RewriteResult",
+    "host_addresses",
+    "is_local_address",
+    "parse_domain",
+    "rewrite_graphics_listen",
+    "serialize",
+    "spice_listen_addresses",
+]
 
 _WILDCARDS = frozenset({"0.0.0.0", "::"})
 
 
-class DeclinedXMLError(HookError):
-    """A document the hook will not process at all: too large, or with a DOCTYPE.
+class DomainXML:
+    """A parsed domain document plus what the journal wants to know about it.
 
-    Not evidence that the guest operation is wrong, so the hook always fails open on it,
-    even with ``fail_closed``: it prints nothing, which libvirt reads as "keep your own
-    XML". Why that is the right answer for a *rewrite* hook: libvirt parses the document
-    itself whatever we do (our output can only replace it, never vet it), and the worst an
-    unrewritten document can do is fail to start on the destination, which libvirt reports
-    as a failed migration with the guest still running on the source. Refusing instead
-    would turn a hook's caution into a blocked VM operation. And a document with a DOCTYPE
-    cannot be rewritten faithfully anyway: ElementTree drops the DOCTYPE and its entity
-    declarations on output.
+    Plain classes here and in :class:`RewriteResult`, not dataclasses: ``dataclasses``
+    pulls in ``inspect``, a measurable share of the hook's start-up budget.
     """
 
+    __slots__ = ("name", "namespaces", "root", "uuid")
 
-@dataclass(frozen=True)
-class DomainXML:
-    """A parsed domain document plus what the journal wants to know about it."""
+    def __init__(
+        self,
+        root: ET.Element,
+        name: str | None,
+        uuid: str | None,
+        namespaces: dict[str, str] | None = None,
+    ) -> None:
+        self.root = root
+        self.name = name
+        self.uuid = uuid
+        #: prefix -> URI of every namespace declared in the input, to keep prefixes on output
+        self.namespaces = {} if namespaces is None else namespaces
 
-    root: ET.Element
-    name: str | None
-    uuid: str | None
-    #: prefix -> URI of every namespace declared in the input, to keep prefixes on output
-    namespaces: dict[str, str] = field(default_factory=dict)
 
-
-@dataclass(frozen=True)
 class RewriteResult:
     """The outcome of :func:`rewrite_graphics_listen`.
 
@@ -78,12 +85,29 @@ class RewriteResult:
     reads as "unchanged"); ``changes`` says what changed, one item per attribute.
     """
 
-    xml: str | None
-    changes: tuple[str, ...]
-    name: str | None
-    uuid: str | None
-    #: every SPICE listen address the input carried (attribute and children), for the journal
-    seen: tuple[str, ...] = ()
+    __slots__ = ("changes", "name", "seen", "uuid", "xml")
+
+    def __init__(
+        self,
+        xml: str | None,
+        changes: tuple[str, ...],
+        name: str | None,
+        uuid: str | None,
+        seen: tuple[str, ...] = (),
+    ) -> None:
+        self.xml = xml
+        self.changes = changes
+        self.name = name
+        self.uuid = uuid
+        #: every SPICE listen address the input carried (attribute and children), for the
+        #: journal
+        self.seen = seen
+
+    def __repr__(self) -> str:
+        return (
+            f"RewriteResult(xml={self.xml!r}, changes={self.changes!r}, name={self.name!r},"
+            f" uuid={self.uuid!r}, seen={self.seen!r})"
+        )
 
 
 def parse_domain(text: str) -> DomainXML:
@@ -93,11 +117,11 @@ def parse_domain(text: str) -> DomainXML:
     DOCTYPE (with or without entity declarations): libvirt never sends one, and entity
     expansion is the classic way to make an XML parser eat memory and time.
     """
-    if len(text) > MAX_XML_BYTES:
-        raise DeclinedXMLError(f"domain XML is larger than {MAX_XML_BYTES} bytes; not read")
+    check_size(text)
     if not text.strip():
         raise HookError("no domain XML on stdin")
-    namespaces = _prescan(text)
+    # The expat pass first: it refuses a DOCTYPE before any entity could be expanded.
+    namespaces = scan(text).namespaces
     try:
         builder = ET.TreeBuilder(insert_comments=True, insert_pis=True)
         parser = ET.XMLParser(target=builder)
@@ -113,34 +137,6 @@ def parse_domain(text: str) -> DomainXML:
         uuid=_text(root.find("uuid")),
         namespaces=namespaces,
     )
-
-
-def _prescan(text: str) -> dict[str, str]:
-    """One expat pass before ElementTree's: refuse a DOCTYPE, collect namespace prefixes.
-
-    The DOCTYPE handler fires at the declaration, before any entity it declares could be
-    expanded, so a billion-laughs document costs no more than its own bytes.
-    """
-    namespaces: dict[str, str] = {}
-
-    def doctype(name: str, *_rest: object) -> None:
-        raise DeclinedXMLError(f"domain XML has a DOCTYPE ({name}); libvirt never sends one")
-
-    def entity(name: str, *_rest: object) -> None:
-        raise DeclinedXMLError(f"domain XML declares an entity ({name})")
-
-    def start_ns(prefix: str | None, uri: str | None) -> None:
-        namespaces.setdefault(prefix or "", uri or "")
-
-    scanner = expat.ParserCreate(namespace_separator=" ")
-    scanner.StartDoctypeDeclHandler = doctype
-    scanner.EntityDeclHandler = entity
-    scanner.StartNamespaceDeclHandler = start_ns
-    try:
-        scanner.Parse(text, True)
-    except expat.ExpatError as exc:
-        raise HookError(f"malformed domain XML: {exc}") from exc
-    return namespaces
 
 
 def _text(elem: ET.Element | None) -> str | None:
@@ -251,7 +247,7 @@ def serialize(dom: DomainXML) -> str:
     return ET.tostring(dom.root, encoding="unicode") + "\n"
 
 
-def host_addresses(proc: Path = Path("/proc")) -> frozenset[str]:
+def host_addresses(proc: str | os.PathLike[str] = "/proc") -> frozenset[str]:
     """This network namespace's own IPv4 and IPv6 addresses, read from ``/proc``.
 
     ``/proc/net/fib_trie`` lists the IPv4 addresses of the local routing table (each one
@@ -263,19 +259,21 @@ def host_addresses(proc: Path = Path("/proc")) -> frozenset[str]:
     found: set[str] = set()
     try:
         previous = ""
-        for line in (proc / "net" / "fib_trie").read_text().splitlines():
-            stripped = line.strip()
-            if stripped.startswith("|--"):
-                previous = stripped[3:].strip()
-            elif stripped == "/32 host LOCAL" and previous:
-                found.add(previous)
+        with open(os.path.join(proc, "net", "fib_trie"), encoding="utf-8") as f:
+            for line in f:
+                stripped = line.strip()
+                if stripped.startswith("|--"):
+                    previous = stripped[3:].strip()
+                elif stripped == "/32 host LOCAL" and previous:
+                    found.add(previous)
     except OSError:
         pass
     try:
-        for line in (proc / "net" / "if_inet6").read_text().splitlines():
-            raw = line.split()[0] if line.split() else ""
-            if len(raw) == 32:
-                found.add(str(ipaddress.IPv6Address(bytes.fromhex(raw))))
+        with open(os.path.join(proc, "net", "if_inet6"), encoding="utf-8") as f:
+            for line in f:
+                raw = line.split()[0] if line.split() else ""
+                if len(raw) == 32:
+                    found.add(str(ipaddress.IPv6Address(bytes.fromhex(raw))))
     except (OSError, ValueError):
         pass
     return frozenset(found)

@@ -1,0 +1,36 @@
+"""Start the libvirt hook: ``PYTHON -I -S .../spice_libvirt/hook/launch.py OBJECT OP SUBOP EXTRA``.
+
+Why a file run by path and not the ``spice-libvirt-hook`` console script: libvirtd runs the
+hook on every event of every domain, and most of a console script's start-up beyond the
+bare interpreter is ``site`` scanning site-packages and running its ``.pth`` files (an
+editable install's import finder, setuptools' distutils hack, whatever else the venv
+holds). The hook needs only the standard library and this package, so the shim
+:mod:`~spice_libvirt.hook.install` writes runs the venv's interpreter with ``-S`` (no
+``site``) and ``-I`` (no ``PYTHON*`` variables, no user site, no script directory on
+``sys.path``) on this file, which calls the same :func:`spice_libvirt.hook.qemu.main` the
+console script calls.
+
+Two things it sets up first:
+
+* the directory *holding* the package goes at the end of ``sys.path``, after the standard
+  library, which it must never shadow;
+* ``spice_libvirt`` is registered as a bare package (its ``__path__`` only), so the package's
+  ``__init__`` does not run in the hook process. The hook uses nothing from it (only
+  :mod:`spice_libvirt.errors` and :mod:`spice_libvirt.config`, imported as modules), and
+  keeping it out means an import added there for the CLI or the API (``typing`` today,
+  which drags in ``re``, ``enum``, ``functools``...) can never slow down every guest event
+  on the host. ``tests/test_hook_launch.py`` checks which modules a hook call loads.
+"""
+
+import os
+import sys
+
+if __name__ == "__main__":
+    _root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.append(_root)
+    _package = type(sys)("spice_libvirt", "spice-libvirt (bare package for the hook)")
+    _package.__path__ = [os.path.join(_root, "spice_libvirt")]
+    sys.modules["spice_libvirt"] = _package
+    from spice_libvirt.hook.qemu import main
+
+    raise SystemExit(main())

@@ -1,0 +1,147 @@
+"""One expat pass over a domain XML: refuse what we never read, find name and UUID.
+
+Why a separate module: almost every hook call (prepare, start, started, stopped, release...)
+only needs the document checked and its ``<name>`` and ``<uuid>`` for the journal. That is
+one pass of expat (a C parser), without ElementTree, whose import alone would be a large
+share of the hook's start-up budget (see :mod:`spice_libvirt.hook.qemu`). Only ``migrate
+begin``, which may rewrite the document, loads :mod:`spice_libvirt.hook.rewrite` and builds
+a tree; it runs this same pass first.
+
+The pass refuses any DOCTYPE (with or without entity declarations) at the declaration,
+before an entity could be expanded, so a billion-laughs document costs no more than its own
+bytes; and it reads the namespace prefixes the document declares, so that a rewrite keeps
+them on output.
+"""
+
+from __future__ import annotations
+
+from xml.parsers import expat
+
+from spice_libvirt.errors import HookError
+
+#: libvirt's migratable XML is a few KiB; anything far larger is not a domain and would
+#: eat the hook's time budget.
+MAX_XML_BYTES = 8 * 1024 * 1024
+
+#: expat's separator between a namespace URI and a local name ("uri name").
+_NS_SEP = " "
+
+
+class DeclinedXMLError(HookError):
+    """A document the hook will not process at all: too large, or with a DOCTYPE.
+
+    Not evidence that the guest operation is wrong, so the hook always fails open on it,
+    even with ``fail_closed``: it prints nothing, which libvirt reads as "keep your own
+    XML". Why that is the right answer for a *rewrite* hook: libvirt parses the document
+    itself whatever we do (our output can only replace it, never vet it), and the worst an
+    unrewritten document can do is fail to start on the destination, which libvirt reports
+    as a failed migration with the guest still running on the source. Refusing instead
+    would turn a hook's caution into a blocked VM operation. And a document with a DOCTYPE
+    cannot be rewritten faithfully anyway: ElementTree drops the DOCTYPE and its entity
+    declarations on output.
+    """
+
+
+class DomainScan:
+    """What one pass found: the root's tag (``{uri}local`` when namespaced, as ElementTree
+    names it), ``<name>``, ``<uuid>``, and the namespace prefixes."""
+
+    __slots__ = ("name", "namespaces", "root", "uuid")
+
+    def __init__(
+        self, root: str, name: str | None, uuid: str | None, namespaces: dict[str, str]
+    ) -> None:
+        self.root = root
+        self.name = name
+        self.uuid = uuid
+        #: prefix -> URI of every namespace declared in the input ("" for the default one)
+        self.namespaces = namespaces
+
+
+def check_size(text: str) -> None:
+    """Raise :class:`DeclinedXMLError` for a document over :data:`MAX_XML_BYTES`."""
+    if len(text) > MAX_XML_BYTES:
+        raise DeclinedXMLError(f"domain XML is larger than {MAX_XML_BYTES} bytes; not read")
+
+
+def scan(text: str) -> DomainScan:
+    """Check ``text`` and collect a :class:`DomainScan`; raise :class:`HookError` if it is
+    not well-formed XML, :class:`DeclinedXMLError` if it is one we refuse.
+
+    ``name`` and ``uuid`` are what ElementTree would give as the stripped ``.text`` of the
+    root's first ``<name>`` / ``<uuid>`` child (text up to its first child element, comment
+    or processing instruction; None when empty). The root's tag is not checked here.
+    """
+    check_size(text)
+    if not text.strip():
+        raise HookError("no domain XML on stdin")
+    namespaces: dict[str, str] = {}
+    found: dict[str, str | None] = {}
+    root = ""
+    depth = 0
+    #: the <name>/<uuid> whose text is being collected, and its pieces
+    capturing: str | None = None
+    pieces: list[str] = []
+
+    def doctype(name: str, *_rest: object) -> None:
+        raise DeclinedXMLError(f"domain XML has a DOCTYPE ({name}); libvirt never sends one")
+
+    def entity(name: str, *_rest: object) -> None:
+        raise DeclinedXMLError(f"domain XML declares an entity ({name})")
+
+    def start_ns(prefix: str | None, uri: str | None) -> None:
+        namespaces.setdefault(prefix or "", uri or "")
+
+    def stop_capture() -> None:
+        nonlocal capturing
+        if capturing is not None:
+            found[capturing] = "".join(pieces).strip() or None
+            capturing = None
+
+    def start(tag: str, _attrs: object) -> None:
+        nonlocal depth, root, capturing
+        stop_capture()
+        depth += 1
+        if depth == 1:
+            root = tag
+        elif depth == 2 and tag in ("name", "uuid") and tag not in found:
+            found[tag] = None
+            capturing = tag
+            pieces.clear()
+
+    def end(_tag: str) -> None:
+        nonlocal depth
+        stop_capture()
+        depth -= 1
+
+    def other(*_args: object) -> None:
+        stop_capture()
+
+    def chars(data: str) -> None:
+        if capturing is not None:
+            pieces.append(data)
+
+    parser = expat.ParserCreate(namespace_separator=_NS_SEP)
+    parser.StartDoctypeDeclHandler = doctype
+    parser.EntityDeclHandler = entity
+    parser.StartNamespaceDeclHandler = start_ns
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = chars
+    parser.CommentHandler = other
+    parser.ProcessingInstructionHandler = other
+    try:
+        parser.Parse(text, True)
+    except expat.ExpatError as exc:
+        raise HookError(f"malformed domain XML: {exc}") from exc
+    uri, sep, local = root.rpartition(_NS_SEP)
+    tag = f"{{{uri}}}{local}" if sep else local  # as ElementTree names it
+    return DomainScan(tag, found.get("name"), found.get("uuid"), namespaces)
+
+
+def scan_domain(text: str) -> DomainScan:
+    """:func:`scan`, and the root must be ``<domain>`` (without a namespace)."""
+    dom = scan(text)
+    if dom.root != "domain":
+        raise HookError(f"not a domain XML: root element is <{dom.root}>")
+    return dom
