@@ -312,3 +312,42 @@ def test_a_destination_the_client_cannot_verify_is_a_reason(
     [client] = report.clients
     assert client.tls_before is True
     assert client.tls_after is not False  # never a plain link, whatever happened
+
+
+def test_tls_only_graphics_remote_viewer_still_seamless_because_libvirt_sends_port_0(
+    lab: Path, x_server: XServer, lab_dir: Path
+) -> None:
+    """No plain port at all (what libvirt 9.0 makes of ``defaultMode='secure'`` with
+    autoport). libvirt's ``client_migrate_info`` then carries ``port: 0`` -- not -1, which
+    is what QEMU makes of an omitted port and spice-gtk 0.42 receives as 65535 and tries in
+    plain text. spice-gtk treats 0 as "no plain port" and pre-links on TLS: seamless, every
+    channel on TLS, there and back (measured here; the lab's default keeps a refusing plain
+    port for clients that need one)."""
+    state = libvirt_lab.up(lab, tls=True, tls_mode="tls-only")
+    graphics = _graphics(state, "A")
+    assert graphics.get("port") is None
+    assert graphics.get("tlsPort") == "5901"
+    assert libvirt_tls.graphics_uri(state, "B") == (
+        f"spice://{state.hosts['B'].config.ip}?tlsPort=5901&tlsSubject=O%3Dlab%2CCN%3DhostB"
+    )
+    viewer = _secure_viewer(state, x_server.display, lab_dir, "rv-tls-only")
+    log = lab_dir / "rv-tls-only.log"
+    try:
+        cid = _full_tls_session(state, "A", viewer)
+        for expected, source in (("B", "A"), ("A", "B")):
+            mark = len(log.read_text(errors="replace"))
+            report = lab_migrate(lab, watch=False)
+            assert report.outcome == "seamless", (report.outcome, report.notes)
+            assert report.tls_downgraded is False
+            sessions = _query_spice(state, expected)
+            assert list(sessions) == [cid], sessions
+            assert sessions[cid].tls_names(False) == [], sessions[cid].channels
+            messages = _MESSAGE.findall(log.read_text(errors="replace")[mark:])
+            assert "migrate-begin-seamless" in messages, messages
+            assert "migrate-switch-host" not in messages, messages
+            monitor = (state.hosts[source].config.state_dir / "log" / "libvirtd.log").read_text()
+            sent = re.findall(r'"execute":"client_migrate_info","arguments":(\{[^}]*\})', monitor)
+            assert sent, "no client_migrate_info in the source's monitor log"
+            assert json.loads(sent[-1])["port"] == 0, sent[-1]
+    finally:
+        _stop(viewer)

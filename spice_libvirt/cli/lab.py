@@ -57,12 +57,13 @@ def register(subparsers: Any) -> None:
     )
     up.add_argument(
         "--tls-mode",
-        choices=("secure", "mixed"),
+        choices=("secure", "mixed", "tls-only"),
         default=None,
         help=(
             "with --tls: 'secure' (default) every channel refuses plain text (the plain port "
             "answers NEED_SECURED); 'mixed' plain links are accepted too (QEMU lab) or only "
-            "main, inputs and cursor are secure (libvirt lab)"
+            "main, inputs and cursor are secure (libvirt lab); 'tls-only' (libvirt lab) "
+            "no plain port at all"
         ),
     )
     up.add_argument("--json", action="store_true")
@@ -156,6 +157,8 @@ def _up(args: argparse.Namespace) -> int:
     from spice_libvirt.lab.qemu_lab import dump, state_summary
 
     refuse({"--tls-mode without --tls": args.tls_mode is not None and not args.tls}, "lab up")
+    if args.tls_mode == "tls-only" and not args.libvirt:
+        refuse({"--tls-mode tls-only": True}, "the QEMU lab (libvirt lab only)")
     if args.libvirt:
         return lab_libvirt.up(args, labdir.libvirt_lab_dir(args.dir))
     refuse(
@@ -167,7 +170,12 @@ def _up(args: argparse.Namespace) -> int:
         "the QEMU lab (libvirt lab only)",
     )
     state = asyncio.run(
-        _lab(args).up(args.guest, args.memory, tls=args.tls, tls_mode=args.tls_mode or "secure")
+        _lab(args).up(
+            args.guest,
+            args.memory,
+            tls=args.tls,
+            tls_mode="mixed" if args.tls_mode == "mixed" else "secure",
+        )
     )
     summary = state_summary(state)
     if args.json:

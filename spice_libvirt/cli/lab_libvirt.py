@@ -54,7 +54,7 @@ def up(args: argparse.Namespace, path: Path) -> int:
             f"  TLS {state.tls.mode}: CA {state.tls.ca_cert}, subjects "
             + ", ".join(f"{h}={s!r}" for h, s in state.tls.subjects.items())
         )
-        secure = " --spice-secure-channels=all" if state.tls.mode == "secure" else ""
+        secure = " --spice-secure-channels=all" if state.tls.mode != "mixed" else ""
         print(
             f"connect a viewer: ip netns exec {state.client.netns} remote-viewer "
             f"--spice-ca-file={state.tls.ca_cert} '--spice-host-subject={spice.subject}'"

@@ -37,16 +37,16 @@ def graphics_xml(tls_mode: TlsMode | None = None, *, ticket: bool = False) -> st
 
     With TLS the ports are fixed (see :data:`~spice_libvirt.lab.libvirt_state.TLS_LAB_PORT`)
     and ``secure`` puts the whole device in ``defaultMode='secure'``: libvirt then starts
-    QEMU with ``tls-channel=default``. The plain port stays on purpose: it refuses every
-    link with NEED_SECURED, which is how spice-gtk (told ``port`` and ``tls-port``) ends up
-    pre-linking on TLS; told no plain port it tries port 65535 in plain text and falls back
-    to switch-host.
+    QEMU with ``tls-channel=default``; its plain port refuses every link with NEED_SECURED.
+    ``tls-only`` drops the plain port (libvirt then tells clients ``port: 0``, which
+    spice-gtk takes as absent: it pre-links on TLS, seamless as well).
     """
     auth = f" {TICKET_PLACEHOLDER}" if ticket else ""
     if tls_mode is None:
         return f"<graphics type='spice' autoport='yes'{auth}><listen type='address'/></graphics>"
-    ports = f"autoport='no' port='{TLS_LAB_PORT}' tlsPort='{TLS_LAB_TLS_PORT}'{auth}"
-    if tls_mode == "secure":
+    plain = "" if tls_mode == "tls-only" else f" port='{TLS_LAB_PORT}'"
+    ports = f"autoport='no'{plain} tlsPort='{TLS_LAB_TLS_PORT}'{auth}"
+    if tls_mode in ("secure", "tls-only"):
         return (
             f"<graphics type='spice' {ports} defaultMode='secure'>"
             "<listen type='address'/></graphics>"

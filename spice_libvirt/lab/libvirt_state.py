@@ -24,7 +24,7 @@ from spice_libvirt.lab.procs import exclusive_lock
 
 HostName = Literal["A", "B"]
 GuestKind = Literal["firmware", "linux"]
-TlsMode = Literal["secure", "mixed"]
+TlsMode = Literal["secure", "mixed", "tls-only"]
 
 HOSTS: tuple[HostName, HostName] = ("A", "B")
 #: How long the linux guest may take to print GUEST-READY (TCG on a busy 2-CPU machine).
@@ -101,7 +101,11 @@ class LabTlsState(BaseModel):
     ``mode``: ``secure`` -- the graphics in ``defaultMode='secure'``, every channel refuses
     plain text (the plain port stays, answering NEED_SECURED: it is what lets spice-gtk
     pre-link a migration without ever going plain); ``mixed`` -- only main, inputs and
-    cursor secure, the other channels as the client chooses.
+    cursor secure, the other channels as the client chooses; ``tls-only`` -- secure and
+    no plain port at all (what libvirt 9.0 gives ``defaultMode='secure'`` with autoport).
+    libvirt then sends ``client_migrate_info`` with ``port: 0`` (not -1 as QEMU makes of
+    an omitted port), which spice-gtk 0.42 takes as "no plain port" and pre-links on TLS:
+    seamless too (measured; the QEMU path's -1 arrives as 65535 and costs the pre-link).
     """
 
     mode: TlsMode = "secure"
@@ -111,7 +115,8 @@ class LabTlsState(BaseModel):
     #: host -> the subject its certificate carries ("O=lab,CN=hostA"), in certificate
     #: order (what spice-gtk's --spice-host-subject and libvirt's tlsSubject compare)
     subjects: dict[str, str]
-    port: int = TLS_LAB_PORT
+    #: None: no plain port (``tls-only``)
+    port: int | None = TLS_LAB_PORT
     tls_port: int = TLS_LAB_TLS_PORT
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from spice_libvirt.lab.libvirt_host import LibvirtHost
 from spice_libvirt.lab.libvirt_state import (
     SPICE_TLS_DIR,
+    TLS_LAB_PORT,
     LabState,
     LabTlsState,
     TlsMode,
@@ -46,6 +47,7 @@ def plan(run_dir: Path, hostnames: dict[str, str], mode: TlsMode) -> LabTlsState
     ca_dir = run_dir / "tls-ca"
     return LabTlsState(
         mode=mode,
+        port=None if mode == "tls-only" else TLS_LAB_PORT,
         ca_dir=ca_dir,
         ca_cert=ca_dir / "ca-cert.pem",
         subjects={name: host_subject(hostname) for name, hostname in hostnames.items()},
@@ -126,7 +128,8 @@ def graphics_uri(state: LabState, destination: str) -> str | None:
         safe="",
     )
     ip = state.hosts[destination].config.ip
-    return f"spice://{ip}:{tls.port}?{query}"
+    port = f":{tls.port}" if tls.port is not None else ""
+    return f"spice://{ip}{port}?{query}"
 
 
 def client_options(
