@@ -72,7 +72,10 @@ def migrate_domain(
     :raise DomainNotFoundError: no such domain (exit code 9)
     :raise PreflightError: not running, no SPICE, incompatible destination, or a client on
         TLS the destination would accept in plain text (exit code 7; nothing was changed)
-    A migration that fails is reported (``outcome`` failed/cancelled, ``source_resumed``).
+    A migration that fails is reported (``outcome`` failed/cancelled, ``source_resumed``,
+    and ``placement``: where both libvirtds say the domain runs; anything but one host is
+    exit code 12). Cancelling the call (``KeyboardInterrupt`` in :func:`asyncio.run`, a
+    task's ``cancel()``) aborts the job and puts the bandwidth back before it unwinds.
     """
     return asyncio.run(
         migrate_domain_async(

@@ -14,8 +14,11 @@ own module, as on the QEMU path::
       -> the destination's sessions -> verdict (migration.verdict)
 
 The passthrough ``query-spice`` and the throttle *taint* the domain (``custom-monitor``);
-the report says so. A failed or timed-out migration leaves the domain running on the
-source (libvirt's own guarantee; checked and reported in ``source_resumed``).
+the report says so. Nothing is left behind (.undo): on an error, a timeout or a
+cancellation (Ctrl-C, SIGTERM) the held job is aborted -- or released to complete when
+libvirt refuses -- QEMU's max-bandwidth is checked and put back, and both libvirtds are
+asked where the domain runs (``placement``, exit code 12 when that is not exactly one
+host); each step shielded from a second cancellation and bounded.
 """
 
 from __future__ import annotations
