@@ -38,6 +38,13 @@ def encode_frame(msg_type: int, body: bytes, *, mini: bool, serial: int = 0) -> 
     return FULL_HEADER.pack(serial, msg_type, len(body), 0) + body
 
 
+def oversized(msg_type: int, size: int, max_body: int) -> RemoteProtocolError:
+    """The error for a header that announces more than ``max_body`` bytes."""
+    return RemoteProtocolError(
+        f"message type {msg_type} announces {size} bytes, more than the {max_body} allowed"
+    )
+
+
 class ReceiveBuffer:
     """Bytes received but not yet parsed. Compacts lazily so that many small messages in one
     read cost one copy, not one per message."""
@@ -78,43 +85,102 @@ class ReceiveBuffer:
 
 
 class FrameDecoder:
-    """Cuts a byte stream into :class:`Frame` objects.
+    """Cuts a byte stream into frames: :meth:`next_frame` (a :class:`Frame`) or, on the
+    client's receive path, :meth:`next_raw` (a plain tuple, no object to build).
 
     ``max_body`` bounds what a hostile size field can make us buffer: the header is rejected
     before a single body byte is stored.
+
+    Why not :class:`ReceiveBuffer`: the receive path is per message, and every copy and
+    call there counts (``benchmarks/bench_codec.py``). The bytes are kept as the ``bytes``
+    object the socket returned plus a read position, so a header is unpacked in place and a
+    body is one slice (one copy; none when the body is the whole read). Only a frame that
+    spans reads is gathered, in a ``bytearray`` that grows until the frame is complete
+    (linear however many reads a large frame takes), then turned into ``bytes`` once.
     """
+
+    __slots__ = ("_data", "_header", "_need", "_pending", "_pos", "_serial", "max_body", "mini")
 
     def __init__(self, *, mini: bool, max_body: int = DEFAULT_MAX_BODY) -> None:
         self.mini = mini
         self.max_body = max_body
-        self._buffer = ReceiveBuffer()
-        self._serial = 0
         self._header = MINI_HEADER if mini else FULL_HEADER
+        #: the bytes being parsed, and where parsing stands in them
+        self._data = b""
+        self._pos = 0
+        #: a frame that spans reads, gathered until it is complete (then ``_data`` is empty)
+        self._pending: bytearray | None = None
+        self._serial = 0
 
     def feed(self, data: bytes) -> None:
-        self._buffer.feed(data)
+        pending = self._pending
+        if pending is not None:
+            pending += data
+            if len(pending) >= self._needed(pending, 0):
+                self._data = bytes(pending)
+                self._pos = 0
+                self._pending = None
+            return
+        rest = len(self._data) - self._pos
+        if not rest:
+            self._data = bytes(data)  # no copy for bytes, which is what sockets return
+            self._pos = 0
+        elif rest + len(data) >= self._needed(self._data, self._pos):
+            self._data = self._data[self._pos :] + data
+            self._pos = 0
+        else:
+            gathered = bytearray(self._data[self._pos :])
+            gathered += data
+            self._pending = gathered
+            self._data = b""
+            self._pos = 0
+
+    def _needed(self, buf: bytes | bytearray, pos: int) -> int:
+        """Bytes from ``pos`` the frame starting there needs before it can be cut (or its
+        header judged): the header alone until it is complete; 0 for an oversized one, so
+        that it is judged at once."""
+        header = self._header
+        if len(buf) - pos < header.size:
+            return header.size
+        size = header.unpack_from(buf, pos)[1 if self.mini else 2]
+        if size > self.max_body:
+            return 0
+        return int(header.size + size)
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        if self._pending is not None:
+            return len(self._pending)
+        return len(self._data) - self._pos
 
-    def next_frame(self) -> Frame | None:
-        head = self._buffer.peek(self._header.size)
-        if head is None:
+    def next_raw(self) -> tuple[int, int, bytes] | None:
+        """``(serial, msg_type, body)`` of the next complete frame, or None for "feed more".
+
+        Raises :class:`RemoteProtocolError` for a header announcing more than ``max_body``,
+        as soon as the header is there (the frame is not consumed).
+        """
+        data = self._data
+        pos = self._pos
+        header = self._header
+        start = pos + header.size
+        if start > len(data):
             return None
         if self.mini:
-            msg_type, size = MINI_HEADER.unpack(head)
+            msg_type, size = MINI_HEADER.unpack_from(data, pos)
             serial = self._serial + 1
         else:
-            serial, msg_type, size, _sub_list = FULL_HEADER.unpack(head)
+            serial, msg_type, size, _sub_list = FULL_HEADER.unpack_from(data, pos)
         if size > self.max_body:
-            raise RemoteProtocolError(
-                f"message type {msg_type} announces {size} bytes, more than the {self.max_body} allowed"
-            )
-        if len(self._buffer) < self._header.size + size:
+            raise oversized(msg_type, size, self.max_body)
+        end = start + size
+        if end > len(data):
             return None
-        self._buffer.take(self._header.size)
-        body = self._buffer.take(size)
-        assert body is not None
+        self._pos = end
         self._serial = serial
-        return Frame(serial, msg_type, body)
+        return serial, msg_type, data[start:end]
+
+    def next_frame(self) -> Frame | None:
+        raw = self.next_raw()
+        if raw is None:
+            return None
+        return Frame(*raw)

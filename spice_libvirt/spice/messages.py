@@ -54,6 +54,7 @@ from spice_libvirt.spice.msg_base import (
     SetAck,
     UnknownMessage,
     WaitForChannels,
+    fast_init,
 )
 from spice_libvirt.spice.msg_channels import (
     PORT_INIT_FIXED,
@@ -195,6 +196,11 @@ def _decode(table: dict[int, MessageClass], msg_type: int, body: bytes) -> Messa
         raise RemoteProtocolError(f"malformed {cls.NAME}: {exc}") from exc
 
 
+def server_table(channel_type: int) -> dict[int, MessageClass]:
+    """Message type -> class of what a server sends on a channel of ``channel_type``."""
+    return SERVER_MESSAGES.get(channel_type, _SERVER_DEFAULT)
+
+
 def decode_server_message(channel_type: int, msg_type: int, body: bytes) -> Message:
     """Decode a server→client body on a channel of ``channel_type``."""
     return _decode(SERVER_MESSAGES.get(channel_type, _SERVER_DEFAULT), msg_type, body)
@@ -295,6 +301,8 @@ __all__ = [
     "all_message_classes",
     "decode_client_message",
     "decode_server_message",
+    "fast_init",
     "message_name",
     "message_type",
+    "server_table",
 ]

@@ -14,12 +14,14 @@ from spice_libvirt.spice.msg_base import (
     Message,
     RawMessage,
     _read_string,
+    fast_init,
 )
 
 # ---------------------------------------------------------------------------------------
 # Display, inputs, spicevmc and port channels: what a passive client needs
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class DisplayInit(FixedMessage):
     """Client's cache announcement; spice-server starts drawing only after it."""
@@ -33,6 +35,7 @@ class DisplayInit(FixedMessage):
     LAYOUT: ClassVar[struct.Struct] = struct.Struct("<BqBi")
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class InputsInit(FixedMessage):
     keyboard_modifiers: int
@@ -41,6 +44,7 @@ class InputsInit(FixedMessage):
     LAYOUT: ClassVar[struct.Struct] = U16
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class InputsKeyModifiers(FixedMessage):
     modifiers: int
@@ -49,6 +53,7 @@ class InputsKeyModifiers(FixedMessage):
     LAYOUT: ClassVar[struct.Struct] = U16
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class VmcData(RawMessage):
     """spicevmc payload (usbredir, port, webdav); the same number in both directions."""
@@ -61,6 +66,7 @@ class VmcData(RawMessage):
 PORT_INIT_FIXED = struct.Struct("<IIB")
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class PortInit(Message):
     name: str
@@ -81,6 +87,7 @@ class PortInit(Message):
         return cls(name or "", bool(opened))
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class PortEventMessage(FixedMessage):
     event: int
@@ -89,6 +96,7 @@ class PortEventMessage(FixedMessage):
     LAYOUT: ClassVar[struct.Struct] = U8
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ClientPortEvent(FixedMessage):
     event: int

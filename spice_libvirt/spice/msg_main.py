@@ -17,12 +17,14 @@ from spice_libvirt.spice.msg_base import (
     FixedMessage,
     Message,
     RawMessage,
+    fast_init,
 )
 
 # ---------------------------------------------------------------------------------------
 # Main channel, server side
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainMigrateBegin(Message):
     dst: DstInfo
@@ -37,12 +39,14 @@ class MainMigrateBegin(Message):
         return cls(DstInfo.decode(body, cls.NAME))
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainMigrateCancel(EmptyMessage):
     TYPE: ClassVar[int] = 102
     NAME: ClassVar[str] = "MIGRATE_CANCEL"
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainInit(FixedMessage):
     session_id: int
@@ -58,6 +62,7 @@ class MainInit(FixedMessage):
     LAYOUT: ClassVar[struct.Struct] = struct.Struct("<8I")
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainChannelsList(Message):
     channels: tuple[tuple[int, int], ...]
@@ -86,6 +91,7 @@ class MainChannelsList(Message):
         return cls(tuple(unique))
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainMouseMode(FixedMessage):
     supported_modes: int
@@ -95,6 +101,7 @@ class MainMouseMode(FixedMessage):
     LAYOUT: ClassVar[struct.Struct] = struct.Struct("<HH")
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainMultiMediaTime(FixedMessage):
     time: int
@@ -103,12 +110,14 @@ class MainMultiMediaTime(FixedMessage):
     LAYOUT: ClassVar[struct.Struct] = U32
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainAgentConnected(EmptyMessage):
     TYPE: ClassVar[int] = 107
     NAME: ClassVar[str] = "AGENT_CONNECTED"
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainAgentDisconnected(FixedMessage):
     error_code: int
@@ -117,6 +126,7 @@ class MainAgentDisconnected(FixedMessage):
     LAYOUT: ClassVar[struct.Struct] = U32
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainAgentData(RawMessage):
     data: bytes
@@ -124,6 +134,7 @@ class MainAgentData(RawMessage):
     NAME: ClassVar[str] = "AGENT_DATA"
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainAgentToken(FixedMessage):
     num_tokens: int
@@ -132,6 +143,7 @@ class MainAgentToken(FixedMessage):
     LAYOUT: ClassVar[struct.Struct] = U32
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainMigrateSwitchHost(Message):
     dst: DstInfo
@@ -146,12 +158,14 @@ class MainMigrateSwitchHost(Message):
         return cls(DstInfo.decode(body, cls.NAME, nonnull=False))
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainMigrateEnd(EmptyMessage):
     TYPE: ClassVar[int] = 112
     NAME: ClassVar[str] = "MIGRATE_END"
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainName(Message):
     name: str
@@ -172,6 +186,7 @@ class MainName(Message):
         return cls(body[4 : 4 + length].split(b"\0", 1)[0].decode("utf-8", "replace"))
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainUuid(Message):
     uuid: bytes
@@ -190,6 +205,7 @@ class MainUuid(Message):
         return cls(bytes(body[:16]))
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainAgentConnectedTokens(FixedMessage):
     num_tokens: int
@@ -198,6 +214,7 @@ class MainAgentConnectedTokens(FixedMessage):
     LAYOUT: ClassVar[struct.Struct] = U32
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainMigrateBeginSeamless(Message):
     dst: DstInfo
@@ -216,12 +233,14 @@ class MainMigrateBeginSeamless(Message):
         return cls(DstInfo.decode(body, cls.NAME), version)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainMigrateDstSeamlessAck(EmptyMessage):
     TYPE: ClassVar[int] = 117
     NAME: ClassVar[str] = "MIGRATE_DST_SEAMLESS_ACK"
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainMigrateDstSeamlessNack(EmptyMessage):
     TYPE: ClassVar[int] = 118
@@ -232,6 +251,7 @@ class MainMigrateDstSeamlessNack(EmptyMessage):
 # Main channel, client side
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainClientInfo(FixedMessage):
     cache_size: int
@@ -240,24 +260,28 @@ class MainClientInfo(FixedMessage):
     LAYOUT: ClassVar[struct.Struct] = struct.Struct("<Q")
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainMigrateConnected(EmptyMessage):
     TYPE: ClassVar[int] = 102
     NAME: ClassVar[str] = "MIGRATE_CONNECTED"
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainMigrateConnectError(EmptyMessage):
     TYPE: ClassVar[int] = 103
     NAME: ClassVar[str] = "MIGRATE_CONNECT_ERROR"
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainAttachChannels(EmptyMessage):
     TYPE: ClassVar[int] = 104
     NAME: ClassVar[str] = "ATTACH_CHANNELS"
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainMouseModeRequest(FixedMessage):
     mode: int
@@ -266,6 +290,7 @@ class MainMouseModeRequest(FixedMessage):
     LAYOUT: ClassVar[struct.Struct] = U16
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainAgentStart(FixedMessage):
     num_tokens: int
@@ -274,6 +299,7 @@ class MainAgentStart(FixedMessage):
     LAYOUT: ClassVar[struct.Struct] = U32
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainClientAgentData(RawMessage):
     data: bytes
@@ -281,6 +307,7 @@ class MainClientAgentData(RawMessage):
     NAME: ClassVar[str] = "AGENT_DATA"
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainClientAgentToken(FixedMessage):
     num_tokens: int
@@ -289,12 +316,14 @@ class MainClientAgentToken(FixedMessage):
     LAYOUT: ClassVar[struct.Struct] = U32
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainClientMigrateEnd(EmptyMessage):
     TYPE: ClassVar[int] = 109
     NAME: ClassVar[str] = "MIGRATE_END"
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainMigrateDstDoSeamless(FixedMessage):
     src_version: int
@@ -303,6 +332,7 @@ class MainMigrateDstDoSeamless(FixedMessage):
     LAYOUT: ClassVar[struct.Struct] = U32
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MainMigrateConnectedSeamless(EmptyMessage):
     TYPE: ClassVar[int] = 111
