@@ -23,9 +23,11 @@ from pathlib import Path
 import pytest
 
 from spice_libvirt.exitcodes import ExitCode, for_report
-from spice_libvirt.lab import libvirt_lab, libvirt_ticket
+from spice_libvirt.lab import libvirt_lab, libvirt_ticket, libvirt_tls
 from spice_libvirt.lab.libvirt_lab import LabState
-from spice_libvirt.lab.libvirt_migrate import lab_migrate
+from spice_libvirt.lab.libvirt_migrate import lab_migrate, lab_request
+from spice_libvirt.lab.witness_thread import netns_witness
+from spice_libvirt.libvirt.controller import migrate_libvirt
 from spice_libvirt.libvirt.errors import PreflightError
 from tests.lab_marks import LIBVIRT_LAB
 
@@ -113,3 +115,37 @@ def test_ticket_with_expiry_checked_refused_and_extended(lab: Path, lab_dir: Pat
     assert moved is not None
     assert moved >= before.replace(microsecond=0) + dt.timedelta(seconds=119)
     _no_secret_anywhere(_state(lab), ticket)
+
+
+async def test_expired_ticket_plain_libvirt_loses_the_client_ours_refuses(
+    lab: Path, lab_dir: Path
+) -> None:
+    """What an expired ticket does (the client linked while it was valid and kept with
+    ``connected='keep'``): ours refuses in the preflight, the VM and the client untouched;
+    libvirt's own migration goes ahead, the destination refuses the client's ticket, the
+    client cannot follow -- the report says so, it is not a success."""
+    ticket_file = lab_dir / "ticket"
+    ticket_file.write_text(secrets.token_urlsafe(12) + "\n")
+    state = libvirt_lab.up(lab, tls=True, ticket_file=ticket_file, ticket_valid_s=3600)
+    endpoint = libvirt_lab.spice_endpoint(state, "A")
+    assert endpoint is not None
+    options = libvirt_tls.client_options(
+        state, "A", endpoint.address, endpoint.port, endpoint.tls_port
+    )
+    async with netns_witness(options, state.client.netns) as witness:
+        cid = witness.session_id
+        libvirt_ticket.set_ticket(state, "A", -60)  # expired; the linked client is kept
+        ours = lab_request(state, "A", "B", witness_one_way_ms=witness.one_way_ms)
+        with pytest.raises(PreflightError, match="the SPICE ticket expired"):
+            await migrate_libvirt(ours, witness)
+        assert libvirt_lab.status(lab).active_host == "A"
+        assert witness.session_id == cid
+        plain = lab_request(state, "A", "B", plain=True, witness_one_way_ms=witness.one_way_ms)
+        report = await migrate_libvirt(plain, witness)
+    assert report.migration.status == "completed", report.notes
+    assert report.outcome != "seamless", report.notes
+    assert for_report(report) is not ExitCode.OK
+    [client] = report.clients
+    assert client.record is not None
+    assert client.record.error is not None
+    assert "denied" in client.record.error.lower(), client.record.error
