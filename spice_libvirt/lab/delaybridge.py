@@ -13,15 +13,24 @@ Why it looks the way it does:
   ``ethtool -K`` (not installed) is needed;
 * one FIFO per direction whose release times never go backwards, so frames are never
   reordered, not even when the delay is lowered on the fly;
+* random loss and jitter per direction (``netem loss P%`` and ``delay D J``), with a
+  seedable RNG so a run can be repeated. Jitter keeps the FIFO: a frame is never released
+  before the one ahead of it, so every flow (every frame of a direction, in fact) keeps its
+  order. That is a queue's behaviour, not netem's (netem reorders under jitter): TCP in the
+  lab then sees delay variation and loss, never spurious reordering that would mix a third
+  impairment into the figures. The price: frames closer together than the jitter spread
+  leave together at the later one's time, so on a busy link the delay distribution is
+  skewed upwards (exactly what a congested queue does);
 * bounded queues (frames and bytes per direction): beyond the bound frames are dropped and
   counted, like a router's tail drop, instead of eating the machine's memory;
-* a control socket (JSON lines on a UNIX stream socket) to read statistics and change the RTT
-  while traffic flows;
+* a control socket (JSON lines on a UNIX stream socket) to read statistics and change the RTT,
+  loss, jitter and seed while traffic flows;
 * SIGTERM (and SIGINT) end it cleanly: sockets closed, control socket removed, final
   statistics written to stderr.
 
-The queueing logic is :class:`DelayLine` (sans-IO: no sockets, the caller passes the time) so it
-can be tested without namespaces; :class:`DelayBridge` is the I/O loop around it.
+The queueing logic is :class:`~spice_libvirt.lab.delayline.DelayLine` (sans-IO, in its own
+module: no sockets, the caller passes the time) so it can be tested without namespaces;
+:class:`DelayBridge` is the I/O loop around it.
 
 Run it as ``python -m spice_libvirt.lab.delaybridge --netns NS IF1 IF2 --rtt-ms N --control
 PATH``; :func:`spawn` does that and waits until it answers.
@@ -30,7 +39,6 @@ PATH``; :func:`spawn` does that and waits until it answers.
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import json
 import os
@@ -41,122 +49,29 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from pydantic import BaseModel, Field
-
 from spice_libvirt.errors import ConfigError, LabError
 from spice_libvirt.lab import netns
+from spice_libvirt.lab.delayline import (
+    MAX_JITTER_MS,
+    MAX_RTT_MS,
+    BridgeStats,
+    DelayLine,
+    JitterDist,
+    PerDirection,
+    check_pair,
+)
+from spice_libvirt.lab.delayline import (
+    RECV_BUF as _RECV_BUF,
+)
 
 _ETH_P_ALL = 0x0003
 _SOL_PACKET = 263
 _PACKET_VNET_HDR = 15
 _PACKET_OUTGOING = 4
-#: virtio-net header (10 bytes) + the largest GSO frame a veth produces (64 KiB) + slack.
-_RECV_BUF = 256 * 1024
 _CONTROL_MAX_LINE = 4096
-
-#: RTTs above this are certainly a typo (and would pin lots of memory in the queues).
-MAX_RTT_MS = 10_000.0
-
-
-class BridgeStats(BaseModel):
-    """Counters the bridge reports on its control socket and at exit."""
-
-    rtt_ms: float
-    forwarded: list[int] = Field(description="frames forwarded, per direction [if1->if2, if2->if1]")
-    dropped_full: list[int] = Field(description="frames dropped because the queue was full")
-    send_errors: list[int] = Field(description="frames the kernel refused to send")
-    queued: list[int] = Field(description="frames waiting now, per direction")
-    queued_bytes: list[int]
-    max_frames: int
-    max_bytes: int
-
-
-@dataclass
-class _Direction:
-    queue: collections.deque[tuple[float, bytes]] = field(default_factory=collections.deque)
-    queued_bytes: int = 0
-    last_due: float = 0.0
-    forwarded: int = 0
-    dropped_full: int = 0
-    send_errors: int = 0
-
-
-class DelayLine:
-    """Two bounded FIFO delay queues (sans-IO): push frames in, pop them when they are due.
-
-    Direction 0 carries frames received on the first interface (to be sent on the second),
-    direction 1 the reverse. Each frame is due ``one_way_s`` after it arrived, but never
-    before the frame ahead of it, so the order on the wire is kept.
-    """
-
-    def __init__(self, rtt_ms: float, *, max_frames: int = 50_000, max_bytes: int = 64 << 20):
-        if max_frames < 1 or max_bytes < _RECV_BUF:
-            raise ConfigError(f"queue bounds too small: {max_frames} frames, {max_bytes} bytes")
-        self.max_frames = max_frames
-        self.max_bytes = max_bytes
-        self._dirs = (_Direction(), _Direction())
-        self.rtt_ms = 0.0
-        self.set_rtt(rtt_ms)
-
-    def set_rtt(self, rtt_ms: float) -> None:
-        """Change the round-trip time; frames already queued keep their release time."""
-        if not 0.0 <= rtt_ms <= MAX_RTT_MS:
-            raise ConfigError(f"rtt must be between 0 and {MAX_RTT_MS:.0f} ms, not {rtt_ms}")
-        self.rtt_ms = float(rtt_ms)
-
-    @property
-    def one_way_s(self) -> float:
-        return self.rtt_ms / 2000.0
-
-    def push(self, direction: int, frame: bytes, now: float) -> bool:
-        """Queue a frame that arrived at ``now``; ``False`` if it was dropped (queue full)."""
-        d = self._dirs[direction]
-        if len(d.queue) >= self.max_frames or d.queued_bytes + len(frame) > self.max_bytes:
-            d.dropped_full += 1
-            return False
-        due = max(now + self.one_way_s, d.last_due)
-        d.last_due = due
-        d.queue.append((due, frame))
-        d.queued_bytes += len(frame)
-        return True
-
-    def pop_due(self, direction: int, now: float) -> list[bytes]:
-        """Remove and return the frames of one direction whose time has come, oldest first."""
-        d = self._dirs[direction]
-        out: list[bytes] = []
-        while d.queue and d.queue[0][0] <= now:
-            _, frame = d.queue.popleft()
-            d.queued_bytes -= len(frame)
-            out.append(frame)
-        return out
-
-    def next_due(self) -> float | None:
-        """The earliest release time over both directions, or ``None`` when both are empty."""
-        heads = [d.queue[0][0] for d in self._dirs if d.queue]
-        return min(heads) if heads else None
-
-    def count_sent(self, direction: int, ok: bool) -> None:
-        d = self._dirs[direction]
-        if ok:
-            d.forwarded += 1
-        else:
-            d.send_errors += 1
-
-    def stats(self) -> BridgeStats:
-        return BridgeStats(
-            rtt_ms=self.rtt_ms,
-            forwarded=[d.forwarded for d in self._dirs],
-            dropped_full=[d.dropped_full for d in self._dirs],
-            send_errors=[d.send_errors for d in self._dirs],
-            queued=[len(d.queue) for d in self._dirs],
-            queued_bytes=[d.queued_bytes for d in self._dirs],
-            max_frames=self.max_frames,
-            max_bytes=self.max_bytes,
-        )
 
 
 def _packet_socket(ifname: str) -> socket.socket:
@@ -259,7 +174,7 @@ class DelayBridge:
                 continue
             frame = bytes(view[:n])
             now = time.monotonic()
-            if self.line.rtt_ms <= 0.0 and self.line.next_due() is None:
+            if self.line.rtt_ms <= 0.0 and not self.line.impaired and self.line.next_due() is None:
                 try:
                     self._ports[1 - direction].send(frame)
                     self.line.count_sent(direction, True)
@@ -304,6 +219,18 @@ class DelayBridge:
             cmd = request.get("cmd")
             if cmd == "set-rtt":
                 self.line.set_rtt(float(request["rtt_ms"]))
+            elif cmd == "set-impairment":
+                self.line.set_impairment(
+                    loss_pct=request.get("loss_pct"),
+                    jitter_ms=request.get("jitter_ms"),
+                    jitter_dist=request.get("jitter_dist"),
+                    direction=request.get("direction"),
+                )
+            elif cmd == "seed":
+                seed = request.get("seed")
+                if seed is not None and not isinstance(seed, int):
+                    raise ValueError(f"seed must be an integer or null, not {seed!r}")
+                self.line.reseed(seed)
             elif cmd != "stats":
                 raise ValueError(f"unknown command {cmd!r}")
         except (ValueError, KeyError, TypeError, ConfigError) as exc:
@@ -343,6 +270,32 @@ def set_rtt(path: Path, rtt_ms: float, *, timeout: float = 5.0) -> BridgeStats:
     return control(path, {"cmd": "set-rtt", "rtt_ms": rtt_ms}, timeout=timeout)
 
 
+def set_impairment(
+    path: Path,
+    *,
+    loss_pct: PerDirection | None = None,
+    jitter_ms: PerDirection | None = None,
+    jitter_dist: JitterDist | None = None,
+    direction: int | None = None,
+    timeout: float = 5.0,
+) -> BridgeStats:
+    """Change a running bridge's loss and jitter (``None``: keep), both directions or one
+    (0: if1->if2, 1: if2->if1); applies to frames arriving from now on."""
+    request: dict[str, object] = {"cmd": "set-impairment", "direction": direction}
+    if loss_pct is not None:
+        request["loss_pct"] = loss_pct if isinstance(loss_pct, int | float) else list(loss_pct)
+    if jitter_ms is not None:
+        request["jitter_ms"] = jitter_ms if isinstance(jitter_ms, int | float) else list(jitter_ms)
+    if jitter_dist is not None:
+        request["jitter_dist"] = jitter_dist
+    return control(path, request, timeout=timeout)
+
+
+def reseed(path: Path, seed: int | None, *, timeout: float = 5.0) -> BridgeStats:
+    """Restart a running bridge's RNG with ``seed`` (reproducible losses and delays)."""
+    return control(path, {"cmd": "seed", "seed": seed}, timeout=timeout)
+
+
 def stats(path: Path, *, timeout: float = 5.0) -> BridgeStats:
     return control(path, {"cmd": "stats"}, timeout=timeout)
 
@@ -356,6 +309,10 @@ def spawn(
     control_path: Path,
     log_path: Path,
     timeout: float = 10.0,
+    loss_pct: PerDirection = 0.0,
+    jitter_ms: PerDirection = 0.0,
+    jitter_dist: JitterDist = "uniform",
+    seed: int | None = None,
 ) -> netns.ProcRef:
     """Start the bridge as its own process in namespace ``ns``; return once it answers.
 
@@ -364,6 +321,8 @@ def spawn(
     """
     if not 0 <= rtt_ms <= MAX_RTT_MS:
         raise ConfigError(f"client rtt must be between 0 and {MAX_RTT_MS:.0f} ms, not {rtt_ms}")
+    loss = check_pair(loss_pct, "loss_pct", 100.0)
+    jitter = check_pair(jitter_ms, "jitter_ms", MAX_JITTER_MS)
     argv = [
         sys.executable,
         "-m",
@@ -374,6 +333,13 @@ def spawn(
         str(rtt_ms),
         "--control",
         str(control_path),
+        "--loss-pct",
+        f"{loss[0]!r},{loss[1]!r}",
+        "--jitter-ms",
+        f"{jitter[0]!r},{jitter[1]!r}",
+        "--jitter-dist",
+        jitter_dist,
+        *(["--seed", str(seed)] if seed is not None else []),
         if1,
         if2,
     ]
@@ -416,6 +382,11 @@ def spawn(
 # --------------------------------------------------------------------------- entry point
 
 
+def _per_direction(text: str) -> tuple[float, ...]:
+    """``P`` (both directions) or ``P1,P2`` (if1->if2, if2->if1)."""
+    return tuple(float(part) for part in text.split(","))
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m spice_libvirt.lab.delaybridge",
@@ -428,13 +399,29 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--netns", help="enter this named network namespace first")
     parser.add_argument("--max-frames", type=int, default=50_000, help="queue bound per direction")
     parser.add_argument("--max-bytes", type=int, default=64 << 20, help="queue bytes per direction")
+    parser.add_argument(
+        "--loss-pct", type=_per_direction, default=(0.0,), help="random loss, %% (P or P1,P2)"
+    )
+    parser.add_argument(
+        "--jitter-ms", type=_per_direction, default=(0.0,), help="one-way jitter (J or J1,J2)"
+    )
+    parser.add_argument("--jitter-dist", choices=["uniform", "normal"], default="uniform")
+    parser.add_argument("--seed", type=int, default=None, help="seed the loss/jitter RNG")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     try:
-        line = DelayLine(args.rtt_ms, max_frames=args.max_frames, max_bytes=args.max_bytes)
+        line = DelayLine(
+            args.rtt_ms,
+            max_frames=args.max_frames,
+            max_bytes=args.max_bytes,
+            loss_pct=args.loss_pct[0] if len(args.loss_pct) == 1 else args.loss_pct,
+            jitter_ms=args.jitter_ms[0] if len(args.jitter_ms) == 1 else args.jitter_ms,
+            jitter_dist=args.jitter_dist,
+            seed=args.seed,
+        )
         if args.netns:
             # enter for good: this process exists only to bridge inside that namespace
             netns.enter_for_good(args.netns)
@@ -449,7 +436,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(
-        f"delaybridge: pid {os.getpid()} {args.if1}<->{args.if2} rtt {line.rtt_ms} ms",
+        f"delaybridge: pid {os.getpid()} {args.if1}<->{args.if2} rtt {line.rtt_ms} ms, "
+        f"loss {args.loss_pct} %, jitter {args.jitter_ms} ms {line.jitter_dist}, "
+        f"seed {line.seed}",
         file=sys.stderr,
         flush=True,
     )
@@ -460,3 +449,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+__all__ = [
+    "MAX_JITTER_MS",
+    "MAX_RTT_MS",
+    "BridgeStats",
+    "DelayBridge",
+    "DelayLine",
+    "JitterDist",
+    "PerDirection",
+    "control",
+    "main",
+    "reseed",
+    "set_impairment",
+    "set_rtt",
+    "spawn",
+    "stats",
+]
