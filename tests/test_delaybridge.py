@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spice_libvirt.errors import ConfigError, LabError
-from spice_libvirt.lab import delaybridge, netns
+from spice_libvirt.lab import delaybridge, delayline, netns
 from spice_libvirt.lab.delaybridge import DelayLine
 
 # --------------------------------------------------------------------------- DelayLine
@@ -46,15 +46,15 @@ def test_lowering_the_delay_never_reorders() -> None:
 
 
 def test_queue_is_bounded_in_frames_and_bytes() -> None:
-    line = DelayLine(50.0, max_frames=3, max_bytes=delaybridge._RECV_BUF)
+    line = DelayLine(50.0, max_frames=3, max_bytes=delayline.RECV_BUF)
     assert all(line.push(0, b"x", 0.0) for _ in range(3))
     assert not line.push(0, b"x", 0.0)
-    assert line.push(1, b"y" * delaybridge._RECV_BUF, 0.0)
+    assert line.push(1, b"y" * delayline.RECV_BUF, 0.0)
     assert not line.push(1, b"y", 0.0)
     s = line.stats()
     assert s.dropped_full == [1, 1]
     assert s.queued == [3, 1]
-    assert s.queued_bytes == [3, delaybridge._RECV_BUF]
+    assert s.queued_bytes == [3, delayline.RECV_BUF]
     line.pop_due(0, 1.0)
     assert line.push(0, b"x", 1.0)  # room again
 
@@ -194,7 +194,7 @@ def test_impairment_changes_one_direction_or_both_and_refuses_nonsense() -> None
         {"direction": 2},
     ):
         with pytest.raises(ConfigError):
-            line.set_impairment(**bad)  # type: ignore[arg-type]
+            line.set_impairment(**bad)
     assert line.stats().loss_pct == [2.0, 0.0]  # a refused request changed nothing
 
 
