@@ -288,24 +288,24 @@ def test_constraints_pin_every_dependency() -> None:
 
 
 def test_inventory_matches_the_vagrantfile() -> None:
+    """The hand-run inventory names the Vagrantfile's hypervisors at the same addresses
+    (the Vagrant lab has no client VM: the machine running it is the SPICE client)."""
     ini = configparser.ConfigParser(allow_no_value=True, delimiters=(" ",))
     ini.optionxform = str  # type: ignore[assignment,method-assign]
     ini.read(ANSIBLE / "inventory" / "lab.ini")
     hosts: dict[str, dict[str, str]] = {}
-    for group in ("hypervisors", "clients"):
-        for name, value in ini.items(group):
-            hosts[name] = dict(kv.split("=", 1) for kv in (value or "").split())
-            hosts[name]["group"] = group
+    for name, value in ini.items("hypervisors"):
+        hosts[name] = dict(kv.split("=", 1) for kv in (value or "").split())
     text = VAGRANTFILE.read_text()
+    machines = re.findall(r'^\s*"(\w+)"\s*=>\s*\{\s*ip:', text, re.M)
+    assert sorted(hosts) == sorted(machines) == ["hv1", "hv2"]
     for name, attrs in hosts.items():
         m = re.search(rf'"{name}"\s*=>\s*\{{\s*ip:\s*"([0-9.]+)".*group:\s*"(\w+)"', text)
         assert m, name
         assert m.group(1) == attrs["ansible_host"]
-        assert m.group(2) == attrs["group"]
+        assert m.group(2) == "hypervisors"
         assert attrs["spice_libvirt_lab_ip"] == attrs["ansible_host"]
-        if attrs["group"] == "hypervisors":
-            assert attrs["spice_libvirt_spice_address"] == attrs["ansible_host"]
-    assert set(hosts) == {"hv1", "hv2", "client"}
+        assert attrs["spice_libvirt_spice_address"] == attrs["ansible_host"]
 
 
 # --- Vagrantfile, evaluated -----------------------------------------------------------
@@ -357,47 +357,86 @@ Dir.chdir(File.dirname(ARGV[0])) { load File.basename(ARGV[0]) }
 """
 
 
-@pytest.mark.skipif(shutil.which("ruby") is None, reason="ruby not installed")
-def test_vagrantfile_defines_the_lab(tmp_path: Path) -> None:
+def _evaluate_vagrantfile(tmp_path: Path, env: dict[str, str]) -> dict[str, Any]:
     stub = tmp_path / "vagrant_stub.rb"
     stub.write_text(_VAGRANT_STUB)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SPICE_LIBVIRT_VAGRANT_")}
     proc = subprocess.run(
         ["ruby", str(stub), str(VAGRANTFILE)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
+        env={**clean, **env},
     )
     assert proc.returncode == 0, proc.stderr
-    cfg = json.loads(proc.stdout)
-    assert cfg["vm.box"] == "generic/debian12"
+    cfg: dict[str, Any] = json.loads(proc.stdout)
+    return cfg
+
+
+@pytest.mark.skipif(shutil.which("ruby") is None, reason="ruby not installed")
+def test_vagrantfile_defines_the_lab(tmp_path: Path) -> None:
+    from spice_libvirt.lab.vagrant_state import HOST_IPS, HOST_MACS
+
+    cfg = _evaluate_vagrantfile(tmp_path, {})
+    assert cfg["vm.box"] == "spice-libvirt/debian12"
+    assert cfg["vm.box_check_update"] is False
+    assert cfg["synced_folders"] == [{"args": [".", "/vagrant"], "opts": {"disabled": True}}]
     machines = cfg["machines"]
-    assert list(machines) == ["hv1", "hv2", "client"]
+    assert list(machines) == ["hv1", "hv2"]
     for name, m in machines.items():
-        [net] = m["networks"]
-        assert net["type"] == "private_network"
-        assert net["opts"]["libvirt__network_name"] == "spice-lab"
+        assert m["vm.hostname"] == name
+        # one isolated management network; the address is a DHCP reservation of its MAC
+        assert "networks" not in m
         [prov] = m["provider"]
         assert prov["type"] == "libvirt"
-        assert prov["nested"] is (name != "client")
-        assert prov["cpu_mode"] == "host-passthrough"
-    # provisioning runs once, from the last machine, over all of them
+        assert prov["uri"] == "qemu:///system"
+        assert prov["management_network_name"] == "spice-lab"
+        assert prov["management_network_mode"] == "none"
+        assert prov["management_network_mac"] == HOST_MACS[name]
+        # TCG by default: host-model is refused there, qemu64 carries svm
+        assert (prov["driver"], prov["cpu_mode"], prov["cpu_model"]) == ("qemu", "custom", "qemu64")
+        assert "nested" not in prov
+    # by hand: provisioned once, from the last machine, over both (vagrant up --no-parallel)
     assert "provision" not in machines["hv1"]
-    assert "provision" not in machines["hv2"]
-    [ans] = machines["client"]["provision"]
+    [ans] = machines["hv2"]["provision"]
     assert ans["type"] == "ansible"
     assert ans["limit"] == "all"
     assert (VAGRANTFILE.parent / ans["playbook"]).resolve() == ANSIBLE / "site.yml"
     assert (VAGRANTFILE.parent / ans["config_file"]).resolve() == ANSIBLE / "ansible.cfg"
-    assert ans["groups"] == {"hypervisors": ["hv1", "hv2"], "clients": ["client"]}
-    for name in ("hv1", "hv2"):
-        ip = machines[name]["networks"][0]["opts"]["ip"]
+    assert ans["groups"] == {"hypervisors": ["hv1", "hv2"]}
+    assert ans["extra_vars"] == {"spice_libvirt_apt_update_cache": False}
+    for name, ip in HOST_IPS.items():
         assert ans["host_vars"][name] == {
             "spice_libvirt_lab_ip": ip,
             "spice_libvirt_spice_address": ip,
         }
-    client_ip = machines["client"]["networks"][0]["opts"]["ip"]
-    assert ans["host_vars"]["client"] == {"spice_libvirt_lab_ip": client_ip}
+
+
+@pytest.mark.skipif(shutil.which("ruby") is None, reason="ruby not installed")
+def test_vagrantfile_takes_the_labs_choices(tmp_path: Path) -> None:
+    """What spice_libvirt/lab/vagrant_lab.py sets: its libvirtd, box, pool, network, KVM."""
+    cfg = _evaluate_vagrantfile(
+        tmp_path,
+        {
+            "SPICE_LIBVIRT_VAGRANT_LIBVIRT_URI": "qemu:///system?socket=/lab/libvirt-sock",
+            "SPICE_LIBVIRT_VAGRANT_DRIVER": "kvm",
+            "SPICE_LIBVIRT_VAGRANT_BOX": "spice-libvirt/debian12-0123",
+            "SPICE_LIBVIRT_VAGRANT_POOL": "lab-pool",
+            "SPICE_LIBVIRT_VAGRANT_SERIAL_DIR": "/lab/serial",
+        },
+    )
+    assert cfg["vm.box"] == "spice-libvirt/debian12-0123"
+    for m in cfg["machines"].values():
+        [prov] = m["provider"]
+        assert prov["uri"] == "qemu:///system?socket=/lab/libvirt-sock"
+        assert prov["storage_pool_name"] == "lab-pool"
+        assert (prov["driver"], prov["cpu_mode"], prov["nested"]) == (
+            "kvm",
+            "host-passthrough",
+            True,
+        )
+        assert "cpu_model" not in prov
 
 
 # --- ansible-playbook, for real --------------------------------------------------------

@@ -172,7 +172,8 @@ class PrivateLibvirtd(BaseModel):
 
     def names(self, kind: str) -> list[str]:
         """Names of every ``domain``, ``net`` or ``pool`` it knows (running or not)."""
-        out = self.virsh(f"{kind}-list", "--all", "--name", check=False) or ""
+        command = "list" if kind == "domain" else f"{kind}-list"
+        out = self.virsh(command, "--all", "--name", check=False) or ""
         return [line.strip() for line in out.splitlines() if line.strip()]
 
     def remove_everything(self) -> list[str]:

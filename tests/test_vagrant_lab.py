@@ -1,0 +1,213 @@
+"""The Vagrant lab: two hypervisor VMs from a locally built box, provisioned by the project's role.
+
+The fast tests check the pieces that need no VM: the box's cache key, the driver choice, the
+``vagrant ssh-config`` parser and the inventory written from it. The ``vagrant`` test brings
+the whole lab up for real (box, private libvirtd, ``vagrant up`` of hv1 and hv2 under TCG,
+``site.yml`` over ssh, the firmware guest on hv1), migrates there and back with the embedded
+client attached from this machine, reads both hosts' hook journals over ssh, tears it down
+and checks that nothing is left. It prints each stage's time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from spice_libvirt.errors import LabError
+from spice_libvirt.lab import vagrant_box, vagrant_lab
+from spice_libvirt.lab.vagrant_state import (
+    HOST_IPS,
+    HOST_MACS,
+    VagrantLabState,
+    parse_ssh_config,
+    write_access_files,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+SSH_CONFIG = """\
+Host hv1
+  HostName 192.168.150.11
+  User vagrant
+  Port 22
+  UserKnownHostsFile /dev/null
+  IdentityFile /lab/dot-vagrant/machines/hv1/libvirt/private_key
+  IdentityFile /root/.vagrant.d/insecure_private_key
+  IdentitiesOnly yes
+
+Host hv2
+  HostName 192.168.150.12
+  User vagrant
+  Port 2222
+  IdentityFile "/lab/dot-vagrant/machines/hv2/libvirt/private_key"
+"""
+
+
+def test_ssh_config_gives_the_inserted_keys() -> None:
+    hosts = parse_ssh_config(SSH_CONFIG)
+    assert set(hosts) == {"hv1", "hv2"}
+    # ssh uses the first IdentityFile: the key Vagrant inserted, not the insecure one
+    assert hosts["hv1"].key == Path("/lab/dot-vagrant/machines/hv1/libvirt/private_key")
+    assert hosts["hv2"].key == Path("/lab/dot-vagrant/machines/hv2/libvirt/private_key")
+    assert (hosts["hv1"].address, hosts["hv1"].port, hosts["hv2"].port) == (
+        "192.168.150.11",
+        22,
+        2222,
+    )
+
+
+def test_inventory_and_ssh_config_written_from_it(tmp_path: Path) -> None:
+    state = VagrantLabState(directory=tmp_path, hosts=parse_ssh_config(SSH_CONFIG))
+    write_access_files(state)
+    inv = state.inventory.read_text()
+    assert "[hypervisors]" in inv
+    for name, ip in HOST_IPS.items():
+        line = next(x for x in inv.splitlines() if x.startswith(f"{name} "))
+        assert f"spice_libvirt_spice_address={ip}" in line
+        assert f"ansible_ssh_private_key_file=/lab/dot-vagrant/machines/{name}" in line
+        assert "insecure" not in line
+    cfg = state.ssh_config.read_text()
+    assert "Port 2222" in cfg
+    assert "insecure" not in cfg
+
+
+def test_box_digest_follows_its_inputs(tmp_path: Path) -> None:
+    script, packages = tmp_path / "build.sh", tmp_path / "packages.txt"
+    script.write_text("echo build\n")
+    packages.write_text("qemu-system-x86\n")
+    first = vagrant_box.box_digest(script, packages)
+    assert vagrant_box.box_digest(script, packages) == first
+    packages.write_text("qemu-system-x86\nsudo\n")
+    assert vagrant_box.box_digest(script, packages) != first
+
+
+def test_box_bakes_in_what_the_role_installs() -> None:
+    """The lab network has no mirror: every package the role wants must be in the box."""
+    import yaml  # type: ignore[import-untyped]
+
+    wanted = yaml.safe_load((REPO / "ansible/roles/spice_libvirt/vars/main.yml").read_text())[
+        "spice_libvirt_hypervisor_packages"
+    ]
+    baked = {
+        line.strip()
+        for line in vagrant_box.PACKAGES_FILE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert set(wanted) <= baked
+    assert {"openssh-server", "sudo", "python3-apt", "python3-venv"} <= baked
+
+
+def test_driver_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(vagrant_lab.DRIVER_ENV, "kvm")
+    assert vagrant_lab.choose_driver() == "kvm"
+    monkeypatch.setenv(vagrant_lab.DRIVER_ENV, "qemu")
+    assert vagrant_lab.choose_driver() == "qemu"
+    monkeypatch.setenv(vagrant_lab.DRIVER_ENV, "xen")
+    with pytest.raises(LabError):
+        vagrant_lab.choose_driver()
+    monkeypatch.delenv(vagrant_lab.DRIVER_ENV)
+    nested = "hypervisor" in Path("/proc/cpuinfo").read_text()
+    usable = os.access("/dev/kvm", os.R_OK | os.W_OK)
+    assert vagrant_lab.choose_driver() == ("kvm" if usable and not nested else "qemu")
+
+
+def test_network_reserves_the_vagrantfile_addresses() -> None:
+    xml = vagrant_lab._network_xml()
+    text = (REPO / "vagrant" / "Vagrantfile").read_text()
+    for name, ip in HOST_IPS.items():
+        assert f"<host mac='{HOST_MACS[name]}' ip='{ip}' name='{name}'/>" in xml
+        assert f'"{name}" => {{ ip: "{ip}", mac: "{HOST_MACS[name]}"' in text
+    assert "<forward mode='none'/>" in xml  # isolated: no route out of the lab
+
+
+def test_guest_is_tcg_firmware_with_spice_and_qxl(tmp_path: Path) -> None:
+    xml = vagrant_lab.guest_xml(VagrantLabState(directory=tmp_path))
+    assert "<domain type='qemu'>" in xml
+    assert "<graphics type='spice'" in xml
+    assert "<model type='qxl'/>" in xml
+    assert "<kernel>" not in xml  # SeaBIOS only
+
+
+# --- the whole lab, for real -------------------------------------------------------------
+
+
+def _cli() -> list[str]:
+    """The project's CLI if ``lab up`` knows ``--vagrant``, else this lab's own entry point."""
+    cli = [sys.executable, "-m", "spice_libvirt.cli"]
+    helptext = subprocess.run(
+        [*cli, "lab", "up", "--help"], capture_output=True, text=True, timeout=60, check=False
+    ).stdout
+    if "--vagrant" in helptext:
+        return [*cli, "lab"]
+    return [sys.executable, "-m", "spice_libvirt.cli.lab_vagrant"]
+
+
+def _run(argv: list[str], timeout: float) -> tuple[int, str, float]:
+    t0 = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    took = time.monotonic() - t0
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-3000:])
+    return proc.returncode, proc.stdout, took
+
+
+@pytest.mark.vagrant
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (libvirtd, loop devices)")
+@pytest.mark.skipif(shutil.which("vagrant") is None, reason="vagrant is not installed")
+@pytest.mark.skipif(shutil.which("mmdebstrap") is None, reason="mmdebstrap is not installed")
+def test_vagrant_lab_up_migrate_there_and_back_down(tmp_path: Path) -> None:
+    base = tmp_path / "lab"
+    cli = _cli()
+    times: dict[str, float] = {}
+    try:
+        rc, out, times["up (all stages)"] = _run(
+            [*cli, "--dir", str(base), "up", "--vagrant", "--json"], 1500
+        )
+        assert rc == 0, out
+        state = json.loads(out)
+        assert state["phase"] == "up"
+        assert state["location"] == "hv1"
+        for stage in ("box", "up", "provision", "guest"):
+            times[stage] = state["timings"][stage]
+
+        where = ["hv2", "hv1"]
+        for n in (1, 2):
+            rc, out, times[f"migrate {n} (CLI)"] = _run(
+                [*cli, "--dir", str(base), "migrate", "--json"], 600
+            )
+            report = json.loads(out)
+            assert rc == 0, json.dumps(report, indent=1)[-3000:]
+            assert report["outcome"] == "seamless", report
+            assert report["migration"]["status"] == "completed"
+            journals = report["hook_journals"]
+            assert journals["seen_on_both"], journals
+            # the hook saw the guest arrive on the destination (libvirt's prepare/start)
+            assert any("prepare" in e or "start" in e for e in journals["entries"][where[n - 1]])
+            rc, out, _ = _run([*cli, "--dir", str(base), "status", "--json"], 120)
+            st = json.loads(out)
+            assert (rc, st["location"], st["migrations"]) == (0, where[n - 1], n)
+    finally:
+        rc, out, times["down"] = _run([*cli, "--dir", str(base), "down", "--json"], 600)
+        sys.stderr.write(f"\nvagrant lab stage times (s): {json.dumps(times)}\n")
+    down = json.loads(out)
+    assert rc == 0, down
+    assert down["leftovers"] == []
+    # nothing of the lab left: no process mentions its directory, no bridge, no disks
+    marker = str(base)
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                assert marker.encode() not in (proc / "cmdline").read_bytes(), proc.name
+            except OSError:
+                continue
+    routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True, check=True)
+    assert "192.168.150." not in routes.stdout
+    assert not (base / "vagrant" / "pool").exists()
