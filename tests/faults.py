@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 REPOSITORY = Path(__file__).resolve().parents[1]
+#: QEMU's max-bandwidth while the libvirt controller holds a migration (bytes/s)
+HOLD_BYTES_PER_S = 4096
 
 
 @dataclasses.dataclass
@@ -187,7 +189,7 @@ def settled(views: dict[str, HostView]) -> bool:
     )
 
 
-def throttled(uri: str, domain: str, bytes_per_s: int = 4096) -> bool:
+def throttled(uri: str, domain: str, bytes_per_s: int = HOLD_BYTES_PER_S) -> bool:
     """The hold is in place on ``uri``: a job runs and QEMU's max-bandwidth is the hold's."""
     view = libvirt_host_view(uri, domain)
     return bool(view.job) and view.qemu_max_bandwidth == bytes_per_s

@@ -1,7 +1,8 @@
 """The fault matrix on the libvirt path: two libvirtds in namespaces, a client 300 ms away.
 
 Each test breaks one real migration at an observed moment -- the CLI interrupted by SIGINT
-or SIGTERM in each phase, the destination QEMU killed, a libvirtd restarted -- and then
+or SIGTERM in each phase, the destination QEMU killed, a libvirtd restarted, the client's
+link made lossy and jittery on top of its 300 ms (the delay bridge's loss and jitter) -- and then
 checks the invariants of :mod:`tests.faults` on both hosts: the domain runs on exactly one,
 no migration job is left, QEMU's max-bandwidth is what it was before the hold, and the exit
 code is the documented one. The issue's bug is the first test: Ctrl-C during the hold left
@@ -11,6 +12,7 @@ the job crawling at 4 KiB/s with the domain paused on the destination.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -21,12 +23,19 @@ from typing import Any
 
 import pytest
 
+from spice_libvirt.errors import MigrationError
 from spice_libvirt.exitcodes import ExitCode, for_report
-from spice_libvirt.lab import libvirt_lab, netns
+from spice_libvirt.lab import delaybridge, libvirt_lab, netns
+from spice_libvirt.lab.libvirt_lab import HostName, MigrationResult
 from spice_libvirt.lab.libvirt_migrate import lab_request
+from spice_libvirt.lab.libvirt_state import PORT_CHANNEL as PORT
 from spice_libvirt.lab.libvirt_status import where
 from spice_libvirt.lab.witness_thread import netns_witness
-from spice_libvirt.libvirt.controller import LibvirtMigrationReport, migrate_libvirt
+from spice_libvirt.libvirt.controller import (
+    LibvirtMigrationReport,
+    LibvirtMigrationRequest,
+    migrate_libvirt,
+)
 from spice_libvirt.spice.client import ClientOptions
 from tests import faults
 from tests.lab_marks import LIBVIRT_LAB
@@ -308,3 +317,127 @@ async def test_link_between_the_hosts_cut_mid_job(lab: Path) -> None:
     assert report.placement == "source", report.notes
     assert views[host].qemu_max_bandwidth == before, views
     assert for_report(report) is ExitCode.MIGRATION_FAILED
+
+
+# --------------------------------------------------------------------------- a lossy client link
+
+#: issue 8's client link: 300 ms RTT (the lab's), 2 % loss and 20 ms jitter each way
+LOSS_PCT, JITTER_MS, SEED = 2.0, 20.0, 8
+
+
+@pytest.fixture
+def linux_lab() -> Iterator[Path]:
+    """A lab of its own with the linux guest, whose port stream the client checks for gaps
+    (the firmware guest of the other scenarios writes no stream)."""
+    base = Path(tempfile.mkdtemp(prefix="sfl-"))
+    prefix = None
+    try:
+        state = libvirt_lab.up(base / "libvirt", client_rtt_ms=RTT_MS, guest="linux")
+        prefix = state.prefix
+        yield base
+    finally:
+        libvirt_lab.down(base / "libvirt")
+        assert prefix is None or not [n for n in netns.list_names() if n.startswith(prefix)]
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def _migrate_watched(
+    state: libvirt_lab.LabState, request: LibvirtMigrationRequest, source: HostName
+) -> LibvirtMigrationReport:
+    """``lab migrate``'s own path (witness first, its one-way time into the request), with
+    the guest's port stream checked by the embedded client."""
+    endpoint = libvirt_lab.spice_endpoint(state, source)
+    assert endpoint is not None
+    options = ClientOptions(host=endpoint.address, port=endpoint.port, stream_port_name=PORT)
+    witness = netns_witness(options, state.client.netns)
+    async with witness:
+        request = request.model_copy(update={"witness_one_way_ms": witness.one_way_ms})
+        report = await migrate_libvirt(request, witness)
+        report.notes.append(f"client RTT to the source {witness.rtt_ms} ms (TCP connect)")
+        return report
+
+
+def test_lossy_jittery_client_link_migration_settles_and_says_how(linux_lab: Path) -> None:
+    """Client link at 300 ms with 2 % loss and 20 ms jitter: a ``lab migrate`` with the
+    embedded client. Whatever the outcome, the domain ends on exactly one host with no job
+    and no throttle, the client is attached where it runs (or its loss is reported), a
+    seamless outcome has an unbroken stream, and the exit code is the report's."""
+    domain, uris, source = _uris(linux_lab)
+    destination = "B" if source == "A" else "A"
+    state = libvirt_lab.load_state(linux_lab / "libvirt")
+    assert state is not None
+    before = _bandwidth_before(uris, domain, source)
+    delaybridge.set_impairment(state.bridge.control, loss_pct=LOSS_PCT, jitter_ms=JITTER_MS)
+    start = delaybridge.reseed(state.bridge.control, SEED)
+    box: list[LibvirtMigrationReport] = []
+
+    def migrator(
+        st: libvirt_lab.LabState, src: HostName, dst: HostName, _timeout: float
+    ) -> MigrationResult:
+        report = asyncio.run(_migrate_watched(st, lab_request(st, src, dst), src))
+        box.append(report)
+        return MigrationResult(
+            domain=st.domain,
+            source=src,
+            destination=dst,
+            method=report.method,
+            ok=report.migration.status == "completed",
+            wall_s=round((report.wall_ms or 0.0) / 1000.0, 3),
+            error=report.error,
+        )
+
+    try:
+        with contextlib.suppress(MigrationError):  # a failed migration is judged below
+            libvirt_lab.migrate(linux_lab / "libvirt", migrator=migrator, timeout=300)
+    finally:
+        end = delaybridge.set_impairment(state.bridge.control, loss_pct=0.0, jitter_ms=0.0)
+    (report,) = box
+    host = _check_left_clean(uris, domain, None, None)
+    views = faults.libvirt_views(uris, domain)
+    other = destination if host == source else source
+    client = report.clients[0] if report.clients else None
+    stream = report.stream
+    lost = [a - b for a, b in zip(end.dropped_loss, start.dropped_loss, strict=True)]
+    faults.record_row(
+        path="libvirt",
+        scenario="client link 300 ms, 2 % loss, 20 ms jitter",
+        outcome=report.outcome,
+        placement=report.placement or ("destination" if host == destination else "source"),
+        exit_code=int(for_report(report)),
+        runs_on=host,
+        client_path=client.path if client else None,
+        connection_id_kept=client.connection_id_kept if client else None,
+        link_wait=report.link_wait.result,
+        link_wait_ms=report.link_wait.duration_ms,
+        stream_records=stream.records if stream else None,
+        stream_gaps=stream.gaps if stream else None,
+        stream_duplicates=stream.duplicates if stream else None,
+        stream_max_stall_ms=stream.max_stall_ms if stream else None,
+        frames_lost_on_purpose=lost,
+        bandwidth_before=before,
+        bandwidth_after=views[host].qemu_max_bandwidth,
+        jobs=[v.job for v in views.values()],
+        notes=report.notes,
+    )
+    print(f"lossy link: {report.outcome}, on {host}, client {client}, stream {stream}, lost {lost}")
+    assert sum(lost) > 0, "the bridge lost nothing: the impairment was not in place"
+    assert faults.qemu_pids_in(state.hosts[other].config.netns, domain) == []
+    assert views[host].qemu_max_bandwidth != faults.HOLD_BYTES_PER_S, views
+    if host == source:
+        assert views[host].qemu_max_bandwidth == before, views
+        assert report.placement == "source", report.notes
+        assert for_report(report) is ExitCode.MIGRATION_FAILED, report.notes
+    else:
+        assert report.migration.status == "completed", report.notes
+    assert client is not None, report.notes  # the embedded client was there all along
+    if report.outcome == "seamless":
+        assert host == destination
+        assert client.path == "seamless"
+        assert client.connection_id_kept, client  # attached where the VM runs, same session
+        assert stream is not None
+        assert stream.records > 0, stream
+        assert (stream.gaps, stream.duplicates) == (0, 0), stream
+        assert for_report(report) is ExitCode.OK
+    elif host == destination:  # it moved without its client following seamlessly: said so
+        assert report.outcome in ("semi-seamless", "switch-host", "failed"), report.notes
+        assert for_report(report) in (ExitCode.NOT_SEAMLESS, ExitCode.MIGRATION_FAILED)
