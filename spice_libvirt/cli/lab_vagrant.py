@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="lab_command", metavar="ACTION", required=True)
     up_p = sub.add_parser("up", help="box, VMs, provisioning, guest on hv1")
     up_p.add_argument("--json", action="store_true")
-    up_p.set_defaults(handler=up, vagrant=True)
+    add_up_argument(up_p)  # accepted, as 'spice-libvirt lab up --vagrant' takes it
+    up_p.set_defaults(handler=up)
     mig = sub.add_parser("migrate", help="move the guest to the other hypervisor")
     mig.add_argument("--no-watch", dest="watch", action="store_false", help="no embedded client")
     add_common_arguments(mig)

@@ -34,7 +34,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from spice_libvirt.errors import LabError
-from spice_libvirt.lab import labdir, vagrant_box
+from spice_libvirt.lab import labdir, netns, vagrant_box
 from spice_libvirt.lab.libvirt_domain import render_domain_xml
 from spice_libvirt.lab.vagrant_libvirtd import NICE_ARGV, PrivateLibvirtd
 from spice_libvirt.lab.vagrant_state import (
@@ -117,8 +117,9 @@ def vagrant_env(state: VagrantLabState) -> dict[str, str]:
 def run_logged(
     argv: list[str], state: VagrantLabState, *, timeout: float, what: str, **kw: object
 ) -> str:
-    """Run a stage's command with its output streamed into ``lab.log`` (follow it with
-    ``tail -f`` while a TCG VM boots); its stdout, or :class:`LabError` with the tail."""
+    """Run a stage's command, stderr streamed into ``lab.log`` and stdout into
+    ``last-command.out`` (follow them while a TCG VM boots), stdout appended to the log
+    afterwards; its stdout, or :class:`LabError` with the log's tail."""
     log = state.directory / "lab.log"
     out_file = state.directory / "last-command.out"
     with open(log, "a") as out:
@@ -349,6 +350,11 @@ def down(base: Path | None = None) -> DownReport:
             report.removed += state.libvirtd.remove_everything()
         state.libvirtd.stop()
         report.removed.append("libvirtd")
+    # a VM's QEMU that outlived its libvirtd (a crash): ours, as its disk is in the lab
+    strays = _processes_naming(directory)
+    if strays:
+        netns.terminate(strays, timeout=10.0)
+        report.removed += [f"stray process {pid}" for pid in strays]
     for sub in ("pool", "dot-vagrant", "wheelhouse", "ansible-home"):
         if (directory / sub).exists():
             labdir.remove_inside(directory, directory / sub)
@@ -360,6 +366,22 @@ def down(base: Path | None = None) -> DownReport:
     return report
 
 
+def _processes_naming(directory: Path) -> list[int]:
+    """PIDs of the processes whose command line names the lab directory (not this one)."""
+    marker = str(directory).encode()
+    pids: list[int] = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = (proc / "cmdline").read_bytes()
+            # a process started with the lab directory as a plain argument (a pytest run,
+            # this CLI's --dir) is a caller, not a VM: only paths inside it count
+            if marker + b"/" in cmdline and b"qemu" in cmdline.split(b"\0")[0]:
+                pids.append(int(proc.name))
+    return pids
+
+
 def leftovers(state: VagrantLabState) -> list[str]:
     """What of this lab still exists: daemons, QEMUs of our VMs, the network, the disks."""
     found: list[str] = []
@@ -367,13 +389,7 @@ def leftovers(state: VagrantLabState) -> list[str]:
         for ref in (state.libvirtd.libvirtd, state.libvirtd.virtlogd):
             if ref is not None and ref.alive():
                 found.append(f"process {ref.pid} ({ref.what})")
-    marker = str(state.directory).encode()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            if marker in (proc / "cmdline").read_bytes():
-                found.append(f"process {proc.name}")
+    found += [f"process {pid}" for pid in _processes_naming(state.directory)]
     if _network_in_use():
         found.append(f"a route to {NETWORK_CIDR} (the lab network's bridge)")
     if (state.directory / "pool").exists():

@@ -11,8 +11,7 @@ through the socket path (``qemu:///system?socket=...``).
 
 Everything it starts inherits nice 19 and idle I/O from the start command: libvirtd, virtlogd,
 dnsmasq and the VMs' QEMUs (TCG VMs are pure CPU and the machine is shared with
-timing-sensitive tests). ``libvirt-dnsmasq`` must exist as a user: libvirt runs the lab
-network's dnsmasq as that user.
+timing-sensitive tests). Zombies of the daemonized children are reaped by PID 1.
 """
 
 from __future__ import annotations

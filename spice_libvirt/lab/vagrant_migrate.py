@@ -7,9 +7,10 @@ the witness: this machine is the lab's SPICE client. The source libvirtd migrate
 peer and reaches the destination by its name, which ``site.yml`` put into every host's
 ``/etc/hosts``; the client is sent to the destination's lab address (the graphics URI).
 
-After the migration both hosts' hook journals are read over ssh (``spice-libvirt journal``
-of the project the role installed): the hook must have seen the guest leave one host and
-arrive on the other.
+Before and after the migration both hosts' hook journals are read over ssh (``spice-libvirt
+journal`` of the project the role installed): the entries added meanwhile show that the hook
+saw the guest arrive on one host (``migrate``, ``prepare``, ``start``) and leave the other
+(``stopped``, ``release``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -103,19 +105,33 @@ async def _migrate(
 
 
 class JournalCheck(BaseModel):
-    """What each host's hook journal says about the guest (newest first, as recorded)."""
+    """What each host's hook journal recorded for the guest during this migration."""
 
+    #: host -> "operation suboperation outcome" of every entry newer than the migration's
+    #: start on that host's own clock, newest first
     entries: dict[str, list[str]] = Field(default_factory=dict)
-    #: the hook ran on both hosts for this domain
+    #: the hook ran on both hosts for this migration
     seen_on_both: bool = False
 
 
-def journal_check(state: VagrantLabState) -> JournalCheck:
+def _journals(state: VagrantLabState) -> dict[str, list[dict[str, Any]]]:
+    """Both hosts' journals for the guest, read over ssh at the same time."""
+    with ThreadPoolExecutor(max_workers=len(HOSTS)) as pool:
+        return dict(zip(HOSTS, pool.map(lambda h: remote_journal(state, h), HOSTS), strict=True))
+
+
+def _newest_ts(rows: list[dict[str, Any]]) -> float:
+    return max((float(r.get("ts") or 0.0) for r in rows), default=0.0)
+
+
+def journal_check(state: VagrantLabState, before: dict[str, float]) -> JournalCheck:
+    """The entries each host added since ``before`` (that host's newest timestamp then)."""
     check = JournalCheck()
-    for host in HOSTS:
-        rows = remote_journal(state, host)
+    for host, rows in _journals(state).items():
         check.entries[host] = [
-            f"{r.get('operation')} {r.get('suboperation')} {r.get('outcome')}" for r in rows
+            f"{r.get('operation')} {r.get('suboperation')} {r.get('outcome')}"
+            for r in rows
+            if float(r.get("ts") or 0.0) > before.get(host, 0.0)
         ]
     check.seen_on_both = all(check.entries.get(h) for h in HOSTS)
     return check
@@ -141,6 +157,7 @@ def migrate(
             stream_port_name=PORT_CHANNEL,
             link_timeout=60.0,
         )
+    before = {host: _newest_ts(rows) for host, rows in _journals(state).items()}
     t0 = time.monotonic()
     report = asyncio.run(_migrate(request, client, reporter))
     state.timings[f"migrate-{state.migrations + 1}"] = round(time.monotonic() - t0, 1)
@@ -149,4 +166,4 @@ def migrate(
     state.migrations += 1
     state.last_outcome = report.outcome
     state.save()
-    return report, journal_check(state)
+    return report, journal_check(state, before)
