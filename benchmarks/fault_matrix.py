@@ -1,13 +1,18 @@
 """The fault matrix: real migrations broken on purpose, and whether nothing was left behind.
 
-Each scenario is one test of ``tests/test_fault_matrix_qemu.py`` or
+Each scenario is one test of ``tests/test_fault_matrix_qemu.py``,
 ``tests/test_fault_matrix_libvirt.py`` (two real QEMUs; two libvirtds in namespaces with the
-client 300 ms away): the CLI interrupted by SIGINT/SIGTERM in each phase, the destination
+client 300 ms away) or ``tests/test_fault_matrix_hook.py`` (the installed hook shim run as
+libvirtd runs it): the CLI interrupted by SIGINT/SIGTERM in each phase, the destination
 QEMU killed, the source QMP dropped, a libvirtd restarted mid-job, the client blocked with
-``--require-seamless``. A scenario *holds* when its test passes: the VM runs on exactly one
-host (asked of both ends), no migration job is left, the source's bandwidth is what it was,
-the client is attached where the VM runs (QEMU path), and the exit code or the report's
-placement is the documented one. This script runs the tests ``--rounds`` times with
+``--require-seamless``, the client's link lossy and jittery, the hook with a broken
+configuration, a full or read-only journal, 100 MiB on stdin, 16 calls at once. A scenario
+*holds* when its test passes: the VM runs on exactly one host (asked of both ends), no
+migration job is left, the source's bandwidth is what it was, the client is attached where
+the VM runs (or its loss is reported), a seamless outcome has an unbroken stream, and the
+exit code or the report's placement is the documented one; for the hook: libvirt is not
+blocked past the hook's deadline, the XML comes back unchanged or rewritten correctly, the
+exit code is the documented one, nothing keeps running. This script runs the tests ``--rounds`` times with
 ``SPICE_LIBVIRT_FAULT_ROWS`` set (plus the cancelled evacuation of ``tests/test_evacuate.py``), so every test writes what it observed as one raw row,
 joins those rows with pytest's own pass/fail (JUnit XML), and summarises per scenario.
 
@@ -44,6 +49,7 @@ from benchmarks.benchutil import (
 FILES = (
     "tests/test_fault_matrix_qemu.py",
     "tests/test_fault_matrix_libvirt.py",
+    "tests/test_fault_matrix_hook.py",
     "tests/test_evacuate.py::test_cancelled_evacuation_leaves_every_domain_on_the_source_unthrottled",
 )
 
@@ -55,7 +61,27 @@ class Scenario(BaseModel):
     held: int
     exit_codes: list[int] = Field(default_factory=list)
     placements: list[str] = Field(default_factory=list)
+    outcomes: list[str] = Field(default_factory=list)
     signal_to_exit_s: Distribution | None = None
+    #: hook scenarios: the longest libvirt waited for one call (s)
+    blocked_s: Distribution | None = None
+    #: scenario-specific observations, one value per run (see :data:`DETAILS`)
+    details: dict[str, list[Any]] = Field(default_factory=dict)
+
+
+#: row fields worth a line under the table (what a scenario observed beyond the invariants)
+DETAILS = (
+    "client_path",
+    "link_wait_ms",
+    "stream_records",
+    "stream_gaps",
+    "stream_max_stall_ms",
+    "frames_lost_on_purpose",
+    "past_deadline",
+    "journal_skipped",
+    "mib_accepted",
+    "load_1m",
+)
 
 
 class Summary(BaseModel):
@@ -114,15 +140,25 @@ def _summarise(rows: list[dict[str, Any]]) -> list[Scenario]:
     out = []
     for (path, name), group in sorted(groups.items()):
         times = [float(r["signal_to_exit_s"]) for r in group if r.get("signal_to_exit_s")]
+        blocked = [float(r["blocked_s"]) for r in group if r.get("blocked_s") is not None]
+        codes = {int(r["exit_code"]) for r in group if r.get("exit_code") is not None}
+        codes |= {int(c) for r in group for c in r.get("exit_codes", [])}
         out.append(
             Scenario(
                 path=path,
                 scenario=name,
                 runs=len(group),
                 held=sum(1 for r in group if r["held"]),
-                exit_codes=sorted({int(r["exit_code"]) for r in group if "exit_code" in r}),
+                exit_codes=sorted(codes),
                 placements=sorted({str(r["placement"]) for r in group if r.get("placement")}),
+                outcomes=sorted({str(r["outcome"]) for r in group if r.get("outcome")}),
                 signal_to_exit_s=distribution(times) if times else None,
+                blocked_s=distribution(blocked) if blocked else None,
+                details={
+                    key: [r[key] for r in group if key in r]
+                    for key in DETAILS
+                    if any(key in r for r in group)
+                },
             )
         )
     return out
@@ -135,17 +171,25 @@ def markdown(summary: Summary) -> str:
         f"({summary.machine.cpu_model}), load {summary.machine.load_avg_1m} at start, "
         f"{summary.wall_s:.0f} s",
         "",
-        "| path | scenario | runs | invariants held | exit code(s) | placement | "
-        "signal -> exit (median s) |",
-        "|---|---|---|---|---|---|---|",
+        "| path | scenario | runs | invariants held | exit code(s) | placement | outcome | "
+        "signal -> exit (median s) | hook blocked libvirt (max s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary.scenarios:
         median = s.signal_to_exit_s.median if s.signal_to_exit_s else None
+        blocked = s.blocked_s.max if s.blocked_s else None
         lines.append(
             f"| {s.path} | {s.scenario} | {s.runs} | {s.held}/{s.runs} | "
             f"{', '.join(map(str, s.exit_codes)) or '-'} | {', '.join(s.placements) or '-'} | "
-            f"{'-' if median is None else f'{median:.2f}'} |"
+            f"{', '.join(s.outcomes) or '-'} | {'-' if median is None else f'{median:.2f}'} | "
+            f"{'-' if blocked is None else f'{blocked:.2f}'} |"
         )
+    details = [s for s in summary.scenarios if s.details]
+    if details:
+        lines += ["", "Observed beyond the invariants (one value per run):", ""]
+    for s in details:
+        seen = "; ".join(f"{k} {', '.join(map(str, v))}" for k, v in s.details.items())
+        lines.append(f"- {s.path}, {s.scenario}: {seen}")
     return "\n".join(lines)
 
 
