@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from spice_libvirt.cli import migrate_libvirt
-from spice_libvirt.cli.render import print_report
+from spice_libvirt.cli.render import add_timeline_argument, print_report, save_timeline
 from spice_libvirt.errors import ConfigError
 from spice_libvirt.exitcodes import exit_codes_epilog, for_report
 from spice_libvirt.progress import make_reporter
@@ -106,6 +106,7 @@ def register(subparsers: Any) -> None:
     client.add_argument("--client-tls-port", type=int, metavar="PORT")
     client.add_argument("--cert-subject", metavar="DN", help="destination certificate subject")
     add_common_arguments(parser)
+    add_timeline_argument(parser)
     migrate_libvirt.add_arguments(parser)
     parser.set_defaults(handler=_dispatch)
 
@@ -159,6 +160,7 @@ def _migrate_qmp(args: argparse.Namespace) -> int:
     reporter = make_reporter(quiet=args.json and not sys.stderr.isatty())
     report = asyncio.run(migrate_qemu(request, reporter=reporter))
     print_report(report, args.json)
+    save_timeline(report, args.timeline)
     return int(for_report(report))
 
 

@@ -11,7 +11,7 @@ import asyncio
 import sys
 from typing import Any
 
-from spice_libvirt.cli.render import print_hold, print_report
+from spice_libvirt.cli.render import print_hold, print_report, save_timeline
 from spice_libvirt.errors import ConfigError
 from spice_libvirt.exitcodes import for_report
 from spice_libvirt.progress import make_reporter
@@ -95,4 +95,5 @@ def run(args: argparse.Namespace) -> int:
     print_report(report, args.json)
     if not args.json:
         print_hold(report)
+    save_timeline(report, getattr(args, "timeline", None))
     return int(for_report(report))

@@ -6,6 +6,9 @@ same verdict reads the same everywhere.
 
 from __future__ import annotations
 
+import argparse
+import sys
+from pathlib import Path
 from typing import Any
 
 from spice_libvirt.report import MigrationReport
@@ -61,3 +64,35 @@ def print_hold(report: Any) -> None:
         f"hold: {hold.applied} ({hold.reason}); released after {hold.released_after_ms} ms: "
         f"{hold.release_reason}; migrateToURI3 {report.wall_ms} ms"
     )
+
+
+def add_timeline_argument(parser: argparse.ArgumentParser) -> None:
+    """``--timeline FILE.svg``, for every command that prints a migration verdict."""
+    parser.add_argument(
+        "--timeline",
+        type=Path,
+        default=None,
+        metavar="FILE.svg",
+        help="also draw the migration as an SVG timeline (lanes: controller, hold, source, "
+        "destination, each client channel; the switchover and every blackout)",
+    )
+
+
+def save_timeline(report: MigrationReport, path: Path | None) -> None:
+    """Write the timeline of ``report`` to ``path`` (when given), saying so on stderr.
+
+    A file that cannot be written is one line on stderr, never a changed exit code: the
+    migration has happened, and its exit code says how it went.
+    """
+    if path is None:
+        return
+    from spice_libvirt.migration.timeline import write_timeline
+
+    try:
+        write_timeline(report, path)
+    except OSError as exc:
+        print(
+            f"spice-libvirt: timeline not written: {path}: {exc.strerror or exc}", file=sys.stderr
+        )
+        return
+    print(f"timeline: {path}", file=sys.stderr)
