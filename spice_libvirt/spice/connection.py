@@ -348,28 +348,31 @@ class ClientChannelConnection:
         pos = decoder._pos
         serial = decoder._serial
         max_body = decoder.max_body
-        decoders = self._decoders
+        decoder_for = self._decoders.get
         end_of_data = len(data)
         events: list[MessageReceived] = []
+        # locals for what the loop calls: a global or attribute lookup per message counts
+        keep, unpack, event, unknown = events.append, _unpack_mini, MessageReceived, UnknownMessage
+        header_size, migrate_type = _MINI_SIZE, _MIGRATE_TYPE
         for _ in range(CUT_AHEAD):
-            start = pos + _MINI_SIZE
+            start = pos + header_size
             if start > end_of_data:
                 break
-            msg_type, size = _unpack_mini(data, pos)
+            msg_type, size = unpack(data, pos)
             end = start + size
-            if size > max_body or end > end_of_data or msg_type == _MIGRATE_TYPE:
+            if size > max_body or end > end_of_data or msg_type == migrate_type:
                 break
-            decode = decoders.get(msg_type)
+            decode = decoder_for(msg_type)
             body = data[start:end]
             if decode is None:
-                message: Message = UnknownMessage(msg_type, body)
+                message: Message = unknown(msg_type, body)
             else:
                 try:
                     message = decode(body)
                 except (struct.error, IndexError, ValueError, RemoteProtocolError):
                     break  # the one-by-one path decodes it again and raises
             serial += 1
-            events.append(MessageReceived(serial, message))
+            keep(event(serial, message))
             pos = end
         if events:
             decoder._pos = pos
