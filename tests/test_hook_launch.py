@@ -10,9 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spice_libvirt.hook import install as hi
 from spice_libvirt.hook.journal import Journal
+from spice_libvirt.hook.local import is_local_address
+from spice_libvirt.hook.rewrite import parse_domain, rewrite_graphics_listen, spice_listen_addresses
+from spice_libvirt.hook.scan import scan_domain
 
 NEW = "198.51.100.2"
 XML = (
@@ -186,3 +191,61 @@ def test_console_script_form_is_still_rendered_and_parsed(tmp_path: Path) -> Non
     text = hi.render_shim(exe)
     assert hi.parse_shim_full(text) == (exe, None, None)
     assert f'exec {exe} "$@"\n' in text
+
+
+_GRAPHICS = st.sampled_from(
+    [
+        "<graphics type='spice' listen='{a}'><listen type='address' address='{b}'/></graphics>",
+        "<graphics type='spice'><listen type='address' address='{a}'/></graphics>",
+        "<graphics type='spice' listen='{a}'/>",
+        "<graphics type='vnc' listen='{a}'><listen type='address' address='{b}'/></graphics>",
+        "<graphics type='spice'><listen type='network' network='default'/></graphics>",
+        "<graphics type='spice' listen=''><listen type='address'/></graphics>",
+        "<x:graphics xmlns:x='urn:x' type='spice' listen='{a}'/>",
+    ]
+)
+_ADDRESSES = st.sampled_from(
+    ["198.51.100.1", "198.51.100.2", "127.0.0.1", "0.0.0.0", "::", "localhost", "hv9.example",
+     "2001:db8::7", "[::1]", ""]
+)  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_GRAPHICS, _ADDRESSES, _ADDRESSES), max_size=3), st.booleans())
+def test_the_expat_pass_decides_a_rewrite_as_elementtree_would(
+    graphics: list[tuple[str, str, str]], nested_devices: bool
+) -> None:
+    """scan's SPICE listen addresses are rewrite's, and "all local" is "nothing changes"."""
+    devices = "".join(g.format(a=a, b=b) for g, a, b in graphics)
+    extra = "<metadata><devices><graphics type='spice' listen='203.0.113.9'/></devices></metadata>"
+    xml = (
+        f"<domain type='kvm'><name>vm</name>{extra if nested_devices else ''}"
+        f"<devices>{devices}</devices></domain>"
+    )
+    local = frozenset({"198.51.100.2", "10.0.0.1"})
+    dom = scan_domain(xml)
+    assert list(dom.spice_listens) == spice_listen_addresses(parse_domain(xml))
+    keep = {*local, NEW}
+    all_local = all(is_local_address(a, keep, hostname="hv1") for a in dom.spice_listens)
+    res = rewrite_graphics_listen(xml, NEW, local, hostname="hv1")
+    assert all_local == (not res.changes)
+
+
+def test_migrate_begin_with_local_addresses_loads_no_elementtree(host: tuple[Path, Path]) -> None:
+    shim, journal = host
+    exe, launcher, _config = hi.parse_shim_full(shim.read_text())
+    assert exe is not None
+    assert launcher is not None
+    env = dict(LIBVIRTD_ENV, SPICE_LIBVIRT_CONFIG=str(shim.parent.parent.parent / "config.toml"))
+    proc = subprocess.run(
+        [str(exe), "-I", "-S", "-X", "importtime", str(launcher), "vm", "migrate", "begin", "-"],
+        input=XML.format(listen="0.0.0.0"), capture_output=True, text=True, timeout=10, env=env,
+        cwd="/", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    loaded = _imported(proc.stderr)
+    assert "xml.etree.ElementTree" not in loaded
+    assert "spice_libvirt.hook.rewrite" not in loaded
+    [row] = Journal(journal).entries()
+    assert (row.outcome, row.detail) == ("ok", "unchanged: SPICE listen 0.0.0.0 is local here")

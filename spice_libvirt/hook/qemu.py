@@ -123,31 +123,44 @@ class _Result:
 def _process(inv: Invocation, text: str, settings: Settings) -> _Result:
     """Do the hook's job for one invocation; raise :class:`HookError` when it cannot."""
     if inv.is_migrate_begin:
-        # Only here: ElementTree and ipaddress are most of a rewrite's cost, and the only
-        # call that may rewrite is the one that needs them.
-        from spice_libvirt.hook.rewrite import host_addresses, rewrite_graphics_listen
-
-        res = rewrite_graphics_listen(
-            # os.uname().nodename is what socket.gethostname() returns, without socket
-            text,
-            settings.spice_address,
-            host_addresses(),
-            hostname=os.uname().nodename,
-        )
-        if res.changes:
-            return _Result(res.xml, "rewritten", "; ".join(res.changes), res.name, res.uuid)
-        if settings.spice_address is None:
-            why = "unchanged: no spice_address configured"
-        elif res.seen:
-            why = f"unchanged: SPICE listen {', '.join(res.seen)} is local here"
-        else:
-            why = "unchanged: no SPICE listen address in the XML (host's spice_listen applies)"
-        return _Result(None, "ok", why, res.name, res.uuid)
+        return _migrate_begin(text, settings)
     if not text.strip():
         # Guest hooks always get XML; tolerate its absence elsewhere (nothing to parse).
         return _Result(detail="no XML on stdin")
     dom = scan_domain(text)
     return _Result(domain=dom.name, uuid=dom.uuid)
+
+
+def _migrate_begin(text: str, settings: Settings) -> _Result:
+    """The incoming domain's XML, with its SPICE listen address rewritten if it must be.
+
+    Decided from the expat pass first: ElementTree (with ``re``, ``enum``...) is most of a
+    rewrite's start-up cost, so it is loaded only when an address will change. The
+    outcome is what :func:`~spice_libvirt.hook.rewrite.rewrite_graphics_listen` gives: it
+    changes something exactly when some SPICE listen address is not local
+    (``tests/test_hook_launch.py`` checks the two agree).
+    """
+    dom = scan_domain(text)
+    seen = dom.spice_listens
+    if settings.spice_address is None:
+        return _Result(None, "ok", "unchanged: no spice_address configured", dom.name, dom.uuid)
+    from spice_libvirt.hook.local import host_addresses, is_local_address
+
+    local = host_addresses()
+    hostname = os.uname().nodename  # what socket.gethostname() returns, without socket
+    keep = {*local, settings.spice_address}
+    if all(is_local_address(a, keep, hostname=hostname) for a in seen):
+        if seen:
+            why = f"unchanged: SPICE listen {', '.join(seen)} is local here"
+        else:
+            why = "unchanged: no SPICE listen address in the XML (host's spice_listen applies)"
+        return _Result(None, "ok", why, dom.name, dom.uuid)
+    from spice_libvirt.hook.rewrite import rewrite_graphics_listen
+
+    res = rewrite_graphics_listen(text, settings.spice_address, local, hostname=hostname)
+    if not res.changes:  # cannot happen (same rules on the same addresses); never silent
+        raise HookError("rewrite found nothing to change in a non-local SPICE listen address")
+    return _Result(res.xml, "rewritten", "; ".join(res.changes), res.name, res.uuid)
 
 
 def _read_and_process(args: Sequence[str], stdin: TextIO, settings: Settings) -> _Result:

@@ -28,11 +28,10 @@ Reading this host's addresses is the only impure part and lives in :func:`host_a
 
 from __future__ import annotations
 
-import ipaddress
-import os
 import xml.etree.ElementTree as ET
 
 from spice_libvirt.errors import HookError
+from spice_libvirt.hook.local import host_addresses, is_local_address
 from spice_libvirt.hook.scan import MAX_XML_BYTES, DeclinedXMLError, check_size, scan
 
 TYPE_CHECKING = False
@@ -51,8 +50,6 @@ __all__ = [
     "serialize",
     "spice_listen_addresses",
 ]
-
-_WILDCARDS = frozenset({"0.0.0.0", "::"})
 
 
 class DomainXML:
@@ -145,38 +142,6 @@ def _text(elem: ET.Element | None) -> str | None:
     return elem.text.strip() or None
 
 
-def is_local_address(
-    address: str,
-    local_addresses: Collection[str],
-    *,
-    hostname: str | None = None,
-) -> bool:
-    """True if ``address`` means *this host* here too (see the module docstring)."""
-    value = address.strip()
-    if not value:
-        return True
-    try:
-        ip = ipaddress.ip_address(value.strip("[]"))
-    except ValueError:
-        name = value.lower().rstrip(".")
-        if name == "localhost" or name.endswith(".localhost"):
-            return True
-        if hostname:
-            own = hostname.lower().rstrip(".")
-            if name in (own, own.split(".")[0]):
-                return True
-        return name in {a.lower() for a in local_addresses}
-    if ip.is_loopback or str(ip) in _WILDCARDS:
-        return True
-    normalised = set()
-    for a in local_addresses:
-        try:
-            normalised.add(ipaddress.ip_address(a))
-        except ValueError:
-            continue
-    return ip in normalised
-
-
 def rewrite_graphics_listen(
     text: str,
     new_address: str | None,
@@ -245,35 +210,3 @@ def serialize(dom: DomainXML) -> str:
         except ValueError:
             continue  # a prefix ElementTree reserves (ns0, ns1...): it will pick its own
     return ET.tostring(dom.root, encoding="unicode") + "\n"
-
-
-def host_addresses(proc: str | os.PathLike[str] = "/proc") -> frozenset[str]:
-    """This network namespace's own IPv4 and IPv6 addresses, read from ``/proc``.
-
-    ``/proc/net/fib_trie`` lists the IPv4 addresses of the local routing table (each one
-    followed by ``/32 host LOCAL``) and ``/proc/net/if_inet6`` the IPv6 ones. Both are
-    per network namespace, which is what the hook needs: it runs in libvirtd's namespace.
-    Unreadable files yield fewer addresses, never an error: the caller then rewrites more
-    eagerly, which is still correct for a migration's destination.
-    """
-    found: set[str] = set()
-    try:
-        previous = ""
-        with open(os.path.join(proc, "net", "fib_trie"), encoding="utf-8") as f:
-            for line in f:
-                stripped = line.strip()
-                if stripped.startswith("|--"):
-                    previous = stripped[3:].strip()
-                elif stripped == "/32 host LOCAL" and previous:
-                    found.add(previous)
-    except OSError:
-        pass
-    try:
-        with open(os.path.join(proc, "net", "if_inet6"), encoding="utf-8") as f:
-            for line in f:
-                raw = line.split()[0] if line.split() else ""
-                if len(raw) == 32:
-                    found.add(str(ipaddress.IPv6Address(bytes.fromhex(raw))))
-    except (OSError, ValueError):
-        pass
-    return frozenset(found)

@@ -46,16 +46,25 @@ class DomainScan:
     """What one pass found: the root's tag (``{uri}local`` when namespaced, as ElementTree
     names it), ``<name>``, ``<uuid>``, and the namespace prefixes."""
 
-    __slots__ = ("name", "namespaces", "root", "uuid")
+    __slots__ = ("name", "namespaces", "root", "spice_listens", "uuid")
 
     def __init__(
-        self, root: str, name: str | None, uuid: str | None, namespaces: dict[str, str]
+        self,
+        root: str,
+        name: str | None,
+        uuid: str | None,
+        namespaces: dict[str, str],
+        spice_listens: tuple[str, ...] = (),
     ) -> None:
         self.root = root
         self.name = name
         self.uuid = uuid
         #: prefix -> URI of every namespace declared in the input ("" for the default one)
         self.namespaces = namespaces
+        #: what :func:`spice_libvirt.hook.rewrite.spice_listen_addresses` finds: the distinct
+        #: non-empty addresses of ``/domain/devices/graphics[@type='spice']``'s ``listen``
+        #: attribute and ``<listen type='address' address=...>`` children, in document order
+        self.spice_listens = spice_listens
 
 
 def check_size(text: str) -> None:
@@ -79,6 +88,9 @@ def scan(text: str) -> DomainScan:
     found: dict[str, str | None] = {}
     root = ""
     depth = 0
+    #: local names of the open elements (namespaced ones keep their "uri name" form)
+    path: list[str] = []
+    listens: list[str] = []
     #: the <name>/<uuid> whose text is being collected, and its pieces
     capturing: str | None = None
     pieces: list[str] = []
@@ -98,10 +110,25 @@ def scan(text: str) -> DomainScan:
             found[capturing] = "".join(pieces).strip() or None
             capturing = None
 
-    def start(tag: str, _attrs: object) -> None:
+    graphics_is_spice = [False]
+
+    def start(tag: str, attrs: dict[str, str]) -> None:
         nonlocal depth, root, capturing
         stop_capture()
         depth += 1
+        path.append(tag)
+        if depth == 3 and path[1:] == ["devices", "graphics"]:
+            graphics_is_spice[0] = attrs.get("type") == "spice"
+            if graphics_is_spice[0]:
+                _listen(attrs.get("listen"))
+        elif (
+            depth == 4
+            and tag == "listen"
+            and path[1:3] == ["devices", "graphics"]
+            and graphics_is_spice[0]
+            and attrs.get("type") == "address"
+        ):
+            _listen(attrs.get("address"))
         if depth == 1:
             root = tag
         elif depth == 2 and tag in ("name", "uuid") and tag not in found:
@@ -109,10 +136,15 @@ def scan(text: str) -> DomainScan:
             capturing = tag
             pieces.clear()
 
+    def _listen(address: str | None) -> None:
+        if address and address not in listens:
+            listens.append(address)
+
     def end(_tag: str) -> None:
         nonlocal depth
         stop_capture()
         depth -= 1
+        path.pop()
 
     def other(*_args: object) -> None:
         stop_capture()
@@ -136,7 +168,7 @@ def scan(text: str) -> DomainScan:
         raise HookError(f"malformed domain XML: {exc}") from exc
     uri, sep, local = root.rpartition(_NS_SEP)
     tag = f"{{{uri}}}{local}" if sep else local  # as ElementTree names it
-    return DomainScan(tag, found.get("name"), found.get("uuid"), namespaces)
+    return DomainScan(tag, found.get("name"), found.get("uuid"), namespaces, tuple(listens))
 
 
 def scan_domain(text: str) -> DomainScan:
