@@ -1,17 +1,22 @@
 """The libvirt ``qemu`` hook: journal every call, fix the SPICE address of incoming migrations.
 
 libvirt runs ``/etc/libvirt/hooks/qemu.d/50-spice-libvirt OBJECT OPERATION SUBOP EXTRA``
-(a sh shim that execs this module's :func:`main` through the ``spice-libvirt-hook``
-console script) with the domain XML on stdin, and waits for it. The rules this module
-keeps, and why:
+(a sh shim that runs this module's :func:`main`: through :mod:`spice_libvirt.hook.launch`
+with ``python -I -S`` by default, or through the ``spice-libvirt-hook`` console script) with
+the domain XML on stdin, and waits for it, on every event of every domain. The rules this
+module keeps, and why:
 
 * **Never call libvirt.** libvirtd is blocked on us; calling back into it can deadlock
   (libvirt's hooks documentation says so in capitals). Nothing here imports ``libvirt``,
   and a test proves it.
-* **Be quick.** A hook delays the guest operation it belongs to. Before anything else,
-  the configuration included, :class:`~spice_libvirt.hook.deadline.Deadline` arms a soft
-  deadline (SIGALRM: report, journal, pick the exit status) and, for the console script, a
-  hard one (a thread that calls ``os._exit``) for when the soft one cannot fire. The budget
+* **Be quick.** A hook delays the guest operation it belongs to, so a call loads only the
+  standard library's C parts it needs (expat, sqlite3, signal and thread primitives) and
+  this package's hook modules: no ``typing``, ``dataclasses``, ``pathlib``, ``re`` or
+  ElementTree unless a rewrite needs it (``tests/test_hook_launch.py`` checks the list,
+  ``benchmarks/bench_hook.py`` measures a call against a bare interpreter). Before
+  anything else, the configuration included, :class:`~spice_libvirt.hook.deadline.Deadline`
+  arms a soft deadline (SIGALRM: report, journal, pick the exit status) and, when run as a
+  program (launcher or console script), a hard one (a thread that calls ``os._exit``) for when the soft one cannot fire. The budget
   is 2 s until the configuration is read, then ``hook_timeout_s``, interpreter start
   included.
 * **``migrate begin`` is a filter.** On the destination it receives the incoming XML; what
