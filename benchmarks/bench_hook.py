@@ -92,6 +92,8 @@ class Command:
     #: text the call must print on stdout (a rewrite), or None for "nothing"
     expect_stdout: str | None = None
     hook: bool = False
+    #: a breakdown row: neither a baseline nor a hook call
+    breakdown: bool = False
 
 
 class Row(BaseModel):
@@ -144,6 +146,16 @@ def _commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
+_IMPORTS_ONLY = (
+    "import os, sys\n"
+    f"root = {str(Path(hook_install.default_launcher()).parents[2])!r}\n"
+    "sys.path.append(root)\n"
+    "p = type(sys)('spice_libvirt'); p.__path__ = [os.path.join(root, 'spice_libvirt')]\n"
+    "sys.modules['spice_libvirt'] = p\n"
+    "import spice_libvirt.hook.qemu\n"
+)
+
+
 def _write_shim(path: Path, text: str) -> Path:
     path.write_text(text)
     path.chmod(0o755)
@@ -169,7 +181,10 @@ def commands(work: Path) -> list[Command]:
     out += [
         Command("venv python -I -c pass", (str(venv_python), "-I", "-c", "pass")),
         Command("venv python -I -S -c pass", (str(venv_python), "-I", "-S", "-c", "pass")),
-    ]
+        # where a call's time goes: the launcher's imports alone, nothing run
+        Command("hook's imports only (-I -S)", (str(venv_python), "-I", "-S", "-c", _IMPORTS_ONLY),
+                breakdown=True),
+    ]  # fmt: skip
     for label, shim in (("hook", fast), ("console-script hook", legacy)):
         out += [
             Command(f"{label}: started begin", (str(shim), "vm1", "started", "begin", "-"), local,
@@ -251,7 +266,7 @@ def run(rounds: int, seed: int) -> tuple[HookSummary, list[dict[str, object]]]:
         for c in cmds
     ]
     medians = {s.command: s.wall_ms.median or 0.0 for s in summaries}
-    baselines = [c.name for c in cmds if not c.hook]
+    baselines = [c.name for c in cmds if not c.hook and not c.breakdown]
     ratios = {
         c.name: {b: round(medians[c.name] / medians[b], 3) for b in baselines}
         for c in cmds

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from spice_libvirt.hook import install as hi
 from spice_libvirt.hook.journal import Journal
-from spice_libvirt.hook.local import is_local_address
+from spice_libvirt.hook.local import is_local_address, plainly_local
 from spice_libvirt.hook.rewrite import parse_domain, rewrite_graphics_listen, spice_listen_addresses
 from spice_libvirt.hook.scan import scan_domain
 
@@ -206,7 +206,7 @@ _GRAPHICS = st.sampled_from(
 )
 _ADDRESSES = st.sampled_from(
     ["198.51.100.1", "198.51.100.2", "127.0.0.1", "0.0.0.0", "::", "localhost", "hv9.example",
-     "2001:db8::7", "[::1]", ""]
+     "2001:db8::7", "[::1]", "", NEW, " 0.0.0.0 ", "LOCALHOST", "hv1"]
 )  # fmt: skip
 
 
@@ -227,6 +227,9 @@ def test_the_expat_pass_decides_a_rewrite_as_elementtree_would(
     assert list(dom.spice_listens) == spice_listen_addresses(parse_domain(xml))
     keep = {*local, NEW}
     all_local = all(is_local_address(a, keep, hostname="hv1") for a in dom.spice_listens)
+    # the shortcut never calls local what the full rule would not
+    for a in dom.spice_listens:
+        assert not plainly_local(a, NEW) or is_local_address(a, keep, hostname="hv1")
     res = rewrite_graphics_listen(xml, NEW, local, hostname="hv1")
     assert all_local == (not res.changes)
 
@@ -247,5 +250,6 @@ def test_migrate_begin_with_local_addresses_loads_no_elementtree(host: tuple[Pat
     loaded = _imported(proc.stderr)
     assert "xml.etree.ElementTree" not in loaded
     assert "spice_libvirt.hook.rewrite" not in loaded
+    assert "ipaddress" not in loaded  # a wildcard is local without reading /proc
     [row] = Journal(journal).entries()
     assert (row.outcome, row.detail) == ("ok", "unchanged: SPICE listen 0.0.0.0 is local here")

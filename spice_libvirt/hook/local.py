@@ -8,7 +8,6 @@ rewrite is needed at all (every address local: nothing to do) from the expat pas
 
 from __future__ import annotations
 
-import ipaddress
 import os
 
 TYPE_CHECKING = False
@@ -18,6 +17,17 @@ if TYPE_CHECKING:
 _WILDCARDS = frozenset({"0.0.0.0", "::"})
 
 
+def plainly_local(address: str, configured: str | None) -> bool:
+    """True for an address that :func:`is_local_address` calls local whatever this host's
+    addresses are: empty, a wildcard, ``localhost``, or the configured SPICE address itself.
+
+    A sufficient condition only (False says nothing); it lets ``migrate begin`` skip reading
+    ``/proc`` and importing :mod:`ipaddress` in the common cases.
+    """
+    value = address.strip()
+    return not value or value in ("0.0.0.0", "::", "localhost") or value == configured
+
+
 def is_local_address(
     address: str,
     local_addresses: Collection[str],
@@ -25,6 +35,8 @@ def is_local_address(
     hostname: str | None = None,
 ) -> bool:
     """True if ``address`` means *this host* here too (see the module docstring)."""
+    import ipaddress  # here, not at the top: plainly_local() must stay free of it
+
     value = address.strip()
     if not value:
         return True
@@ -59,6 +71,8 @@ def host_addresses(proc: str | os.PathLike[str] = "/proc") -> frozenset[str]:
     Unreadable files yield fewer addresses, never an error: the caller then rewrites more
     eagerly, which is still correct for a migration's destination.
     """
+    import ipaddress
+
     found: set[str] = set()
     try:
         previous = ""

@@ -149,23 +149,29 @@ def _migrate_begin(text: str, settings: Settings) -> _Result:
     seen = dom.spice_listens
     if settings.spice_address is None:
         return _Result(None, "ok", "unchanged: no spice_address configured", dom.name, dom.uuid)
+    from spice_libvirt.hook.local import plainly_local
+
+    if all(plainly_local(a, settings.spice_address) for a in seen):
+        return _Result(None, "ok", _unchanged(seen), dom.name, dom.uuid)
     from spice_libvirt.hook.local import host_addresses, is_local_address
 
     local = host_addresses()
     hostname = os.uname().nodename  # what socket.gethostname() returns, without socket
     keep = {*local, settings.spice_address}
     if all(is_local_address(a, keep, hostname=hostname) for a in seen):
-        if seen:
-            why = f"unchanged: SPICE listen {', '.join(seen)} is local here"
-        else:
-            why = "unchanged: no SPICE listen address in the XML (host's spice_listen applies)"
-        return _Result(None, "ok", why, dom.name, dom.uuid)
+        return _Result(None, "ok", _unchanged(seen), dom.name, dom.uuid)
     from spice_libvirt.hook.rewrite import rewrite_graphics_listen
 
     res = rewrite_graphics_listen(text, settings.spice_address, local, hostname=hostname)
     if not res.changes:  # cannot happen (same rules on the same addresses); never silent
         raise HookError("rewrite found nothing to change in a non-local SPICE listen address")
     return _Result(res.xml, "rewritten", "; ".join(res.changes), res.name, res.uuid)
+
+
+def _unchanged(seen: tuple[str, ...]) -> str:
+    if seen:
+        return f"unchanged: SPICE listen {', '.join(seen)} is local here"
+    return "unchanged: no SPICE listen address in the XML (host's spice_listen applies)"
 
 
 def _read_and_process(args: Sequence[str], stdin: TextIO, settings: Settings) -> _Result:
