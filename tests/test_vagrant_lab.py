@@ -184,7 +184,7 @@ def _lab_process_nice(base: Path) -> dict[str, int]:
 def test_vagrant_lab_up_migrate_there_and_back_down(tmp_path: Path) -> None:
     base = tmp_path / "lab"
     cli = _cli()
-    times: dict[str, float] = {}
+    times: dict[str, object] = {}
     try:
         rc, out, times["up (all stages)"] = _run(
             [*cli, "--dir", str(base), "up", "--vagrant", "--json"], 1500
@@ -209,6 +209,12 @@ def test_vagrant_lab_up_migrate_there_and_back_down(tmp_path: Path) -> None:
             assert rc == 0, json.dumps(report, indent=1)[-3000:]
             assert report["outcome"] == "seamless", report
             assert report["migration"]["status"] == "completed"
+            m = report["migration"]
+            times[f"migrate {n}: total/downtime/link (ms)"] = [
+                m["total_time_ms"],
+                m["downtime_ms"],
+                round(report["link_wait"]["duration_ms"] or 0),
+            ]
             # the hook the role installed saw this migration on both hosts: the guest
             # arriving on the destination and leaving the source
             journals = report["hook_journals"]

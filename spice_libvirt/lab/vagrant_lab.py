@@ -29,7 +29,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -258,8 +260,6 @@ def provision(state: VagrantLabState) -> None:
     import json
 
     extra: dict[str, object] = {
-        # a lab of two: both at once (a fleet goes one host at a time, the play's default)
-        "spice_libvirt_serial": len(HOSTS),
         "spice_libvirt_apt_update_cache": False,
         "spice_libvirt_wheelhouse_dir": str(state.directory / "wheelhouse"),
     }
@@ -304,16 +304,36 @@ def guest_xml(state: VagrantLabState) -> str:
 
 
 def define_guest(state: VagrantLabState) -> None:
-    """Define and start the guest on hv1 through libvirtd's TCP listener on the lab network."""
+    """Define and start the guest on hv1 through libvirtd's TCP listener on the lab network.
+
+    Meanwhile hv2's libvirtd probes its QEMU (a libvirtd does that on first use, and under
+    TCG it takes tens of seconds): without it, the first migration's figures would include
+    the destination's probe.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from spice_libvirt.lab.libvirt_host import call_with_timeout, require_libvirt
 
     lv = require_libvirt()
-    conn = call_with_timeout(lambda: lv.open(state.tcp_uri("hv1")), 60.0, "connect to hv1")
-    try:
-        dom = call_with_timeout(lambda: conn.defineXML(guest_xml(state)), 60.0, "define guest")
-        call_with_timeout(dom.create, 120.0, "start guest")
-    finally:
-        conn.close()
+
+    def on(host: str, what: str, action: Callable[[Any], object], timeout: float) -> None:
+        conn = call_with_timeout(lambda: lv.open(state.tcp_uri(host)), 60.0, f"connect {host}")
+        try:
+            call_with_timeout(lambda: action(conn), timeout, f"{what} on {host}")
+        finally:
+            conn.close()
+
+    def start(conn: Any) -> object:
+        return conn.defineXML(guest_xml(state)).create()
+
+    def probe(conn: Any) -> object:
+        return conn.getDomainCapabilities(None, "x86_64", None, "qemu", 0)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        started = pool.submit(on, "hv1", "define and start the guest", start, 180.0)
+        probed = pool.submit(on, "hv2", "QEMU capabilities", probe, 300.0)
+        started.result()
+        probed.result()
     state.location = "hv1"
 
 
