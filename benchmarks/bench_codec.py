@@ -35,8 +35,8 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -423,15 +423,11 @@ def _rev(ref: str) -> str:
     return out.stdout.strip() or ref
 
 
-def versus_markdown(rows: list[dict[str, object]]) -> str:
+def versus_markdown(rows: list[dict[str, Any]]) -> str:
     trees = list(dict.fromkeys(str(r["tree"]) for r in rows))
-    series = list(rows[0]["msgs_per_s"])  # type: ignore[call-overload]
+    series = list(rows[0]["msgs_per_s"])
     med = {
-        (t, s): statistics.median(
-            float(r["msgs_per_s"][s])
-            for r in rows
-            if r["tree"] == t  # type: ignore[index]
-        )
+        (t, s): statistics.median(float(r["msgs_per_s"][s]) for r in rows if r["tree"] == t)
         for t in trees
         for s in series
     }
