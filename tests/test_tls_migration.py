@@ -234,10 +234,9 @@ async def test_remote_viewer_all_secure_seamless_and_on_tls_when_the_destination
 async def test_remote_viewer_all_secure_never_goes_plain_in_the_tls_lab(
     tls_lab: QemuLab, x_server: XServer, lab_dir: Path
 ) -> None:
-    """The lab's destination accepts plain text. Told the TLS port only, spice-gtk 0.42
-    cannot pre-link (it tries plain text on port 65535) and is switched over -- on TLS.
-    Forced to see the plain port (the bug of issue 13), it goes plain, and the report says
-    so with exit code 11."""
+    """The lab's destination accepts plain text. Forced to see the plain port (the bug of
+    issue 13), spice-gtk 0.42 goes plain, and the report says so with exit code 11. Told
+    the TLS port only (plain port 0), it pre-links on TLS and stays seamless."""
     state = tls_lab.load()
     assert state is not None
     assert state.tls is not None
@@ -262,22 +261,22 @@ async def test_remote_viewer_all_secure_never_goes_plain_in_the_tls_lab(
         assert plain >= set(report.tls_downgraded_channels)
     finally:
         viewer.stop()
-    # a fresh viewer (spice-gtk 0.42 follows no seamless migration after a switch-host)
+    # a fresh viewer (the downgraded one is on plain text now)
     uri = tls_lab.load().sides[tls_lab.load().source].spice_uri  # type: ignore[union-attr]
     viewer = _start_secure_viewer(uri, tls, x_server.display, lab_dir, name="rv-tls-only")
     try:
         cid = await _wait_viewer(lambda: _running_side_sessions(tls_lab), viewer)
-        report = await tls_lab.migrate(watch=False, request_overrides={"link_timeout": 3.0})
+        report = await tls_lab.migrate(watch=False)
         assert report.migration.status == "completed", report.notes
         assert ":-/tls:" in report.client_target  # the TLS port only
-        assert any("65535" in n for n in report.notes)
+        assert any("plain port goes out as 0" in n for n in report.notes)
         assert report.tls_downgraded is False, report.tls_downgraded_channels
-        assert report.outcome == "switch-host", (report.outcome, report.notes)
-        assert for_report(report) is ExitCode.NOT_SEAMLESS
-        new_cid = await _wait_viewer(lambda: _running_side_sessions(tls_lab), viewer)
-        assert new_cid != cid
+        assert report.outcome == "seamless", (report.outcome, report.notes)
+        assert for_report(report) is ExitCode.OK
+        [client] = report.clients
+        assert client.connection_id_kept is True
         sessions = await _running_side_sessions(tls_lab)
-        assert sessions[new_cid].all_tls is True, sessions[new_cid].channels
+        assert sessions[cid].all_tls is True, sessions[cid].channels
     finally:
         viewer.stop()
     assert not viewer.alive()

@@ -149,14 +149,11 @@ class TlsTarget:
     caveat: str | None = None
 
 
-#: why a TLS-only target may cost seamlessness with spice-gtk (measured with 0.42)
+#: how a TLS-only target reaches the client (measured with spice-gtk 0.42 and QEMU 7.2)
 SPICE_GTK_TLS_ONLY = (
-    "a client told the TLS port only: QEMU passes the missing plain port as -1, which "
-    "reaches the client as port 65535; spice-gtk 0.42 links its migration channels in plain "
-    "text there, fails, and falls back to switch-host -- over TLS, never in plain text. For "
-    "seamless *and* secure, make the destination refuse plain text for these channels "
-    "(-spice tls-channel=default, libvirt defaultMode='secure'): then both ports are offered "
-    "and NEED_SECURED keeps every link on TLS"
+    "the plain port goes out as 0, which spice-gtk reads as 'no plain port' and pre-links on "
+    "TLS (seamless, secure); left out, QEMU would pass it as -1, which reaches the client as "
+    "port 65535: spice-gtk links in plain text there, fails and falls back to switch-host"
 )
 
 

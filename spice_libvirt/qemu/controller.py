@@ -239,6 +239,10 @@ class QemuMigrationController(ControllerBase[MigrationRequest, MigrationReport])
         args: dict[str, object] = {"protocol": "spice", "hostname": req.client_host}
         if target.port is not None:
             args["port"] = target.port
+        elif target.tls_port is not None:
+            # 0 = no plain port (as libvirt sends it): QEMU turns a missing port into -1,
+            # which spice-gtk reads as 65535 and links there in plain text (policy.tls_target)
+            args["port"] = 0
         if target.tls_port is not None:
             args["tls-port"] = target.tls_port
             if req.client_cert_subject:
