@@ -18,7 +18,7 @@ from typing import Any
 from spice_libvirt.errors import LabError, MigrationError
 from spice_libvirt.lab import libvirt_lab, libvirt_tls
 from spice_libvirt.lab.libvirt_lab import HostName, LabState, MigrationResult
-from spice_libvirt.lab.witness_thread import ThreadedWitness, netns_witness
+from spice_libvirt.lab.witness_thread import netns_witness
 from spice_libvirt.libvirt.connection import Connection, call_blocking
 from spice_libvirt.libvirt.controller import (
     LibvirtMigrationReport,
@@ -26,7 +26,6 @@ from spice_libvirt.libvirt.controller import (
     migrate_libvirt,
 )
 from spice_libvirt.progress import ProgressReporter
-from spice_libvirt.spice.transport import verification_failure
 
 
 def lab_request(
@@ -64,32 +63,7 @@ async def _migrate_with_witness(
             f"embedded client in namespace {state.client.netns}, RTT to the source "
             f"{witness.rtt_ms} ms (TCP connect)"
         )
-        if report.link_wait.result == "connect-error":
-            await _why_not_linked(report, witness)
         return report
-
-
-async def _why_not_linked(report: LibvirtMigrationReport, witness: ThreadedWitness) -> None:
-    """Name the reason our client could not link to the destination, from its own record.
-
-    A certificate failure (wrong subject, unknown CA) is the client *refusing* the
-    destination, not a network problem, and the report must say so (issue 11). After an
-    aborted job the controller fetches no record, and the client's migration stays open
-    (spice-server sends no MIGRATE_CANCEL to a client that answered CONNECT_ERROR), so the
-    open migration's record is read instead.
-    """
-    errors = [c.record.error for c in report.clients if c.record is not None and c.record.error]
-    if not errors:
-        errors = _open_migration_errors(witness)
-    for error in errors:
-        kind = verification_failure(error)
-        if kind is None:
-            report.notes.append(f"embedded client could not link to the destination: {error}")
-            continue
-        reason = f"client could not verify the destination ({kind})"
-        report.notes.append(f"{reason}: {error}")
-        if report.migration.status != "completed":
-            report.error = f"{reason}; {report.error}" if report.error else reason
 
 
 def lab_migrate(
@@ -135,19 +109,6 @@ def lab_migrate(
         if not box:
             raise
     return box[0]
-
-
-def _open_migration_errors(witness: ThreadedWitness) -> list[str]:
-    """The error the client recorded for its latest migration, finished or not.
-
-    SpiceClient has no public accessor for a migration that has not finished (the
-    MigrationWitness protocol only hands out finished records); until it has one, its
-    history is read defensively: no history, no reason -- never an exception.
-    """
-    history = getattr(witness.client, "_history", None) or []
-    record = getattr(history[-1], "record", None) if history else None
-    error = getattr(record, "error", None)
-    return [error] if isinstance(error, str) and error else []
 
 
 async def start_extra_domains(

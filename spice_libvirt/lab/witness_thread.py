@@ -141,6 +141,10 @@ class ThreadedWitness:
         return self.client.migration_count
 
     @property
+    def last_link_error(self) -> str | None:
+        return self.client.last_link_error
+
+    @property
     def one_way_ms(self) -> float:
         return (self.rtt_ms or 0.0) / 2.0
 

@@ -41,6 +41,7 @@ from spice_libvirt.libvirt.connection import (
 from spice_libvirt.libvirt.errors import message_of
 from spice_libvirt.libvirt.hold import DestinationLinks, Hold
 from spice_libvirt.libvirt.preflight import (
+    check_ticket,
     check_tls,
     preflight,
     source_sessions,
@@ -110,6 +111,9 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
         migrations_before = self.witness.migration_count if self.witness is not None else None
         clients, queried = await source_sessions(src, dom, self.note)
         graphics_uri = check_tls(req, clients, xml, self.note)
+        # last among the checks: extending the ticket (when asked) is a change, and a refusal
+        # above must leave nothing changed
+        await check_ticket(src, dom, xml, req, self.note)
         report.client_target = graphics_uri or report.client_target
         report.tainted = report.hold.tainted = queried
         witness_cid = self.witness.session_id if self.witness is not None else None
@@ -233,6 +237,8 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
         if not completed:
             report.error = message_of(error.__cause__ or error) if error else "cancelled"
             report.error_phase = "migrate"
+            if report.link_wait.reason:
+                report.error = f"{report.link_wait.reason}; {report.error}"
         report.hold.destination_events = links.log
         report.hold.destination_channels_initialized = len(links.init_at)
         return completed

@@ -135,12 +135,19 @@ class Hold:
             point = await self._destination_linked(gfx, links, deadline, t_active, expected)
         linked = point is not None
         if not linked:
-            hold.release_reason = (
-                f"client not linked within {self.req.hold_timeout:.1f} s: released anyway "
-                "(switch-host risk)"
-                if not self.migration.done()
-                else "the migration ended during the hold"
-            )
+            link = self.report.link_wait
+            if self.migration.done():
+                hold.release_reason = "the migration ended during the hold"
+            elif link.result == "connect-error":
+                hold.release_reason = (
+                    f"{link.reason or 'client could not link to the destination'} "
+                    "(MIGRATE_CONNECT_ERROR): released at once (switch-host risk)"
+                )
+            else:
+                hold.release_reason = (
+                    f"client not linked within {self.req.hold_timeout:.1f} s: released "
+                    "anyway (switch-host risk)"
+                )
             self.log.note(hold.release_reason)
         else:
             assert point is not None

@@ -48,6 +48,9 @@ class ClientVerdict(SessionChange):
     #: every channel QMP lists for this client uses TLS (before: source, after: destination)
     tls_before: bool | None = None
     tls_after: bool | None = None
+    #: TLS per channel (None: QMP did not say), before on the source, after where it went
+    tls_channels_before: dict[str, bool | None] = Field(default_factory=dict)
+    tls_channels_after: dict[str, bool | None] = Field(default_factory=dict)
     #: channels on TLS before the migration and plain after it (issue 13: never allowed)
     tls_downgraded_channels: list[str] = Field(default_factory=list)
     #: how the path was established: "client-record" (embedded), "qmp" (events/queries)
@@ -66,6 +69,9 @@ class LinkWait(BaseModel):
     #: "linked": every channel linked (and, embedded, CONNECTED_SEAMLESS sent);
     #: "timeout": not within the bound; "no-client"; "skipped"; "connect-error"
     result: Literal["linked", "timeout", "no-client", "skipped", "connect-error"] = "skipped"
+    #: why the client did not link, when it says (e.g. "client could not verify the
+    #: destination (subject mismatch)")
+    reason: str | None = None
     duration_ms: float | None = None
     grace_ms: float = 0.0
     timeout_s: float = 0.0

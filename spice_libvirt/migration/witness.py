@@ -14,6 +14,7 @@ from typing import Protocol, runtime_checkable
 from spice_libvirt import errors
 from spice_libvirt.migration.report import LinkWait
 from spice_libvirt.spice.record import ClientMigrationRecord, StreamStats
+from spice_libvirt.spice.transport import verification_failure
 
 #: assumed client RTT when a witness cannot tell its own
 DEFAULT_WITNESS_RTT = 0.05
@@ -71,10 +72,29 @@ async def await_connected(
     except errors.SpiceLibvirtError as exc:
         note(f"embedded client: {exc}")
         link.result = "connect-error"
+        _name_reason(witness, link, note, str(exc))
         return None
     if connected_at is None:
         link.result = "connect-error"
+        _name_reason(witness, link, note, None)
     return connected_at
+
+
+def _name_reason(
+    witness: object, link: LinkWait, note: Callable[[str], None], error: str | None
+) -> None:
+    """Say why the client could not link: a certificate it refused is the client keeping
+    its user safe from the destination, not a network fault, and the report must say so."""
+    last = getattr(witness, "last_link_error", None)
+    error = last if isinstance(last, str) and last else error
+    if not error:
+        return
+    kind = verification_failure(error)
+    if kind is None:
+        link.reason = f"client could not link to the destination: {error}"
+    else:
+        link.reason = f"client could not verify the destination ({kind})"
+    note(f"{link.reason}: {error}" if kind is not None else link.reason)
 
 
 __all__ = ["DEFAULT_WITNESS_RTT", "MigrationWitness", "await_connected", "witness_rtt"]

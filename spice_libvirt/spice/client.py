@@ -111,6 +111,13 @@ class SpiceClient(ChannelSet):
         return self._session.migrations_started
 
     @property
+    def last_link_error(self) -> str | None:
+        """The error the latest migration recorded, finished or not (e.g. a destination
+        whose certificate the client refused): after a CONNECT_ERROR spice-server sends no
+        MIGRATE_CANCEL, so that migration's record may never be handed out."""
+        return self._history[-1].record.error if self._history else None
+
+    @property
     def rtt_estimate(self) -> float:
         """Round-trip time to the current server in seconds (fastest TCP connect seen).
 
