@@ -268,6 +268,10 @@ def test_tls_compared_per_channel(
     assert v.seamless is not bool(downgraded)
     assert c.tls_before is (all(before.values()))
     assert c.tls_after is (all(after.values()))
+    # and per channel, by name, on both sides
+    names = {(1, 0): "main:0", (2, 0): "display:0"}
+    assert c.tls_channels_before == {names[ch]: tls for ch, tls in before.items()}
+    assert c.tls_channels_after == {names[ch]: tls for ch, tls in after.items()}
 
 
 def test_tls_downgrade_after_switch_host_and_for_several_clients() -> None:

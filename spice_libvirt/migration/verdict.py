@@ -25,7 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from spice_libvirt.migration.evidence import Sessions, SpiceSession, channel_names
+from spice_libvirt.migration.evidence import (
+    Sessions,
+    SpiceSession,
+    channel_name,
+    channel_names,
+)
 from spice_libvirt.migration.report import (
     ClientVerdict,
     MigrationReport,
@@ -135,6 +140,7 @@ def _client(
         channels_before=session.names,
         linked_before_migrate=ev.linked,
         tls_before=session.all_tls,
+        tls_channels_before=_tls_by_channel(session),
     )
     if ev.status == "completed":
         _completed_path(v, ev, cid, after, new_ids, embedded)
@@ -148,12 +154,17 @@ def _client(
     if v.connection_id_after is not None and v.connection_id_after in after:
         later = after[v.connection_id_after]
         v.tls_after = later.all_tls
+        v.tls_channels_after = _tls_by_channel(later)
         v.tls_downgraded_channels = channel_names(
             ch
             for ch, tls in session.channels.items()
             if tls is True and later.channels.get(ch) is False
         )
     return v
+
+
+def _tls_by_channel(session: SpiceSession) -> dict[str, bool | None]:
+    return {channel_name(*ch): tls for ch, tls in sorted(session.channels.items())}
 
 
 def _follow(v: ClientVerdict, later: SpiceSession, *, kept: bool) -> None:
