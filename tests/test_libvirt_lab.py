@@ -200,6 +200,11 @@ def test_up_status_rtt_migrate_ping_pong_down(lab: Path) -> None:
     assert 150 * 0.95 <= libvirt_lab.probe_rtt(lab).median_ms < 150 + 100
     libvirt_lab.set_client_rtt(lab, 0)
     assert libvirt_lab.probe_rtt(lab).median_ms < 50
+    # loss and jitter reach the running bridge (what `lab rtt --loss-pct --jitter-ms` sets)
+    stats = libvirt_lab.set_client_impairment(lab, loss_pct=2.0, jitter_ms=20.0, seed=8)
+    assert (stats.loss_pct, stats.jitter_ms, stats.seed) == ([2.0, 2.0], [20.0, 20.0], 8)
+    stats = libvirt_lab.set_client_impairment(lab, loss_pct=0.0, jitter_ms=0.0)
+    assert (stats.loss_pct, stats.jitter_ms) == ([0.0, 0.0], [0.0, 0.0])
     # the hosts' own link is not delayed
     a_to_b = netns.tcp_connect_ms(state.hosts["A"].config.netns, state.hosts["B"].config.ip, 16509)
     assert a_to_b < 50

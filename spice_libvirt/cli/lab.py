@@ -129,6 +129,12 @@ def register(subparsers: Any) -> None:
 
     rtt = sub.add_parser("rtt", help="libvirt lab: measure (and --set) the client's RTT")
     rtt.add_argument("--set", type=float, dest="set_ms", metavar="MS", help="new RTT first")
+    rtt.add_argument("--loss-pct", type=float, metavar="P", help="random loss each way, percent")
+    rtt.add_argument("--jitter-ms", type=float, metavar="J", help="one-way jitter around RTT/2")
+    rtt.add_argument(
+        "--jitter-dist", choices=["uniform", "normal"], default=None, help="jitter's distribution"
+    )
+    rtt.add_argument("--seed", type=int, default=None, help="seed the loss/jitter RNG")
     rtt.add_argument("--samples", type=int, default=5)
     rtt.add_argument("--json", action="store_true")
     rtt.set_defaults(handler=_rtt)

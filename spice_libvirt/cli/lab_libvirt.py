@@ -128,6 +128,15 @@ def rtt(args: argparse.Namespace, path: Path) -> int:
 
     if args.set_ms is not None:
         libvirt_lab.set_client_rtt(path, args.set_ms)
+    impairment = (args.loss_pct, args.jitter_ms, args.jitter_dist, args.seed)
+    if any(value is not None for value in impairment):
+        libvirt_lab.set_client_impairment(
+            path,
+            loss_pct=args.loss_pct,
+            jitter_ms=args.jitter_ms,
+            jitter_dist=args.jitter_dist,
+            seed=args.seed,
+        )
     probe = libvirt_lab.probe_rtt(path, samples=args.samples)
     if args.json:
         print(probe.model_dump_json(indent=1))

@@ -551,6 +551,28 @@ def set_client_rtt(lab_dir: Path | None, rtt_ms: float) -> delaybridge.BridgeSta
         return stats
 
 
+def set_client_impairment(
+    lab_dir: Path | None,
+    *,
+    loss_pct: float | None = None,
+    jitter_ms: float | None = None,
+    jitter_dist: delaybridge.JitterDist | None = None,
+    seed: int | None = None,
+) -> delaybridge.BridgeStats:
+    """Change the client link's loss and jitter on the running lab (both directions).
+
+    Not kept in the lab state: a restarted bridge starts clean (``lab status`` shows what
+    the running bridge applies)."""
+    lab_dir = (lab_dir or default_lab_dir()).absolute()
+    with locked(lab_dir):
+        state = require_state(lab_dir)
+        if seed is not None:
+            delaybridge.reseed(state.bridge.control, seed)
+        return delaybridge.set_impairment(
+            state.bridge.control, loss_pct=loss_pct, jitter_ms=jitter_ms, jitter_dist=jitter_dist
+        )
+
+
 __all__ = [
     "DEFAULT_DOMAIN",
     "HOSTS",
@@ -577,6 +599,7 @@ __all__ = [
     "render_domain_xml",
     "restart_libvirtd",
     "serial_log",
+    "set_client_impairment",
     "set_client_rtt",
     "spice_endpoint",
     "status",
