@@ -24,11 +24,11 @@ from spice_libvirt import api
 from spice_libvirt.errors import ConfigError
 from spice_libvirt.exitcodes import ExitCode
 from spice_libvirt.lab import libvirt_lab, netns
+from spice_libvirt.lab.libvirt_migrate import start_extra_domains
+from spice_libvirt.lab.witness_thread import ThreadedWitness
 from spice_libvirt.libvirt.connection import Connection
 from spice_libvirt.libvirt.controller import spice_graphics
 from spice_libvirt.libvirt.evacuate import evacuate, spice_domains
-from spice_libvirt.libvirt.lab import start_extra_domains
-from spice_libvirt.libvirt.witness import ThreadedWitness
 from spice_libvirt.spice.client import ClientOptions
 from tests import faults
 from tests.lab_marks import LIBVIRT_LAB

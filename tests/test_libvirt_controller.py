@@ -23,6 +23,7 @@ from spice_libvirt import api
 from spice_libvirt.cli import main as cli_main
 from spice_libvirt.exitcodes import ExitCode, for_error
 from spice_libvirt.lab import libvirt_lab, netns
+from spice_libvirt.lab.libvirt_migrate import lab_migrate, lab_request
 from spice_libvirt.libvirt.connection import Connection, GraphicsEvent
 from spice_libvirt.libvirt.controller import (
     LibvirtMigrationRequest,
@@ -35,7 +36,6 @@ from spice_libvirt.libvirt.errors import (
     PreflightError,
 )
 from spice_libvirt.libvirt.hold import DestinationLinks
-from spice_libvirt.libvirt.lab import lab_migrate, lab_request
 from spice_libvirt.migration.evidence import sessions_from_query_spice
 from tests.lab_marks import LIBVIRT_LAB
 
