@@ -49,8 +49,8 @@ from benchmarks.benchutil import (
 )
 from benchmarks.xclients import RemoteViewer, have_tools, start_viewer, xvfb
 from spice_libvirt.lab.qemu import QemuGroup, QemuInstance
-from spice_libvirt.qmp import EventStream, QMPConnection, QMPEvent
-from spice_libvirt.report import channel_name
+from spice_libvirt.migration.report import channel_name
+from spice_libvirt.qemu.qmp import EventStream, QMPConnection, QMPEvent
 from spice_libvirt.spice.client import ClientOptions, SpiceClient
 
 EXPECTED_CHANNELS = 5  # main, display, inputs, cursor, port

@@ -52,8 +52,8 @@ from spice_libvirt import errors
 from spice_libvirt.lab.ports import free_tcp_port
 from spice_libvirt.lab.qemu import QemuGroup
 from spice_libvirt.lab.qemu_lab import QemuLab
-from spice_libvirt.qmp import QMPConnection
-from spice_libvirt.report import MigrationReport
+from spice_libvirt.migration.report import MigrationReport
+from spice_libvirt.qemu.qmp import QMPConnection
 
 Guest = Literal["firmware", "linux"]
 Mode = Literal["wait", "no-wait"]

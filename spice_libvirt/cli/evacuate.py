@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from spice_libvirt.exitcodes import exit_codes_epilog, for_evacuation
-from spice_libvirt.progress import make_reporter
+from spice_libvirt.migration.progress import make_reporter
 
 
 def register(subparsers: Any) -> None:

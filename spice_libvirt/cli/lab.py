@@ -23,7 +23,7 @@ from spice_libvirt.cli.render import print_report
 from spice_libvirt.errors import LabError
 from spice_libvirt.exitcodes import ExitCode, exit_codes_epilog, for_report
 from spice_libvirt.lab import labdir
-from spice_libvirt.progress import make_reporter
+from spice_libvirt.migration.progress import make_reporter
 
 
 def register(subparsers: Any) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from spice_libvirt.cli.render import print_hold, print_report
 from spice_libvirt.errors import ConfigError
 from spice_libvirt.exitcodes import ExitCode, for_report
-from spice_libvirt.progress import make_reporter
+from spice_libvirt.migration.progress import make_reporter
 
 
 def refuse(options: dict[str, bool], where: str) -> None:

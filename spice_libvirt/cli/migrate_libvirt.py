@@ -14,7 +14,7 @@ from typing import Any
 from spice_libvirt.cli.render import print_hold, print_report, save_timeline
 from spice_libvirt.errors import ConfigError
 from spice_libvirt.exitcodes import for_report
-from spice_libvirt.progress import make_reporter
+from spice_libvirt.migration.progress import make_reporter
 
 HOLD_CHOICES = ("auto", "qmp", "libvirt", "none")
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from spice_libvirt.report import MigrationReport
+from spice_libvirt.migration.report import MigrationReport
 
 
 def print_report(report: MigrationReport, as_json: bool) -> None:

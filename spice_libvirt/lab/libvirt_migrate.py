@@ -25,7 +25,7 @@ from spice_libvirt.libvirt.controller import (
     LibvirtMigrationRequest,
     migrate_libvirt,
 )
-from spice_libvirt.progress import ProgressReporter
+from spice_libvirt.migration.progress import ProgressReporter
 
 
 def lab_request(

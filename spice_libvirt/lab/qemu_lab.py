@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from spice_libvirt import errors
-from spice_libvirt.controller import MigrationRequest, MigrationWitness, migrate_qemu
 from spice_libvirt.lab import guest as guest_mod
 from spice_libvirt.lab import labdir
 from spice_libvirt.lab.ports import free_tcp_port, free_tcp_ports, port_is_free
@@ -51,9 +50,12 @@ from spice_libvirt.lab.qemu_lab_state import (
     state_summary,
     stop_side,
 )
-from spice_libvirt.progress import ProgressReporter
-from spice_libvirt.qmp import QMPConnection
-from spice_libvirt.report import MigrationReport
+from spice_libvirt.migration.progress import ProgressReporter
+from spice_libvirt.migration.report import MigrationReport
+from spice_libvirt.migration.witness import MigrationWitness
+from spice_libvirt.qemu.controller import migrate_qemu
+from spice_libvirt.qemu.qmp import QMPConnection
+from spice_libvirt.qemu.request import MigrationRequest
 
 log = logging.getLogger(__name__)
 

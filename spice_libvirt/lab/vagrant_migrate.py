@@ -40,7 +40,7 @@ from spice_libvirt.libvirt.controller import (
     LibvirtMigrationRequest,
     migrate_libvirt,
 )
-from spice_libvirt.progress import ProgressReporter
+from spice_libvirt.migration.progress import ProgressReporter
 from spice_libvirt.spice.client import ClientOptions
 
 #: TCG inside TCG: the client links slowly and QEMU answers slowly (see the README's numbers)
