@@ -94,6 +94,8 @@ from spice_libvirt.lab.libvirt_state import (
 from spice_libvirt.lab.libvirt_status import (
     probe_rtt,
     require_state,
+    set_client_impairment,
+    set_client_rtt,
     spice_endpoint,
     status,
     where,
@@ -538,39 +540,6 @@ def restart_libvirtd(lab_dir: Path | None, host: HostName) -> LabState:
 
 
 # --------------------------------------------------------------------------- client link
-
-
-def set_client_rtt(lab_dir: Path | None, rtt_ms: float) -> delaybridge.BridgeStats:
-    """Change the client's round-trip time on the running lab."""
-    lab_dir = (lab_dir or default_lab_dir()).absolute()
-    with locked(lab_dir):
-        state = require_state(lab_dir)
-        stats = delaybridge.set_rtt(state.bridge.control, rtt_ms)
-        state.bridge.rtt_ms = rtt_ms
-        save(state)
-        return stats
-
-
-def set_client_impairment(
-    lab_dir: Path | None,
-    *,
-    loss_pct: float | None = None,
-    jitter_ms: float | None = None,
-    jitter_dist: delaybridge.JitterDist | None = None,
-    seed: int | None = None,
-) -> delaybridge.BridgeStats:
-    """Change the client link's loss and jitter on the running lab (both directions).
-
-    Not kept in the lab state: a restarted bridge starts clean (``lab status`` shows what
-    the running bridge applies)."""
-    lab_dir = (lab_dir or default_lab_dir()).absolute()
-    with locked(lab_dir):
-        state = require_state(lab_dir)
-        if seed is not None:
-            delaybridge.reseed(state.bridge.control, seed)
-        return delaybridge.set_impairment(
-            state.bridge.control, loss_pct=loss_pct, jitter_ms=jitter_ms, jitter_dist=jitter_dist
-        )
 
 
 __all__ = [
