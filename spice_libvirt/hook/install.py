@@ -18,6 +18,12 @@ forms, both recognised by :func:`parse_shim`:
   Ansible role's template writes): the same :func:`~spice_libvirt.hook.qemu.main`, with
   ``site``.
 
+The default form names a file inside the installed package, whose path carries the Python
+version (``lib/python3.11/site-packages``): after reinstalling spice-libvirt for another
+Python, ``hook status`` reports the target as not ok (launcher missing) and ``hook
+install`` must write the shim again, or libvirt's calls fail. The console-script form
+survives that, at twice the cost per call.
+
 The paths are those of the venv this code runs from, baked in at install time;
 ``--config`` bakes in ``SPICE_LIBVIRT_CONFIG`` too, which is how a lab runs several
 simulated hosts with different configurations on one file system.
