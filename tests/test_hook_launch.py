@@ -253,3 +253,18 @@ def test_migrate_begin_with_local_addresses_loads_no_elementtree(host: tuple[Pat
     assert "ipaddress" not in loaded  # a wildcard is local without reading /proc
     [row] = Journal(journal).entries()
     assert (row.outcome, row.detail) == ("ok", "unchanged: SPICE listen 0.0.0.0 is local here")
+
+
+def test_a_shim_whose_launcher_is_gone_still_reaches_the_hook(tmp_path: Path) -> None:
+    """A reinstall for another Python moves the launcher: the console script takes over."""
+    journal = tmp_path / "j.sqlite3"
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'spice_address = "{NEW}"\njournal_path = "{journal}"\n')
+    gone = tmp_path / "old" / "lib" / "python3.9" / "spice_libvirt" / "hook" / "launch.py"
+    shim = tmp_path / "shim"
+    shim.write_text(hi.render_shim(Path(sys.executable), cfg, launcher=gone))
+    shim.chmod(0o755)
+    proc = _run([str(shim), "vm", "started", "begin", "-"], XML.format(listen=NEW))
+    assert (proc.returncode, proc.stderr) == (0, "")
+    [row] = Journal(journal).entries()
+    assert (row.operation, row.domain) == ("started", "vm")

@@ -19,10 +19,10 @@ forms, both recognised by :func:`parse_shim`:
   ``site``.
 
 The default form names a file inside the installed package, whose path carries the Python
-version (``lib/python3.11/site-packages``): after reinstalling spice-libvirt for another
-Python, ``hook status`` reports the target as not ok (launcher missing) and ``hook
-install`` must write the shim again, or libvirt's calls fail. The console-script form
-survives that, at twice the cost per call.
+version (``lib/python3.11/site-packages``). A shim whose launcher has gone (spice-libvirt
+reinstalled for another Python) falls back to the venv's console script, so libvirt's calls
+still reach the hook (a hook that cannot start fails every VM operation); ``hook status``
+reports the target as not ok until ``hook install`` writes the shim again.
 
 The paths are those of the venv this code runs from, baked in at install time;
 ``--config`` bakes in ``SPICE_LIBVIRT_CONFIG`` too, which is how a lab runs several
@@ -146,7 +146,7 @@ def default_launcher() -> Path:
 LAUNCH_OPTIONS = ("-I", "-S")
 
 
-def _shim_lines(exec_words: list[str], config: Path | None) -> str:
+def _shim_lines(exec_words: list[str], config: Path | None, fallback: str = "") -> str:
     lines = [
         "#!/bin/sh",
         MARKER,
@@ -157,6 +157,8 @@ def _shim_lines(exec_words: list[str], config: Path | None) -> str:
     ]
     if config is not None:
         lines += [f"SPICE_LIBVIRT_CONFIG={shlex.quote(str(config))}", "export SPICE_LIBVIRT_CONFIG"]
+    if fallback:
+        lines.append(fallback)
     lines.append("exec " + " ".join(shlex.quote(w) for w in exec_words) + ' "$@"')
     return "\n".join(lines) + "\n"
 
@@ -167,12 +169,16 @@ def render_shim(
     """The text of the shim that execs ``executable`` (and sets ``SPICE_LIBVIRT_CONFIG``).
 
     Without ``launcher``, ``executable`` is the ``spice-libvirt-hook`` console script; with
-    it, ``executable`` is the venv's interpreter, run as ``executable -I -S launcher``.
+    it, ``executable`` is the venv's interpreter, run as ``executable -I -S launcher``, and
+    the console script beside it is the fallback when the launcher is missing.
     """
     words = [str(executable)]
+    fallback = ""
     if launcher is not None:
         words += [*LAUNCH_OPTIONS, str(launcher)]
-    return _shim_lines(words, config)
+        script = executable.parent / "spice-libvirt-hook"
+        fallback = f'[ -f {shlex.quote(str(launcher))} ] || exec {shlex.quote(str(script))} "$@"'
+    return _shim_lines(words, config, fallback)
 
 
 def render_default_shim(config: Path | None = None) -> str:
