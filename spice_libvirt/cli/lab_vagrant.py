@@ -16,7 +16,7 @@ from pathlib import Path
 from spice_libvirt.cli.lab_libvirt import refuse
 from spice_libvirt.cli.render import print_hold, print_report
 from spice_libvirt.exitcodes import ExitCode, for_report
-from spice_libvirt.progress import make_reporter
+from spice_libvirt.migration.progress import make_reporter
 
 
 def add_up_argument(up: argparse.ArgumentParser) -> None:
