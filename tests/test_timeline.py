@@ -204,3 +204,25 @@ def test_untrusted_text_is_escaped() -> None:
     root = ET.fromstring(text)  # still well-formed
     assert "<script>" not in text
     assert any("<script>" in line for line in _texts(root, "reason"))
+
+
+def test_failed_migration_says_what_qemu_said_and_where_the_vm_runs() -> None:
+    """The destination QEMU was killed mid-transfer (a real lab run)."""
+    report = _report("qemu-failed")
+    root = _svg(report)
+    assert root.get("data-outcome") == "failed"
+    why = " ".join(_texts(root, "reason"))
+    assert "QEMU: migration failed: Unable to write to socket" in why
+    assert "the VM runs on: source" in why
+    failed = [r for r in root.iter() if r.get("class") == "phase" and r.get("data-ok") == "false"]
+    assert {r.get("data-name") for r in failed} == {"transfer"}
+    assert switchover_ms(report) is None
+    lanes = _lanes(root)
+    dst = [
+        r.get("data-state") for r in lanes["lane-destination"].iter() if r.get("class") == "state"
+    ]
+    assert dst == ["inmigrate → absent"]
+    src = [r.get("data-state") for r in lanes["lane-source"].iter() if r.get("class") == "state"]
+    assert src == ["running"]
+    # the source cancelled the client's pre-links when the transfer failed
+    assert "MIGRATE_CANCEL" in [s[0] for s in _steps(lanes["lane-client0-main:0"])]

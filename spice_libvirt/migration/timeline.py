@@ -224,6 +224,12 @@ def reasons(report: MigrationReport) -> list[str]:
     link = report.link_wait
     if report.error:
         out.append(f"{report.error_phase or 'error'}: {report.error}")
+    fig = report.migration
+    if fig.status not in (None, "completed") and fig.error_desc:
+        out.append(f"QEMU: migration {fig.status}: {fig.error_desc}")
+    if report.placement is not None:
+        evidence = f" ({report.placement_evidence})" if report.placement_evidence else ""
+        out.append(f"the VM runs on: {report.placement}{evidence}")
     for client in report.clients:
         who = f"{client.kind} client"
         if client.path == "seamless":
@@ -501,6 +507,9 @@ def render_timeline(report: MigrationReport) -> str:
     completed = report.migration.status == "completed"
     src_after = report.source.status_after or ("migrated away" if completed else "running")
     dst_after = report.destination.status_after or ("running" if completed else "incoming")
+    gone = re.search(r"destination (\w+)", report.placement_evidence or "")
+    if not completed and report.destination.status_after is None and gone:
+        dst_after = gone.group(1)  # what the placement check found there, e.g. "absent"
     for side, before, after in (
         ("source", "running", src_after),
         ("destination", report.destination.status_before or "incoming", dst_after),
@@ -510,8 +519,10 @@ def render_timeline(report: MigrationReport) -> str:
             spans = [(scale.t0, switch, before, "#c8e6c9" if side == "source" else "#eceff1"),
                      (switch, scale.t1, after, "#eceff1" if side == "source" else "#c8e6c9")]  # fmt: skip
         else:
-            spans = [(scale.t0, scale.t1, after if side == "source" else before,
-                      "#c8e6c9" if side == "source" else "#eceff1")]  # fmt: skip
+            label = (
+                after if side == "source" else f"{before} → {after}" if after != before else before
+            )
+            spans = [(scale.t0, scale.t1, label, "#c8e6c9" if side == "source" else "#eceff1")]
         _state_bar(svg, scale, y, spans)
         if side == "destination":
             for t, kind, address in _destination_events(report):
