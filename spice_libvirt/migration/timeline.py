@@ -65,17 +65,10 @@ PHASE_COLOURS = ("#90caf9", "#a5d6a7", "#ffe082", "#ce93d8", "#80cbc4", "#ffab91
 BLACKOUT = "#d32f2f"
 #: client steps labelled in their lane (the others are marks with a tooltip only)
 KEY_MESSAGES = (
-    "MIGRATE_BEGIN_SEAMLESS",
-    "MIGRATE_BEGIN",
-    "MIGRATE_DST_SEAMLESS_ACK",
-    "MIGRATE_DST_SEAMLESS_NACK",
-    "MIGRATE_CONNECTED_SEAMLESS",
-    "MIGRATE_CONNECTED",
-    "MIGRATE_SWITCH_HOST",
-    "MIGRATE_CANCEL",
-    "MIGRATE",
-    "RECONNECTED",
-)
+    "MIGRATE_BEGIN_SEAMLESS", "MIGRATE_BEGIN", "MIGRATE_DST_SEAMLESS_ACK",
+    "MIGRATE_DST_SEAMLESS_NACK", "MIGRATE_CONNECTED_SEAMLESS", "MIGRATE_CONNECTED",
+    "MIGRATE_SWITCH_HOST", "MIGRATE_CANCEL", "MIGRATE", "RECONNECTED",
+)  # fmt: skip
 _DST_EVENT = re.compile(r"^(\S+)\s+(\S+)\s+@\s+([0-9.]+)$")
 
 
@@ -317,10 +310,6 @@ def _side_label(svg: _Svg, x0: float, x1: float, y: float, text: str, **kw: Any)
         svg.text(x0 + 4, y, text, **kw)
 
 
-def _end_lane(svg: _Svg) -> None:
-    svg.add("</g>")
-
-
 def _phase_bars(svg: _Svg, report: MigrationReport, scale: _Scale, y: float, h: float) -> None:
     for i, p in enumerate(report.phases):
         start, end = p.start_ms, p.start_ms + p.duration_ms
@@ -407,7 +396,7 @@ def _client_lanes(svg: _Svg, report: MigrationReport, client: ClientVerdict, lan
                      attrs=f" class='blackout' data-channel={quoteattr(channel)} "
                      f"data-ms='{dark:.3f}'")  # fmt: skip
             _side_label(svg, x0, x1, y + 29, f"dark {_ms(dark)}", size=8, fill=BLACKOUT)
-        _end_lane(svg)
+        svg.add("</g>")
         y += h
     return y
 
@@ -487,7 +476,7 @@ def render_timeline(report: MigrationReport) -> str:
     top = y
     _lane(svg, "lane-controller", "controller", y)
     _phase_bars(svg, report, scale, y + 3, LANE_H - 10)
-    _end_lane(svg)
+    svg.add("</g>")
     y += LANE_H
     hold = _hold(report)
     migrate = _phase(report, "migrate")
@@ -501,7 +490,7 @@ def render_timeline(report: MigrationReport) -> str:
                      f"{hold.release_reason}", attrs=" class='hold'")  # fmt: skip
             _side_label(svg, x0, x1, y + LANE_H / 2 + 2,
                         f"released: {hold.release_reason or '?'}", size=9)  # fmt: skip
-        _end_lane(svg)
+        svg.add("</g>")
         y += LANE_H
     switch = switchover_ms(report)
     completed = report.migration.status == "completed"
@@ -532,7 +521,7 @@ def render_timeline(report: MigrationReport) -> str:
                             f"{escape(f'{kind} {address} at {_ms(t)}')}</title><line x1='{x:.1f}' "
                             f"y1='{y + 2}' x2='{x:.1f}' y2='{y + LANE_H - 6}' "
                             f"stroke='{SIDE_COLOUR['dst']}' stroke-width='1.5'/></g>")  # fmt: skip
-        _end_lane(svg)
+        svg.add("</g>")
         y += LANE_H
     for index, client in enumerate(report.clients):
         if client.record is None:
@@ -542,7 +531,7 @@ def render_timeline(report: MigrationReport) -> str:
             svg.text(LABEL_W + 6, y + LANE_H / 2 + 2,
                      f"{client.path}: connection id {client.connection_id_before} -> "
                      f"{client.connection_id_after} ({why})", size=10)  # fmt: skip
-            _end_lane(svg)
+            svg.add("</g>")
             y += LANE_H
             continue
         y = _client_lanes(svg, report, client, f"lane-client{index}", scale, y)
@@ -597,9 +586,8 @@ def render_timeline(report: MigrationReport) -> str:
 
 def write_timeline(report: MigrationReport, path: Path | str) -> Path:
     """Write :func:`render_timeline` of ``report`` to ``path`` (UTF-8); return the path."""
-    target = Path(path)
-    target.write_text(render_timeline(report), encoding="utf-8")
-    return target
+    Path(path).write_text(render_timeline(report), encoding="utf-8")
+    return Path(path)
 
 
 __all__ = ["client_anchor", "reasons", "render_timeline", "switchover_ms", "write_timeline"]
