@@ -146,6 +146,9 @@ class MessageReceived:
 
 
 Event = LinkReplyReceived | LinkEstablished | MessageReceived
+#: MessageReceived's slot setters (what its fast_init __init__ calls), for the cut-ahead loop
+_SET_SERIAL = MessageReceived.__dict__["serial"].__set__
+_SET_MESSAGE = MessageReceived.__dict__["message"].__set__
 
 
 def body_decoders(table: dict[int, MessageClass]) -> dict[int, Callable[[bytes], Message]]:
@@ -182,12 +185,20 @@ class ClientChannelConnection:
         self._link_buffer = ReceiveBuffer()
         self._decoder: FrameDecoder | None = None
         self._serial_out = 0
-        #: messages received in the data phase (serial of the last one with mini headers)
-        self.received = 0
+        #: messages decoded in the data phase, those still in ``_ahead`` included (see
+        #: :attr:`received`)
+        self._decoded = 0
         #: events cut ahead by :meth:`_cut_ahead`, last first (``pop()`` is the next one)
         self._ahead: list[MessageReceived] = []
         #: flags of the SPICE_MSG_MIGRATE received, once it was
         self.migrate_flags: int | None = None
+
+    @property
+    def received(self) -> int:
+        """Messages received in the data phase and handed out by :meth:`next_event` (the
+        serial of the last one, with mini headers). Counted per batch cut ahead, minus
+        what is not handed out yet: no per-message bookkeeping on the receive path."""
+        return self._decoded - len(self._ahead)
 
     # -- transitions -------------------------------------------------------------------
 
@@ -276,7 +287,6 @@ class ClientChannelConnection:
         """
         ahead = self._ahead
         if ahead:
-            self.received += 1
             return ahead.pop()
         state = self.state
         if state is _ERROR:
@@ -285,7 +295,7 @@ class ClientChannelConnection:
         if state is _READY and decoder is not None and decoder.mini:
             ahead = self._ahead = self._cut_ahead(decoder)
             if ahead:
-                self.received += 1
+                self._decoded += len(ahead)
                 return ahead.pop()
         try:
             if decoder is None or state is _AWAIT_LINK_REPLY or state is _AWAIT_LINK_RESULT:
@@ -323,7 +333,7 @@ class ClientChannelConnection:
                         raise
                     name = self._server_table[msg_type].NAME
                     raise RemoteProtocolError(f"malformed {name}: {exc}") from exc
-            self.received += 1
+            self._decoded += 1
             # Only MIGRATE (no class subclasses it) or a state past READY can change state.
             if msg_type == _MIGRATE_TYPE or state is not _READY:
                 self._check_migration_order(message)
@@ -351,8 +361,15 @@ class ClientChannelConnection:
         decoder_for = self._decoders.get
         end_of_data = len(data)
         events: list[MessageReceived] = []
-        # locals for what the loop calls: a global or attribute lookup per message counts
-        keep, unpack, event, unknown = events.append, _unpack_mini, MessageReceived, UnknownMessage
+        # locals for what the loop calls: a global or attribute lookup per message counts;
+        # the event is built as MessageReceived.__init__ would, without its Python frame
+        keep, unpack, unknown = events.append, _unpack_mini, UnknownMessage
+        new, event, set_serial, set_message = (
+            object.__new__,
+            MessageReceived,
+            _SET_SERIAL,
+            _SET_MESSAGE,
+        )
         header_size, migrate_type = _MINI_SIZE, _MIGRATE_TYPE
         for _ in range(CUT_AHEAD):
             start = pos + header_size
@@ -372,7 +389,10 @@ class ClientChannelConnection:
                 except (struct.error, IndexError, ValueError, RemoteProtocolError):
                     break  # the one-by-one path decodes it again and raises
             serial += 1
-            keep(event(serial, message))
+            received = new(event)
+            set_serial(received, serial)
+            set_message(received, message)
+            keep(received)
             pos = end
         if events:
             decoder._pos = pos
