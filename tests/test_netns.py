@@ -57,22 +57,23 @@ def test_pair_talks_and_delete_leaves_nothing(names: list[str]) -> None:
     got: list[bytes] = []
 
     def serve() -> None:
-        for _ in range(2):  # the RTT probe, then the real client
+        for _ in range(4):  # three RTT probes, then the real client
             conn, _ = server.accept()
             got.append(conn.recv(16))
             conn.close()
 
     t = threading.Thread(target=serve)
     t.start()
-    ms = netns.tcp_connect_ms(y, "10.251.250.1", port)
+    # the fastest of three: on a loaded machine one SYN or ARP request may be retried (1 s)
+    ms = min(netns.tcp_connect_ms(y, "10.251.250.1", port) for _ in range(3))
     client = netns.socket_in(y)
     client.connect(("10.251.250.1", port))
     client.sendall(b"hello")
     client.close()
     t.join(30)
     server.close()
-    assert got == [b"", b"hello"]
-    assert 0 <= ms < 50
+    assert got == [b"", b"", b"", b"hello"]
+    assert 0 <= ms < 50  # a direct veth pair: no delay anywhere between the namespaces
 
     # a process started inside is found by namespace and ended by delete()
     proc = subprocess.Popen(netns.exec_argv(x, ["sleep", "60"]))
