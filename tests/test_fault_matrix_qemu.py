@@ -352,8 +352,15 @@ async def test_client_cannot_reach_the_destination(
 
 async def test_embedded_client_killed_mid_handover(qemu_factory: QemuGroup) -> None:
     """Our client dies right after the server told it to migrate: the VM still moves
-    (nothing waits forever for a dead client) and the report says the client was lost."""
+    (nothing waits forever for a dead client) and the report says the client was lost.
+
+    Seen once in a fresh-clone run on a loaded machine: the *destination* QEMU died as the
+    client vanished mid pre-link (spice-server 0.15 is known to crash when a client leaves
+    before its channel clients exist: README). Then the migration fails and the VM must be
+    on the source, reported as such: that is the invariant, whichever way the server went."""
     src, dst, port = await _pair(qemu_factory)
+    before = await _facts(src)
+    assert before is not None
     client = SpiceClient(ClientOptions(host="127.0.0.1", port=src.spice_port))
     await client.connect(timeout=10)
     migrations = client.migration_count
@@ -375,10 +382,15 @@ async def test_embedded_client_killed_mid_handover(qemu_factory: QemuGroup) -> N
             exit_code=int(for_report(report)),
             placement=report.placement,
         )
-        assert report.migration.status == "completed"
-        assert report.placement == "destination"
         assert not report.seamless
         (verdict,) = report.clients
+        if report.migration.status != "completed":
+            assert not dst.is_running(), "failed although the destination lives"
+            assert report.placement == "source", report.notes
+            assert for_report(report) is ExitCode.MIGRATION_FAILED
+            assert await _left_clean(src, dst, before[2]) == "source"
+            return
+        assert report.placement == "destination"
         assert verdict.path in ("failed", "none"), verdict
         assert for_report(report) is ExitCode.NOT_SEAMLESS
         assert not await _attached(dst, session)
