@@ -158,6 +158,14 @@ def _run(argv: list[str], timeout: float) -> tuple[int, str, float]:
     return proc.returncode, proc.stdout, took
 
 
+def _libvirt_chains() -> list[str]:
+    """libvirt's iptables chains in this network namespace (the lab's network adds them)."""
+    out = subprocess.run(
+        ["iptables", "-w", "-S"], capture_output=True, text=True, check=False
+    ).stdout
+    return sorted(line for line in out.splitlines() if "LIBVIRT_" in line)
+
+
 def _lab_process_nice(base: Path) -> dict[str, int]:
     """Nice value of every process whose command line names the lab directory."""
     found: dict[str, int] = {}
@@ -184,6 +192,7 @@ def _lab_process_nice(base: Path) -> dict[str, int]:
 def test_vagrant_lab_up_migrate_there_and_back_down(tmp_path: Path) -> None:
     base = tmp_path / "lab"
     cli = _cli()
+    chains_before = _libvirt_chains()
     times: dict[str, object] = {}
     try:
         rc, out, times["up (all stages)"] = _run(
@@ -244,3 +253,5 @@ def test_vagrant_lab_up_migrate_there_and_back_down(tmp_path: Path) -> None:
     routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True, check=True)
     assert "192.168.150." not in routes.stdout
     assert not (base / "vagrant" / "pool").exists()
+    # libvirt's firewall chains for the lab network are gone with it
+    assert _libvirt_chains() == chains_before

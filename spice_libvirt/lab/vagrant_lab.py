@@ -370,6 +370,7 @@ def down(base: Path | None = None) -> DownReport:
             report.removed += state.libvirtd.remove_everything()
         state.libvirtd.stop()
         report.removed.append("libvirtd")
+        report.removed += state.libvirtd.remove_firewall_chains()
     # a VM's QEMU that outlived its libvirtd (a crash): ours, as its disk is in the lab
     strays = _processes_naming(directory)
     if strays:

@@ -16,7 +16,10 @@ timing-sensitive tests). Zombies of the daemonized children are reaped by PID 1.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shlex
+import shutil
 import subprocess
 import textwrap
 from pathlib import Path
@@ -200,7 +203,61 @@ class PrivateLibvirtd(BaseModel):
             removed.append(f"pool {pool}")
         return removed
 
+    def remove_firewall_chains(self) -> list[str]:
+        """Remove the empty ``LIBVIRT_*`` chains its network left in this network namespace.
+
+        libvirt creates its top-level chains (and the jumps to them from INPUT, FORWARD,
+        OUTPUT, POSTROUTING) on the first network start and never removes them. They are
+        removed only while no other libvirtd shares this network namespace (it would own
+        them) and only when empty (no network of anybody's still has rules there).
+        """
+        if _other_libvirtd_here(self.libvirtd):
+            return []
+        removed: list[str] = []
+        for tool in ("iptables", "ip6tables"):
+            for table in ("filter", "nat", "mangle"):
+                removed += _remove_empty_chains(tool, table)
+        return removed
+
     def stop(self, *, timeout: float = 15.0) -> None:
         """Stop libvirtd, then virtlogd, by PID; their mount namespace goes with them."""
         targets = [r for r in (self.libvirtd, self.virtlogd) if r is not None]
         netns.terminate(targets, timeout=timeout)
+
+
+def _other_libvirtd_here(ours: netns.ProcRef | None) -> bool:
+    """Whether a libvirtd other than ours runs in this process's network namespace."""
+    try:
+        here = os.readlink("/proc/self/ns/net")
+    except OSError:
+        return True
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or (ours is not None and int(proc.name) == ours.pid):
+            continue
+        with contextlib.suppress(OSError):
+            if (proc / "comm").read_text().strip() == "libvirtd" and (
+                os.readlink(proc / "ns" / "net") == here
+            ):
+                return True
+    return False
+
+
+def _remove_empty_chains(tool: str, table: str) -> list[str]:
+    if shutil.which(tool) is None:
+        return []
+    listing = subprocess.run(
+        [tool, "-w", "-t", table, "-S"], capture_output=True, text=True, check=False
+    )
+    if listing.returncode != 0:
+        return []
+    lines = listing.stdout.splitlines()
+    chains = [ln.split()[1] for ln in lines if ln.startswith("-N LIBVIRT_")]
+    if not chains or any(ln.startswith(f"-A {c} ") for ln in lines for c in chains):
+        return []  # not ours to judge: somebody's network still has rules in them
+    for ln in lines:
+        parts = ln.split()
+        if len(parts) == 4 and parts[0] == "-A" and parts[2] == "-j" and parts[3] in chains:
+            subprocess.run([tool, "-w", "-t", table, "-D", parts[1], "-j", parts[3]], check=False)
+    for chain in chains:
+        subprocess.run([tool, "-w", "-t", table, "-X", chain], check=False)
+    return [f"{tool} {table} chain {c}" for c in chains]
