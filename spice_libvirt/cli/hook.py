@@ -41,7 +41,8 @@ def register(subparsers: Any) -> None:
         "--executable",
         type=Path,
         default=None,
-        help="the spice-libvirt-hook to exec (default: the one of this venv)",
+        help="exec this spice-libvirt-hook console script instead of the default (this "
+        "venv's python -I -S on the installed launcher, the fastest start)",
     )
     p_install.add_argument(
         "--config",
@@ -86,6 +87,8 @@ def _status(args: argparse.Namespace) -> int:
         print(f"installed: {st.shim_path}")
         state = "ok" if st.target_ok else "MISSING or not executable"
         print(f"  execs: {st.target} ({state})")
+        if st.launcher:
+            print(f"  launcher: {st.launcher}")
         if st.config is not None:
             print(f"  config: {st.config}" + ("" if st.config.is_file() else " (MISSING)"))
     elif st.present:

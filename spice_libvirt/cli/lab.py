@@ -19,7 +19,7 @@ from typing import Any
 from spice_libvirt.cli import lab_libvirt
 from spice_libvirt.cli.lab_libvirt import refuse
 from spice_libvirt.cli.migrate import add_common_arguments, request_options
-from spice_libvirt.cli.render import print_report
+from spice_libvirt.cli.render import add_timeline_argument, print_report, save_timeline
 from spice_libvirt.errors import LabError
 from spice_libvirt.exitcodes import ExitCode, exit_codes_epilog, for_report
 from spice_libvirt.lab import labdir
@@ -99,6 +99,7 @@ def register(subparsers: Any) -> None:
         help="no embedded client: another client (remote-viewer) is the one connected",
     )
     add_common_arguments(mig)
+    add_timeline_argument(mig)
     # None = not given: the libvirt lab refuses QEMU-only options instead of ignoring them
     mig.set_defaults(grace=None)
     mig.add_argument(
@@ -225,6 +226,7 @@ def _migrate(args: argparse.Namespace) -> int:
         )
     )
     print_report(report, args.json)
+    save_timeline(report, args.timeline)
     return int(for_report(report))
 
 

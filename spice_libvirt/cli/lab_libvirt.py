@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from spice_libvirt.cli.render import print_hold, print_report
+from spice_libvirt.cli.render import print_hold, print_report, save_timeline
 from spice_libvirt.errors import ConfigError
 from spice_libvirt.exitcodes import ExitCode, for_report
 from spice_libvirt.migration.progress import make_reporter
@@ -90,6 +90,7 @@ def migrate(args: argparse.Namespace, path: Path) -> int:
     print_report(report, args.json)
     if not args.json:
         print_hold(report)
+    save_timeline(report, getattr(args, "timeline", None))
     return int(for_report(report))
 
 

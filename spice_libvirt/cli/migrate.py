@@ -19,8 +19,8 @@ from spice_libvirt.cli import migrate_libvirt
 from spice_libvirt.cli.render import add_timeline_argument, print_report, save_timeline
 from spice_libvirt.errors import ConfigError
 from spice_libvirt.exitcodes import exit_codes_epilog, for_report
-from spice_libvirt.progress import make_reporter
-from spice_libvirt.qmp import QMPConnection
+from spice_libvirt.migration.progress import make_reporter
+from spice_libvirt.qemu.qmp import QMPConnection
 
 #: Old name of :func:`spice_libvirt.exitcodes.for_report` (tests and tools import it).
 exit_code_for = for_report

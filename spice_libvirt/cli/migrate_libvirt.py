@@ -56,6 +56,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MS",
         help="added after the client's estimated answer time (100)",
     )
+    group.add_argument(
+        "--extend-ticket",
+        type=float,
+        default=None,
+        metavar="S",
+        help="extend a SPICE ticket that would expire before the client links (to now + S s; "
+        "VDSM uses 120) instead of refusing",
+    )
 
 
 def applies(args: argparse.Namespace) -> bool:
@@ -70,6 +78,7 @@ def request_fields(args: argparse.Namespace) -> dict[str, Any]:
         "hold_timeout": args.link_timeout,
         "release_margin_ms": args.release_margin_ms,
         "completion_timeout": args.timeout,
+        "extend_ticket_s": args.extend_ticket,
     }
 
 
