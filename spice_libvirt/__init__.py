@@ -15,9 +15,11 @@ on hosts without libvirt-python (bare QEMU, or the hook, which must never load l
 
 from __future__ import annotations
 
-from typing import Any
-
 from spice_libvirt.errors import SpiceLibvirtError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs every CLI start and console-script hook call an import
+    from typing import Any
 
 __all__ = [
     "SpiceLibvirtError",
