@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from spice_libvirt.cli import lab_libvirt
+from spice_libvirt.cli import lab_libvirt, lab_vagrant
 from spice_libvirt.cli.lab_libvirt import refuse
 from spice_libvirt.cli.migrate import add_common_arguments, request_options
 from spice_libvirt.cli.render import add_timeline_argument, print_report, save_timeline
@@ -72,6 +72,7 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="the two-host libvirt lab (namespaces, two libvirtds, a delayed client C)",
     )
+    lab_vagrant.add_up_argument(up)
     up.add_argument(
         "--client-rtt-ms", type=float, default=None, metavar="MS", help="libvirt lab: client RTT"
     )
@@ -164,6 +165,8 @@ def _up(args: argparse.Namespace) -> int:
     from spice_libvirt.lab.qemu_lab import dump, state_summary
 
     refuse({"--tls-mode without --tls": args.tls_mode is not None and not args.tls}, "lab up")
+    if args.vagrant:
+        return lab_vagrant.up(args)
     if args.tls_mode == "tls-only" and not args.libvirt:
         refuse({"--tls-mode tls-only": True}, "the QEMU lab (libvirt lab only)")
     if args.libvirt:
@@ -204,6 +207,8 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
+    if lab_vagrant.lab_dir_if_up(args.dir) is not None:
+        return lab_vagrant.migrate(args)
     if (path := _libvirt_dir(args)) is not None:
         return lab_libvirt.migrate(args, path)
     refuse(
@@ -231,6 +236,8 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    if lab_vagrant.lab_dir_if_up(args.dir) is not None:
+        return lab_vagrant.status(args)
     if (path := _libvirt_dir(args)) is not None:
         return lab_libvirt.status(args, path)
     status = asyncio.run(_lab(args).status())
@@ -253,6 +260,8 @@ def _status(args: argparse.Namespace) -> int:
 def _down(args: argparse.Namespace) -> int:
     import json
 
+    if lab_vagrant.lab_dir_if_up(args.dir) is not None:
+        return lab_vagrant.down(args)
     if (path := _libvirt_dir(args)) is not None:
         return lab_libvirt.down(args, path)
 
