@@ -24,12 +24,13 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.xclients import REMOTE_VIEWER, RemoteViewer, XServer, have_tools, viewer_env, xvfb
+from benchmarks.xclients import RemoteViewer, XServer, have_tools, xvfb
 from spice_libvirt.exitcodes import ExitCode, for_report
 from spice_libvirt.lab.qemu_lab import QemuLab
 from spice_libvirt.lab.qemu_lab_state import LabTls
 from spice_libvirt.migration.evidence import Sessions, sessions_from_query_spice
 from spice_libvirt.qemu.qmp import QMPConnection
+from tests.test_tls_migration import _start_secure_viewer
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.usefixtures("require_kvm")]
 
@@ -70,27 +71,7 @@ def lab_path(lab_dir: Path) -> Iterator[Path]:
 
 def _viewer(tls: LabTls, uri: str, display: str, workdir: Path, name: str) -> RemoteViewer:
     """remote-viewer verifying the lab CA and subject, every channel required on TLS."""
-    home = workdir / f"{name}-home"
-    home.mkdir(parents=True, exist_ok=True)
-    log_path = workdir / f"{name}.log"
-    argv = [
-        REMOTE_VIEWER,
-        f"--spice-ca-file={tls.ca_cert}",
-        f"--spice-host-subject={tls.subject}",
-        "--spice-secure-channels=all",
-        uri,
-    ]
-    with log_path.open("wb") as log:
-        started = time.time()
-        proc = subprocess.Popen(
-            argv,
-            env=viewer_env(display, home, debug=True),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return RemoteViewer(proc, log_path, started)
+    return _start_secure_viewer(uri, tls, display, workdir, name)
 
 
 async def _where_it_runs(lab: QemuLab) -> Sessions:

@@ -51,6 +51,7 @@ from pydantic import BaseModel
 from spice_libvirt.errors import LabError, LibvirtError
 from spice_libvirt.lab import netns
 from spice_libvirt.lab.labdir import remove_inside
+from spice_libvirt.lab.procs import run_daemonizing
 
 #: libvirtd's default TCP port (each lab host has its own network namespace, so no clash).
 LIBVIRTD_TCP_PORT = 16509
@@ -285,23 +286,9 @@ class LibvirtHost:
         return self.runtime
 
     def _run_daemonizing(self, argv: list[str], *, timeout: float) -> None:
-        log = self.log_dir / "start.log"
-        with open(log, "ab") as out:
-            try:
-                proc = subprocess.run(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=out,
-                    timeout=timeout,
-                    start_new_session=True,
-                    check=False,
-                )
-            except subprocess.TimeoutExpired as exc:
-                raise LabError(f"host {self.config.name}: daemons did not start in time") from exc
-        if proc.returncode != 0:
-            tail = log.read_text(errors="replace")[-600:].strip()
-            raise LabError(f"host {self.config.name}: daemon start failed: {tail}")
+        run_daemonizing(
+            argv, self.log_dir / "start.log", f"host {self.config.name}", timeout=timeout
+        )
 
     def _ref_from_pidfile(self, daemon: str, timeout: float) -> netns.ProcRef:
         pidfile = self.run_dir / f"{daemon}.pid"

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import os
 import select
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,3 +117,26 @@ def exclusive_lock(path: Path, timeout: float, busy: str, poll: float = 0.05) ->
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run_daemonizing(argv: list[str], log: Path, what: str, *, timeout: float) -> None:
+    """Run a command that starts daemons and returns (their output appended to ``log``).
+
+    :raise LabError: it did not return within ``timeout``, or failed (with the log's tail)
+    """
+    with open(log, "ab") as out:
+        try:
+            proc = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                timeout=timeout,
+                start_new_session=True,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise LabError(f"{what}: the daemons did not start in time") from exc
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace")[-600:].strip()
+        raise LabError(f"{what}: daemon start failed: {tail}")

@@ -28,6 +28,7 @@ from pydantic import BaseModel
 
 from spice_libvirt.errors import LabError
 from spice_libvirt.lab import netns
+from spice_libvirt.lab.procs import run_daemonizing
 
 #: (state sub-path, mount point) in mounting order; ``/run`` last: the lab directory may
 #: itself lie under ``/run`` (the default for root does)
@@ -112,21 +113,7 @@ class PrivateLibvirtd(BaseModel):
         log = self.state_dir / "log" / "start.log"
         argv = [*NICE_ARGV, "unshare", "--mount", "--propagation", "private"]
         argv += ["--", "sh", "-c", self.script()]
-        with open(log, "ab") as out:
-            try:
-                proc = subprocess.run(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=out,
-                    timeout=timeout,
-                    start_new_session=True,
-                    check=False,
-                )
-            except subprocess.TimeoutExpired as exc:
-                raise LabError("the Vagrant lab's libvirtd did not start in time") from exc
-        if proc.returncode != 0:
-            raise LabError(f"the Vagrant lab's libvirtd did not start: {log.read_text()[-600:]}")
+        run_daemonizing(argv, log, "the Vagrant lab's libvirtd", timeout=timeout)
         self.virtlogd = self._from_pidfile("virtlogd", timeout)
         self.libvirtd = self._from_pidfile("libvirtd", timeout)
         netns.wait_for(

@@ -5,19 +5,8 @@ messages of every channel), :mod:`~spice_libvirt.spice.msg_main` and
 :mod:`~spice_libvirt.spice.msg_channels`; this module gathers them into the per-channel
 registries and decoders and re-exports every name, so importing from here keeps working.
 
-Each message is a frozen dataclass with a ``TYPE`` number, ``encode_body()`` and
-``decode_body()``. Pointer fields (``DstInfo``'s host and cert subject, the port name) use
-the u32-offset encoding of spice-common's generated marshallers: the offset counts from the
-start of the body and the pointed bytes follow the fixed part, in field order.
-
-Decoding is strict about what it reads (every length, count and offset is checked against
-the body, so a hostile peer gets :class:`~spice_libvirt.errors.RemoteProtocolError` and never
-an allocation past the body) and lenient about trailing bytes, as spice-gtk's demarshaller
-is: a newer server may append fields.
-
-Messages a client does not interpret (display drawing, audio, ...) decode as
-:class:`UnknownMessage` with their raw body, which is enough to count, acknowledge and forward
-them.
+How a message is encoded and decoded, and how strictly: see
+:mod:`~spice_libvirt.spice.msg_base`.
 """
 
 from __future__ import annotations
