@@ -389,8 +389,7 @@ def _print_profile(summary: CodecSummary) -> None:
 #: One measurement of one tree, run in a child process: the tree's own bench_codec.run().
 _VERSUS_CHILD = """
 import json, os, sys
-sys.path.insert(0, sys.argv[1])
-from benchmarks import bench_codec
+from benchmarks import bench_codec  # the tree the child runs in (cwd, first on sys.path)
 import spice_libvirt.spice.connection as connection
 assert connection.__file__.startswith(sys.argv[1]), connection.__file__
 summary = bench_codec.run(int(sys.argv[2]), int(sys.argv[3]), False)
@@ -421,7 +420,7 @@ def versus(ref: str, alternations: int, rounds: int, messages: int) -> list[dict
             for label, tree in trees.items():
                 out = subprocess.run(
                     [sys.executable, "-c", _VERSUS_CHILD, tree, str(rounds), str(messages)],
-                    capture_output=True, text=True, check=True,
+                    capture_output=True, text=True, check=True, cwd=tree,
                 )  # fmt: skip
                 rates = json.loads(out.stdout)
                 rows.append({"alternation": i, "tree": label, "load_1m": round(os.getloadavg()[0], 2),
