@@ -41,7 +41,13 @@ import pytest
 from spice_libvirt.hook.install import install
 from tests import faults
 from tests.test_hook import FOREIGN, NEW
-from tests.test_hook_hardening import assert_metadata_kept, config, fill, metadata_xml
+from tests.test_hook_hardening import (
+    StdinFlood,
+    assert_metadata_kept,
+    config,
+    fill,
+    metadata_xml,
+)
 
 ARGS = ["guest1", "migrate", "begin", "-"]
 DEADLINE_S = 2.0
@@ -223,24 +229,10 @@ def test_100_mib_on_stdin_is_declined_in_time(tmp_path: Path) -> None:
     ``fail_closed``: nothing to rewrite), and closes its stdin; libvirt is not kept writing."""
     cfg = config(tmp_path, tmp_path / "j.sqlite3", fail_closed=True, hook_timeout_s=DEADLINE_S)
     hook = shim(tmp_path, cfg)
-    chunk = b"<!-- " + b"x" * (1024 * 1024 - 9) + b" -->"
     proc = start_hook(hook)
-    sent = 0
-
-    def feed() -> None:
-        nonlocal sent
-        assert proc.stdin is not None
-        with contextlib.suppress(BrokenPipeError):
-            proc.stdin.write(b"<domain><name>big</name>")
-            for _ in range(100):
-                proc.stdin.write(chunk)
-                sent += len(chunk)
-            proc.stdin.write(b"</domain>")
-        with contextlib.suppress(BrokenPipeError):
-            proc.stdin.close()
-
+    flood = StdinFlood(proc)
     t0 = time.monotonic()
-    writer = threading.Thread(target=feed, daemon=True)
+    writer = flood.thread
     writer.start()
     try:
         proc.wait(timeout=DEADLINE_S + 60)  # stdout and stderr are a line at most: no pipe fills
@@ -256,13 +248,13 @@ def test_100_mib_on_stdin_is_declined_in_time(tmp_path: Path) -> None:
     proc.stderr.close()
     writer.join(timeout=30)
     assert not writer.is_alive()  # libvirt's writer is not left hanging on a full pipe
-    call = Call(proc.returncode, out, err, blocked, sent)
+    call = Call(proc.returncode, out, err, blocked, flood.sent)
     check_and_record(
-        "100 MiB on stdin (fail_closed)", cfg, "<domain/>", [call], mib_accepted=sent >> 20
+        "100 MiB on stdin (fail_closed)", cfg, "<domain/>", [call], mib_accepted=flood.sent >> 20
     )
     assert (call.returncode, call.stdout) == (0, b"")
     assert b"larger than" in call.stderr
-    assert sent < 100 * len(chunk)  # it stopped reading: the rest hit a closed pipe
+    assert flood.sent < flood.total  # it stopped reading: the rest hit a closed pipe
 
 
 def _at_once(hook: Path, stdin: bytes, n: int) -> list[Call]:

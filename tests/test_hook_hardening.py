@@ -137,30 +137,41 @@ def test_doctype_fails_open_even_when_failing_closed(
 
 
 @needs_exe
+class StdinFlood:
+    """libvirt writing a 100 MiB domain XML into a hook's stdin, from a thread of its own;
+    ``sent`` counts what the hook accepted before it closed its end."""
+
+    CHUNK = b"<!-- " + b"x" * (1024 * 1024 - 9) + b" -->"
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.sent = 0
+        self.total = 100 * len(self.CHUNK)
+        self.thread = threading.Thread(target=self._feed, daemon=True)
+
+    def _feed(self) -> None:
+        stdin = self.proc.stdin
+        assert stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            stdin.write(b"<domain><name>big</name>")
+            for _ in range(100):
+                stdin.write(self.CHUNK)
+                self.sent += len(self.CHUNK)
+            stdin.write(b"</domain>")
+        with contextlib.suppress(BrokenPipeError):
+            stdin.close()
+
+
 @pytest.mark.parametrize("fail_closed", [False, True])
 def test_100_mib_on_stdin_is_read_bounded_and_declined(tmp_path: Path, fail_closed: bool) -> None:
     """libvirt writing 100 MiB: the hook reads 8 MiB, says so, exits 0 in time, no hang."""
     cfg = config(tmp_path, tmp_path / "j.sqlite3", fail_closed=fail_closed)
-    chunk = b"<!-- " + b"x" * (1024 * 1024 - 9) + b" -->"
     proc = subprocess.Popen(
         [str(HOOK_EXE), *MIGRATE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, env=hook_env(cfg),
     )  # fmt: skip
-    sent = 0
-
-    def feed() -> None:
-        nonlocal sent
-        assert proc.stdin is not None
-        with contextlib.suppress(BrokenPipeError):
-            proc.stdin.write(b"<domain><name>big</name>")
-            for _ in range(100):
-                proc.stdin.write(chunk)
-                sent += len(chunk)
-            proc.stdin.write(b"</domain>")
-        with contextlib.suppress(BrokenPipeError):
-            proc.stdin.close()
-
-    writer = threading.Thread(target=feed, daemon=True)
+    flood = StdinFlood(proc)
+    writer = flood.thread
     t0 = time.monotonic()
     writer.start()
     try:
@@ -176,13 +187,13 @@ def test_100_mib_on_stdin_is_read_bounded_and_declined(tmp_path: Path, fail_clos
     out, err = proc.stdout.read(), proc.stderr.read()
     proc.stdout.close()
     proc.stderr.close()
-    print(f"100 MiB stdin: hook ended after {elapsed:.2f} s, {sent >> 20} MiB accepted")
+    print(f"100 MiB stdin: hook ended after {elapsed:.2f} s, {flood.sent >> 20} MiB accepted")
     assert proc.returncode == 0
     assert out == b""
     assert f"larger than {MAX_XML_BYTES} bytes".encode() in err
     assert err.count(b"\n") == 1
     assert elapsed < 2.0
-    assert sent < 100 * len(chunk)  # it stopped reading: the rest hit a closed pipe
+    assert flood.sent < flood.total  # it stopped reading: the rest hit a closed pipe
 
 
 # --- namespaced metadata survives a rewrite ----------------------------------------------
