@@ -23,6 +23,7 @@ from spice_libvirt.exitcodes import ExitCode, for_report
 from spice_libvirt.lab.ports import free_tcp_port
 from spice_libvirt.lab.qemu import QemuGroup, QemuInstance
 from spice_libvirt.migration.evidence import MAIN, sessions_from_query_spice
+from spice_libvirt.migration.report import MigrationReport
 from spice_libvirt.progress import MigrationProgress
 from spice_libvirt.qmp import QMPConnection
 from spice_libvirt.spice.client import ClientOptions, SpiceClient
@@ -192,6 +193,17 @@ class _Active:
         return None
 
 
+async def _transferring(
+    request: MigrationRequest, client: SpiceClient
+) -> asyncio.Task[MigrationReport]:
+    """The migration of ``request`` running in a task, returned once the transfer is under way."""
+    active = _Active()
+    task = asyncio.create_task(migrate_qemu(request, client, active))
+    async with asyncio.timeout(30):
+        await active.active.wait()
+    return task
+
+
 def _request(src: Path, dst: QemuInstance, port: int, **fields: object) -> MigrationRequest:
     values: dict[str, object] = {
         "source_qmp": str(src),
@@ -214,13 +226,10 @@ async def test_destination_killed_mid_migration_is_placed_on_the_source(
     client = SpiceClient(ClientOptions(host="127.0.0.1", port=src.spice_port))
     await client.connect(timeout=10)
     try:
-        active = _Active()
         request = _request(
             src.qmp_path, dst, port, source_pid=src.pid, max_bandwidth=SLOW_BYTES_PER_S
         )
-        task = asyncio.create_task(migrate_qemu(request, client, active))
-        async with asyncio.timeout(30):
-            await active.active.wait()
+        task = await _transferring(request, client)
         os.kill(dst.pid, signal.SIGKILL)
         async with asyncio.timeout(90):
             report = await task
@@ -257,12 +266,9 @@ async def test_source_qmp_dropped_mid_migration(
     client = SpiceClient(ClientOptions(host="127.0.0.1", port=src.spice_port))
     await client.connect(timeout=10)
     try:
-        active = _Active()
         # slow, yet short enough to finish within the controller's placement bound
         request = _request(relay.path, dst, port, source_pid=src.pid, max_bandwidth=2_000_000)
-        task = asyncio.create_task(migrate_qemu(request, client, active))
-        async with asyncio.timeout(30):
-            await active.active.wait()
+        task = await _transferring(request, client)
         if relay_survives:
             relay.cut()
         else:
@@ -410,13 +416,10 @@ async def test_link_between_the_hosts_cut_mid_transfer(qemu_factory: QemuGroup) 
     client = SpiceClient(ClientOptions(host="127.0.0.1", port=src.spice_port))
     await client.connect(timeout=10)
     try:
-        active = _Active()
         request = _request(
             src.qmp_path, dst, port, source_pid=src.pid, max_bandwidth=SLOW_BYTES_PER_S
         )
-        task = asyncio.create_task(migrate_qemu(request, client, active))
-        async with asyncio.timeout(30):
-            await active.active.wait()
+        task = await _transferring(request, client)
         assert await _wait(lambda: _migration_stream_open(port), 30)
         cut = await asyncio.create_subprocess_exec(
             *["ss", "-K", "dst", "127.0.0.1", "dport", "=", f":{port}"],
