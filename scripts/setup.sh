@@ -8,7 +8,7 @@
 # output. What it does:
 #   1. installs the Debian packages the lab needs (apt-get update only if one is missing, or
 #      apt cannot name the guest's kernel package);
-#   2. creates .venv/ in the repository and installs the project with its dev and libvirt
+#   2. creates .venv/ in the repository and installs the project with its dev, libvirt and lab
 #      extras (again only when pyproject.toml changed or the venv is incomplete);
 #   3. builds the Linux test guest into the cache (python -m spice_libvirt.lab.guest build).
 # It never edits the machine's libvirt configuration: every lab libvirtd has its own private
@@ -101,9 +101,9 @@ stamp="$VENV/.spice-libvirt-setup"
 want=$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] \
     || ! "$VENV/bin/python" -c 'import spice_libvirt, libvirt, pytest, mypy' 2>/dev/null; then
-    say "installing spice-libvirt and its dev and libvirt extras into .venv"
-    run "pip install -e .[dev,libvirt]" \
-        "$VENV/bin/python" -m pip install -q -e "$ROOT[dev,libvirt]"
+    say "installing spice-libvirt and its dev, libvirt and lab extras into .venv"
+    run "pip install -e .[dev,libvirt,lab]" \
+        "$VENV/bin/python" -m pip install -q -e "$ROOT[dev,libvirt,lab]"
     echo "$want" >"$stamp"
 fi
 

@@ -29,6 +29,8 @@ __all__ = [
     "migrate_domain",
     "migrate_domain_async",
 ]
+#: The one version source: pyproject.toml reads it (``dynamic = ["version"]``, a plain
+#: literal that setuptools finds without importing the package), ``--version`` prints it.
 __version__ = "0.1.0"
 
 _LAZY = {"evacuate_host", "evacuate_host_async", "migrate_domain", "migrate_domain_async"}

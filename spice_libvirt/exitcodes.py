@@ -43,6 +43,8 @@ class ExitCode(enum.IntEnum):
     #: Where the VM runs could not be established as exactly one host (it may run on
     #: both, on neither, or an end did not answer): check it now.
     PLACEMENT_UNKNOWN = 12
+    #: ``doctor``: this host is not ready for seamless migration (a check failed).
+    NOT_READY = 13
     #: Interrupted (SIGINT), by the shell's convention 128 + 2.
     INTERRUPTED = 130
     #: Terminated (SIGTERM), 128 + 15; handled like SIGINT: the migration is undone first.
@@ -64,6 +66,7 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.LAB: "the lab could not be built, used or torn down",
     ExitCode.TLS_DOWNGRADED: "the migration moved a channel from TLS to plain text",
     ExitCode.PLACEMENT_UNKNOWN: "the VM does not run on exactly one host, or that is unknown",
+    ExitCode.NOT_READY: "doctor: this host is not ready for seamless migration",
     ExitCode.INTERRUPTED: "interrupted (SIGINT); the migration was undone first",
     ExitCode.TERMINATED: "terminated (SIGTERM); the migration was undone first",
 }

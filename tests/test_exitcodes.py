@@ -203,6 +203,7 @@ def test_codes_are_stable_and_all_documented() -> None:
         "LAB": 10,
         "TLS_DOWNGRADED": 11,
         "PLACEMENT_UNKNOWN": 12,
+        "NOT_READY": 13,
         "INTERRUPTED": 130,
         "TERMINATED": 143,
     }

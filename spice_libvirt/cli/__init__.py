@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 from typing import Any
 
-from spice_libvirt import errors
+from spice_libvirt import __version__, errors
 from spice_libvirt.exitcodes import ExitCode, exit_codes_epilog, for_error
 
 Handler = Callable[[argparse.Namespace], int]
@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {__version__}",
+        help="print the version (the package's one version source) and exit",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in commands():
         register(sub)

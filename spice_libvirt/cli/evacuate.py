@@ -27,7 +27,13 @@ def register(subparsers: Any) -> None:
         epilog=exit_codes_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--from", dest="from_uri", required=True, metavar="URI")
+    parser.add_argument(
+        "--from",
+        dest="from_uri",
+        required=True,
+        metavar="URI",
+        help="libvirt URI of the host to drain",
+    )
     parser.add_argument("--to", required=True, metavar="URI", help="as the source reaches it")
     parser.add_argument(
         "--to-connect", metavar="URI", help="how this machine reaches the destination"
@@ -41,7 +47,13 @@ def register(subparsers: Any) -> None:
         help="only these domains (repeatable)",
     )
     parser.add_argument("--plain", action="store_true", help="no hold (baseline)")
-    parser.add_argument("--hold-timeout", type=float, default=15.0, metavar="S")
+    parser.add_argument(
+        "--hold-timeout",
+        type=float,
+        default=15.0,
+        metavar="S",
+        help="longest hold of a migration waiting for its client to link (15)",
+    )
     parser.add_argument(
         "--timeout",
         type=float,

@@ -58,8 +58,20 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="minimum pause after the destination shows every link (0.25)",
     )
-    parser.add_argument("--downtime-limit", type=int, default=None, metavar="MS")
-    parser.add_argument("--max-bandwidth", type=int, default=None, metavar="BYTES_PER_S")
+    parser.add_argument(
+        "--downtime-limit",
+        type=int,
+        default=None,
+        metavar="MS",
+        help="longest pause of the guest at the switchover (default: QEMU's or libvirt's)",
+    )
+    parser.add_argument(
+        "--max-bandwidth",
+        type=int,
+        default=None,
+        metavar="BYTES_PER_S",
+        help="cap on the migration stream (default: unlimited)",
+    )
     parser.add_argument(
         "--timeout", type=float, default=300.0, metavar="S", help="cancel after S seconds (300)"
     )
@@ -102,8 +114,18 @@ def register(subparsers: Any) -> None:
         metavar="HOST",
         help="destination address as the client reaches it (default: destination's SPICE host)",
     )
-    client.add_argument("--client-port", type=int, metavar="PORT")
-    client.add_argument("--client-tls-port", type=int, metavar="PORT")
+    client.add_argument(
+        "--client-port",
+        type=int,
+        metavar="PORT",
+        help="destination's plain SPICE port (default: its own)",
+    )
+    client.add_argument(
+        "--client-tls-port",
+        type=int,
+        metavar="PORT",
+        help="destination's TLS SPICE port as the client reaches it (default: its own)",
+    )
     client.add_argument("--cert-subject", metavar="DN", help="destination certificate subject")
     add_common_arguments(parser)
     add_timeline_argument(parser)

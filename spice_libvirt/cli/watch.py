@@ -37,9 +37,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("uri", help="spice://HOST:PORT[?tls-port=N]")
-    p.add_argument("--ticket-file", type=Path)
-    p.add_argument("--ca-file", type=Path)
-    p.add_argument("--host-subject")
+    p.add_argument("--ticket-file", type=Path, help="file whose first line is the SPICE ticket")
+    p.add_argument("--ca-file", type=Path, help="CA certificate(s) to verify the TLS port")
+    p.add_argument(
+        "--host-subject", help="expected server certificate subject, e.g. 'C=XX,O=Org,CN=host'"
+    )
     p.add_argument(
         "--stream-port",
         default="org.spice-libvirt.stream",

@@ -18,11 +18,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.hazmat.primitives.serialization import load_der_public_key
-
-from spice_libvirt.errors import LocalProtocolError, RemoteProtocolError
+from spice_libvirt.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from spice_libvirt.spice.constants import (
     LINK_MAGIC,
     LINK_MESSAGE_MAX,
@@ -177,6 +173,17 @@ def encrypt_ticket(pub_key_der: bytes, password: str | None) -> bytes:
     secret = (password or "").encode("utf-8")
     if len(secret) > MAX_PASSWORD_LENGTH:
         raise LocalProtocolError(f"SPICE passwords are at most {MAX_PASSWORD_LENGTH} bytes")
+    # Imported here, not at the top: only a linking client needs RSA, and hypervisors that
+    # run just the hook and the libvirt controller install without the ``lab`` extra.
+    try:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding, rsa
+        from cryptography.hazmat.primitives.serialization import load_der_public_key
+    except ImportError as exc:
+        raise ConfigError(
+            "the embedded SPICE client needs the 'cryptography' package:"
+            " pip install 'spice-libvirt[lab]'"
+        ) from exc
     try:
         key = load_der_public_key(pub_key_der)
     except ValueError as exc:
