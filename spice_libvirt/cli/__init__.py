@@ -28,7 +28,7 @@ Register = Callable[[Any], None]
 
 def commands() -> tuple[Register, ...]:
     """Each sub-command's ``register``, in the order ``--help`` lists them."""
-    from spice_libvirt.cli import evacuate, hook, journal, lab, migrate, probe, watch
+    from spice_libvirt.cli import doctor, evacuate, hook, journal, lab, migrate, probe, watch
 
     return (
         probe.register,
@@ -38,6 +38,7 @@ def commands() -> tuple[Register, ...]:
         evacuate.register,
         hook.register,
         journal.register,
+        doctor.register,
     )
 
 

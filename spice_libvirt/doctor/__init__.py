@@ -1,0 +1,78 @@
+"""``spice-libvirt doctor``: is this hypervisor ready for seamless SPICE migration?
+
+Like ``vdsm-tool is-configured``, for what this project needs on a host: the hook
+installed and loaded by the running libvirtd, a valid configuration with ``spice_address``,
+every running domain's SPICE reachable by clients, TLS files usable and not about to
+expire, libvirt new enough for ``qemu.d/``, and the peers' ports reachable. Modules, one
+concern each: :mod:`.model` (the typed result), :mod:`.host` (files on this host),
+:mod:`.daemon` (the running libvirtd, read-only), :mod:`.peers` (other hosts' ports).
+
+Why before a drain: every one of these failures lets a migration start and the client
+fall back (or the migration fail) only at the end; the evacuation play runs the doctor
+first and stops before touching a guest.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from spice_libvirt.doctor.daemon import (
+    check_domains,
+    check_version,
+    daemon_process,
+    local_socket,
+    open_read_only,
+    running_domains,
+)
+from spice_libvirt.doctor.host import (
+    DEFAULT_TLS_DIR,
+    check_config,
+    check_hook_installed,
+    check_hook_seen,
+    check_spice_address,
+    check_tls,
+)
+from spice_libvirt.doctor.model import Check, DoctorReport
+from spice_libvirt.doctor.peers import check_peer
+from spice_libvirt.hook import install as hook_install
+from spice_libvirt.hook.local import host_addresses
+
+__all__ = ["DEFAULT_TLS_DIR", "Check", "DoctorReport", "diagnose"]
+
+
+def diagnose(
+    connect: str = "qemu:///system",
+    *,
+    hooks_dir: Path = hook_install.DEFAULT_HOOKS_DIR,
+    config: Path | None = None,
+    peers: tuple[str, ...] = (),
+    tls_dir: Path = DEFAULT_TLS_DIR,
+    tls_days: int = 30,
+    timeout: float = 3.0,
+) -> DoctorReport:
+    """Run every check against this host; never raises for what it finds."""
+    checks: list[Check] = []
+    conn, problem = open_read_only(connect)
+    domains = []
+    if conn is None:
+        assert problem is not None
+        checks.append(problem)
+    else:
+        try:
+            checks.append(check_version(conn))
+            domains = running_domains(conn)
+        finally:
+            conn.close()
+    config_check, settings = check_config(config)
+    checks.append(config_check)
+    checks.append(check_spice_address(settings, host_addresses()))
+    status = hook_install.status(hooks_dir)
+    checks.append(check_hook_installed(status))
+    checks.append(check_hook_seen(status, settings, daemon_process(local_socket(connect))))
+    if conn is not None:
+        checks += check_domains(domains)
+    checks += check_tls(tls_dir, tls_days, required=any(d.tls for d in domains))
+    for peer in peers:
+        checks += check_peer(peer, timeout)
+    return DoctorReport.of(os.uname().nodename, connect, checks)

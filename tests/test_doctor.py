@@ -1,0 +1,163 @@
+"""``spice-libvirt doctor`` against real lab libvirtds, run inside the lab hosts.
+
+Two hosts in network namespaces, each with its own libvirtd and our hook installed before
+it started (the fixture of ``tests/test_hook_libvirtd.py``). The doctor runs *inside* a
+host (``nsenter`` into its network, mount and UTS namespaces), so it sees that host's
+``/etc/libvirt``, ``/run/libvirt`` socket and addresses exactly as on a hypervisor:
+
+* ready: host A with a running guest on A's address, a valid TLS directory, and B as a peer
+  (its libvirt port accepts, its migration and SPICE ports answer): exit 0, every check ok;
+* not ready: host B with a guest on loopback, a configuration without ``spice_address``,
+  an empty hook directory, a certificate that expires tomorrow and a peer address nobody
+  answers: exit 13, and exactly those checks fail, each with a fix.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spice_libvirt.exitcodes import ExitCode
+from spice_libvirt.lab import netns
+from tests.test_hook_libvirtd import Hooked, _domain_xml, _host
+
+pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> Iterator[dict[str, Hooked]]:
+    import uuid
+
+    tag = uuid.uuid4().hex[:8]
+    addrs = {"hostA": "10.253.1.1", "hostB": "10.253.1.2"}
+    made = {
+        n: _host(n, tmp_path / n, f"dr{n[-1].lower()}-{tag}", a, addrs) for n, a in addrs.items()
+    }
+    created: list[str] = []
+    try:
+        for h in made.values():
+            netns.add(h.host.config.netns)
+            created.append(h.host.config.netns)
+            netns.link_up(h.host.config.netns, "lo")
+        a, b = (made[n].host.config.netns for n in ("hostA", "hostB"))
+        netns.add_veth(a, "eth0", b, "eth0")
+        for h in made.values():
+            netns.add_address(h.host.config.netns, "eth0", f"{h.address}/24")
+            netns.link_up(h.host.config.netns, "eth0")
+            h.prepare(spice_address=h.address)
+            h.host.start()
+        yield made
+    finally:
+        for h in made.values():
+            try:
+                h.stop()
+            except Exception as exc:
+                print(f"teardown of {h.host.config.name}: {exc}")
+        for ns in created:
+            netns.delete(ns)
+
+
+def _tls_dir(where: Path, days: int) -> Path:
+    where.mkdir()
+    key = where / "server-key.pem"
+    for name in ("ca-cert.pem", "server-cert.pem"):
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=doctor",
+             "-days", str(days), "-keyout", str(key), "-out", str(where / name)],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+    return where
+
+
+def _doctor(host: Hooked, *args: str) -> tuple[int, dict[str, Any]]:
+    argv = host.host.enter_argv(
+        [sys.executable, "-m", "spice_libvirt", "doctor", "--json", "--timeout", "1", *args]
+    )
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert not proc.stderr, proc.stderr
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def _status(report: dict[str, Any]) -> dict[str, str]:
+    return {c["name"]: c["status"] for c in report["checks"]}
+
+
+def _start(host: Hooked, name: str, listen: str) -> None:
+    xml = host.state / f"{name}.xml"
+    xml.write_text(_domain_xml(name, listen))
+    host.virsh("define", str(xml))
+    host.virsh("start", name, timeout=120)
+
+
+def test_ready_and_not_ready_hosts(hosts: dict[str, Hooked], tmp_path: Path) -> None:
+    a, b = hosts["hostA"], hosts["hostB"]
+    _start(a, "drvm", a.address)
+    rc, report = _doctor(
+        a,
+        "--config", str(a.config_path),
+        "--tls-dir", str(_tls_dir(tmp_path / "tls-good", 365)),
+        "--peer", f"qemu+tcp://{b.address}/system",
+    )  # fmt: skip
+    status = _status(report)
+    assert rc == ExitCode.OK, report
+    assert report["ready"] is True
+    assert status == {
+        "libvirt-version": "ok",
+        "config": "ok",
+        "spice-address": "ok",
+        "hook-installed": "ok",
+        "hook-seen": "ok",
+        "domain:drvm": "ok",
+        "tls:ca-cert.pem": "ok",
+        "tls:server-cert.pem": "ok",
+        "tls:server-key.pem": "ok",
+        f"peer:{b.address}:libvirt": "ok",
+        f"peer:{b.address}:migration": "ok",
+        f"peer:{b.address}:spice": "ok",
+    }
+    seen = next(c for c in report["checks"] if c["name"] == "hook-seen")
+    assert "libvirtd ran it" in seen["detail"]
+
+    _start(b, "drloop", "127.0.0.1")
+    bare = b.state / "no-address.toml"
+    bare.write_text(f'journal_path = "{b.journal_path}"\n')
+    empty_hooks = tmp_path / "no-hooks"
+    empty_hooks.mkdir()
+    nobody = "10.253.1.99"  # on B's link, answered by no one
+    rc, report = _doctor(
+        b,
+        "--config", str(bare),
+        "--hooks-dir", str(empty_hooks),
+        "--tls-dir", str(_tls_dir(tmp_path / "tls-expiring", 1)),
+        "--peer", f"qemu+tcp://{nobody}/system",
+    )  # fmt: skip
+    assert rc == ExitCode.NOT_READY, report
+    assert report["ready"] is False
+    failed = {c["name"] for c in report["checks"] if c["status"] == "fail"}
+    assert failed == {
+        "spice-address",
+        "hook-installed",
+        "domain:drloop",
+        "tls:ca-cert.pem",
+        "tls:server-cert.pem",
+        f"peer:{nobody}:libvirt",
+        f"peer:{nobody}:migration",
+        f"peer:{nobody}:spice",
+    }
+    assert all(c["fix"] for c in report["checks"] if c["status"] == "fail")
+    assert _status(report)["libvirt-version"] == "ok"
+
+    # the same host as an admin reads it: a table with the fixes, and the verdict last
+    proc = subprocess.run(
+        b.host.enter_argv([sys.executable, "-m", "spice_libvirt", "doctor", "--config", str(bare)]),
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == ExitCode.NOT_READY
+    assert "fix: set spice_address" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1].endswith("NOT READY for seamless SPICE migration")
