@@ -39,6 +39,7 @@ import os
 import re
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -47,9 +48,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from benchmarks.benchutil import arg_parser
+from benchmarks.benchutil import arg_parser, fmt, machine
 from spice_libvirt.lab import libvirt_lab, netns
 from spice_libvirt.lab.libvirt_migrate import lab_migrate
+from spice_libvirt.libvirt.request import LibvirtMigrationReport
 
 RESULTS_MD = Path(__file__).resolve().with_name("RESULTS-libvirt.md")
 #: the TLS table goes beside the plain-TCP one, never over it
@@ -59,7 +61,36 @@ METHODS: dict[str, tuple[bool, dict[str, Any], str]] = {
     "plain": (True, {}, "plain `virsh migrate` (libvirt p2p)"),
     "ours": (False, {}, "ours (QMP hold, released on the client's links)"),
     "ours-floor": (False, {"hold": "libvirt"}, "ours, taint-free hold (libvirt's 1 MiB/s floor)"),
+    "nowait": (False, {"hold": "none"}, "ours without the hold (`--no-wait-client`: switch-host)"),
 }
+
+
+def method_spec(method: str) -> tuple[bool, dict[str, Any], str]:
+    """A method of :data:`METHODS`, or ``ours-m<N>``: ours with a release margin of N ms
+    (the margin sweep)."""
+    if method in METHODS:
+        return METHODS[method]
+    margin = float(method.removeprefix("ours-m"))
+    return False, {"release_margin_ms": margin}, f"ours, release margin {margin:g} ms"
+
+
+def _commit() -> str | None:
+    out = subprocess.run(
+        ["git", "-C", str(RESULTS_MD.parent), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    dirty = subprocess.run(
+        ["git", "-C", str(RESULTS_MD.parent), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    head = out.stdout.strip() or None
+    return f"{head}+dirty" if head and dirty.stdout.strip() else head
+
+
 TS = re.compile(r"GSpice-DEBUG: (\d\d):(\d\d):(\d\d\.\d+):")
 
 
@@ -68,9 +99,22 @@ class Run(BaseModel):
     method: str
     client: str
     index: int
+    #: the oracle's word: remote-viewer's own log, or the embedded client's record
     outcome: str
+    #: the controller's verdict (compared with the oracle: a misclassification if different)
+    verdict: str | None = None
     #: the lab ran SPICE over TLS (every channel secure, CA and subject verified)
     tls: bool = False
+    #: the whole lab migration call (what a user waits for: hold, libvirt, verdict)
+    total_s: float | None = None
+    #: from libvirt's return to the verdict, and what made the evidence conclusive
+    verdict_ms: float | None = None
+    verdict_basis: str | None = None
+    #: the client's last source channel closed, ms after libvirt returned (negative: before)
+    left_source_ms: float | None = None
+    release_margin_ms: float | None = None
+    load_1m: float | None = None
+    commit: str | None = None
     wall_s: float | None = None
     display_outage_s: float | None = None
     client_link_s: float | None = None
@@ -185,6 +229,34 @@ def classify(segment: str) -> tuple[str | None, float | None, float | None]:
 # ---------------------------------------------------------------------- runs
 
 
+def _migrate(lab_dir: Path, run: Run, *, watch: bool) -> LibvirtMigrationReport:
+    """One lab migration by ``run.method``; the report's figures copied into ``run``."""
+    plain, options, _ = method_spec(run.method)
+    run.load_1m = round(os.getloadavg()[0], 2)
+    run.commit = _commit()
+    t0 = time.monotonic()
+    report = lab_migrate(lab_dir, watch=watch, plain=plain, options=options)
+    run.total_s = round(time.monotonic() - t0, 3)
+    run.verdict = report.outcome
+    run.wall_s = round((report.wall_ms or 0) / 1000.0, 3)
+    run.verdict_ms = report.verdict_ready_ms
+    run.verdict_basis = report.verdict_basis
+    run.left_source_ms = report.client_left_source_ms
+    run.release_margin_ms = None if plain else options.get("release_margin_ms", 100.0)
+    run.held_ms = report.hold.held_ms
+    run.released_after_ms = report.hold.released_after_ms
+    run.rtt_estimate_ms = report.hold.client_rtt_estimate_ms
+    run.release_reason = report.hold.release_reason
+    run.error = report.error
+    return report
+
+
+def _oracle(report: LibvirtMigrationReport) -> str:
+    """The embedded client's own record, not the controller's verdict, as the oracle."""
+    paths = [c.record.path for c in report.clients if c.record is not None]
+    return paths[0] if paths else "no-record"
+
+
 def run_viewer(lab_dir: Path, display: int, rtt: float, method: str, i: int, log_dir: Path) -> Run:
     state = libvirt_lab.load_state(lab_dir)
     assert state is not None
@@ -212,14 +284,7 @@ def run_viewer(lab_dir: Path, display: int, rtt: float, method: str, i: int, log
         viewer.wait_up()
         time.sleep(0.3)
         mark = len(viewer.text())
-        plain, options, _ = METHODS[method]
-        report = lab_migrate(lab_dir, watch=False, plain=plain, options=options)
-        run.wall_s = round((report.wall_ms or 0) / 1000.0, 3)
-        run.held_ms = report.hold.held_ms
-        run.released_after_ms = report.hold.released_after_ms
-        run.rtt_estimate_ms = report.hold.client_rtt_estimate_ms
-        run.release_reason = report.hold.release_reason
-        run.error = report.error
+        _migrate(lab_dir, run, watch=False)
         deadline = time.monotonic() + 25.0
         while True:
             outcome, outage, link = classify(viewer.text()[mark:])
@@ -243,15 +308,8 @@ def run_embedded(lab_dir: Path, rtt: float, method: str, i: int) -> Run:
     tls = state is not None and state.tls is not None
     run = Run(rtt_ms=rtt, method=method, client="embedded", index=i, outcome="?", tls=tls)
     try:
-        plain, options, _ = METHODS[method]
-        report = lab_migrate(lab_dir, watch=True, plain=plain, options=options)
-        run.outcome = report.outcome
-        run.wall_s = round((report.wall_ms or 0) / 1000.0, 3)
-        run.held_ms = report.hold.held_ms
-        run.released_after_ms = report.hold.released_after_ms
-        run.rtt_estimate_ms = report.hold.client_rtt_estimate_ms
-        run.release_reason = report.hold.release_reason
-        run.error = report.error
+        report = _migrate(lab_dir, run, watch=True)
+        run.outcome = _oracle(report)
         for client in report.clients:
             if client.record is not None:
                 black = client.record.blackout_ms.get("display:0")
@@ -274,41 +332,107 @@ def _med(values: list[float | None]) -> str:
     return f"{statistics.median(vs):.2f} ({min(vs):.2f}-{max(vs):.2f})"
 
 
-def table(runs: list[Run]) -> str:
-    head = (
-        "| RTT ms | client | method | n | seamless | switch-host | other | "
-        "migrateToURI3 wall s, median (range) | display outage s, median (range) | "
-        "held ms, median |\n|---|---|---|---|---|---|---|---|---|---|\n"
-    )
-    rows = []
+#: issue 9's goal for the added wall time (remote-viewer), by client RTT in ms
+ADDED_WALL_GOAL_S = {0.0: 0.1, 50.0: 0.3, 150.0: 0.6, 300.0: 1.2}
+
+
+def _median(values: list[float | None]) -> float | None:
+    vs = [v for v in values if v is not None]
+    return statistics.median(vs) if vs else None
+
+
+def _cells(runs: list[Run]) -> list[tuple[float, str, str, list[Run]]]:
+    order = list(dict.fromkeys(r.method for r in runs))
     keys = sorted(
         {(r.rtt_ms, r.client, r.method) for r in runs},
-        key=lambda k: (k[0], k[1], list(METHODS).index(k[2])),
+        key=lambda k: (k[0], k[1], order.index(k[2])),
     )
-    for rtt, client, method in keys:
-        rs = [r for r in runs if (r.rtt_ms, r.client, r.method) == (rtt, client, method)]
+    return [
+        (rtt, client, method, [r for r in runs if (r.rtt_ms, r.client, r.method) == key])
+        for key in keys
+        for rtt, client, method in [key]
+    ]
+
+
+def table(runs: list[Run]) -> str:
+    """One row per (RTT, client, method): the oracle's counts, how often the controller's
+    verdict agreed with it, the wall a user waits for, and the verdict phase."""
+    head = (
+        "| RTT ms | client | method | n | seamless | switch-host | other | verdict = oracle | "
+        "total wall s, median (range) | verdict after libvirt ms, median (max) | "
+        "migrateToURI3 s, median | display outage s, median | held ms, median | load 1m |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for rtt, client, method, rs in _cells(runs):
         seam = sum(r.outcome == "seamless" for r in rs)
         sw = sum(r.outcome == "switch-host" for r in rs)
-        other = len(rs) - seam - sw
-        outages = [r.display_outage_s for r in rs]
-        held = [r.held_ms for r in rs if r.held_ms is not None]
-        name = METHODS[method][2]
+        agree = sum(r.verdict == r.outcome for r in rs)
+        verdict = [r.verdict_ms for r in rs if r.verdict_ms is not None]
+        vcell = f"{statistics.median(verdict):.0f} ({max(verdict):.0f})" if verdict else "-"
         rows.append(
-            f"| {rtt:g} | {client} | {name} | {len(rs)} | **{seam}** | {sw} | {other} | "
-            f"{_med([r.wall_s for r in rs])} | {_med(outages)} | "
-            f"{statistics.median(held):.0f} |"
-            if held
-            else f"| {rtt:g} | {client} | {name} | {len(rs)} | **{seam}** | {sw} | {other} | "
-            f"{_med([r.wall_s for r in rs])} | {_med(outages)} | - |"
+            f"| {rtt:g} | {client} | {method_spec(method)[2]} | {len(rs)} | **{seam}** | {sw} | "
+            f"{len(rs) - seam - sw} | {agree}/{len(rs)} | {_med([r.total_s for r in rs])} | "
+            f"{vcell} | {fmt(_median([r.wall_s for r in rs]), digits=2)} | "
+            f"{fmt(_median([r.display_outage_s for r in rs]), digits=2)} | "
+            f"{fmt(_median([r.held_ms for r in rs]), digits=0)} | "
+            f"{fmt(_median([r.load_1m for r in rs]), digits=2)} |"
         )
     return head + "\n".join(rows) + "\n"
 
 
+def added_table(runs: list[Run], baseline: str = "plain") -> str:
+    """Added wall time per RTT and client: each method's median total minus plain's."""
+    head = (
+        "| RTT ms | client | method | plain total s | total s | added s | goal s | seamless | "
+        "verdict ms, max | within 1 RTT + 100 ms |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for rtt, client, method, rs in _cells(runs):
+        base = [r for r in runs if (r.rtt_ms, r.client, r.method) == (rtt, client, baseline)]
+        if method == baseline or not base:
+            continue
+        plain_s, ours_s = _median([r.total_s for r in base]), _median([r.total_s for r in rs])
+        added = ours_s - plain_s if ours_s is not None and plain_s is not None else None
+        goal = ADDED_WALL_GOAL_S.get(rtt) if client == "remote-viewer" else None
+        seamless = [r for r in rs if r.outcome == "seamless"]
+        verdict = [r.verdict_ms for r in seamless if r.verdict_ms is not None]
+        within = sum(v <= rtt + 100.0 for v in verdict)
+        rows.append(
+            f"| {rtt:g} | {client} | {method_spec(method)[2]} | {fmt(plain_s, digits=2)} | "
+            f"{fmt(ours_s, digits=2)} | {fmt(added, digits=2)} | {fmt(goal, digits=1)} | "
+            f"{len(seamless)}/{len(rs)} | {fmt(max(verdict) if verdict else None, digits=0)} | "
+            f"{within}/{len(verdict)} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def summary_md(runs: list[Run], argv: str, started: dt.datetime, seconds: float) -> str:
+    info = machine(tools=["remote-viewer"])
+    loads = [r.load_1m for r in runs if r.load_1m is not None]
+    commits = sorted({r.commit for r in runs if r.commit})
+    return (
+        f"Measured {started:%Y-%m-%d %H:%M} UTC by `{argv}` ({seconds:.0f} s) at commit "
+        f"{', '.join(commits) or '?'}; {info.cpus} CPUs ({info.cpu_model}), kernel "
+        f"{info.kernel}, {info.versions.get('remote-viewer', 'remote-viewer ?')}; load average "
+        f"(1 min) during the runs {min(loads, default=0):.2f}-{max(loads, default=0):.2f} "
+        f"(median {statistics.median(loads) if loads else 0:.2f}). Two-host libvirt lab, idle "
+        "256 MiB firmware guest. Raw rows: one JSON line per migration.\n\n"
+        + table(runs)
+        + "\n## Added wall time (medians, each method against plain in the same run)\n\n"
+        + added_table(runs)
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = arg_parser(__doc__, summary=False)
-    parser.add_argument("--rtts", default="0,50,150,300")
+    parser.add_argument("--rtt", "--rtts", dest="rtts", default="0,50,150,300")
     parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--methods", default="plain,ours")
+    parser.add_argument(
+        "--methods",
+        default="plain,ours",
+        help=f"of {', '.join(METHODS)}, or ours-m<N> (release margin N ms)",
+    )
     parser.add_argument("--clients", default="remote-viewer,embedded")
     parser.add_argument("--lab-dir", type=Path, default=None)
     parser.add_argument("--keep-lab", action="store_true")
@@ -316,10 +440,18 @@ def main(argv: list[str] | None = None) -> int:
         "--tls", action="store_true", help="a TLS lab (lab up --libvirt --tls, all secure)"
     )
     parser.add_argument("--out", type=Path, default=None, help="JSON-lines file of the runs")
-    parser.add_argument("--write-results", action="store_true", help=f"write {RESULTS_MD.name}")
+    parser.add_argument(
+        "--write-results", action="store_true", help=f"write {RESULTS_MD.name} (or --results)"
+    )
+    parser.add_argument("--results", type=Path, default=None, help="the summary's file")
     args = parser.parse_args(argv)
     rtts = [float(x) for x in args.rtts.split(",")]
     methods = args.methods.split(",")
+    for method in methods:
+        try:
+            method_spec(method)
+        except ValueError:
+            parser.error(f"unknown method {method!r}")
     clients = args.clients.split(",")
     work = Path(tempfile.mkdtemp(prefix="bench-libvirt-rtt-"))
     lab_dir = (args.lab_dir or work / "lab").absolute()
@@ -332,13 +464,15 @@ def main(argv: list[str] | None = None) -> int:
         libvirt_lab.up(lab_dir, client_rtt_ms=rtts[0], tls=args.tls)
     elif args.tls != (libvirt_lab.load_state(lab_dir).tls is not None):  # type: ignore[union-attr]
         parser.error(f"--tls does not match the lab already up in {lab_dir}")
+    print(f"raw rows: {out}; logs: {work}", flush=True)
     try:
         with xvfb(work) as display:
             for rtt in rtts:
                 libvirt_lab.set_client_rtt(lab_dir, rtt)
-                for method in methods:
+                # methods interleaved run by run: a load change hits plain and ours alike
+                for i in range(args.runs):
                     for client in clients:
-                        for i in range(args.runs):
+                        for method in methods:
                             if client == "remote-viewer":
                                 run = run_viewer(lab_dir, display, rtt, method, i, work)
                             else:
@@ -347,29 +481,24 @@ def main(argv: list[str] | None = None) -> int:
                             with out.open("a") as fh:
                                 fh.write(run.model_dump_json() + "\n")
                             print(
-                                f"{time.monotonic() - t0:7.1f}s rtt {rtt:g} {method:5} "
-                                f"{client:13} #{i}: {run.outcome:12} wall {run.wall_s} "
-                                f"outage {run.display_outage_s} held {run.held_ms} "
-                                f"{run.error or ''}",
+                                f"{time.monotonic() - t0:7.1f}s rtt {rtt:g} {method:8} "
+                                f"{client:13} #{i}: {run.outcome:12} verdict {run.verdict} "
+                                f"total {run.total_s} s verdict {run.verdict_ms} ms "
+                                f"load {run.load_1m} {run.error or ''}",
                                 flush=True,
                             )
     finally:
         if own_lab and not args.keep_lab:
             libvirt_lab.down(lab_dir)
-    text = table(runs)
+    seconds = time.monotonic() - t0
+    command = "benchmarks/bench_libvirt_rtt.py " + " ".join(argv or sys.argv[1:])
+    text = summary_md(runs, command, started, seconds)
     print(text)
-    print(f"runs: {out}; logs: {work}; {time.monotonic() - t0:.0f} s")
+    print(f"raw rows: {out}; logs: {work}; {seconds:.0f} s")
     if args.write_results:
-        body = (
-            "# Plain libvirt migration vs. the seamless controller, by client RTT"
-            f"{' (SPICE over TLS)' if args.tls else ''}\n\n"
-            f"Measured {started:%Y-%m-%d %H:%M} UTC by `benchmarks/bench_libvirt_rtt.py "
-            f"{'--tls ' if args.tls else ''}"
-            f"--rtts {args.rtts} --runs {args.runs}` ({time.monotonic() - t0:.0f} s), "
-            "two-host libvirt lab, idle 256 MiB firmware guest.\n\n" + text
-        )
-        target = RESULTS_TLS_MD if args.tls else RESULTS_MD
-        target.write_text(body)
+        target = args.results or (RESULTS_TLS_MD if args.tls else RESULTS_MD)
+        title = "# Plain libvirt migration vs. the seamless controller, by client RTT"
+        target.write_text(f"{title}{' (SPICE over TLS)' if args.tls else ''}\n\n{text}")
         print(f"wrote {target}")
     return 0
 

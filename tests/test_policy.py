@@ -28,7 +28,6 @@ from spice_libvirt.migration.policy import (
     qmp_link_grace,
     release_point,
     security_from_qemu_spice,
-    settle_floor,
     tls_target,
 )
 
@@ -53,11 +52,6 @@ def test_release_point_adds_the_network_wait_and_the_margin() -> None:
     assert point.grace == pytest.approx(0.25)
     assert point.at == pytest.approx(10.25)
     assert release_point(1.0, -1.0, -5.0).grace == 0.0
-
-
-def test_settle_floor() -> None:
-    assert settle_floor(0.0) == 0.5
-    assert settle_floor(0.3) == pytest.approx(1.2)
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ of both paths. Each row is one kind of evidence and the verdict it must give.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import itertools
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 
 from spice_libvirt.migration.evidence import Channel, Sessions, SpiceSession
 from spice_libvirt.migration.report import Endpoint, MigrationReport
-from spice_libvirt.migration.verdict import VerdictEvidence, judge
+from spice_libvirt.migration.verdict import Settling, VerdictEvidence, judge, settled
 from spice_libvirt.spice.record import ClientMigrationRecord, PathStep, StreamStats
 
 #: above 2**31: QEMU prints it negative; the verdict must use the unsigned form
@@ -341,3 +342,247 @@ def test_an_evacuation_with_a_tls_downgrade_is_not_all_seamless() -> None:
     )
     assert [d.exit_code for d in batch.domains] == [ExitCode.OK, ExitCode.TLS_DOWNGRADED]
     assert batch.exit_code() is ExitCode.TLS_DOWNGRADED
+
+
+# ------------------------------------------------------------------ a reconnect not yet linked
+
+
+def test_a_reconnect_without_its_new_id_is_switch_host() -> None:
+    """A new connection after the client left the source, its session not linked yet
+    (spice-server may stall it ~10 s behind a stale pre-linked session): switch-host."""
+    ev = dataclasses.replace(evidence("completed", "kept"), reconnected=True)
+    v = judge(ev)
+    [c] = v.clients
+    assert c.path == "switch-host"
+    assert v.outcome == "switch-host"
+    assert c.connection_id_kept is False
+    assert c.note is not None
+    assert "anew" in c.note
+    # a new id seen wins over the bare reconnect: the report names it
+    [c2] = judge(dataclasses.replace(evidence("completed", "new"), reconnected=True)).clients
+    assert (c2.path, c2.connection_id_after) == ("switch-host", NEW)
+
+
+# ------------------------------------------------------------------ when the evidence is enough
+
+#: returned at 10.0 s; RTT 0.3 s, margin 0.1 s -> the quiet window is 0.4 s
+RET, RTT = 10.0, 0.3
+SETTLING = [
+    # name, after, now, source left, reconnected, dropped, embedded, record, rtt, done, recheck
+    ("new id: at once", "kept+new", RET, None, None, False, False, False, RTT, True, None),
+    (
+        "new id before the window",
+        "new",
+        RET + 0.01,
+        RET - 1,
+        None,
+        False,
+        False,
+        False,
+        RTT,
+        True,
+        None,
+    ),
+    (
+        "kept, left long ago",
+        "kept",
+        RET + 0.003,
+        RET - 1.4,
+        None,
+        False,
+        False,
+        False,
+        RTT,
+        True,
+        None,
+    ),
+    (
+        "kept, left just before",
+        "kept",
+        RET,
+        RET - 0.1,
+        None,
+        False,
+        False,
+        False,
+        RTT,
+        False,
+        RET + 0.3,
+    ),
+    ("kept, window over", "kept", RET + 0.3, RET - 0.1, None, False, False, False, RTT, True, None),
+    (
+        "kept, left unseen: from the return",
+        "kept",
+        RET + 0.2,
+        None,
+        None,
+        False,
+        False,
+        False,
+        RTT,
+        False,
+        RET + 0.4,
+    ),
+    (
+        "kept, left after the return",
+        "kept",
+        RET + 0.4,
+        RET + 0.3,
+        None,
+        False,
+        False,
+        False,
+        RTT,
+        True,
+        None,
+    ),
+    (
+        "kept, RTT unknown: 0.5 s",
+        "kept",
+        RET + 0.45,
+        RET,
+        None,
+        False,
+        False,
+        False,
+        None,
+        False,
+        RET + 0.5,
+    ),
+    (
+        "reconnect, id not yet",
+        "kept",
+        RET + 0.1,
+        RET - 0.5,
+        RET,
+        False,
+        False,
+        False,
+        RTT,
+        False,
+        RET + 0.8,
+    ),
+    (
+        "reconnect, waited 2 windows",
+        "kept",
+        RET + 0.8,
+        RET - 0.5,
+        RET,
+        False,
+        False,
+        False,
+        RTT,
+        True,
+        None,
+    ),
+    (
+        "pre-link dropped: wait for the bound",
+        "kept",
+        RET + 1,
+        RET - 1,
+        None,
+        True,
+        False,
+        False,
+        RTT,
+        False,
+        RET + 6,
+    ),
+    (
+        "gone: wait for the bound",
+        "gone",
+        RET + 1,
+        RET - 1,
+        None,
+        False,
+        False,
+        False,
+        RTT,
+        False,
+        RET + 6,
+    ),
+    ("bound over", "gone", RET + 6, None, None, False, False, False, RTT, True, None),
+    (
+        "unobserved, bound over",
+        "unobserved",
+        RET + 6,
+        None,
+        None,
+        False,
+        False,
+        False,
+        RTT,
+        True,
+        None,
+    ),
+    ("embedded record in", "kept", RET, None, None, False, True, True, RTT, True, None),
+    (
+        "embedded, no record: as external",
+        "kept",
+        RET,
+        RET - 1,
+        None,
+        False,
+        True,
+        False,
+        RTT,
+        True,
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "after", "now", "left", "again", "dropped", "emb", "rec", "rtt", "done", "recheck"),
+    SETTLING,
+    ids=[row[0] for row in SETTLING],
+)
+def test_settled(
+    name: str,
+    after: str,
+    now: float,
+    left: float | None,
+    again: float | None,
+    dropped: bool,
+    emb: bool,
+    rec: bool,
+    rtt: float | None,
+    done: bool,
+    recheck: float | None,
+) -> None:
+    s = settled(
+        Settling(
+            before=sessions(session(CID)),
+            after=AFTER[after],
+            returned_at=RET,
+            now=now,
+            rtt=rtt,
+            source_left_at=left,
+            reconnected_at=again,
+            prelinks_dropped=dropped,
+            embedded=emb,
+            record_in=rec,
+            margin=0.1,
+            bound=6.0,
+        )
+    )
+    assert s.done is done, s.reason
+    assert s.reason
+    if recheck is None:
+        assert s.recheck_at is None
+    else:
+        assert s.recheck_at == pytest.approx(recheck)
+
+
+def test_settled_never_waits_past_the_bound_and_is_ready_within_a_window() -> None:
+    """Over a grid of times: the recheck is never after the bound; a kept session with no
+    reconnect is conclusive within 1 RTT + margin of libvirt's return."""
+    for now, left, rtt in itertools.product(
+        [RET + x / 100 for x in range(0, 700, 7)], [None, RET - 2, RET - 0.05], [None, 0.0, 0.3]
+    ):
+        for after in ("kept", "gone", "new"):
+            s = settled(Settling(sessions(session(CID)), AFTER[after], RET, now, rtt, left))
+            assert s.done or (s.recheck_at is not None and now < s.recheck_at <= RET + 6.0)
+            window = (rtt + 0.1) if rtt is not None else 0.5
+            if after == "kept" and now >= RET + window:
+                assert s.done

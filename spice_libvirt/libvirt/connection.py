@@ -163,11 +163,13 @@ class EventStream(Generic[E]):
         self._queue: asyncio.Queue[E] = asyncio.Queue()
         self._deregister: Callable[[], None] | None = None
         self.seen: list[E] = []
+        self._arrived = asyncio.Event()
 
     def _push(self, event: E) -> None:
         def put() -> None:
             self.seen.append(event)
             self._queue.put_nowait(event)
+            self._arrived.set()
 
         with contextlib.suppress(RuntimeError):  # the loop is gone: drop it
             self._loop.call_soon_threadsafe(put)
@@ -176,6 +178,16 @@ class EventStream(Generic[E]):
         """The next event; :class:`TimeoutError` if none arrives within ``timeout``."""
         async with asyncio.timeout(timeout):
             return await self._queue.get()
+
+    def pending(self) -> bool:
+        """An event is queued (:meth:`get` would not wait)."""
+        return not self._queue.empty()
+
+    async def wait_pending(self) -> None:
+        """Until an event is queued, without taking it (to wait on several streams)."""
+        while self._queue.empty():
+            self._arrived.clear()
+            await self._arrived.wait()
 
     def drain(self) -> list[E]:
         out: list[E] = []

@@ -53,12 +53,13 @@ from spice_libvirt.libvirt.request import (
     LibvirtMigrationReport,
     LibvirtMigrationRequest,
 )
+from spice_libvirt.libvirt.settle import SettleInputs, SourceDepartures, await_settled
 from spice_libvirt.libvirt.stats import figures_from_stats, progress_from_stats
 from spice_libvirt.libvirt.undo import JobUndo, settle_placement
 from spice_libvirt.migration.base import ControllerBase
 from spice_libvirt.migration.evidence import Sessions, sessions_from_query_spice
 from spice_libvirt.migration.placement import run_to_completion
-from spice_libvirt.migration.policy import HoldPolicy, choose_hold, settle_floor
+from spice_libvirt.migration.policy import HoldPolicy, choose_hold
 from spice_libvirt.migration.report import Endpoint
 from spice_libvirt.migration.verdict import VerdictEvidence, judge
 from spice_libvirt.spice.record import ClientMigrationRecord
@@ -136,7 +137,13 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
         if not has_client:
             link.result = "no-client"
         gfx = await dst.graphics_events(None)
+        src_gfx = await src.graphics_events(dom)
         jobs = await src.job_completed_events(dom)
+        self._links = DestinationLinks(report.domain, time.monotonic())
+        self._departures = SourceDepartures(
+            report.domain, sum(len(s.channels) for s in clients.values())
+        )
+        self._returned_at: float | None = None
         try:
             completed = await self._migrate(
                 src, dom, report, gfx, graphics_uri, expected, migrations_before
@@ -152,9 +159,12 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
                     report.migration.status = "completed"
                     report.outcome = "failed"
                     completed = True
-            await self._verdict(src, dst, dom, gfx, report, clients, completed, witness_cid)
+            await self._verdict(
+                src, dst, dom, (gfx, src_gfx), report, clients, completed, witness_cid
+            )
         finally:
             gfx.close()
+            src_gfx.close()
             jobs.close()
         return report
 
@@ -181,7 +191,8 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
             params[lv.VIR_MIGRATE_PARAM_BANDWIDTH] = 1
         flags = lv.VIR_MIGRATE_LIVE | lv.VIR_MIGRATE_PEER2PEER
         t_start = time.monotonic()
-        links = DestinationLinks(report.domain, t_start)
+        links = self._links
+        links.t0 = t_start
         migration = asyncio.create_task(
             src.call(
                 lambda: dom.migrateToURI3(req.destination_uri, params, flags),
@@ -208,6 +219,7 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
             elif report.link_wait.result != "no-client" and not req.plain and self.witness:
                 report.link_wait.signal = "embedded-client"
             cancelled = await self._await_job(src, dom, migration) or cancelled
+            self._returned_at = time.monotonic()
         except errors.SpiceLibvirtError as exc:
             error = exc
         except BaseException as exc:
@@ -344,41 +356,12 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
             self.note(f"query-spice on {conn.uri} failed: {exc}")
             return None
 
-    async def _destination_after(
-        self,
-        dst: Connection,
-        gfx: EventStream[GraphicsEvent],
-        report: LibvirtMigrationReport,
-        clients: Sessions,
-    ) -> Sessions:
-        """The destination's sessions once they settled: a new id (switch-host) shows up
-        within a few RTTs; a kept one with every channel. Re-read on each graphics event."""
-        try:
-            dom = await dst.lookup(report.domain)
-        except errors.LibvirtError as exc:
-            self.note(f"the domain is not on the destination: {exc}")
-            return {}
-        start = time.monotonic()
-        floor = start + settle_floor((report.hold.client_rtt_estimate_ms or 0.0) / 1000.0)
-        deadline = start + self.req.settle_timeout
-        after: Sessions = {}
-        while True:
-            after = await self._sessions(dst, dom) or after
-            kept = [c for c in clients if c in after]
-            now = time.monotonic()
-            full = all(len(after[c].channels) >= len(clients[c].channels) for c in kept)
-            if set(after) - set(clients) or now >= deadline or (kept and full and now >= floor):
-                return after
-            until = floor if now < floor else deadline
-            with contextlib.suppress(TimeoutError):
-                await gfx.get(timeout=max(0.01, until - now))
-
     async def _verdict(
         self,
         src: Connection,
         dst: Connection,
         dom: Any,
-        gfx: EventStream[GraphicsEvent],
+        streams: tuple[EventStream[GraphicsEvent], EventStream[GraphicsEvent]],
         report: LibvirtMigrationReport,
         clients: Sessions,
         completed: bool,
@@ -392,8 +375,11 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
             except TimeoutError:
                 self.note("the embedded client reported no finished migration in time")
         after: Sessions | None = None
+        reconnected = False
         if completed and clients:
-            after = await self._destination_after(dst, gfx, report, clients)
+            after, reconnected = await self._destination_after(
+                dst, streams, report, clients, record is not None
+            )
         elif not completed and report.tainted:  # the passthrough answered before
             after = await self._sessions(src, dom)
         verdict = judge(
@@ -406,11 +392,14 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
                 record=record,
                 stream=self.witness.stream_stats() if self.witness is not None else None,
                 observed_by="libvirt/QMP",
+                reconnected=reconnected,
             )
         )
         for text in verdict.notes:
             self.note(text)
         verdict.apply(report)
+        if self._returned_at is not None:
+            report.verdict_ready_ms = round((time.monotonic() - self._returned_at) * 1000.0, 3)
         self.log.record("verdict", start, detail=report.outcome)
         if report.tainted:
             self.note(
@@ -419,6 +408,43 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
                 + (" and the hold" if report.hold.applied == "qmp-throttle" else "")
             )
         self.log.fill(report)
+
+    async def _destination_after(
+        self,
+        dst: Connection,
+        streams: tuple[EventStream[GraphicsEvent], EventStream[GraphicsEvent]],
+        report: LibvirtMigrationReport,
+        clients: Sessions,
+        record_in: bool,
+    ) -> tuple[Sessions, bool]:
+        """The destination's sessions once the evidence is conclusive (``verdict.settled``);
+        and whether a new connection reached it after the client left the source."""
+        try:
+            dom = await dst.lookup(report.domain)
+        except errors.LibvirtError as exc:
+            self.note(f"the domain is not on the destination: {exc}")
+            return {}, False
+        links, rtt = self._links, report.hold.client_rtt_estimate_ms
+        if rtt is None and self.req.witness_one_way_ms is not None:
+            rtt = 2 * self.req.witness_one_way_ms
+        inputs = SettleInputs(
+            before=clients,
+            returned_at=self._returned_at or time.monotonic(),
+            rtt=rtt / 1000.0 if rtt is not None else links.rtt_estimate(),
+            embedded=self.witness is not None,
+            record_in=record_in,
+            margin=self.req.verdict_margin_ms / 1000.0,
+            bound=self.req.settle_timeout,
+        )
+        gfx, src_gfx = streams
+        after, decision, reconnected = await await_settled(
+            lambda: self._sessions(dst, dom), gfx, links, src_gfx, self._departures, inputs
+        )
+        report.verdict_basis = decision.reason
+        left = self._departures.left_at
+        if left is not None and self._returned_at is not None:
+            report.client_left_source_ms = round((left - self._returned_at) * 1000.0, 3)
+        return after or {}, reconnected
 
 
 #: Migrate one domain through libvirt, seamlessly for its SPICE client; the verdict.

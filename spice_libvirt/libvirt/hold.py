@@ -50,10 +50,13 @@ class DestinationLinks:
         self.connect_at: dict[str, float] = {}
         self.init_at: dict[str, float] = {}
         self.log: list[str] = []
+        #: every event of the domain, in order (the verdict looks for reconnects and drops)
+        self.events: list[GraphicsEvent] = []
 
     def absorb(self, event: GraphicsEvent) -> None:
         if event.domain != self.domain:
             return
+        self.events.append(event)
         self.log.append(f"{event.phase} {event.remote} @ {(event.at - self.t0) * 1000:.1f}")
         if event.phase == "connect":
             self.connect_at[event.remote] = event.at

@@ -38,8 +38,11 @@ class LibvirtMigrationRequest(BaseModel):
     require_seamless: bool = False
     #: the embedded client's one-way delay to the source (None: measured by the caller or 0)
     witness_one_way_ms: float | None = None
-    #: how long to watch the destination for the client's final connection id
+    #: the longest wait after libvirt returned for the evidence of the client's path (the
+    #: verdict is taken as soon as the evidence is conclusive, usually one RTT after)
     settle_timeout: float = Field(default=6.0, gt=0)
+    #: slack on top of the client's RTT when watching for a switch-host reconnect
+    verdict_margin_ms: float = Field(default=100.0, ge=0)
     completion_timeout: float = Field(default=300.0, gt=0)
     connect_timeout: float = Field(default=15.0, gt=0)
     call_timeout: float = Field(default=30.0, gt=0)
@@ -97,6 +100,12 @@ class LibvirtMigrationReport(MigrationReport):
     wall_ms: float | None = Field(default=None, description="migrateToURI3 call, wall time")
     hold: HoldDetails
     tainted: bool = False
+    #: ms from libvirt's return to the verdict, and the evidence that made it conclusive
+    verdict_ready_ms: float | None = None
+    verdict_basis: str | None = None
+    #: ms from libvirt's return to the client's last source channel closing (negative:
+    #: before it returned)
+    client_left_source_ms: float | None = None
 
 
 __all__ = [

@@ -60,12 +60,6 @@ def release_point(signal_at: float, wait_s: float, margin_ms: float) -> ReleaseP
     return ReleasePoint(signal_at + grace, grace)
 
 
-def settle_floor(rtt_s: float) -> float:
-    """How long to watch the destination at least before trusting a kept id: a switch-host
-    client reconnects with a new id within a few RTTs."""
-    return max(0.5, 4 * rtt_s)
-
-
 # --------------------------------------------------------------------- hold choice
 
 HoldPolicy = Literal["auto", "qmp", "libvirt", "none"]
@@ -240,6 +234,5 @@ __all__ = [
     "qmp_link_grace",
     "release_point",
     "security_from_qemu_spice",
-    "settle_floor",
     "tls_target",
 ]

@@ -16,9 +16,19 @@ rules are the same on both paths, so the same evidence always gives the same ver
   supports either path, so it is ``failed`` with a note -- never ``switch-host``;
 * the **guest stream** broke (gaps, duplicates): not seamless, whatever the protocol did;
 * **TLS** is compared channel by channel: any channel on TLS at the source and plain after
-  marks the report ``tls_downgraded`` and the migration is not a success (issue 13).
+  marks the report ``tls_downgraded`` and the migration is not a success (issue 13);
+* a **new connection** on the destination after the client left the source, whose session
+  has not linked yet (``reconnected``), is a switch-host too: spice-server can stall such a
+  new main channel for ~10 s behind a stale pre-linked session (``rtt-seamless.md``).
 
-Pure: no I/O, no clock. Tested exhaustively in ``tests/test_verdict.py``.
+*When* the evidence is enough is decided here too (:func:`settled`): the verdict comes from
+events, not from a settle window. A switch-host client leaves the source before libvirt
+returns (libvirt's Confirm waits for SPICE_MIGRATE_COMPLETED, which spice-server sends only
+once the client is gone) and reaches the destination again one RTT after its source sockets
+closed; so a kept session with every channel and no new connection one RTT (+ a margin)
+after the client left the source is conclusive, and only missing evidence waits longer.
+
+Pure: no I/O, no clock (times are passed in). Tested exhaustively in ``tests/test_verdict.py``.
 """
 
 from __future__ import annotations
@@ -64,6 +74,9 @@ class VerdictEvidence:
     stream: StreamStats | None = None
     #: how ``after`` was observed, for the notes ("QMP", "libvirt/QMP")
     observed_by: str = "QMP"
+    #: a connection from a new remote reached the destination after the client left the
+    #: source (a switch-host whose new session may not have linked yet)
+    reconnected: bool = False
 
 
 @dataclasses.dataclass
@@ -185,6 +198,13 @@ def _completed_path(
         # a fresh session on the destination means a reset; the old links may linger
         _follow(v, after[new_ids[0]], kept=False)
         v.path = "switch-host"
+    elif ev.reconnected:
+        v.path = "switch-host"
+        v.connection_id_kept = False
+        v.note = (
+            "the client connected to the destination anew after leaving the source "
+            "(its new session had not linked when the verdict was taken)"
+        )
     elif cid in after:
         _follow(v, after[cid], kept=True)
         v.path = "semi-seamless" if ev.seamless_option is False else "seamless"
@@ -251,4 +271,91 @@ def _downgraded(clients: list[ClientVerdict]) -> list[str]:
     ]
 
 
-__all__ = ["Verdict", "VerdictEvidence", "judge"]
+# --------------------------------------------------------------------- when to judge
+
+
+@dataclasses.dataclass(frozen=True)
+class Settling:
+    """What has been seen since the migration returned; monotonic seconds of the caller."""
+
+    before: Sessions
+    #: the destination's sessions now (None: not readable)
+    after: Sessions | None
+    #: libvirt returned (QEMU path: SPICE_MIGRATE_COMPLETED)
+    returned_at: float
+    now: float
+    #: the client's RTT estimate in seconds (None: unknown)
+    rtt: float | None = None
+    #: the last of the client's source channels disconnected (None: not all seen)
+    source_left_at: float | None = None
+    #: the first connect on the destination from a new remote after the client left
+    reconnected_at: float | None = None
+    #: a channel linked to the destination before the switchover disconnected from it
+    prelinks_dropped: bool = False
+    #: an embedded client is attached, and whether its record has arrived
+    embedded: bool = False
+    record_in: bool = False
+    #: scheduling and event-delivery slack on top of the RTT (seconds)
+    margin: float = 0.1
+    #: the longest wait after ``returned_at`` whatever the evidence (seconds)
+    bound: float = 6.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Settled:
+    """Whether to judge now; if not, when to look again unless an event comes first."""
+
+    done: bool
+    reason: str
+    recheck_at: float | None = None
+
+
+#: the switch-host window when the client's RTT is unknown (seconds)
+UNKNOWN_RTT_WINDOW = 0.5
+
+
+def settled(s: Settling) -> Settled:
+    """Is the evidence conclusive? The rules, first match wins:
+
+    1. a new connection id on the destination: switch-host, now;
+    2. the bound passed: judge on what is there;
+    3. an embedded client's record arrived: its own word, now (the record waits for it);
+    4. a new connection seen but not linked yet: wait for its id, at most 2 RTT + margin;
+    5. every client kept on the destination with every channel, no pre-link dropped, and
+       one RTT + margin passed since the client left the source (or libvirt returned,
+       whichever came first) without a new connection: kept, now;
+    6. otherwise wait, re-checking at the end of that window and at the bound.
+    """
+    after = s.after or {}
+    bound_at = s.returned_at + s.bound
+    if set(after) - set(s.before):
+        return Settled(True, "a new connection id on the destination")
+    if s.now >= bound_at:
+        return Settled(True, f"bounded wait over ({s.bound:.1f} s)")
+    if s.embedded and s.record_in:
+        return Settled(True, "the embedded client's own record")
+    window = s.rtt + s.margin if s.rtt is not None else UNKNOWN_RTT_WINDOW
+    if s.reconnected_at is not None:
+        until = min(bound_at, s.reconnected_at + 2 * window)
+        if s.now >= until:
+            return Settled(True, "a new connection on the destination (not linked yet)")
+        return Settled(False, "a new connection on the destination: waiting for its id", until)
+    anchor = min(s.returned_at, s.source_left_at or s.returned_at)
+    quiet_at = anchor + window
+    kept = bool(s.before) and all(
+        cid in after and set(session.channels) <= set(after[cid].channels)
+        for cid, session in s.before.items()
+    )
+    if kept and not s.prelinks_dropped and s.now >= quiet_at:
+        left = "left the source" if s.source_left_at is not None else "libvirt returned"
+        return Settled(
+            True,
+            f"kept with every channel; no new connection {window * 1000:.0f} ms after the "
+            f"client {left}",
+        )
+    if kept and not s.prelinks_dropped:
+        return Settled(False, "kept so far: watching for a reconnect", min(quiet_at, bound_at))
+    return Settled(False, "not conclusive: waiting for the destination", bound_at)
+
+
+__all__ = ["Settled", "Settling", "Verdict", "VerdictEvidence", "judge", "settled"]
