@@ -15,8 +15,10 @@ is flat TOML, for example::
     journal_max_rows = 10000
     fail_closed = false
     hook_timeout_s = 1.5
+    syslog_socket = "/dev/log"
 
-A missing default file means "all defaults"; a missing file that was named explicitly, a
+(``spice_libvirt/config.example.toml``, shipped in the package, says the same with a
+comment for each key.) A missing default file means "all defaults"; a missing file that was named explicitly, a
 file that is not TOML, unknown keys and out-of-range values raise
 :class:`~spice_libvirt.errors.ConfigError` with one line that says which key is wrong.
 
@@ -59,7 +61,16 @@ DEFAULT_CONFIG_FILE = "/etc/spice-libvirt/config.toml"
 DEFAULT_JOURNAL_FILE = "/var/lib/spice-libvirt/journal.sqlite3"
 
 #: The keys, in the order :class:`Settings` lists them.
-FIELDS = ("spice_address", "journal_path", "journal_max_rows", "fail_closed", "hook_timeout_s")
+FIELDS = (
+    "spice_address",
+    "journal_path",
+    "journal_max_rows",
+    "fail_closed",
+    "hook_timeout_s",
+    "syslog_socket",
+)
+#: The local syslog socket (journald's and rsyslog's); "" turns the log lines off.
+DEFAULT_SYSLOG_SOCKET = "/dev/log"
 
 _LAZY_PATHS = {
     "DEFAULT_CONFIG_PATH": DEFAULT_CONFIG_FILE,
@@ -106,6 +117,8 @@ class Settings:
       libvirt go on (exit 0), true = make libvirt abort the operation (exit 1).
     * ``hook_timeout_s``: hard deadline of one hook invocation, interpreter start included
       (0 < s <= 2).
+    * ``syslog_socket``: the AF_UNIX datagram socket that gets one line per hook call and
+      per migration (default ``/dev/log``; ``""`` = none). An absent socket is skipped.
     """
 
     __slots__ = (
@@ -114,6 +127,7 @@ class Settings:
         "journal_file",
         "journal_max_rows",
         "spice_address",
+        "syslog_socket",
     )
 
     spice_address: str | None
@@ -121,6 +135,7 @@ class Settings:
     journal_max_rows: int
     fail_closed: bool
     hook_timeout_s: float
+    syslog_socket: str
 
     def __init__(
         self,
@@ -129,6 +144,7 @@ class Settings:
         journal_max_rows: object = 10_000,
         fail_closed: object = False,
         hook_timeout_s: object = 1.5,
+        syslog_socket: object = DEFAULT_SYSLOG_SOCKET,
     ) -> None:
         problems: list[tuple[str, str]] = []
         checks: tuple[tuple[str, str, Callable[[Any], Any], object], ...] = (
@@ -137,6 +153,7 @@ class Settings:
             ("journal_max_rows", "journal_max_rows", _integer(10, 10_000_000), journal_max_rows),
             ("fail_closed", "fail_closed", _boolean, fail_closed),
             ("hook_timeout_s", "hook_timeout_s", _timeout, hook_timeout_s),
+            ("syslog_socket", "syslog_socket", _socket_path, syslog_socket),
         )
         for key, slot, check, value in checks:
             try:
@@ -159,6 +176,7 @@ class Settings:
             self.journal_max_rows,
             self.fail_closed,
             self.hook_timeout_s,
+            self.syslog_socket,
         )
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -228,6 +246,13 @@ def _pure_path_text(path: str) -> str:
     ``.`` components dropped (``..`` kept), two leading slashes kept as POSIX allows."""
     root = "//" if path.startswith("//") and not path.startswith("///") else "/"
     return root + "/".join(p for p in path.split("/") if p and p != ".")
+
+
+def _socket_path(value: object) -> str:
+    """An absolute path, or "" for no syslog at all."""
+    if value == "":
+        return ""
+    return _absolute_path(value)
 
 
 def _boolean(value: object) -> bool:

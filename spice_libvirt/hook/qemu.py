@@ -206,6 +206,18 @@ def _journal_quietly(settings: Settings, entry: JournalEntry, stderr: TextIO) ->
         print(f"{PROG}: {exc} (continuing)", file=stderr)
 
 
+def _syslog(settings: Settings, e: JournalEntry) -> None:
+    """The same call as one syslog line (never fatal, never blocking: see
+    :mod:`spice_libvirt.syslog_line`), for fleets that ship syslog/journald."""
+    from spice_libvirt import syslog_line
+
+    detail = f": {e.detail}" if e.detail else ""
+    took = f" ({e.duration_ms:.0f} ms)" if e.duration_ms is not None else ""
+    message = f"{e.object} {e.operation} {e.suboperation} {e.extra}: {e.outcome}{detail}{took}"
+    severity = syslog_line.WARNING if e.outcome == "error" else syslog_line.INFO
+    syslog_line.send(PROG, message, path=settings.syslog_socket, severity=severity)
+
+
 def _entry(inv: Invocation, wall: float, started: float, res: _Result) -> JournalEntry:
     return JournalEntry(
         ts=wall,
@@ -249,7 +261,9 @@ def run(
                 result = _read_and_process(args, stdin, settings)
             except HookError as exc:
                 return _failed(inv, exc, settings, wall, started, stderr)
-            _journal_quietly(settings, _entry(inv, wall, started, result), stderr)
+            entry = _entry(inv, wall, started, result)
+            _journal_quietly(settings, entry, stderr)
+            _syslog(settings, entry)
     except HookDeadlineError:
         # Only reached when the deadline fired outside the inner handlers (config loading,
         # or between them): nothing was written to stdout.
@@ -283,11 +297,10 @@ def _failed(
         # Best effort: the journal is most useful exactly when something went wrong.
         import contextlib  # an error path: not worth an import on every call
 
+        entry = _entry(inv, wall, started, _Result(outcome="error", detail=str(error)))
         with contextlib.suppress(HookError):
-            _journal(
-                settings,
-                _entry(inv, wall, started, _Result(outcome="error", detail=str(error))),
-            )
+            _journal(settings, entry)
+        _syslog(settings, entry)
     if declined or not settings.fail_closed:
         return EXIT_OK
     return EXIT_FAIL_CLOSED

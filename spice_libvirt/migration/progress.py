@@ -229,7 +229,41 @@ class RunLog:
             self.phases.append(timing)
 
     def fill(self, report: MigrationReport) -> None:
-        """Copy phases, notes and the total duration into ``report``."""
+        """Copy phases, notes and the total duration into ``report``; log its one syslog line.
+
+        Both controllers call this once per migration, with the verdict in ``report``.
+        """
         report.phases = list(self.phases)
         report.notes = list(self.notes)
         report.duration_ms = self.ms(time.monotonic())
+        log_migration(report)
+
+
+def migration_line(report: MigrationReport) -> str:
+    """One migration in one line: what moved where, the outcome and its exit code."""
+    from spice_libvirt.exitcodes import for_report
+
+    what = getattr(report, "domain", None) or report.source.qmp
+    line = (
+        f"migration {what} {report.source.qmp} -> {report.destination.qmp}: {report.outcome}"
+        f" (exit {int(for_report(report))}), {report.duration_ms:.0f} ms"
+    )
+    if report.error:
+        line += f", error: {report.error}"
+    return line
+
+
+def log_migration(report: MigrationReport) -> bool:
+    """Send :func:`migration_line` to the configured syslog socket (``syslog_socket``,
+    default ``/dev/log``); never fatal, never blocking. True if it went out."""
+    from spice_libvirt import syslog_line
+    from spice_libvirt.config import DEFAULT_SYSLOG_SOCKET, load_config
+    from spice_libvirt.errors import SpiceLibvirtError
+
+    try:
+        path = load_config().syslog_socket
+    except SpiceLibvirtError:  # an invalid host configuration is the hook's and doctor's to report
+        path = DEFAULT_SYSLOG_SOCKET
+    seamless = report.outcome in ("seamless", "no-client") and not report.tls_downgraded
+    severity = syslog_line.INFO if seamless else syslog_line.WARNING
+    return syslog_line.send("spice-libvirt", migration_line(report), path=path, severity=severity)
