@@ -165,6 +165,11 @@ async def test_seamless_from_qmp_alone_for_a_client_we_do_not_drive(
     assert set(report.link_wait.channels_expected) <= set(report.link_wait.channels_linked)
     assert report.link_wait.grace_ms >= 250
     assert set(verdict.channels_before) == set(client.channels)
+    # issue 9: from events, within 1 RTT (~0 here) + 100 ms of SPICE_MIGRATE_COMPLETED
+    assert report.verdict_basis is not None
+    assert "kept" in report.verdict_basis
+    assert report.verdict_ready_ms is not None
+    assert report.verdict_ready_ms <= 150.0
     record = await client.next_migration(5)
     assert record.path == "seamless"
 
@@ -200,6 +205,7 @@ async def test_old_client_switch_host_seen_from_qmp_alone(pair: Pair) -> None:
         [verdict] = report.clients
         assert verdict.kind == "external"
         assert verdict.connection_id_after not in (None, before)
+        assert report.verdict_basis == "a new connection id on the destination"
         await asyncio.sleep(0.2)
         assert old.session_id == verdict.connection_id_after
 

@@ -100,9 +100,6 @@ class LibvirtMigrationReport(MigrationReport):
     wall_ms: float | None = Field(default=None, description="migrateToURI3 call, wall time")
     hold: HoldDetails
     tainted: bool = False
-    #: ms from libvirt's return to the verdict, and the evidence that made it conclusive
-    verdict_ready_ms: float | None = None
-    verdict_basis: str | None = None
     #: ms from libvirt's return to the client's last source channel closing (negative:
     #: before it returned)
     client_left_source_ms: float | None = None

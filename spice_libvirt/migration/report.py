@@ -142,6 +142,10 @@ class MigrationReport(BaseModel):
     stream: StreamStats | None = None
     migration: MigrationFigures = Field(default_factory=MigrationFigures)
     spice_migrate_completed: bool = False
+    #: ms from the migration's end (libvirt's return; QEMU path: SPICE_MIGRATE_COMPLETED)
+    #: to the verdict, and the evidence that made it conclusive (``verdict.settled``)
+    verdict_ready_ms: float | None = None
+    verdict_basis: str | None = None
     phases: list[PhaseTiming] = Field(default_factory=list)
     source_resumed: bool | None = None
     error: str | None = None

@@ -82,6 +82,8 @@ class _Run:
     embedded_id: int | None = None
     #: ``migrate`` was sent: from then on there is a job to cancel or complete
     migrate_sent: bool = False
+    #: a new connection reached the destination after the client left the source
+    reconnected: bool = False
 
 
 class QemuMigrationController(ControllerBase[MigrationRequest, MigrationReport]):
@@ -106,7 +108,9 @@ class QemuMigrationController(ControllerBase[MigrationRequest, MigrationReport])
                     ["SPICE_INITIALIZED", "SPICE_DISCONNECTED", "SPICE_MIGRATE_COMPLETED"]
                 ) as src_spice,
                 src.events(["MIGRATION", "MIGRATION_PASS", "STOP", "RESUME"]) as src_mig,
-                dst.events(["SPICE_INITIALIZED", "SPICE_DISCONNECTED", "RESUME"]) as dst_spice,
+                dst.events(
+                    ["SPICE_CONNECTED", "SPICE_INITIALIZED", "SPICE_DISCONNECTED", "RESUME"]
+                ) as dst_spice,
             ):
                 report = self._new_report(started_at)
                 transfer = SourceMigration(src, src_mig, req, self.note, self.reporter)
@@ -373,13 +377,13 @@ class QemuMigrationController(ControllerBase[MigrationRequest, MigrationReport])
             completed_at = t_migrate + report.migration.migrate_to_completed_ms / 1000
             report.migration.completed_to_spice_ms = round((t_done - completed_at) * 1e3, 3)
         record = await self.waits.collect_record(run.record_task, self.req.record_timeout)
-        settle = self.req.settle
-        if record is not None and record.path == "seamless" and len(run.clients) == 1:
-            # the only client says it kept its session: nothing new can show up on the
-            # destination, a short look for stray links is enough
-            settle = min(settle, 0.1)
         async with self.log.phase("settle"):
-            seen = await self.waits.settle(run.dst_spice, run.clients, settle)
+            seen, decision, reconnected = await self.waits.settle(
+                run.dst_spice, run.src_spice, run.clients, t_migrate, t_done, record is not None
+            )
+        report.verdict_basis = decision.reason
+        report.verdict_ready_ms = round((time.monotonic() - t_done) * 1000.0, 3)
+        run.reconnected = reconnected
         report.source.status_after = await query_status(run.src)
         report.destination.status_after = await query_status(run.dst)
         await self._placement(run, timeout=2.0)
@@ -407,6 +411,7 @@ class QemuMigrationController(ControllerBase[MigrationRequest, MigrationReport])
                 embedded_id=run.embedded_id,
                 record=record,
                 stream=self.witness.stream_stats() if self.witness is not None else None,
+                reconnected=run.reconnected,
             )
         )
         for text in verdict.notes:

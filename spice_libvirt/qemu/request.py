@@ -37,7 +37,11 @@ class MigrationRequest(BaseModel):
     cancel_timeout: float = Field(default=10.0, gt=0)
     spice_completed_timeout: float = Field(default=15.0, gt=0)
     #: after SPICE_MIGRATE_COMPLETED: how long to watch the destination for a new session
+    #: the longest wait after SPICE_MIGRATE_COMPLETED for the evidence of the client's path
+    #: (the verdict is taken as soon as it is conclusive, usually one RTT + margin after)
     settle: float = Field(default=1.0, ge=0)
+    #: slack on top of the client's RTT when watching for a switch-host reconnect
+    verdict_margin_ms: float = Field(default=100.0, ge=0)
     poll_interval: float = Field(default=0.1, gt=0)
     #: how long the embedded client may take to hand over its record after the migration
     record_timeout: float = Field(default=10.0, gt=0)

@@ -5,21 +5,25 @@
   with our embedded client, until it says it sent MIGRATE_CONNECTED_SEAMLESS; then the
   grace of :mod:`spice_libvirt.migration.policy`;
 * **SPICE hand-over** -- ``SPICE_MIGRATE_COMPLETED`` on the source after the transfer;
-* **settle** -- a short look at the destination for a session that a switch-host client
-  opens anew.
+* **settle** -- until the evidence is conclusive (``verdict.settled``): a new session on the
+  destination (switch-host), or the kept one with no reconnect one RTT + a margin after
+  the client left the source.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import statistics
 import time
 
 from spice_libvirt import errors
-from spice_libvirt.migration.evidence import MAIN, Sessions, absorb, channel_names
+from spice_libvirt.migration.evidence import Sessions, absorb, channel_names
 from spice_libvirt.migration.policy import embedded_link_grace, qmp_link_grace
 from spice_libvirt.migration.progress import RunLog
 from spice_libvirt.migration.report import LinkWait
+from spice_libvirt.migration.verdict import Settled, Settling, settled
 from spice_libvirt.migration.witness import MigrationWitness, await_connected, witness_rtt
 from spice_libvirt.qemu.qmp import EventStream, QMPConnection, QMPEvent, QMPTimeoutError
 from spice_libvirt.qemu.request import MigrationRequest
@@ -28,6 +32,56 @@ from spice_libvirt.spice.record import ClientMigrationRecord
 
 def _absorb_initialized(sessions: Sessions, event: QMPEvent) -> int | None:
     return absorb(sessions, event.data) if event.name == "SPICE_INITIALIZED" else None
+
+
+def _client_key(event: QMPEvent) -> str:
+    client = event.data.get("client") or {}
+    return f"{client.get('host')}:{client.get('port')}"
+
+
+@dataclasses.dataclass
+class SpiceFacts:
+    """What both QEMUs' SPICE events say after the migration (see ``verdict.settled``)."""
+
+    seen: Sessions
+    rtt: float | None
+    left_at: float | None
+    reconnected_at: float | None
+    dropped: bool
+
+
+def _spice_facts(
+    dst: list[QMPEvent], src: list[QMPEvent], clients: Sessions, since: float
+) -> SpiceFacts:
+    """The sessions initialized on the destination, the RTT (median connect -> initialize
+    of the client's links there), when the client's last source channel left, the first
+    connect on the destination from a new remote after it began to leave, pre-links lost."""
+    seen: Sessions = {}
+    connect_at: dict[str, float] = {}
+    spans: list[float] = []
+    for event in dst:
+        if event.name == "SPICE_CONNECTED":
+            connect_at.setdefault(_client_key(event), event.received)
+        elif event.name == "SPICE_INITIALIZED":
+            _absorb_initialized(seen, event)
+            start = connect_at.get(_client_key(event))
+            if start is not None:
+                spans.append(event.received - start)
+    channels = sum(len(s.channels) for s in clients.values())
+    gone = [e.received for e in src if e.name == "SPICE_DISCONNECTED" and e.received >= since]
+    first = min(gone, default=since)
+    left_at = max(gone) if channels and len(gone) >= channels else None
+    early = {_client_key(e) for e in dst if e.name == "SPICE_CONNECTED" and e.received < first}
+    again = next(
+        (
+            e.received
+            for e in dst
+            if e.name == "SPICE_CONNECTED" and e.received >= first and _client_key(e) not in early
+        ),
+        None,
+    )
+    dropped = any(e.name == "SPICE_DISCONNECTED" for e in dst)
+    return SpiceFacts(seen, statistics.median(spans) if spans else None, left_at, again, dropped)
 
 
 def _covers(linked: Sessions, clients: Sessions) -> bool:
@@ -156,22 +210,46 @@ class ClientWaits:
         )
         return False
 
-    async def settle(self, dst_spice: EventStream, clients: Sessions, settle: float) -> Sessions:
-        """Watch the destination for ``settle`` s: a new connection id means SWITCH_HOST."""
-        seen: Sessions = {}
-        for event in dst_spice.history:
-            _absorb_initialized(seen, event)
-        deadline = time.monotonic() + settle
-        fresh_main = False
-        while (left := deadline - time.monotonic()) > 0:
+    async def settle(
+        self,
+        dst_spice: EventStream,
+        src_spice: EventStream,
+        clients: Sessions,
+        migrate_at: float,
+        completed_at: float,
+        record_in: bool,
+    ) -> tuple[Sessions, Settled, bool]:
+        """Watch the destination until the evidence is conclusive (``verdict.settled``):
+        (the sessions seen there, why, whether a new connection came after the client left).
+
+        Bounded by ``settle``; a kept session is conclusive one RTT + a margin after the
+        client left the source, without a fixed window.
+        """
+        while True:
+            dst_spice.drain()
+            src_spice.drain()
+            facts = _spice_facts(dst_spice.history, src_spice.history, clients, migrate_at)
+            decision = settled(
+                Settling(
+                    before=clients,
+                    after=facts.seen,
+                    returned_at=completed_at,
+                    now=time.monotonic(),
+                    rtt=witness_rtt(self.witness) if self.witness is not None else facts.rtt,
+                    source_left_at=facts.left_at,
+                    reconnected_at=facts.reconnected_at,
+                    prelinks_dropped=facts.dropped,
+                    embedded=self.witness is not None,
+                    record_in=record_in,
+                    margin=self.req.verdict_margin_ms / 1000.0,
+                    bound=self.req.settle,
+                )
+            )
+            if decision.done:
+                return facts.seen, decision, facts.reconnected_at is not None
+            until = decision.recheck_at or completed_at + self.req.settle
             with contextlib.suppress(QMPTimeoutError):
-                _absorb_initialized(seen, await dst_spice.get(timeout=left))
-            new_ids = set(seen) - set(clients)
-            if not fresh_main and new_ids and all(MAIN in seen[c].channels for c in new_ids):
-                # a fresh main link arrived; give its other channels a moment to follow
-                fresh_main = True
-                deadline = min(deadline, time.monotonic() + 0.2)
-        return seen
+                await dst_spice.get(timeout=max(0.005, min(until - time.monotonic(), 0.05)))
 
     async def collect_record(
         self, task: asyncio.Task[ClientMigrationRecord] | None, timeout: float
