@@ -153,6 +153,18 @@ def test_ready_and_not_ready_hosts(hosts: dict[str, Hooked], tmp_path: Path) -> 
     assert all(c["fix"] for c in report["checks"] if c["status"] == "fail")
     assert _status(report)["libvirt-version"] == "ok"
 
+    # before a drain, what only migrations *into* B need warns instead (still with its fix)
+    rc, drained = _doctor(
+        b, "--drain", "--config", str(bare), "--hooks-dir", str(empty_hooks),
+        "--tls-dir", str(tmp_path / "tls-expiring"), "--peer", f"qemu+tcp://{nobody}/system",
+    )  # fmt: skip
+    assert rc == ExitCode.NOT_READY
+    assert {c["name"] for c in drained["checks"] if c["status"] == "fail"} == failed - {
+        "spice-address",
+        "hook-installed",
+    }
+    assert _status(drained)["spice-address"] == _status(drained)["hook-installed"] == "warn"
+
     # the same host as an admin reads it: a table with the fixes, and the verdict last
     proc = subprocess.run(
         b.host.enter_argv([sys.executable, "-m", "spice_libvirt", "doctor", "--config", str(bare)]),

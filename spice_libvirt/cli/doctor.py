@@ -65,8 +65,8 @@ def register(subparsers: Any) -> None:
         "--config",
         type=Path,
         default=None,
-        help="the hook's configuration file (default: $SPICE_LIBVIRT_CONFIG or "
-        "/etc/spice-libvirt/config.toml)",
+        help="the hook's configuration file (default: $SPICE_LIBVIRT_CONFIG, else the one "
+        "the installed shim names, else /etc/spice-libvirt/config.toml)",
     )
     parser.add_argument(
         "--tls-dir",
@@ -88,6 +88,12 @@ def register(subparsers: Any) -> None:
         metavar="S",
         help="per connection attempt to a peer's port (default: %(default)s)",
     )
+    parser.add_argument(
+        "--drain",
+        action="store_true",
+        help="checks for draining this host: the hook and spice_address (which only "
+        "migrations into this host need) warn instead of failing",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.set_defaults(handler=_doctor)
 
@@ -103,6 +109,7 @@ def _doctor(args: argparse.Namespace) -> int:
         tls_dir=args.tls_dir,
         tls_days=args.tls_days,
         timeout=args.timeout,
+        drain=args.drain,
     )
     if args.json:
         print(report.model_dump_json(indent=2))

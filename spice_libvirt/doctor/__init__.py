@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from spice_libvirt.config import CONFIG_ENV
 from spice_libvirt.doctor.daemon import (
     check_domains,
     check_version,
@@ -38,7 +39,11 @@ from spice_libvirt.doctor.peers import check_peer
 from spice_libvirt.hook import install as hook_install
 from spice_libvirt.hook.local import host_addresses
 
-__all__ = ["DEFAULT_TLS_DIR", "Check", "DoctorReport", "diagnose"]
+__all__ = ["DEFAULT_TLS_DIR", "INCOMING_ONLY", "Check", "DoctorReport", "diagnose"]
+
+#: Checks that only matter for migrations *into* this host: its hook rewrites the incoming
+#: XML to its own ``spice_address``; an outgoing migration runs the destination's hook.
+INCOMING_ONLY = frozenset({"spice-address", "hook-installed", "hook-seen"})
 
 
 def diagnose(
@@ -50,8 +55,13 @@ def diagnose(
     tls_dir: Path = DEFAULT_TLS_DIR,
     tls_days: int = 30,
     timeout: float = 3.0,
+    drain: bool = False,
 ) -> DoctorReport:
-    """Run every check against this host; never raises for what it finds."""
+    """Run every check against this host; never raises for what it finds.
+
+    ``drain``: the host is about to be drained, so the :data:`INCOMING_ONLY` checks
+    are warnings (still shown, with their fix, for when guests come back).
+    """
     checks: list[Check] = []
     conn, problem = open_read_only(connect)
     domains = []
@@ -64,10 +74,12 @@ def diagnose(
             domains = running_domains(conn)
         finally:
             conn.close()
+    status = hook_install.status(hooks_dir)
+    if config is None and not os.environ.get(CONFIG_ENV):
+        config = status.config  # the file the installed shim points the hook at, if any
     config_check, settings = check_config(config)
     checks.append(config_check)
     checks.append(check_spice_address(settings, host_addresses()))
-    status = hook_install.status(hooks_dir)
     checks.append(check_hook_installed(status))
     checks.append(check_hook_seen(status, settings, daemon_process(local_socket(connect))))
     if conn is not None:
@@ -75,4 +87,13 @@ def diagnose(
     checks += check_tls(tls_dir, tls_days, required=any(d.tls for d in domains))
     for peer in peers:
         checks += check_peer(peer, timeout)
+    if drain:
+        checks = [_for_drain(c) for c in checks]
     return DoctorReport.of(os.uname().nodename, connect, checks)
+
+
+def _for_drain(check: Check) -> Check:
+    if check.name not in INCOMING_ONLY or check.status != "fail":
+        return check
+    detail = f"{check.detail} (matters for migrations into this host, not for draining it)"
+    return check.model_copy(update={"status": "warn", "detail": detail})
