@@ -45,6 +45,8 @@ NEVER = {
     "contextlib",
     "spice_libvirt.spice",
     "spice_libvirt.migration",
+    "xml.etree",
+    "logging",
 }
 
 
@@ -153,12 +155,9 @@ def test_the_launcher_never_shadows_the_standard_library() -> None:
     ("event", "listen", "allowed"),
     [
         (["vm", "started", "begin", "-"], NEW, set()),
-        # ElementTree brings re, enum and contextlib; only a migration's rewrite pays them
-        (
-            ["vm", "migrate", "begin", "-"],
-            "198.51.100.1",
-            {"xml.etree.ElementTree", "ipaddress", "re", "enum", "contextlib"},
-        ),
+        # a migration's rewrite is patched in place from the expat pass: no ElementTree
+        # (with its re, enum and contextlib), only ipaddress to judge the address
+        (["vm", "migrate", "begin", "-"], "198.51.100.1", {"ipaddress"}),
     ],
 )
 def test_a_hook_call_loads_only_what_it_needs(

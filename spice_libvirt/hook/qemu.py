@@ -139,11 +139,11 @@ def _process(inv: Invocation, text: str, settings: Settings) -> _Result:
 def _migrate_begin(text: str, settings: Settings) -> _Result:
     """The incoming domain's XML, with its SPICE listen address rewritten if it must be.
 
-    Decided from the expat pass first: ElementTree (with ``re``, ``enum``...) is most of a
-    rewrite's start-up cost, so it is loaded only when an address will change. The
-    outcome is what :func:`~spice_libvirt.hook.rewrite.rewrite_graphics_listen` gives: it
-    changes something exactly when some SPICE listen address is not local
-    (``tests/test_hook_launch.py`` checks the two agree).
+    Decided and done from the expat pass: no ElementTree (with ``re``, ``enum``...), which
+    was most of a rewrite's cost. The result is what
+    :func:`~spice_libvirt.hook.rewrite.rewrite_graphics_listen` gives, with every other
+    byte of the document unchanged (:mod:`spice_libvirt.hook.patch`;
+    ``tests/test_hook_launch.py`` and ``tests/test_hook_patch.py`` check the two agree).
     """
     dom = scan_domain(text)
     seen = dom.spice_listens
@@ -160,12 +160,14 @@ def _migrate_begin(text: str, settings: Settings) -> _Result:
     keep = {*local, settings.spice_address}
     if all(is_local_address(a, keep, hostname=hostname) for a in seen):
         return _Result(None, "ok", _unchanged(seen), dom.name, dom.uuid)
-    from spice_libvirt.hook.rewrite import rewrite_graphics_listen
+    from spice_libvirt.hook.patch import rewrite_sites
 
-    res = rewrite_graphics_listen(text, settings.spice_address, local, hostname=hostname)
-    if not res.changes:  # cannot happen (same rules on the same addresses); never silent
+    xml, changes = rewrite_sites(
+        text, dom.listen_sites, settings.spice_address, local, hostname=hostname
+    )
+    if xml is None:  # cannot happen (same rules on the same addresses); never silent
         raise HookError("rewrite found nothing to change in a non-local SPICE listen address")
-    return _Result(res.xml, "rewritten", "; ".join(res.changes), res.name, res.uuid)
+    return _Result(xml, "rewritten", "; ".join(changes), dom.name, dom.uuid)
 
 
 def _unchanged(seen: tuple[str, ...]) -> str:

@@ -46,7 +46,7 @@ class DomainScan:
     """What one pass found: the root's tag (``{uri}local`` when namespaced, as ElementTree
     names it), ``<name>``, ``<uuid>``, and the namespace prefixes."""
 
-    __slots__ = ("name", "namespaces", "root", "spice_listens", "uuid")
+    __slots__ = ("listen_sites", "name", "namespaces", "root", "spice_listens", "uuid")
 
     def __init__(
         self,
@@ -55,6 +55,7 @@ class DomainScan:
         uuid: str | None,
         namespaces: dict[str, str],
         spice_listens: tuple[str, ...] = (),
+        listen_sites: tuple[ListenSite, ...] = (),
     ) -> None:
         self.root = root
         self.name = name
@@ -65,6 +66,23 @@ class DomainScan:
         #: non-empty addresses of ``/domain/devices/graphics[@type='spice']``'s ``listen``
         #: attribute and ``<listen type='address' address=...>`` children, in document order
         self.spice_listens = spice_listens
+        #: every one of those attributes where it stands in the document (duplicates
+        #: included), for :mod:`spice_libvirt.hook.patch` to rewrite in place
+        self.listen_sites = listen_sites
+
+
+class ListenSite:
+    """One SPICE listen attribute: the UTF-8 byte offset of its element's ``<``, the
+    element (``graphics`` or ``listen``), the attribute (``listen`` or ``address``) and
+    its value as parsed."""
+
+    __slots__ = ("attribute", "element", "offset", "value")
+
+    def __init__(self, offset: int, element: str, attribute: str, value: str) -> None:
+        self.offset = offset
+        self.element = element
+        self.attribute = attribute
+        self.value = value
 
 
 def check_size(text: str) -> None:
@@ -91,6 +109,7 @@ def scan(text: str) -> DomainScan:
     #: local names of the open elements (namespaced ones keep their "uri name" form)
     path: list[str] = []
     listens: list[str] = []
+    sites: list[ListenSite] = []
     #: the <name>/<uuid> whose text is being collected, and its pieces
     capturing: str | None = None
     pieces: list[str] = []
@@ -120,7 +139,7 @@ def scan(text: str) -> DomainScan:
         if depth == 3 and path[1:] == ["devices", "graphics"]:
             graphics_is_spice[0] = attrs.get("type") == "spice"
             if graphics_is_spice[0]:
-                _listen(attrs.get("listen"))
+                _listen("graphics", "listen", attrs.get("listen"))
         elif (
             depth == 4
             and tag == "listen"
@@ -128,7 +147,7 @@ def scan(text: str) -> DomainScan:
             and graphics_is_spice[0]
             and attrs.get("type") == "address"
         ):
-            _listen(attrs.get("address"))
+            _listen("listen", "address", attrs.get("address"))
         if depth == 1:
             root = tag
         elif depth == 2 and tag in ("name", "uuid") and tag not in found:
@@ -136,7 +155,10 @@ def scan(text: str) -> DomainScan:
             capturing = tag
             pieces.clear()
 
-    def _listen(address: str | None) -> None:
+    def _listen(element: str, attribute: str, address: str | None) -> None:
+        if address is not None:
+            # str input: expat is fed UTF-8 and counts its bytes, whatever the declaration says
+            sites.append(ListenSite(parser.CurrentByteIndex, element, attribute, address))
         if address and address not in listens:
             listens.append(address)
 
@@ -168,7 +190,9 @@ def scan(text: str) -> DomainScan:
         raise HookError(f"malformed domain XML: {exc}") from exc
     uri, sep, local = root.rpartition(_NS_SEP)
     tag = f"{{{uri}}}{local}" if sep else local  # as ElementTree names it
-    return DomainScan(tag, found.get("name"), found.get("uuid"), namespaces, tuple(listens))
+    return DomainScan(
+        tag, found.get("name"), found.get("uuid"), namespaces, tuple(listens), tuple(sites)
+    )
 
 
 def scan_domain(text: str) -> DomainScan:
