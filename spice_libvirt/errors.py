@@ -17,6 +17,7 @@ management tool can catch one class and still tell the cases apart. The tree::
      +-- LibvirtError             libvirt refused or failed (wraps libvirt.libvirtError)
      +-- LabError                 the built-in lab could not be built or torn down
      +-- HookError                the libvirt hook could not do its job
+     +-- AgentError               the host agent could not watch or hold a migration
 
 Wrapping errors keep the cause in ``__cause__`` (always raised ``from``) and in ``.exc``
 where one exists; ``str()`` gives one human line without the class name, which is what the
@@ -100,3 +101,7 @@ class LabError(SpiceLibvirtError):
 
 class HookError(SpiceLibvirtError):
     """The libvirt hook could not process its input."""
+
+
+class AgentError(SpiceLibvirtError):
+    """The host agent could not watch, hold or release a migration (never fatal to one)."""

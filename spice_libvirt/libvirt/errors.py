@@ -62,6 +62,11 @@ def _code_of(exc: BaseException | None) -> int | None:
     return int(code) if code is not None else None
 
 
+def error_code(exc: LibvirtOperationError) -> int | None:
+    """libvirt's error code (``VIR_ERR_*``) behind one of our wrapped errors, if any."""
+    return _code_of(exc.exc)
+
+
 def message_of(exc: BaseException) -> str:
     """libvirt's own one-line message (``get_error_message``), else ``str(exc)``."""
     get: Any = getattr(exc, "get_error_message", None)

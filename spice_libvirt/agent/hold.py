@@ -1,0 +1,373 @@
+"""Hold one outgoing migration that someone else started, release it, judge it.
+
+The order matters and every step is bounded:
+
+1. Is it ours to hold? An outgoing migration (libvirt's job says so), not marked by our own
+   controller (:mod:`spice_libvirt.libvirt.claim`), with SPICE clients connected now
+   (:mod:`spice_libvirt.agent.procnet`: the kernel's view, so an agent started after the
+   client connected still knows every channel).
+2. Write the caller's speed and downtime down (:mod:`spice_libvirt.agent.holdfile`), *then*
+   hold (1 MiB/s, 1 ms) -- at QEMU's ``setup``, since libvirt sets its own parameters at the
+   start of its Perform phase and would overwrite an earlier hold.
+3. Find the destination (the source QEMU's migration connection) and wait there for every
+   channel to initialize, following the caller's own changes meanwhile; release at the
+   policy's release point, or at the bound, or at once when the destination is unknown.
+4. Restore the caller's latest values, forget the record; wait for the end of the
+   migration and a moment for reconnects; the verdict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from spice_libvirt import errors
+from spice_libvirt.agent import holdfile, procnet
+from spice_libvirt.agent.plan import (
+    FINAL_STATES,
+    HOLD_DOWNTIME_MS,
+    HOLD_SPEED_MIBS,
+    CallerValues,
+    HeldMigration,
+)
+from spice_libvirt.agent.record import AgentVerdict
+from spice_libvirt.agent.settings import AgentSettings
+from spice_libvirt.agent.watch import Destination
+from spice_libvirt.libvirt.claim import claim_active, read_claim
+from spice_libvirt.libvirt.connection import Connection, GraphicsEvent, require_libvirt
+from spice_libvirt.libvirt.errors import LibvirtOperationError, error_code
+
+#: a near-empty guest: less than this left at ``setup`` moves in a few seconds even at 1 MiB/s
+SMALL_GUEST_BYTES = 16 * 1024 * 1024
+#: how long after ``setup`` the migration connection may take to show in /proc
+PEER_LOOKUP_S = 1.0
+#: a migration that runs longer than this after the release is judged without its end
+COMPLETION_WAIT_S = 600.0
+
+
+class AlreadyHeld(errors.AgentError):
+    """Someone else holds this migration already."""
+
+
+FindDestination = Callable[[str], Awaitable[Destination | None]]
+
+
+def spice_ports(domain_xml: str) -> list[int]:
+    """The SPICE ports (plain and TLS) the running domain listens on."""
+    ports: list[int] = []
+    try:
+        root = ET.fromstring(domain_xml)
+    except ET.ParseError:
+        return ports
+    for graphics in root.iter("graphics"):
+        if graphics.get("type") != "spice":
+            continue
+        for attr in ("port", "tlsPort"):
+            value = graphics.get(attr, "")
+            if value.isdigit() and int(value) > 0:
+                ports.append(int(value))
+    return ports
+
+
+class MigrationHold:
+    """The agent's handling of one outgoing migration of ``domain``."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        local: Connection,
+        domain: str,
+        setup_at: float,
+        find_destination: FindDestination,
+    ) -> None:
+        self.settings = settings
+        self.local = local
+        self.domain = domain
+        self.setup_at = setup_at
+        self.find_destination = find_destination
+        self.statuses: asyncio.Queue[tuple[str, float]] = asyncio.Queue()
+        self.verdict = AgentVerdict(domain=domain, outcome="error")
+        self.plan: HeldMigration | None = None
+        self.uuid: str | None = None
+        self._dom: Any = None
+        self._restored = False
+        #: the destination queue kept after the release, for reconnects after the switchover
+        self._late: tuple[Destination, asyncio.Queue[GraphicsEvent]] | None = None
+
+    def status(self, status: str, at: float) -> None:
+        """QEMU's MIGRATION event for this domain (from the service's dispatch)."""
+        self.statuses.put_nowait((status, at))
+
+    # ------------------------------------------------------------------ step 1
+
+    async def _eligible(self) -> list[str] | None:
+        """The client channels to hold for, or None (the verdict says why not)."""
+        lv = require_libvirt()
+        dom = self._dom = await self.local.lookup(self.domain)
+        self.uuid = self.verdict.uuid = await self.local.call(dom.UUIDString, "domain UUID")
+        try:
+            stats = await self.local.call(lambda: dom.jobStats(0), "job stats")
+        except LibvirtOperationError as exc:
+            if error_code(exc) == lv.VIR_ERR_OPERATION_UNSUPPORTED:
+                return None  # libvirt: "statistics are available only on the source host"
+            raise
+        if stats.get("operation") != lv.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT:
+            return None  # not libvirt's outgoing migration (a save, a dump...)
+        self.verdict.job = f"outgoing migration (remaining {stats.get('memory_remaining', '?')} B)"
+        claim = await self.local.call(lambda: read_claim(dom), "read the hold mark")
+        holder = claim_active(claim, time.time())
+        if holder is not None:
+            self.verdict.outcome = "skipped"
+            self.verdict.released_why = f"held by {holder} (spice-libvirt's own controller)"
+            return None
+        xml = await self.local.call(lambda: dom.XMLDesc(0), "domain XML")
+        ports = spice_ports(xml)
+        pid = procnet.qemu_pid(self.domain)
+        channels = procnet.spice_channels(procnet.snapshot(pid), ports) if ports else []
+        self.verdict.channels = len(channels)
+        self.verdict.clients = sorted({c.rsplit(":", 1)[0] for c in channels})
+        if not channels:
+            self.verdict.outcome = "no-client"
+            self.verdict.released_why = "no SPICE client connected: nothing to hold"
+            return None
+        remaining = int(stats.get("memory_remaining") or 0)
+        if 0 < remaining < SMALL_GUEST_BYTES:
+            self.verdict.notes.append(
+                f"only {remaining // 1024} KiB left to move: a taint-free hold cannot keep "
+                "this guest in its first pass for long"
+                + ("" if self.settings.allow_taint else " (allow_taint is off)")
+            )
+        return channels
+
+    # ------------------------------------------------------------------ step 2
+
+    async def _apply(self, channels: list[str]) -> HeldMigration:
+        dom = self._dom
+        speed = await self.local.call(lambda: dom.migrateGetMaxSpeed(0), "read max speed")
+        downtime = await self.local.call(lambda: dom.migrateGetMaxDowntime(0), "read downtime")
+        if (speed, downtime) == (HOLD_SPEED_MIBS, HOLD_DOWNTIME_MS):
+            # another holder (a second agent, an older controller) got there first: holding
+            # again would "restore" its hold values and leave the migration crawling
+            raise AlreadyHeld("the migration already runs at the hold's speed and downtime")
+        assert self.uuid is not None
+        record = holdfile.HoldRecord(
+            domain=self.domain,
+            uuid=self.uuid,
+            speed_mibs=int(speed),
+            downtime_ms=int(downtime),
+            held_since=time.time(),
+            agent_pid=os.getpid(),
+        )
+        holdfile.write(self.settings.state_dir, record)
+        plan = HeldMigration(
+            domain=self.domain,
+            started_at=time.monotonic(),
+            caller=CallerValues(int(speed), int(downtime)),
+            client_channels=tuple(channels),
+            hold_timeout_s=self.settings.hold_timeout_s,
+            margin_ms=self.settings.margin_ms,
+        )
+        self.plan = plan
+        await self._set(HOLD_SPEED_MIBS, HOLD_DOWNTIME_MS)
+        self.verdict.hold = "taint-free"
+        if self.settings.allow_taint and self.verdict.notes:
+            await self._qmp_throttle()
+        return plan
+
+    async def _set(self, speed: int | None, downtime: int | None) -> None:
+        dom = self._dom
+        if speed is not None:
+            await self.local.call(lambda: dom.migrateSetMaxSpeed(speed, 0), "set max speed")
+        if downtime is not None:
+            await self.local.call(lambda: dom.migrateSetMaxDowntime(downtime, 0), "set downtime")
+
+    async def _qmp_throttle(self) -> None:
+        """The near-empty guest, when the host allows tainting: QEMU's max-bandwidth."""
+        command = {"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": 4096}}
+        try:
+            await self.local.qemu_monitor(self._dom, command)
+            self.verdict.hold = "qmp-throttle"
+            self.verdict.tainted = True
+        except errors.LibvirtError as exc:
+            self.verdict.notes.append(f"QMP throttle refused: {exc}")
+
+    # ------------------------------------------------------------------ step 3
+
+    async def _destination(self, plan: HeldMigration) -> Destination | None:
+        deadline = time.monotonic() + PEER_LOOKUP_S
+        peers: list[str] = []
+        while not peers and time.monotonic() < deadline:
+            try:
+                peers = procnet.migration_peers(procnet.snapshot(procnet.qemu_pid(self.domain)))
+            except errors.AgentError:
+                break
+            if not peers:
+                await asyncio.sleep(0.05)
+        if not peers:
+            plan.force_release("the destination could not be found (no migration connection)")
+            return None
+        dest = await self.find_destination(peers[0])
+        if dest is None:
+            plan.force_release(f"the destination libvirtd at {peers[0]} is unreachable")
+        else:
+            self.verdict.destination = dest.uri
+        return dest
+
+    async def _wait_release(self, plan: HeldMigration, dest: Destination | None) -> str:
+        queue = dest.listen(self.domain, self.setup_at - 0.5) if dest is not None else None
+        next_poll = time.monotonic() + self.settings.poll_s
+        try:
+            while True:
+                now = time.monotonic()
+                when, reason = plan.release_due(now)
+                if reason is not None:
+                    return reason
+                assert when is not None
+                if now >= next_poll:
+                    await self._follow_caller(plan)
+                    next_poll = now + self.settings.poll_s
+                timeout = max(0.0, min(when, next_poll) - time.monotonic())
+                await self._next_input(plan, queue, timeout)
+        finally:
+            if dest is not None and queue is not None:
+                self._drain_into(plan, queue)
+                self._late = (dest, queue)
+
+    def _drain_into(self, plan: HeldMigration, queue: asyncio.Queue[GraphicsEvent]) -> None:
+        while not queue.empty():
+            plan.destination_event(queue.get_nowait())
+
+    async def _next_input(
+        self,
+        plan: HeldMigration,
+        queue: asyncio.Queue[GraphicsEvent] | None,
+        timeout: float,
+    ) -> None:
+        """Whichever comes first within ``timeout``: a destination event or a status."""
+        waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(self.statuses.get())}
+        if queue is not None:
+            waiters.add(asyncio.ensure_future(queue.get()))
+        done, pending = await asyncio.wait(
+            waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        for fut in pending:
+            fut.cancel()
+        for fut in pending:  # a getter cancelled after it took an item: keep the item
+            with contextlib.suppress(asyncio.CancelledError):
+                await fut
+        for fut in done | pending:
+            if fut.cancelled() or fut.exception() is not None:
+                continue
+            item = fut.result()
+            if isinstance(item, GraphicsEvent):
+                plan.destination_event(item)
+            else:
+                plan.migration_status(*item)
+
+    async def _follow_caller(self, plan: HeldMigration) -> None:
+        dom = self._dom
+        try:
+            speed = await self.local.call(lambda: dom.migrateGetMaxSpeed(0), "read max speed")
+            downtime = await self.local.call(lambda: dom.migrateGetMaxDowntime(0), "downtime")
+        except errors.LibvirtError:
+            return  # the job may be ending; the release decides
+        before = (plan.caller.speed_mibs, plan.caller.downtime_ms)
+        adjust = plan.observe_values(int(speed), int(downtime))
+        if adjust.speed_mibs is not None:
+            with contextlib.suppress(errors.LibvirtError):
+                await self._set(adjust.speed_mibs, None)
+        if (plan.caller.speed_mibs, plan.caller.downtime_ms) != before and self.uuid:
+            holdfile.write(
+                self.settings.state_dir,
+                holdfile.HoldRecord(
+                    domain=self.domain,
+                    uuid=self.uuid,
+                    speed_mibs=plan.caller.speed_mibs,
+                    downtime_ms=plan.caller.downtime_ms,
+                    held_since=time.time(),
+                    agent_pid=os.getpid(),
+                ),
+            )
+
+    # ------------------------------------------------------------------ step 4
+
+    async def release(self, reason: str) -> None:
+        """Put the caller's latest values back (idempotent); the record goes only then."""
+        plan = self.plan
+        if plan is None or self._restored:
+            return
+        speed, downtime = plan.caller.speed_mibs, plan.caller.downtime_ms
+        try:
+            await self._set(speed, downtime)
+        except errors.LibvirtError as exc:
+            if plan.status not in FINAL_STATES:
+                # the record stays: the service restores it when libvirtd answers again
+                self.verdict.notes.append(f"release failed ({exc}): left to recovery")
+                plan.released(time.monotonic(), reason)
+                raise
+            # the job is over: libvirt keeps nothing of ours on a finished migration
+        self._restored = True
+        plan.released(time.monotonic(), reason)
+        self.verdict.caller_restored = {"speed_mibs": speed, "downtime_ms": downtime}
+        if self.uuid:
+            holdfile.remove(self.settings.state_dir, self.uuid)
+
+    async def _await_end(self, plan: HeldMigration) -> None:
+        deadline = time.monotonic() + COMPLETION_WAIT_S
+        while plan.status not in FINAL_STATES and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                status, at = await asyncio.wait_for(self.statuses.get(), 1.0)
+                plan.migration_status(status, at)
+        until = plan.settle_until()
+        if self._late is not None and until is not None:
+            dest, queue = self._late
+            while time.monotonic() < until:
+                with contextlib.suppress(TimeoutError):
+                    plan.destination_event(
+                        await asyncio.wait_for(queue.get(), until - time.monotonic())
+                    )
+            self._drain_into(plan, queue)
+            dest.unlisten(self.domain, queue)
+
+    def _judge(self, plan: HeldMigration) -> None:
+        v = self.verdict
+        v.outcome = plan.verdict()
+        v.held_ms = plan.held_ms()
+        v.released_why = plan.release_reason
+        v.relinks_after = plan.relinks_after
+        v.connection_id_kept = (
+            True if v.outcome == "seamless" else False if v.outcome == "switch-host" else None
+        )
+        v.notes.extend(plan.notes)
+
+    async def run(self) -> AgentVerdict:
+        """The whole handling; never raises for the migration's own sake (the verdict says)."""
+        try:
+            channels = await self._eligible()
+            if channels is None:
+                if self.verdict.outcome == "error":
+                    self.verdict.outcome = "skipped"
+                return self.verdict
+            try:
+                plan = await self._apply(channels)
+            except AlreadyHeld as exc:
+                self.verdict.outcome = "skipped"
+                self.verdict.released_why = str(exc)
+                return self.verdict
+            dest = await self._destination(plan)
+            reason = await self._wait_release(plan, dest)
+            await self.release(reason)
+            await self._await_end(plan)
+            self._judge(plan)
+        except (errors.SpiceLibvirtError, OSError) as exc:
+            self.verdict.outcome = "error"
+            self.verdict.notes.append(str(exc))
+            if self.plan is not None and not self._restored:
+                with contextlib.suppress(errors.SpiceLibvirtError):
+                    await self.release(f"error: {exc}")
+        return self.verdict

@@ -1,0 +1,179 @@
+"""One held migration, decided without I/O: what the agent knows and what it should do next.
+
+The agent's service (:mod:`spice_libvirt.agent.service`) feeds a :class:`HeldMigration` what
+it observes -- QEMU's migration status, the destination's graphics events, the speed and
+downtime it reads back from libvirt -- and asks it two questions: *is it time to release,
+and why* (:meth:`HeldMigration.release_due`), and *what happened* (:meth:`verdict`). Every
+rule of the agent lives here, tested with made-up clocks in ``tests/test_agent_plan.py``.
+
+The hold itself is the taint-free one of ``host-agent.md``: libvirt's public
+``migrateSetMaxSpeed`` (1 MiB/s) and ``migrateSetMaxDowntime`` (1 ms). A guest with more
+non-zero memory than the client needs seconds at 1 MiB/s stays in its first pass; a
+near-empty guest (firmware only) cannot be held this way, and the verdict says so.
+
+Callers are not fought: a caller that changes the downtime during the hold (VDSM steps it up
+over time) keeps its value, and the release restores the caller's *latest* values; a
+caller that changes the speed during the hold gets its value back at the release too, but
+the hold's speed is put back meanwhile, because the speed *is* the hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from spice_libvirt.libvirt.connection import GraphicsEvent
+from spice_libvirt.libvirt.hold import DestinationLinks
+from spice_libvirt.migration.policy import release_point
+
+#: the hold: libvirt's smallest speed (MiB/s) and downtime (ms)
+HOLD_SPEED_MIBS = 1
+HOLD_DOWNTIME_MS = 1
+
+#: QEMU migration states after which nothing can be held any more
+FINAL_STATES = ("completed", "failed", "cancelled")
+#: QEMU states in which the switchover is under way (the guest is paused)
+SWITCHOVER_STATES = ("pre-switchover", "device", *FINAL_STATES)
+
+Outcome = Literal["seamless", "switch-host", "not-linked", "failed", "no-client"]
+
+
+@dataclasses.dataclass
+class CallerValues:
+    """What the caller had set (and sets while we hold): restored at the release."""
+
+    speed_mibs: int
+    downtime_ms: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Adjustment:
+    """A call the service must make after :meth:`HeldMigration.observe_values`."""
+
+    speed_mibs: int | None = None
+
+
+@dataclasses.dataclass
+class HeldMigration:
+    """The state of one outgoing migration while the agent holds it and until its verdict."""
+
+    domain: str
+    started_at: float
+    caller: CallerValues
+    client_channels: tuple[str, ...]
+    hold_timeout_s: float = 15.0
+    margin_ms: float = 100.0
+    links: DestinationLinks = dataclasses.field(init=False)
+    status: str = "setup"
+    switchover_at: float | None = None
+    completed_at: float | None = None
+    released_at: float | None = None
+    release_reason: str = ""
+    linked_before_switchover: bool = False
+    relinks_after: int = 0
+    notes: list[str] = dataclasses.field(default_factory=list)
+    _forced: str | None = None
+
+    def __post_init__(self) -> None:
+        self.links = DestinationLinks(self.domain, self.started_at)
+
+    # ---------------------------------------------------------------- observations
+
+    @property
+    def expected_channels(self) -> int:
+        return len(self.client_channels)
+
+    def destination_event(self, event: GraphicsEvent) -> None:
+        """A graphics event of the destination libvirtd (any domain; others are ignored)."""
+        if event.domain != self.domain:
+            return
+        if self.completed_at is not None and event.at >= self.completed_at:
+            if event.phase == "connect":
+                self.relinks_after += 1
+            return
+        self.links.absorb(event)
+
+    def migration_status(self, status: str, at: float) -> None:
+        """QEMU's MIGRATION event on the source."""
+        self.status = status
+        if status in SWITCHOVER_STATES and self.switchover_at is None:
+            self.switchover_at = at
+            self.linked_before_switchover = self.links.complete(max(1, self.expected_channels))
+        if status in FINAL_STATES and self.completed_at is None:
+            self.completed_at = at
+
+    def observe_values(self, speed_mibs: int, downtime_ms: int) -> Adjustment:
+        """Speed and downtime read back during the hold; anything not ours is the caller's."""
+        adjust = Adjustment()
+        if self.released_at is not None:
+            return adjust
+        if downtime_ms not in (HOLD_DOWNTIME_MS, self.caller.downtime_ms):
+            self.notes.append(f"caller set downtime {downtime_ms} ms during the hold: kept")
+            self.caller.downtime_ms = downtime_ms
+        if speed_mibs != HOLD_SPEED_MIBS:
+            if speed_mibs != self.caller.speed_mibs:
+                self.notes.append(
+                    f"caller set speed {speed_mibs} MiB/s during the hold: restored at release"
+                )
+                self.caller.speed_mibs = speed_mibs
+            adjust = Adjustment(speed_mibs=HOLD_SPEED_MIBS)
+        return adjust
+
+    def force_release(self, reason: str) -> None:
+        """Release at the next question, whatever the links say (destination unknown...)."""
+        if self._forced is None:
+            self._forced = reason
+
+    # ---------------------------------------------------------------- decisions
+
+    def release_due(self, now: float) -> tuple[float | None, str | None]:
+        """``(None, reason)``: release now; ``(t, None)``: ask again at ``t`` at the latest."""
+        if self.released_at is not None:
+            return None, None
+        if self._forced is not None:
+            return None, self._forced
+        if self.status in FINAL_STATES:
+            return None, f"the migration ended ({self.status}) during the hold"
+        bound = self.started_at + self.hold_timeout_s
+        if now >= bound:
+            return None, f"client not linked within the bound of {self.hold_timeout_s:.0f} s"
+        need = max(1, self.expected_channels)
+        if self.links.complete(need):
+            rtt = self.links.rtt_estimate() or 0.0
+            last = self.links.last_initialize() or now
+            point = release_point(last, rtt, self.margin_ms)
+            if now >= point.at:
+                return None, (
+                    f"destination initialized {len(self.links.init_at)}/{need} channels "
+                    f"(+ RTT estimate {rtt * 1000:.0f} ms + margin {self.margin_ms:.0f} ms)"
+                )
+            return min(point.at, bound), None
+        return bound, None
+
+    def released(self, at: float, reason: str) -> None:
+        self.released_at = at
+        self.release_reason = reason
+
+    def settle_until(self) -> float | None:
+        """After completion: until when a switch-host client would show up reconnecting
+        (about one RTT + 100 ms after the switchover); None before completion."""
+        if self.completed_at is None:
+            return None
+        rtt = self.links.rtt_estimate() or 0.3
+        return self.completed_at + min(2.0, rtt + 0.1)
+
+    def verdict(self) -> Outcome:
+        if not self.client_channels:
+            return "no-client"
+        if self.status in ("failed", "cancelled"):
+            return "failed"
+        if self.relinks_after:
+            return "switch-host"
+        if self.linked_before_switchover:
+            return "seamless"
+        return "not-linked"
+
+    def held_ms(self) -> float | None:
+        if self.released_at is None:
+            return None
+        return round((self.released_at - self.started_at) * 1000.0, 1)

@@ -1,0 +1,161 @@
+"""What the kernel knows about a QEMU process's TCP connections, read from ``/proc``.
+
+The agent must not ask QEMU (the monitor passthrough taints the domain) and libvirt does not
+say where an outgoing migration goes nor which SPICE channels are open right now (its
+graphics events only tell what happened *since* one subscribed). The kernel knows both,
+for the process that owns the sockets: every SPICE channel is one established connection
+on a SPICE listening port, and the migration stream is the one established connection the
+process opened itself (its local port is none of its listening ports).
+
+Parsing is pure (:func:`parse_tcp_table`, :func:`spice_channels`, :func:`migration_peers`,
+tested on captured text); :func:`snapshot` does the reading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from spice_libvirt.errors import AgentError
+
+#: /proc/net/tcp state codes we care about
+TCP_ESTABLISHED = "01"
+TCP_LISTEN = "0A"
+
+
+@dataclasses.dataclass(frozen=True)
+class TcpSocket:
+    """One row of ``/proc/<pid>/net/tcp{,6}``."""
+
+    local: str
+    local_port: int
+    remote: str
+    remote_port: int
+    state: str
+    inode: int
+
+
+def _address(hex_addr: str) -> tuple[str, int]:
+    host, port = hex_addr.split(":")
+    raw = bytes.fromhex(host)
+    if len(raw) == 4:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv4Address(raw[::-1])
+    elif len(raw) == 16:
+        # four little-endian 32-bit words
+        words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+        ip6 = ipaddress.IPv6Address(words)
+        ip = ip6.ipv4_mapped or ip6
+    else:
+        raise ValueError(f"address of {len(raw)} bytes")
+    return str(ip), int(port, 16)
+
+
+def parse_tcp_table(text: str) -> list[TcpSocket]:
+    """The rows of a ``/proc/net/tcp`` or ``tcp6`` table; malformed rows are skipped (the
+    table is the kernel's, but a truncated read must not stop a hold)."""
+    rows: list[TcpSocket] = []
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 10:
+            continue
+        try:
+            local, lport = _address(fields[1])
+            remote, rport = _address(fields[2])
+            rows.append(TcpSocket(local, lport, remote, rport, fields[3].upper(), int(fields[9])))
+        except ValueError:
+            continue
+    return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessSockets:
+    """The TCP sockets one process owns (matched by inode against its fds)."""
+
+    pid: int
+    sockets: tuple[TcpSocket, ...]
+
+    @property
+    def listening_ports(self) -> frozenset[int]:
+        return frozenset(s.local_port for s in self.sockets if s.state == TCP_LISTEN)
+
+    @property
+    def established(self) -> tuple[TcpSocket, ...]:
+        return tuple(s for s in self.sockets if s.state == TCP_ESTABLISHED)
+
+
+def spice_channels(sockets: ProcessSockets, spice_ports: Iterable[int]) -> list[str]:
+    """The SPICE channels open now, as ``address:port`` of the client end (one per channel,
+    the same key libvirt's graphics events use)."""
+    ports = set(spice_ports)
+    return sorted(
+        f"{s.remote}:{s.remote_port}" for s in sockets.established if s.local_port in ports
+    )
+
+
+def migration_peers(sockets: ProcessSockets) -> list[str]:
+    """Addresses the process connected *out* to: its local port is none of its listening
+    ports. For a source QEMU during a migration, that is the destination host (the
+    migration stream; NBD storage copies go to the same host)."""
+    listening = sockets.listening_ports
+    return sorted({s.remote for s in sockets.established if s.local_port not in listening})
+
+
+def _socket_inodes(pid: int, proc: Path) -> set[int]:
+    inodes: set[int] = set()
+    fd_dir = proc / str(pid) / "fd"
+    for entry in os.listdir(fd_dir):
+        try:
+            target = os.readlink(fd_dir / entry)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def snapshot(pid: int, *, proc: Path = Path("/proc")) -> ProcessSockets:
+    """The TCP sockets of process ``pid`` now (tables read in *its* network namespace)."""
+    try:
+        inodes = _socket_inodes(pid, proc)
+        rows: list[TcpSocket] = []
+        for table in ("tcp", "tcp6"):
+            path = proc / str(pid) / "net" / table
+            if path.exists():
+                rows.extend(parse_tcp_table(path.read_text()))
+    except OSError as exc:
+        raise AgentError(f"cannot read the sockets of process {pid}: {exc}") from exc
+    return ProcessSockets(pid, tuple(r for r in rows if r.inode in inodes))
+
+
+def _cmdline(pid: int, proc: Path) -> list[str]:
+    try:
+        return (proc / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def qemu_pid(domain: str, *, proc: Path = Path("/proc")) -> int:
+    """The PID of the QEMU process that runs ``domain`` in *this* network namespace.
+
+    libvirt names the guest on QEMU's command line (``-name guest=NAME,...``). Two QEMU
+    processes of one domain exist during a migration between hosts that share a PID
+    namespace (namespaced labs, containers): the one in our network namespace is ours.
+    """
+    own_net = os.readlink(proc / "self" / "ns" / "net")
+    wanted = f"guest={domain},"
+    for entry in os.listdir(proc):
+        if not entry.isdigit():
+            continue
+        argv = _cmdline(int(entry), proc)
+        if not any(arg.startswith(wanted) or arg == f"guest={domain}" for arg in argv):
+            continue
+        try:
+            if os.readlink(proc / entry / "ns" / "net") != own_net:
+                continue
+        except OSError:
+            continue
+        return int(entry)
+    raise AgentError(f"no QEMU process of domain {domain!r} in this network namespace")

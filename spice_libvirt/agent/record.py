@@ -1,0 +1,123 @@
+"""What the agent says about each migration it saw, and where it says it.
+
+Every outgoing migration the agent sees ends in one :class:`AgentVerdict`: in the SQLite
+journal (``spice-libvirt journal`` shows it beside the hook's entries), in the status file
+(``spice-libvirt agent status``) and as one log line.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+log = logging.getLogger(__name__)
+
+AgentOutcome = Literal[
+    "seamless", "switch-host", "not-linked", "failed", "no-client", "skipped", "error"
+]
+
+
+class AgentVerdict(BaseModel):
+    """One migration the agent saw.
+
+    ``connection_id_kept`` is inferred, not read: asking QEMU for the session's connection
+    id would taint the domain. A client whose every channel was initialized on the
+    destination before the switchover and that did not reconnect afterwards kept its
+    session (spice-server's seamless path); one that reconnected did not.
+    """
+
+    domain: str
+    uuid: str | None = None
+    at: str = Field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat())
+    job: str = ""
+    destination: str | None = None
+    clients: list[str] = Field(default_factory=list)
+    channels: int = 0
+    hold: Literal["taint-free", "qmp-throttle", "none"] = "none"
+    held_ms: float | None = None
+    released_why: str = ""
+    caller_restored: dict[str, int] = Field(default_factory=dict)
+    outcome: AgentOutcome
+    connection_id_kept: bool | None = None
+    relinks_after: int = 0
+    tainted: bool = False
+    notes: list[str] = Field(default_factory=list)
+
+    def line(self) -> str:
+        """The one log line (syslog/journald) of this verdict."""
+        held = f"held {self.held_ms:.0f} ms" if self.held_ms is not None else "not held"
+        kept = {True: "kept", False: "new", None: "n/a"}[self.connection_id_kept]
+        return (
+            f"spice-libvirt agent: {self.domain} -> {self.destination or '?'}: {self.outcome}"
+            f" ({held}; {self.channels} channel(s); connection id {kept}; {self.released_why})"
+        )
+
+
+def journal_verdict(journal_path: Path | None, verdict: AgentVerdict) -> None:
+    """Append ``verdict`` to the hook's journal; a journal that cannot be written is logged,
+    never fatal (the migration is over; losing its record must not stop the agent)."""
+    from spice_libvirt.hook.journal import Journal, JournalEntry
+
+    try:
+        if journal_path is None:
+            from spice_libvirt.config import load_config
+
+            journal_path = load_config().journal_path
+        entry = JournalEntry(
+            ts=time.time(),
+            object=verdict.domain,
+            operation="agent",
+            suboperation=verdict.outcome,
+            domain=verdict.domain,
+            uuid=verdict.uuid,
+            outcome="error" if verdict.outcome == "error" else "ok",
+            detail=verdict.model_dump_json(),
+            duration_ms=verdict.held_ms,
+            pid=os.getpid(),
+        )
+        Journal(journal_path).record(entry)
+    except Exception as exc:  # disk, lock or config: logged, never fatal to the agent
+        log.warning("agent: cannot journal the verdict of %s: %s", verdict.domain, exc)
+
+
+class AgentStatus(BaseModel):
+    """The agent's status file: what ``agent status`` shows."""
+
+    pid: int
+    started_at: str
+    connect: str
+    connected: bool = False
+    holding: list[str] = Field(default_factory=list)
+    destinations: list[str] = Field(default_factory=list)
+    seen: int = 0
+    recent: list[AgentVerdict] = Field(default_factory=list)
+    problems: list[str] = Field(default_factory=list)
+
+
+def status_path(state_dir: Path) -> Path:
+    return state_dir / "status.json"
+
+
+def write_status(state_dir: Path, status: AgentStatus) -> None:
+    target = status_path(state_dir)
+    tmp = target.with_suffix(".tmp")
+    try:
+        tmp.write_text(status.model_dump_json(indent=1))
+        os.replace(tmp, target)
+    except OSError as exc:
+        log.warning("agent: cannot write %s: %s", target, exc)
+
+
+def read_status(state_dir: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(status_path(state_dir).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -1,0 +1,79 @@
+"""The host agent's settings: ``/etc/spice-libvirt/agent.toml``, then the command line.
+
+A file of its own, not a table in the hook's ``config.toml``: the hook reads that file on
+every guest operation and refuses keys it does not know (a typo must not pass silently),
+and the agent is a separate, long-running service with settings of its own.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from spice_libvirt.errors import ConfigError
+
+DEFAULT_AGENT_CONFIG = Path("/etc/spice-libvirt/agent.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/spice-libvirt/agent")
+
+
+class AgentSettings(BaseModel):
+    """What the agent watches and how it holds.
+
+    * ``connect``: the local libvirtd (the agent holds migrations *out of* this host).
+    * ``destination_uri``: how to reach a destination libvirtd found from the source QEMU's
+      migration connection; ``{peer}`` is its address (``qemu+tls://{peer}/system`` on a
+      fleet with libvirt TLS).
+    * ``peers``: libvirtds to subscribe to at start, so that the first migration to them
+      misses no client link (a discovered peer is subscribed on first use and kept).
+    * ``hold_timeout_s``: every hold is released after this long, linked or not.
+    * ``margin_ms``: added to the RTT estimate after the destination initialized the
+      client's last channel (the controller's release policy).
+    * ``poll_s``: how often the speed and downtime are read back during a hold (a caller
+      that changes them is followed, not fought).
+    * ``allow_taint``: hold near-empty guests through the QMP passthrough too; off by
+      default, since that taints the domain (``custom-monitor``).
+    * ``state_dir``: holds written down before they are applied, and the status file.
+    * ``journal_path``: the SQLite journal the verdicts go to (``spice-libvirt journal``);
+      None: the hook's journal (``config.toml``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    connect: str = "qemu:///system"
+    destination_uri: str = "qemu+tcp://{peer}/system"
+    peers: tuple[str, ...] = ()
+    hold_timeout_s: float = Field(15.0, gt=0.5, le=600.0)
+    margin_ms: float = Field(100.0, ge=0.0, le=5000.0)
+    poll_s: float = Field(0.2, ge=0.02, le=5.0)
+    allow_taint: bool = False
+    state_dir: Path = DEFAULT_STATE_DIR
+    journal_path: Path | None = None
+
+    @field_validator("destination_uri")
+    @classmethod
+    def _has_peer(cls, value: str) -> str:
+        if "{peer}" not in value:
+            raise ValueError("must contain {peer} (the destination's address)")
+        return value
+
+
+def load_agent_settings(path: Path | None, overrides: dict[str, object]) -> AgentSettings:
+    """The file (when it exists; a named file must exist), then non-None ``overrides``."""
+    values: dict[str, object] = {}
+    file = path or DEFAULT_AGENT_CONFIG
+    if file.exists():
+        try:
+            values.update(tomllib.loads(file.read_text()))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{file}: {exc}") from exc
+    elif path is not None:
+        raise ConfigError(f"{file}: no such file")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return AgentSettings.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "agent settings"
+        raise ConfigError(f"{file}: {where}: {first['msg']}") from exc

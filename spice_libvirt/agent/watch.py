@@ -1,0 +1,139 @@
+"""What the agent subscribes to: QEMU's MIGRATION events on the local libvirtd, and the
+graphics events of destination libvirtds, fanned out to the holds that wait for them.
+
+QEMU's own ``MIGRATION`` status events come through libvirt-qemu's monitor-event API: they
+arrive within milliseconds of ``setup`` (libvirt relays no event of its own for a migration
+that starts) and, unlike the monitor *command* passthrough, registering for them does not
+taint the domain (checked by the lab tests on the domain's log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from typing import Any
+
+from spice_libvirt import errors
+from spice_libvirt.libvirt.connection import Connection, EventStream, GraphicsEvent
+
+log = logging.getLogger(__name__)
+
+#: graphics events kept per destination for a hold that subscribes a little late
+HISTORY_S = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MigrationEvent:
+    """QEMU's ``MIGRATION`` event for one domain: its new status."""
+
+    domain: str
+    status: str
+    at: float
+
+
+def parse_migration_details(details: str | None) -> str | None:
+    """The ``status`` of a MIGRATION event's JSON ``data``; None when it has none."""
+    try:
+        data = json.loads(details or "{}")
+    except ValueError:
+        return None
+    status = data.get("status") if isinstance(data, dict) else None
+    return status if isinstance(status, str) else None
+
+
+async def migration_events(conn: Connection) -> EventStream[MigrationEvent]:
+    """Every domain's MIGRATION events on ``conn`` (close the stream to deregister)."""
+    import libvirt_qemu  # type: ignore[import-untyped]
+
+    stream: EventStream[MigrationEvent] = EventStream(asyncio.get_running_loop())
+
+    def callback(
+        _conn: Any, dom: Any, _event: str, _s: int, _us: int, details: str, _opaque: Any
+    ) -> None:
+        status = parse_migration_details(details)
+        if status is not None:
+            stream._push(MigrationEvent(dom.name(), status, time.monotonic()))
+
+    def register() -> None:
+        handle = libvirt_qemu.qemuMonitorEventRegister(
+            conn.conn, None, "MIGRATION", callback, None, 0
+        )
+        stream._deregister = lambda: libvirt_qemu.qemuMonitorEventDeregister(conn.conn, handle)
+
+    await conn.call(register, "register QEMU MIGRATION events")
+    return stream
+
+
+def on_close(conn: Connection) -> asyncio.Event:
+    """An event set when libvirt closes ``conn`` (libvirtd restarted, keepalive lost)."""
+    loop = asyncio.get_running_loop()
+    closed = asyncio.Event()
+
+    def callback(_conn: Any, _reason: int, _opaque: Any) -> None:
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(closed.set)
+
+    with contextlib.suppress(Exception):
+        conn.conn.registerCloseCallback(callback, None)
+    return closed
+
+
+class Destination:
+    """One destination libvirtd: its connection and its graphics events, kept for a while
+    so that a hold that subscribes after the client began linking still sees every link."""
+
+    def __init__(self, uri: str, conn: Connection, stream: EventStream[GraphicsEvent]) -> None:
+        self.uri = uri
+        self.conn = conn
+        self.closed = on_close(conn)
+        self._stream = stream
+        self._history: collections.deque[GraphicsEvent] = collections.deque()
+        self._listeners: dict[str, list[asyncio.Queue[GraphicsEvent]]] = {}
+        self._pump = asyncio.create_task(self._run(), name=f"graphics events of {uri}")
+
+    @classmethod
+    async def open(cls, uri: str, timeout: float) -> Destination:
+        conn = await Connection.open(uri, timeout=timeout, call_timeout=timeout)
+        try:
+            stream = await conn.graphics_events()
+        except errors.LibvirtError:
+            await conn.close()
+            raise
+        return cls(uri, conn, stream)
+
+    @property
+    def alive(self) -> bool:
+        return not self.closed.is_set() and not self._pump.done()
+
+    async def _run(self) -> None:
+        async for event in self._stream:
+            self._history.append(event)
+            while self._history and self._history[0].at < event.at - HISTORY_S:
+                self._history.popleft()
+            for queue in self._listeners.get(event.domain, []):
+                queue.put_nowait(event)
+
+    def listen(self, domain: str, since: float) -> asyncio.Queue[GraphicsEvent]:
+        """``domain``'s events from ``since`` (monotonic) on, the earlier ones replayed."""
+        queue: asyncio.Queue[GraphicsEvent] = asyncio.Queue()
+        for event in self._history:
+            if event.domain == domain and event.at >= since:
+                queue.put_nowait(event)
+        self._listeners.setdefault(domain, []).append(queue)
+        return queue
+
+    def unlisten(self, domain: str, queue: asyncio.Queue[GraphicsEvent]) -> None:
+        queues = self._listeners.get(domain, [])
+        if queue in queues:
+            queues.remove(queue)
+
+    async def close(self) -> None:
+        self._pump.cancel()
+        with contextlib.suppress(BaseException):
+            await self._pump
+        await self.conn.close()

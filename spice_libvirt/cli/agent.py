@@ -1,0 +1,134 @@
+"""``spice-libvirt agent``: the host agent (``run``) and what it is doing (``status``).
+
+``agent run`` is what the systemd unit starts on a hypervisor; it holds every outgoing
+migration with SPICE clients until the client linked to the destination, whoever started
+the migration (:mod:`spice_libvirt.agent`). ``agent status`` reads the status file the
+running agent keeps in its state directory; exit 0 when an agent runs, 1 when none does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from spice_libvirt.agent.settings import DEFAULT_AGENT_CONFIG, DEFAULT_STATE_DIR
+from spice_libvirt.exitcodes import ExitCode
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=f"agent settings (default {DEFAULT_AGENT_CONFIG}, when it exists)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=f"hold records and the status file (default {DEFAULT_STATE_DIR})",
+    )
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "agent",
+        help="the host agent: seamless migrations whoever starts them",
+        description=(
+            "Hold every outgoing migration of a domain with SPICE clients until the client "
+            "linked to the destination, taint-free (libvirt's speed and downtime), whoever "
+            "started the migration."
+        ),
+    )
+    sub = parser.add_subparsers(dest="agent_command", metavar="ACTION", required=True)
+    run = sub.add_parser("run", help="run the agent (what the systemd unit starts)")
+    _common(run)
+    run.add_argument("--connect", metavar="URI", help="the local libvirtd (qemu:///system)")
+    run.add_argument(
+        "--peer",
+        action="append",
+        default=None,
+        metavar="URI",
+        help="a destination libvirtd to subscribe to at start (repeatable)",
+    )
+    run.add_argument(
+        "--destination-uri",
+        metavar="TEMPLATE",
+        help="URI of a discovered destination, {peer} = its address (qemu+tcp://{peer}/system)",
+    )
+    run.add_argument("--hold-timeout", type=float, metavar="S", help="bound of every hold (15)")
+    run.add_argument("--margin-ms", type=float, metavar="MS", help="release margin (100)")
+    run.add_argument(
+        "--journal", type=Path, metavar="FILE", help="journal file (default: the hook's)"
+    )
+    run.set_defaults(handler=_run)
+    status = sub.add_parser("status", help="what the running agent is doing")
+    _common(status)
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(handler=_status)
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from spice_libvirt.agent.settings import load_agent_settings
+
+    overrides: dict[str, object] = {"state_dir": args.state_dir}
+    for key in ("connect", "destination_uri", "margin_ms"):
+        overrides[key] = getattr(args, key, None)
+    overrides["hold_timeout_s"] = getattr(args, "hold_timeout", None)
+    overrides["journal_path"] = getattr(args, "journal", None)
+    peers = getattr(args, "peer", None)
+    overrides["peers"] = tuple(peers) if peers else None
+    return load_agent_settings(args.config, overrides)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from spice_libvirt.agent.service import serve
+
+    asyncio.run(serve(_settings(args)))
+    return int(ExitCode.OK)
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _status(args: argparse.Namespace) -> int:
+    from spice_libvirt.agent.record import read_status
+
+    settings = _settings(args)
+    data = read_status(settings.state_dir) or {}
+    running = _alive(data.get("pid"))
+    data["running"] = running
+    if args.json:
+        print(json.dumps(data, indent=2))
+    elif not data.get("pid"):
+        print(f"no agent status in {settings.state_dir}")
+    else:
+        state = "running" if running else "not running"
+        print(f"agent pid {data['pid']} {state}, since {data.get('started_at')}")
+        print(
+            f"  libvirt {data.get('connect')}: {'connected' if data.get('connected') else 'not connected'}"
+        )
+        print(f"  holding: {', '.join(data.get('holding') or []) or 'nothing'}")
+        print(f"  destinations: {', '.join(data.get('destinations') or []) or 'none yet'}")
+        print(f"  migrations seen: {data.get('seen', 0)}")
+        for verdict in data.get("recent") or []:
+            print(
+                f"    {verdict.get('at', '?')[:19]} {verdict.get('domain')}: {verdict.get('outcome')}"
+                f" held {verdict.get('held_ms')} ms ({verdict.get('released_why')})"
+            )
+    return int(ExitCode.OK if running else ExitCode.FAILURE)

@@ -1,0 +1,76 @@
+"""A mark on a domain that says "spice-libvirt's controller holds this migration".
+
+The host agent holds every outgoing migration with SPICE clients; our own ``migrate`` and
+``evacuate`` hold theirs themselves. Both holding one migration would fight over its speed,
+so the controller marks the domain before it migrates and the agent leaves marked domains
+alone. The mark is live domain metadata in our own XML namespace: public API, no taint, and
+visible to an agent on the source host whatever machine the controller runs on. It carries
+an expiry, so a controller that died without removing it cannot disable the agent for that
+domain for good.
+"""
+
+from __future__ import annotations
+
+import time
+import xml.etree.ElementTree as ET
+from typing import Any
+
+from spice_libvirt.libvirt.connection import Connection, require_libvirt
+
+CLAIM_NAMESPACE = "https://spice-libvirt.org/xmlns/claim/1"
+CLAIM_KEY = "spice-libvirt-claim"
+
+
+def claim_xml(holder: str, until: float) -> str:
+    element = ET.Element("claim", {"holder": holder, "until": f"{until:.0f}"})
+    return ET.tostring(element, encoding="unicode")
+
+
+def claim_active(metadata: str | None, now: float) -> str | None:
+    """The holder named in ``metadata`` while the claim has not expired, else None."""
+    if not metadata:
+        return None
+    try:
+        element = ET.fromstring(metadata)
+        until = float(element.get("until", "0"))
+    except (ET.ParseError, ValueError):
+        return None
+    return element.get("holder") or "?" if until > now else None
+
+
+def _live() -> int:
+    lv = require_libvirt()
+    return int(lv.VIR_DOMAIN_AFFECT_LIVE)
+
+
+async def set_claim(conn: Connection, dom: Any, holder: str, valid_s: float) -> None:
+    """Mark ``dom`` held by ``holder`` for ``valid_s`` seconds (live metadata only)."""
+    lv = require_libvirt()
+    text = claim_xml(holder, time.time() + valid_s)
+    await conn.call(
+        lambda: dom.setMetadata(
+            lv.VIR_DOMAIN_METADATA_ELEMENT, text, CLAIM_KEY, CLAIM_NAMESPACE, _live()
+        ),
+        "mark the domain held by spice-libvirt",
+    )
+
+
+async def clear_claim(conn: Connection, dom: Any) -> None:
+    lv = require_libvirt()
+    await conn.call(
+        lambda: dom.setMetadata(
+            lv.VIR_DOMAIN_METADATA_ELEMENT, None, None, CLAIM_NAMESPACE, _live()
+        ),
+        "remove spice-libvirt's hold mark",
+    )
+
+
+def read_claim(dom: Any) -> str | None:
+    """The claim's XML on ``dom`` (blocking; None when there is none)."""
+    lv = require_libvirt()
+    try:
+        return str(dom.metadata(lv.VIR_DOMAIN_METADATA_ELEMENT, CLAIM_NAMESPACE, _live()))
+    except lv.libvirtError as exc:
+        if exc.get_error_code() == lv.VIR_ERR_NO_DOMAIN_METADATA:
+            return None
+        raise
