@@ -62,6 +62,9 @@ METHODS: dict[str, tuple[bool, dict[str, Any], str]] = {
     "ours": (False, {}, "ours (QMP hold, released on the client's links)"),
     "ours-floor": (False, {"hold": "libvirt"}, "ours, taint-free hold (libvirt's 1 MiB/s floor)"),
     "nowait": (False, {"hold": "none"}, "ours without the hold (`--no-wait-client`: switch-host)"),
+    # released 0.6 s after QEMU is active whatever the client did: at 150-300 ms it is
+    # still linking, so it gets SWITCH_HOST in the middle (a late client)
+    "late": (False, {"hold_timeout": 0.6}, "ours, hold cut at 0.6 s (a late client)"),
 }
 
 
@@ -113,6 +116,10 @@ class Run(BaseModel):
     #: the client's last source channel closed, ms after libvirt returned (negative: before)
     left_source_ms: float | None = None
     release_margin_ms: float | None = None
+    #: seamless runs: how much later than needed the switchover came, from the viewer's own
+    #: log: (first MIGRATE received - RTT/2) - (connections all ok + RTT/2); the release
+    #: margin minus this is the smallest margin that would still have been seamless
+    slack_ms: float | None = None
     load_1m: float | None = None
     commit: str | None = None
     wall_s: float | None = None
@@ -206,6 +213,16 @@ def _t(line: str) -> float | None:
     return int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
 
 
+def slack_ms(segment: str, rtt_ms: float) -> float | None:
+    """Spare time of a seamless run (see :attr:`Run.slack_ms`), or None."""
+    lines = segment.splitlines()
+    allok = next((_t(x) for x in lines if "connections all ok" in x), None)
+    migrate = next((_t(x) for x in lines if "spice_channel_handle_migrate" in x), None)
+    if allok is None or migrate is None:
+        return None
+    return round((migrate - allok) * 1000.0 - rtt_ms, 1)
+
+
 def classify(segment: str) -> tuple[str | None, float | None, float | None]:
     """(outcome, display outage s, client link s) from the log after the migration began."""
     lines = segment.splitlines()
@@ -257,6 +274,19 @@ def _oracle(report: LibvirtMigrationReport) -> str:
     return paths[0] if paths else "no-record"
 
 
+def _quiesce(viewer: Viewer, mark: int, channels: int = 5, timeout: float = 15.0) -> None:
+    """Wait until a switch-host viewer has every channel up again before it is stopped:
+    a client killed while it links makes spice-server 0.15 crash the destination QEMU
+    (seen when the verdict came before the viewer's cursor/inputs/port channels were up)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and viewer.proc.poll() is None:
+        segment = viewer.text()[mark:]
+        at = segment.rfind("migrate-switch-host")
+        if at < 0 or segment[at:].count("channel up") >= channels:
+            return
+        time.sleep(0.1)
+
+
 def run_viewer(lab_dir: Path, display: int, rtt: float, method: str, i: int, log_dir: Path) -> Run:
     state = libvirt_lab.load_state(lab_dir)
     assert state is not None
@@ -296,6 +326,9 @@ def run_viewer(lab_dir: Path, display: int, rtt: float, method: str, i: int, log
             time.sleep(0.1)
         run.outcome = outcome or "unknown"
         run.display_outage_s, run.client_link_s = outage, link
+        if outcome == "seamless":
+            run.slack_ms = slack_ms(viewer.text()[mark:], rtt)
+        _quiesce(viewer, mark)
     except Exception as exc:  # a broken run is recorded, not fatal
         run.outcome, run.error = "error", f"{type(exc).__name__}: {exc}"
     finally:

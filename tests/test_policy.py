@@ -52,6 +52,10 @@ def test_release_point_adds_the_network_wait_and_the_margin() -> None:
     assert point.grace == pytest.approx(0.25)
     assert point.at == pytest.approx(10.25)
     assert release_point(1.0, -1.0, -5.0).grace == 0.0
+    # a negative margin releases before the estimated arrival (the transfer after the
+    # release still takes a while: measured), never before the signal itself
+    assert release_point(10.0, 0.15, -100.0).grace == pytest.approx(0.05)
+    assert release_point(10.0, 0.15, -400.0).grace == 0.0
 
 
 @pytest.mark.parametrize(

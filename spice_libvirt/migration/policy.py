@@ -55,8 +55,11 @@ def release_point(signal_at: float, wait_s: float, margin_ms: float) -> ReleaseP
     """The signal (our client answered the source / the destination initialized the last
     channel), plus the network wait it implies (one-way delay / RTT estimate), plus a
     margin. Releasing the moment the destination shows the links is *worse* than not
-    waiting (11-13 s outages measured), hence never zero wait for the QMP signal."""
-    grace = max(0.0, wait_s) + max(0.0, margin_ms) / 1000.0
+    waiting (11-13 s outages measured) when the switchover follows at once; but the
+    transfer after a release takes a while too, so the margin may be negative: it is
+    measured (``bench_libvirt_rtt.py``: each seamless run's spare time, ``slack_ms``), and
+    the grace never goes below zero."""
+    grace = max(0.0, max(0.0, wait_s) + margin_ms / 1000.0)
     return ReleasePoint(signal_at + grace, grace)
 
 
