@@ -1,9 +1,9 @@
 """``ansible/evacuate.yml`` for real: Ansible drains a host of the two-libvirtd lab over ssh.
 
 The lab (:mod:`spice_libvirt.lab.libvirt_lab`) has hosts A and B, each a namespace with its
-own libvirtd, and a client namespace on the same switch; the guest runs on A. This test adds
-an sshd inside host A (keys and known_hosts in a temp dir, strict checking) and runs the
-playbook from the client namespace, as an admin's workstation would: ``spice-libvirt
+own libvirtd and an sshd, and writes an Ansible inventory of them (keys and known_hosts in
+the lab directory, strict checking, a ProxyCommand into each host's namespace). The test runs
+the playbook with that inventory from the root namespace, as an admin would: ``spice-libvirt
 evacuate --from qemu:///system --to qemu+tcp://hostB/system --json`` runs *on* A (A's
 ``qemu:///system`` is A's private libvirtd), the guest ends up on B, and the play prints one
 line per domain. spice-libvirt is the checkout's venv, which the namespace sees as is.
@@ -29,13 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml  # type: ignore[import-untyped]
 
-from spice_libvirt.lab import libvirt_lab, netns
+from spice_libvirt.lab import libvirt_lab, netns, sshd
 from spice_libvirt.lab.libvirt_state import LabState
 from spice_libvirt.spice.client import ClientOptions, SpiceClient
 from spice_libvirt.spice.record import ClientMigrationRecord
-from tests.test_ansible_ssh import ANSIBLE, ANSIBLE_PLAYBOOK, BIN, start_sshd
+from tests.test_ansible_ssh import ANSIBLE, ANSIBLE_PLAYBOOK, BIN
 from tests.test_ansible_ssh import _missing as _ssh_missing
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
@@ -56,13 +55,12 @@ class Fleet:
     env: dict[str, str]
 
     def play(self, *extra: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-        argv = netns.exec_argv(
-            self.state.client.netns,
-            [
-                str(ANSIBLE_PLAYBOOK), "-i", str(self.inventory), str(ANSIBLE / "evacuate.yml"),
-                "-e", "evacuate_hosts=hostA", "-e", "evacuate_target=hostB", *extra,
-            ],
-        )  # fmt: skip
+        """``ansible-playbook -i <the lab's inventory>`` from the root namespace, as an admin
+        runs it: ssh reaches the hosts through the inventory's ProxyCommand."""
+        argv = [
+            str(ANSIBLE_PLAYBOOK), "-i", str(self.inventory), str(ANSIBLE / "evacuate.yml"),
+            "-e", "evacuate_hosts=hostA", "-e", "evacuate_target=hostB", *extra,
+        ]  # fmt: skip
         return subprocess.run(
             argv, env=self.env, capture_output=True, text=True, timeout=timeout, check=False
         )
@@ -70,58 +68,63 @@ class Fleet:
 
 @pytest.fixture
 def fleet() -> Iterator[Fleet]:
+    """``lab up --libvirt`` as is: the inventory is the one the lab wrote."""
     root = Path(tempfile.mkdtemp(prefix="slev-"))
-    lab_dir = root / "lab"
-    sshd_pid: int | None = None
+    lab_dir = root / "libvirt"  # what `lab --dir ROOT` finds
+    state: LabState | None = None
     try:
         state = libvirt_lab.up(lab_dir)
-        a = state.host("A")
-        ip_a = state.hosts["A"].config.ip
-        ssh_dir = root / "ssh"
-        sshd_pid = start_sshd(a, ssh_dir, ip_a)
-        inventory = root / "inventory.yml"
-        inventory.write_text(
-            yaml.safe_dump(
-                {
-                    "hypervisors": {
-                        "hosts": {
-                            "hostA": {
-                                "ansible_host": ip_a,
-                                "ansible_user": "root",
-                                "ansible_become": False,  # root already; no sudo here
-                                "ansible_python_interpreter": "/usr/bin/python3",
-                                "ansible_ssh_private_key_file": str(ssh_dir / "id_ed25519"),
-                                "ansible_ssh_common_args": (
-                                    f"-F /dev/null -o UserKnownHostsFile={ssh_dir / 'known_hosts'}"
-                                    " -o GlobalKnownHostsFile=/dev/null"
-                                    " -o StrictHostKeyChecking=yes -o IdentitiesOnly=yes"
-                                ),
-                                "ansible_remote_tmp": str(root / "remote-tmp"),
-                                "spice_libvirt_venv": str(VENV),
-                                "spice_libvirt_evacuate_transport": "tcp",  # the lab's libvirtds
-                            }
-                        }
-                    }
-                }
-            )
-        )
+        assert state.ansible_inventory is not None, state.notes
         env = dict(os.environ)
         env.update(
             {
                 "ANSIBLE_CONFIG": str(ANSIBLE / "ansible.cfg"),
                 "ANSIBLE_HOME": str(root / "ansible-home"),
                 "ANSIBLE_LOCAL_TEMP": str(root / "ansible-tmp"),
-                "ANSIBLE_HOST_KEY_CHECKING": "True",
                 "ANSIBLE_NOCOLOR": "1",
                 "PATH": f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}",
             }
         )
-        yield Fleet(state, root, inventory, env)
+        yield Fleet(state, root, state.ansible_inventory, env)
     finally:
-        if sshd_pid is not None:
-            netns.terminate([sshd_pid])
+        sshds = [p.proc for p in state.daemons] if state is not None else []
         libvirt_lab.down(lab_dir)
+        assert not [p for p in sshds if p.alive()], "lab down left an sshd running"
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_lab_inventory_names_both_hosts_with_private_keys(fleet: Fleet) -> None:
+    """``lab status --json`` names the inventory; keys and inventory are 0600, the ssh
+    directory 0700; each host's sshd is a lab process ``lab status`` lists."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "spice_libvirt", "lab", "--dir", str(fleet.root),
+         "status", "--json"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    status = json.loads(proc.stdout)
+    assert status["ansible_inventory"] == str(fleet.inventory)
+    sshds = [d for d in status["daemons"] if d["what"].startswith("sshd")]
+    assert sorted(d["where"] for d in sshds) == ["A", "B"]
+    assert all(d["alive"] for d in sshds)
+    inv = json.loads(fleet.inventory.read_text())
+    assert sorted(inv["hypervisors"]["hosts"]) == ["hostA", "hostB"]
+    ssh_dir = fleet.inventory.parent / "ssh"
+    assert fleet.inventory.stat().st_mode & 0o777 == 0o600
+    assert ssh_dir.stat().st_mode & 0o777 == 0o700
+    assert (ssh_dir / "id_ed25519").stat().st_mode & 0o777 == 0o600
+    for name in ("A", "B"):
+        host_key = sshd.host_dir(fleet.state.host(name)) / "ssh_host_ed25519_key"
+        assert host_key.stat().st_mode & 0o777 == 0o600
+    # ad-hoc ansible over the inventory: each host answers as itself (its own UTS name)
+    ping = subprocess.run(
+        [str(BIN / "ansible"), "-i", str(fleet.inventory), "hypervisors", "-m", "command",
+         "-a", "hostname"],
+        env=fleet.env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+    assert re.search(r"^hostA \| CHANGED \| rc=0 >>\nhostA$", ping.stdout, re.MULTILINE)
+    assert re.search(r"^hostB \| CHANGED \| rc=0 >>\nhostB$", ping.stdout, re.MULTILINE)
 
 
 def _recap(output: str) -> dict[str, int]:
@@ -172,12 +175,12 @@ def test_evacuate_playbook_drains_a_lab_host(fleet: Fleet) -> None:
     finally:
         release.set()
         thread.join(60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
     assert not errors, errors
     assert records, "the client saw no migration"
     assert records[0].path == "seamless", records[0]
     assert records[0].connection_id_kept
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
     recap = _recap(proc.stdout)
     assert recap["failed"] == 0
     assert recap["changed"] == 1  # the evacuation itself
@@ -216,7 +219,9 @@ def test_evacuate_playbook_enforces_the_seamless_policy(fleet: Fleet) -> None:
     report.write_text(json.dumps(_CANNED))
     argv_log = fleet.root / "argv.txt"
     script = fake / "bin" / "spice-libvirt"
-    script.write_text(f'#!/bin/sh\necho "$@" > {argv_log}\ncat {report}\nexit 8\n')
+    # `doctor` (the play's readiness check) says ready; `evacuate` prints the recording
+    doctor = """case "$1" in doctor) echo '{"ready": true, "checks": []}'; exit 0;; esac\n"""
+    script.write_text(f'#!/bin/sh\n{doctor}echo "$@" > {argv_log}\ncat {report}\nexit 8\n')
     script.chmod(0o755)
     venv = ["-e", f"spice_libvirt_venv={fake}"]
 
@@ -241,7 +246,7 @@ def test_evacuate_playbook_enforces_the_seamless_policy(fleet: Fleet) -> None:
     failed = dict(_CANNED, domains=[{"domain": "vm-bad", "outcome": "failed", "exit_code": 7,
                                      "report": None, "error": "refused"}])  # fmt: skip
     report.write_text(json.dumps(failed))
-    script.write_text(f"#!/bin/sh\ncat {report}\nexit 7\n")
+    script.write_text(f"#!/bin/sh\n{doctor}cat {report}\nexit 7\n")
     broken = fleet.play(*venv, "-e", '{"spice_libvirt_require_seamless": false}')
     assert broken.returncode != 0
     assert "vm-bad: hostA -> hostB, failed, added 0 ms (refused)" in broken.stdout

@@ -51,6 +51,7 @@ from spice_libvirt.hook.install import render_shim
 from spice_libvirt.lab import netns
 from spice_libvirt.lab.libvirt_host import HostConfig, LibvirtHost
 from spice_libvirt.lab.libvirt_state import default_caps_seed
+from spice_libvirt.lab.sshd import start_sshd
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
 
@@ -163,7 +164,7 @@ class SshHost:
     ctl_netns: str
     root: Path  # the test's directory
     prefix: Path  # where the role writes what the host does not have privately
-    sshd_pid: int
+    sshd: netns.ProcRef
     inventory: Path
     playbook: Path
     env: dict[str, str]
@@ -206,50 +207,6 @@ class SshHost:
             ],
         )  # fmt: skip
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-
-
-_SSHD_CONFIG = """\
-# sshd of a namespace test host: key-only root login, everything under {d}
-ListenAddress {ip}
-Port 22
-HostKey {d}/ssh_host_ed25519_key
-PidFile {d}/sshd.pid
-AuthorizedKeysFile {d}/authorized_keys
-PermitRootLogin prohibit-password
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UsePAM no
-# the keys live under /tmp (world-writable), which StrictModes would refuse
-StrictModes no
-Subsystem sftp /usr/lib/openssh/sftp-server
-LogLevel VERBOSE
-"""
-
-
-def start_sshd(lab: LibvirtHost, ssh_dir: Path, ip: str) -> int:
-    """Keys, known_hosts and an sshd on ``ip`` inside the host's namespaces; its PID.
-
-    ``ssh_dir`` gets ``id_ed25519`` (the client key) and ``known_hosts`` (the host key for
-    ``ip``): what an inventory needs for strict host key checking.
-    """
-    ssh_dir.mkdir(mode=0o700)
-    for key in ("ssh_host_ed25519_key", "id_ed25519"):
-        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", key, "-f", str(ssh_dir / key)])
-    shutil.copy(ssh_dir / "id_ed25519.pub", ssh_dir / "authorized_keys")
-    host_pub = (ssh_dir / "ssh_host_ed25519_key.pub").read_text().split()
-    (ssh_dir / "known_hosts").write_text(f"{ip} {host_pub[0]} {host_pub[1]}\n")
-    config = ssh_dir / "sshd_config"
-    config.write_text(_SSHD_CONFIG.format(d=ssh_dir, ip=ip))
-    # privilege separation directory, in the host's private /run
-    (lab.state_dir / "run" / "sshd").mkdir(mode=0o755, exist_ok=True)
-    _run(lab.enter_argv(["/usr/sbin/sshd", "-f", str(config), "-E", str(ssh_dir / "sshd.log")]))
-    pidfile = ssh_dir / "sshd.pid"
-    netns.wait_for(
-        lambda: pidfile.is_file() and pidfile.read_text().strip().isdigit(),
-        timeout=10,
-        what="sshd pid file",
-    )
-    return int(pidfile.read_text())
 
 
 def _installed(packages: list[str]) -> list[str]:
@@ -319,7 +276,7 @@ def ssh_host(find_links: Path) -> Iterator[SshHost]:
     host_ns, ctl_ns = f"sla-{tag}", f"slc-{tag}"
     created: list[str] = []
     lab: LibvirtHost | None = None
-    sshd_pid: int | None = None
+    sshd_proc: netns.ProcRef | None = None
     try:
         for ns in (host_ns, ctl_ns):
             netns.add(ns)
@@ -342,7 +299,7 @@ def ssh_host(find_links: Path) -> Iterator[SshHost]:
         )
         lab.prepare()
         lab.start(timeout=60)
-        sshd_pid = start_sshd(lab, root / "ssh", HOST_IP)
+        sshd_proc = start_sshd(lab, root / "ssh", HOST_IP)
         prefix = root / "prefix"
         (prefix / "usr" / "libexec" / "vdsm" / "hooks").mkdir(parents=True)  # "VDSM is here"
         inventory = _write_inventory(root, prefix, find_links, _snapshot_source(root / "src"))
@@ -365,7 +322,7 @@ def ssh_host(find_links: Path) -> Iterator[SshHost]:
                 "PATH": f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}",
             }
         )
-        yield SshHost(lab, ctl_ns, root, prefix, sshd_pid, inventory, playbook, env)
+        yield SshHost(lab, ctl_ns, root, prefix, sshd_proc, inventory, playbook, env)
     finally:
         errors: list[str] = []
         if lab is not None:
@@ -375,8 +332,8 @@ def ssh_host(find_links: Path) -> Iterator[SshHost]:
                         lab.run(["virsh", "destroy", dom], timeout=60)
             except LabError as exc:
                 errors.append(str(exc))
-        if sshd_pid is not None:
-            netns.terminate([sshd_pid])
+        if sshd_proc is not None:
+            netns.terminate([sshd_proc])
         if lab is not None:
             lab.stop()
         for ns in created:  # ends whatever is left in them (ssh masters, sessions)
@@ -400,7 +357,7 @@ def _recap(output: str) -> dict[str, int]:
 def _ok(proc: subprocess.CompletedProcess[str]) -> dict[str, int]:
     out = proc.stdout + proc.stderr
     if "UNREACHABLE" in out:  # say why: sshd's side of it
-        logs = sorted(Path(tempfile.gettempdir()).glob("sla-*/ssh/sshd.log"))
+        logs = sorted(Path(tempfile.gettempdir()).glob("sla-*/state/run/sshd-lab/sshd.log"))
         out += "".join(f"\n--- {log}\n{log.read_text()[-3000:]}" for log in logs)
     assert proc.returncode == 0, out[-6000:]
     recap = _recap(proc.stdout)

@@ -90,6 +90,20 @@ def register(subparsers: Any) -> None:
         metavar="S",
         help="libvirt lab: the ticket expires S seconds after 'lab up' (passwdValidTo)",
     )
+    up.add_argument(
+        "--domains",
+        type=int,
+        default=None,
+        metavar="N",
+        help="libvirt lab: N firmware guests on host A (each with a client, see --clients)",
+    )
+    up.add_argument(
+        "--clients",
+        choices=("watch", "none"),
+        default=None,
+        help="libvirt lab with --domains: one 'spice-libvirt watch' client per domain in the "
+        "client namespace (watch, the default) or none",
+    )
     up.set_defaults(handler=_up)
 
     mig = sub.add_parser("migrate", help="migrate to the other side (and re-arm it)")
@@ -141,6 +155,15 @@ def register(subparsers: Any) -> None:
     rtt.add_argument("--json", action="store_true")
     rtt.set_defaults(handler=_rtt)
 
+    evac = sub.add_parser(
+        "evacuate",
+        help="libvirt lab: drain the host the guests run on (spice-libvirt evacuate)",
+    )
+    evac.add_argument("--parallel", type=int, default=1, metavar="P", help="at a time (1)")
+    evac.add_argument("--plain", action="store_true", help="no hold: the baseline")
+    evac.add_argument("--json", action="store_true")
+    evac.set_defaults(handler=_evacuate)
+
     purge = sub.add_parser("purge", help="libvirt lab: remove a lab whose state file is lost")
     purge.add_argument("prefix", help="its namespace prefix, e.g. slab1a2b3c")
     purge.add_argument("--json", action="store_true")
@@ -176,6 +199,8 @@ def _up(args: argparse.Namespace) -> int:
             "--client-rtt-ms": args.client_rtt_ms is not None,
             "--ticket-file": args.ticket_file is not None,
             "--ticket-valid-s": args.ticket_valid_s is not None,
+            "--domains": args.domains is not None,
+            "--clients": args.clients is not None,
         },
         "the QEMU lab (libvirt lab only)",
     )
@@ -273,9 +298,18 @@ def _down(args: argparse.Namespace) -> int:
     return int(ExitCode.OK)
 
 
-def _rtt(args: argparse.Namespace) -> int:
+def _libvirt_only(args: argparse.Namespace, command: str) -> Path:
     if (path := _libvirt_dir(args)) is None:
         raise LabError(
-            f"no libvirt lab in {labdir.libvirt_lab_dir(args.dir)}: 'lab rtt' needs 'lab up --libvirt'"
+            f"no libvirt lab in {labdir.libvirt_lab_dir(args.dir)}: "
+            f"'lab {command}' needs 'lab up --libvirt'"
         )
-    return lab_libvirt.rtt(args, path)
+    return path
+
+
+def _rtt(args: argparse.Namespace) -> int:
+    return lab_libvirt.rtt(args, _libvirt_only(args, "rtt"))
+
+
+def _evacuate(args: argparse.Namespace) -> int:
+    return lab_libvirt.evacuate(args, _libvirt_only(args, "evacuate"))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from spice_libvirt.cli.render import print_hold, print_report, save_timeline
 from spice_libvirt.errors import ConfigError
-from spice_libvirt.exitcodes import ExitCode, for_report
+from spice_libvirt.exitcodes import ExitCode, for_evacuation, for_report
 from spice_libvirt.migration.progress import make_reporter
 
 
@@ -28,16 +28,19 @@ def refuse(options: dict[str, bool], where: str) -> None:
 
 def up(args: argparse.Namespace, path: Path) -> int:
     from spice_libvirt.lab import libvirt_lab
+    from spice_libvirt.lab.libvirt_fleet import FLEET_MEMORY_MIB
 
     state = libvirt_lab.up(
         path,
         client_rtt_ms=args.client_rtt_ms or 0.0,
         guest=args.guest,
-        memory_mib=args.memory or 256,
+        memory_mib=args.memory or (256 if (args.domains or 1) == 1 else FLEET_MEMORY_MIB),
         tls=args.tls,
         tls_mode=args.tls_mode or "secure",
         ticket_file=args.ticket_file,
         ticket_valid_s=args.ticket_valid_s,
+        domains=args.domains or 1,
+        clients=args.domains is not None and args.clients != "none",
     )
     spice = libvirt_lab.spice_endpoint(state, "A")
     if args.json:
@@ -49,6 +52,10 @@ def up(args: argparse.Namespace, path: Path) -> int:
         f"(rtt {state.bridge.rtt_ms} ms)"
     )
     print(f"  A: {state.hosts['A'].uri_unix}\n  B: {state.hosts['B'].uri_unix}")
+    if state.extra_domains:
+        print(f"  {len(state.all_domains)} guests on hostA, {len(state.clients)} clients in C")
+    if state.ansible_inventory is not None:
+        print(f"  ansible inventory: {state.ansible_inventory}")
     if spice and state.tls is not None:
         print(
             f"  TLS {state.tls.mode}: CA {state.tls.ca_cert}, subjects "
@@ -109,6 +116,11 @@ def status(args: argparse.Namespace, path: Path) -> int:
     for h in st.hosts:
         alive = "alive" if h.libvirtd_alive else "dead"
         print(f"  {h.name}: libvirtd pid {h.libvirtd_pid} {alive}, domains {h.domains}")
+    for p in (*st.daemons, *st.clients):
+        alive = "alive" if p.alive else "DEAD"
+        print(f"  {p.where}: {p.what} pid {p.pid} {alive} {p.address or ''}")
+    if st.ansible_inventory is not None:
+        print(f"ansible inventory: {st.ansible_inventory}")
     return int(ExitCode.OK if st.healthy else ExitCode.LAB)
 
 
@@ -121,6 +133,31 @@ def down(args: argparse.Namespace, path: Path) -> int:
     else:
         print(f"libvirt lab {report.id} down: stopped {', '.join(report.stopped) or 'nothing'}")
     return int(ExitCode.OK)
+
+
+def evacuate(args: argparse.Namespace, path: Path) -> int:
+    """Drain the host the lab's guests run on; one line per domain (both ends' verdicts)."""
+    from spice_libvirt.lab import libvirt_fleet
+
+    result = libvirt_fleet.lab_evacuate(path, parallel=args.parallel, options={"plain": args.plain})
+    if args.json:
+        print(result.model_dump_json(indent=1))
+        return int(for_evacuation(result.report))
+    for d in result.report.domains:
+        client = result.clients.get(d.domain)
+        held = d.report.hold.held_ms if d.report is not None and d.report.hold else None
+        print(
+            f"{d.domain}: host{result.source} -> host{result.destination}, {d.outcome}"
+            + (f", client: {client.path}" if client is not None else "")
+            + (f", held {held:.0f} ms" if held else "")
+            + (f" ({d.error})" if d.error else "")
+        )
+    print(
+        f"{len(result.report.domains)} domain(s) in {result.wall_s:.1f} s at --parallel "
+        f"{args.parallel}: {result.seamless} seamless by both ends; "
+        + ", ".join(f"{k} {v}" for k, v in sorted(result.report.counts.items()))
+    )
+    return int(for_evacuation(result.report))
 
 
 def rtt(args: argparse.Namespace, path: Path) -> int:

@@ -52,6 +52,8 @@ def up(args: argparse.Namespace) -> int:
             "--client-rtt-ms": getattr(args, "client_rtt_ms", None) is not None,
             "--ticket-file": getattr(args, "ticket_file", None) is not None,
             "--ticket-valid-s": getattr(args, "ticket_valid_s", None) is not None,
+            "--domains": getattr(args, "domains", None) is not None,
+            "--clients": getattr(args, "clients", None) is not None,
         },
         "the Vagrant lab",
     )
@@ -68,7 +70,7 @@ def up(args: argparse.Namespace) -> int:
         print(
             f"  {name}: ssh -F {state.ssh_config} {name}   ({host.address}, {state.tcp_uri(name)})"
         )
-    print(f"  inventory: {state.inventory}")
+    print(f"  ansible inventory: {state.inventory}")
     print(f"guest {state.domain} on {state.location}; 'lab migrate' moves it to the other host")
     return int(ExitCode.OK)
 
@@ -145,7 +147,7 @@ def status(args: argparse.Namespace) -> int:
         )
         print(f"  VMs {vms or '-'} ({state.driver}); guest {state.domain} on {state.location}")
         print(f"  migrations {state.migrations}, last outcome {state.last_outcome}")
-        print(f"  inventory {state.inventory}; timings {state.timings}")
+        print(f"  ansible inventory {state.inventory}; timings {state.timings}")
     return int(ExitCode.OK if healthy else ExitCode.LAB)
 
 

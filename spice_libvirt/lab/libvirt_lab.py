@@ -50,7 +50,7 @@ from typing import Any
 
 from spice_libvirt import errors
 from spice_libvirt.errors import ConfigError, LabError, MigrationError
-from spice_libvirt.lab import delaybridge, libvirt_ticket, libvirt_tls, netns
+from spice_libvirt.lab import delaybridge, libvirt_daemons, libvirt_ticket, libvirt_tls, netns
 from spice_libvirt.lab.labdir import remove_inside
 from spice_libvirt.lab.libvirt_domain import TEMPLATE, TEMPLATE_LINUX, render_domain_xml
 from spice_libvirt.lab.libvirt_host import (
@@ -218,8 +218,15 @@ def up(
     tls_mode: TlsMode = "secure",
     ticket_file: Path | None = None,
     ticket_valid_s: float | None = None,
+    domains: int = 1,
+    clients: bool = False,
 ) -> LabState:
     """Build the lab and start the guest on host A; return the recorded state.
+
+    Every lab gets an sshd in each host and an Ansible inventory naming them
+    (:mod:`~spice_libvirt.lab.libvirt_daemons`, ``state.ansible_inventory``). ``domains``
+    > 1 starts that many guests on A in all, ``clients`` a ``spice-libvirt watch`` client
+    for each in the client namespace (:mod:`~spice_libvirt.lab.libvirt_fleet`).
 
     With ``tls`` the hosts run SPICE over TLS as a manager sets it up
     (:mod:`~spice_libvirt.lab.libvirt_tls`): a lab CA, a certificate per host, ``spice_tls``
@@ -238,6 +245,9 @@ def up(
     mode: TlsMode | None = tls_mode if tls else None
     if ticket_valid_s is not None and ticket_file is None:
         raise ConfigError("a ticket validity needs a ticket file")
+    from spice_libvirt.lab import libvirt_fleet
+
+    libvirt_fleet.check_request(domains, tls=tls, ticket=ticket_file is not None)
     ticket = libvirt_ticket.check_ticket_file(ticket_file) if ticket_file else None
     xml = render_domain_xml(
         name=domain, memory_mib=memory_mib, guest=guest, tls_mode=mode, ticket=bool(ticket)
@@ -261,6 +271,10 @@ def up(
             _bring_up(state, xml, timeout, before_start)
             if ticket is not None:
                 libvirt_ticket.set_ticket(state, "A", ticket_valid_s)
+            libvirt_daemons.start_sshds(state)
+            libvirt_fleet.bring_up(state, domains, memory_mib, clients)
+            state.phase = "up"
+            save(state)
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 _teardown(state)
@@ -337,7 +351,6 @@ def _bring_up(
     if warm_b.is_alive():
         raise LabError("host B did not finish probing QEMU in time")
     state.timings.caps_harvested = state.host("A").harvest_caps(default_caps_seed(0))
-    state.phase = "up"
     save(state)
 
 
@@ -360,6 +373,7 @@ def _destroy_domains(host: LibvirtHost, timeout: float) -> list[str]:
 
 def _teardown(state: LabState, *, keep_logs: bool = False) -> DownReport:
     report = DownReport(found=True, id=state.id)
+    report.stopped += libvirt_daemons.stop_all(state)
     if state.bridge.proc is not None and state.bridge.proc.alive():
         netns.terminate([state.bridge.proc], timeout=5.0)
         report.stopped.append(f"delay bridge pid {state.bridge.proc.pid}")
@@ -537,9 +551,6 @@ def restart_libvirtd(lab_dir: Path | None, host: HostName) -> LabState:
             state.hosts[host].runtime = h.runtime
             save(state)
         return state
-
-
-# --------------------------------------------------------------------------- client link
 
 
 __all__ = [

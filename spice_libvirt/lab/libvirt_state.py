@@ -120,6 +120,24 @@ class LabTlsState(BaseModel):
     tls_port: int = TLS_LAB_TLS_PORT
 
 
+class LabProcess(BaseModel):
+    """A process the lab started besides the hosts' own libvirtd and virtlogd.
+
+    Per-host daemons (an sshd for Ansible; an agent) run inside a host (``where`` "A" or
+    "B"); the domains' SPICE clients run in the client namespace (``where`` "C"). ``lab
+    down`` stops each by PID (checked against its start time), ``lab status`` lists them.
+    """
+
+    where: str
+    what: str
+    proc: ProcRef
+    log: Path | None = None
+    #: a client: the domain it is connected to
+    domain: str | None = None
+    #: where it listens or what it is connected to ("10.251.7.1:22", a SPICE URI)
+    address: str | None = None
+
+
 class LabState(BaseModel):
     """Everything a lab consists of; written to ``<lab_dir>/state.json`` as it grows."""
 
@@ -146,6 +164,19 @@ class LabState(BaseModel):
     active_host: HostName | None = None
     migrations: int = 0
     timings: Timings = Field(default_factory=Timings)
+    #: the guests besides ``domain`` (``lab up --domains N``: ``<domain>-1`` ...)
+    extra_domains: list[str] = Field(default_factory=list)
+    #: per-host daemons (sshd, agents): stopped by PID on ``down``
+    daemons: list[LabProcess] = Field(default_factory=list)
+    #: one SPICE client per domain in the client namespace (``--domains N``)
+    clients: list[LabProcess] = Field(default_factory=list)
+    #: the Ansible inventory of the hosts (reached over each host's sshd); None: no sshd
+    ansible_inventory: Path | None = None
+    notes: list[str] = Field(default_factory=list)
+
+    @property
+    def all_domains(self) -> list[str]:
+        return [self.domain, *self.extra_domains]
 
     def host(self, name: str) -> LibvirtHost:
         h = self.hosts[name]
@@ -179,6 +210,16 @@ class HostStatus(BaseModel):
     error: str | None = None
 
 
+class ProcessStatus(BaseModel):
+    where: str
+    what: str
+    pid: int
+    alive: bool
+    domain: str | None = None
+    address: str | None = None
+    log: Path | None = None
+
+
 class LabStatus(BaseModel):
     running: bool
     id: str | None = None
@@ -196,6 +237,10 @@ class LabStatus(BaseModel):
     namespaces_missing: list[str] = Field(default_factory=list)
     migrations: int = 0
     timings: Timings | None = None
+    domains: list[str] = Field(default_factory=list)
+    daemons: list[ProcessStatus] = Field(default_factory=list)
+    clients: list[ProcessStatus] = Field(default_factory=list)
+    ansible_inventory: Path | None = None
 
 
 class MigrationResult(BaseModel):
@@ -275,5 +320,6 @@ def anything_alive(state: LabState) -> list[str]:
     refs = [state.bridge.proc] + [
         r for h in state.hosts.values() for r in (h.runtime.libvirtd, h.runtime.virtlogd)
     ]
+    refs += [p.proc for p in (*state.daemons, *state.clients)]
     alive += [f"{r.what} pid {r.pid}" for r in refs if r is not None and r.alive()]
     return alive

@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from spice_libvirt.errors import ConfigError, LabError, LibvirtError
-from spice_libvirt.lab import delaybridge, netns
+from spice_libvirt.lab import delaybridge, libvirt_daemons, netns
 from spice_libvirt.lab.libvirt_host import require_libvirt
 from spice_libvirt.lab.libvirt_state import (
     HOSTS,
@@ -137,6 +137,10 @@ def status(lab_dir: Path | None = None) -> LabStatus:
         namespaces_missing=missing,
         migrations=state.migrations,
         timings=state.timings,
+        domains=state.all_domains,
+        daemons=libvirt_daemons.statuses(state.daemons),
+        clients=libvirt_daemons.statuses(state.clients),
+        ansible_inventory=state.ansible_inventory,
     )
     if result.active_host is not None:
         result.spice = spice_endpoint(state, result.active_host)
@@ -147,6 +151,7 @@ def status(lab_dir: Path | None = None) -> LabStatus:
         and all(h.libvirtd_alive and h.virtlogd_alive and h.host_uuid for h in hosts)
         and len({h.host_uuid for h in hosts}) == len(hosts)
         and result.spice is not None
+        and all(p.alive for p in (*result.daemons, *result.clients))
     )
     return result
 
