@@ -28,7 +28,17 @@ Register = Callable[[Any], None]
 
 def commands() -> tuple[Register, ...]:
     """Each sub-command's ``register``, in the order ``--help`` lists them."""
-    from spice_libvirt.cli import doctor, evacuate, hook, journal, lab, migrate, probe, watch
+    from spice_libvirt.cli import (
+        agent,
+        doctor,
+        evacuate,
+        hook,
+        journal,
+        lab,
+        migrate,
+        probe,
+        watch,
+    )
 
     return (
         probe.register,
@@ -36,6 +46,7 @@ def commands() -> tuple[Register, ...]:
         lab.register,
         migrate.register,
         evacuate.register,
+        agent.register,
         hook.register,
         journal.register,
         doctor.register,
