@@ -17,15 +17,16 @@ the database stays at a few megabytes however long it lives.
 
 from __future__ import annotations
 
-# The C module ``sqlite3`` is built on (``sqlite3.connect``, ``sqlite3.Error`` and
-# ``sqlite3.Connection`` are its objects): the package adds only the deprecated default
-# date/time adapters, and their ``datetime`` and ``collections.abc`` imports, which the
-# hook would pay for on every guest event (``benchmarks/bench_hook.py``).
-import _sqlite3 as sqlite3
 import builtins
 import os
 
 from spice_libvirt.errors import HookError
+
+# The C module ``sqlite3`` is built on (``sqlite3.connect``, ``sqlite3.Error`` and
+# ``sqlite3.Connection`` are its objects): the package adds only the deprecated default
+# date/time adapters, and their ``datetime`` and ``collections.abc`` imports, which the
+# hook would pay for on every guest event (``benchmarks/bench_hook.py``).
+from spice_libvirt.hook.sqlite_light import sqlite3
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
