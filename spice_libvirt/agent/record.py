@@ -19,6 +19,9 @@ from pydantic import BaseModel, Field
 
 log = logging.getLogger(__name__)
 
+#: syslog severity of a verdict that went well
+INFO = 6
+
 AgentOutcome = Literal[
     "seamless", "switch-host", "not-linked", "failed", "no-client", "skipped", "error"
 ]
@@ -60,6 +63,14 @@ class AgentVerdict(BaseModel):
         )
 
 
+def syslog_verdict(socket_path: str, verdict: AgentVerdict) -> None:
+    """The verdict's one line to syslog/journald (dropped silently when there is none)."""
+    from spice_libvirt.syslog_line import WARNING, send
+
+    severity = WARNING if verdict.outcome in ("switch-host", "not-linked", "error") else INFO
+    send("spice-libvirt-agent", verdict.line(), path=socket_path, severity=severity)
+
+
 def journal_verdict(journal_path: Path | None, verdict: AgentVerdict) -> None:
     """Append ``verdict`` to the hook's journal; a journal that cannot be written is logged,
     never fatal (the migration is over; losing its record must not stop the agent)."""
@@ -81,6 +92,7 @@ def journal_verdict(journal_path: Path | None, verdict: AgentVerdict) -> None:
             detail=verdict.model_dump_json(),
             duration_ms=verdict.held_ms,
             pid=os.getpid(),
+            source="agent",
         )
         Journal(journal_path).record(entry)
     except Exception as exc:  # disk, lock or config: logged, never fatal to the agent

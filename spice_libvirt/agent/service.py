@@ -38,6 +38,7 @@ from spice_libvirt.agent.record import (
     AgentStatus,
     AgentVerdict,
     journal_verdict,
+    syslog_verdict,
     write_status,
 )
 from spice_libvirt.agent.settings import AgentSettings
@@ -186,6 +187,7 @@ class Agent:
         self._recent.append(verdict)
         log.info("%s", verdict.line())
         journal_verdict(self.settings.journal_path, verdict)
+        syslog_verdict(self.settings.syslog_socket, verdict)
         self._publish()
 
     def _publish(self) -> None:

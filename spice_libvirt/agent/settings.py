@@ -35,6 +35,8 @@ class AgentSettings(BaseModel):
     * ``allow_taint``: hold near-empty guests through the QMP passthrough too; off by
       default, since that taints the domain (``custom-monitor``).
     * ``state_dir``: holds written down before they are applied, and the status file.
+    * ``syslog_socket``: one line per verdict to this datagram socket (journald, rsyslog);
+      "" for none.
     * ``journal_path``: the SQLite journal the verdicts go to (``spice-libvirt journal``);
       None: the hook's journal (``config.toml``).
     """
@@ -50,6 +52,7 @@ class AgentSettings(BaseModel):
     allow_taint: bool = False
     state_dir: Path = DEFAULT_STATE_DIR
     journal_path: Path | None = None
+    syslog_socket: str = "/dev/log"
 
     @field_validator("destination_uri")
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,8 @@ def _settings(args: argparse.Namespace) -> Any:
 def _run(args: argparse.Namespace) -> int:
     from spice_libvirt.agent.service import serve
 
+    # a service logs what it does: one line per verdict even without -v
+    logging.getLogger("spice_libvirt.agent").setLevel(logging.INFO)
     asyncio.run(serve(_settings(args)))
     return int(ExitCode.OK)
 

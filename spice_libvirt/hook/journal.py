@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from typing import Any, Literal
 
     #: What produced an entry: libvirt's qemu hook or one of the VDSM hook adapters.
-    EntrySource = Literal["libvirt", "vdsm"]
+    EntrySource = Literal["libvirt", "vdsm", "agent"]
     #: How the invocation ended, from the hook's point of view.
     Outcome = Literal["ok", "rewritten", "error"]
 
@@ -82,7 +82,7 @@ class JournalEntry:
     * ``domain``, ``uuid``: ``<name>`` and ``<uuid>`` of the domain XML;
     * ``outcome``: 'ok', 'rewritten' or 'error'; ``detail``: what changed, or why it failed;
     * ``duration_ms``: time from hook start to the journal write; ``pid``;
-    * ``source``: 'libvirt' or 'vdsm'; ``id``: the row id (None before it is recorded).
+    * ``source``: 'libvirt', 'vdsm' or 'agent' (the host agent's verdicts); ``id``: the row id (None before it is recorded).
     """
 
     __slots__ = _COLUMN_NAMES
