@@ -1,8 +1,9 @@
 """Migration progress: a model built from ``query-migrate`` and two ways to show it.
 
-A terminal user wants a live bar; a hook, a service or a CI log wants one line per step
-that a machine can grep. So :func:`make_reporter` returns a ``rich`` progress bar only
-when stderr is a TTY, and a logging reporter everywhere else. The percentage follows
+A terminal user wants a live bar and the phases as a checklist; a hook, a service or a CI
+log wants one line per step that a machine can grep. So :func:`make_reporter` returns a
+``rich`` checklist and bar only when stderr is a TTY, and a logging reporter everywhere
+else. The percentage follows
 VDSM's rule: it stays at 99 until QEMU says the migration completed, because "100 %
 transferred" during precopy only means "this pass is done".
 """
@@ -121,10 +122,55 @@ class NullReporter:
         return None
 
 
-class RichReporter:
-    """A live bar on stderr (terminal only): percent, MB/s, dirty rate, passes."""
+class Checklist:
+    """The phases of a run as a terminal shows them: one line each, a mark for its state
+    (running, done, failed), its time and detail; rendered by ``rich`` (``__rich__``).
 
-    def __init__(self) -> None:
+    Why not log records: a phase is a step an operator follows, not an event to grep; one
+    line that turns from "running" to "done" reads as a checklist, where a log record per
+    start and end (with a timestamp and the source file that logged it) reads as noise.
+    """
+
+    def __init__(self, *, unicode: bool = True) -> None:
+        self.steps: dict[str, list[str]] = {}  # name -> [state, detail, time]
+        self._marks = (
+            {"running": "…", "ok": "✓", "failed": "✗"}
+            if unicode
+            else {"running": "..", "ok": "ok", "failed": "!!"}
+        )
+
+    def start(self, name: str, detail: str = "") -> None:
+        step = self.steps.setdefault(name, ["running", "", ""])
+        if detail:
+            step[1] = detail
+
+    def finish(self, name: str, ok: bool, duration_ms: float, detail: str = "") -> None:
+        step = self.steps.setdefault(name, ["running", "", ""])
+        step[0] = "ok" if ok else "failed"
+        step[1] = detail or step[1]
+        step[2] = f"{duration_ms:.0f} ms"
+
+    def lines(self) -> list[tuple[str, str, str, str]]:
+        """(mark, name, time, detail) per step, in the order they started."""
+        return [(self._marks[st], name, t, d) for name, (st, d, t) in self.steps.items()]
+
+    def __rich__(self) -> Any:
+        from rich.table import Table
+
+        styles = {"running": "yellow", "ok": "green", "failed": "bold red"}
+        grid = Table.grid(padding=(0, 1))
+        for (mark, name, took, detail), (state, _d, _t) in zip(
+            self.lines(), self.steps.values(), strict=True
+        ):
+            grid.add_row(f"[{styles[state]}]{mark}[/]", name, f"[dim]{took}[/]", detail)
+        return grid
+
+
+class RichReporter:
+    """On a terminal (stderr): the phases as a :class:`Checklist` above a live bar (percent,
+    MB/s, dirty rate, passes). ``console`` is for tests (a recording console)."""
+
+    def __init__(self, console: Any = None) -> None:
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -134,8 +180,18 @@ class RichReporter:
             TimeElapsedColumn,
         )
 
-        self._console = Console(stderr=True)
-        self._progress = Progress(
+        self._console = console if console is not None else Console(stderr=True)
+        encoding = (self._console.encoding or "").lower().replace("-", "")
+        self.checklist = Checklist(unicode=encoding.startswith("utf"))
+        checklist = self.checklist
+
+        class _WithChecklist(Progress):
+            def get_renderables(self) -> Any:
+                yield checklist
+                if self.tasks:
+                    yield self.make_tasks_table(self.tasks)
+
+        self._progress = _WithChecklist(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             TaskProgressColumn(),
@@ -144,16 +200,26 @@ class RichReporter:
             console=self._console,
             transient=False,
         )
-        self._task = self._progress.add_task("migration", total=100.0, rate="")
+        self._task: Any = None
         self._started = False
 
-    def phase(self, name: str, detail: str = "") -> None:
-        self._console.log(f"{name}{': ' + detail if detail else ''}")
-
-    def update(self, progress: MigrationProgress) -> None:
+    def _show(self) -> None:
         if not self._started:
             self._progress.start()
             self._started = True
+        self._progress.refresh()
+
+    def phase(self, name: str, detail: str = "") -> None:
+        self.checklist.start(name, detail)
+        self._show()
+
+    def phase_done(self, name: str, ok: bool, duration_ms: float, detail: str = "") -> None:
+        self.checklist.finish(name, ok, duration_ms, detail)
+        self._show()
+
+    def update(self, progress: MigrationProgress) -> None:
+        if self._task is None:
+            self._task = self._progress.add_task("migration", total=100.0, rate="")
         self._progress.update(
             self._task,
             completed=progress.percent,
@@ -163,10 +229,12 @@ class RichReporter:
                 f"pass {progress.passes}"
             ),
         )
+        self._show()
 
     def close(self) -> None:
         if self._started:
             self._progress.stop()
+            self._started = False
 
 
 def make_reporter(*, quiet: bool = False) -> ProgressReporter:
@@ -211,6 +279,13 @@ class RunLog:
             )
         )
         self.reporter.phase(name, detail or "")
+        self._done(self.phases[-1])
+
+    def _done(self, timing: PhaseTiming) -> None:
+        """Tell a reporter that shows steps (a :class:`Checklist`) that one ended."""
+        done = getattr(self.reporter, "phase_done", None)
+        if done is not None:
+            done(timing.name, timing.ok, timing.duration_ms, timing.detail or "")
 
     @contextlib.asynccontextmanager
     async def phase(self, name: str) -> AsyncIterator[PhaseTiming]:
@@ -227,6 +302,7 @@ class RunLog:
         finally:
             timing.duration_ms = round((time.monotonic() - start) * 1000.0, 3)
             self.phases.append(timing)
+            self._done(timing)
 
     def fill(self, report: MigrationReport) -> None:
         """Copy phases, notes and the total duration into ``report``; log its one syslog line.
