@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spice_libvirt import config
-from spice_libvirt.config import load_config
+from spice_libvirt.config import FIELDS, Settings, load_config
 from spice_libvirt.errors import ConfigError
 
 
@@ -271,3 +272,19 @@ def test_ipv4_fast_path_is_what_ipaddress_prints() -> None:
         except ValueError:
             same = False
         assert fast == same, text
+
+
+def test_the_shipped_example_is_valid_and_documents_every_key() -> None:
+    """``spice_libvirt/config.example.toml`` (package data): loads as the defaults, names
+    every key, and is listed in pyproject's package data so wheels carry it."""
+    from importlib import resources
+
+    example = resources.files("spice_libvirt") / "config.example.toml"
+    text = example.read_text(encoding="utf-8")
+    with resources.as_file(example) as path:
+        assert load_config(path) == Settings()
+    for key in FIELDS:
+        assert re.search(rf"^#?{key} = ", text, re.MULTILINE), key
+    root = Path(__file__).resolve().parents[1]
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "config.example.toml" in data["package-data"]["spice_libvirt"]
