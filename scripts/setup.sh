@@ -15,7 +15,8 @@
 # /etc/libvirt (qemu.conf included), and nothing here uses the machine's own libvirtd.
 # Environment: PYTHON (interpreter for the venv, default python3, must be >= 3.11),
 #              SPICE_LIBVIRT_CACHE (guest cache root), SETUP_SKIP_GUEST=1 (skip step 3),
-#              SPICE_LIBVIRT_VAGRANT=1 (also the Vagrant lab's packages).
+#              SPICE_LIBVIRT_VAGRANT=0 (leave out the Vagrant lab's packages: vagrant,
+#              vagrant-libvirt, mmdebstrap...; scripts/test.sh then leaves out its test).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -26,8 +27,8 @@ PACKAGES=(
     virt-viewer xvfb xauth tshark busybox-static cpio iproute2 seabios ipxe-qemu procps
     openssl xz-utils python3-venv python3-dev binutils ruby openssh-server openssh-client
 )
-# the Vagrant lab (lab up --vagrant; tests: -m vagrant) only when asked for
-if [ "${SPICE_LIBVIRT_VAGRANT:-0}" = 1 ]; then
+# the Vagrant lab (lab up --vagrant; its test runs in scripts/test.sh) unless opted out
+if [ "${SPICE_LIBVIRT_VAGRANT:-1}" != 0 ]; then
     PACKAGES+=(vagrant vagrant-libvirt mmdebstrap extlinux syslinux-common fdisk qemu-utils dnsmasq-base)
 fi
 

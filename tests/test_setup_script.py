@@ -86,7 +86,7 @@ def test_each_step_performed_is_one_line(sandbox: Path) -> None:
     assert proc.stdout.splitlines() == [
         "setup: refreshing the apt package lists",
         "setup: installing 2 Debian packages: gcc ruby",
-        "setup: installing spice-libvirt and its dev and libvirt extras into .venv",
+        "setup: installing spice-libvirt and its dev, libvirt and lab extras into .venv",
     ]
     calls = _calls(sandbox)
     assert "apt-get update -q" in calls
@@ -94,6 +94,20 @@ def test_each_step_performed_is_one_line(sandbox: Path) -> None:
     assert any(c.startswith("venv-python -m pip install -q -e ") for c in calls)
     # and the second run has nothing left to do
     assert _setup(sandbox).stdout == ""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as_root would ask sudo")
+def test_vagrant_packages_by_default_and_an_opt_out(sandbox: Path) -> None:
+    """The Vagrant lab's test runs in scripts/test.sh by default, so setup installs its
+    packages; SPICE_LIBVIRT_VAGRANT=0 leaves them out (and test.sh its test)."""
+    assert _setup(sandbox, MISSING="mmdebstrap", SPICE_LIBVIRT_VAGRANT="0").stdout == ""
+    proc = _setup(sandbox, MISSING="mmdebstrap")
+    assert proc.returncode == 0, proc.stderr
+    assert "setup: installing 1 Debian packages: mmdebstrap" in proc.stdout.splitlines()
+    assert "apt-get install -y -q mmdebstrap" in _calls(sandbox)
+    test_sh = (REPO / "scripts" / "test.sh").read_text()
+    assert 'select=(-m "not vagrant")' in test_sh
+    assert 'SPICE_LIBVIRT_VAGRANT:-1}" = 0' in test_sh
 
 
 def test_the_machines_libvirt_configuration_is_left_alone() -> None:
