@@ -44,7 +44,7 @@ def send(tag: str, message: str, *, path: str, severity: int = INFO) -> bool:
 
     ``path`` empty means "no syslog". Every failure returns False, silently.
     """
-    if not path:
+    if not path or not os.path.exists(path):  # no syslog here: not even the import
         return False
     try:
         import _socket
