@@ -120,6 +120,11 @@ class HookSummary(BaseModel):
     commands: list[CommandSummary]
     #: hook command -> baseline -> median ratio
     ratios: dict[str, dict[str, float]]
+    #: hook command -> median CPU ms / the goal baseline's median CPU ms (less load-sensitive
+    #: than wall time on a shared machine)
+    cpu_ratios: dict[str, float] = {}
+    #: 1-minute load average when the rounds started (the machine's at the end is in machine)
+    load_avg_1m_start: float | None = None
     goal_ratio: float = GOAL_RATIO
     goal_baseline: str
     worst_ratio: float
@@ -252,6 +257,7 @@ def journal_record_ms(work: Path, n: int = 200, *, held: bool = False) -> Distri
 
 def run(rounds: int, seed: int) -> tuple[HookSummary, list[dict[str, object]]]:
     rng = random.Random(seed)
+    load_start = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory(prefix="bench-hook-") as tmp:
         work = Path(tmp)
         cmds = commands(work)
@@ -292,6 +298,10 @@ def run(rounds: int, seed: int) -> tuple[HookSummary, list[dict[str, object]]]:
     ours = {name: r for name, r in ratios.items() if not name.startswith("console")}
     worst = max(r[goal_baseline] for r in ours.values())
     worst_plain = max(r[goal_baseline] for name, r in ours.items() if "(rewrite)" not in name)
+    cpu_median = {s.command: s.cpu_ms_median or 0.0 for s in summaries}
+    cpu_ratios = {
+        c.name: round(cpu_median[c.name] / cpu_median[goal_baseline], 3) for c in cmds if c.hook
+    }
     summary = HookSummary(
         machine=machine(),
         commit=_commit(),
@@ -299,6 +309,8 @@ def run(rounds: int, seed: int) -> tuple[HookSummary, list[dict[str, object]]]:
         shim=hook_install.render_default_shim(Path("/etc/spice-libvirt/config.toml")),
         commands=summaries,
         ratios=ratios,
+        cpu_ratios=cpu_ratios,
+        load_avg_1m_start=load_start,
         goal_baseline=goal_baseline,
         worst_ratio=worst,
         worst_ratio_without_rewrite=worst_plain,
@@ -315,18 +327,21 @@ def markdown(summary: HookSummary) -> str:
     m = summary.machine
     lines = [
         f"Commit {summary.commit}, Python {m.python}, {m.cpus} cores ({m.cpu_model}),"
-        f" load {m.load_avg_1m} at the end; {summary.rounds} alternating rounds.",
+        f" load {summary.load_avg_1m_start} at the start and {m.load_avg_1m} at the end;"
+        f" {summary.rounds} alternating rounds.",
         "",
         "| command | median ms | p90 ms | min..max ms | CPU ms (median) "
-        f"| ratio to {summary.goal_baseline} |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| ratio to {summary.goal_baseline} | CPU ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summary.commands:
         d = s.wall_ms
         ratio = summary.ratios.get(s.command, {}).get(summary.goal_baseline)
+        cpu_ratio = summary.cpu_ratios.get(s.command)
         lines.append(
             f"| {s.command} | {d.median:.1f} | {d.p90:.1f} | {d.min:.1f}..{d.max:.1f}"
-            f" | {s.cpu_ms_median:.1f} | {'-' if ratio is None else f'{ratio:.2f}x'} |"
+            f" | {s.cpu_ms_median:.1f} | {'-' if ratio is None else f'{ratio:.2f}x'}"
+            f" | {'-' if cpu_ratio is None else f'{cpu_ratio:.2f}x'} |"
         )
     j = summary.journal_record_ms
     held = summary.journal_record_held_ms

@@ -40,7 +40,10 @@ def test_install_writes_an_executable_shim_and_is_idempotent(tmp_path: Path, exe
     shim = hooks / "qemu.d" / "50-spice-libvirt"
     assert res.changed
     assert res.path == shim
-    assert "restart libvirtd (or virtqemud) to load the hook" in res.message
+    assert (
+        "reload libvirtd (or virtqemud; systemctl reload, i.e. SIGHUP) to load the hook"
+        in res.message
+    )
     assert stat.S_IMODE(shim.stat().st_mode) == 0o755
     text = shim.read_text()
     assert text.startswith("#!/bin/sh\n")
@@ -214,7 +217,10 @@ def test_cli_hook_install_status_uninstall(
     (hooks / "qemu").write_text(VDSM_QEMU_HOOK)
     args = ["--hooks-dir", str(hooks)]
     assert cli_main(["hook", "install", *args, "--executable", str(exe)]) == 0
-    assert "restart libvirtd (or virtqemud) to load the hook" in capsys.readouterr().out
+    assert (
+        "reload libvirtd (or virtqemud; systemctl reload, i.e. SIGHUP) to load the hook"
+        in capsys.readouterr().out
+    )
     assert cli_main(["hook", "status", *args]) == 0
     out = capsys.readouterr().out
     assert "installed:" in out

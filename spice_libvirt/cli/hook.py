@@ -22,7 +22,9 @@ def register(subparsers: Any) -> None:
         description=(
             "Manage the libvirt hook shim in HOOKS_DIR/qemu.d/50-spice-libvirt (libvirt >= "
             "6.5). HOOKS_DIR/qemu itself is never written: VDSM and other tools own it. "
-            "libvirtd (or virtqemud) reads hooks only when it starts: restart it afterwards."
+            "libvirtd (or virtqemud) looks for hooks when it starts or reloads: reload it afterwards "
+            "(systemctl reload libvirtd, i.e. SIGHUP; running guests and migrations go on). "
+            "`spice-libvirt doctor` says whether the running daemon has seen the hook."
         ),
     )
     actions = parser.add_subparsers(dest="hook_action", metavar="ACTION", required=True)

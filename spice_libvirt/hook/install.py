@@ -53,7 +53,7 @@ DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks")
 SHIM_NAME = "50-spice-libvirt"
 #: The second line of every shim we write; it is how we recognise our own file.
 MARKER = "# spice-libvirt: libvirt qemu hook shim"
-RESTART_HINT = "restart libvirtd (or virtqemud) to load the hook"
+RESTART_HINT = "reload libvirtd (or virtqemud; systemctl reload, i.e. SIGHUP) to load the hook"
 #: The libvirt version that introduced ``hooks/qemu.d/``.
 QEMU_D_SINCE = (6, 5)
 _VERSION_RE = re.compile(r"\b(\d+\.\d+(?:\.\d+)?)\s*$")
@@ -332,5 +332,5 @@ def uninstall(hooks_dir: Path = DEFAULT_HOOKS_DIR) -> InstallResult:
     except OSError as exc:
         raise HookError(f"cannot remove {shim}: {exc.strerror or exc}") from exc
     return InstallResult(
-        path=shim, changed=True, message=f"removed {shim}; restart libvirtd (or virtqemud)"
+        path=shim, changed=True, message=f"removed {shim}; reload libvirtd (or virtqemud)"
     )
