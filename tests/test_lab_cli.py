@@ -127,3 +127,32 @@ def test_qemu_only_migrate_options_are_refused_on_the_libvirt_lab(
     assert done.returncode == ExitCode.USAGE, done.stderr
     assert option[0] in done.stderr
     assert "libvirt lab" in done.stderr
+
+
+def test_evacuate_without_a_libvirt_lab_is_a_lab_error(lab_dir: Path) -> None:
+    done = cli("lab", "--dir", str(lab_dir), "evacuate", "--parallel", "2")
+    assert done.returncode == ExitCode.LAB, done.stderr
+    assert "needs 'lab up --libvirt'" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--domains", "0"], "--domains must be 1..64"),
+        (["--domains", "65"], "--domains must be 1..64"),
+        (["--domains", "2", "--tls"], "not supported"),
+    ],
+)
+def test_bad_fleet_requests_are_refused_before_anything_starts(
+    lab_dir: Path, extra: list[str], message: str
+) -> None:
+    done = cli("lab", "--dir", str(lab_dir), "up", "--libvirt", *extra)
+    assert done.returncode == ExitCode.USAGE, done.stderr
+    assert message in done.stderr
+    assert not (lab_dir / "libvirt" / "state.json").exists()
+
+
+def test_fleet_options_are_refused_on_the_qemu_lab(lab_dir: Path) -> None:
+    done = cli("lab", "--dir", str(lab_dir), "up", "--domains", "4")
+    assert done.returncode == ExitCode.USAGE, done.stderr
+    assert "--domains: not applicable to the QEMU lab" in done.stderr

@@ -30,16 +30,18 @@ def up(args: argparse.Namespace, path: Path) -> int:
     from spice_libvirt.lab import libvirt_lab
     from spice_libvirt.lab.libvirt_fleet import FLEET_MEMORY_MIB
 
+    domains = 1 if args.domains is None else args.domains
+
     state = libvirt_lab.up(
         path,
         client_rtt_ms=args.client_rtt_ms or 0.0,
         guest=args.guest,
-        memory_mib=args.memory or (256 if (args.domains or 1) == 1 else FLEET_MEMORY_MIB),
+        memory_mib=args.memory or (256 if args.domains is None else FLEET_MEMORY_MIB),
         tls=args.tls,
         tls_mode=args.tls_mode or "secure",
         ticket_file=args.ticket_file,
         ticket_valid_s=args.ticket_valid_s,
-        domains=args.domains or 1,
+        domains=domains,
         clients=args.domains is not None and args.clients != "none",
     )
     spice = libvirt_lab.spice_endpoint(state, "A")

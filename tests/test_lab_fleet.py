@@ -1,0 +1,90 @@
+"""A whole host, for real: ``lab up --libvirt --domains 8`` at 150 ms and ``lab evacuate``.
+
+Eight firmware guests on host A, each with its own ``spice-libvirt watch`` client in the
+client namespace behind the 150 ms delaying bridge; ``lab evacuate --parallel 8`` drains A
+through ``spice-libvirt evacuate``'s code. Every domain must be seamless by the controller's
+verdict (the destination kept the client's connection id) *and* by its client's own record,
+then the same back through the command line. ``lab down`` must stop every client and sshd by
+PID. (32 domains run in ``benchmarks/bench_evacuate.py``, not here: minutes.)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from spice_libvirt.exitcodes import ExitCode
+from spice_libvirt.lab import libvirt_fleet, libvirt_lab
+from spice_libvirt.lab.libvirt_state import LabState
+from tests.lab_marks import LIBVIRT_LAB
+
+pytest.importorskip("libvirt")
+
+pytestmark = LIBVIRT_LAB
+
+DOMAINS = 8
+RTT_MS = 150.0
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabState]:
+    base = tmp_path_factory.mktemp("fleet")
+    state: LabState | None = None
+    try:
+        state = libvirt_lab.up(
+            base / "libvirt", client_rtt_ms=RTT_MS, domains=DOMAINS, clients=True, memory_mib=128
+        )
+        yield state
+    finally:
+        procs = [p.proc for p in (*state.clients, *state.daemons)] if state else []
+        report = libvirt_lab.down(base / "libvirt")
+        assert report.leftovers == []
+        assert not [p for p in procs if p.alive()], "lab down left a client or an sshd running"
+        if state is not None:
+            stopped = " ".join(report.stopped)
+            assert all(f"watch {d}" in stopped for d in state.all_domains), stopped
+
+
+def test_up_starts_every_guest_with_its_own_client(fleet: LabState) -> None:
+    st = libvirt_lab.status(fleet.lab_dir)
+    assert st.healthy, st
+    a = next(h for h in st.hosts if h.name == "A")
+    assert sorted(st.domains) == sorted(a.domains)
+    assert len(st.domains) == DOMAINS
+    assert all(state == "running" for state in a.domains.values())
+    assert sorted(c.domain or "" for c in st.clients) == sorted(st.domains)
+    assert all(c.alive and c.where == "C" for c in st.clients)
+    # one client per guest: each is connected to its own guest's SPICE port
+    assert len({c.address for c in st.clients}) == DOMAINS
+    assert sorted(d.what for d in st.daemons) == ["sshd A", "sshd B"]
+
+
+def test_evacuate_eight_domains_at_150ms_all_seamless_both_ways(fleet: LabState) -> None:
+    result = libvirt_fleet.lab_evacuate(fleet.lab_dir, parallel=8)
+    assert (result.source, result.destination) == ("A", "B")
+    for d in result.report.domains:
+        assert d.outcome == "seamless", (d.domain, d.error, d.report and d.report.notes)
+        assert result.clients[d.domain].path == "seamless", (d.domain, result.clients[d.domain])
+        assert result.clients[d.domain].connection_id_kept
+    assert result.seamless == DOMAINS
+    assert result.report.exit_code() == ExitCode.OK
+    b = next(h for h in libvirt_lab.status(fleet.lab_dir).hosts if h.name == "B")
+    assert sorted(b.domains) == sorted(fleet.all_domains)
+    print(f"lab evacuate, {DOMAINS} domains at {RTT_MS:.0f} ms, --parallel 8: {result.wall_s} s")
+
+    # and back, through the command line (what an operator types)
+    proc = subprocess.run(
+        [sys.executable, "-m", "spice_libvirt", "lab", "--dir", str(fleet.lab_dir.parent),
+         "evacuate", "--parallel", "8", "--json"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == ExitCode.OK, proc.stderr[-3000:]
+    back = json.loads(proc.stdout)
+    assert (back["source"], back["destination"]) == ("B", "A")
+    assert [d["outcome"] for d in back["report"]["domains"]] == ["seamless"] * DOMAINS
+    assert {c["path"] for c in back["clients"].values()} == {"seamless"}
+    assert libvirt_lab.status(fleet.lab_dir).healthy
