@@ -35,11 +35,16 @@ def is_local_address(
     hostname: str | None = None,
 ) -> bool:
     """True if ``address`` means *this host* here too (see the module docstring)."""
-    import ipaddress  # here, not at the top: plainly_local() must stay free of it
-
     value = address.strip()
     if not value:
         return True
+    if canonical_ipv4(value):
+        # Decided without ipaddress (and the functools/collections it imports), a third of
+        # a rewrite's cost: a string that parses as IPv4 is already in this canonical form,
+        # so no other entry of local_addresses can mean the same address.
+        return value.startswith("127.") or value == "0.0.0.0" or value in local_addresses
+    import ipaddress  # here, not at the top: plainly_local() must stay free of it
+
     try:
         ip = ipaddress.ip_address(value.strip("[]"))
     except ValueError:
@@ -62,6 +67,35 @@ def is_local_address(
     return ip in normalised
 
 
+def canonical_ipv4(value: str) -> bool:
+    """True for a dotted quad exactly as ``ipaddress`` writes it (no leading zeros)."""
+    parts = value.split(".")
+    return len(parts) == 4 and all(
+        p.isascii() and p.isdigit() and len(p) <= 3 and (p == "0" or p[0] != "0") and int(p) < 256
+        for p in parts
+    )
+
+
+def ipv6_text(raw: str) -> str:
+    """``str(ipaddress.IPv6Address(bytes.fromhex(raw)))`` for 32 hex digits, without the
+    import: groups without leading zeros, the first longest run of two or more zero
+    groups as ``::`` (RFC 5952)."""
+    groups = [format(int(raw[i : i + 4], 16), "x") for i in range(0, 32, 4)]
+    best, best_len, run_start, run_len = -1, 0, -1, 0
+    for i, g in enumerate(groups):
+        if g == "0":
+            if run_len == 0:
+                run_start = i
+            run_len += 1
+            if run_len > best_len:
+                best, best_len = run_start, run_len
+        else:
+            run_len = 0
+    if best_len < 2:
+        return ":".join(groups)
+    return ":".join(groups[:best]) + "::" + ":".join(groups[best + best_len :])
+
+
 def host_addresses(proc: str | os.PathLike[str] = "/proc") -> frozenset[str]:
     """This network namespace's own IPv4 and IPv6 addresses, read from ``/proc``.
 
@@ -71,8 +105,6 @@ def host_addresses(proc: str | os.PathLike[str] = "/proc") -> frozenset[str]:
     Unreadable files yield fewer addresses, never an error: the caller then rewrites more
     eagerly, which is still correct for a migration's destination.
     """
-    import ipaddress
-
     found: set[str] = set()
     try:
         previous = ""
@@ -90,7 +122,7 @@ def host_addresses(proc: str | os.PathLike[str] = "/proc") -> frozenset[str]:
             for line in f:
                 raw = line.split()[0] if line.split() else ""
                 if len(raw) == 32:
-                    found.add(str(ipaddress.IPv6Address(bytes.fromhex(raw))))
+                    found.add(ipv6_text(raw))
     except (OSError, ValueError):
         pass
     return frozenset(found)
