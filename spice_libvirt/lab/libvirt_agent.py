@@ -30,8 +30,11 @@ def log_path(state: LabState, host: str) -> Path:
     return agent_dir(state, host) / "agent.log"
 
 
-def agent_argv(state: LabState, host: str, extra: Sequence[str] = ()) -> list[str]:
-    peers = [f"qemu+tcp://{state.hosts[h].config.hostname}/system" for h in HOSTS if h != host]
+def agent_argv(
+    state: LabState, host: str, extra: Sequence[str] = (), *, peers: bool = True
+) -> list[str]:
+    """``peers``: subscribe to the other host at start (else found from the migration)."""
+    others = [h for h in HOSTS if h != host] if peers else []
     argv = [
         sys.executable,
         "-m",
@@ -43,18 +46,20 @@ def agent_argv(state: LabState, host: str, extra: Sequence[str] = ()) -> list[st
         "--journal",
         str(journal_path(state, host)),
     ]
-    for peer in peers:
-        argv += ["--peer", peer]
+    for other in others:
+        argv += ["--peer", f"qemu+tcp://{state.hosts[other].config.hostname}/system"]
     return [*argv, *extra]
 
 
-def start_agent(state: LabState, host: str, extra: Sequence[str] = ()) -> netns.ProcRef:
+def start_agent(
+    state: LabState, host: str, extra: Sequence[str] = (), *, peers: bool = True
+) -> netns.ProcRef:
     """Start the agent inside ``host``; return once it watches its libvirtd."""
     directory = agent_dir(state, host)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     log = log_path(state, host)
     mark = log.stat().st_size if log.exists() else 0
-    argv = state.host(host).enter_argv(agent_argv(state, host, extra))
+    argv = state.host(host).enter_argv(agent_argv(state, host, extra, peers=peers))
     with log.open("ab") as out:
         proc = subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
