@@ -16,6 +16,7 @@ from pathlib import Path
 
 import spice_libvirt
 from spice_libvirt.cli import build_parser
+from spice_libvirt.exitcodes import EXIT_CODE_HELP
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,6 +45,17 @@ def test_every_option_of_every_subcommand_has_help() -> None:
     parser = build_parser()
     assert {"doctor", "hook", "journal", "migrate"} <= set(_commands(parser))
     assert _undocumented(parser, ()) == []
+
+
+def test_every_subcommand_help_ends_with_the_exit_codes() -> None:
+    parser = build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                text = sub.format_help()
+                assert "exit codes:" in text, name
+                for code, meaning in EXIT_CODE_HELP.items():
+                    assert f"{int(code):>3}  {meaning}" in text, (name, code)
 
 
 def test_version_is_the_one_version_source() -> None:

@@ -70,7 +70,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in commands():
         register(sub)
+    for command in sub.choices.values():
+        _with_exit_codes(command)
     return parser
+
+
+class _EpilogAsIs(argparse.HelpFormatter):
+    """Wraps the description as usual, prints the exit-code table as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("exit codes:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def _with_exit_codes(parser: argparse.ArgumentParser) -> None:
+    """Every sub-command's ``--help`` ends with the exit codes (management tools branch on
+    them); a sub-command that set its own epilog keeps it."""
+    if parser.epilog is None:
+        parser.epilog = exit_codes_epilog()
+        if parser.formatter_class is argparse.HelpFormatter:
+            parser.formatter_class = _EpilogAsIs
 
 
 @contextlib.contextmanager
