@@ -35,6 +35,7 @@ from benchmarks.bench_libvirt_rtt import Viewer, classify, xvfb
 from spice_libvirt.hook.journal import Journal
 from spice_libvirt.lab import libvirt_agent, libvirt_lab, netns
 from spice_libvirt.lab.libvirt_lab import LabState
+from spice_libvirt.lab.libvirt_state import HostName
 from tests.lab_marks import LIBVIRT_LAB
 
 libvirt = pytest.importorskip("libvirt")
@@ -76,9 +77,10 @@ def agents(
         netns.terminate([r for r in refs.values() if r.alive()], timeout=15.0)
 
 
-def where(lab: LabState) -> tuple[str, str]:
+def where(lab: LabState) -> tuple[HostName, HostName]:
     """(host the domain runs on, the other one)."""
-    for host, other in (("A", "B"), ("B", "A")):
+    pairs: tuple[tuple[HostName, HostName], ...] = (("A", "B"), ("B", "A"))
+    for host, other in pairs:
         out = subprocess.run(
             ["virsh", "-c", lab.hosts[host].uri_unix, "domstate", lab.domain],
             capture_output=True, text=True, timeout=30, check=False,
@@ -88,16 +90,20 @@ def where(lab: LabState) -> tuple[str, str]:
     raise AssertionError("the domain runs on neither host")
 
 
+def virsh_argv(lab: LabState, src: str, dst: str, extra: Sequence[str] = ()) -> list[str]:
+    """A plain ``virsh migrate --live --p2p`` (the caller is not us)."""
+    return [
+        "virsh", "-c", lab.hosts[src].uri_unix, "migrate", "--live", "--p2p", *extra,
+        lab.domain, f"qemu+tcp://{lab.hosts[dst].config.hostname}/system",
+    ]  # fmt: skip
+
+
 def virsh_migrate(lab: LabState, src: str, dst: str, extra: Sequence[str] = ()) -> float:
-    """A plain ``virsh migrate --live --p2p`` (the caller is not us); its wall time."""
+    """:func:`virsh_argv` to its successful end; its wall time."""
     t0 = time.monotonic()
     done = subprocess.run(
-        [
-            "virsh", "-c", lab.hosts[src].uri_unix, "migrate", "--live", "--p2p", *extra,
-            lab.domain, f"qemu+tcp://{lab.hosts[dst].config.hostname}/system",
-        ],
-        capture_output=True, text=True, timeout=180, check=False,
-    )  # fmt: skip
+        virsh_argv(lab, src, dst, extra), capture_output=True, text=True, timeout=180, check=False
+    )
     assert done.returncode == 0, done.stderr
     return time.monotonic() - t0
 
@@ -311,3 +317,81 @@ def test_an_unreachable_destination_libvirtd_is_released_at_once(lab: LabState) 
         client.close()
     assert "unreachable" in verdict["released_why"]
     assert verdict["held_ms"] < 2000
+
+
+def test_the_embedded_client_follows_seamlessly_with_its_stream_intact(lab: LabState) -> None:
+    src, dst = where(lab)
+    before = len(verdicts(lab, src))
+    err = lab.run_dir / "watch-agent.err"
+    argv = [sys.executable, "-m", "spice_libvirt.cli", "watch", "--json", "--count", "1"]
+    with agents(lab), err.open("wb") as errors:
+        watcher = subprocess.Popen(
+            netns.exec_argv(lab.client.netns, [*argv, f"spice://{lab.hosts[src].config.ip}:5900"]),
+            stdout=subprocess.PIPE, stderr=errors, start_new_session=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while "watching session" not in err.read_text() and time.monotonic() < deadline:
+                assert watcher.poll() is None, err.read_text()
+                time.sleep(0.05)
+            virsh_migrate(lab, src, dst)
+            out, _ = watcher.communicate(timeout=60)
+        finally:
+            netns.terminate([watcher.pid])
+        verdict = next_verdict(lab, src, before)
+    record = json.loads(out.decode().splitlines()[0])
+    assert record["path"] == "seamless"
+    assert record["connection_id_kept"] is True
+    assert record["stream"]["gaps"] == 0
+    assert record["stream"]["records"] > 0
+    assert verdict["outcome"] == "seamless"
+
+
+def test_agent_status_says_what_the_running_agent_does(lab: LabState) -> None:
+    src, _ = where(lab)
+    argv = [sys.executable, "-m", "spice_libvirt.cli", "agent", "status", "--json"]
+    argv += ["--state-dir", str(libvirt_agent.agent_dir(lab, src))]
+    with agents(lab):
+        shown = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        assert shown.returncode == 0, shown.stderr
+        status = json.loads(shown.stdout)
+        assert status["running"] is True
+        assert status["connected"] is True
+        assert status["holding"] == []
+    stopped = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert stopped.returncode == 1
+    assert json.loads(stopped.stdout)["running"] is False
+
+
+def test_a_libvirtd_restart_mid_hold_ends_in_a_release(lab: LabState) -> None:
+    src, dst = where(lab)
+    holds = libvirt_agent.agent_dir(lab, src) / "holds"
+    client = netns.socket_in(lab.client.netns)
+    client.connect((lab.hosts[src].config.ip, 5900))
+    argv = virsh_argv(lab, src, dst)
+    migration = threading.Thread(
+        target=lambda: subprocess.run(argv, capture_output=True, timeout=180, check=False)
+    )
+    try:
+        with agents(lab, ["--hold-timeout", "30"]):
+            migration.start()
+            deadline = time.monotonic() + 30
+            while not any(holds.glob("*.json")) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert any(holds.glob("*.json")), "the agent never held the migration"
+            time.sleep(0.3)
+            libvirt_lab.restart_libvirtd(lab.lab_dir, src)
+            deadline = time.monotonic() + 30
+            while any(holds.glob("*.json")) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert list(holds.glob("*.json")) == [], "the hold outlived the libvirtd restart"
+            migration.join(120)
+        running, _ = where(lab)
+        conn = libvirt.open(lab.hosts[running].uri_unix)
+        try:
+            dom = conn.lookupByName(lab.domain)
+            assert dom.migrateGetMaxSpeed(0) > 1
+        finally:
+            conn.close()
+    finally:
+        client.close()
