@@ -51,7 +51,7 @@ from pydantic import BaseModel
 from benchmarks.benchutil import arg_parser, fmt, machine
 from spice_libvirt.lab import libvirt_lab, netns
 from spice_libvirt.lab.libvirt_migrate import lab_migrate
-from spice_libvirt.libvirt.request import LibvirtMigrationReport
+from spice_libvirt.libvirt.request import LibvirtMigrationReport, LibvirtMigrationRequest
 
 RESULTS_MD = Path(__file__).resolve().with_name("RESULTS-libvirt.md")
 #: the TLS table goes beside the plain-TCP one, never over it
@@ -259,7 +259,9 @@ def _migrate(lab_dir: Path, run: Run, *, watch: bool) -> LibvirtMigrationReport:
     run.verdict_ms = report.verdict_ready_ms
     run.verdict_basis = report.verdict_basis
     run.left_source_ms = report.client_left_source_ms
-    run.release_margin_ms = None if plain else options.get("release_margin_ms", 100.0)
+    default = LibvirtMigrationRequest.model_fields["release_margin_ms"].default
+    held = not plain and options.get("hold") != "none"
+    run.release_margin_ms = options.get("release_margin_ms", default) if held else None
     run.held_ms = report.hold.held_ms
     run.released_after_ms = report.hold.released_after_ms
     run.rtt_estimate_ms = report.hold.client_rtt_estimate_ms
@@ -440,13 +442,53 @@ def added_table(runs: list[Run], baseline: str = "plain") -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def margin_table(runs: list[Run]) -> str:
+    """The release margin's distribution: per RTT and margin, each seamless run's spare time
+    (``slack_ms``) and the smallest margin that would still have been seamless in it."""
+    head = (
+        "| RTT ms | margin ms | seamless / n | slack ms, min / median / max | "
+        "smallest margin that would have held, ms: worst (max) / median |\n"
+        "|---|---|---|---|---|\n"
+    )
+    rows = []
+    keys = sorted(
+        {(r.rtt_ms, r.release_margin_ms) for r in runs if r.release_margin_ms is not None}
+    )
+    needed_all: list[float] = []
+    for rtt, margin in keys:
+        assert margin is not None
+        rs = [r for r in runs if (r.rtt_ms, r.release_margin_ms) == (rtt, margin)]
+        rs = [r for r in rs if r.method not in {"late", "nowait"}]
+        slack = [r.slack_ms for r in rs if r.outcome == "seamless" and r.slack_ms is not None]
+        if not slack:
+            continue
+        needed = [margin - x for x in slack]
+        needed_all += needed
+        seam = sum(r.outcome == "seamless" for r in rs)
+        rows.append(
+            f"| {rtt:g} | {margin:g} | {seam}/{len(rs)} | {min(slack):.0f} / "
+            f"{statistics.median(slack):.0f} / {max(slack):.0f} | {max(needed):.0f} / "
+            f"{statistics.median(needed):.0f} |"
+        )
+    if not rows:
+        return ""
+    return (
+        head
+        + "\n".join(rows)
+        + f"\n\nOver all {len(needed_all)} seamless runs the smallest margin that would still "
+        f"have been seamless was at most {max(needed_all):.0f} ms (median "
+        f"{statistics.median(needed_all):.0f} ms).\n"
+    )
+
+
 def summary_md(runs: list[Run], argv: str, started: dt.datetime, seconds: float) -> str:
     info = machine(tools=["remote-viewer"])
     loads = [r.load_1m for r in runs if r.load_1m is not None]
-    commits = sorted({r.commit for r in runs if r.commit})
+    commits = [r.commit for r in runs if r.commit]
+    span = f"{commits[0]} .. {commits[-1]}" if len(set(commits)) > 1 else "".join(commits[:1])
     return (
         f"Measured {started:%Y-%m-%d %H:%M} UTC by `{argv}` ({seconds:.0f} s) at commit "
-        f"{', '.join(commits) or '?'}; {info.cpus} CPUs ({info.cpu_model}), kernel "
+        f"{span or '?'} (+dirty: other work uncommitted in the tree); {info.cpus} CPUs ({info.cpu_model}), kernel "
         f"{info.kernel}, {info.versions.get('remote-viewer', 'remote-viewer ?')}; load average "
         f"(1 min) during the runs {min(loads, default=0):.2f}-{max(loads, default=0):.2f} "
         f"(median {statistics.median(loads) if loads else 0:.2f}). Two-host libvirt lab, idle "
@@ -454,6 +496,7 @@ def summary_md(runs: list[Run], argv: str, started: dt.datetime, seconds: float)
         + table(runs)
         + "\n## Added wall time (medians, each method against plain in the same run)\n\n"
         + added_table(runs)
+        + (f"\n## Release margin\n\n{margins}" if (margins := margin_table(runs)) else "")
     )
 
 
@@ -477,7 +520,21 @@ def main(argv: list[str] | None = None) -> int:
         "--write-results", action="store_true", help=f"write {RESULTS_MD.name} (or --results)"
     )
     parser.add_argument("--results", type=Path, default=None, help="the summary's file")
+    parser.add_argument(
+        "--from-rows",
+        type=Path,
+        default=None,
+        help="no migration: print (and with --write-results write) the summary of these rows",
+    )
     args = parser.parse_args(argv)
+    if args.from_rows is not None:
+        rows = [Run.model_validate_json(x) for x in args.from_rows.read_text().splitlines() if x]
+        when = dt.datetime.fromtimestamp(args.from_rows.stat().st_mtime, dt.UTC)
+        text = summary_md(rows, f"benchmarks/bench_libvirt_rtt.py ({args.from_rows.name})", when, 0)
+        print(text)
+        if args.write_results:
+            _write(args.results or RESULTS_MD, text, args.tls)
+        return 0
     rtts = [float(x) for x in args.rtts.split(",")]
     methods = args.methods.split(",")
     for method in methods:
@@ -529,11 +586,14 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"raw rows: {out}; logs: {work}; {seconds:.0f} s")
     if args.write_results:
-        target = args.results or (RESULTS_TLS_MD if args.tls else RESULTS_MD)
-        title = "# Plain libvirt migration vs. the seamless controller, by client RTT"
-        target.write_text(f"{title}{' (SPICE over TLS)' if args.tls else ''}\n\n{text}")
-        print(f"wrote {target}")
+        _write(args.results or (RESULTS_TLS_MD if args.tls else RESULTS_MD), text, args.tls)
     return 0
+
+
+def _write(target: Path, text: str, tls: bool) -> None:
+    title = "# Plain libvirt migration vs. the seamless controller, by client RTT"
+    target.write_text(f"{title}{' (SPICE over TLS)' if tls else ''}\n\n{text}")
+    print(f"wrote {target}")
 
 
 if __name__ == "__main__":
