@@ -35,7 +35,8 @@ from benchmarks.bench_libvirt_rtt import Viewer, classify, xvfb
 from spice_libvirt.hook.journal import Journal
 from spice_libvirt.lab import libvirt_agent, libvirt_lab, netns
 from spice_libvirt.lab.libvirt_lab import LabState
-from spice_libvirt.lab.libvirt_state import HostName
+from spice_libvirt.lab.libvirt_migrate import lab_migrate
+from spice_libvirt.lab.libvirt_state import HostName, save
 from tests.lab_marks import LIBVIRT_LAB
 
 libvirt = pytest.importorskip("libvirt")
@@ -395,3 +396,20 @@ def test_a_libvirtd_restart_mid_hold_ends_in_a_release(lab: LabState) -> None:
             conn.close()
     finally:
         client.close()
+
+
+def test_our_own_migrate_is_left_to_our_controller(lab: LabState) -> None:
+    """Never held twice: the controller marks the domain, the agent steps aside."""
+    src, _ = where(lab)
+    state = libvirt_lab.load_state(lab.lab_dir)
+    assert state is not None
+    state.active_host = src  # plain virsh moved the guest behind the lab's back
+    save(state)
+    before = len(verdicts(lab, src))
+    with agents(lab):
+        report = lab_migrate(lab.lab_dir)
+        verdict = next_verdict(lab, src, before)
+    assert report.outcome == "seamless", report.notes
+    assert verdict["outcome"] == "skipped"
+    assert "spice-libvirt migrate" in verdict["released_why"]
+    assert verdict["held_ms"] is None

@@ -11,10 +11,13 @@ domain for good.
 
 from __future__ import annotations
 
+import os
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from typing import Any
 
+from spice_libvirt.errors import LibvirtError
 from spice_libvirt.libvirt.connection import Connection, require_libvirt
 
 CLAIM_NAMESPACE = "https://spice-libvirt.org/xmlns/claim/1"
@@ -53,6 +56,22 @@ async def set_claim(conn: Connection, dom: Any, holder: str, valid_s: float) -> 
         ),
         "mark the domain held by spice-libvirt",
     )
+
+
+#: how long the controller's mark holds: the agent reads it at QEMU's ``setup``, a moment
+#: after ``migrateToURI3``; it then expires by itself on both hosts (live metadata migrates)
+CONTROLLER_CLAIM_S = 120.0
+
+
+async def claim_for_controller(conn: Connection, dom: Any, note: Callable[[str], None]) -> None:
+    """Mark ``dom`` as held by this controller, so a host agent leaves this migration alone;
+    a libvirt that refuses the mark is noted, never fatal (the agent's own check that the
+    migration already runs at the hold's speed still applies)."""
+    holder = f"spice-libvirt migrate (pid {os.getpid()})"
+    try:
+        await set_claim(conn, dom, holder, CONTROLLER_CLAIM_S)
+    except LibvirtError as exc:
+        note(f"could not mark the domain for host agents: {exc}")
 
 
 async def clear_claim(conn: Connection, dom: Any) -> None:

@@ -31,6 +31,7 @@ import time
 from typing import Any
 
 from spice_libvirt import errors
+from spice_libvirt.libvirt.claim import claim_for_controller
 from spice_libvirt.libvirt.connection import (
     Connection,
     EventStream,
@@ -190,6 +191,7 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
         if report.hold.applied != "none":
             params[lv.VIR_MIGRATE_PARAM_BANDWIDTH] = 1
         flags = lv.VIR_MIGRATE_LIVE | lv.VIR_MIGRATE_PEER2PEER
+        await claim_for_controller(src, dom, self.note)  # a host agent leaves it to us
         t_start = time.monotonic()
         links = self._links
         links.t0 = t_start
