@@ -28,7 +28,7 @@ import jinja2
 import pytest
 import yaml  # type: ignore[import-untyped]
 
-from spice_libvirt.hook.install import parse_shim, render_shim
+from spice_libvirt.hook.install import parse_shim, parse_shim_full, render_shim
 
 REPO = Path(__file__).resolve().parent.parent
 ANSIBLE = REPO / "ansible"
@@ -227,6 +227,17 @@ def test_shim_template_is_what_the_cli_writes() -> None:
         cfg_arg = None if cfg_dir == "/etc/spice-libvirt" else cfg
         assert text == render_shim(hook_exe, cfg_arg)
         assert parse_shim(text) == (hook_exe, cfg_arg)
+        # with the installed package's launcher known: the fast form `hook install` writes
+        launcher = Path(venv) / "lib" / "python3.11" / "site-packages/spice_libvirt/hook/launch.py"
+        fast = _render(
+            "qemu.d-hook.sh.j2",
+            spice_libvirt_venv=venv,
+            spice_libvirt_config_dir=cfg_dir,
+            spice_libvirt_hook_launcher=str(launcher),
+        )
+        python = Path(venv) / "bin" / "python"
+        assert fast == render_shim(python, cfg_arg, launcher=launcher)
+        assert parse_shim_full(fast) == (python, launcher, cfg_arg)
 
 
 def _wheelhouse_module() -> ModuleType:

@@ -439,7 +439,11 @@ def test_role_over_ssh_check_run_idempotent_reload_and_hook_seen(ssh_host: SshHo
     assert h.shim.stat().st_mode & 0o777 == 0o755
     config_file = h.prefix / "etc" / "spice-libvirt" / "config.toml"
     # the same text `spice-libvirt hook install` writes
-    assert h.shim.read_text() == render_shim(h.venv / "bin" / "spice-libvirt-hook", config_file)
+    # the fast form (python -I -S on the installed launcher), as `hook install` writes it
+    launcher = next((h.venv / "lib").glob("python3*/site-packages/spice_libvirt/hook/launch.py"))
+    assert h.shim.read_text() == render_shim(
+        h.venv / "bin" / "python", config_file, launcher=launcher
+    )
     settings = load_config(config_file)
     assert settings.spice_address == HOST_IP
     assert settings.journal_path == h.prefix / "var/lib/spice-libvirt/journal.sqlite3"

@@ -123,6 +123,20 @@ def test_ready_and_not_ready_hosts(hosts: dict[str, Hooked], tmp_path: Path) -> 
     }
     seen = next(c for c in report["checks"] if c["name"] == "hook-seen")
     assert "libvirtd ran it" in seen["detail"]
+    # a host without libvirt-python (the role's venv without python3-libvirt): virsh -r
+    no_bindings = (
+        "import sys; sys.modules['libvirt'] = None\n"
+        "from spice_libvirt.cli import main\n"
+        f"sys.exit(main(['doctor', '--json', '--config', {str(a.config_path)!r},"
+        f" '--tls-dir', {str(tmp_path / 'tls-good')!r}]))"
+    )
+    proc = subprocess.run(
+        a.host.enter_argv([sys.executable, "-c", no_bindings]),
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == ExitCode.OK, proc.stdout + proc.stderr
+    by_virsh = _status(json.loads(proc.stdout))
+    assert by_virsh == {k: v for k, v in status.items() if not k.startswith("peer:")}
 
     _start(b, "drloop", "127.0.0.1")
     bare = b.state / "no-address.toml"

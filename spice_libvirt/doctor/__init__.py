@@ -18,7 +18,9 @@ import os
 from pathlib import Path
 
 from spice_libvirt.config import CONFIG_ENV
+from spice_libvirt.doctor.access import DaemonAccessError
 from spice_libvirt.doctor.daemon import (
+    DomainListen,
     check_domains,
     check_version,
     daemon_process,
@@ -34,7 +36,7 @@ from spice_libvirt.doctor.host import (
     check_spice_address,
     check_tls,
 )
-from spice_libvirt.doctor.model import Check, DoctorReport
+from spice_libvirt.doctor.model import Check, DoctorReport, fail
 from spice_libvirt.doctor.peers import check_peer
 from spice_libvirt.hook import install as hook_install
 from spice_libvirt.hook.local import host_addresses
@@ -63,17 +65,7 @@ def diagnose(
     are warnings (still shown, with their fix, for when guests come back).
     """
     checks: list[Check] = []
-    conn, problem = open_read_only(connect)
-    domains = []
-    if conn is None:
-        assert problem is not None
-        checks.append(problem)
-    else:
-        try:
-            checks.append(check_version(conn))
-            domains = running_domains(conn)
-        finally:
-            conn.close()
+    domains = _ask_daemon(connect, checks)
     status = hook_install.status(hooks_dir)
     if config is None and not os.environ.get(CONFIG_ENV):
         config = status.config  # the file the installed shim points the hook at, if any
@@ -82,14 +74,32 @@ def diagnose(
     checks.append(check_spice_address(settings, host_addresses()))
     checks.append(check_hook_installed(status))
     checks.append(check_hook_seen(status, settings, daemon_process(local_socket(connect))))
-    if conn is not None:
+    if domains is not None:
         checks += check_domains(domains)
-    checks += check_tls(tls_dir, tls_days, required=any(d.tls for d in domains))
+    checks += check_tls(tls_dir, tls_days, required=any(d.tls for d in domains or ()))
     for peer in peers:
         checks += check_peer(peer, timeout)
     if drain:
         checks = [_for_drain(c) for c in checks]
     return DoctorReport.of(os.uname().nodename, connect, checks)
+
+
+def _ask_daemon(connect: str, checks: list[Check]) -> list[DomainListen] | None:
+    """The daemon's version check into ``checks``, and its running domains (None when the
+    daemon could not be asked: then the failed ``libvirt`` check says why)."""
+    daemon, problem = open_read_only(connect)
+    if daemon is None:
+        assert problem is not None
+        checks.append(problem)
+        return None
+    try:
+        checks.append(check_version(daemon))
+        return running_domains(daemon)
+    except DaemonAccessError as exc:
+        checks.append(fail("libvirt", str(exc), "check libvirtd (journalctl -u libvirtd)"))
+        return None
+    finally:
+        daemon.close()
 
 
 def _for_drain(check: Check) -> Check:

@@ -1,8 +1,8 @@
 """Checks that ask the running libvirt daemon: its version and each running domain's SPICE
 listen address; and which process it is, to date its start against the hook shim.
 
-Read-only throughout: the connection is ``openReadOnly`` and nothing is defined, started or
-changed, so running the doctor on a production host (or before a drain) is harmless.
+Read-only throughout (:mod:`.access`: a read-only connection or ``virsh --readonly``):
+nothing is defined, started or changed, so running the doctor on a production host (or before a drain) is harmless.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import socket
 import struct
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from spice_libvirt.doctor.access import Daemon, DaemonAccessError, open_daemon
 from spice_libvirt.doctor.model import Check, fail, ok, skip, warn
 
 #: libvirt runs ``hooks/qemu.d/`` scripts since 6.5.0.
@@ -35,25 +35,18 @@ class DomainListen:
         self.tls = tls
 
 
-def open_read_only(uri: str) -> tuple[Any | None, Check | None]:
-    """A read-only libvirt connection, or the failed check that says why there is none."""
+def open_read_only(uri: str) -> tuple[Daemon | None, Check | None]:
+    """Read-only access to the daemon, or the failed check that says why there is none."""
     try:
-        import libvirt
-    except ImportError:
-        return None, fail("libvirt", "libvirt-python is not installed",
-                          "apt-get install python3-libvirt (or pip install 'spice-libvirt[libvirt]')")  # fmt: skip
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # no C-level stderr noise
-    try:
-        return libvirt.openReadOnly(uri), None
-    except libvirt.libvirtError as exc:
-        return None, fail("libvirt", f"{uri}: {exc.get_error_message()}",
+        return open_daemon(uri), None
+    except DaemonAccessError as exc:
+        return None, fail("libvirt", str(exc),
                           "start libvirtd (systemctl start libvirtd) or fix --connect")  # fmt: skip
 
 
-def check_version(conn: Any) -> Check:
+def check_version(daemon: Daemon) -> Check:
     """The *running* daemon's version (not the installed binary's): qemu.d/ needs 6.5."""
-    number = int(conn.getLibVersion())
-    version = (number // 1_000_000, number // 1000 % 1000, number % 1000)
+    version = daemon.version()
     text = ".".join(map(str, version))
     if version < QEMU_D_SINCE:
         return fail("libvirt-version", f"libvirt {text} does not run hooks/qemu.d/ scripts",
@@ -61,14 +54,8 @@ def check_version(conn: Any) -> Check:
     return ok("libvirt-version", f"libvirt {text} runs hooks/qemu.d/ scripts")
 
 
-def running_domains(conn: Any) -> list[DomainListen]:
-    import libvirt
-
-    found = []
-    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
-        root = ET.fromstring(dom.XMLDesc(0))
-        found.append(_listen_of(dom.name(), root))
-    return found
+def running_domains(daemon: Daemon) -> list[DomainListen]:
+    return [_listen_of(name, ET.fromstring(xml)) for name, xml in daemon.running()]
 
 
 def _listen_of(name: str, root: ET.Element) -> DomainListen:
