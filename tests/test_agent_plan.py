@@ -11,7 +11,7 @@ import pytest
 from spice_libvirt.agent import holdfile, procnet
 from spice_libvirt.agent.hold import spice_ports
 from spice_libvirt.agent.plan import CallerValues, HeldMigration
-from spice_libvirt.agent.settings import load_agent_settings
+from spice_libvirt.agent.settings import AgentSettings, load_agent_settings
 from spice_libvirt.agent.watch import parse_migration_details
 from spice_libvirt.errors import AgentError, ConfigError
 from spice_libvirt.libvirt.claim import claim_active, claim_xml
@@ -289,3 +289,36 @@ def test_migration_event_details() -> None:
     assert parse_migration_details("[1]") is None
     assert parse_migration_details("nonsense") is None
     assert parse_migration_details(None) is None
+
+
+# ------------------------------------------------------------------ shipped files
+
+
+def test_the_systemd_unit_starts_the_agent_and_restarts_it() -> None:
+    from spice_libvirt.cli.agent import unit_text
+
+    text = unit_text("/opt/sl/bin/spice-libvirt")
+    lines = text.splitlines()
+    assert "ExecStart=/opt/sl/bin/spice-libvirt agent run" in lines
+    assert "Restart=always" in lines
+    assert "KillSignal=SIGTERM" in lines
+    assert "@EXEC@" not in text
+    sections = [x for x in lines if x.startswith("[")]
+    assert sections == ["[Unit]", "[Service]", "[Install]"]
+
+
+def test_every_line_of_the_example_agent_toml_is_a_valid_setting(tmp_path: Path) -> None:
+    from importlib.resources import files
+
+    example = files("spice_libvirt.agent").joinpath("agent.example.toml").read_text()
+    conf = tmp_path / "agent.toml"
+    conf.write_text(example)
+    assert load_agent_settings(conf, {}) == AgentSettings()  # all commented out: defaults
+    settings_lines = [
+        x[2:] for x in example.splitlines() if x.startswith("# ") and " = " in x.split("#")[1]
+    ]
+    assert {x.split(" = ")[0] for x in settings_lines} == set(AgentSettings.model_fields)
+    conf.write_text("\n".join(settings_lines) + "\n")
+    s = load_agent_settings(conf, {})
+    assert s.destination_uri == "qemu+tls://{peer}/system"
+    assert len(s.peers) == 2

@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,14 @@ def register(subparsers: Any) -> None:
         "--journal", type=Path, metavar="FILE", help="journal file (default: the hook's)"
     )
     run.set_defaults(handler=_run)
+    unit = sub.add_parser("unit", help="print the systemd unit for this installation")
+    unit.add_argument(
+        "--exec",
+        dest="exec_path",
+        metavar="PATH",
+        help="the spice-libvirt command the unit starts (default: this installation's)",
+    )
+    unit.set_defaults(handler=_unit)
     status = sub.add_parser("status", help="what the running agent is doing")
     _common(status)
     status.add_argument("--json", action="store_true", help="print the status as JSON")
@@ -94,6 +103,23 @@ def _run(args: argparse.Namespace) -> int:
     # a service logs what it does: one line per verdict even without -v
     logging.getLogger("spice_libvirt.agent").setLevel(logging.INFO)
     asyncio.run(serve(_settings(args)))
+    return int(ExitCode.OK)
+
+
+def unit_text(exec_path: str | None = None) -> str:
+    """The packaged unit with ExecStart naming ``exec_path`` (default: the ``spice-libvirt``
+    script beside this interpreter, as a venv or ``pip install`` puts it)."""
+    from importlib.resources import files
+
+    if exec_path is None:
+        script = Path(sys.executable).parent / "spice-libvirt"
+        exec_path = str(script) if script.exists() else f"{sys.executable} -m spice_libvirt.cli"
+    template = files("spice_libvirt.agent").joinpath("spice-libvirt-agent.service").read_text()
+    return template.replace("@EXEC@", exec_path)
+
+
+def _unit(args: argparse.Namespace) -> int:
+    print(unit_text(args.exec_path), end="")
     return int(ExitCode.OK)
 
 
