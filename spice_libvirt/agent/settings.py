@@ -46,9 +46,9 @@ class AgentSettings(BaseModel):
     connect: str = "qemu:///system"
     destination_uri: str = "qemu+tcp://{peer}/system"
     peers: tuple[str, ...] = ()
-    hold_timeout_s: float = Field(15.0, gt=0.5, le=600.0)
-    margin_ms: float = Field(100.0, ge=0.0, le=5000.0)
-    poll_s: float = Field(0.2, ge=0.02, le=5.0)
+    hold_timeout_s: float = Field(default=15.0, gt=0.5, le=600.0)
+    margin_ms: float = Field(default=100.0, ge=0.0, le=5000.0)
+    poll_s: float = Field(default=0.2, ge=0.02, le=5.0)
     allow_taint: bool = False
     state_dir: Path = DEFAULT_STATE_DIR
     journal_path: Path | None = None
