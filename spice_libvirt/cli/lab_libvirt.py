@@ -120,7 +120,7 @@ def status(args: argparse.Namespace, path: Path) -> int:
         print(f"  {h.name}: libvirtd pid {h.libvirtd_pid} {alive}, domains {h.domains}")
     for p in (*st.daemons, *st.clients):
         alive = "alive" if p.alive else "DEAD"
-        print(f"  {p.where}: {p.what} pid {p.pid} {alive} {p.address or ''}")
+        print(f"  {p.where}: {p.what} pid {p.proc.pid} {alive} {p.address or ''}")
     if st.ansible_inventory is not None:
         print(f"ansible inventory: {st.ansible_inventory}")
     return int(ExitCode.OK if st.healthy else ExitCode.LAB)

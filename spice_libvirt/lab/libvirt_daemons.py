@@ -48,18 +48,7 @@ def stop_all(state: LabState, timeout: float = 5.0) -> list[str]:
 
 
 def statuses(processes: list[LabProcess]) -> list[ProcessStatus]:
-    return [
-        ProcessStatus(
-            where=p.where,
-            what=p.what,
-            pid=p.proc.pid,
-            alive=p.proc.alive(),
-            domain=p.domain,
-            address=p.address,
-            log=p.log,
-        )
-        for p in processes
-    ]
+    return [ProcessStatus(**p.model_dump(), alive=p.proc.alive()) for p in processes]
 
 
 # --------------------------------------------------------------------------- sshd + inventory

@@ -210,14 +210,10 @@ class HostStatus(BaseModel):
     error: str | None = None
 
 
-class ProcessStatus(BaseModel):
-    where: str
-    what: str
-    pid: int
+class ProcessStatus(LabProcess):
+    """A lab process as ``lab status`` shows it: what was recorded, and whether it runs."""
+
     alive: bool
-    domain: str | None = None
-    address: str | None = None
-    log: Path | None = None
 
 
 class LabStatus(BaseModel):
