@@ -52,6 +52,7 @@ from benchmarks.benchutil import arg_parser, fmt, machine
 from spice_libvirt.lab import libvirt_lab, netns
 from spice_libvirt.lab.libvirt_migrate import lab_migrate
 from spice_libvirt.libvirt.request import LibvirtMigrationReport, LibvirtMigrationRequest
+from spice_libvirt.spice.record import ClientMigrationRecord
 
 RESULTS_MD = Path(__file__).resolve().with_name("RESULTS-libvirt.md")
 #: the TLS table goes beside the plain-TCP one, never over it
@@ -69,10 +70,13 @@ METHODS: dict[str, tuple[bool, dict[str, Any], str]] = {
 
 
 def method_spec(method: str) -> tuple[bool, dict[str, Any], str]:
-    """A method of :data:`METHODS`, or ``ours-m<N>``: ours with a release margin of N ms
-    (the margin sweep)."""
+    """A method of :data:`METHODS`, or ``ours-m<N>``: ours with a release margin of N ms,
+    ``ours-e<N>``: with an embedded-client margin of N ms (the margin sweeps)."""
     if method in METHODS:
         return METHODS[method]
+    if method.startswith("ours-e"):
+        margin = float(method.removeprefix("ours-e"))
+        return False, {"embedded_margin_ms": margin}, f"ours, embedded margin {margin:g} ms"
     margin = float(method.removeprefix("ours-m"))
     return False, {"release_margin_ms": margin}, f"ours, release margin {margin:g} ms"
 
@@ -213,6 +217,16 @@ def _t(line: str) -> float | None:
     return int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
 
 
+def record_slack_ms(record: ClientMigrationRecord, rtt_ms: float) -> float | None:
+    """The same spare time from our client's record: first MIGRATE received from the source
+    minus the MIGRATE_CONNECTED_SEAMLESS it sent, minus one RTT."""
+    sent = next((s.t_ms for s in record.steps if s.message == "MIGRATE_CONNECTED_SEAMLESS"), None)
+    got = next((s.t_ms for s in record.steps if s.message == "MIGRATE" and s.side == "src"), None)
+    if sent is None or got is None:
+        return None
+    return round(got - sent - rtt_ms, 1)
+
+
 def slack_ms(segment: str, rtt_ms: float) -> float | None:
     """Spare time of a seamless run (see :attr:`Run.slack_ms`), or None."""
     lines = segment.splitlines()
@@ -259,9 +273,10 @@ def _migrate(lab_dir: Path, run: Run, *, watch: bool) -> LibvirtMigrationReport:
     run.verdict_ms = report.verdict_ready_ms
     run.verdict_basis = report.verdict_basis
     run.left_source_ms = report.client_left_source_ms
-    default = LibvirtMigrationRequest.model_fields["release_margin_ms"].default
+    key = "embedded_margin_ms" if watch else "release_margin_ms"
+    default = LibvirtMigrationRequest.model_fields[key].default
     held = not plain and options.get("hold") != "none"
-    run.release_margin_ms = options.get("release_margin_ms", default) if held else None
+    run.release_margin_ms = options.get(key, default) if held else None
     run.held_ms = report.hold.held_ms
     run.released_after_ms = report.hold.released_after_ms
     run.rtt_estimate_ms = report.hold.client_rtt_estimate_ms
@@ -352,6 +367,8 @@ def run_embedded(lab_dir: Path, rtt: float, method: str, i: int) -> Run:
                 rec = client.record
                 if rec.connected_reply_at is not None and rec.started_at is not None:
                     run.client_link_s = round(rec.connected_reply_at - rec.started_at, 3)
+                if rec.path == "seamless":
+                    run.slack_ms = record_slack_ms(rec, rtt)
     except Exception as exc:
         run.outcome, run.error = "error", f"{type(exc).__name__}: {exc}"
     return run
@@ -446,18 +463,18 @@ def margin_table(runs: list[Run]) -> str:
     """The release margin's distribution: per RTT and margin, each seamless run's spare time
     (``slack_ms``) and the smallest margin that would still have been seamless in it."""
     head = (
-        "| RTT ms | margin ms | seamless / n | slack ms, min / median / max | "
+        "| client | RTT ms | margin ms | seamless / n | slack ms, min / median / max | "
         "smallest margin that would have held, ms: worst (max) / median |\n"
-        "|---|---|---|---|---|\n"
+        "|---|---|---|---|---|---|\n"
     )
     rows = []
     keys = sorted(
-        {(r.rtt_ms, r.release_margin_ms) for r in runs if r.release_margin_ms is not None}
+        {(r.client, r.rtt_ms, r.release_margin_ms) for r in runs if r.release_margin_ms is not None}
     )
     needed_all: list[float] = []
-    for rtt, margin in keys:
+    for client, rtt, margin in keys:
         assert margin is not None
-        rs = [r for r in runs if (r.rtt_ms, r.release_margin_ms) == (rtt, margin)]
+        rs = [r for r in runs if (r.client, r.rtt_ms, r.release_margin_ms) == (client, rtt, margin)]
         rs = [r for r in rs if r.method not in {"late", "nowait"}]
         slack = [r.slack_ms for r in rs if r.outcome == "seamless" and r.slack_ms is not None]
         if not slack:
@@ -466,7 +483,7 @@ def margin_table(runs: list[Run]) -> str:
         needed_all += needed
         seam = sum(r.outcome == "seamless" for r in rs)
         rows.append(
-            f"| {rtt:g} | {margin:g} | {seam}/{len(rs)} | {min(slack):.0f} / "
+            f"| {client} | {rtt:g} | {margin:g} | {seam}/{len(rs)} | {min(slack):.0f} / "
             f"{statistics.median(slack):.0f} / {max(slack):.0f} | {max(needed):.0f} / "
             f"{statistics.median(needed):.0f} |"
         )
