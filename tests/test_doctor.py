@@ -24,43 +24,15 @@ from typing import Any
 import pytest
 
 from spice_libvirt.exitcodes import ExitCode
-from spice_libvirt.lab import netns
-from tests.test_hook_libvirtd import Hooked, _domain_xml, _host
+from tests.test_hook_libvirtd import Hooked, _domain_xml, hooked_hosts
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
 
 
 @pytest.fixture
 def hosts(tmp_path: Path) -> Iterator[dict[str, Hooked]]:
-    import uuid
-
-    tag = uuid.uuid4().hex[:8]
-    addrs = {"hostA": "10.253.1.1", "hostB": "10.253.1.2"}
-    made = {
-        n: _host(n, tmp_path / n, f"dr{n[-1].lower()}-{tag}", a, addrs) for n, a in addrs.items()
-    }
-    created: list[str] = []
-    try:
-        for h in made.values():
-            netns.add(h.host.config.netns)
-            created.append(h.host.config.netns)
-            netns.link_up(h.host.config.netns, "lo")
-        a, b = (made[n].host.config.netns for n in ("hostA", "hostB"))
-        netns.add_veth(a, "eth0", b, "eth0")
-        for h in made.values():
-            netns.add_address(h.host.config.netns, "eth0", f"{h.address}/24")
-            netns.link_up(h.host.config.netns, "eth0")
-            h.prepare(spice_address=h.address)
-            h.host.start()
+    with hooked_hosts(tmp_path, {"hostA": "10.253.1.1", "hostB": "10.253.1.2"}, "dr") as made:
         yield made
-    finally:
-        for h in made.values():
-            try:
-                h.stop()
-            except Exception as exc:
-                print(f"teardown of {h.host.config.name}: {exc}")
-        for ns in created:
-            netns.delete(ns)
 
 
 def _tls_dir(where: Path, days: int) -> Path:

@@ -12,6 +12,7 @@ Everything started here is stopped by PID; the namespaces are deleted afterwards
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -161,13 +162,17 @@ def _domain_xml(name: str, listen_address: str | None, *, metadata: str = "") ->
 """
 
 
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[dict[str, Hooked]]:
-    """Two hosts ``hostA``/``hostB`` in two network namespaces joined by one veth pair."""
+@contextlib.contextmanager
+def hooked_hosts(
+    tmp_path: Path, addrs: dict[str, str], ns_prefix: str
+) -> Iterator[dict[str, Hooked]]:
+    """Hosts named as ``addrs``' keys, each in a network namespace on one veth pair, with
+    our hook installed before its libvirtd started (SPICE address: its own); stopped by PID
+    and the namespaces deleted afterwards. Also used by ``tests/test_doctor.py``."""
     tag = uuid.uuid4().hex[:8]
-    addrs = {"hostA": "10.253.0.1", "hostB": "10.253.0.2"}
     hosts = {
-        n: _host(n, tmp_path / n, f"h4{n[-1].lower()}-{tag}", a, addrs) for n, a in addrs.items()
+        n: _host(n, tmp_path / n, f"{ns_prefix}{n[-1].lower()}-{tag}", a, addrs)
+        for n, a in addrs.items()
     }
     created: list[str] = []
     try:
@@ -175,8 +180,8 @@ def lab(tmp_path: Path) -> Iterator[dict[str, Hooked]]:
             netns.add(h.host.config.netns)
             created.append(h.host.config.netns)
             netns.link_up(h.host.config.netns, "lo")
-        a, b = (hosts[n].host.config.netns for n in ("hostA", "hostB"))
-        netns.add_veth(a, "eth0", b, "eth0")
+        first, second = (h.host.config.netns for h in hosts.values())
+        netns.add_veth(first, "eth0", second, "eth0")
         for h in hosts.values():
             netns.add_address(h.host.config.netns, "eth0", f"{h.address}/24")
             netns.link_up(h.host.config.netns, "eth0")
@@ -192,6 +197,13 @@ def lab(tmp_path: Path) -> Iterator[dict[str, Hooked]]:
                 print(f"teardown of {h.host.config.name}: {exc}")
         for ns in created:
             netns.delete(ns)
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[dict[str, Hooked]]:
+    """Two hosts ``hostA``/``hostB`` in two network namespaces joined by one veth pair."""
+    with hooked_hosts(tmp_path, {"hostA": "10.253.0.1", "hostB": "10.253.0.2"}, "h4") as hosts:
+        yield hosts
 
 
 def _ops(entries: list[JournalEntry]) -> list[tuple[str, str]]:
