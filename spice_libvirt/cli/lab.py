@@ -104,6 +104,12 @@ def register(subparsers: Any) -> None:
         help="libvirt lab with --domains: one 'spice-libvirt watch' client per domain in the "
         "client namespace (watch, the default) or none",
     )
+    up.add_argument(
+        "--agent",
+        action="store_true",
+        help="libvirt lab: run 'spice-libvirt agent run' inside each host, as a hypervisor "
+        "would (migrations started by plain virsh become seamless)",
+    )
     up.set_defaults(handler=_up)
 
     mig = sub.add_parser("migrate", help="migrate to the other side (and re-arm it)")
@@ -201,6 +207,7 @@ def _up(args: argparse.Namespace) -> int:
             "--ticket-valid-s": args.ticket_valid_s is not None,
             "--domains": args.domains is not None,
             "--clients": args.clients is not None,
+            "--agent": args.agent,
         },
         "the QEMU lab (libvirt lab only)",
     )

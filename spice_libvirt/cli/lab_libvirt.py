@@ -43,6 +43,7 @@ def up(args: argparse.Namespace, path: Path) -> int:
         ticket_valid_s=args.ticket_valid_s,
         domains=domains,
         clients=args.domains is not None and args.clients != "none",
+        agent=args.agent,
     )
     spice = libvirt_lab.spice_endpoint(state, "A")
     if args.json:

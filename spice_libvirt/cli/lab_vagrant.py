@@ -54,6 +54,7 @@ def up(args: argparse.Namespace) -> int:
             "--ticket-valid-s": getattr(args, "ticket_valid_s", None) is not None,
             "--domains": getattr(args, "domains", None) is not None,
             "--clients": getattr(args, "clients", None) is not None,
+            "--agent": getattr(args, "agent", False),
         },
         "the Vagrant lab",
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from spice_libvirt.errors import LabError
 from spice_libvirt.lab import netns
-from spice_libvirt.lab.libvirt_state import HOSTS, LabState
+from spice_libvirt.lab.libvirt_state import HOSTS, LabProcess, LabState
 
 
 def agent_dir(state: LabState, host: str) -> Path:
@@ -76,3 +76,14 @@ def start_agent(
         time.sleep(0.05)
     netns.terminate([ref])
     raise LabError(f"the agent in host {host} did not start in 20 s (log {log})")
+
+
+def start_agents(state: LabState) -> None:
+    """An agent in each host, recorded with the lab's per-host daemons (``lab down`` stops
+    them by PID, ``lab status`` lists them)."""
+    from spice_libvirt.lab import libvirt_daemons
+
+    for host in HOSTS:
+        ref = start_agent(state, host)
+        process = LabProcess(where=host, what=ref.what, proc=ref, log=log_path(state, host))
+        libvirt_daemons.record(state, process)

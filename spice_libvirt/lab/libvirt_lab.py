@@ -50,7 +50,14 @@ from typing import Any
 
 from spice_libvirt import errors
 from spice_libvirt.errors import ConfigError, LabError, MigrationError
-from spice_libvirt.lab import delaybridge, libvirt_daemons, libvirt_ticket, libvirt_tls, netns
+from spice_libvirt.lab import (
+    delaybridge,
+    libvirt_agent,
+    libvirt_daemons,
+    libvirt_ticket,
+    libvirt_tls,
+    netns,
+)
 from spice_libvirt.lab.labdir import remove_inside
 from spice_libvirt.lab.libvirt_domain import TEMPLATE, TEMPLATE_LINUX, render_domain_xml
 from spice_libvirt.lab.libvirt_host import (
@@ -220,13 +227,16 @@ def up(
     ticket_valid_s: float | None = None,
     domains: int = 1,
     clients: bool = False,
+    agent: bool = False,
 ) -> LabState:
     """Build the lab and start the guest on host A; return the recorded state.
 
     Every lab gets an sshd in each host and an Ansible inventory naming them
     (:mod:`~spice_libvirt.lab.libvirt_daemons`, ``state.ansible_inventory``). ``domains``
     > 1 starts that many guests on A in all, ``clients`` a ``spice-libvirt watch`` client
-    for each in the client namespace (:mod:`~spice_libvirt.lab.libvirt_fleet`).
+    for each in the client namespace (:mod:`~spice_libvirt.lab.libvirt_fleet`). ``agent``
+    runs ``spice-libvirt agent run`` inside each host, as a hypervisor would
+    (:mod:`~spice_libvirt.lab.libvirt_agent`).
 
     With ``tls`` the hosts run SPICE over TLS as a manager sets it up
     (:mod:`~spice_libvirt.lab.libvirt_tls`): a lab CA, a certificate per host, ``spice_tls``
@@ -273,6 +283,8 @@ def up(
                 libvirt_ticket.set_ticket(state, "A", ticket_valid_s)
             libvirt_daemons.start_sshds(state)
             libvirt_fleet.bring_up(state, domains, memory_mib, clients)
+            if agent:
+                libvirt_agent.start_agents(state)
             state.phase = "up"
             save(state)
         except BaseException as exc:

@@ -1,0 +1,69 @@
+"""Issue 12's "done when", as an admin would do it: ``lab up --libvirt --agent --guest linux
+--client-rtt-ms 300``, remote-viewer in the client namespace, a plain ``virsh migrate --live
+--p2p`` started by hand -- seamless by remote-viewer's own log, no ``custom-monitor`` taint;
+``lab status --json`` lists the agents, ``lab down`` stops them with everything else."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from benchmarks.bench_libvirt_rtt import xvfb
+from spice_libvirt.lab import libvirt_lab
+from tests.lab_marks import LIBVIRT_LAB
+from tests.test_agent_lab import migrate_watched, tainted, verdicts
+
+pytest.importorskip("libvirt")
+
+pytestmark = LIBVIRT_LAB
+
+
+def lab_cli(top: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, SPICE_LIBVIRT_LAB_DIR=str(top))
+    return subprocess.run(
+        [sys.executable, "-m", "spice_libvirt.cli", "lab", *args],
+        capture_output=True, text=True, timeout=300, check=False, env=env,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def top() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="sl-"))
+    try:
+        yield path
+    finally:
+        lab_cli(path, "down")
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_lab_up_agent_makes_a_hand_started_virsh_migration_seamless(top: Path) -> None:
+    up = lab_cli(top, "up", "--libvirt", "--agent", "--guest", "linux", "--client-rtt-ms", "300")
+    assert up.returncode == 0, up.stderr
+    status = json.loads(lab_cli(top, "status", "--json").stdout)
+    agents = [d for d in status["daemons"] if d["what"].startswith("agent")]
+    assert sorted(d["where"] for d in agents) == ["A", "B"]
+    assert all(d["alive"] for d in agents)
+    state = libvirt_lab.load_state(top / "libvirt")
+    assert state is not None
+    with xvfb(state.run_dir) as display:
+        for i in range(2):  # there and back
+            path, verdict, _ = migrate_watched(state, display, f"rv-cli-{i}")
+            assert path == "seamless"
+            assert verdict is not None
+            assert verdict["outcome"] == "seamless"
+    assert tainted(state) == []
+    assert len(verdicts(state, "A")) == 1
+    assert len(verdicts(state, "B")) == 1
+    down = lab_cli(top, "down", "--json")
+    assert down.returncode == 0, down.stderr
+    assert json.loads(down.stdout)["leftovers"] == []
+    for d in agents:
+        assert not Path(f"/proc/{d['proc']['pid']}").exists()
