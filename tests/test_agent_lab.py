@@ -36,7 +36,7 @@ from spice_libvirt.hook.journal import Journal
 from spice_libvirt.lab import libvirt_agent, libvirt_lab, netns
 from spice_libvirt.lab.libvirt_lab import LabState
 from spice_libvirt.lab.libvirt_migrate import lab_migrate
-from spice_libvirt.lab.libvirt_state import HostName, save
+from spice_libvirt.lab.libvirt_state import save
 from tests.lab_marks import LIBVIRT_LAB
 
 libvirt = pytest.importorskip("libvirt")
@@ -78,32 +78,16 @@ def agents(
         netns.terminate([r for r in refs.values() if r.alive()], timeout=15.0)
 
 
-def where(lab: LabState) -> tuple[HostName, HostName]:
-    """(host the domain runs on, the other one)."""
-    pairs: tuple[tuple[HostName, HostName], ...] = (("A", "B"), ("B", "A"))
-    for host, other in pairs:
-        out = subprocess.run(
-            ["virsh", "-c", lab.hosts[host].uri_unix, "domstate", lab.domain],
-            capture_output=True, text=True, timeout=30, check=False,
-        )  # fmt: skip
-        if out.stdout.strip() == "running":
-            return host, other
-    raise AssertionError("the domain runs on neither host")
-
-
-def virsh_argv(lab: LabState, src: str, dst: str, extra: Sequence[str] = ()) -> list[str]:
-    """A plain ``virsh migrate --live --p2p`` (the caller is not us)."""
-    return [
-        "virsh", "-c", lab.hosts[src].uri_unix, "migrate", "--live", "--p2p", *extra,
-        lab.domain, f"qemu+tcp://{lab.hosts[dst].config.hostname}/system",
-    ]  # fmt: skip
-
-
 def virsh_migrate(lab: LabState, src: str, dst: str, extra: Sequence[str] = ()) -> float:
-    """:func:`virsh_argv` to its successful end; its wall time."""
+    """A plain migration (:func:`libvirt_agent.plain_migrate_argv`) to its successful end;
+    its wall time."""
     t0 = time.monotonic()
     done = subprocess.run(
-        virsh_argv(lab, src, dst, extra), capture_output=True, text=True, timeout=180, check=False
+        libvirt_agent.plain_migrate_argv(lab, src, dst, extra),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     return time.monotonic() - t0
@@ -149,7 +133,7 @@ def migrate_watched(
     lab: LabState, display: int, name: str, extra: Sequence[str] = ()
 ) -> tuple[str | None, dict[str, Any] | None, str]:
     """One plain migration with a fresh remote-viewer: (its path, the agent's verdict, src)."""
-    src, dst = where(lab)
+    src, dst = libvirt_agent.running_host(lab)
     before = len(verdicts(lab, src))
     v = viewer(lab, display, src, name)
     try:
@@ -238,7 +222,7 @@ def _step_downtime(lab: LabState, src: str, steps: Sequence[int], stop: threadin
 
 
 def test_a_caller_stepping_the_downtime_is_followed_not_fought(lab: LabState, display: int) -> None:
-    src, _ = where(lab)
+    src, _ = libvirt_agent.running_host(lab)
     stop = threading.Event()
     stepper = threading.Thread(target=_step_downtime, args=(lab, src, (50, 100, 200), stop))
     with agents(lab):
@@ -255,7 +239,7 @@ def test_a_caller_stepping_the_downtime_is_followed_not_fought(lab: LabState, di
 
 
 def test_an_agent_killed_mid_hold_is_undone_by_the_next_one(lab: LabState) -> None:
-    src, dst = where(lab)
+    src, dst = libvirt_agent.running_host(lab)
     holds = libvirt_agent.agent_dir(lab, src) / "holds"
     before = len(verdicts(lab, src))
     # a client that is connected but never links to the destination: the hold lasts
@@ -289,7 +273,7 @@ def test_an_agent_killed_mid_hold_is_undone_by_the_next_one(lab: LabState) -> No
 
 
 def test_a_client_that_never_links_is_released_at_the_bound(lab: LabState) -> None:
-    src, dst = where(lab)
+    src, dst = libvirt_agent.running_host(lab)
     before = len(verdicts(lab, src))
     client = netns.socket_in(lab.client.netns)
     client.connect((lab.hosts[src].config.ip, 5900))
@@ -306,7 +290,7 @@ def test_a_client_that_never_links_is_released_at_the_bound(lab: LabState) -> No
 
 
 def test_an_unreachable_destination_libvirtd_is_released_at_once(lab: LabState) -> None:
-    src, dst = where(lab)
+    src, dst = libvirt_agent.running_host(lab)
     before = len(verdicts(lab, src))
     client = netns.socket_in(lab.client.netns)
     client.connect((lab.hosts[src].config.ip, 5900))
@@ -321,7 +305,7 @@ def test_an_unreachable_destination_libvirtd_is_released_at_once(lab: LabState) 
 
 
 def test_the_embedded_client_follows_seamlessly_with_its_stream_intact(lab: LabState) -> None:
-    src, dst = where(lab)
+    src, dst = libvirt_agent.running_host(lab)
     before = len(verdicts(lab, src))
     err = lab.run_dir / "watch-agent.err"
     argv = [sys.executable, "-m", "spice_libvirt.cli", "watch", "--json", "--count", "1"]
@@ -349,7 +333,7 @@ def test_the_embedded_client_follows_seamlessly_with_its_stream_intact(lab: LabS
 
 
 def test_agent_status_says_what_the_running_agent_does(lab: LabState) -> None:
-    src, _ = where(lab)
+    src, _ = libvirt_agent.running_host(lab)
     argv = [sys.executable, "-m", "spice_libvirt.cli", "agent", "status", "--json"]
     argv += ["--state-dir", str(libvirt_agent.agent_dir(lab, src))]
     with agents(lab):
@@ -365,11 +349,11 @@ def test_agent_status_says_what_the_running_agent_does(lab: LabState) -> None:
 
 
 def test_a_libvirtd_restart_mid_hold_ends_in_a_release(lab: LabState) -> None:
-    src, dst = where(lab)
+    src, dst = libvirt_agent.running_host(lab)
     holds = libvirt_agent.agent_dir(lab, src) / "holds"
     client = netns.socket_in(lab.client.netns)
     client.connect((lab.hosts[src].config.ip, 5900))
-    argv = virsh_argv(lab, src, dst)
+    argv = libvirt_agent.plain_migrate_argv(lab, src, dst)
     migration = threading.Thread(
         target=lambda: subprocess.run(argv, capture_output=True, timeout=180, check=False)
     )
@@ -387,7 +371,7 @@ def test_a_libvirtd_restart_mid_hold_ends_in_a_release(lab: LabState) -> None:
                 time.sleep(0.1)
             assert list(holds.glob("*.json")) == [], "the hold outlived the libvirtd restart"
             migration.join(120)
-        running, _ = where(lab)
+        running, _ = libvirt_agent.running_host(lab)
         conn = libvirt.open(lab.hosts[running].uri_unix)
         try:
             dom = conn.lookupByName(lab.domain)
@@ -400,7 +384,7 @@ def test_a_libvirtd_restart_mid_hold_ends_in_a_release(lab: LabState) -> None:
 
 def test_our_own_migrate_is_left_to_our_controller(lab: LabState) -> None:
     """Never held twice: the controller marks the domain, the agent steps aside."""
-    src, _ = where(lab)
+    src, _ = libvirt_agent.running_host(lab)
     state = libvirt_lab.load_state(lab.lab_dir)
     assert state is not None
     state.active_host = src  # plain virsh moved the guest behind the lab's back

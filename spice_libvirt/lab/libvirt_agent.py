@@ -15,7 +15,7 @@ from pathlib import Path
 
 from spice_libvirt.errors import LabError
 from spice_libvirt.lab import netns
-from spice_libvirt.lab.libvirt_state import HOSTS, LabProcess, LabState
+from spice_libvirt.lab.libvirt_state import HOSTS, HostName, LabProcess, LabState
 
 
 def agent_dir(state: LabState, host: str) -> Path:
@@ -87,3 +87,28 @@ def start_agents(state: LabState) -> None:
         ref = start_agent(state, host)
         process = LabProcess(where=host, what=ref.what, proc=ref, log=log_path(state, host))
         libvirt_daemons.record(state, process)
+
+
+# ------------------------------------------------------------------ migrations by "someone else"
+
+
+def running_host(state: LabState) -> tuple[HostName, HostName]:
+    """(the host the lab domain runs on, the other one), asked of both libvirtds: plain
+    ``virsh`` migrations move the guest behind the lab's bookkeeping."""
+    pairs: tuple[tuple[HostName, HostName], ...] = (("A", "B"), ("B", "A"))
+    for host, other in pairs:
+        done = subprocess.run(
+            ["virsh", "-c", state.hosts[host].uri_unix, "domstate", state.domain],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        if done.stdout.strip() == "running":
+            return host, other
+    raise LabError(f"{state.domain} runs on neither host")
+
+
+def plain_migrate_argv(state: LabState, src: str, dst: str, extra: Sequence[str] = ()) -> list[str]:
+    """A plain ``virsh migrate --live --p2p`` of the lab domain: a caller that is not us."""
+    return [
+        "virsh", "-c", state.hosts[src].uri_unix, "migrate", "--live", "--p2p", *extra,
+        state.domain, f"qemu+tcp://{state.hosts[dst].config.hostname}/system",
+    ]  # fmt: skip
