@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from spice_libvirt.exitcodes import ExitCode
-from spice_libvirt.lab import libvirt_fleet, libvirt_lab
+from spice_libvirt.lab import libvirt_daemons, libvirt_fleet, libvirt_lab, netns
 from spice_libvirt.lab.libvirt_state import LabState
 from tests.lab_marks import LIBVIRT_LAB
 
@@ -40,6 +40,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabState]:
         )
         yield state
     finally:
+        state = libvirt_lab.load_state(base / "libvirt") or state  # as the tests left it
         procs = [p.proc for p in (*state.clients, *state.daemons)] if state else []
         report = libvirt_lab.down(base / "libvirt")
         assert report.leftovers == []
@@ -88,3 +89,21 @@ def test_evacuate_eight_domains_at_150ms_all_seamless_both_ways(fleet: LabState)
     assert [d["outcome"] for d in back["report"]["domains"]] == ["seamless"] * DOMAINS
     assert {c["path"] for c in back["clients"].values()} == {"seamless"}
     assert libvirt_lab.status(fleet.lab_dir).healthy
+
+
+def test_a_per_host_daemon_is_recorded_listed_and_stopped_by_down(fleet: LabState) -> None:
+    """The mechanism the sshds use, for any daemon (an agent): it runs inside the host
+    (its UTS name is the host's), ``lab status`` lists it, the fixture's ``down`` stops it."""
+    state = libvirt_lab.load_state(fleet.lab_dir)
+    assert state is not None
+    argv = ["sh", "-c", "hostname; exec sleep 3600"]
+    entry = libvirt_daemons.start_in_host(state, "B", argv, "probe daemon")
+    st = libvirt_lab.status(fleet.lab_dir)
+    [listed] = [d for d in st.daemons if d.what == "probe daemon"]
+    assert listed.where == "B"
+    assert listed.alive
+    assert listed.proc == entry.proc
+    log = entry.log
+    assert log is not None
+    netns.wait_for(lambda: "hostB" in log.read_text(), timeout=10, what="the daemon's output")
+    assert log.read_text().split() == ["hostB"]

@@ -7,7 +7,8 @@ host agent (later), and one SPICE client per domain in the client namespace
 lab state: written as they start, listed by ``lab status``, stopped by PID (checked against
 their start time) by ``lab down`` before the hosts' own daemons (:func:`stop_all`).
 
-To add a per-host daemon: start it inside the host (``state.host(name).enter_argv``), then
+To add a per-host daemon: :func:`start_in_host` (a foreground process: its PID is known at
+once), or start it yourself inside the host (``state.host(name).enter_argv``) and
 :func:`record` it with ``where`` = the host's name.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -35,6 +37,28 @@ def record(state: LabState, process: LabProcess, *, client: bool = False) -> Non
     """Add a started process to the lab state (and save it at once)."""
     (state.clients if client else state.daemons).append(process)
     save(state)
+
+
+def start_in_host(state: LabState, name: str, argv: list[str], what: str) -> LabProcess:
+    """Start a foreground process inside host ``name`` and record it; ``lab down`` stops it.
+
+    ``nsenter`` enters the host's namespaces and execs in place, so the PID is the
+    process's own. Its output goes to ``<run dir>/<what>.<name>.log``; it runs in a session
+    of its own (a Ctrl-C of ``lab up`` does not reach it).
+    """
+    host = state.host(name)
+    log = state.run_dir / f"{what.replace(' ', '-')}.{name}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            host.enter_argv(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    entry = LabProcess(where=name, what=what, proc=netns.ProcRef.of(proc.pid, what), log=log)
+    record(state, entry)
+    return entry
 
 
 def stop_all(state: LabState, timeout: float = 5.0) -> list[str]:
