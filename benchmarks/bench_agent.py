@@ -26,6 +26,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -268,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                             )  # fmt: skip
     finally:
         libvirt_lab.down(top / "lab")
+        shutil.rmtree(top, ignore_errors=True)
     summary = Summary(
         machine=machine(tools=["qemu", "remote-viewer"]),
         commit=_commit(),
