@@ -253,7 +253,7 @@ def test_down_after_a_crash(lab: Path) -> None:
         ref.pid
         for ref in (state.hosts["A"].runtime.libvirtd, state.hosts["A"].runtime.virtlogd)
         if ref is not None
-    }
+    } | {d.proc.pid for d in state.daemons if d.where == "A"}  # its sshd
     qemu = [p for p in netns.pids_in(state.hosts["A"].config.netns) if p not in daemons_a]
     assert qemu, "the guest's qemu should run in A's namespace"
     # the crash: A's libvirtd and the bridge die hard, B's virtlogd too; the state file stays
