@@ -384,13 +384,18 @@ def main(
         cin, cout = _console_streams()
         stdin = stdin if stdin is not None else cin
         stdout = stdout if stdout is not None else cout
-    if args == ["--self-test"]:
-        return self_test(stdout, err)
-    return run(
-        args,
-        stdin,
-        stdout,
-        err,
-        started=_MODULE_LOADED if console else None,
-        hard_watchdog=console,
-    )
+    try:
+        if args == ["--self-test"]:
+            return self_test(stdout, err)
+        return run(
+            args,
+            stdin,
+            stdout,
+            err,
+            started=_MODULE_LOADED if console else None,
+            hard_watchdog=console,
+        )
+    finally:
+        # everything out before returning: the launcher ends the process with os._exit
+        stdout.flush()
+        err.flush()
