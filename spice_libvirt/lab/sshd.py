@@ -18,12 +18,11 @@ Where the files live, and why:
 
 Private keys are written 0600 in 0700 directories. The sshd is started with ``nsenter``
 into the host and daemonizes; its PID (with its start time) is what the lab records and
-``lab down`` stops (:func:`stop`).
+``lab down`` stops (:mod:`~spice_libvirt.lab.libvirt_daemons`).
 """
 
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 import subprocess
@@ -162,17 +161,3 @@ def ssh_common_args(ssh_dir: Path, *, proxy_netns: str | None = None) -> list[st
     if proxy_netns is not None:
         args += ["-o", f"ProxyCommand={proxy_command(proxy_netns)}"]
     return args
-
-
-def stop(refs: list[netns.ProcRef], timeout: float = 5.0) -> None:
-    """Stop sshds by PID (SIGTERM, SIGKILL after ``timeout``); gone ones are skipped."""
-    netns.terminate(refs, timeout=timeout)
-
-
-def private_files_ok(ssh_dir: Path) -> bool:
-    """Whether every private key under ``ssh_dir`` is 0600 and owned by us."""
-    return all(
-        (p.stat().st_mode & 0o777) == 0o600 and p.stat().st_uid == os.geteuid()
-        for p in ssh_dir.glob("*")
-        if p.is_file() and not p.name.endswith((".pub", KNOWN_HOSTS))
-    )
