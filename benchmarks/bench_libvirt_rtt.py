@@ -498,13 +498,14 @@ def margin_table(runs: list[Run]) -> str:
     )
 
 
-def summary_md(runs: list[Run], argv: str, started: dt.datetime, seconds: float) -> str:
+def summary_md(runs: list[Run], argv: str, started: dt.datetime, seconds: float | None) -> str:
     info = machine(tools=["remote-viewer"])
     loads = [r.load_1m for r in runs if r.load_1m is not None]
     commits = [r.commit for r in runs if r.commit]
     span = f"{commits[0]} .. {commits[-1]}" if len(set(commits)) > 1 else "".join(commits[:1])
     return (
-        f"Measured {started:%Y-%m-%d %H:%M} UTC by `{argv}` ({seconds:.0f} s) at commit "
+        f"Measured {started:%Y-%m-%d %H:%M} UTC, summarized by `{argv}`"
+        f"{'' if seconds is None else f' ({seconds:.0f} s)'}, at commit "
         f"{span or '?'} (+dirty: other work uncommitted in the tree); {info.cpus} CPUs ({info.cpu_model}), kernel "
         f"{info.kernel}, {info.versions.get('remote-viewer', 'remote-viewer ?')}; load average "
         f"(1 min) during the runs {min(loads, default=0):.2f}-{max(loads, default=0):.2f} "
@@ -547,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_rows is not None:
         rows = [Run.model_validate_json(x) for x in args.from_rows.read_text().splitlines() if x]
         when = dt.datetime.fromtimestamp(args.from_rows.stat().st_mtime, dt.UTC)
-        text = summary_md(rows, f"benchmarks/bench_libvirt_rtt.py ({args.from_rows.name})", when, 0)
+        command = f"benchmarks/bench_libvirt_rtt.py --from-rows {args.from_rows}"
+        text = summary_md(rows, command, when, None)
         print(text)
         if args.write_results:
             _write(args.results or RESULTS_MD, text, args.tls)

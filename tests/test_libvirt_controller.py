@@ -122,6 +122,9 @@ def test_plain_libvirt_migration_loses_the_race_at_150ms(lab: Path) -> None:
     assert client.record is not None
     assert client.record.path == "switch-host"
     assert client.connection_id_after != client.connection_id_before
+    # the downtime is reported against the limit libvirt had configured
+    assert report.migration.downtime_limit_ms is not None
+    assert report.migration.downtime_ms is not None
     # a switch-host client leaves the source before libvirt returns (its Confirm waits)
     assert report.client_left_source_ms is not None
     assert report.client_left_source_ms <= 0

@@ -574,6 +574,12 @@ def test_settled(
         assert s.recheck_at == pytest.approx(recheck)
 
 
+def test_settled_without_a_client_has_nothing_to_wait_for() -> None:
+    s = settled(Settling({}, AFTER["new"], RET, RET, RTT))
+    assert s.done
+    assert "no client" in s.reason
+
+
 def test_settled_never_waits_past_the_bound_and_is_ready_within_a_window() -> None:
     """Over a grid of times: the recheck is never after the bound; a kept session with no
     reconnect is conclusive within 1 RTT + margin of libvirt's return."""

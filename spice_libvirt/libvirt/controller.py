@@ -183,6 +183,9 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
         lv, req = self._lv, self.req
         orig_speed = await src.call(dom.migrateGetMaxSpeed, "migration max speed")
         report.hold.bandwidth_before_mibs = orig_speed
+        with contextlib.suppress(errors.LibvirtError):  # the limit the downtime is judged by
+            limit = await src.call(lambda: dom.migrateGetMaxDowntime(0), "max downtime")
+            report.migration.downtime_limit_ms = int(limit)
         if report.hold.applied == "qmp-throttle":
             report.hold.qemu_bandwidth_before = await self._qemu_bandwidth(src, dom)
         params: dict[str, Any] = {}
@@ -346,6 +349,13 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
                 )
         if stats:
             figures_from_stats(stats, report.migration)
+        figures = report.migration
+        if figures.downtime_ms is not None and figures.downtime_limit_ms is not None:
+            within = figures.downtime_ms <= figures.downtime_limit_ms
+            self.note(
+                f"downtime {figures.downtime_ms} ms, limit {figures.downtime_limit_ms} ms"
+                + ("" if within else ": over the limit")
+            )
         report.spice_migrate_completed = True  # libvirt's Confirm waited for it
         report.source_resumed = False
 

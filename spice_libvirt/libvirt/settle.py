@@ -131,7 +131,9 @@ async def await_settled(
             returned_at=inputs.returned_at,
             now=time.monotonic(),
             rtt=inputs.rtt,
-            source_left_at=departures.left_at,
+            # not every disconnect may be relayed before the source QEMU is stopped: the
+            # first one anchors then (spice-gtk closes a switch-host's channels together)
+            source_left_at=departures.left_at or departures.first_at,
             reconnected_at=again,
             prelinks_dropped=any(e.phase == "disconnect" for e in links.events),
             embedded=inputs.embedded,

@@ -317,6 +317,7 @@ UNKNOWN_RTT_WINDOW = 0.5
 def settled(s: Settling) -> Settled:
     """Is the evidence conclusive? The rules, first match wins:
 
+    0. no client before the migration: nothing to follow;
     1. a new connection id on the destination: switch-host, now;
     2. the bound passed: judge on what is there;
     3. an embedded client's record arrived: its own word, now (the record waits for it);
@@ -328,6 +329,8 @@ def settled(s: Settling) -> Settled:
     """
     after = s.after or {}
     bound_at = s.returned_at + s.bound
+    if not s.before:
+        return Settled(True, "no client was connected before the migration")
     if set(after) - set(s.before):
         return Settled(True, "a new connection id on the destination")
     if s.now >= bound_at:
@@ -347,11 +350,14 @@ def settled(s: Settling) -> Settled:
         for cid, session in s.before.items()
     )
     if kept and not s.prelinks_dropped and s.now >= quiet_at:
-        left = "left the source" if s.source_left_at is not None else "libvirt returned"
+        since = (
+            "the client left the source"
+            if s.source_left_at is not None and s.source_left_at <= s.returned_at
+            else "the migration returned"
+        )
         return Settled(
             True,
-            f"kept with every channel; no new connection {window * 1000:.0f} ms after the "
-            f"client {left}",
+            f"kept with every channel; no new connection {window * 1000:.0f} ms after {since}",
         )
     if kept and not s.prelinks_dropped:
         return Settled(False, "kept so far: watching for a reconnect", min(quiet_at, bound_at))

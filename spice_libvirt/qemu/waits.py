@@ -70,7 +70,8 @@ def _spice_facts(
     channels = sum(len(s.channels) for s in clients.values())
     gone = [e.received for e in src if e.name == "SPICE_DISCONNECTED" and e.received >= since]
     first = min(gone, default=since)
-    left_at = max(gone) if channels and len(gone) >= channels else None
+    # every channel gone, else the first one (spice-gtk closes a switch-host's together)
+    left_at = max(gone) if channels and len(gone) >= channels else min(gone, default=None)
     early = {_client_key(e) for e in dst if e.name == "SPICE_CONNECTED" and e.received < first}
     again = next(
         (
