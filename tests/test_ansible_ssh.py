@@ -45,6 +45,7 @@ from typing import Any
 import pytest
 import yaml  # type: ignore[import-untyped]
 
+from spice_libvirt.agent.settings import load_agent_settings
 from spice_libvirt.config import load_config
 from spice_libvirt.errors import LabError
 from spice_libvirt.hook.install import render_shim
@@ -239,6 +240,9 @@ def _write_inventory(h_root: Path, prefix: Path, find_links: Path, source: Path)
         "spice_libvirt_journal_path": str(prefix / "var" / "lib" / "spice-libvirt" / "journal.sqlite3"),
         "spice_libvirt_remote_wheelhouse_dir": str(prefix / "var" / "cache" / "spice-libvirt" / "wheelhouse"),
         "spice_libvirt_vdsm_hooks_dir": str(prefix / "usr" / "libexec" / "vdsm" / "hooks"),
+        # no systemd in a namespace host: the unit is written, not enabled
+        "spice_libvirt_agent_unit_path": str(prefix / "etc" / "systemd" / "system" / "spice-libvirt-agent.service"),
+        "spice_libvirt_agent_service": False,
         "spice_libvirt_spice_address": HOST_IP,
         "spice_libvirt_packages": packages,
         "spice_libvirt_apt_update_cache": False,
@@ -490,6 +494,14 @@ def test_role_over_ssh_check_run_idempotent_reload_and_hook_seen(ssh_host: SshHo
     # VDSM's hooks/qemu still runs too (libvirt runs it before qemu.d/)
     assert "vdsm-qemu ansvm started begin" in (h.lab.log_dir / "vdsm-qemu-hook.log").read_text()
     h.lab.run(["virsh", "destroy", "ansvm"], timeout=60)
+
+    # 6. the host agent's unit names this venv's command; its settings parse
+    unit = h.prefix / "etc" / "systemd" / "system" / "spice-libvirt-agent.service"
+    assert f"ExecStart={h.venv}/bin/spice-libvirt agent run" in unit.read_text().splitlines()
+    agent = load_agent_settings(h.prefix / "etc" / "spice-libvirt" / "agent.toml", {})
+    assert agent.destination_uri == "qemu+tls://{peer}/system"
+    assert agent.peers == ()  # the only hypervisor of this play
+    assert agent.journal_path == h.prefix / "var/lib/spice-libvirt/journal.sqlite3"
 
     print("ansible over ssh, seconds:", {k: round(v, 1) for k, v in timings.items()})
 
