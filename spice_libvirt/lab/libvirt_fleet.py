@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 
 from spice_libvirt.errors import ConfigError, LabError
 from spice_libvirt.lab import libvirt_daemons, netns
@@ -182,6 +182,7 @@ class LabEvacuation(BaseModel):
     report: EvacuationReport
     clients: dict[str, ClientAccount] = Field(default_factory=dict)
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def seamless(self) -> int:
         """Domains seamless by the controller's verdict *and* their client's own record."""
