@@ -382,8 +382,9 @@ def test_a_libvirtd_restart_mid_hold_ends_in_a_release(lab: LabState) -> None:
         client.close()
 
 
-def test_our_own_migrate_is_left_to_our_controller(lab: LabState) -> None:
-    """Never held twice: the controller marks the domain, the agent steps aside."""
+def test_our_own_migrate_is_left_to_our_controller(lab: LabState, display: int) -> None:
+    """Never held twice: the controller marks the domain, the agent steps aside -- and the
+    mark is gone afterwards, so the next plain migration is the agent's again."""
     src, _ = libvirt_agent.running_host(lab)
     state = libvirt_lab.load_state(lab.lab_dir)
     assert state is not None
@@ -393,7 +394,11 @@ def test_our_own_migrate_is_left_to_our_controller(lab: LabState) -> None:
     with agents(lab):
         report = lab_migrate(lab.lab_dir)
         verdict = next_verdict(lab, src, before)
+        path, after, _ = migrate_watched(lab, display, "rv-after-ours")
     assert report.outcome == "seamless", report.notes
     assert verdict["outcome"] == "skipped"
     assert "spice-libvirt migrate" in verdict["released_why"]
     assert verdict["held_ms"] is None
+    assert path == "seamless"
+    assert after is not None
+    assert after["outcome"] == "seamless"

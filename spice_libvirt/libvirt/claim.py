@@ -11,6 +11,8 @@ domain for good.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import time
 import xml.etree.ElementTree as ET
@@ -72,6 +74,18 @@ async def claim_for_controller(conn: Connection, dom: Any, note: Callable[[str],
         await set_claim(conn, dom, holder, CONTROLLER_CLAIM_S)
     except LibvirtError as exc:
         note(f"could not mark the domain for host agents: {exc}")
+
+
+async def unclaim(src: Connection, dst: Connection, name: str, bound_s: float = 5.0) -> None:
+    """The controller's migration is over: take the mark off wherever the domain runs now
+    (live metadata travels with the domain), so that the next migration -- started by
+    anyone -- is the agent's again. Best effort and bounded; an expired mark is ignored by
+    the agent anyway."""
+    with contextlib.suppress(TimeoutError, LibvirtError):
+        async with asyncio.timeout(bound_s):
+            for conn in (dst, src):
+                with contextlib.suppress(LibvirtError):
+                    await clear_claim(conn, await conn.lookup(name))
 
 
 async def clear_claim(conn: Connection, dom: Any) -> None:

@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 from spice_libvirt import errors
-from spice_libvirt.libvirt.claim import claim_for_controller
+from spice_libvirt.libvirt.claim import claim_for_controller, unclaim
 from spice_libvirt.libvirt.connection import (
     Connection,
     EventStream,
@@ -167,6 +167,7 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
             gfx.close()
             src_gfx.close()
             jobs.close()
+            await unclaim(src, dst, report.domain)
         return report
 
     async def _migrate(
