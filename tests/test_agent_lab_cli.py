@@ -67,3 +67,36 @@ def test_lab_up_agent_makes_a_hand_started_virsh_migration_seamless(top: Path) -
     assert json.loads(down.stdout)["leftovers"] == []
     for d in agents:
         assert not Path(f"/proc/{d['proc']['pid']}").exists()
+
+
+def test_a_near_empty_guest_is_said_unholdable_and_held_by_qmp_only_when_allowed(
+    top: Path,
+) -> None:
+    """The firmware guest moves in about a second even at 1 MiB/s: the taint-free hold
+    cannot keep it for a 300 ms client. The journal says so; with ``allow_taint`` the agent
+    throttles it through QMP (and says the domain is tainted)."""
+    from tests.test_agent_lab import agents
+
+    up = lab_cli(top, "up", "--libvirt", "--client-rtt-ms", "300")
+    assert up.returncode == 0, up.stderr
+    state = libvirt_lab.load_state(top / "libvirt")
+    assert state is not None
+    allow = state.run_dir / "allow-taint.toml"
+    allow.write_text("allow_taint = true\n")
+    with xvfb(state.run_dir) as display:
+        with agents(state):
+            path, verdict, _ = migrate_watched(state, display, "rv-fw-0")
+        assert verdict is not None
+        assert verdict["hold"] == "taint-free"
+        assert verdict["tainted"] is False
+        assert path == "switch-host"
+        assert verdict["outcome"] in ("switch-host", "not-linked")
+        assert any("too little memory to move" in n for n in verdict["notes"])
+        assert tainted(state) == []
+        with agents(state, ["--config", str(allow)]):
+            path, verdict, _ = migrate_watched(state, display, "rv-fw-1")
+        assert verdict is not None
+        assert verdict["hold"] == "qmp-throttle"
+        assert verdict["tainted"] is True
+        assert path == "seamless"
+        assert tainted(state) != []
