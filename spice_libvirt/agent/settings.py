@@ -29,7 +29,8 @@ class AgentSettings(BaseModel):
       misses no client link (a discovered peer is subscribed on first use and kept).
     * ``hold_timeout_s``: every hold is released after this long, linked or not.
     * ``margin_ms``: added to the RTT estimate after the destination initialized the
-      client's last channel (the controller's release policy).
+      client's last channel (the controller's release policy and its measured default:
+      0 ms held every remote-viewer run seamless, ``benchmarks/RESULTS-libvirt-margin.md``).
     * ``poll_s``: how often the speed and downtime are read back during a hold (a caller
       that changes them is followed, not fought).
     * ``allow_taint``: hold near-empty guests through the QMP passthrough too; off by
@@ -47,7 +48,7 @@ class AgentSettings(BaseModel):
     destination_uri: str = "qemu+tcp://{peer}/system"
     peers: tuple[str, ...] = ()
     hold_timeout_s: float = Field(default=15.0, gt=0.5, le=600.0)
-    margin_ms: float = Field(default=100.0, ge=0.0, le=5000.0)
+    margin_ms: float = Field(default=0.0, ge=-1000.0, le=5000.0)
     poll_s: float = Field(default=0.2, ge=0.02, le=5.0)
     allow_taint: bool = False
     state_dir: Path = DEFAULT_STATE_DIR

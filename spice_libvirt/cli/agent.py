@@ -65,7 +65,7 @@ def register(subparsers: Any) -> None:
         help="URI of a discovered destination, {peer} = its address (qemu+tcp://{peer}/system)",
     )
     run.add_argument("--hold-timeout", type=float, metavar="S", help="bound of every hold (15)")
-    run.add_argument("--margin-ms", type=float, metavar="MS", help="release margin (100)")
+    run.add_argument("--margin-ms", type=float, metavar="MS", help="release margin (0, measured)")
     run.add_argument(
         "--journal", type=Path, metavar="FILE", help="journal file (default: the hook's)"
     )
