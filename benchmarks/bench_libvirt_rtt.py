@@ -119,6 +119,8 @@ class Run(BaseModel):
     verdict_basis: str | None = None
     #: the client's last source channel closed, ms after libvirt returned (negative: before)
     left_source_ms: float | None = None
+    #: the client's source channels seen leaving, of how many (the verdict's anchor)
+    source_disconnects: str | None = None
     release_margin_ms: float | None = None
     #: seamless runs: how much later than needed the switchover came, from the viewer's own
     #: log: (first MIGRATE received - RTT/2) - (connections all ok + RTT/2); the release
@@ -273,6 +275,7 @@ def _migrate(lab_dir: Path, run: Run, *, watch: bool) -> LibvirtMigrationReport:
     run.verdict_ms = report.verdict_ready_ms
     run.verdict_basis = report.verdict_basis
     run.left_source_ms = report.client_left_source_ms
+    run.source_disconnects = report.source_disconnects
     key = "embedded_margin_ms" if watch else "release_margin_ms"
     default = LibvirtMigrationRequest.model_fields[key].default
     held = not plain and options.get("hold") != "none"

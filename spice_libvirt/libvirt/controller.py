@@ -454,6 +454,8 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
             lambda: self._sessions(dst, dom), gfx, links, src_gfx, self._departures, inputs
         )
         report.verdict_basis = decision.reason
+        gone = self._departures
+        report.source_disconnects = f"{len(gone.disconnect_at)}/{gone.channels}"
         left = self._departures.left_at
         if left is not None and self._returned_at is not None:
             report.client_left_source_ms = round((left - self._returned_at) * 1000.0, 3)

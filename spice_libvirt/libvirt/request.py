@@ -107,6 +107,8 @@ class LibvirtMigrationReport(MigrationReport):
     #: ms from libvirt's return to the client's last source channel closing (negative:
     #: before it returned)
     client_left_source_ms: float | None = None
+    #: the client's source channels seen disconnecting, of how many it had
+    source_disconnects: str | None = None
 
 
 __all__ = [
