@@ -35,9 +35,11 @@ class LibvirtMigrationRequest(BaseModel):
     #: margin that would still have been seamless was at most -48 ms over 64 seamless runs
     #: (median -124 ms), so 0 keeps >= 48 ms in hand in the worst run (was 100 ms, a guess)
     release_margin_ms: float = Field(default=0.0, ge=-1000, le=10_000)
-    #: after the embedded client's own answer: scheduling slack only (no network guess);
-    #: 20 ms lost 1 of 40 runs at 0 ms RTT in the benchmark, 50 ms none
-    embedded_margin_ms: float = Field(default=50.0, ge=0)
+    #: after the embedded client's own answer has reached the source (sent + one-way delay):
+    #: measured (RESULTS-libvirt-margin.md, embedded, 0/150/300 ms): the smallest margin
+    #: that would still have been seamless was at most -37 ms over 30 runs, so 0 keeps
+    #: >= 37 ms in hand (was 50 ms, from an older release point)
+    embedded_margin_ms: float = Field(default=0.0, ge=0)
     #: abort (domain stays on the source) if the client does not link within hold_timeout
     require_seamless: bool = False
     #: the embedded client's one-way delay to the source (None: measured by the caller or 0)
