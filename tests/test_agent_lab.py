@@ -20,6 +20,7 @@ import contextlib
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -157,6 +158,27 @@ def tainted(lab: LabState) -> list[str]:
     return lines
 
 
+@contextlib.contextmanager
+def stuck_client(lab: LabState, host: str) -> Iterator[None]:
+    """A client connected to the SPICE port that never links anywhere: it counts as a
+    channel to hold for, and never shows up on the destination."""
+    client = netns.socket_in(lab.client.netns)
+    try:
+        client.connect((lab.hosts[host].config.ip, 5900))
+        yield
+    finally:
+        client.close()
+
+
+def wait_for_hold(holds: Path) -> None:
+    """Until the agent has written its hold record (and applied the hold right after)."""
+    deadline = time.monotonic() + 30
+    while not any(holds.glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert any(holds.glob("*.json")), "the agent never held the migration"
+    time.sleep(0.3)  # past the record: the hold is applied
+
+
 # ---------------------------------------------------------------------------- the tests
 
 
@@ -194,6 +216,26 @@ def test_with_the_agent_plain_virsh_migrations_are_seamless_there_and_back_untai
     )  # fmt: skip
     assert " agent " in shown.stdout
     assert "seamless" in shown.stdout
+
+
+def test_an_agent_started_after_the_client_connected_knows_every_channel(
+    lab: LabState, display: int
+) -> None:
+    """The agent learns the client's channels from the kernel, not from events it saw."""
+    src, dst = libvirt_agent.running_host(lab)
+    before = len(verdicts(lab, src))
+    v = viewer(lab, display, src, "rv-late-agent")
+    try:
+        with agents(lab):
+            mark = len(v.text())
+            virsh_migrate(lab, src, dst)
+            path = outcome(v, mark)
+            verdict = next_verdict(lab, src, before)
+    finally:
+        v.stop()
+    assert path == "seamless"
+    assert verdict["channels"] == 5
+    assert verdict["outcome"] == "seamless"
 
 
 def test_the_callers_bandwidth_is_restored(lab: LabState, display: int) -> None:
@@ -242,47 +284,32 @@ def test_an_agent_killed_mid_hold_is_undone_by_the_next_one(lab: LabState) -> No
     src, dst = libvirt_agent.running_host(lab)
     holds = libvirt_agent.agent_dir(lab, src) / "holds"
     before = len(verdicts(lab, src))
-    # a client that is connected but never links to the destination: the hold lasts
-    client = netns.socket_in(lab.client.netns)
-    client.connect((lab.hosts[src].config.ip, 5900))
     result: dict[str, float] = {}
-    try:
-        with agents(lab) as refs:
-            migration = threading.Thread(
-                target=lambda: result.update(wall=virsh_migrate(lab, src, dst))
-            )
-            migration.start()
-            deadline = time.monotonic() + 30
-            while not any(holds.glob("*.json")) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert any(holds.glob("*.json")), "the agent never held the migration"
-            time.sleep(0.3)  # past the record: the hold is applied
-            netns.terminate([refs[src]], timeout=5.0, sig=signal.SIGKILL)
-            time.sleep(1.0)
-            assert migration.is_alive(), "the migration ended although it was held"
-            refs[src] = libvirt_agent.start_agent(lab, src)
-            migration.join(120)
-            assert not migration.is_alive()
-        assert "wall" in result
-        assert list(holds.glob("*.json")) == []
-        verdict = next_verdict(lab, src, before)
-        assert "recovered" in verdict["released_why"]
-        assert verdict["caller_restored"]["speed_mibs"] > 1
-    finally:
-        client.close()
+    with stuck_client(lab, src), agents(lab) as refs:  # the hold lasts
+        migration = threading.Thread(
+            target=lambda: result.update(wall=virsh_migrate(lab, src, dst))
+        )
+        migration.start()
+        wait_for_hold(holds)
+        netns.terminate([refs[src]], timeout=5.0, sig=signal.SIGKILL)
+        time.sleep(1.0)
+        assert migration.is_alive(), "the migration ended although it was held"
+        refs[src] = libvirt_agent.start_agent(lab, src)
+        migration.join(120)
+        assert not migration.is_alive()
+    assert "wall" in result
+    assert list(holds.glob("*.json")) == []
+    verdict = next_verdict(lab, src, before)
+    assert "recovered" in verdict["released_why"]
+    assert verdict["caller_restored"]["speed_mibs"] > 1
 
 
 def test_a_client_that_never_links_is_released_at_the_bound(lab: LabState) -> None:
     src, dst = libvirt_agent.running_host(lab)
     before = len(verdicts(lab, src))
-    client = netns.socket_in(lab.client.netns)
-    client.connect((lab.hosts[src].config.ip, 5900))
-    try:
-        with agents(lab, ["--hold-timeout", "3"]):
-            wall = virsh_migrate(lab, src, dst)
-            verdict = next_verdict(lab, src, before)
-    finally:
-        client.close()
+    with stuck_client(lab, src), agents(lab, ["--hold-timeout", "3"]):
+        wall = virsh_migrate(lab, src, dst)
+        verdict = next_verdict(lab, src, before)
     assert "bound of 3 s" in verdict["released_why"]
     assert verdict["outcome"] == "not-linked"
     assert 2900 <= verdict["held_ms"] < 4500
@@ -292,14 +319,10 @@ def test_a_client_that_never_links_is_released_at_the_bound(lab: LabState) -> No
 def test_an_unreachable_destination_libvirtd_is_released_at_once(lab: LabState) -> None:
     src, dst = libvirt_agent.running_host(lab)
     before = len(verdicts(lab, src))
-    client = netns.socket_in(lab.client.netns)
-    client.connect((lab.hosts[src].config.ip, 5900))
-    try:
-        with agents(lab, ["--destination-uri", "qemu+tcp://{peer}:1/system"], peers=False):
-            virsh_migrate(lab, src, dst)
-            verdict = next_verdict(lab, src, before)
-    finally:
-        client.close()
+    unreachable = ["--destination-uri", "qemu+tcp://{peer}:1/system"]
+    with stuck_client(lab, src), agents(lab, unreachable, peers=False):
+        virsh_migrate(lab, src, dst)
+        verdict = next_verdict(lab, src, before)
     assert "unreachable" in verdict["released_why"]
     assert verdict["held_ms"] < 2000
 
@@ -309,7 +332,14 @@ def test_the_embedded_client_follows_seamlessly_with_its_stream_intact(lab: LabS
     before = len(verdicts(lab, src))
     err = lab.run_dir / "watch-agent.err"
     argv = [sys.executable, "-m", "spice_libvirt.cli", "watch", "--json", "--count", "1"]
-    with agents(lab), err.open("wb") as errors:
+    # the agent's syslog line, received where journald would listen
+    syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    syslog_path = lab.run_dir / "syslog.sock"
+    syslog_path.unlink(missing_ok=True)
+    syslog.bind(str(syslog_path))
+    settings = lab.run_dir / "agent-syslog.toml"
+    settings.write_text(f'syslog_socket = "{syslog_path}"\n')
+    with agents(lab, ["--config", str(settings)]), err.open("wb") as errors:
         watcher = subprocess.Popen(
             netns.exec_argv(lab.client.netns, [*argv, f"spice://{lab.hosts[src].config.ip}:5900"]),
             stdout=subprocess.PIPE, stderr=errors, start_new_session=True,
@@ -330,6 +360,13 @@ def test_the_embedded_client_follows_seamlessly_with_its_stream_intact(lab: LabS
     assert record["stream"]["gaps"] == 0
     assert record["stream"]["records"] > 0
     assert verdict["outcome"] == "seamless"
+    syslog.settimeout(5.0)
+    line = syslog.recv(4096).decode()
+    syslog.close()
+    assert line.startswith("<30>")  # facility daemon, severity info
+    assert "spice-libvirt-agent[" in line
+    assert f"{lab.domain} -> qemu+tcp://" in line
+    assert ": seamless (held " in line
 
 
 def test_agent_status_says_what_the_running_agent_does(lab: LabState) -> None:
@@ -351,35 +388,25 @@ def test_agent_status_says_what_the_running_agent_does(lab: LabState) -> None:
 def test_a_libvirtd_restart_mid_hold_ends_in_a_release(lab: LabState) -> None:
     src, dst = libvirt_agent.running_host(lab)
     holds = libvirt_agent.agent_dir(lab, src) / "holds"
-    client = netns.socket_in(lab.client.netns)
-    client.connect((lab.hosts[src].config.ip, 5900))
     argv = libvirt_agent.plain_migrate_argv(lab, src, dst)
     migration = threading.Thread(
         target=lambda: subprocess.run(argv, capture_output=True, timeout=180, check=False)
     )
+    with stuck_client(lab, src), agents(lab, ["--hold-timeout", "30"]):
+        migration.start()
+        wait_for_hold(holds)
+        libvirt_lab.restart_libvirtd(lab.lab_dir, src)
+        deadline = time.monotonic() + 30
+        while any(holds.glob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert list(holds.glob("*.json")) == [], "the hold outlived the libvirtd restart"
+        migration.join(120)
+    running, _ = libvirt_agent.running_host(lab)
+    conn = libvirt.open(lab.hosts[running].uri_unix)
     try:
-        with agents(lab, ["--hold-timeout", "30"]):
-            migration.start()
-            deadline = time.monotonic() + 30
-            while not any(holds.glob("*.json")) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert any(holds.glob("*.json")), "the agent never held the migration"
-            time.sleep(0.3)
-            libvirt_lab.restart_libvirtd(lab.lab_dir, src)
-            deadline = time.monotonic() + 30
-            while any(holds.glob("*.json")) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert list(holds.glob("*.json")) == [], "the hold outlived the libvirtd restart"
-            migration.join(120)
-        running, _ = libvirt_agent.running_host(lab)
-        conn = libvirt.open(lab.hosts[running].uri_unix)
-        try:
-            dom = conn.lookupByName(lab.domain)
-            assert dom.migrateGetMaxSpeed(0) > 1
-        finally:
-            conn.close()
+        assert conn.lookupByName(lab.domain).migrateGetMaxSpeed(0) > 1
     finally:
-        client.close()
+        conn.close()
 
 
 def test_our_own_migrate_is_left_to_our_controller(lab: LabState, display: int) -> None:
