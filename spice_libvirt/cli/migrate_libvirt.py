@@ -52,9 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--release-margin-ms",
         type=float,
-        default=100.0,
+        default=None,
         metavar="MS",
-        help="added after the client's estimated answer time (100)",
+        help="added after the client's estimated answer time (default 0: measured, "
+        "benchmarks/RESULTS-libvirt-margin.md; may be negative)",
     )
     group.add_argument(
         "--extend-ticket",
@@ -76,7 +77,7 @@ def request_fields(args: argparse.Namespace) -> dict[str, Any]:
         "require_seamless": args.require_seamless,
         "hold": args.hold if args.wait_client else "none",
         "hold_timeout": args.link_timeout,
-        "release_margin_ms": args.release_margin_ms,
+        **({} if args.release_margin_ms is None else {"release_margin_ms": args.release_margin_ms}),
         "completion_timeout": args.timeout,
         "extend_ticket_s": args.extend_ticket,
     }
