@@ -104,6 +104,13 @@ def test_the_caller_stepping_the_downtime_is_kept_and_restored_last() -> None:
     assert sum("downtime" in n for n in p.notes) == 3
 
 
+def test_a_qmp_throttle_read_back_as_0_mib_s_is_ours_not_the_callers() -> None:
+    p = plan()
+    assert p.observe_values(0, 1).speed_mibs is None
+    assert p.caller.speed_mibs == 8796093022207
+    assert p.notes == []
+
+
 def test_the_caller_changing_the_speed_is_remembered_and_the_hold_put_back() -> None:
     p = plan()
     adjust = p.observe_values(100, 1)

@@ -110,7 +110,9 @@ class HeldMigration:
         if downtime_ms not in (HOLD_DOWNTIME_MS, self.caller.downtime_ms):
             self.notes.append(f"caller set downtime {downtime_ms} ms during the hold: kept")
             self.caller.downtime_ms = downtime_ms
-        if speed_mibs != HOLD_SPEED_MIBS:
+        # at or below the hold's speed is ours: libvirt reports a QMP throttle under 1 MiB/s
+        # (allow_taint) as 0, and a caller never slows a migration below libvirt's floor
+        if speed_mibs > HOLD_SPEED_MIBS:
             if speed_mibs != self.caller.speed_mibs:
                 self.notes.append(
                     f"caller set speed {speed_mibs} MiB/s during the hold: restored at release"
