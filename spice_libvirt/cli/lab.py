@@ -50,8 +50,20 @@ def register(subparsers: Any) -> None:
     sub = parser.add_subparsers(dest="lab_command", metavar="ACTION", required=True)
 
     up = sub.add_parser("up", help="start the source (running) and the destination (incoming)")
-    up.add_argument("--guest", choices=("firmware", "linux"), default="firmware")
-    up.add_argument("--memory", type=int, default=None, metavar="MIB")
+    up.add_argument(
+        "--guest",
+        choices=("firmware", "linux"),
+        default="firmware",
+        help="firmware: SeaBIOS only (nothing to move, migrates in ms); linux: a small kernel "
+        "writing a record stream into a SPICE port channel",
+    )
+    up.add_argument(
+        "--memory",
+        type=int,
+        default=None,
+        metavar="MIB",
+        help="guest memory (256; 128 with --domains)",
+    )
     up.add_argument(
         "--tls", action="store_true", help="also listen on TLS ports (lab CA); clients use TLS"
     )
@@ -66,7 +78,7 @@ def register(subparsers: Any) -> None:
             "no plain port at all"
         ),
     )
-    up.add_argument("--json", action="store_true")
+    up.add_argument("--json", action="store_true", help="print the lab state as JSON")
     up.add_argument(
         "--libvirt",
         action="store_true",
@@ -139,11 +151,11 @@ def register(subparsers: Any) -> None:
     mig.set_defaults(handler=_migrate)
 
     st = sub.add_parser("status", help="show the lab")
-    st.add_argument("--json", action="store_true")
+    st.add_argument("--json", action="store_true", help="print the status as JSON")
     st.set_defaults(handler=_status)
 
     down = sub.add_parser("down", help="stop everything the lab started (by PID)")
-    down.add_argument("--json", action="store_true")
+    down.add_argument("--json", action="store_true", help="print what was stopped as JSON")
     down.add_argument(
         "--keep-logs", action="store_true", help="libvirt lab: keep libvirtd and QEMU logs"
     )
@@ -157,8 +169,10 @@ def register(subparsers: Any) -> None:
         "--jitter-dist", choices=["uniform", "normal"], default=None, help="jitter's distribution"
     )
     rtt.add_argument("--seed", type=int, default=None, help="seed the loss/jitter RNG")
-    rtt.add_argument("--samples", type=int, default=5)
-    rtt.add_argument("--json", action="store_true")
+    rtt.add_argument(
+        "--samples", type=int, default=5, help="TCP handshakes measured from the client (5)"
+    )
+    rtt.add_argument("--json", action="store_true", help="print the measured RTT as JSON")
     rtt.set_defaults(handler=_rtt)
 
     evac = sub.add_parser(
@@ -167,12 +181,12 @@ def register(subparsers: Any) -> None:
     )
     evac.add_argument("--parallel", type=int, default=1, metavar="P", help="at a time (1)")
     evac.add_argument("--plain", action="store_true", help="no hold: the baseline")
-    evac.add_argument("--json", action="store_true")
+    evac.add_argument("--json", action="store_true", help="print per-domain verdicts as JSON")
     evac.set_defaults(handler=_evacuate)
 
     purge = sub.add_parser("purge", help="libvirt lab: remove a lab whose state file is lost")
     purge.add_argument("prefix", help="its namespace prefix, e.g. slab1a2b3c")
-    purge.add_argument("--json", action="store_true")
+    purge.add_argument("--json", action="store_true", help="print what was removed as JSON")
     purge.set_defaults(handler=lab_libvirt.purge)
 
 
