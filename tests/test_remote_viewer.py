@@ -247,7 +247,12 @@ async def test_remote_viewer_verdict_from_qmp_matches_its_log(
         assert report["seamless"] is (expected == "seamless")
         assert client["connection_id_kept"] is (expected == "seamless")
         assert report["link_wait"]["result"] == ("linked" if wait else "skipped")
-        assert set(client["channels_after"]) >= EXPECTED_CHANNELS
+        if wait:
+            assert set(client["channels_after"]) >= EXPECTED_CHANNELS
+        else:
+            # switch-host is decided the moment the new session shows on the destination
+            # (the verdict from evidence): its other channels may still be re-linking then
+            assert "main:0" in client["channels_after"]
         if wait:
             assert client["linked_before_migrate"] is True
             assert client["connection_id_after"] == cid_before
