@@ -96,6 +96,7 @@ class MigrationHold:
         #: the source QEMU (found once: scanning /proc is the slow part on a busy host)
         self._pid = 0
         self._restored = False
+        self._held_since = 0.0
         #: the destination queue kept after the release, for reconnects after the switchover
         self._late: tuple[Destination, asyncio.Queue[GraphicsEvent]] | None = None
 
@@ -147,16 +148,8 @@ class MigrationHold:
             # another holder (a second agent, an older controller) got there first: holding
             # again would "restore" its hold values and leave the migration crawling
             raise AlreadyHeld("the migration already runs at the hold's speed and downtime")
-        assert self.uuid is not None
-        record = holdfile.HoldRecord(
-            domain=self.domain,
-            uuid=self.uuid,
-            speed_mibs=int(speed),
-            downtime_ms=int(downtime),
-            held_since=time.time(),
-            agent_pid=os.getpid(),
-        )
-        holdfile.write(self.settings.state_dir, record)
+        self._held_since = time.time()
+        self._write_record(CallerValues(int(speed), int(downtime)))
         plan = HeldMigration(
             domain=self.domain,
             started_at=time.monotonic(),
@@ -275,18 +268,21 @@ class MigrationHold:
         if adjust.speed_mibs is not None:
             with contextlib.suppress(errors.LibvirtError):
                 await self._set(adjust.speed_mibs, None)
-        if (plan.caller.speed_mibs, plan.caller.downtime_ms) != before and self.uuid:
-            holdfile.write(
-                self.settings.state_dir,
-                holdfile.HoldRecord(
-                    domain=self.domain,
-                    uuid=self.uuid,
-                    speed_mibs=plan.caller.speed_mibs,
-                    downtime_ms=plan.caller.downtime_ms,
-                    held_since=time.time(),
-                    agent_pid=os.getpid(),
-                ),
-            )
+        if (plan.caller.speed_mibs, plan.caller.downtime_ms) != before:
+            self._write_record(plan.caller)
+
+    def _write_record(self, caller: CallerValues) -> None:
+        """What must be restored if this agent dies: the caller's values as known now."""
+        assert self.uuid is not None
+        record = holdfile.HoldRecord(
+            domain=self.domain,
+            uuid=self.uuid,
+            speed_mibs=caller.speed_mibs,
+            downtime_ms=caller.downtime_ms,
+            held_since=self._held_since,
+            agent_pid=os.getpid(),
+        )
+        holdfile.write(self.settings.state_dir, record)
 
     # ------------------------------------------------------------------ step 4
 
@@ -315,18 +311,18 @@ class MigrationHold:
         deadline = time.monotonic() + COMPLETION_WAIT_S
         while plan.status not in FINAL_STATES and time.monotonic() < deadline:
             with contextlib.suppress(TimeoutError):
-                status, at = await asyncio.wait_for(self.statuses.get(), 1.0)
-                plan.migration_status(status, at)
+                async with asyncio.timeout(1.0):  # not wait_for: it can swallow a cancel
+                    plan.migration_status(*await self.statuses.get())
+        if self._late is None:
+            return
+        dest, queue = self._late
         until = plan.settle_until()
-        if self._late is not None and until is not None:
-            dest, queue = self._late
-            while time.monotonic() < until:
-                with contextlib.suppress(TimeoutError):
-                    plan.destination_event(
-                        await asyncio.wait_for(queue.get(), until - time.monotonic())
-                    )
-            self._drain_into(plan, queue)
-            dest.unlisten(self.domain, queue)
+        while until is not None and time.monotonic() < until:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(until - time.monotonic()):
+                    plan.destination_event(await queue.get())
+        self._drain_into(plan, queue)
+        dest.unlisten(self.domain, queue)  # also when the migration outlived the wait
 
     def _judge(self, plan: HeldMigration) -> None:
         v = self.verdict
