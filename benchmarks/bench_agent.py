@@ -41,10 +41,10 @@ from pydantic import BaseModel, Field
 from benchmarks.bench_libvirt_rtt import Viewer, classify, xvfb
 from benchmarks.benchutil import Machine, arg_parser, finish, fmt, machine
 from spice_libvirt.hook.journal import Journal
-from spice_libvirt.lab import libvirt_agent, libvirt_lab, netns
-from spice_libvirt.lab.libvirt_migrate import lab_migrate
-from spice_libvirt.lab.libvirt_state import LabState, save
-from spice_libvirt.lab.libvirt_status import set_client_rtt
+from spice_libvirt_lab import libvirt_agent, libvirt_lab, netns
+from spice_libvirt_lab.libvirt_migrate import lab_migrate
+from spice_libvirt_lab.libvirt_state import LabState, save
+from spice_libvirt_lab.libvirt_status import set_client_rtt
 
 METHODS = ("plain", "agent", "controller")
 RESULTS_MD = Path(__file__).resolve().with_name("RESULTS-agent.md")

@@ -40,7 +40,7 @@ from pydantic import BaseModel, Field
 
 from benchmarks.bench_libvirt_rtt import _commit
 from benchmarks.benchutil import Machine, arg_parser, finish, fmt, machine
-from spice_libvirt.lab import libvirt_lab, netns
+from spice_libvirt_lab import libvirt_lab, netns
 
 #: mode -> extra ``lab evacuate`` arguments (P is filled in)
 MODES = ("ours", "plain", "sequential")

@@ -159,7 +159,7 @@ _IMPORTS_ONLY = (
     "sys.path.append(root)\n"
     "p = type(sys)('spice_libvirt'); p.__path__ = [os.path.join(root, 'spice_libvirt')]\n"
     "sys.modules['spice_libvirt'] = p\n"
-    "import spice_libvirt.hook.qemu\n"
+    "import spice_libvirt.hook.qemu_hook\n"
 )
 
 

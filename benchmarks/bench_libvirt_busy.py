@@ -33,12 +33,12 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from benchmarks.benchutil import arg_parser, fmt, machine
-from spice_libvirt.lab import libvirt_lab, libvirt_tls, netns
-from spice_libvirt.lab.libvirt_lab import HostName, LabState, MigrationResult
-from spice_libvirt.lab.libvirt_migrate import lab_request
-from spice_libvirt.lab.witness_thread import netns_witness
 from spice_libvirt.libvirt.connection import require_libvirt
 from spice_libvirt.libvirt.controller import LibvirtMigrationReport, migrate_libvirt
+from spice_libvirt_lab import libvirt_lab, libvirt_tls, netns
+from spice_libvirt_lab.libvirt_lab import HostName, LabState, MigrationResult
+from spice_libvirt_lab.libvirt_migrate import lab_request
+from spice_libvirt_lab.witness_thread import netns_witness
 
 RESULTS_MD = Path(__file__).resolve().with_name("RESULTS-libvirt-busy.md")
 CMDLINE = re.compile(r"<cmdline>([^<]*)</cmdline>")

@@ -1,8 +1,8 @@
 """Plain libvirt migration vs. the seamless controller, at several client RTTs, measured.
 
-One two-host libvirt lab (:mod:`spice_libvirt.lab.libvirt_lab`); for each client RTT (set on
+One two-host libvirt lab (:mod:`spice_libvirt_lab.libvirt_lab`); for each client RTT (set on
 the lab's delaying bridge) and each method (``plain``: libvirt's own p2p migration, the
-baseline; ``ours``: :func:`spice_libvirt.lab.libvirt_migrate.lab_migrate` with the hold) and each
+baseline; ``ours``: :func:`spice_libvirt_lab.libvirt_migrate.lab_migrate` with the hold) and each
 client kind, N ping-pong migrations of the idle 256 MiB firmware guest:
 
 * ``remote-viewer``: a *fresh* remote-viewer per run (a viewer that once fell back to
@@ -49,10 +49,10 @@ from typing import Any
 from pydantic import BaseModel
 
 from benchmarks.benchutil import arg_parser, fmt, machine
-from spice_libvirt.lab import libvirt_lab, netns
-from spice_libvirt.lab.libvirt_migrate import lab_migrate
 from spice_libvirt.libvirt.request import LibvirtMigrationReport, LibvirtMigrationRequest
 from spice_libvirt.spice.record import ClientMigrationRecord
+from spice_libvirt_lab import libvirt_lab, netns
+from spice_libvirt_lab.libvirt_migrate import lab_migrate
 
 RESULTS_MD = Path(__file__).resolve().with_name("RESULTS-libvirt.md")
 #: the TLS table goes beside the plain-TCP one, never over it

@@ -48,10 +48,10 @@ from benchmarks.benchutil import (
     machine,
 )
 from benchmarks.xclients import RemoteViewer, have_tools, start_viewer, xvfb
-from spice_libvirt.lab.qemu import QemuGroup, QemuInstance
 from spice_libvirt.migration.report import channel_name
 from spice_libvirt.qemu.qmp import EventStream, QMPConnection, QMPEvent
 from spice_libvirt.spice.client import ClientOptions, SpiceClient
+from spice_libvirt_lab.qemu_process import QemuGroup, QemuInstance
 
 EXPECTED_CHANNELS = 5  # main, display, inputs, cursor, port
 SPICE_EVENTS = ("SPICE_CONNECTED", "SPICE_INITIALIZED", "SPICE_DISCONNECTED")

@@ -4,7 +4,7 @@ Why: the project's claim is that waiting for the client's link before ``migrate`
 race into a certainty, at a cost of about one client link time, and that a seamless
 migration leaves the user dark for no longer than QEMU's own downtime. This script measures
 exactly those three things on the built-in lab (two QEMUs on loopback, through the Python
-API of :class:`~spice_libvirt.lab.qemu_lab.QemuLab`, with the embedded client attached):
+API of :class:`~spice_libvirt_lab.qemu_lab.QemuLab`, with the embedded client attached):
 
 (a) seamless rate with the link wait and without it (``wait_client=False``, the
     ``--no-wait-client`` equivalent), for the firmware guest (KVM) and the linux guest (TCG,
@@ -49,11 +49,11 @@ from benchmarks.benchutil import (
     write_jsonl,
 )
 from spice_libvirt import errors
-from spice_libvirt.lab.ports import free_tcp_port
-from spice_libvirt.lab.qemu import QemuGroup
-from spice_libvirt.lab.qemu_lab import QemuLab
 from spice_libvirt.migration.report import MigrationReport
 from spice_libvirt.qemu.qmp import QMPConnection
+from spice_libvirt_lab.ports import free_tcp_port
+from spice_libvirt_lab.qemu_lab import QemuLab
+from spice_libvirt_lab.qemu_process import QemuGroup
 
 Guest = Literal["firmware", "linux"]
 Mode = Literal["wait", "no-wait"]

@@ -10,7 +10,7 @@
 #      apt cannot name the guest's kernel package);
 #   2. creates .venv/ in the repository and installs the project with its dev, libvirt and lab
 #      extras (again only when pyproject.toml changed or the venv is incomplete);
-#   3. builds the Linux test guest into the cache (python -m spice_libvirt.lab.guest build).
+#   3. builds the Linux test guest into the cache (python -m spice_libvirt_lab.guest build).
 # It never edits the machine's libvirt configuration: every lab libvirtd has its own private
 # /etc/libvirt (qemu.conf included), and nothing here uses the machine's own libvirtd.
 # Environment: PYTHON (interpreter for the venv, default python3, must be >= 3.11),
@@ -99,12 +99,12 @@ if [ ! -x "$VENV/bin/python" ]; then
     run "python -m venv $VENV" "$PYTHON" -m venv "$VENV"
 fi
 stamp="$VENV/.spice-libvirt-setup"
-want=$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)
+want=$(cat "$ROOT/pyproject.toml" "$ROOT/lab/pyproject.toml" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] \
-    || ! "$VENV/bin/python" -c 'import spice_libvirt, libvirt, pytest, mypy' 2>/dev/null; then
-    say "installing spice-libvirt and its dev, libvirt and lab extras into .venv"
-    run "pip install -e .[dev,libvirt,lab]" \
-        "$VENV/bin/python" -m pip install -q -e "$ROOT[dev,libvirt,lab]"
+    || ! "$VENV/bin/python" -c 'import spice_libvirt, spice_libvirt_lab, libvirt, pytest, mypy' 2>/dev/null; then
+    say "installing spice-libvirt (dev, libvirt, client extras) and spice-libvirt-lab into .venv"
+    run "pip install -e .[dev,libvirt,client] -e ./lab" \
+        "$VENV/bin/python" -m pip install -q -e "$ROOT[dev,libvirt,client]" -e "$ROOT/lab"
     echo "$want" >"$stamp"
 fi
 
@@ -112,7 +112,7 @@ fi
 # The firmware guest is SeaBIOS only (no build); the Linux guest is cached by its inputs,
 # so this is a no-op after the first run ("show" tells which guest is there before and after).
 if [ "${SETUP_SKIP_GUEST:-0}" != 1 ]; then
-    guest() { "$VENV/bin/python" -m spice_libvirt.lab.guest "$@"; }
+    guest() { "$VENV/bin/python" -m spice_libvirt_lab.guest "$@"; }
     before=$(guest show 2>/dev/null || true)
     if [ -z "$before" ]; then
         say "building the Linux test guest (first run: a few minutes)"

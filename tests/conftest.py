@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 
 from spice_libvirt.errors import LinkError
-from spice_libvirt.lab.guest import GuestImages, ensure_linux_guest, kvm_usable
-from spice_libvirt.lab.qemu import QemuGroup
-from spice_libvirt.lab.tls import TlsMaterial, generate_tls_material
 from spice_libvirt.spice.constants import ChannelType, CommonCap
 from spice_libvirt.spice.link import LinkMess
 from spice_libvirt.spice.transport import TLSSettings, open_link
+from spice_libvirt_lab.guest import GuestImages, ensure_linux_guest, kvm_usable
+from spice_libvirt_lab.qemu_process import QemuGroup
+from spice_libvirt_lab.tls import TlsMaterial, generate_tls_material
 from tests.honest_skips import (  # noqa: F401  (hooks: a skipped real test fails the run)
     pytest_collection_modifyitems,
     pytest_collectreport,

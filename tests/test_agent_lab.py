@@ -34,10 +34,10 @@ import pytest
 
 from benchmarks.bench_libvirt_rtt import Viewer, classify, xvfb
 from spice_libvirt.hook.journal import Journal
-from spice_libvirt.lab import libvirt_agent, libvirt_lab, netns
-from spice_libvirt.lab.libvirt_lab import LabState
-from spice_libvirt.lab.libvirt_migrate import lab_migrate
-from spice_libvirt.lab.libvirt_state import save
+from spice_libvirt_lab import libvirt_agent, libvirt_lab, netns
+from spice_libvirt_lab.libvirt_lab import LabState
+from spice_libvirt_lab.libvirt_migrate import lab_migrate
+from spice_libvirt_lab.libvirt_state import save
 from tests.lab_marks import LIBVIRT_LAB
 
 libvirt = pytest.importorskip("libvirt")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.bench_libvirt_rtt import xvfb
-from spice_libvirt.lab import libvirt_lab
+from spice_libvirt_lab import libvirt_lab
 from tests.lab_marks import LIBVIRT_LAB
 from tests.test_agent_lab import migrate_watched, tainted, verdicts
 

@@ -394,7 +394,7 @@ def _evaluate_vagrantfile(tmp_path: Path, env: dict[str, str]) -> dict[str, Any]
 
 @pytest.mark.skipif(shutil.which("ruby") is None, reason="ruby not installed")
 def test_vagrantfile_defines_the_lab(tmp_path: Path) -> None:
-    from spice_libvirt.lab.vagrant_state import HOST_IPS, HOST_MACS
+    from spice_libvirt_lab.vagrant_state import HOST_IPS, HOST_MACS
 
     cfg = _evaluate_vagrantfile(tmp_path, {})
     assert cfg["vm.box"] == "spice-libvirt/debian12"
@@ -433,7 +433,7 @@ def test_vagrantfile_defines_the_lab(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(shutil.which("ruby") is None, reason="ruby not installed")
 def test_vagrantfile_takes_the_labs_choices(tmp_path: Path) -> None:
-    """What spice_libvirt/lab/vagrant_lab.py sets: its libvirtd, box, pool, network, KVM."""
+    """What lab/spice_libvirt_lab/vagrant_lab.py sets: its libvirtd, box, pool, network, KVM."""
     cfg = _evaluate_vagrantfile(
         tmp_path,
         {

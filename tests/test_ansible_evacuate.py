@@ -1,6 +1,6 @@
 """``ansible/evacuate.yml`` for real: Ansible drains a host of the two-libvirtd lab over ssh.
 
-The lab (:mod:`spice_libvirt.lab.libvirt_lab`) has hosts A and B, each a namespace with its
+The lab (:mod:`spice_libvirt_lab.libvirt_lab`) has hosts A and B, each a namespace with its
 own libvirtd and an sshd, and writes an Ansible inventory of them (keys and known_hosts in
 the lab directory, strict checking, a ProxyCommand into each host's namespace). The test runs
 the playbook with that inventory from the root namespace, as an admin would: ``spice-libvirt
@@ -30,10 +30,10 @@ from pathlib import Path
 
 import pytest
 
-from spice_libvirt.lab import libvirt_lab, netns, sshd
-from spice_libvirt.lab.libvirt_state import LabState
 from spice_libvirt.spice.client import ClientOptions, SpiceClient
 from spice_libvirt.spice.record import ClientMigrationRecord
+from spice_libvirt_lab import libvirt_lab, netns, sshd
+from spice_libvirt_lab.libvirt_state import LabState
 from tests.test_ansible_ssh import ANSIBLE, ANSIBLE_PLAYBOOK, BIN
 from tests.test_ansible_ssh import _missing as _ssh_missing
 

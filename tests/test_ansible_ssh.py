@@ -1,6 +1,6 @@
 """The role, run for real over ssh against a hypervisor that is a set of namespaces.
 
-The "host" is the libvirt lab's host primitive (:mod:`spice_libvirt.lab.libvirt_host`): a
+The "host" is the libvirt lab's host primitive (:mod:`spice_libvirt_lab.libvirt_host`): a
 network namespace plus private mount and UTS namespaces in which ``/etc/libvirt``, ``/run``,
 ``/var/lib/libvirt``, ``/var/log/libvirt`` and ``/etc/hosts`` are the host's own, with its own
 virtlogd and libvirtd (no systemd). This test adds what Ansible needs to treat it like a
@@ -49,10 +49,10 @@ from spice_libvirt.agent.settings import load_agent_settings
 from spice_libvirt.config import load_config
 from spice_libvirt.errors import LabError
 from spice_libvirt.hook.install import render_shim
-from spice_libvirt.lab import netns
-from spice_libvirt.lab.libvirt_host import HostConfig, LibvirtHost
-from spice_libvirt.lab.libvirt_state import default_caps_seed
-from spice_libvirt.lab.sshd import start_sshd
+from spice_libvirt_lab import netns
+from spice_libvirt_lab.libvirt_host import HostConfig, LibvirtHost
+from spice_libvirt_lab.libvirt_state import default_caps_seed
+from spice_libvirt_lab.sshd import start_sshd
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
 

@@ -79,17 +79,17 @@ def test_version_is_the_one_version_source() -> None:
 def test_lab_only_dependencies_are_an_extra() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert not any(d.startswith("cryptography") for d in project["dependencies"])
-    assert any(d.startswith("cryptography") for d in project["optional-dependencies"]["lab"])
+    assert any(d.startswith("cryptography") for d in project["optional-dependencies"]["client"])
 
 
 def test_a_host_without_the_lab_extra_runs_the_cli_and_the_controller() -> None:
     """``cryptography`` absent (None in sys.modules makes its import fail, as on a host
-    installed without ``[lab]``): the CLI, the libvirt controller and the hook still load;
+    installed without ``[client]``): the CLI, the libvirt controller and the hook still load;
     only linking an embedded client asks for the extra, with a typed error."""
     code = (
         "import sys; sys.modules['cryptography'] = None\n"
         "from spice_libvirt.cli import build_parser; build_parser()\n"
-        "import spice_libvirt.libvirt.controller, spice_libvirt.hook.qemu\n"
+        "import spice_libvirt.libvirt.controller, spice_libvirt.hook.qemu_hook\n"
         "from spice_libvirt.errors import ConfigError\n"
         "from spice_libvirt.spice.link import encrypt_ticket\n"
         "try:\n"
@@ -100,4 +100,4 @@ def test_a_host_without_the_lab_extra_runs_the_cli_and_the_controller() -> None:
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     ).stdout
-    assert "pip install 'spice-libvirt[lab]'" in out
+    assert "pip install 'spice-libvirt[client]'" in out

@@ -20,20 +20,16 @@ from pathlib import Path
 import pytest
 
 from spice_libvirt import errors
-from spice_libvirt.cli.migrate import exit_code_for
-from spice_libvirt.controller import (
-    MigrationRequest,
-    MigrationWitness,
-    migrate_qemu,
-    parse_qmp_address,
-)
-from spice_libvirt.exitcodes import ExitCode
-from spice_libvirt.lab.ports import free_tcp_port
-from spice_libvirt.lab.qemu import QemuGroup, QemuInstance
-from spice_libvirt.progress import MigrationProgress
-from spice_libvirt.qmp import QMPConnection
+from spice_libvirt.exitcodes import ExitCode, for_report
+from spice_libvirt.migration.progress import MigrationProgress
+from spice_libvirt.migration.witness import MigrationWitness
+from spice_libvirt.qemu.controller import migrate_qemu
+from spice_libvirt.qemu.qmp import QMPConnection
+from spice_libvirt.qemu.request import MigrationRequest, parse_qmp_address
 from spice_libvirt.spice.client import ClientOptions, SpiceClient
 from spice_libvirt.spice.record import ClientMigrationRecord, StreamStats
+from spice_libvirt_lab.ports import free_tcp_port
+from spice_libvirt_lab.qemu_process import QemuGroup, QemuInstance
 
 pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("require_kvm")]
 
@@ -147,7 +143,7 @@ async def test_seamless_with_the_embedded_client(pair: Pair, client: SpiceClient
     async with QMPConnection.open(pair.dst.qmp_path) as qmp:
         on_dst = (await qmp.execute("query-spice"))["channels"]
     assert {c["connection-id"] & 0xFFFFFFFF for c in on_dst} == {session}
-    assert exit_code_for(report) is ExitCode.OK
+    assert for_report(report) is ExitCode.OK
 
 
 async def test_seamless_from_qmp_alone_for_a_client_we_do_not_drive(
@@ -190,7 +186,7 @@ async def test_old_client_falls_back_to_switch_host_and_the_verdict_says_so(
         assert verdict.connection_id_after not in (None, before)
         assert not verdict.connection_id_kept
         assert report.link_wait.result == "timeout"
-        assert exit_code_for(report) is ExitCode.NOT_SEAMLESS
+        assert for_report(report) is ExitCode.NOT_SEAMLESS
         assert old.session_id != before  # the client's own view agrees
 
 
@@ -222,7 +218,7 @@ async def test_require_seamless_aborts_before_migrate_when_the_client_cannot_lin
     assert report.error_phase == "link-wait"
     assert report.link_wait.result in ("connect-error", "timeout")
     assert "migrate" not in [p.name for p in report.phases]
-    assert exit_code_for(report) is ExitCode.MIGRATION_FAILED
+    assert for_report(report) is ExitCode.MIGRATION_FAILED
     assert report.placement == "source"
     assert await qmp_status(pair.src) == ("running", "none")
     assert (await qmp_status(pair.dst))[0] == "inmigrate"
@@ -267,7 +263,7 @@ async def test_destination_killed_mid_migration(pair: Pair, client: SpiceClient)
     assert verdict.path == "failed"
     assert verdict.connection_id_kept
     assert verdict.connection_id_after == session
-    assert exit_code_for(report) is ExitCode.MIGRATION_FAILED
+    assert for_report(report) is ExitCode.MIGRATION_FAILED
     # QMP still answers and the guest runs; the client stayed on the source
     assert (await qmp_status(pair.src))[0] == "running"
     assert client.session_id == session
@@ -301,7 +297,7 @@ async def test_no_client_is_not_called_seamless(pair: Pair) -> None:
     assert report.outcome == "no-client"
     assert report.link_wait.result == "no-client"
     assert report.migration.status == "completed"
-    assert exit_code_for(report) is ExitCode.OK
+    assert for_report(report) is ExitCode.OK
 
 
 async def test_preflight_refuses_a_destination_that_is_not_incoming(
@@ -358,7 +354,7 @@ async def test_semi_seamless_when_the_source_lacks_the_seamless_option(
         )
         report = await migrate_qemu(request, c)
     assert report.outcome == "semi-seamless", report.model_dump_json(indent=1)
-    assert exit_code_for(report) is ExitCode.NOT_SEAMLESS
+    assert for_report(report) is ExitCode.NOT_SEAMLESS
 
 
 class SilentWitness:
@@ -409,7 +405,7 @@ async def test_a_client_that_never_finishes_is_not_called_seamless(
     assert verdict.path == "failed"
     assert verdict.note is not None
     assert "did not finish" in verdict.note
-    assert exit_code_for(report) is ExitCode.NOT_SEAMLESS
+    assert for_report(report) is ExitCode.NOT_SEAMLESS
 
 
 def test_request_validation() -> None:

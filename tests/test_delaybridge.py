@@ -18,8 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spice_libvirt.errors import ConfigError, LabError
-from spice_libvirt.lab import delaybridge, delayline, netns
-from spice_libvirt.lab.delaybridge import DelayLine
+from spice_libvirt_lab import delaybridge, delayline, netns
+from spice_libvirt_lab.delaybridge import DelayLine
 
 # --------------------------------------------------------------------------- DelayLine
 

@@ -23,13 +23,13 @@ import pytest
 from spice_libvirt import api
 from spice_libvirt.errors import ConfigError
 from spice_libvirt.exitcodes import ExitCode
-from spice_libvirt.lab import libvirt_lab, netns
-from spice_libvirt.lab.libvirt_migrate import start_extra_domains
-from spice_libvirt.lab.witness_thread import ThreadedWitness
 from spice_libvirt.libvirt.connection import Connection
 from spice_libvirt.libvirt.controller import spice_graphics
 from spice_libvirt.libvirt.evacuate import evacuate, spice_domains
 from spice_libvirt.spice.client import ClientOptions
+from spice_libvirt_lab import libvirt_lab, netns
+from spice_libvirt_lab.libvirt_migrate import start_extra_domains
+from spice_libvirt_lab.witness_thread import ThreadedWitness, netns_witness
 from tests import faults
 from tests.lab_marks import LIBVIRT_LAB
 
@@ -78,9 +78,8 @@ async def test_evacuate_four_domains_with_clients_all_seamless(lab: Path) -> Non
     try:
         for name in names:
             host, port = endpoints[name]
-            w = ThreadedWitness(
-                ClientOptions(host=host, port=port, stream_port_name=None),
-                netns_name=state.client.netns,
+            w = netns_witness(
+                ClientOptions(host=host, port=port, stream_port_name=None), state.client.netns
             )
             await w.start()
             witnesses.append(w)
@@ -189,9 +188,8 @@ async def test_cancelled_evacuation_leaves_every_domain_on_the_source_unthrottle
     try:
         for name in names:
             host, port = endpoints[name]
-            w = ThreadedWitness(
-                ClientOptions(host=host, port=port, stream_port_name=None),
-                netns_name=state.client.netns,
+            w = netns_witness(
+                ClientOptions(host=host, port=port, stream_port_name=None), state.client.netns
             )
             await w.start()
             witnesses.append(w)

@@ -14,7 +14,6 @@ from types import SimpleNamespace
 import pytest
 
 from spice_libvirt import errors
-from spice_libvirt.cli.migrate import exit_code_for
 from spice_libvirt.exitcodes import (
     EXIT_CODE_HELP,
     ExitCode,
@@ -24,7 +23,7 @@ from spice_libvirt.exitcodes import (
     for_report,
     worst,
 )
-from spice_libvirt.report import MigrationReport
+from spice_libvirt.migration.report import MigrationReport
 
 OK, FAILED, NOT_SEAMLESS, TLS_DOWN = (
     ExitCode.OK,
@@ -113,7 +112,6 @@ def test_for_report_on_the_real_model(
     if tls is not None:
         real = real.model_copy(update={"tls_downgraded": tls})
     assert for_report(real) is expected
-    assert exit_code_for(real) is expected  # the old name is the same function
 
 
 @pytest.mark.parametrize(

@@ -25,18 +25,18 @@ import pytest
 
 from spice_libvirt.errors import MigrationError
 from spice_libvirt.exitcodes import ExitCode, for_report
-from spice_libvirt.lab import delaybridge, libvirt_lab, netns
-from spice_libvirt.lab.libvirt_lab import HostName, MigrationResult
-from spice_libvirt.lab.libvirt_migrate import lab_request
-from spice_libvirt.lab.libvirt_state import PORT_CHANNEL as PORT
-from spice_libvirt.lab.libvirt_status import where
-from spice_libvirt.lab.witness_thread import netns_witness
 from spice_libvirt.libvirt.controller import (
     LibvirtMigrationReport,
     LibvirtMigrationRequest,
     migrate_libvirt,
 )
 from spice_libvirt.spice.client import ClientOptions
+from spice_libvirt_lab import delaybridge, libvirt_lab, netns
+from spice_libvirt_lab.libvirt_lab import HostName, MigrationResult
+from spice_libvirt_lab.libvirt_migrate import lab_request
+from spice_libvirt_lab.libvirt_state import PORT_CHANNEL as PORT
+from spice_libvirt_lab.libvirt_status import where
+from spice_libvirt_lab.witness_thread import netns_witness
 from tests import faults
 from tests.lab_marks import LIBVIRT_LAB
 

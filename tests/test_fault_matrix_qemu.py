@@ -18,15 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from spice_libvirt.controller import MigrationRequest, migrate_qemu
 from spice_libvirt.exitcodes import ExitCode, for_report
-from spice_libvirt.lab.ports import free_tcp_port
-from spice_libvirt.lab.qemu import QemuGroup, QemuInstance
 from spice_libvirt.migration.evidence import MAIN, sessions_from_query_spice
+from spice_libvirt.migration.progress import MigrationProgress
 from spice_libvirt.migration.report import MigrationReport
-from spice_libvirt.progress import MigrationProgress
-from spice_libvirt.qmp import QMPConnection
+from spice_libvirt.qemu.controller import migrate_qemu
+from spice_libvirt.qemu.qmp import QMPConnection
+from spice_libvirt.qemu.request import MigrationRequest
 from spice_libvirt.spice.client import ClientOptions, SpiceClient
+from spice_libvirt_lab.ports import free_tcp_port
+from spice_libvirt_lab.qemu_process import QemuGroup, QemuInstance
 from tests import faults
 from tests.qmp_proxy import QmpRelay
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from spice_libvirt.errors import LabError
-from spice_libvirt.lab import guest as guest_mod
-from spice_libvirt.lab.guest import GuestImages, KernelPackage, ensure_linux_guest
-from spice_libvirt.lab.qemu import QemuGroup, wait_guest_ready, wait_serial
+from spice_libvirt_lab import guest as guest_mod
+from spice_libvirt_lab.guest import GuestImages, KernelPackage, ensure_linux_guest
+from spice_libvirt_lab.qemu_process import QemuGroup, wait_guest_ready, wait_serial
 
 RECORD = re.compile(rb"(\d{20}) (\d{10})\n")
 

@@ -1,6 +1,6 @@
 """The libvirt hook entry point and its XML rewrite, fed like libvirt feeds it.
 
-In-process tests call :func:`spice_libvirt.hook.qemu.main` with ``io.StringIO`` streams
+In-process tests call :func:`spice_libvirt.hook.qemu_hook.main` with ``io.StringIO`` streams
 (VDSM's test shape); the deadline and console-script tests run the real executable.
 """
 
@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spice_libvirt.errors import HookError
-from spice_libvirt.hook import qemu as hook_qemu
+from spice_libvirt.hook import qemu_hook
 from spice_libvirt.hook.install import default_hook_executable
 from spice_libvirt.hook.journal import Journal, JournalEntry
 from spice_libvirt.hook.rewrite import (
@@ -79,7 +79,7 @@ def hook_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def call(args: list[str], stdin: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
-    rc = hook_qemu.main(args, io.StringIO(stdin), out, err)
+    rc = qemu_hook.main(args, io.StringIO(stdin), out, err)
     return rc, out.getvalue(), err.getvalue()
 
 
@@ -337,11 +337,11 @@ class Refuse:
             raise ImportError("the hook imported libvirt")
         return None
 sys.meta_path.insert(0, Refuse())
-from spice_libvirt.hook import qemu
+from spice_libvirt.hook import qemu_hook
 xml = {domain_xml()!r}
 for op in (["g", "migrate", "begin", "-"], ["g", "prepare", "begin", "-"], ["g", "release", "end", "-"]):
     out, err = io.StringIO(), io.StringIO()
-    assert qemu.main(op, io.StringIO(xml), out, err) == 0, err.getvalue()
+    assert qemu_hook.main(op, io.StringIO(xml), out, err) == 0, err.getvalue()
     assert err.getvalue() == "", err.getvalue()
 assert not any(m == "libvirt" or m.startswith("libvirt.") for m in sys.modules)
 print("clean")
@@ -351,7 +351,7 @@ print("clean")
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "clean"
-    for src in Path(hook_qemu.__file__).parent.glob("*.py"):
+    for src in Path(qemu_hook.__file__).parent.glob("*.py"):
         text = src.read_text()
         assert "import libvirt" not in text
         assert "from libvirt" not in text
@@ -451,7 +451,7 @@ def test_hard_watchdog_ends_the_process_when_the_soft_deadline_cannot_fire(
         "import signal, sys\n"
         "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})\n"
         "sys.argv = ['spice-libvirt-hook', 'g', 'migrate', 'begin', '-']\n"
-        "from spice_libvirt.hook.qemu import main\n"
+        "from spice_libvirt.hook.qemu_hook import main\n"
         "sys.exit(main())\n"
     )
     t0 = time.monotonic()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from spice_libvirt.hook import qemu as hook_qemu
+from spice_libvirt.hook import qemu_hook
 from spice_libvirt.hook.install import default_hook_executable
 from spice_libvirt.hook.journal import Journal
 from spice_libvirt.hook.rewrite import MAX_XML_BYTES, DeclinedXMLError, parse_domain
@@ -126,7 +126,7 @@ def test_doctype_fails_open_even_when_failing_closed(
     monkeypatch.setenv("SPICE_LIBVIRT_CONFIG", str(config(tmp_path, journal)))
     monkeypatch.setenv("SPICE_LIBVIRT_FAIL_CLOSED", str(fail_closed).lower())
     out, err = io.StringIO(), io.StringIO()
-    rc = hook_qemu.main(MIGRATE, io.StringIO(LAUGHS), out, err)
+    rc = qemu_hook.main(MIGRATE, io.StringIO(LAUGHS), out, err)
     assert (rc, out.getvalue()) == (0, "")
     assert err.getvalue().count("\n") == 1
     assert "DOCTYPE" in err.getvalue()
@@ -239,10 +239,10 @@ def test_a_hanging_config_load_is_cut_by_the_deadline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The watchdog is armed before the configuration is read (a dead NFS mount, say)."""
-    monkeypatch.setattr(hook_qemu, "load_config", lambda: time.sleep(30))
+    monkeypatch.setattr(qemu_hook, "load_config", lambda: time.sleep(30))
     out, err = io.StringIO(), io.StringIO()
     t0 = time.monotonic()
-    rc = hook_qemu.main(MIGRATE, io.StringIO(domain_xml()), out, err)
+    rc = qemu_hook.main(MIGRATE, io.StringIO(domain_xml()), out, err)
     assert time.monotonic() - t0 < 2.0
     assert (rc, out.getvalue()) == (0, "")  # the config never said fail_closed
     assert "deadline of 2 s exceeded" in err.getvalue()
@@ -254,9 +254,9 @@ def test_hard_watchdog_covers_a_config_load_stuck_with_sigalrm_blocked(tmp_path:
         "import signal, sys, time\n"
         "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})\n"
         "sys.argv = ['spice-libvirt-hook', 'g', 'migrate', 'begin', '-']\n"
-        "from spice_libvirt.hook import qemu\n"
-        "qemu.load_config = lambda: time.sleep(30)\n"
-        "sys.exit(qemu.main())\n"
+        "from spice_libvirt.hook import qemu_hook\n"
+        "qemu_hook.load_config = lambda: time.sleep(30)\n"
+        "sys.exit(qemu_hook.main())\n"
     )
     t0 = time.monotonic()
     proc = subprocess.run(
@@ -293,7 +293,7 @@ def test_slow_stdout_gets_the_whole_document_in_one_write(
     )
     out = _SlowStdout(delay=1.0)
     err = io.StringIO()
-    rc = hook_qemu.main(MIGRATE, io.StringIO(metadata_xml()), out, err)
+    rc = qemu_hook.main(MIGRATE, io.StringIO(metadata_xml()), out, err)
     assert (rc, err.getvalue()) == (0, "")
     assert out.writes == 1
     assert_metadata_kept(out.getvalue())
@@ -383,10 +383,10 @@ def test_full_and_read_only_journal_never_refuse(tmp_path: Path) -> None:
 
 _WARM_HOOK = """
 import io, os, sys
-from spice_libvirt.hook import qemu
+from spice_libvirt.hook import qemu_hook
 os.read(int(sys.argv[1]), 1)  # the starting gun: EOF on a pipe every sibling shares
 stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8")
-sys.exit(qemu.run(sys.argv[2:], stdin, sys.stdout, sys.stderr, hard_watchdog=True))
+sys.exit(qemu_hook.run(sys.argv[2:], stdin, sys.stdout, sys.stderr, hard_watchdog=True))
 """
 
 
@@ -523,7 +523,7 @@ def test_a_budget_shorter_than_start_up_is_a_deadline_at_once(
     cfg = config(tmp_path, tmp_path / "j.sqlite3", hook_timeout_s=0.05, fail_closed=fail_closed)
     monkeypatch.setenv("SPICE_LIBVIRT_CONFIG", str(cfg))
     out, err = io.StringIO(), io.StringIO()
-    rc = hook_qemu.main(MIGRATE, io.StringIO(domain_xml()), out, err)
+    rc = qemu_hook.main(MIGRATE, io.StringIO(domain_xml()), out, err)
     assert (rc, out.getvalue()) == (1 if fail_closed else 0, "")
     assert "deadline of 0.05 s exceeded" in err.getvalue()
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
@@ -533,7 +533,7 @@ def test_the_hooks_import_neither_pydantic_nor_asyncio() -> None:
     """The bulk of the old start-up cost; the CLI may use them, the hooks must not."""
     code = (
         "import sys\n"
-        "from spice_libvirt.hook import qemu, vdsm\n"
+        "from spice_libvirt.hook import qemu_hook, vdsm\n"
         "print(sorted(m for m in ('pydantic', 'pydantic_settings', 'asyncio') if m in sys.modules))"
     )
     proc = subprocess.run(

@@ -139,9 +139,9 @@ def test_the_launcher_never_shadows_the_standard_library() -> None:
     launcher = str(hi.default_launcher())
     code = (
         "import sys, types\n"
-        "fake = types.ModuleType('spice_libvirt.hook.qemu')\n"
+        "fake = types.ModuleType('spice_libvirt.hook.qemu_hook')\n"
         "fake.main = lambda: print(repr(sys.path)) or 0\n"
-        "sys.modules['spice_libvirt.hook.qemu'] = fake\n"
+        "sys.modules['spice_libvirt.hook.qemu_hook'] = fake\n"
         f"__file__ = {launcher!r}\n"
         f"exec(compile(open({launcher!r}).read(), {launcher!r}, 'exec'))\n"
     )
@@ -179,7 +179,7 @@ def test_a_hook_call_loads_only_what_it_needs(
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     loaded = _imported(proc.stderr)
-    assert "spice_libvirt.hook.qemu" in loaded
+    assert "spice_libvirt.hook.qemu_hook" in loaded
     assert "_sqlite3" in loaded
     assert {"xml.etree.ElementTree", "ipaddress"} & allowed <= loaded
     never = NEVER - allowed

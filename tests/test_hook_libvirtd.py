@@ -1,6 +1,6 @@
 """The hook inside real, private libvirtd instances: the lab's own hosts.
 
-Each simulated host is a :class:`~spice_libvirt.lab.libvirt_host.LibvirtHost` (a network
+Each simulated host is a :class:`~spice_libvirt_lab.libvirt_host.LibvirtHost` (a network
 namespace plus a private mount and UTS namespace with its own virtlogd and libvirtd; the
 root namespace's libvirtd is not used). The hook is installed into the host's private
 ``/etc/libvirt/hooks/qemu.d`` *before* libvirtd starts (libvirt reads hooks at start-up),
@@ -28,9 +28,9 @@ import pytest
 
 from spice_libvirt.hook import install as hook_install
 from spice_libvirt.hook.journal import Journal, JournalEntry
-from spice_libvirt.lab import netns
-from spice_libvirt.lab.libvirt_host import HostConfig, LibvirtHost
-from spice_libvirt.lab.libvirt_state import default_caps_seed
+from spice_libvirt_lab import netns
+from spice_libvirt_lab.libvirt_host import HostConfig, LibvirtHost
+from spice_libvirt_lab.libvirt_state import default_caps_seed
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
 
@@ -407,7 +407,7 @@ def test_fail_closed_hook_never_refuses_for_its_journal(single: Hooked) -> None:
     assert h.virsh("domstate", "h4jfull").strip() == "running"
 
 
-# --- in the project's two-host libvirt lab (spice_libvirt.lab.libvirt_lab) ---------------
+# --- in the project's two-host libvirt lab (spice_libvirt_lab.libvirt_lab) ---------------
 
 
 def test_hook_in_both_hosts_of_the_libvirt_lab(tmp_path: Path) -> None:
@@ -417,8 +417,8 @@ def test_hook_in_both_hosts_of_the_libvirt_lab(tmp_path: Path) -> None:
     redefined with A's address pinned in its XML, which only the hook can make migratable.
     """
     pytest.importorskip("libvirt")
-    from spice_libvirt.lab import libvirt_lab
-    from spice_libvirt.lab.libvirt_lab import HostName
+    from spice_libvirt_lab import libvirt_lab
+    from spice_libvirt_lab.libvirt_lab import HostName
 
     lab_dir = Path(tempfile.mkdtemp(prefix="h4lab-"))  # short: unix socket paths
     journals: dict[str, Path] = {}

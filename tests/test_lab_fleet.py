@@ -18,8 +18,8 @@ from collections.abc import Iterator
 import pytest
 
 from spice_libvirt.exitcodes import ExitCode
-from spice_libvirt.lab import libvirt_daemons, libvirt_fleet, libvirt_lab, netns
-from spice_libvirt.lab.libvirt_state import LabState
+from spice_libvirt_lab import libvirt_daemons, libvirt_fleet, libvirt_lab, netns
+from spice_libvirt_lab.libvirt_state import LabState
 from tests.lab_marks import LIBVIRT_LAB
 
 pytest.importorskip("libvirt")

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from spice_libvirt.errors import LabError
-from spice_libvirt.lab import labdir, libvirt_lab, qemu_lab
-from spice_libvirt.lab.labdir import UnsafeLabDirectory, ensure_private_dir, remove_inside
-from spice_libvirt.lab.libvirt_host import BIND_MOUNTS, HostConfig, LibvirtHost
+from spice_libvirt_lab import labdir, libvirt_lab, qemu_lab
+from spice_libvirt_lab.labdir import UnsafeLabDirectory, ensure_private_dir, remove_inside
+from spice_libvirt_lab.libvirt_host import BIND_MOUNTS, HostConfig, LibvirtHost
 
 NOBODY = 65534
 

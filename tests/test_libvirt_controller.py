@@ -22,8 +22,6 @@ import pytest
 from spice_libvirt import api
 from spice_libvirt.cli import main as cli_main
 from spice_libvirt.exitcodes import ExitCode, for_error
-from spice_libvirt.lab import libvirt_lab, netns
-from spice_libvirt.lab.libvirt_migrate import lab_migrate, lab_request
 from spice_libvirt.libvirt.connection import Connection, GraphicsEvent
 from spice_libvirt.libvirt.controller import (
     LibvirtMigrationRequest,
@@ -38,6 +36,8 @@ from spice_libvirt.libvirt.errors import (
 from spice_libvirt.libvirt.hold import DestinationLinks
 from spice_libvirt.libvirt.settle import SourceDepartures, reconnected_at
 from spice_libvirt.migration.evidence import sessions_from_query_spice
+from spice_libvirt_lab import libvirt_lab, netns
+from spice_libvirt_lab.libvirt_migrate import lab_migrate, lab_request
 from tests.lab_marks import LIBVIRT_LAB
 
 libvirt = pytest.importorskip("libvirt")

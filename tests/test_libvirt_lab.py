@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 
 from spice_libvirt.errors import ConfigError, LabError
-from spice_libvirt.lab import labdir, libvirt_lab, netns
-from spice_libvirt.lab.libvirt_host import LibvirtHost
-from spice_libvirt.lab.libvirt_lab import LabState
 from spice_libvirt.spice.client import ClientOptions, SpiceClient
 from spice_libvirt.spice.record import ClientMigrationRecord, StreamStats
+from spice_libvirt_lab import labdir, libvirt_lab, netns
+from spice_libvirt_lab.libvirt_host import LibvirtHost
+from spice_libvirt_lab.libvirt_lab import LabState
 from tests.lab_marks import LIBVIRT_LAB
 
 libvirt = pytest.importorskip("libvirt")

@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 
 from spice_libvirt.exitcodes import ExitCode, for_report
-from spice_libvirt.lab import libvirt_lab, libvirt_ticket, libvirt_tls
-from spice_libvirt.lab.libvirt_lab import LabState
-from spice_libvirt.lab.libvirt_migrate import lab_migrate, lab_request
-from spice_libvirt.lab.witness_thread import netns_witness
 from spice_libvirt.libvirt.controller import migrate_libvirt
 from spice_libvirt.libvirt.errors import PreflightError
+from spice_libvirt_lab import libvirt_lab, libvirt_ticket, libvirt_tls
+from spice_libvirt_lab.libvirt_lab import LabState
+from spice_libvirt_lab.libvirt_migrate import lab_migrate, lab_request
+from spice_libvirt_lab.witness_thread import netns_witness
 from tests.lab_marks import LIBVIRT_LAB
 
 pytest.importorskip("libvirt")

@@ -33,10 +33,10 @@ import pytest
 
 from benchmarks.xclients import XServer, viewer_env, xvfb
 from spice_libvirt.exitcodes import ExitCode, for_report
-from spice_libvirt.lab import libvirt_lab, libvirt_tls, netns
-from spice_libvirt.lab.libvirt_lab import LabState
-from spice_libvirt.lab.libvirt_migrate import lab_migrate
 from spice_libvirt.migration.evidence import Sessions, sessions_from_query_spice
+from spice_libvirt_lab import libvirt_lab, libvirt_tls, netns
+from spice_libvirt_lab.libvirt_lab import LabState
+from spice_libvirt_lab.libvirt_migrate import lab_migrate
 from tests.lab_marks import LIBVIRT_LAB
 
 pytest.importorskip("libvirt")

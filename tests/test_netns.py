@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from spice_libvirt.errors import LabError
-from spice_libvirt.lab import netns
+from spice_libvirt_lab import netns
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from spice_libvirt.exitcodes import ExitCode
-from spice_libvirt.lab.procs import proc_start_time, wait_exit
-from spice_libvirt.lab.qemu_lab import QemuLab
 from spice_libvirt.spice.client import ClientOptions, SpiceClient
+from spice_libvirt_lab.procs import proc_start_time, wait_exit
+from spice_libvirt_lab.qemu_lab import QemuLab
 
 pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("require_kvm")]
 

@@ -26,10 +26,10 @@ import pytest
 
 from benchmarks.xclients import RemoteViewer, XServer, have_tools, xvfb
 from spice_libvirt.exitcodes import ExitCode, for_report
-from spice_libvirt.lab.qemu_lab import QemuLab
-from spice_libvirt.lab.qemu_lab_state import LabTls
 from spice_libvirt.migration.evidence import Sessions, sessions_from_query_spice
 from spice_libvirt.qemu.qmp import QMPConnection
+from spice_libvirt_lab.qemu_lab import QemuLab
+from spice_libvirt_lab.qemu_lab_state import LabTls
 from tests.test_tls_migration import _start_secure_viewer
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.usefixtures("require_kvm")]

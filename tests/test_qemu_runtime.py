@@ -15,12 +15,12 @@ import pytest
 from qemu.qmp import EventListener
 
 from spice_libvirt.errors import ConfigError, LabError, QMPError
-from spice_libvirt.lab import guest as guest_mod
-from spice_libvirt.lab import ports as ports_mod
-from spice_libvirt.lab import qemu as qemu_mod
-from spice_libvirt.lab.guest import GuestImages, KernelPackage
-from spice_libvirt.lab.qemu import QemuGroup, QemuSpec, qemu_argv
-from spice_libvirt.lab.tls import TlsMaterial
+from spice_libvirt_lab import guest as guest_mod
+from spice_libvirt_lab import ports as ports_mod
+from spice_libvirt_lab import qemu_process as qemu_mod
+from spice_libvirt_lab.guest import GuestImages, KernelPackage
+from spice_libvirt_lab.qemu_process import QemuGroup, QemuSpec, qemu_argv
+from spice_libvirt_lab.tls import TlsMaterial
 
 SpiceLink = Callable[..., Awaitable[int]]
 

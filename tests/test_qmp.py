@@ -12,15 +12,15 @@ import pytest
 
 from spice_libvirt import errors
 from spice_libvirt.exitcodes import ExitCode, for_error
-from spice_libvirt.lab.ports import free_tcp_port
-from spice_libvirt.lab.qemu import QemuGroup, QemuSpec, qemu_argv
-from spice_libvirt.qmp import (
+from spice_libvirt.qemu.qmp import (
     QMPCommandError,
     QMPConnectError,
     QMPConnection,
     QMPDisconnectedError,
     QMPTimeoutError,
 )
+from spice_libvirt_lab.ports import free_tcp_port
+from spice_libvirt_lab.qemu_process import QemuGroup, QemuSpec, qemu_argv
 
 pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("require_kvm")]
 

@@ -38,8 +38,8 @@ from typing import Any, Literal
 import pytest
 
 from benchmarks.xclients import RemoteViewer, XServer, have_tools, start_viewer, xvfb
-from spice_libvirt.qmp import QMPConnection
-from spice_libvirt.report import channel_name
+from spice_libvirt.migration.report import channel_name
+from spice_libvirt.qemu.qmp import QMPConnection
 
 pytestmark = [
     pytest.mark.qemu,

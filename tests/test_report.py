@@ -10,8 +10,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spice_libvirt.progress import LogReporter, MigrationProgress, NullReporter, make_reporter
-from spice_libvirt.report import (
+from spice_libvirt.migration.progress import (
+    LogReporter,
+    MigrationProgress,
+    NullReporter,
+    make_reporter,
+)
+from spice_libvirt.migration.report import (
     CHANNEL_TYPE_NAMES,
     ClientVerdict,
     Endpoint,

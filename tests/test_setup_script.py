@@ -32,11 +32,14 @@ def sandbox(tmp_path: Path) -> Path:
     (root / "scripts").mkdir(parents=True)
     shutil.copy2(SCRIPT, root / "scripts" / "setup.sh")
     (root / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    (root / "lab").mkdir()
+    (root / "lab" / "pyproject.toml").write_text("[project]\nname = 'x-lab'\n")
     venv_bin = root / ".venv" / "bin"
     venv_bin.mkdir(parents=True)
     log = tmp_path / "calls.log"
     _stub(venv_bin / "python", f'echo "venv-python $*" >> {log}\n')
-    digest = hashlib.sha256((root / "pyproject.toml").read_bytes()).hexdigest()
+    both = (root / "pyproject.toml").read_bytes() + (root / "lab" / "pyproject.toml").read_bytes()
+    digest = hashlib.sha256(both).hexdigest()
     (root / ".venv" / ".spice-libvirt-setup").write_text(digest + "\n")
     stubs = tmp_path / "bin"
     stubs.mkdir()
@@ -86,7 +89,7 @@ def test_each_step_performed_is_one_line(sandbox: Path) -> None:
     assert proc.stdout.splitlines() == [
         "setup: refreshing the apt package lists",
         "setup: installing 2 Debian packages: gcc ruby",
-        "setup: installing spice-libvirt and its dev, libvirt and lab extras into .venv",
+        "setup: installing spice-libvirt (dev, libvirt, client extras) and spice-libvirt-lab into .venv",
     ]
     calls = _calls(sandbox)
     assert "apt-get update -q" in calls

@@ -19,12 +19,12 @@ import pytest
 from pydantic import SecretStr
 
 from spice_libvirt.errors import AuthenticationError, LinkError, TLSVerificationError
-from spice_libvirt.lab.ports import free_tcp_port
-from spice_libvirt.lab.qemu import QemuGroup, QemuInstance
-from spice_libvirt.lab.tls import TlsMaterial
 from spice_libvirt.spice.actions import StartPrelinks
 from spice_libvirt.spice.client import ClientOptions, SpiceClient
 from spice_libvirt.spice.stream import parse_record
+from spice_libvirt_lab.ports import free_tcp_port
+from spice_libvirt_lab.qemu_process import QemuGroup, QemuInstance
+from spice_libvirt_lab.tls import TlsMaterial
 
 pytestmark = pytest.mark.qemu
 

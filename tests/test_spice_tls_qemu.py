@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from spice_libvirt.lab.ports import free_tcp_port
-from spice_libvirt.lab.qemu import QemuGroup, QemuInstance
-from spice_libvirt.lab.tls import TlsMaterial
 from spice_libvirt.spice.client import ClientOptions, SpiceClient
+from spice_libvirt_lab.ports import free_tcp_port
+from spice_libvirt_lab.qemu_process import QemuGroup, QemuInstance
+from spice_libvirt_lab.tls import TlsMaterial
 
 pytestmark = pytest.mark.qemu
 

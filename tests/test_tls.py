@@ -14,8 +14,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from spice_libvirt.errors import LabError
-from spice_libvirt.lab.qemu import QemuGroup
-from spice_libvirt.lab.tls import (
+from spice_libvirt_lab.qemu_process import QemuGroup
+from spice_libvirt_lab.tls import (
     TlsMaterial,
     generate_tls_material,
     issue_server_certificate,

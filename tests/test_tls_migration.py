@@ -34,17 +34,17 @@ from benchmarks.xclients import (
 )
 from spice_libvirt.errors import MigrationError
 from spice_libvirt.exitcodes import ExitCode, for_report
-from spice_libvirt.lab.ports import free_tcp_port
-from spice_libvirt.lab.qemu import QemuGroup, QemuInstance
-from spice_libvirt.lab.qemu_lab import QemuLab, embedded_client
-from spice_libvirt.lab.qemu_lab_state import LabTls
-from spice_libvirt.lab.tls import TlsMaterial
 from spice_libvirt.migration.evidence import Sessions, sessions_from_query_spice
 from spice_libvirt.migration.report import MigrationReport
 from spice_libvirt.qemu.controller import migrate_qemu
 from spice_libvirt.qemu.qmp import QMPConnection
 from spice_libvirt.qemu.request import MigrationRequest
 from spice_libvirt.spice.client import ClientOptions, SpiceClient
+from spice_libvirt_lab.ports import free_tcp_port
+from spice_libvirt_lab.qemu_lab import QemuLab, embedded_client
+from spice_libvirt_lab.qemu_lab_state import LabTls
+from spice_libvirt_lab.qemu_process import QemuGroup, QemuInstance
+from spice_libvirt_lab.tls import TlsMaterial
 
 pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("require_kvm")]
 

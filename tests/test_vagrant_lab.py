@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from spice_libvirt.errors import LabError
-from spice_libvirt.lab import vagrant_box, vagrant_lab
-from spice_libvirt.lab.vagrant_state import (
+from spice_libvirt_lab import vagrant_box, vagrant_lab
+from spice_libvirt_lab.vagrant_state import (
     HOST_IPS,
     HOST_MACS,
     VagrantLabState,
@@ -146,7 +146,7 @@ def _cli() -> list[str]:
     ).stdout
     if "--vagrant" in helptext:
         return [*cli, "lab"]
-    return [sys.executable, "-m", "spice_libvirt.cli.lab_vagrant"]
+    return [sys.executable, "-m", "spice_libvirt_lab.command_vagrant"]
 
 
 def _run(argv: list[str], timeout: float) -> tuple[int, str, float]:

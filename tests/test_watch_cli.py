@@ -9,8 +9,8 @@ import sys
 import pytest
 from qemu.qmp import QMPClient
 
-from spice_libvirt.lab.ports import free_tcp_port
-from spice_libvirt.lab.qemu import QemuGroup
+from spice_libvirt_lab.ports import free_tcp_port
+from spice_libvirt_lab.qemu_process import QemuGroup
 
 pytestmark = pytest.mark.qemu
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -34,7 +35,6 @@ def commands() -> tuple[Register, ...]:
         evacuate,
         hook,
         journal,
-        lab,
         migrate,
         probe,
         watch,
@@ -43,7 +43,7 @@ def commands() -> tuple[Register, ...]:
     return (
         probe.register,
         watch.register,
-        lab.register,
+        _lab_register(),
         migrate.register,
         evacuate.register,
         agent.register,
@@ -51,6 +51,40 @@ def commands() -> tuple[Register, ...]:
         journal.register,
         doctor.register,
     )
+
+
+#: What ``spice-libvirt lab`` says on a host without the labs (a hypervisor, by design).
+LAB_NOT_INSTALLED = (
+    "the labs are not installed here (they are for development machines, never hypervisors):"
+    " pip install ./lab from the source tree (the spice-libvirt-lab distribution)"
+)
+
+
+def _lab_register() -> Register:
+    """The labs' ``register`` where the separate ``spice-libvirt-lab`` distribution is
+    installed; elsewhere a ``lab`` command that says in one line what to install."""
+    try:
+        from spice_libvirt_lab.command import register
+    except ImportError as exc:
+        missing = exc.name or ""
+        reason = LAB_NOT_INSTALLED
+        if missing and not missing.startswith("spice_libvirt_lab"):
+            reason = f"the labs cannot load: {exc}"
+        return functools.partial(_register_lab_unavailable, reason)
+    return register
+
+
+def _register_lab_unavailable(reason: str, subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "lab", help="labs for development machines (not installed here)", add_help=False
+    )
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+    def unavailable(args: argparse.Namespace) -> int:
+        print(f"spice-libvirt: lab: {reason}", file=sys.stderr)
+        return int(ExitCode.LAB)
+
+    parser.set_defaults(handler=unavailable)
 
 
 def build_parser() -> argparse.ArgumentParser:

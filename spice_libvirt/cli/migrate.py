@@ -22,9 +22,6 @@ from spice_libvirt.exitcodes import exit_codes_epilog, for_report
 from spice_libvirt.migration.progress import make_reporter
 from spice_libvirt.qemu.qmp import QMPConnection
 
-#: Old name of :func:`spice_libvirt.exitcodes.for_report` (tests and tools import it).
-exit_code_for = for_report
-
 
 class Form(NamedTuple):
     """One form of ``migrate``: when it applies to the parsed arguments, and what runs it."""
@@ -78,7 +75,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def request_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The :class:`~spice_libvirt.controller.MigrationRequest` fields the common options set."""
+    """The :class:`~spice_libvirt.qemu.request.MigrationRequest` fields the common options set."""
     return {
         "require_seamless": args.require_seamless,
         "wait_client": args.wait_client,
@@ -143,7 +140,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 async def _destination_spice(address: str) -> tuple[str | None, int | None, int | None]:
-    from spice_libvirt.controller import parse_qmp_address
+    from spice_libvirt.qemu.request import parse_qmp_address
 
     async with QMPConnection.open(parse_qmp_address(address), name="dst", timeout=10) as qmp:
         spice = await qmp.execute("query-spice")
@@ -151,7 +148,8 @@ async def _destination_spice(address: str) -> tuple[str | None, int | None, int 
 
 
 def _migrate_qmp(args: argparse.Namespace) -> int:
-    from spice_libvirt.controller import MigrationRequest, migrate_qemu
+    from spice_libvirt.qemu.controller import migrate_qemu
+    from spice_libvirt.qemu.request import MigrationRequest
 
     if not args.qmp_dst or not args.migrate_uri:
         raise ConfigError("migrate --qmp-src needs --qmp-dst and --migrate-uri")
@@ -200,7 +198,6 @@ __all__ = [
     "FORMS",
     "Form",
     "add_common_arguments",
-    "exit_code_for",
     "print_report",
     "register",
     "request_options",

@@ -2,7 +2,7 @@
 
 Modules, one concern each:
 
-* :mod:`~spice_libvirt.hook.qemu` - the ``spice-libvirt-hook`` entry point libvirt runs;
+* :mod:`~spice_libvirt.hook.qemu_hook` - the ``spice-libvirt-hook`` entry point libvirt runs;
 * :mod:`~spice_libvirt.hook.deadline` - the time budget both entry points run under;
 * :mod:`~spice_libvirt.hook.rewrite` - pure XML rewrite of the SPICE listen address;
 * :mod:`~spice_libvirt.hook.journal` - the SQLite journal of invocations;

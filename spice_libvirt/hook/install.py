@@ -15,7 +15,7 @@ forms, both recognised by :func:`parse_shim`:
   is most of what separates a hook call from a bare interpreter start
   (``benchmarks/bench_hook.py``);
 * ``exec .../spice-libvirt-hook "$@"``, the console script (``--executable``; the form the
-  Ansible role's template writes): the same :func:`~spice_libvirt.hook.qemu.main`, with
+  Ansible role's template writes): the same :func:`~spice_libvirt.hook.qemu_hook.main`, with
   ``site``.
 
 The default form names a file inside the installed package, whose path carries the Python

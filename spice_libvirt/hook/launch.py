@@ -7,7 +7,7 @@ editable install's import finder, setuptools' distutils hack, whatever else the 
 holds). The hook needs only the standard library and this package, so the shim
 :mod:`~spice_libvirt.hook.install` writes runs the venv's interpreter with ``-S`` (no
 ``site``) and ``-I`` (no ``PYTHON*`` variables, no user site, no script directory on
-``sys.path``) on this file, which calls the same :func:`spice_libvirt.hook.qemu.main` the
+``sys.path``) on this file, which calls the same :func:`spice_libvirt.hook.qemu_hook.main` the
 console script calls.
 
 Three things it does besides calling it:
@@ -20,7 +20,7 @@ Three things it does besides calling it:
   keeping it out means an import added there for the CLI or the API (``typing`` today,
   which drags in ``re``, ``enum``, ``functools``...) can never slow down every guest event
   on the host. ``tests/test_hook_launch.py`` checks which modules a hook call loads;
-* it ends the process with ``os._exit`` once :func:`~spice_libvirt.hook.qemu.main` has
+* it ends the process with ``os._exit`` once :func:`~spice_libvirt.hook.qemu_hook.main` has
   returned (output flushed, journal closed): the interpreter's teardown of the loaded
   modules is work no one needs, on every guest event.
 """
@@ -34,7 +34,7 @@ if __name__ == "__main__":
     _package = type(sys)("spice_libvirt", "spice-libvirt (bare package for the hook)")
     _package.__path__ = [os.path.join(_root, "spice_libvirt")]
     sys.modules["spice_libvirt"] = _package
-    from spice_libvirt.hook.qemu import main
+    from spice_libvirt.hook.qemu_hook import main
 
     _code = main()  # returns with its output flushed and the journal closed
     # No interpreter teardown (finalising sqlite3, pyexpat and every module: ~2 ms of CPU

@@ -3,7 +3,7 @@
 Split from :mod:`spice_libvirt.hook.rewrite` so that ``migrate begin`` can decide whether a
 rewrite is needed at all (every address local: nothing to do) from the expat pass of
 :mod:`spice_libvirt.hook.scan`, and load ElementTree only when it will change something
-(see :mod:`spice_libvirt.hook.qemu`). The rules are in :mod:`~spice_libvirt.hook.rewrite`.
+(see :mod:`spice_libvirt.hook.qemu_hook`). The rules are in :mod:`~spice_libvirt.hook.rewrite`.
 """
 
 from __future__ import annotations

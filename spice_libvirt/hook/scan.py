@@ -3,7 +3,7 @@
 Why a separate module: almost every hook call (prepare, start, started, stopped, release...)
 only needs the document checked and its ``<name>`` and ``<uuid>`` for the journal. That is
 one pass of expat (a C parser), without ElementTree, whose import alone would be a large
-share of the hook's start-up budget (see :mod:`spice_libvirt.hook.qemu`). Only ``migrate
+share of the hook's start-up budget (see :mod:`spice_libvirt.hook.qemu_hook`). Only ``migrate
 begin``, which may rewrite the document, loads :mod:`spice_libvirt.hook.rewrite` and builds
 a tree; it runs this same pass first.
 

@@ -174,7 +174,7 @@ def encrypt_ticket(pub_key_der: bytes, password: str | None) -> bytes:
     if len(secret) > MAX_PASSWORD_LENGTH:
         raise LocalProtocolError(f"SPICE passwords are at most {MAX_PASSWORD_LENGTH} bytes")
     # Imported here, not at the top: only a linking client needs RSA, and hypervisors that
-    # run just the hook and the libvirt controller install without the ``lab`` extra.
+    # run just the hook and the libvirt controller install without the ``client`` extra.
     try:
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -182,7 +182,7 @@ def encrypt_ticket(pub_key_der: bytes, password: str | None) -> bytes:
     except ImportError as exc:
         raise ConfigError(
             "the embedded SPICE client needs the 'cryptography' package:"
-            " pip install 'spice-libvirt[lab]'"
+            " pip install 'spice-libvirt[client]'"
         ) from exc
     try:
         key = load_der_public_key(pub_key_der)

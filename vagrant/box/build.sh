@@ -3,7 +3,7 @@
 #
 #   build.sh OUT_DIR [PACKAGES_FILE]      -> OUT_DIR/spice-libvirt-debian12.box
 #
-# Called by spice_libvirt/lab/vagrant_box.py, which runs it at nice 19 / idle I/O and only
+# Called by lab/spice_libvirt_lab/vagrant_box.py, which runs it at nice 19 / idle I/O and only
 # when the digest of this script and of the package list changed. No Vagrant Cloud here, and
 # no mirror on the lab network: everything the hypervisors need is baked in (packages.txt).
 #

@@ -1,0 +1,114 @@
+"""The host agent in the libvirt lab: one ``spice-libvirt agent run`` inside each host, as a
+hypervisor runs it (its own libvirtd at ``qemu:///system``, the other host as its peer).
+
+Its state directory and journal live in the host's own directory of the lab, so ``lab
+status`` and the tests read them from the root namespace; its log is ``agent.log`` there.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from spice_libvirt.errors import LabError
+from spice_libvirt_lab import netns
+from spice_libvirt_lab.libvirt_state import HOSTS, HostName, LabProcess, LabState
+
+
+def agent_dir(state: LabState, host: str) -> Path:
+    return Path(state.hosts[host].config.state_dir) / "agent"
+
+
+def journal_path(state: LabState, host: str) -> Path:
+    return agent_dir(state, host) / "journal.sqlite3"
+
+
+def log_path(state: LabState, host: str) -> Path:
+    return agent_dir(state, host) / "agent.log"
+
+
+def agent_argv(
+    state: LabState, host: str, extra: Sequence[str] = (), *, peers: bool = True
+) -> list[str]:
+    """``peers``: subscribe to the other host at start (else found from the migration)."""
+    others = [h for h in HOSTS if h != host] if peers else []
+    argv = [
+        sys.executable,
+        "-m",
+        "spice_libvirt.cli",
+        "agent",
+        "run",
+        "--state-dir",
+        str(agent_dir(state, host)),
+        "--journal",
+        str(journal_path(state, host)),
+    ]
+    for other in others:
+        argv += ["--peer", f"qemu+tcp://{state.hosts[other].config.hostname}/system"]
+    return [*argv, *extra]
+
+
+def start_agent(
+    state: LabState, host: str, extra: Sequence[str] = (), *, peers: bool = True
+) -> netns.ProcRef:
+    """Start the agent inside ``host``; return once it watches its libvirtd."""
+    directory = agent_dir(state, host)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log = log_path(state, host)
+    mark = log.stat().st_size if log.exists() else 0
+    argv = state.host(host).enter_argv(agent_argv(state, host, extra, peers=peers))
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+    ref = netns.ProcRef.of(proc.pid, what=f"agent {host}")
+    deadline = time.monotonic() + 20.0
+    while time.monotonic() < deadline:
+        text = log.read_bytes()[mark:].decode(errors="replace")
+        if "agent: watching" in text:
+            return ref
+        if proc.poll() is not None:
+            raise LabError(f"the agent in host {host} exited ({proc.returncode}): {text[-500:]}")
+        time.sleep(0.05)
+    netns.terminate([ref])
+    raise LabError(f"the agent in host {host} did not start in 20 s (log {log})")
+
+
+def start_agents(state: LabState) -> None:
+    """An agent in each host, recorded with the lab's per-host daemons (``lab down`` stops
+    them by PID, ``lab status`` lists them)."""
+    from spice_libvirt_lab import libvirt_daemons
+
+    for host in HOSTS:
+        ref = start_agent(state, host)
+        process = LabProcess(where=host, what=ref.what, proc=ref, log=log_path(state, host))
+        libvirt_daemons.record(state, process)
+
+
+# ------------------------------------------------------------------ migrations by "someone else"
+
+
+def running_host(state: LabState) -> tuple[HostName, HostName]:
+    """(the host the lab domain runs on, the other one), asked of both libvirtds: plain
+    ``virsh`` migrations move the guest behind the lab's bookkeeping."""
+    pairs: tuple[tuple[HostName, HostName], ...] = (("A", "B"), ("B", "A"))
+    for host, other in pairs:
+        done = subprocess.run(
+            ["virsh", "-c", state.hosts[host].uri_unix, "domstate", state.domain],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        if done.stdout.strip() == "running":
+            return host, other
+    raise LabError(f"{state.domain} runs on neither host")
+
+
+def plain_migrate_argv(state: LabState, src: str, dst: str, extra: Sequence[str] = ()) -> list[str]:
+    """A plain ``virsh migrate --live --p2p`` of the lab domain: a caller that is not us."""
+    return [
+        "virsh", "-c", state.hosts[src].uri_unix, "migrate", "--live", "--p2p", *extra,
+        state.domain, f"qemu+tcp://{state.hosts[dst].config.hostname}/system",
+    ]  # fmt: skip
