@@ -50,12 +50,21 @@ def lab(lab_dir: Path) -> Iterator[Path]:
 def _started_processes(state: LabState) -> list[netns.ProcRef]:
     """Every process of the lab: recorded daemons plus whatever lives in its namespaces."""
     refs = [state.bridge.proc] + [
-        r for h in state.hosts.values() for r in (h.runtime.libvirtd, h.runtime.virtlogd)
+        r
+        for h in state.hosts.values()
+        for r in (h.runtime.libvirtd, h.runtime.virtlogd, h.runtime.reaper)
     ]
     found = [r for r in refs if r is not None]
     for name in state.namespaces:
         found += [netns.ProcRef.of(pid) for pid in netns.pids_in(name)]
     return found
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def _ours(prefix: str) -> list[str]:
@@ -185,6 +194,12 @@ def test_up_status_rtt_migrate_ping_pong_down(lab: Path) -> None:
     assert "labvm" not in st.hosts[1].domains
     assert st.spice is not None
     assert st.spice.address == state.hosts["A"].config.ip
+    # the guest's QEMU is the child of the host's subreaper: reaped the moment it exits,
+    # so libvirt's return after a migration waits for no late reaping (lab/reaper.py)
+    reaper = state.hosts["A"].runtime.reaper
+    assert reaper is not None and reaper.alive()
+    children = [p for p in netns.pids_in(state.hosts["A"].config.netns) if _ppid(p) == reaper.pid]
+    assert any("qemu" in Path(f"/proc/{p}/comm").read_text() for p in children), children
 
     # a second lab in the same directory is refused, the first one untouched
     with pytest.raises(LabError, match="already running"):
@@ -251,7 +266,11 @@ def test_down_after_a_crash(lab: Path) -> None:
     procs = _started_processes(state)
     daemons_a = {
         ref.pid
-        for ref in (state.hosts["A"].runtime.libvirtd, state.hosts["A"].runtime.virtlogd)
+        for ref in (
+            state.hosts["A"].runtime.libvirtd,
+            state.hosts["A"].runtime.virtlogd,
+            state.hosts["A"].runtime.reaper,
+        )
         if ref is not None
     } | {d.proc.pid for d in state.daemons if d.where == "A"}  # its sshd
     qemu = [p for p in netns.pids_in(state.hosts["A"].config.netns) if p not in daemons_a]

@@ -39,6 +39,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -61,6 +62,9 @@ LOG_FILTERS = "1:qemu.qemu_monitor 1:qemu.qemu_migration 2:qemu 3:*"
 #: the same without monitor traffic, for hosts whose guests carry a SPICE ticket: libvirt
 #: logs every monitor command in full, ``set_password`` with its password included
 SECRET_SAFE_LOG_FILTERS = "3:qemu.qemu_monitor 1:qemu.qemu_migration 2:qemu 3:*"
+
+#: where a host's subreaper writes its PID (inside the host's mount namespace)
+REAPER_PIDFILE = "/run/libvirt/reaper.pid"
 
 #: (state sub-path, mount point) in mounting order; ``/run`` last (see namespace_script).
 BIND_MOUNTS: tuple[tuple[str, str], ...] = (
@@ -141,6 +145,8 @@ class HostRuntime(BaseModel):
 
     libvirtd: netns.ProcRef | None = None
     virtlogd: netns.ProcRef | None = None
+    #: the subreaper above libvirtd (:mod:`~spice_libvirt_lab.reaper`)
+    reaper: netns.ProcRef | None = None
 
 
 class LibvirtHost:
@@ -267,10 +273,12 @@ class LibvirtHost:
         return "\n".join(lines) + "\n"
 
     def _libvirtd_argv(self) -> list[str]:
+        """libvirtd, daemonizing under the host's subreaper (its QEMUs reaped at once)."""
         argv = ["libvirtd", "-d", "-l", "-p", "/run/libvirt/libvirtd.pid"]
         if self.config.pin_cpu is not None:
             argv = ["taskset", "-c", str(self.config.pin_cpu), *argv]
-        return argv
+        reaper = [sys.executable, "-I", "-m", "spice_libvirt_lab.reaper", REAPER_PIDFILE, "--"]
+        return [*reaper, *argv]
 
     def start(self, *, timeout: float = 20.0) -> HostRuntime:
         """Create the mount/UTS namespaces, start virtlogd then libvirtd; wait for the socket."""
@@ -282,6 +290,7 @@ class LibvirtHost:
         self._run_daemonizing(argv, timeout=timeout)
         self.runtime.virtlogd = self._ref_from_pidfile("virtlogd", timeout)
         self.runtime.libvirtd = self._ref_from_pidfile("libvirtd", timeout)
+        self.runtime.reaper = self._ref_from_pidfile("reaper", timeout)
         self.wait_ready(timeout=timeout)
         return self.runtime
 
@@ -322,8 +331,8 @@ class LibvirtHost:
 
     def stop(self, *, timeout: float = 10.0) -> None:
         """Stop libvirtd, then virtlogd, by PID (SIGTERM, SIGKILL after ``timeout``)."""
-        targets = [r for r in (self.runtime.libvirtd, self.runtime.virtlogd) if r is not None]
-        netns.terminate(targets, timeout=timeout)
+        daemons = (self.runtime.libvirtd, self.runtime.virtlogd, self.runtime.reaper)
+        netns.terminate([r for r in daemons if r is not None], timeout=timeout)
 
     def restart_libvirtd(self, *, timeout: float = 20.0) -> None:
         """Restart only libvirtd (e.g. after installing a hook), in the same namespaces.
@@ -341,6 +350,7 @@ class LibvirtHost:
         argv = ["nsenter", "-t", str(anchor.pid), "-n", "-m", "-u", "--", *self._libvirtd_argv()]
         self._run_daemonizing(argv, timeout=timeout)
         self.runtime.libvirtd = self._ref_from_pidfile("libvirtd", timeout)
+        self.runtime.reaper = self._ref_from_pidfile("reaper", timeout)
         self.wait_ready(timeout=timeout)
 
     # ------------------------------------------------------------------ using the host

@@ -396,7 +396,7 @@ def _teardown(state: LabState, *, keep_logs: bool = False) -> DownReport:
             with contextlib.suppress(errors.SpiceLibvirtError, Exception):
                 for dom in _destroy_domains(host, 15.0):
                     report.stopped.append(f"domain {dom} on {name}")
-        for daemon in (host.runtime.libvirtd, host.runtime.virtlogd):
+        for daemon in (host.runtime.libvirtd, host.runtime.virtlogd, host.runtime.reaper):
             if daemon is not None and daemon.alive():
                 report.stopped.append(f"{daemon.what} pid {daemon.pid}")
         host.stop(timeout=10.0)

@@ -314,7 +314,9 @@ def load_state(lab_dir: Path | None = None) -> LabState | None:
 def anything_alive(state: LabState) -> list[str]:
     alive = [n for n in state.namespaces if netns.exists(n)]
     refs = [state.bridge.proc] + [
-        r for h in state.hosts.values() for r in (h.runtime.libvirtd, h.runtime.virtlogd)
+        r
+        for h in state.hosts.values()
+        for r in (h.runtime.libvirtd, h.runtime.virtlogd, h.runtime.reaper)
     ]
     refs += [p.proc for p in (*state.daemons, *state.clients)]
     alive += [f"{r.what} pid {r.pid}" for r in refs if r is not None and r.alive()]
