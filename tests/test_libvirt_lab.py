@@ -197,7 +197,8 @@ def test_up_status_rtt_migrate_ping_pong_down(lab: Path) -> None:
     # the guest's QEMU is the child of the host's subreaper: reaped the moment it exits,
     # so libvirt's return after a migration waits for no late reaping (lab/reaper.py)
     reaper = state.hosts["A"].runtime.reaper
-    assert reaper is not None and reaper.alive()
+    assert reaper is not None
+    assert reaper.alive()
     children = [p for p in netns.pids_in(state.hosts["A"].config.netns) if _ppid(p) == reaper.pid]
     assert any("qemu" in Path(f"/proc/{p}/comm").read_text() for p in children), children
 
