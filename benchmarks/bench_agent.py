@@ -38,13 +38,13 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from benchmarks.bench_libvirt_rtt import Viewer, classify, xvfb
 from benchmarks.benchutil import Machine, arg_parser, finish, fmt, machine
 from spice_libvirt.hook.journal import Journal
 from spice_libvirt_lab import libvirt_agent, libvirt_lab, netns
 from spice_libvirt_lab.libvirt_migrate import lab_migrate
 from spice_libvirt_lab.libvirt_state import LabState, save
 from spice_libvirt_lab.libvirt_status import set_client_rtt
+from tests.rigs.viewer import start_viewer, viewer_outcome, xvfb
 
 METHODS = ("plain", "agent", "controller")
 RESULTS_MD = Path(__file__).resolve().with_name("RESULTS-agent.md")
@@ -130,20 +130,19 @@ def _agents(state: LabState, on: bool) -> Iterator[None]:
         netns.terminate(refs, timeout=15.0)
 
 
-def one_run(state: LabState, display: int, rtt: float, method: str, i: int) -> Run:
+def one_run(state: LabState, display: str, rtt: float, method: str, i: int) -> Run:
     src, dst = libvirt_agent.running_host(state)
     run = Run(rtt_ms=rtt, method=method, i=i, src=src, commit=_commit())
     run.load_1m = round(os.getloadavg()[0], 2)
-    log = state.run_dir / f"bench-{method}-{rtt:.0f}-{i}.log"
-    viewer = Viewer(
-        state.client.netns, display, f"spice://{state.hosts[src].config.ip}:5900", log, []
-    )
+    uri = f"spice://{state.hosts[src].config.ip}:5900"
+    name = f"bench-{method}-{rtt:.0f}-{i}"
+    viewer = start_viewer(uri, display, state.run_dir, name=name, ns=state.client.netns)
     taint_before = _taint_lines(state)
     journal_before = _journal_count(state, src)
     try:
-        viewer.wait_up(channels=5, timeout=30.0)
+        viewer.wait_channels(timeout=30.0)
         time.sleep(0.5)
-        mark = len(viewer.text())
+        mark = len(viewer.log_text())
         t0 = time.monotonic()
         if method == "controller":
             fresh = libvirt_lab.load_state(state.lab_dir)
@@ -164,7 +163,7 @@ def one_run(state: LabState, display: int, rtt: float, method: str, i: int) -> R
                 run.error = done.stderr.strip()[:300]
         deadline = time.monotonic() + 8.0
         while run.outcome is None and time.monotonic() < deadline:
-            run.outcome = classify(viewer.text()[mark:])[0]
+            run.outcome = viewer_outcome(viewer.log_text()[mark:]).path
             time.sleep(0.1)
         if method == "agent":
             verdict = _agent_verdict(state, src, journal_before)
@@ -252,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     try:
         state = libvirt_lab.up(top / "lab", client_rtt_ms=rtts[0], guest="linux")
-        with xvfb(state.run_dir) as display:
+        with xvfb(state.run_dir) as xserver:
+            display = xserver.display
             for rtt in rtts:
                 set_client_rtt(state.lab_dir, rtt)
                 for method in methods:

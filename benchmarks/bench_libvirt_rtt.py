@@ -33,16 +33,13 @@ from __future__ import annotations
 if __package__ in (None, ""):  # run as a file: benchutil puts the repository on sys.path
     import benchutil  # type: ignore[import-not-found]  # noqa: F401
 
-import contextlib
 import datetime as dt
 import os
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +48,9 @@ from pydantic import BaseModel
 from benchmarks.benchutil import arg_parser, fmt, machine
 from spice_libvirt.libvirt.request import LibvirtMigrationReport, LibvirtMigrationRequest
 from spice_libvirt.spice.record import ClientMigrationRecord
-from spice_libvirt_lab import libvirt_lab, netns
+from spice_libvirt_lab import libvirt_lab
 from spice_libvirt_lab.libvirt_migrate import lab_migrate
+from tests.rigs.viewer import ViewerTls, log_time, start_viewer, viewer_outcome, xvfb
 
 RESULTS_MD = Path(__file__).resolve().with_name("RESULTS-libvirt.md")
 #: the TLS table goes beside the plain-TCP one, never over it
@@ -98,9 +96,6 @@ def _commit() -> str | None:
     return f"{head}+dirty" if head and dirty.stdout.strip() else head
 
 
-TS = re.compile(r"GSpice-DEBUG: (\d\d):(\d\d):(\d\d\.\d+):")
-
-
 class Run(BaseModel):
     rtt_ms: float
     method: str
@@ -138,87 +133,6 @@ class Run(BaseModel):
     error: str | None = None
 
 
-# ---------------------------------------------------------------------- X server, viewer
-
-
-def _free_display() -> int:
-    for n in range(120, 400):
-        if not Path(f"/tmp/.X11-unix/X{n}").exists() and not Path(f"/tmp/.X{n}-lock").exists():
-            return n
-    raise RuntimeError("no free X display number")
-
-
-@contextlib.contextmanager
-def xvfb(log_dir: Path) -> Iterator[int]:
-    """An Xvfb on a free display (ended by PID afterwards)."""
-    display = _free_display()
-    with (log_dir / "xvfb.log").open("wb") as log:
-        proc = subprocess.Popen(
-            ["Xvfb", f":{display}", "-screen", "0", "1024x768x24", "-nolisten", "tcp"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 10
-        while not Path(f"/tmp/.X11-unix/X{display}").exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"Xvfb :{display} did not start")
-            time.sleep(0.05)
-        yield display
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-class Viewer:
-    """A fresh remote-viewer in the client namespace, its SPICE_DEBUG log as the oracle."""
-
-    def __init__(self, ns: str, display: int, uri: str, log: Path, tls: list[str]) -> None:
-        self.log = log
-        env = dict(os.environ, DISPLAY=f":{display}", SPICE_DEBUG="1")
-        with log.open("wb") as fh:
-            self.proc = subprocess.Popen(
-                netns.exec_argv(ns, ["remote-viewer", *tls, uri]),
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_up(self, channels: int = 5, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"remote-viewer exited ({self.proc.returncode}): {self.log}")
-            if self.text().count("channel up") >= channels:
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"remote-viewer did not link {channels} channels: {self.log}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-def _t(line: str) -> float | None:
-    m = TS.search(line)
-    if not m:
-        return None
-    return int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
-
-
 def record_slack_ms(record: ClientMigrationRecord, rtt_ms: float) -> float | None:
     """The same spare time from our client's record: first MIGRATE received from the source
     minus the MIGRATE_CONNECTED_SEAMLESS it sent, minus one RTT."""
@@ -232,31 +146,11 @@ def record_slack_ms(record: ClientMigrationRecord, rtt_ms: float) -> float | Non
 def slack_ms(segment: str, rtt_ms: float) -> float | None:
     """Spare time of a seamless run (see :attr:`Run.slack_ms`), or None."""
     lines = segment.splitlines()
-    allok = next((_t(x) for x in lines if "connections all ok" in x), None)
-    migrate = next((_t(x) for x in lines if "spice_channel_handle_migrate" in x), None)
+    allok = next((log_time(x) for x in lines if "connections all ok" in x), None)
+    migrate = next((log_time(x) for x in lines if "spice_channel_handle_migrate" in x), None)
     if allok is None or migrate is None:
         return None
     return round((migrate - allok) * 1000.0 - rtt_ms, 1)
-
-
-def classify(segment: str) -> tuple[str | None, float | None, float | None]:
-    """(outcome, display outage s, client link s) from the log after the migration began."""
-    lines = segment.splitlines()
-    begin = next((_t(x) for x in lines if "migrate-begin-seamless" in x), None)
-    allok = next((_t(x) for x in lines if "connections all ok" in x), None)
-    link = round(allok - begin, 3) if begin is not None and allok is not None else None
-    for i, line in enumerate(lines):
-        if "migrate-switch-host" in line:
-            t0 = _t(line)
-            up = next((_t(x) for x in lines[i + 1 :] if "display-2:0: channel up" in x), None)
-            if up is None or t0 is None:
-                return None, None, link
-            return "switch-host", round(up - t0, 3), link
-        if "migration message: migrate-end" in line:
-            return "semi-seamless", None, link
-    if any("all channel migrated, success" in x for x in lines):
-        return "seamless", 0.0, link
-    return None, None, link
 
 
 # ---------------------------------------------------------------------- runs
@@ -294,34 +188,18 @@ def _oracle(report: LibvirtMigrationReport) -> str:
     return paths[0] if paths else "no-record"
 
 
-def _quiesce(viewer: Viewer, mark: int, channels: int = 5, timeout: float = 15.0) -> None:
-    """Wait until a switch-host viewer has every channel up again before it is stopped:
-    a client killed while it links makes spice-server 0.15 crash the destination QEMU
-    (seen when the verdict came before the viewer's cursor/inputs/port channels were up)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and viewer.proc.poll() is None:
-        segment = viewer.text()[mark:]
-        at = segment.rfind("migrate-switch-host")
-        if at < 0 or segment[at:].count("channel up") >= channels:
-            return
-        time.sleep(0.1)
-
-
-def run_viewer(lab_dir: Path, display: int, rtt: float, method: str, i: int, log_dir: Path) -> Run:
+def run_viewer(lab_dir: Path, display: str, rtt: float, method: str, i: int, log_dir: Path) -> Run:
     state = libvirt_lab.load_state(lab_dir)
     assert state is not None
     where = state.active_host or "A"
     endpoint = libvirt_lab.spice_endpoint(state, where)
     assert endpoint is not None
-    log = log_dir / f"rv-{int(rtt)}-{method}-{i}.log"
-    tls: list[str] = []
+    tls = None
     if state.tls is not None:
-        tls = [
-            f"--spice-ca-file={state.tls.ca_cert}",
-            f"--spice-host-subject={endpoint.subject}",
-            "--spice-secure-channels=all",
-        ]
-    viewer = Viewer(state.client.netns, display, endpoint.uri, log, tls)
+        assert endpoint.subject is not None  # a TLS lab names each host's subject
+        tls = ViewerTls(state.tls.ca_cert, endpoint.subject)
+    name = f"rv-{int(rtt)}-{method}-{i}"
+    viewer = start_viewer(endpoint.uri, display, log_dir, name=name, tls=tls, ns=state.client.netns)
     run = Run(
         rtt_ms=rtt,
         method=method,
@@ -331,24 +209,25 @@ def run_viewer(lab_dir: Path, display: int, rtt: float, method: str, i: int, log
         tls=state.tls is not None,
     )
     try:
-        viewer.wait_up()
+        viewer.wait_channels(timeout=20.0)
         time.sleep(0.3)
-        mark = len(viewer.text())
+        mark = len(viewer.log_text())
         _migrate(lab_dir, run, watch=False)
         deadline = time.monotonic() + 25.0
         while True:
-            outcome, outage, link = classify(viewer.text()[mark:])
+            seen = viewer_outcome(viewer.log_text()[mark:])
+            outcome, outage, link = seen.path, seen.display_outage_s, seen.link_s
             if outcome is not None or time.monotonic() > deadline:
                 break
-            if viewer.proc.poll() is not None:
+            if not viewer.alive():
                 outcome = "lost"
                 break
             time.sleep(0.1)
         run.outcome = outcome or "unknown"
         run.display_outage_s, run.client_link_s = outage, link
         if outcome == "seamless":
-            run.slack_ms = slack_ms(viewer.text()[mark:], rtt)
-        _quiesce(viewer, mark)
+            run.slack_ms = slack_ms(viewer.log_text()[mark:], rtt)
+        viewer.wait_relinked(mark)
     except Exception as exc:  # a broken run is recorded, not fatal
         run.outcome, run.error = "error", f"{type(exc).__name__}: {exc}"
     finally:
@@ -578,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--tls does not match the lab already up in {lab_dir}")
     print(f"raw rows: {out}; logs: {work}", flush=True)
     try:
-        with xvfb(work) as display:
+        with xvfb(work) as xserver:
+            display = xserver.display
             for rtt in rtts:
                 libvirt_lab.set_client_rtt(lab_dir, rtt)
                 # methods interleaved run by run: a load change hits plain and ours alike

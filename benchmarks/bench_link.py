@@ -47,11 +47,11 @@ from benchmarks.benchutil import (
     fmt,
     machine,
 )
-from benchmarks.xclients import RemoteViewer, have_tools, start_viewer, xvfb
 from spice_libvirt.migration.report import channel_name
 from spice_libvirt.qemu.qmp import EventStream, QMPConnection, QMPEvent
 from spice_libvirt.spice.client import ClientOptions, SpiceClient
 from spice_libvirt_lab.qemu_process import QemuGroup, QemuInstance
+from tests.rigs.viewer import RemoteViewer, missing_tools, start_viewer, xvfb
 
 EXPECTED_CHANNELS = 5  # main, display, inputs, cursor, port
 SPICE_EVENTS = ("SPICE_CONNECTED", "SPICE_INITIALIZED", "SPICE_DISCONNECTED")
@@ -198,7 +198,7 @@ async def round_viewer(
 ) -> LinkRound:
     mark = len(log.events)
     viewer: RemoteViewer = start_viewer(
-        f"spice://127.0.0.1:{vm.spice_port}", display, workdir, name=f"rv-{number}"
+        f"spice://127.0.0.1:{vm.spice_port}", display, workdir, name=f"rv-{number}", debug=False
     )
     try:
         try:
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10, help="rounds per client (>= 10)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     args = parser.parse_args(argv)
-    missing = have_tools()
+    missing = missing_tools()
     if missing:
         print(f"missing tools: {', '.join(missing)} (apt-get install xvfb virt-viewer)")
         return 2

@@ -27,8 +27,15 @@ import pytest
 #: The opt-out: set to 1 to let a run with skipped real tests pass (they are still listed).
 ALLOW_ENV = "SPICE_LIBVIRT_ALLOW_SKIPS"
 REAL_MARKERS = ("qemu", "libvirt")
-#: Fixtures (tests/conftest.py) that start QEMU or exist only for tests that do.
-REAL_FIXTURES = ("qemu_factory", "require_kvm", "guest_images")
+#: Fixtures (tests/conftest.py) that start QEMU, libvirtd or X, or exist only for tests that do.
+REAL_FIXTURES = (
+    "qemu_factory",
+    "require_kvm",
+    "guest_images",
+    "shared_lab",
+    "libvirt_lab_dir",
+    "x_server",
+)
 
 
 @dataclass(frozen=True)

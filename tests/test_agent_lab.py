@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -32,38 +30,19 @@ from typing import Any
 
 import pytest
 
-from benchmarks.bench_libvirt_rtt import Viewer, classify, xvfb
 from spice_libvirt.hook.journal import Journal
 from spice_libvirt_lab import libvirt_agent, libvirt_lab, netns
 from spice_libvirt_lab.libvirt_lab import LabState
 from spice_libvirt_lab.libvirt_migrate import lab_migrate
 from spice_libvirt_lab.libvirt_state import save
-from tests.lab_marks import LIBVIRT_LAB
+from tests.rigs.libvirt_lab import lab_marks
+from tests.rigs.viewer import RemoteViewer, XServer, start_viewer, wait_outcome
 
 libvirt = pytest.importorskip("libvirt")
 
-pytestmark = LIBVIRT_LAB
-
 RTT_MS = 300.0
 
-
-@pytest.fixture(scope="module")
-def lab() -> Iterator[LabState]:
-    top = Path(tempfile.mkdtemp(prefix="sl-"))
-    path = top / "lab"
-    try:
-        yield libvirt_lab.up(path, client_rtt_ms=RTT_MS, guest="linux")
-    finally:
-        try:
-            assert libvirt_lab.down(path).leftovers == []
-        finally:
-            shutil.rmtree(top, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def display(lab: LabState) -> Iterator[int]:
-    with xvfb(lab.run_dir) as number:
-        yield number
+pytestmark = lab_marks(client_rtt_ms=RTT_MS, guest="linux")
 
 
 @contextlib.contextmanager
@@ -94,23 +73,17 @@ def virsh_migrate(lab: LabState, src: str, dst: str, extra: Sequence[str] = ()) 
     return time.monotonic() - t0
 
 
-def viewer(lab: LabState, display: int, host: str, name: str) -> Viewer:
-    ip = lab.hosts[host].config.ip
-    v = Viewer(lab.client.netns, display, f"spice://{ip}:5900", lab.run_dir / f"{name}.log", [])
-    v.wait_up(channels=5, timeout=30.0)
+def viewer(lab: LabState, display: str, host: str, name: str) -> RemoteViewer:
+    uri = f"spice://{lab.hosts[host].config.ip}:5900"
+    v = start_viewer(uri, display, lab.run_dir, name=name, ns=lab.client.netns)
+    v.wait_channels(timeout=30.0)
     time.sleep(0.5)  # let the last channel settle before the migration starts
     return v
 
 
-def outcome(v: Viewer, mark: int, timeout: float = 10.0) -> str | None:
+def outcome(v: RemoteViewer, mark: int, timeout: float = 10.0) -> str | None:
     """remote-viewer's own account of the migration (from its log after ``mark``)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        path = classify(v.text()[mark:])[0]
-        if path is not None:
-            return path
-        time.sleep(0.1)
-    return None
+    return wait_outcome(v, mark, timeout).path
 
 
 def verdicts(lab: LabState, host: str) -> list[dict[str, Any]]:
@@ -131,14 +104,14 @@ def next_verdict(lab: LabState, host: str, before: int, timeout: float = 15.0) -
 
 
 def migrate_watched(
-    lab: LabState, display: int, name: str, extra: Sequence[str] = ()
+    lab: LabState, display: str, name: str, extra: Sequence[str] = ()
 ) -> tuple[str | None, dict[str, Any] | None, str]:
     """One plain migration with a fresh remote-viewer: (its path, the agent's verdict, src)."""
     src, dst = libvirt_agent.running_host(lab)
     before = len(verdicts(lab, src))
     v = viewer(lab, display, src, name)
     try:
-        mark = len(v.text())
+        mark = len(v.log_text())
         virsh_migrate(lab, src, dst, extra)
         path = outcome(v, mark)
     finally:
@@ -183,18 +156,18 @@ def wait_for_hold(holds: Path) -> None:
 
 
 def test_without_the_agent_a_plain_migration_falls_back_to_switch_host(
-    lab: LabState, display: int
+    shared_lab: LabState, x_server: XServer
 ) -> None:
-    path, _, _ = migrate_watched(lab, display, "rv-plain")
+    path, _, _ = migrate_watched(shared_lab, x_server.display, "rv-plain")
     assert path == "switch-host"
 
 
 def test_with_the_agent_plain_virsh_migrations_are_seamless_there_and_back_untainted(
-    lab: LabState, display: int
+    shared_lab: LabState, x_server: XServer
 ) -> None:
-    with agents(lab):
+    with agents(shared_lab):
         for i in range(2):
-            path, verdict, src = migrate_watched(lab, display, f"rv-agent-{i}")
+            path, verdict, src = migrate_watched(shared_lab, x_server.display, f"rv-agent-{i}")
             assert path == "seamless", verdict
             assert verdict is not None
             assert verdict["outcome"] == "seamless"
@@ -206,11 +179,11 @@ def test_with_the_agent_plain_virsh_migrations_are_seamless_there_and_back_untai
             assert "channels" in verdict["released_why"]
             assert verdict["destination"].startswith("qemu+tcp://host")
             assert verdict["caller_restored"]["downtime_ms"] == 300
-    assert tainted(lab) == []
+    assert tainted(shared_lab) == []
     shown = subprocess.run(
         [
             sys.executable, "-m", "spice_libvirt.cli", "journal", "--path",
-            str(libvirt_agent.journal_path(lab, src)),
+            str(libvirt_agent.journal_path(shared_lab, src)),
         ],
         capture_output=True, text=True, timeout=30, check=True,
     )  # fmt: skip
@@ -219,18 +192,18 @@ def test_with_the_agent_plain_virsh_migrations_are_seamless_there_and_back_untai
 
 
 def test_an_agent_started_after_the_client_connected_knows_every_channel(
-    lab: LabState, display: int
+    shared_lab: LabState, x_server: XServer
 ) -> None:
     """The agent learns the client's channels from the kernel, not from events it saw."""
-    src, dst = libvirt_agent.running_host(lab)
-    before = len(verdicts(lab, src))
-    v = viewer(lab, display, src, "rv-late-agent")
+    src, dst = libvirt_agent.running_host(shared_lab)
+    before = len(verdicts(shared_lab, src))
+    v = viewer(shared_lab, x_server.display, src, "rv-late-agent")
     try:
-        with agents(lab):
-            mark = len(v.text())
-            virsh_migrate(lab, src, dst)
+        with agents(shared_lab):
+            mark = len(v.log_text())
+            virsh_migrate(shared_lab, src, dst)
             path = outcome(v, mark)
-            verdict = next_verdict(lab, src, before)
+            verdict = next_verdict(shared_lab, src, before)
     finally:
         v.stop()
     assert path == "seamless"
@@ -238,9 +211,11 @@ def test_an_agent_started_after_the_client_connected_knows_every_channel(
     assert verdict["outcome"] == "seamless"
 
 
-def test_the_callers_bandwidth_is_restored(lab: LabState, display: int) -> None:
-    with agents(lab):
-        path, verdict, _ = migrate_watched(lab, display, "rv-bw", ["--bandwidth", "100"])
+def test_the_callers_bandwidth_is_restored(shared_lab: LabState, x_server: XServer) -> None:
+    with agents(shared_lab):
+        path, verdict, _ = migrate_watched(
+            shared_lab, x_server.display, "rv-bw", ["--bandwidth", "100"]
+        )
     assert path == "seamless"
     assert verdict is not None
     assert verdict["caller_restored"]["speed_mibs"] == 100
@@ -263,14 +238,16 @@ def _step_downtime(lab: LabState, src: str, steps: Sequence[int], stop: threadin
         conn.close()
 
 
-def test_a_caller_stepping_the_downtime_is_followed_not_fought(lab: LabState, display: int) -> None:
-    src, _ = libvirt_agent.running_host(lab)
+def test_a_caller_stepping_the_downtime_is_followed_not_fought(
+    shared_lab: LabState, x_server: XServer
+) -> None:
+    src, _ = libvirt_agent.running_host(shared_lab)
     stop = threading.Event()
-    stepper = threading.Thread(target=_step_downtime, args=(lab, src, (50, 100, 200), stop))
-    with agents(lab):
+    stepper = threading.Thread(target=_step_downtime, args=(shared_lab, src, (50, 100, 200), stop))
+    with agents(shared_lab):
         stepper.start()
         try:
-            path, verdict, _ = migrate_watched(lab, display, "rv-vdsm")
+            path, verdict, _ = migrate_watched(shared_lab, x_server.display, "rv-vdsm")
         finally:
             stop.set()
             stepper.join(30)
@@ -280,68 +257,70 @@ def test_a_caller_stepping_the_downtime_is_followed_not_fought(lab: LabState, di
     assert any("downtime 200" in n for n in verdict["notes"])
 
 
-def test_an_agent_killed_mid_hold_is_undone_by_the_next_one(lab: LabState) -> None:
-    src, dst = libvirt_agent.running_host(lab)
-    holds = libvirt_agent.agent_dir(lab, src) / "holds"
-    before = len(verdicts(lab, src))
+def test_an_agent_killed_mid_hold_is_undone_by_the_next_one(shared_lab: LabState) -> None:
+    src, dst = libvirt_agent.running_host(shared_lab)
+    holds = libvirt_agent.agent_dir(shared_lab, src) / "holds"
+    before = len(verdicts(shared_lab, src))
     result: dict[str, float] = {}
-    with stuck_client(lab, src), agents(lab) as refs:  # the hold lasts
+    with stuck_client(shared_lab, src), agents(shared_lab) as refs:  # the hold lasts
         migration = threading.Thread(
-            target=lambda: result.update(wall=virsh_migrate(lab, src, dst))
+            target=lambda: result.update(wall=virsh_migrate(shared_lab, src, dst))
         )
         migration.start()
         wait_for_hold(holds)
         netns.terminate([refs[src]], timeout=5.0, sig=signal.SIGKILL)
         time.sleep(1.0)
         assert migration.is_alive(), "the migration ended although it was held"
-        refs[src] = libvirt_agent.start_agent(lab, src)
+        refs[src] = libvirt_agent.start_agent(shared_lab, src)
         migration.join(120)
         assert not migration.is_alive()
     assert "wall" in result
     assert list(holds.glob("*.json")) == []
-    verdict = next_verdict(lab, src, before)
+    verdict = next_verdict(shared_lab, src, before)
     assert "recovered" in verdict["released_why"]
     assert verdict["caller_restored"]["speed_mibs"] > 1
 
 
-def test_a_client_that_never_links_is_released_at_the_bound(lab: LabState) -> None:
-    src, dst = libvirt_agent.running_host(lab)
-    before = len(verdicts(lab, src))
-    with stuck_client(lab, src), agents(lab, ["--hold-timeout", "3"]):
-        wall = virsh_migrate(lab, src, dst)
-        verdict = next_verdict(lab, src, before)
+def test_a_client_that_never_links_is_released_at_the_bound(shared_lab: LabState) -> None:
+    src, dst = libvirt_agent.running_host(shared_lab)
+    before = len(verdicts(shared_lab, src))
+    with stuck_client(shared_lab, src), agents(shared_lab, ["--hold-timeout", "3"]):
+        wall = virsh_migrate(shared_lab, src, dst)
+        verdict = next_verdict(shared_lab, src, before)
     assert "bound of 3 s" in verdict["released_why"]
     assert verdict["outcome"] == "not-linked"
     assert 2900 <= verdict["held_ms"] < 4500
     assert wall < 3 + 20
 
 
-def test_an_unreachable_destination_libvirtd_is_released_at_once(lab: LabState) -> None:
-    src, dst = libvirt_agent.running_host(lab)
-    before = len(verdicts(lab, src))
+def test_an_unreachable_destination_libvirtd_is_released_at_once(shared_lab: LabState) -> None:
+    src, dst = libvirt_agent.running_host(shared_lab)
+    before = len(verdicts(shared_lab, src))
     unreachable = ["--destination-uri", "qemu+tcp://{peer}:1/system"]
-    with stuck_client(lab, src), agents(lab, unreachable, peers=False):
-        virsh_migrate(lab, src, dst)
-        verdict = next_verdict(lab, src, before)
+    with stuck_client(shared_lab, src), agents(shared_lab, unreachable, peers=False):
+        virsh_migrate(shared_lab, src, dst)
+        verdict = next_verdict(shared_lab, src, before)
     assert "unreachable" in verdict["released_why"]
     assert verdict["held_ms"] < 2000
 
 
-def test_the_embedded_client_follows_seamlessly_with_its_stream_intact(lab: LabState) -> None:
-    src, dst = libvirt_agent.running_host(lab)
-    before = len(verdicts(lab, src))
-    err = lab.run_dir / "watch-agent.err"
+def test_the_embedded_client_follows_seamlessly_with_its_stream_intact(
+    shared_lab: LabState,
+) -> None:
+    src, dst = libvirt_agent.running_host(shared_lab)
+    before = len(verdicts(shared_lab, src))
+    err = shared_lab.run_dir / "watch-agent.err"
     argv = [sys.executable, "-m", "spice_libvirt.cli", "watch", "--json", "--count", "1"]
     # the agent's syslog line, received where journald would listen
     syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    syslog_path = lab.run_dir / "syslog.sock"
+    syslog_path = shared_lab.run_dir / "syslog.sock"
     syslog_path.unlink(missing_ok=True)
     syslog.bind(str(syslog_path))
-    settings = lab.run_dir / "agent-syslog.toml"
+    settings = shared_lab.run_dir / "agent-syslog.toml"
     settings.write_text(f'syslog_socket = "{syslog_path}"\n')
-    with agents(lab, ["--config", str(settings)]), err.open("wb") as errors:
+    with agents(shared_lab, ["--config", str(settings)]), err.open("wb") as errors:
         watcher = subprocess.Popen(
-            netns.exec_argv(lab.client.netns, [*argv, f"spice://{lab.hosts[src].config.ip}:5900"]),
+            netns.exec_argv(shared_lab.client.netns, [*argv, f"spice://{shared_lab.hosts[src].config.ip}:5900"]),
             stdout=subprocess.PIPE, stderr=errors, start_new_session=True,
         )  # fmt: skip
         try:
@@ -349,11 +328,11 @@ def test_the_embedded_client_follows_seamlessly_with_its_stream_intact(lab: LabS
             while "watching session" not in err.read_text() and time.monotonic() < deadline:
                 assert watcher.poll() is None, err.read_text()
                 time.sleep(0.05)
-            virsh_migrate(lab, src, dst)
+            virsh_migrate(shared_lab, src, dst)
             out, _ = watcher.communicate(timeout=60)
         finally:
             netns.terminate([watcher.pid])
-        verdict = next_verdict(lab, src, before)
+        verdict = next_verdict(shared_lab, src, before)
     record = json.loads(out.decode().splitlines()[0])
     assert record["path"] == "seamless"
     assert record["connection_id_kept"] is True
@@ -365,15 +344,15 @@ def test_the_embedded_client_follows_seamlessly_with_its_stream_intact(lab: LabS
     syslog.close()
     assert line.startswith("<30>")  # facility daemon, severity info
     assert "spice-libvirt-agent[" in line
-    assert f"{lab.domain} -> qemu+tcp://" in line
+    assert f"{shared_lab.domain} -> qemu+tcp://" in line
     assert ": seamless (held " in line
 
 
-def test_agent_status_says_what_the_running_agent_does(lab: LabState) -> None:
-    src, _ = libvirt_agent.running_host(lab)
+def test_agent_status_says_what_the_running_agent_does(shared_lab: LabState) -> None:
+    src, _ = libvirt_agent.running_host(shared_lab)
     argv = [sys.executable, "-m", "spice_libvirt.cli", "agent", "status", "--json"]
-    argv += ["--state-dir", str(libvirt_agent.agent_dir(lab, src))]
-    with agents(lab):
+    argv += ["--state-dir", str(libvirt_agent.agent_dir(shared_lab, src))]
+    with agents(shared_lab):
         shown = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
         assert shown.returncode == 0, shown.stderr
         status = json.loads(shown.stdout)
@@ -385,43 +364,43 @@ def test_agent_status_says_what_the_running_agent_does(lab: LabState) -> None:
     assert json.loads(stopped.stdout)["running"] is False
 
 
-def test_a_libvirtd_restart_mid_hold_ends_in_a_release(lab: LabState) -> None:
-    src, dst = libvirt_agent.running_host(lab)
-    holds = libvirt_agent.agent_dir(lab, src) / "holds"
-    argv = libvirt_agent.plain_migrate_argv(lab, src, dst)
+def test_a_libvirtd_restart_mid_hold_ends_in_a_release(shared_lab: LabState) -> None:
+    src, dst = libvirt_agent.running_host(shared_lab)
+    holds = libvirt_agent.agent_dir(shared_lab, src) / "holds"
+    argv = libvirt_agent.plain_migrate_argv(shared_lab, src, dst)
     migration = threading.Thread(
         target=lambda: subprocess.run(argv, capture_output=True, timeout=180, check=False)
     )
-    with stuck_client(lab, src), agents(lab, ["--hold-timeout", "30"]):
+    with stuck_client(shared_lab, src), agents(shared_lab, ["--hold-timeout", "30"]):
         migration.start()
         wait_for_hold(holds)
-        libvirt_lab.restart_libvirtd(lab.lab_dir, src)
+        libvirt_lab.restart_libvirtd(shared_lab.lab_dir, src)
         deadline = time.monotonic() + 30
         while any(holds.glob("*.json")) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert list(holds.glob("*.json")) == [], "the hold outlived the libvirtd restart"
         migration.join(120)
-    running, _ = libvirt_agent.running_host(lab)
-    conn = libvirt.open(lab.hosts[running].uri_unix)
+    running, _ = libvirt_agent.running_host(shared_lab)
+    conn = libvirt.open(shared_lab.hosts[running].uri_unix)
     try:
-        assert conn.lookupByName(lab.domain).migrateGetMaxSpeed(0) > 1
+        assert conn.lookupByName(shared_lab.domain).migrateGetMaxSpeed(0) > 1
     finally:
         conn.close()
 
 
-def test_our_own_migrate_is_left_to_our_controller(lab: LabState, display: int) -> None:
+def test_our_own_migrate_is_left_to_our_controller(shared_lab: LabState, x_server: XServer) -> None:
     """Never held twice: the controller marks the domain, the agent steps aside -- and the
     mark is gone afterwards, so the next plain migration is the agent's again."""
-    src, _ = libvirt_agent.running_host(lab)
-    state = libvirt_lab.load_state(lab.lab_dir)
+    src, _ = libvirt_agent.running_host(shared_lab)
+    state = libvirt_lab.load_state(shared_lab.lab_dir)
     assert state is not None
     state.active_host = src  # plain virsh moved the guest behind the lab's back
     save(state)
-    before = len(verdicts(lab, src))
-    with agents(lab):
-        report = lab_migrate(lab.lab_dir)
-        verdict = next_verdict(lab, src, before)
-        path, after, _ = migrate_watched(lab, display, "rv-after-ours")
+    before = len(verdicts(shared_lab, src))
+    with agents(shared_lab):
+        report = lab_migrate(shared_lab.lab_dir)
+        verdict = next_verdict(shared_lab, src, before)
+        path, after, _ = migrate_watched(shared_lab, x_server.display, "rv-after-ours")
     assert report.outcome == "seamless", report.notes
     assert verdict["outcome"] == "skipped"
     assert "spice-libvirt migrate" in verdict["released_why"]

@@ -7,18 +7,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from benchmarks.bench_libvirt_rtt import xvfb
 from spice_libvirt_lab import libvirt_lab
-from tests.lab_marks import LIBVIRT_LAB
+from tests.rigs.libvirt_lab import LIBVIRT_LAB
+from tests.rigs.viewer import XServer
 from tests.test_agent_lab import migrate_watched, tainted, verdicts
 
 pytest.importorskip("libvirt")
@@ -34,17 +31,10 @@ def lab_cli(top: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-@pytest.fixture
-def top() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="sl-"))
-    try:
-        yield path
-    finally:
-        lab_cli(path, "down")
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def test_lab_up_agent_makes_a_hand_started_virsh_migration_seamless(top: Path) -> None:
+def test_lab_up_agent_makes_a_hand_started_virsh_migration_seamless(
+    libvirt_lab_dir: Path, x_server: XServer
+) -> None:
+    top = libvirt_lab_dir.parent
     up = lab_cli(top, "up", "--libvirt", "--agent", "--guest", "linux", "--client-rtt-ms", "300")
     assert up.returncode == 0, up.stderr
     status = json.loads(lab_cli(top, "status", "--json").stdout)
@@ -53,12 +43,11 @@ def test_lab_up_agent_makes_a_hand_started_virsh_migration_seamless(top: Path) -
     assert all(d["alive"] for d in agents)
     state = libvirt_lab.load_state(top / "libvirt")
     assert state is not None
-    with xvfb(state.run_dir) as display:
-        for i in range(2):  # there and back
-            path, verdict, _ = migrate_watched(state, display, f"rv-cli-{i}")
-            assert path == "seamless"
-            assert verdict is not None
-            assert verdict["outcome"] == "seamless"
+    for i in range(2):  # there and back
+        path, verdict, _ = migrate_watched(state, x_server.display, f"rv-cli-{i}")
+        assert path == "seamless"
+        assert verdict is not None
+        assert verdict["outcome"] == "seamless"
     assert tainted(state) == []
     assert len(verdicts(state, "A")) == 1
     assert len(verdicts(state, "B")) == 1
@@ -70,33 +59,33 @@ def test_lab_up_agent_makes_a_hand_started_virsh_migration_seamless(top: Path) -
 
 
 def test_a_near_empty_guest_is_said_unholdable_and_held_by_qmp_only_when_allowed(
-    top: Path,
+    libvirt_lab_dir: Path, x_server: XServer
 ) -> None:
     """The firmware guest moves in about a second even at 1 MiB/s: the taint-free hold
     cannot keep it for a 300 ms client. The journal says so; with ``allow_taint`` the agent
     throttles it through QMP (and says the domain is tainted)."""
     from tests.test_agent_lab import agents
 
+    top = libvirt_lab_dir.parent
     up = lab_cli(top, "up", "--libvirt", "--client-rtt-ms", "300")
     assert up.returncode == 0, up.stderr
     state = libvirt_lab.load_state(top / "libvirt")
     assert state is not None
     allow = state.run_dir / "allow-taint.toml"
     allow.write_text("allow_taint = true\n")
-    with xvfb(state.run_dir) as display:
-        with agents(state):
-            path, verdict, _ = migrate_watched(state, display, "rv-fw-0")
-        assert verdict is not None
-        assert verdict["hold"] == "taint-free"
-        assert verdict["tainted"] is False
-        assert path == "switch-host"
-        assert verdict["outcome"] in ("switch-host", "not-linked")
-        assert any("too little memory to move" in n for n in verdict["notes"])
-        assert tainted(state) == []
-        with agents(state, ["--config", str(allow)]):
-            path, verdict, _ = migrate_watched(state, display, "rv-fw-1")
-        assert verdict is not None
-        assert verdict["hold"] == "qmp-throttle"
-        assert verdict["tainted"] is True
-        assert path == "seamless"
-        assert tainted(state) != []
+    with agents(state):
+        path, verdict, _ = migrate_watched(state, x_server.display, "rv-fw-0")
+    assert verdict is not None
+    assert verdict["hold"] == "taint-free"
+    assert verdict["tainted"] is False
+    assert path == "switch-host"
+    assert verdict["outcome"] in ("switch-host", "not-linked")
+    assert any("too little memory to move" in n for n in verdict["notes"])
+    assert tainted(state) == []
+    with agents(state, ["--config", str(allow)]):
+        path, verdict, _ = migrate_watched(state, x_server.display, "rv-fw-1")
+    assert verdict is not None
+    assert verdict["hold"] == "qmp-throttle"
+    assert verdict["tainted"] is True
+    assert path == "seamless"
+    assert tainted(state) != []

@@ -19,12 +19,9 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +31,11 @@ from spice_libvirt.spice.client import ClientOptions, SpiceClient
 from spice_libvirt.spice.record import ClientMigrationRecord
 from spice_libvirt_lab import libvirt_lab, netns, sshd
 from spice_libvirt_lab.libvirt_state import LabState
+from tests.rigs.libvirt_lab import cli_dir, lab_marks
 from tests.test_ansible_ssh import ANSIBLE, ANSIBLE_PLAYBOOK, BIN
 from tests.test_ansible_ssh import _missing as _ssh_missing
 
-pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
+pytestmark = lab_marks()
 
 VENV = Path(sys.prefix)
 
@@ -66,31 +64,23 @@ class Fleet:
         )
 
 
-@pytest.fixture
-def fleet() -> Iterator[Fleet]:
-    """``lab up --libvirt`` as is: the inventory is the one the lab wrote."""
-    root = Path(tempfile.mkdtemp(prefix="slev-"))
-    lab_dir = root / "libvirt"  # what `lab --dir ROOT` finds
-    state: LabState | None = None
-    try:
-        state = libvirt_lab.up(lab_dir)
-        assert state.ansible_inventory is not None, state.notes
-        env = dict(os.environ)
-        env.update(
-            {
-                "ANSIBLE_CONFIG": str(ANSIBLE / "ansible.cfg"),
-                "ANSIBLE_HOME": str(root / "ansible-home"),
-                "ANSIBLE_LOCAL_TEMP": str(root / "ansible-tmp"),
-                "ANSIBLE_NOCOLOR": "1",
-                "PATH": f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}",
-            }
-        )
-        yield Fleet(state, root, state.ansible_inventory, env)
-    finally:
-        sshds = [p.proc for p in state.daemons] if state is not None else []
-        libvirt_lab.down(lab_dir)
-        assert not [p for p in sshds if p.alive()], "lab down left an sshd running"
-        shutil.rmtree(root, ignore_errors=True)
+@pytest.fixture(scope="module")
+def fleet(shared_lab: LabState, tmp_path_factory: pytest.TempPathFactory) -> Fleet:
+    """The module's lab as ``lab up --libvirt`` makes it: the inventory is the one it wrote."""
+    assert shared_lab.ansible_inventory is not None, shared_lab.notes
+    root = cli_dir(shared_lab)  # what `lab --dir ROOT` finds
+    ansible_home = tmp_path_factory.mktemp("ansible")
+    env = dict(os.environ)
+    env.update(
+        {
+            "ANSIBLE_CONFIG": str(ANSIBLE / "ansible.cfg"),
+            "ANSIBLE_HOME": str(ansible_home / "home"),
+            "ANSIBLE_LOCAL_TEMP": str(ansible_home / "tmp"),
+            "ANSIBLE_NOCOLOR": "1",
+            "PATH": f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}",
+        }
+    )
+    return Fleet(shared_lab, root, shared_lab.ansible_inventory, env)
 
 
 def test_lab_inventory_names_both_hosts_with_private_keys(fleet: Fleet) -> None:

@@ -289,7 +289,8 @@ async def test_completion_timeout_cancels_and_resumes(pair: Pair, client: SpiceC
     assert not pair.dst.is_running()
     assert "load of migration failed" in pair.dst.log_tail(20)
     record = report.clients[0].record
-    assert record is None or record.path == "cancelled"
+    assert record is not None, report.model_dump_json(indent=1)
+    assert record.path == "cancelled", record
 
 
 async def test_no_client_is_not_called_seamless(pair: Pair) -> None:

@@ -200,7 +200,7 @@ def test_impairment_changes_one_direction_or_both_and_refuses_nonsense() -> None
 
 # --------------------------------------------------------------------------- the real bridge
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+needs_root = pytest.mark.root  # network namespaces
 
 
 @dataclass

@@ -11,12 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -27,29 +23,16 @@ from spice_libvirt.libvirt.connection import Connection
 from spice_libvirt.libvirt.controller import spice_graphics
 from spice_libvirt.libvirt.evacuate import evacuate, spice_domains
 from spice_libvirt.spice.client import ClientOptions
-from spice_libvirt_lab import libvirt_lab, netns
+from spice_libvirt_lab import libvirt_lab
 from spice_libvirt_lab.libvirt_migrate import start_extra_domains
+from spice_libvirt_lab.libvirt_state import LabState
 from spice_libvirt_lab.witness_thread import ThreadedWitness, netns_witness
 from tests import faults
-from tests.lab_marks import LIBVIRT_LAB
+from tests.rigs.libvirt_lab import lab_marks
 
 libvirt = pytest.importorskip("libvirt")
 
-pytestmark = LIBVIRT_LAB
-
-
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Path]:
-    base = Path(tempfile.mkdtemp(prefix="sle-"))
-    prefix = None
-    try:
-        prefix = libvirt_lab.up(base, client_rtt_ms=50).prefix
-        yield base
-    finally:
-        libvirt_lab.down(base)
-        # other labs may come and go meanwhile: only this lab's namespaces must be gone
-        assert prefix is None or not [n for n in netns.list_names() if n.startswith(prefix)]
-        shutil.rmtree(base, ignore_errors=True)
+pytestmark = lab_marks(client_rtt_ms=50)
 
 
 async def _endpoints(uri: str, names: list[str]) -> dict[str, tuple[str, int]]:
@@ -68,10 +51,10 @@ async def _endpoints(uri: str, names: list[str]) -> dict[str, tuple[str, int]]:
     return out
 
 
-async def test_evacuate_four_domains_with_clients_all_seamless(lab: Path) -> None:
-    state = libvirt_lab.load_state(lab)
+async def test_evacuate_four_domains_with_clients_all_seamless(shared_lab: LabState) -> None:
+    state = libvirt_lab.load_state(shared_lab.lab_dir)
     assert state is not None
-    extra = await start_extra_domains(lab, 3, host="A")
+    extra = await start_extra_domains(shared_lab.lab_dir, 3, host="A")
     names = sorted([state.domain, *extra])
     endpoints = await _endpoints(state.hosts["A"].uri_unix, names)
     witnesses: list[ThreadedWitness] = []
@@ -110,13 +93,13 @@ async def test_evacuate_four_domains_with_clients_all_seamless(lab: Path) -> Non
         for w in witnesses:
             with contextlib.suppress(Exception):
                 await w.stop()
-    st = libvirt_lab.status(lab)
+    st = libvirt_lab.status(shared_lab.lab_dir)
     b = next(h for h in st.hosts if h.name == "B")
     assert all(b.domains.get(n) == "running" for n in names)
 
 
-def test_evacuate_back_through_the_cli_without_clients(lab: Path) -> None:
-    state = libvirt_lab.load_state(lab)
+def test_evacuate_back_through_the_cli_without_clients(shared_lab: LabState) -> None:
+    state = libvirt_lab.load_state(shared_lab.lab_dir)
     assert state is not None
     proc = subprocess.run(
         [
@@ -171,11 +154,11 @@ def test_evacuate_unreachable_source_is_exit_code_3() -> None:
 
 
 async def test_cancelled_evacuation_leaves_every_domain_on_the_source_unthrottled(
-    lab: Path,
+    shared_lab: LabState,
 ) -> None:
     """Cancelled (what Ctrl-C does to the CLI) while every job is held: each domain's own
     undo runs to its end -- no job, no throttle, every domain on A -- before it unwinds."""
-    state = libvirt_lab.load_state(lab)
+    state = libvirt_lab.load_state(shared_lab.lab_dir)
     assert state is not None
     uri_a = state.hosts["A"].uri_unix
     uris = {"A": uri_a, "B": state.hosts["B"].uri_unix}

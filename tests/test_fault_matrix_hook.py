@@ -56,7 +56,7 @@ SLACK_S = 5.0
 #: libvirt's hook environment: no inherited variables, the C locale, a minimal PATH
 LIBVIRT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+needs_root = pytest.mark.root  # mounting a tmpfs
 
 
 @dataclass

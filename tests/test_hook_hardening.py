@@ -33,7 +33,7 @@ from tests.test_hook import FOREIGN, NEW, domain_xml
 
 HOOK_EXE = default_hook_executable()
 needs_exe = pytest.mark.skipif(not HOOK_EXE.exists(), reason="spice-libvirt-hook not installed")
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+needs_root = pytest.mark.root  # mounting a tmpfs
 MIGRATE = ["guest1", "migrate", "begin", "-"]
 METADATA_NS = {
     "app": "http://example.org/spice-libvirt-test/app/1.0",

@@ -16,7 +16,6 @@ import contextlib
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -410,7 +409,7 @@ def test_fail_closed_hook_never_refuses_for_its_journal(single: Hooked) -> None:
 # --- in the project's two-host libvirt lab (spice_libvirt_lab.libvirt_lab) ---------------
 
 
-def test_hook_in_both_hosts_of_the_libvirt_lab(tmp_path: Path) -> None:
+def test_hook_in_both_hosts_of_the_libvirt_lab(libvirt_lab_dir: Path, tmp_path: Path) -> None:
     """The hook installed by ``before_start`` into both lab hosts; ping-pong migration.
 
     The lab's guest takes its SPICE address from each host's ``spice_listen``; here it is
@@ -420,7 +419,6 @@ def test_hook_in_both_hosts_of_the_libvirt_lab(tmp_path: Path) -> None:
     from spice_libvirt_lab import libvirt_lab
     from spice_libvirt_lab.libvirt_lab import HostName
 
-    lab_dir = Path(tempfile.mkdtemp(prefix="h4lab-"))  # short: unix socket paths
     journals: dict[str, Path] = {}
 
     def install_hook(host: LibvirtHost) -> None:
@@ -434,45 +432,41 @@ def test_hook_in_both_hosts_of_the_libvirt_lab(tmp_path: Path) -> None:
     def rows(name: str) -> list[JournalEntry]:
         return list(reversed(Journal(journals[name]).entries(limit=None)))
 
-    try:
-        state = libvirt_lab.up(lab_dir / "lab", before_start=install_hook, memory_mib=128)
-        a = state.host("A")
-        dom = state.domain
+    state = libvirt_lab.up(libvirt_lab_dir, before_start=install_hook, memory_mib=128)
+    a = state.host("A")
+    dom = state.domain
 
-        def virsh(host: LibvirtHost, *args: str) -> str:
-            return _run(["virsh", "-c", host.uri_unix, *args], timeout=120)
+    def virsh(host: LibvirtHost, *args: str) -> str:
+        return _run(["virsh", "-c", host.uri_unix, *args], timeout=120)
 
-        assert ("started", "begin") in _ops(rows("A"))
-        virsh(a, "destroy", dom)
-        virsh(a, "undefine", dom)
-        pinned = state.domain_xml.read_text().replace(
-            "<listen type='address'/>", f"<listen type='address' address='{a.config.ip}'/>"
-        )
-        assert a.config.ip in pinned
-        (lab_dir / "pinned.xml").write_text(pinned)
-        virsh(a, "define", str(lab_dir / "pinned.xml"))
-        virsh(a, "start", dom)
-        dom_uuid = virsh(a, "domuuid", dom).strip()
+    assert ("started", "begin") in _ops(rows("A"))
+    virsh(a, "destroy", dom)
+    virsh(a, "undefine", dom)
+    pinned = state.domain_xml.read_text().replace(
+        "<listen type='address'/>", f"<listen type='address' address='{a.config.ip}'/>"
+    )
+    assert a.config.ip in pinned
+    (tmp_path / "pinned.xml").write_text(pinned)
+    virsh(a, "define", str(tmp_path / "pinned.xml"))
+    virsh(a, "start", dom)
+    dom_uuid = virsh(a, "domuuid", dom).strip()
 
-        legs: tuple[tuple[HostName, HostName], ...] = (("A", "B"), ("B", "A"))
-        for src, dst in legs:
-            src_ip = state.hosts[src].config.ip
-            dst_ip = state.hosts[dst].config.ip
-            result = libvirt_lab.migrate(lab_dir / "lab", to=dst)
-            assert result.ok, result.error
-            mig = [e for e in rows(dst) if e.operation == "migrate"]
-            assert mig, _ops(rows(dst))
-            last = mig[-1]
-            assert (last.suboperation, last.outcome, last.uuid) == ("begin", "rewritten", dom_uuid)
-            assert f"listen address {src_ip} -> {dst_ip}" in last.detail
-            assert last.duration_ms is not None
-            assert last.duration_ms < 2000
-            live = ET.fromstring(virsh(state.host(dst), "dumpxml", dom))
-            listen = live.find("./devices/graphics/listen")
-            assert listen is not None
-            assert listen.get("address") == dst_ip
-            assert result.spice_after is not None
-            assert result.spice_after.address == dst_ip
-    finally:
-        libvirt_lab.down(lab_dir / "lab")
-        shutil.rmtree(lab_dir, ignore_errors=True)
+    legs: tuple[tuple[HostName, HostName], ...] = (("A", "B"), ("B", "A"))
+    for src, dst in legs:
+        src_ip = state.hosts[src].config.ip
+        dst_ip = state.hosts[dst].config.ip
+        result = libvirt_lab.migrate(libvirt_lab_dir, to=dst)
+        assert result.ok, result.error
+        mig = [e for e in rows(dst) if e.operation == "migrate"]
+        assert mig, _ops(rows(dst))
+        last = mig[-1]
+        assert (last.suboperation, last.outcome, last.uuid) == ("begin", "rewritten", dom_uuid)
+        assert f"listen address {src_ip} -> {dst_ip}" in last.detail
+        assert last.duration_ms is not None
+        assert last.duration_ms < 2000
+        live = ET.fromstring(virsh(state.host(dst), "dumpxml", dom))
+        listen = live.find("./devices/graphics/listen")
+        assert listen is not None
+        assert listen.get("address") == dst_ip
+        assert result.spice_after is not None
+        assert result.spice_after.address == dst_ip

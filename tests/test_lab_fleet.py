@@ -13,45 +13,24 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
 from spice_libvirt.exitcodes import ExitCode
 from spice_libvirt_lab import libvirt_daemons, libvirt_fleet, libvirt_lab, netns
 from spice_libvirt_lab.libvirt_state import LabState
-from tests.lab_marks import LIBVIRT_LAB
+from tests.rigs.libvirt_lab import cli_dir, lab_marks
 
 pytest.importorskip("libvirt")
-
-pytestmark = LIBVIRT_LAB
 
 DOMAINS = 8
 RTT_MS = 150.0
 
-
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabState]:
-    base = tmp_path_factory.mktemp("fleet")
-    state: LabState | None = None
-    try:
-        state = libvirt_lab.up(
-            base / "libvirt", client_rtt_ms=RTT_MS, domains=DOMAINS, clients=True, memory_mib=128
-        )
-        yield state
-    finally:
-        state = libvirt_lab.load_state(base / "libvirt") or state  # as the tests left it
-        procs = [p.proc for p in (*state.clients, *state.daemons)] if state else []
-        report = libvirt_lab.down(base / "libvirt")
-        assert report.leftovers == []
-        assert not [p for p in procs if p.alive()], "lab down left a client or an sshd running"
-        if state is not None:
-            stopped = " ".join(report.stopped)
-            assert all(f"watch {d}" in stopped for d in state.all_domains), stopped
+pytestmark = lab_marks(client_rtt_ms=RTT_MS, domains=DOMAINS, clients=True, memory_mib=128)
 
 
-def test_up_starts_every_guest_with_its_own_client(fleet: LabState) -> None:
-    st = libvirt_lab.status(fleet.lab_dir)
+def test_up_starts_every_guest_with_its_own_client(shared_lab: LabState) -> None:
+    st = libvirt_lab.status(shared_lab.lab_dir)
     assert st.healthy, st
     a = next(h for h in st.hosts if h.name == "A")
     assert sorted(st.domains) == sorted(a.domains)
@@ -64,8 +43,8 @@ def test_up_starts_every_guest_with_its_own_client(fleet: LabState) -> None:
     assert sorted(d.what for d in st.daemons) == ["sshd A", "sshd B"]
 
 
-def test_evacuate_eight_domains_at_150ms_all_seamless_both_ways(fleet: LabState) -> None:
-    result = libvirt_fleet.lab_evacuate(fleet.lab_dir, parallel=8)
+def test_evacuate_eight_domains_at_150ms_all_seamless_both_ways(shared_lab: LabState) -> None:
+    result = libvirt_fleet.lab_evacuate(shared_lab.lab_dir, parallel=8)
     assert (result.source, result.destination) == ("A", "B")
     for d in result.report.domains:
         assert d.outcome == "seamless", (d.domain, d.error, d.report and d.report.notes)
@@ -73,13 +52,13 @@ def test_evacuate_eight_domains_at_150ms_all_seamless_both_ways(fleet: LabState)
         assert result.clients[d.domain].connection_id_kept
     assert result.seamless == DOMAINS
     assert result.report.exit_code() == ExitCode.OK
-    b = next(h for h in libvirt_lab.status(fleet.lab_dir).hosts if h.name == "B")
-    assert sorted(b.domains) == sorted(fleet.all_domains)
+    b = next(h for h in libvirt_lab.status(shared_lab.lab_dir).hosts if h.name == "B")
+    assert sorted(b.domains) == sorted(shared_lab.all_domains)
     print(f"lab evacuate, {DOMAINS} domains at {RTT_MS:.0f} ms, --parallel 8: {result.wall_s} s")
 
     # and back, through the command line (what an operator types)
     proc = subprocess.run(
-        [sys.executable, "-m", "spice_libvirt", "lab", "--dir", str(fleet.lab_dir.parent),
+        [sys.executable, "-m", "spice_libvirt", "lab", "--dir", str(cli_dir(shared_lab)),
          "evacuate", "--parallel", "8", "--json"],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
@@ -89,17 +68,17 @@ def test_evacuate_eight_domains_at_150ms_all_seamless_both_ways(fleet: LabState)
     assert [d["outcome"] for d in back["report"]["domains"]] == ["seamless"] * DOMAINS
     assert {c["path"] for c in back["clients"].values()} == {"seamless"}
     assert back["seamless"] == DOMAINS  # by both ends, as the summary line counts them
-    assert libvirt_lab.status(fleet.lab_dir).healthy
+    assert libvirt_lab.status(shared_lab.lab_dir).healthy
 
 
-def test_a_per_host_daemon_is_recorded_listed_and_stopped_by_down(fleet: LabState) -> None:
+def test_a_per_host_daemon_is_recorded_listed_and_stopped_by_down(shared_lab: LabState) -> None:
     """The mechanism the sshds use, for any daemon (an agent): it runs inside the host
-    (its UTS name is the host's), ``lab status`` lists it, the fixture's ``down`` stops it."""
-    state = libvirt_lab.load_state(fleet.lab_dir)
+    (its UTS name is the host's), ``lab status`` lists it, the rig's ``down`` stops it (and checks it is gone)."""
+    state = libvirt_lab.load_state(shared_lab.lab_dir)
     assert state is not None
     argv = ["sh", "-c", "hostname; exec sleep 3600"]
     entry = libvirt_daemons.start_in_host(state, "B", argv, "probe daemon")
-    st = libvirt_lab.status(fleet.lab_dir)
+    st = libvirt_lab.status(shared_lab.lab_dir)
     [listed] = [d for d in st.daemons if d.what == "probe daemon"]
     assert listed.where == "B"
     assert listed.alive

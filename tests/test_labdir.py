@@ -66,7 +66,7 @@ def test_unsafe_is_a_lab_error(lab_dir: Path) -> None:
     assert issubclass(UnsafeLabDirectory, LabError)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+@pytest.mark.root  # chown to another user
 def test_someone_elses_directory_is_refused(lab_dir: Path) -> None:
     target = lab_dir / "lab"
     target.mkdir(mode=0o700)
@@ -75,7 +75,7 @@ def test_someone_elses_directory_is_refused(lab_dir: Path) -> None:
         ensure_private_dir(target)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+@pytest.mark.root  # chown to another user
 def test_a_planted_parent_is_refused_before_anything_is_created(lab_dir: Path) -> None:
     """``/tmp/spice-libvirt-UID`` made by another user first: nothing is created in it."""
     planted = lab_dir / "spice-libvirt-1000"

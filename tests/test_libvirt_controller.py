@@ -1,6 +1,6 @@
 """The libvirt path for real: two libvirtds in namespaces, a client 150 ms away.
 
-One lab for the module (``lab up --libvirt --client-rtt-ms 150`` through the CLI); each test
+One lab for the module (``shared_lab``, client 150 ms away); each test
 migrates the lab guest (ping-pong) or a domain it defines itself, and checks the verdict
 against evidence: the embedded client's own record, QMP on the destination, libvirt's state.
 """
@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,42 +32,16 @@ from spice_libvirt.libvirt.errors import (
 from spice_libvirt.libvirt.hold import DestinationLinks
 from spice_libvirt.libvirt.settle import SourceDepartures, reconnected_at
 from spice_libvirt.migration.evidence import sessions_from_query_spice
-from spice_libvirt_lab import libvirt_lab, netns
+from spice_libvirt_lab import libvirt_lab
 from spice_libvirt_lab.libvirt_migrate import lab_migrate, lab_request
-from tests.lab_marks import LIBVIRT_LAB
+from spice_libvirt_lab.libvirt_state import LabState
+from tests.rigs.libvirt_lab import cli_dir, fresh_state, lab_marks
 
 libvirt = pytest.importorskip("libvirt")
 
-pytestmark = LIBVIRT_LAB
-
 RTT_MS = 150.0
 
-
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Path]:
-    """``<dir>/libvirt`` holds a libvirt lab made by ``lab up --libvirt``; down afterwards."""
-    base = Path(tempfile.mkdtemp(prefix="slc-"))
-    prefix = None
-    try:
-        rc = cli_main(
-            ["lab", "--dir", str(base), "up", "--libvirt", "--client-rtt-ms", str(RTT_MS)]
-        )
-        assert rc == 0
-        state = libvirt_lab.load_state(base / "libvirt")
-        assert state is not None
-        prefix = state.prefix
-        yield base
-    finally:
-        libvirt_lab.down(base / "libvirt")
-        # other labs may come and go meanwhile: only this lab's namespaces must be gone
-        assert prefix is None or not [n for n in netns.list_names() if n.startswith(prefix)]
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def _state(lab: Path) -> libvirt_lab.LabState:
-    state = libvirt_lab.load_state(lab / "libvirt")
-    assert state is not None
-    return state
+pytestmark = lab_marks(client_rtt_ms=RTT_MS)
 
 
 def _cli_json(*argv: str) -> tuple[int, dict[str, Any]]:
@@ -86,10 +56,10 @@ def _cli_json(*argv: str) -> tuple[int, dict[str, Any]]:
     return proc.returncode, json.loads(proc.stdout)
 
 
-def test_lab_migrate_cli_is_seamless_with_the_hold(lab: Path) -> None:
+def test_lab_migrate_cli_is_seamless_with_the_hold(shared_lab: LabState) -> None:
     """The issue's done-criterion, twice (ping-pong): ``lab migrate --json`` -> seamless."""
     for _ in range(2):
-        rc, report = _cli_json("lab", "--dir", str(lab), "migrate", "--json")
+        rc, report = _cli_json("lab", "--dir", str(cli_dir(shared_lab)), "migrate", "--json")
         assert rc == 0, report
         assert report["outcome"] == "seamless"
         hold = report["hold"]
@@ -111,9 +81,9 @@ def test_lab_migrate_cli_is_seamless_with_the_hold(lab: Path) -> None:
         assert 0 <= float(report["verdict_ready_ms"]) <= RTT_MS + 100.0
 
 
-def test_plain_libvirt_migration_loses_the_race_at_150ms(lab: Path) -> None:
+def test_plain_libvirt_migration_loses_the_race_at_150ms(shared_lab: LabState) -> None:
     """The baseline this project exists for: libvirt alone -> switch-host, exit code 8."""
-    report = lab_migrate(lab / "libvirt", watch=True, plain=True)
+    report = lab_migrate(shared_lab.lab_dir, watch=True, plain=True)
     assert report.method == "libvirt-plain"
     assert report.hold.applied == "none"
     assert report.migration.status == "completed"
@@ -131,8 +101,8 @@ def test_plain_libvirt_migration_loses_the_race_at_150ms(lab: Path) -> None:
     assert report.verdict_basis
 
 
-def test_no_client_means_no_hold(lab: Path) -> None:
-    report = lab_migrate(lab / "libvirt", watch=False)
+def test_no_client_means_no_hold(shared_lab: LabState) -> None:
+    report = lab_migrate(shared_lab.lab_dir, watch=False)
     assert report.outcome == "no-client"
     assert report.hold.applied == "none"
     assert report.hold.held_ms is None
@@ -140,12 +110,12 @@ def test_no_client_means_no_hold(lab: Path) -> None:
     assert report.migration.status == "completed"
 
 
-def test_hold_is_bounded_when_the_client_never_links(lab: Path) -> None:
+def test_hold_is_bounded_when_the_client_never_links(shared_lab: LabState) -> None:
     """The client is sent to an address where nothing listens: released after the bound."""
-    state = _state(lab)
+    state = fresh_state(shared_lab)
     bogus = state.subnet.replace(".0/24", ".99")
     report = lab_migrate(
-        lab / "libvirt",
+        shared_lab.lab_dir,
         watch=True,
         options={"graphics_uri": f"spice://{bogus}:5900", "hold_timeout": 3.0},
     )
@@ -158,12 +128,12 @@ def test_hold_is_bounded_when_the_client_never_links(lab: Path) -> None:
     assert report.outcome != "seamless"
 
 
-def test_require_seamless_aborts_and_leaves_the_domain_on_the_source(lab: Path) -> None:
-    state = _state(lab)
-    before = libvirt_lab.status(lab / "libvirt").active_host
+def test_require_seamless_aborts_and_leaves_the_domain_on_the_source(shared_lab: LabState) -> None:
+    state = fresh_state(shared_lab)
+    before = libvirt_lab.status(shared_lab.lab_dir).active_host
     bogus = state.subnet.replace(".0/24", ".99")
     report = lab_migrate(
-        lab / "libvirt",
+        shared_lab.lab_dir,
         watch=True,
         options={
             "graphics_uri": f"spice://{bogus}:5900",
@@ -173,14 +143,16 @@ def test_require_seamless_aborts_and_leaves_the_domain_on_the_source(lab: Path) 
     )
     assert report.outcome == "cancelled", report.notes
     assert report.source_resumed is True
-    st = libvirt_lab.status(lab / "libvirt")
+    st = libvirt_lab.status(shared_lab.lab_dir)
     assert st.active_host == before
     assert st.healthy
 
 
-async def test_preflight_refuses_unknown_stopped_and_non_spice_domains(lab: Path) -> None:
-    state = _state(lab)
-    where = libvirt_lab.status(lab / "libvirt").active_host
+async def test_preflight_refuses_unknown_stopped_and_non_spice_domains(
+    shared_lab: LabState,
+) -> None:
+    state = fresh_state(shared_lab)
+    where = libvirt_lab.status(shared_lab.lab_dir).active_host
     assert where is not None
     other: libvirt_lab.HostName = "B" if where == "A" else "A"
     with pytest.raises(DomainNotFoundError):
@@ -219,9 +191,9 @@ VNC_XML = """<domain type='{kind}'><name>vnc-vm</name><memory unit='MiB'>64</mem
 <video><model type='vga'/></video><memballoon model='none'/></devices></domain>"""
 
 
-def test_unreachable_destination_is_exit_code_3_and_touches_nothing(lab: Path) -> None:
-    state = _state(lab)
-    where = libvirt_lab.status(lab / "libvirt").active_host
+def test_unreachable_destination_is_exit_code_3_and_touches_nothing(shared_lab: LabState) -> None:
+    state = fresh_state(shared_lab)
+    where = libvirt_lab.status(shared_lab.lab_dir).active_host
     assert where is not None
     rc = cli_main(
         [
@@ -235,7 +207,7 @@ def test_unreachable_destination_is_exit_code_3_and_touches_nothing(lab: Path) -
         ]
     )
     assert rc == ExitCode.UNREACHABLE
-    assert libvirt_lab.status(lab / "libvirt").active_host == where
+    assert libvirt_lab.status(shared_lab.lab_dir).active_host == where
 
 
 async def test_connect_error_is_typed() -> None:
@@ -244,10 +216,10 @@ async def test_connect_error_is_typed() -> None:
     assert for_error(info.value) == ExitCode.UNREACHABLE
 
 
-def test_failed_migration_is_reported_and_the_domain_keeps_running(lab: Path) -> None:
+def test_failed_migration_is_reported_and_the_domain_keeps_running(shared_lab: LabState) -> None:
     """The source libvirtd cannot reach the destination: failed, exit 7, still on source."""
-    state = _state(lab)
-    where = libvirt_lab.status(lab / "libvirt").active_host
+    state = fresh_state(shared_lab)
+    where = libvirt_lab.status(shared_lab.lab_dir).active_host
     assert where is not None
     other: libvirt_lab.HostName = "B" if where == "A" else "A"
     bogus = state.subnet.replace(".0/24", ".99")
@@ -268,12 +240,12 @@ def test_failed_migration_is_reported_and_the_domain_keeps_running(lab: Path) ->
     assert report["placement"] == "source"
     assert "source running" in report["placement_evidence"]
     assert report["error"]
-    assert libvirt_lab.status(lab / "libvirt").active_host == where
+    assert libvirt_lab.status(shared_lab.lab_dir).active_host == where
 
 
-def test_python_api_migrate_domain(lab: Path) -> None:
-    state = _state(lab)
-    where = libvirt_lab.status(lab / "libvirt").active_host
+def test_python_api_migrate_domain(shared_lab: LabState) -> None:
+    state = fresh_state(shared_lab)
+    where = libvirt_lab.status(shared_lab.lab_dir).active_host
     assert where is not None
     other: libvirt_lab.HostName = "B" if where == "A" else "A"
     report = api.migrate_domain(
@@ -285,7 +257,7 @@ def test_python_api_migrate_domain(lab: Path) -> None:
     assert report.outcome == "no-client"
     assert report.migration.status == "completed"
     assert report.migration.total_time_ms is not None
-    assert libvirt_lab.status(lab / "libvirt").active_host == other
+    assert libvirt_lab.status(shared_lab.lab_dir).active_host == other
     request = LibvirtMigrationRequest(domain="x", destination_uri="qemu+tcp://h/system")
     assert request.dst_connect == "qemu+tcp://h/system"
 

@@ -17,7 +17,6 @@ import datetime as dt
 import secrets
 import subprocess
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,20 +28,11 @@ from spice_libvirt_lab import libvirt_lab, libvirt_ticket, libvirt_tls
 from spice_libvirt_lab.libvirt_lab import LabState
 from spice_libvirt_lab.libvirt_migrate import lab_migrate, lab_request
 from spice_libvirt_lab.witness_thread import netns_witness
-from tests.lab_marks import LIBVIRT_LAB
+from tests.rigs.libvirt_lab import LIBVIRT_LAB
 
 pytest.importorskip("libvirt")
 
 pytestmark = LIBVIRT_LAB
-
-
-@pytest.fixture
-def lab(lab_dir: Path) -> Iterator[Path]:
-    path = lab_dir / "lab"
-    try:
-        yield path
-    finally:
-        assert libvirt_lab.down(path).leftovers == []
 
 
 def _state(lab: Path) -> LabState:
@@ -72,53 +62,55 @@ def _no_secret_anywhere(state: LabState, ticket: str) -> None:
             assert ticket not in path.read_text(errors="replace"), path
 
 
-def test_ticket_with_expiry_checked_refused_and_extended(lab: Path, lab_dir: Path) -> None:
+def test_ticket_with_expiry_checked_refused_and_extended(
+    libvirt_lab_dir: Path, lab_dir: Path
+) -> None:
     ticket = secrets.token_urlsafe(12)
     ticket_file = lab_dir / "ticket"
     ticket_file.write_text(ticket + "\n")
     ticket_file.chmod(0o600)
-    state = libvirt_lab.up(lab, tls=True, ticket_file=ticket_file, ticket_valid_s=3600)
+    state = libvirt_lab.up(libvirt_lab_dir, tls=True, ticket_file=ticket_file, ticket_valid_s=3600)
     valid_to = _valid_to(state, "A")
     assert valid_to is not None
     assert valid_to > dt.datetime.now(dt.UTC) + dt.timedelta(minutes=50)
 
     # a long-valid ticket: our client authenticates on both hosts, seamless there and back
     for expected in ("B", "A"):
-        report = lab_migrate(lab)
+        report = lab_migrate(libvirt_lab_dir)
         assert report.outcome == "seamless", (report.outcome, report.notes)
         assert any(n.startswith("SPICE ticket valid until") for n in report.notes)
-        assert libvirt_lab.status(lab).active_host == expected
+        assert libvirt_lab.status(libvirt_lab_dir).active_host == expected
     # the destination got the same expiry with the guest
-    assert _valid_to(_state(lab), "A") == valid_to
+    assert _valid_to(_state(libvirt_lab_dir), "A") == valid_to
 
     # expiring before the client could link to the destination (no client RTT known: the
     # link-wait bound of 15 s counts): refused, nothing changed
-    libvirt_ticket.set_ticket(_state(lab), "A", 8)
+    libvirt_ticket.set_ticket(_state(libvirt_lab_dir), "A", 8)
     with pytest.raises(PreflightError, match="the SPICE ticket expires in") as info:
-        lab_migrate(lab, watch=False)
+        lab_migrate(libvirt_lab_dir, watch=False)
     assert "--extend-ticket" in str(info.value)
     assert "Nothing was changed" in str(info.value)
-    assert libvirt_lab.status(lab).active_host == "A"
+    assert libvirt_lab.status(libvirt_lab_dir).active_host == "A"
     # already expired: the same, saying so
-    libvirt_ticket.set_ticket(_state(lab), "A", -60)
+    libvirt_ticket.set_ticket(_state(libvirt_lab_dir), "A", -60)
     with pytest.raises(PreflightError, match="the SPICE ticket expired"):
-        lab_migrate(lab, watch=False)
-    assert libvirt_lab.status(lab).active_host == "A"
+        lab_migrate(libvirt_lab_dir, watch=False)
+    assert libvirt_lab.status(libvirt_lab_dir).active_host == "A"
 
     # asked to extend (as VDSM does, 120 s): extended on the source, migrated, said so
     before = dt.datetime.now(dt.UTC)
-    report = lab_migrate(lab, watch=False, options={"extend_ticket_s": 120.0})
+    report = lab_migrate(libvirt_lab_dir, watch=False, options={"extend_ticket_s": 120.0})
     assert report.migration.status == "completed", report.notes
     assert for_report(report) is ExitCode.OK
     assert any("extended to" in n and "+120 s" in n for n in report.notes), report.notes
-    moved = _valid_to(_state(lab), "B")
+    moved = _valid_to(_state(libvirt_lab_dir), "B")
     assert moved is not None
     assert moved >= before.replace(microsecond=0) + dt.timedelta(seconds=119)
-    _no_secret_anywhere(_state(lab), ticket)
+    _no_secret_anywhere(_state(libvirt_lab_dir), ticket)
 
 
 async def test_expired_ticket_plain_libvirt_loses_the_client_ours_refuses(
-    lab: Path, lab_dir: Path
+    libvirt_lab_dir: Path, lab_dir: Path
 ) -> None:
     """What an expired ticket does (the client linked while it was valid and kept with
     ``connected='keep'``): ours refuses in the preflight, the VM and the client untouched;
@@ -126,7 +118,7 @@ async def test_expired_ticket_plain_libvirt_loses_the_client_ours_refuses(
     client cannot follow -- the report says so, it is not a success."""
     ticket_file = lab_dir / "ticket"
     ticket_file.write_text(secrets.token_urlsafe(12) + "\n")
-    state = libvirt_lab.up(lab, tls=True, ticket_file=ticket_file, ticket_valid_s=3600)
+    state = libvirt_lab.up(libvirt_lab_dir, tls=True, ticket_file=ticket_file, ticket_valid_s=3600)
     endpoint = libvirt_lab.spice_endpoint(state, "A")
     assert endpoint is not None
     options = libvirt_tls.client_options(
@@ -138,7 +130,7 @@ async def test_expired_ticket_plain_libvirt_loses_the_client_ours_refuses(
         ours = lab_request(state, "A", "B", witness_one_way_ms=witness.one_way_ms)
         with pytest.raises(PreflightError, match="the SPICE ticket expired"):
             await migrate_libvirt(ours, witness)
-        assert libvirt_lab.status(lab).active_host == "A"
+        assert libvirt_lab.status(libvirt_lab_dir).active_host == "A"
         assert witness.session_id == cid
         plain = lab_request(state, "A", "B", plain=True, witness_one_way_ms=witness.one_way_ms)
         report = await migrate_libvirt(plain, witness)

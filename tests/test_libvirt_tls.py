@@ -22,38 +22,32 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from benchmarks.xclients import XServer, viewer_env, xvfb
 from spice_libvirt.exitcodes import ExitCode, for_report
 from spice_libvirt.migration.evidence import Sessions, sessions_from_query_spice
-from spice_libvirt_lab import libvirt_lab, libvirt_tls, netns
+from spice_libvirt_lab import libvirt_lab, libvirt_tls
 from spice_libvirt_lab.libvirt_lab import LabState
 from spice_libvirt_lab.libvirt_migrate import lab_migrate
-from tests.lab_marks import LIBVIRT_LAB
+from tests.rigs.libvirt_lab import LIBVIRT_LAB
+from tests.rigs.viewer import (
+    VIEWER_CHANNELS,
+    RemoteViewer,
+    ViewerTls,
+    XServer,
+    full_session,
+    migration_messages,
+    start_viewer,
+)
 
 pytest.importorskip("libvirt")
 
 pytestmark = LIBVIRT_LAB
-
-VIEWER_CHANNELS = {"main:0", "display:0", "inputs:0", "cursor:0", "port:0"}
-_MESSAGE = re.compile(r"migration message: (migrate-[a-z-]+)")
-
-
-@pytest.fixture
-def lab(lab_dir: Path) -> Iterator[Path]:
-    path = lab_dir / "lab"
-    try:
-        yield path
-    finally:
-        assert libvirt_lab.down(path).leftovers == []
 
 
 def _state(lab: Path) -> LabState:
@@ -103,9 +97,9 @@ def _where(state: LabState) -> str:
 # --------------------------------------------------------------------------- set-up
 
 
-def test_tls_lab_is_set_up_as_a_manager_would(lab: Path) -> None:
+def test_tls_lab_is_set_up_as_a_manager_would(libvirt_lab_dir: Path) -> None:
     """Configuration only (fast): qemu.conf, certificates, graphics XML, QEMU's -spice."""
-    state = libvirt_lab.up(lab, tls=True)
+    state = libvirt_lab.up(libvirt_lab_dir, tls=True)
     assert state.tls is not None
     assert state.tls.mode == "secure"
     assert state.tls.subjects == {"A": "O=lab,CN=hostA", "B": "O=lab,CN=hostB"}
@@ -146,8 +140,8 @@ def _qemu_pid(state: LabState, host: str) -> int:
     return int(pidfile.read_text().strip())
 
 
-def test_mixed_mode_secures_only_some_channels(lab: Path) -> None:
-    state = libvirt_lab.up(lab, tls=True, tls_mode="mixed")
+def test_mixed_mode_secures_only_some_channels(libvirt_lab_dir: Path) -> None:
+    state = libvirt_lab.up(libvirt_lab_dir, tls=True, tls_mode="mixed")
     graphics = _graphics(state, "A")
     assert graphics.get("defaultMode", "any") == "any"
     modes = {c.get("name"): c.get("mode") for c in graphics.findall("channel")}
@@ -161,10 +155,10 @@ def test_mixed_mode_secures_only_some_channels(lab: Path) -> None:
 # --------------------------------------------------------------------------- clients
 
 
-def test_embedded_client_verifies_both_hosts_and_stays_on_tls(lab: Path) -> None:
-    libvirt_lab.up(lab, tls=True, client_rtt_ms=50)
+def test_embedded_client_verifies_both_hosts_and_stays_on_tls(libvirt_lab_dir: Path) -> None:
+    libvirt_lab.up(libvirt_lab_dir, tls=True, client_rtt_ms=50)
     for expected in ("B", "A"):
-        report = lab_migrate(lab)
+        report = lab_migrate(libvirt_lab_dir)
         assert report.migration.status == "completed", report.notes
         assert report.outcome == "seamless", (report.outcome, report.notes)
         assert for_report(report) is ExitCode.OK
@@ -174,87 +168,50 @@ def test_embedded_client_verifies_both_hosts_and_stays_on_tls(lab: Path) -> None
         assert client.kind == "embedded"
         assert (client.tls_before, client.tls_after) == (True, True)
         assert set(client.channels_after) >= {"main:0", "display:0", "inputs:0", "cursor:0"}
-        assert _where(_state(lab)) == expected
+        assert _where(_state(libvirt_lab_dir)) == expected
 
 
-def _secure_viewer(
-    state: LabState, display: str, workdir: Path, name: str
-) -> subprocess.Popen[bytes]:
+def _secure_viewer(state: LabState, display: str, workdir: Path, name: str) -> RemoteViewer:
     """remote-viewer in the client namespace, verifying the lab CA and the source's subject."""
     host = _where(state)
     endpoint = libvirt_lab.spice_endpoint(state, host)  # type: ignore[arg-type]
     assert endpoint is not None
     assert state.tls is not None
-    home = workdir / f"{name}-home"
-    home.mkdir(parents=True, exist_ok=True)
-    argv = [
-        "remote-viewer",
-        f"--spice-ca-file={state.tls.ca_cert}",
-        f"--spice-host-subject={endpoint.subject}",
-        "--spice-secure-channels=all",
-        endpoint.uri,
-    ]
-    env = viewer_env(display, home, debug=True)
-    with (workdir / f"{name}.log").open("wb") as log:
-        return subprocess.Popen(
-            netns.exec_argv(state.client.netns, argv),
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    assert endpoint.subject is not None
+    tls = ViewerTls(state.tls.ca_cert, endpoint.subject)
+    return start_viewer(endpoint.uri, display, workdir, name=name, tls=tls, ns=state.client.netns)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-def _full_tls_session(state: LabState, host: str, proc: subprocess.Popen[bytes]) -> int:
+def _full_tls_session(state: LabState, host: str, viewer: RemoteViewer) -> int:
     deadline = time.monotonic() + 60
     while True:
         sessions = _query_spice(state, host)
-        for cid, session in sessions.items():
-            if set(session.names) >= VIEWER_CHANNELS:
-                return cid
-        assert proc.poll() is None, "remote-viewer exited"
+        cid = full_session(sessions)
+        if cid is not None:
+            return cid
+        assert viewer.alive(), "remote-viewer exited"
         assert time.monotonic() < deadline, f"no full remote-viewer session on {host}: {sessions}"
         time.sleep(0.2)
 
 
-@pytest.fixture
-def x_server(lab_dir: Path) -> Iterator[XServer]:
-    if shutil.which("remote-viewer") is None or shutil.which("Xvfb") is None:
-        pytest.skip("remote-viewer and Xvfb are needed")
-    with xvfb(lab_dir) as server:
-        yield server
-
-
 def test_remote_viewer_all_secure_at_150ms_there_and_back(
-    lab: Path, x_server: XServer, lab_dir: Path
+    libvirt_lab_dir: Path, x_server: XServer, lab_dir: Path
 ) -> None:
-    state = libvirt_lab.up(lab, tls=True, client_rtt_ms=150)
+    state = libvirt_lab.up(libvirt_lab_dir, tls=True, client_rtt_ms=150)
     viewer = _secure_viewer(state, x_server.display, lab_dir, "rv-lv-tls")
-    log = lab_dir / "rv-lv-tls.log"
     try:
         cid = _full_tls_session(state, "A", viewer)
         assert _query_spice(state, "A")[cid].all_tls is True
         for expected in ("B", "A"):
-            mark = len(log.read_text(errors="replace"))
-            report = lab_migrate(lab, watch=False)
+            mark = len(viewer.log_text())
+            report = lab_migrate(libvirt_lab_dir, watch=False)
             assert report.migration.status == "completed", report.notes
             assert report.outcome == "seamless", (report.outcome, report.notes)
             assert report.tls_downgraded is False
             [client] = report.clients
             assert client.connection_id_before == cid
             assert (client.tls_before, client.tls_after) == (True, True)
-            state = _state(lab)
+            state = _state(libvirt_lab_dir)
             assert _where(state) == expected
             # the oracle: QEMU where the VM runs, through libvirt's monitor passthrough
             sessions = _query_spice(state, expected)
@@ -262,13 +219,13 @@ def test_remote_viewer_all_secure_at_150ms_there_and_back(
             assert set(sessions[cid].names) >= VIEWER_CHANNELS
             assert sessions[cid].tls_names(False) == [], sessions[cid].channels
             # and remote-viewer's own log
-            text = log.read_text(errors="replace")[mark:]
-            messages = _MESSAGE.findall(text)
+            text = viewer.log_text()[mark:]
+            messages = migration_messages(text)
             assert "migrate-begin-seamless" in messages, messages
             assert "migrate-switch-host" not in messages, messages
-        assert viewer.poll() is None
+        assert viewer.alive()
     finally:
-        _stop(viewer)
+        viewer.stop()
 
 
 # --------------------------------------------------------------------------- failures
@@ -286,12 +243,12 @@ def test_remote_viewer_all_secure_at_150ms_there_and_back(
     ids=["wrong-subject", "foreign-ca"],
 )
 def test_a_destination_the_client_cannot_verify_is_a_reason(
-    lab: Path, damage: dict[str, object], reason: str
+    libvirt_lab_dir: Path, damage: dict[str, object], reason: str
 ) -> None:
-    state = libvirt_lab.up(lab, tls=True)
-    libvirt_tls.reissue(lab, "B", **damage)  # type: ignore[arg-type]
+    state = libvirt_lab.up(libvirt_lab_dir, tls=True)
+    libvirt_tls.reissue(libvirt_lab_dir, "B", **damage)  # type: ignore[arg-type]
     # --require-seamless: aborted, the VM untouched on A, the cause named
-    report = lab_migrate(lab, options={"require_seamless": True})
+    report = lab_migrate(libvirt_lab_dir, options={"require_seamless": True})
     assert report.migration.status == "cancelled", report.notes
     assert report.outcome == "cancelled"
     assert report.link_wait.result == "connect-error"
@@ -300,11 +257,11 @@ def test_a_destination_the_client_cannot_verify_is_a_reason(
     assert any(n.startswith(reason) for n in report.notes), report.notes
     assert for_report(report) is ExitCode.MIGRATION_FAILED
     assert report.placement == "source"
-    assert _where(_state(lab)) == "A"
+    assert _where(_state(libvirt_lab_dir)) == "A"
     sessions = _query_spice(state, "A")
     assert sessions == {}  # the embedded client left; nobody linked anything in plain text
     # the default path: the migration happens, the client cannot follow, and says why
-    report = lab_migrate(lab)
+    report = lab_migrate(libvirt_lab_dir)
     assert report.migration.status == "completed", report.notes
     assert report.outcome != "seamless"
     assert for_report(report) is not ExitCode.OK
@@ -315,7 +272,7 @@ def test_a_destination_the_client_cannot_verify_is_a_reason(
 
 
 def test_tls_only_graphics_remote_viewer_still_seamless_because_libvirt_sends_port_0(
-    lab: Path, x_server: XServer, lab_dir: Path
+    libvirt_lab_dir: Path, x_server: XServer, lab_dir: Path
 ) -> None:
     """No plain port at all (what libvirt 9.0 makes of ``defaultMode='secure'`` with
     autoport). libvirt's ``client_migrate_info`` then carries ``port: 0`` -- not -1, which
@@ -323,7 +280,7 @@ def test_tls_only_graphics_remote_viewer_still_seamless_because_libvirt_sends_po
     plain text. spice-gtk treats 0 as "no plain port" and pre-links on TLS: seamless, every
     channel on TLS, there and back (measured here; the lab's default keeps a refusing plain
     port for clients that need one)."""
-    state = libvirt_lab.up(lab, tls=True, tls_mode="tls-only")
+    state = libvirt_lab.up(libvirt_lab_dir, tls=True, tls_mode="tls-only")
     graphics = _graphics(state, "A")
     assert graphics.get("port") is None
     assert graphics.get("tlsPort") == "5901"
@@ -331,18 +288,17 @@ def test_tls_only_graphics_remote_viewer_still_seamless_because_libvirt_sends_po
         f"spice://{state.hosts['B'].config.ip}?tlsPort=5901&tlsSubject=O%3Dlab%2CCN%3DhostB"
     )
     viewer = _secure_viewer(state, x_server.display, lab_dir, "rv-tls-only")
-    log = lab_dir / "rv-tls-only.log"
     try:
         cid = _full_tls_session(state, "A", viewer)
         for expected, source in (("B", "A"), ("A", "B")):
-            mark = len(log.read_text(errors="replace"))
-            report = lab_migrate(lab, watch=False)
+            mark = len(viewer.log_text())
+            report = lab_migrate(libvirt_lab_dir, watch=False)
             assert report.outcome == "seamless", (report.outcome, report.notes)
             assert report.tls_downgraded is False
             sessions = _query_spice(state, expected)
             assert list(sessions) == [cid], sessions
             assert sessions[cid].tls_names(False) == [], sessions[cid].channels
-            messages = _MESSAGE.findall(log.read_text(errors="replace")[mark:])
+            messages = migration_messages(viewer.log_text()[mark:])
             assert "migrate-begin-seamless" in messages, messages
             assert "migrate-switch-host" not in messages, messages
             monitor = (state.hosts[source].config.state_dir / "log" / "libvirtd.log").read_text()
@@ -350,4 +306,4 @@ def test_tls_only_graphics_remote_viewer_still_seamless_because_libvirt_sends_po
             assert sent, "no client_migrate_info in the source's monitor log"
             assert json.loads(sent[-1])["port"] == 0, sent[-1]
     finally:
-        _stop(viewer)
+        viewer.stop()

@@ -15,7 +15,7 @@ import pytest
 from spice_libvirt.errors import LabError
 from spice_libvirt_lab import netns
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+pytestmark = pytest.mark.root  # network namespaces
 
 
 @pytest.fixture

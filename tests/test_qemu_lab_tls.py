@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import subprocess
 import sys
 import time
@@ -24,19 +23,21 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.xclients import RemoteViewer, XServer, have_tools, xvfb
 from spice_libvirt.exitcodes import ExitCode, for_report
 from spice_libvirt.migration.evidence import Sessions, sessions_from_query_spice
 from spice_libvirt.qemu.qmp import QMPConnection
 from spice_libvirt_lab.qemu_lab import QemuLab
 from spice_libvirt_lab.qemu_lab_state import LabTls
+from tests.rigs.viewer import (
+    VIEWER_CHANNELS,
+    RemoteViewer,
+    XServer,
+    full_session,
+    migration_messages,
+)
 from tests.test_tls_migration import _start_secure_viewer
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.usefixtures("require_kvm")]
-
-#: what remote-viewer links against the firmware guest
-VIEWER_CHANNELS = {"main:0", "display:0", "inputs:0", "cursor:0", "port:0"}
-_MESSAGE = re.compile(r"migration message: (migrate-[a-z-]+)")
 
 
 def cli(lab: Path, *args: str, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
@@ -47,15 +48,6 @@ def cli(lab: Path, *args: str, timeout: float = 180.0) -> subprocess.CompletedPr
         timeout=timeout,
         check=False,
     )
-
-
-@pytest.fixture
-def x_server(lab_dir: Path) -> Iterator[XServer]:
-    missing = have_tools()
-    if missing:
-        pytest.skip(f"missing tools: {missing}")
-    with xvfb(lab_dir) as server:
-        yield server
 
 
 @pytest.fixture
@@ -88,9 +80,9 @@ async def _full_session(lab: QemuLab, viewer: RemoteViewer, timeout: float = 30.
     deadline = time.monotonic() + timeout
     while True:
         sessions = await _where_it_runs(lab)
-        for cid, session in sessions.items():
-            if set(session.names) >= VIEWER_CHANNELS:
-                return cid
+        cid = full_session(sessions)
+        if cid is not None:
+            return cid
         assert viewer.alive(), viewer.log_text()[-2000:]
         assert time.monotonic() < deadline, f"no full remote-viewer session: {sessions}"
         await asyncio.sleep(0.1)
@@ -141,7 +133,7 @@ async def test_secure_lab_remote_viewer_three_seamless_migrations_all_on_tls(
             assert sessions[cid].tls_names(False) == [], sessions[cid].channels
             assert sessions[cid].all_tls is True
             # and remote-viewer's own log: a seamless migration, no switch-host
-            messages = _MESSAGE.findall(viewer.log_text()[mark:])
+            messages = migration_messages(viewer.log_text()[mark:])
             assert "migrate-begin-seamless" in messages, (n, messages)
             assert "migrate-switch-host" not in messages, (n, messages)
         assert viewer.alive(), viewer.log_text()[-2000:]

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -37,56 +36,19 @@ from typing import Any, Literal
 
 import pytest
 
-from benchmarks.xclients import RemoteViewer, XServer, have_tools, start_viewer, xvfb
-from spice_libvirt.migration.report import channel_name
+from spice_libvirt.migration.evidence import sessions_from_query_spice
 from spice_libvirt.qemu.qmp import QMPConnection
+from tests.rigs.viewer import (
+    VIEWER_CHANNELS,
+    RemoteViewer,
+    XServer,
+    full_session,
+    migration_messages,
+    start_viewer,
+    wait_outcome,
+)
 
-pytestmark = [
-    pytest.mark.qemu,
-    pytest.mark.skipif(bool(have_tools()), reason=f"missing tools: {have_tools()}"),
-]
-
-EXPECTED_CHANNELS = {"main:0", "display:0", "inputs:0", "cursor:0", "port:0"}
-
-#: spice-gtk's debug line for each migration message the main channel receives
-#: (channel-main.c, "migration message: %s" with the message's spice-protocol name).
-_MIGRATION_MESSAGE = re.compile(r"migration message: (migrate-[a-z-]+)")
-
-Path_ = Literal["seamless", "switch-host", "semi-seamless", "unknown"]
-
-
-def viewer_path(log_text: str) -> tuple[Path_, list[str]]:
-    """What remote-viewer's own log says happened: the oracle, independent of QMP.
-
-    ``migrate-switch-host`` anywhere means the session was reset; ``migrate-end`` without it
-    is the semi-seamless path; ``migrate-begin-seamless`` followed by the per-channel
-    migration and no switch is seamless.
-    """
-    messages = _MIGRATION_MESSAGE.findall(log_text)
-    if "migrate-switch-host" in messages:
-        return "switch-host", messages
-    if "migrate-end" in messages:
-        return "semi-seamless", messages
-    if "migrate-begin-seamless" in messages and "spice_channel_handle_migrate" in log_text:
-        return "seamless", messages
-    return "unknown", messages
-
-
-def test_viewer_path_parser() -> None:
-    """The oracle's parser on excerpts in spice-gtk 0.42's format."""
-    prefix = "(remote-viewer:42): GSpice-DEBUG: 00:00:01.000: ../src/channel-main.c:2367 main-1:0: "
-    seamless = (
-        prefix
-        + "migration message: migrate-begin-seamless\n"
-        + prefix
-        + "migrate_begin 1 127.0.0.1 5901\n"
-        + "(remote-viewer:42): GSpice-DEBUG: spice_channel_handle_migrate: flags 3\n"
-    )
-    switch = seamless + prefix + "migration message: migrate-switch-host\n"
-    assert viewer_path(seamless) == ("seamless", ["migrate-begin-seamless"])
-    assert viewer_path(switch)[0] == "switch-host"
-    assert viewer_path("")[0] == "unknown"
-
+pytestmark = [pytest.mark.qemu]
 
 # --------------------------------------------------------------------------- helpers
 
@@ -116,31 +78,15 @@ async def _viewer_session(
     deadline = time.monotonic() + timeout
     async with QMPConnection.open(Path(qmp_path), name="rv-test") as qmp:
         while True:
-            info = await qmp.execute("query-spice")
-            by_id: dict[int, set[str]] = {}
-            for ch in info.get("channels", []):
-                name = channel_name(int(ch["channel-type"]), int(ch["channel-id"]))
-                # QEMU prints the id as a signed C int; SPICE (and the report) use the u32
-                cid = int(ch["connection-id"]) & 0xFFFFFFFF
-                by_id.setdefault(cid, set()).add(name)
-            for cid, names in by_id.items():
-                if names >= EXPECTED_CHANNELS:
-                    return cid, names
+            sessions = sessions_from_query_spice(await qmp.execute("query-spice"))
+            cid = full_session(sessions)
+            if cid is not None:
+                return cid, set(sessions[cid].names)
             if not viewer.alive():
                 pytest.fail(f"remote-viewer exited:\n{viewer.log_text()[-2000:]}")
             if time.monotonic() > deadline:
-                pytest.fail(f"QMP shows no full remote-viewer session: {by_id}")
+                pytest.fail(f"QMP shows no full remote-viewer session: {sessions}")
             await asyncio.sleep(0.05)
-
-
-def _wait_log(viewer: RemoteViewer, want: Path_, timeout: float = 10.0) -> tuple[Path_, list[str]]:
-    """The oracle's verdict once the log holds it (spice-gtk logs after acting)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        path, messages = viewer_path(viewer.log_text())
-        if path == want or time.monotonic() > deadline:
-            return path, messages
-        time.sleep(0.1)
 
 
 def _port_sockets(port: int) -> set[str]:
@@ -177,12 +123,6 @@ async def _migration_stream_closed(port: int, timeout: float = 60.0) -> None:
 
 
 @pytest.fixture
-def x_server(lab_dir: Path) -> Iterator[XServer]:
-    with xvfb(lab_dir) as server:
-        yield server
-
-
-@pytest.fixture
 def lab_up(lab_dir: Path) -> Iterator[dict[str, Any]]:
     """``lab up --json`` (firmware guest) in the private dir; ``lab down`` always after."""
     lab = lab_dir / "lab"
@@ -214,10 +154,10 @@ async def test_remote_viewer_verdict_from_qmp_matches_its_log(
     expected: Literal["seamless", "switch-host"],
 ) -> None:
     source = lab_up["source"]
-    viewer = start_viewer(source["spice_uri"], x_server.display, lab_dir, debug=True)
+    viewer = start_viewer(source["spice_uri"], x_server.display, lab_dir)
     try:
         cid_before, channels = await _viewer_session(source["qmp"], viewer)
-        assert channels >= EXPECTED_CHANNELS
+        assert channels >= VIEWER_CHANNELS
 
         args = ["migrate", "--no-watch", "--json"] + ([] if wait else ["--no-wait-client"])
         if wait:
@@ -248,7 +188,7 @@ async def test_remote_viewer_verdict_from_qmp_matches_its_log(
         assert client["connection_id_kept"] is (expected == "seamless")
         assert report["link_wait"]["result"] == ("linked" if wait else "skipped")
         if wait:
-            assert set(client["channels_after"]) >= EXPECTED_CHANNELS
+            assert set(client["channels_after"]) >= VIEWER_CHANNELS
         else:
             # switch-host is decided the moment the new session shows on the destination
             # (the verdict from evidence): its other channels may still be re-linking then
@@ -260,8 +200,9 @@ async def test_remote_viewer_verdict_from_qmp_matches_its_log(
             assert client["connection_id_after"] not in (None, cid_before)
 
         # what really happened, from remote-viewer's own log (the independent oracle)
-        oracle, messages = await asyncio.to_thread(_wait_log, viewer, expected)
-        assert oracle == client["path"], (oracle, messages, viewer.log_text()[-3000:])
+        oracle = await asyncio.to_thread(wait_outcome, viewer, 0)
+        messages = migration_messages(viewer.log_text())
+        assert oracle.path == client["path"], (oracle, messages, viewer.log_text()[-3000:])
         assert messages, viewer.log_text()[-3000:]
         assert messages[0] == "migrate-begin-seamless", messages
 

@@ -9,7 +9,6 @@ interpreter, so nothing on the machine is installed or changed; the stubs log th
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import stat
 import subprocess
@@ -81,7 +80,7 @@ def test_nothing_to_do_prints_nothing(sandbox: Path) -> None:
     assert [c for c in _calls(sandbox) if not c.startswith("venv-python -c")] == []
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="as_root would ask sudo")
+@pytest.mark.root  # as_root would ask sudo
 def test_each_step_performed_is_one_line(sandbox: Path) -> None:
     (sandbox / "repo" / ".venv" / ".spice-libvirt-setup").write_text("stale\n")
     proc = _setup(sandbox, MISSING="gcc ruby")
@@ -99,7 +98,7 @@ def test_each_step_performed_is_one_line(sandbox: Path) -> None:
     assert _setup(sandbox).stdout == ""
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="as_root would ask sudo")
+@pytest.mark.root  # as_root would ask sudo
 def test_vagrant_packages_by_default_and_an_opt_out(sandbox: Path) -> None:
     """The Vagrant lab's test runs in scripts/test.sh by default, so setup installs its
     packages; SPICE_LIBVIRT_VAGRANT=0 leaves them out (and test.sh its test)."""

@@ -252,4 +252,18 @@ def test_registry_covers_every_facts_doc_message() -> None:
     assert main_server == set(range(1, 8)) | set(range(101, 119))
     main_client = {cls.TYPE for d, c, cls in ALL if d == "client" and c == ChannelType.MAIN}
     assert main_client == set(range(1, 7)) | set(range(101, 112))
-    assert all(f.name for cls in (m.MainInit,) for f in fields(cls))
+    # MAIN_INIT's eight u32 in the facts doc's order: session_id first (the connection id
+    # every later link carries)
+    assert [f.name for f in fields(m.MainInit)] == [
+        "session_id",
+        "display_channels_hint",
+        "supported_mouse_modes",
+        "current_mouse_mode",
+        "agent_connected",
+        "agent_tokens",
+        "multi_media_time",
+        "ram_hint",
+    ]
+    init = m.decode_server_message(ChannelType.MAIN, 103, struct.pack("<8I", *range(1, 9)))
+    assert isinstance(init, m.MainInit)
+    assert (init.session_id, init.ram_hint) == (1, 8)

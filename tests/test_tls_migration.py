@@ -17,21 +17,12 @@ Every QEMU, Xvfb and remote-viewer is stopped by PID, also when an assertion fai
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
-from benchmarks.xclients import (
-    REMOTE_VIEWER,
-    RemoteViewer,
-    XServer,
-    have_tools,
-    viewer_env,
-    xvfb,
-)
 from spice_libvirt.errors import MigrationError
 from spice_libvirt.exitcodes import ExitCode, for_report
 from spice_libvirt.migration.evidence import Sessions, sessions_from_query_spice
@@ -45,11 +36,16 @@ from spice_libvirt_lab.qemu_lab import QemuLab, embedded_client
 from spice_libvirt_lab.qemu_lab_state import LabTls
 from spice_libvirt_lab.qemu_process import QemuGroup, QemuInstance
 from spice_libvirt_lab.tls import TlsMaterial
+from tests.rigs.viewer import (
+    VIEWER_CHANNELS,
+    RemoteViewer,
+    ViewerTls,
+    XServer,
+    full_session,
+    start_viewer,
+)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("require_kvm")]
-
-#: what remote-viewer links against the firmware guest (and what our client links too)
-VIEWER_CHANNELS = {"main:0", "display:0", "inputs:0", "cursor:0", "port:0"}
 
 
 @pytest.fixture
@@ -122,40 +118,12 @@ _OFFER_PLAIN = {"test_offer_plain_port": True}
 # --------------------------------------------------------------------------- remote-viewer
 
 
-@pytest.fixture
-def x_server(lab_dir: Path) -> Iterator[XServer]:
-    missing = have_tools()
-    if missing:
-        pytest.skip(f"missing tools: {missing}")
-    with xvfb(lab_dir) as server:
-        yield server
-
-
 def _start_secure_viewer(
     uri: str, tls: TlsMaterial | LabTls, display: str, workdir: Path, name: str = "rv-tls"
 ) -> RemoteViewer:
     """remote-viewer on the TLS port, every channel secure, verifying the lab CA."""
-    home = workdir / f"{name}-home"
-    home.mkdir(parents=True, exist_ok=True)
-    log_path = workdir / f"{name}.log"
-    argv = [
-        REMOTE_VIEWER,
-        f"--spice-ca-file={tls.ca_cert}",
-        f"--spice-host-subject={tls.subject}",
-        "--spice-secure-channels=all",
-        uri,
-    ]
-    with log_path.open("wb") as log:
-        started = time.time()
-        proc = subprocess.Popen(
-            argv,
-            env=viewer_env(display, home, debug=True),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return RemoteViewer(proc, log_path, started)
+    secure = ViewerTls(tls.ca_cert, tls.subject)
+    return start_viewer(uri, display, workdir, name=name, tls=secure)
 
 
 async def _wait_viewer(
@@ -165,10 +133,10 @@ async def _wait_viewer(
     deadline = time.monotonic() + timeout
     while True:
         sessions = await query()
-        for cid, session in sessions.items():
-            if set(session.names) >= VIEWER_CHANNELS:
-                assert session.all_tls is True, session.channels
-                return cid
+        cid = full_session(sessions)
+        if cid is not None:
+            assert sessions[cid].all_tls is True, sessions[cid].channels
+            return cid
         if not viewer.alive():
             pytest.fail(f"remote-viewer exited:\n{viewer.log_text()[-2000:]}")
         if time.monotonic() > deadline:

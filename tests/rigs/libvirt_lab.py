@@ -1,0 +1,118 @@
+"""The two-host libvirt lab for tests: its marks, one way to build it, one leak check.
+
+A module that shares one lab across its tests sets ``pytestmark = lab_marks(**options)``
+(the options of :func:`spice_libvirt_lab.libvirt_lab.up`) and takes the module-scoped
+``libvirt_lab`` fixture (``tests/conftest.py``); a test that builds its own lab (odd
+options, a lab it breaks on purpose) takes ``libvirt_lab_dir`` and calls ``up`` itself. Either
+way, at the end :func:`down_and_check` tears the lab down and fails the test if anything the
+lab started survived.
+
+The lab lives in ``<short temp dir>/libvirt``, the place ``spice-libvirt lab --dir <temp
+dir>`` looks for it, so a test can drive the same lab through the CLI (:func:`cli_dir`).
+Other labs (other test runs, other engineers) come and go on the machine meanwhile, so the
+checks are about this lab's own processes, namespaces and mounts, never global lists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spice_libvirt_lab import libvirt_lab, netns
+from spice_libvirt_lab.labdir import LIBVIRT_SUBDIR
+from spice_libvirt_lab.libvirt_state import DownReport, LabState
+
+#: the marks of every module that builds the lab
+LIBVIRT_LAB = [
+    pytest.mark.libvirt,
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root"),
+    pytest.mark.skipif(shutil.which("libvirtd") is None, reason="libvirtd is not installed"),
+]
+
+
+def lab_marks(**options: Any) -> list[pytest.MarkDecorator]:
+    """A module's ``pytestmark``: the lab's marks and the options of its shared lab."""
+    return [*LIBVIRT_LAB, pytest.mark.libvirt_lab(**options)]
+
+
+def cli_dir(state: LabState) -> Path:
+    """What ``spice-libvirt lab --dir`` takes to reach this lab."""
+    return state.lab_dir.parent
+
+
+def lab_processes(state: LabState) -> list[netns.ProcRef]:
+    """Every process of the lab: the recorded ones (delay bridge, libvirtd, virtlogd, their
+    subreaper, sshd, agents, clients) and whatever lives in its namespaces now (guests included)."""
+    refs = [state.bridge.proc] + [
+        r
+        for h in state.hosts.values()
+        for r in (h.runtime.libvirtd, h.runtime.virtlogd, h.runtime.reaper)
+    ]
+    found = [r for r in refs if r is not None]
+    found += [p.proc for p in (*state.daemons, *state.clients)]
+    for name in state.namespaces:
+        for pid in netns.pids_in(name):
+            with contextlib.suppress(Exception):  # gone between the listing and the look
+                found.append(netns.ProcRef.of(pid))
+    return found
+
+
+def assert_lab_gone(state: LabState, processes: list[netns.ProcRef]) -> None:
+    """None of ``processes`` alive, no namespace with the lab's prefix, no mount of it."""
+    alive = [f"{p.what or 'pid'} {p.pid}" for p in processes if p.alive()]
+    assert alive == [], f"lab {state.id} left processes running: {alive}"
+    names = [n for n in netns.list_names() if n.startswith(state.prefix)]
+    assert names == [], f"lab {state.id} left namespaces: {names}"
+    mounts = [
+        line.split()[4]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if state.prefix in line or str(state.run_dir) in line
+    ]
+    assert mounts == [], f"lab {state.id} left mounts: {mounts}"
+
+
+def down_and_check(path: Path) -> DownReport:
+    """``lab down`` on ``path`` (a lab directory, built or not), then the leak check."""
+    state = libvirt_lab.load_state(path)
+    processes = lab_processes(state) if state is not None else []
+    report = libvirt_lab.down(path)  # a LabError if down itself saw something survive
+    if state is not None:
+        assert_lab_gone(state, processes)
+    return report
+
+
+@contextlib.contextmanager
+def lab_directory() -> Iterator[Path]:
+    """A fresh ``<temp>/libvirt`` for a lab; torn down and checked afterwards, also when the
+    block failed."""
+    top = Path(tempfile.mkdtemp(prefix="sl-"))
+    path = top / LIBVIRT_SUBDIR
+    try:
+        yield path
+    finally:
+        try:
+            down_and_check(path)
+        finally:
+            shutil.rmtree(top, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_lab(**options: Any) -> Iterator[LabState]:
+    """``libvirt_lab.up(**options)`` in a fresh directory for the block; checked after."""
+    with lab_directory() as path:
+        yield libvirt_lab.up(path, **options)
+
+
+def fresh_state(state: LabState) -> LabState:
+    """The lab's state as it is on disk now (where the guest runs, what was started)."""
+    now = libvirt_lab.load_state(state.lab_dir)
+    assert now is not None, f"no lab in {state.lab_dir}"
+    return now
