@@ -7,8 +7,8 @@ import json
 import sys
 
 import pytest
-from qemu.qmp import QMPClient
 
+from spice_libvirt.qemu.qmp import NegotiatingClient
 from spice_libvirt_lab.ports import free_tcp_port
 from spice_libvirt_lab.qemu_process import QemuGroup
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.qemu
 BOUND_S = 60.0
 
 
-async def _wait_channels(qmp: QMPClient, count: int) -> None:
+async def _wait_channels(qmp: NegotiatingClient, count: int) -> None:
     """Until QEMU lists ``count`` SPICE channels (QMP has no event for every channel)."""
     async with asyncio.timeout(BOUND_S):
         while True:

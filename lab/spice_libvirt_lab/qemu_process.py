@@ -35,11 +35,11 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from qemu.qmp import QMPClient
 from qemu.qmp import QMPError as _QMPLibError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from spice_libvirt.errors import ConfigError, LabError, QMPError
+from spice_libvirt.qemu.qmp import NegotiatingClient
 from spice_libvirt_lab import guest as guest_mod
 from spice_libvirt_lab.guest import GuestImages
 from spice_libvirt_lab.ports import free_tcp_ports
@@ -204,9 +204,9 @@ class QemuInstance:
             self.pidfile.unlink(missing_ok=True)
 
     @contextlib.asynccontextmanager
-    async def qmp(self, timeout: float = 5.0) -> AsyncIterator[QMPClient]:
+    async def qmp(self, timeout: float = 5.0) -> AsyncIterator[NegotiatingClient]:
         """A QMP session for the ``async with`` block (the socket takes one client at a time)."""
-        client = QMPClient(self.spec.name)
+        client = NegotiatingClient(self.spec.name)
         try:
             await asyncio.wait_for(client.connect(str(self.qmp_path)), timeout)
         except (OSError, _QMPLibError, TimeoutError) as exc:
@@ -278,7 +278,7 @@ async def _wait_qmp(inst: QemuInstance, deadline: float) -> None:
             )
         if not inst.qmp_path.exists():
             raise _NotReady
-        client = QMPClient(inst.spec.name)
+        client = NegotiatingClient(inst.spec.name)
         try:
             await asyncio.wait_for(client.connect(str(inst.qmp_path)), 1.0)
         except (OSError, _QMPLibError, TimeoutError) as exc:
