@@ -49,7 +49,7 @@ from spice_libvirt.qemu.preflight import (
 )
 from spice_libvirt.qemu.qmp import EventStream, QMPConnection, QMPDisconnectedError
 from spice_libvirt.qemu.request import MigrationRequest, client_target, parse_qmp_address
-from spice_libvirt.qemu.transfer import SourceMigration, query_status
+from spice_libvirt.qemu.transfer import SourceMigration, loaded_status, query_status
 from spice_libvirt.qemu.undo import QmpEnd, settle_placement
 from spice_libvirt.qemu.waits import ClientWaits
 from spice_libvirt.spice.record import ClientMigrationRecord
@@ -385,7 +385,7 @@ class QemuMigrationController(ControllerBase[MigrationRequest, MigrationReport])
         report.verdict_ready_ms = round((time.monotonic() - t_done) * 1000.0, 3)
         run.reconnected = reconnected
         report.source.status_after = await query_status(run.src)
-        report.destination.status_after = await query_status(run.dst)
+        report.destination.status_after = await loaded_status(run.dst)
         await self._placement(run, timeout=2.0)
         after = merge(await spice_sessions(run.dst), seen)
         self._judge(run, after, record)

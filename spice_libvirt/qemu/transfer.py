@@ -55,6 +55,21 @@ async def query_status(conn: QMPConnection) -> str | None:
         return None
 
 
+async def loaded_status(conn: QMPConnection, timeout: float = 5.0) -> str | None:
+    """The destination's ``query-status`` once it has loaded the incoming state.
+
+    When the source says ``completed`` the destination may still be ``inmigrate``, reading
+    the last device state (for a while on a loaded machine); the status after a completed
+    migration is the one it settles in, asked again until ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        status = await query_status(conn)
+        if status != "inmigrate" or time.monotonic() >= deadline:
+            return status
+        await asyncio.sleep(0.02)
+
+
 @dataclasses.dataclass
 class SourceMigration:
     """The migration job on one source QEMU, followed through its ``MIGRATION`` events."""
