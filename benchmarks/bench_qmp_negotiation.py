@@ -11,7 +11,9 @@ session raises SPICE_CONNECTED, SPICE_INITIALIZED and SPICE_DISCONNECTED per cha
 round opens three QMP sessions in turn, in a shuffled order so load changes hit them alike:
 
 * ``raw``: a plain socket, greeting read, ``qmp_capabilities`` sent; the first message
-  after it is recorded (``return`` or the event's name) -- what QEMU does, no library;
+  after it is recorded (``return`` or the event's name) -- what QEMU does, no library. The
+  session is closed only after the reply came: QEMU writes a reply still in flight to the
+  *next* client of the socket, before its greeting;
 * ``qemu.qmp``: ``QMPClient.connect`` once, no retry: ok or the error;
 * ``ours``: ``NegotiatingClient.connect`` once, no retry: ok or the error.
 
@@ -70,7 +72,9 @@ def raw_first_message(path: Path) -> str:
         messages = _messages(sock)
         next(messages)  # the greeting
         sock.sendall(b'{"execute": "qmp_capabilities"}\n')
-        first = next(messages)
+        first = reply = next(messages)
+        while "event" in reply:  # the reply is still to come: leave no reply in flight
+            reply = next(messages)
     return "return" if "return" in first else f"event {first.get('event', first)}"
 
 
