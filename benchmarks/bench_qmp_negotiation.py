@@ -31,6 +31,8 @@ import asyncio
 import json
 import os
 import random
+import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -116,30 +118,33 @@ async def run(rounds: int) -> tuple[Summary, list[dict[str, Any]]]:
     workdir = Path(tempfile.mkdtemp(prefix="slb-qmp-"))
     rows: list[dict[str, Any]] = []
     commit = _commit()
-    async with QemuGroup(workdir) as vms:
-        vm = await vms.start(name="negotiate", guest="firmware")
-        stop, sessions = threading.Event(), [0]
-        churner = threading.Thread(target=churn, args=(vm.spice_port, stop, sessions))
-        churner.start()
-        try:
-            for i in range(rounds):
-                order = list(METHODS)
-                random.shuffle(order)
-                load = round(os.getloadavg()[0], 2)
-                for method in order:
-                    if method == "raw":
-                        result = await asyncio.to_thread(raw_first_message, vm.qmp_path)
-                    elif method == "qemu.qmp":
-                        result = await library_connect(QMPClient("bench"), vm.qmp_path)
-                    else:
-                        result = await library_connect(NegotiatingClient("bench"), vm.qmp_path)
-                    rows.append(
-                        {"round": i, "method": method, "result": result, "load_1m": load}
-                        | {"commit": commit}
-                    )
-        finally:
-            stop.set()
-            await asyncio.to_thread(churner.join, 30)
+    try:
+        async with QemuGroup(workdir) as vms:
+            vm = await vms.start(name="negotiate", guest="firmware")
+            stop, sessions = threading.Event(), [0]
+            churner = threading.Thread(target=churn, args=(vm.spice_port, stop, sessions))
+            churner.start()
+            try:
+                for i in range(rounds):
+                    order = list(METHODS)
+                    random.shuffle(order)
+                    load = round(os.getloadavg()[0], 2)
+                    for method in order:
+                        if method == "raw":
+                            result = await asyncio.to_thread(raw_first_message, vm.qmp_path)
+                        elif method == "qemu.qmp":
+                            result = await library_connect(QMPClient("bench"), vm.qmp_path)
+                        else:
+                            result = await library_connect(NegotiatingClient("bench"), vm.qmp_path)
+                        rows.append(
+                            {"round": i, "method": method, "result": result, "load_1m": load}
+                            | {"commit": commit}
+                        )
+            finally:
+                stop.set()
+                await asyncio.to_thread(churner.join, 30)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     results: dict[str, Counter[str]] = {m: Counter() for m in METHODS}
     for row in rows:
         results[row["method"]][row["result"]] += 1
@@ -167,11 +172,20 @@ def markdown(s: Summary) -> str:
     return "\n".join(lines)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # the QEMU is stopped on the way out, as on ^C
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
     parser = arg_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=300, help="sessions of each kind")
     args = parser.parse_args(argv)
-    summary, rows = asyncio.run(run(args.rounds))
+    try:
+        summary, rows = asyncio.run(run(args.rounds))
+    except KeyboardInterrupt:
+        print("interrupted: the QEMU was stopped, nothing saved", file=sys.stderr)
+        return 130
     return finish("qmp-negotiation", summary, args, markdown, rows=("qmp-negotiation", rows))
 
 

@@ -43,11 +43,16 @@ def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def stand_in_qmp(path: Path, replies: list[dict[str, Any]]) -> AsyncIterator[None]:
-    """A stand-in for QEMU's QMP socket (not QEMU): greets, answers ``qmp_capabilities``
-    with ``replies`` in that order, then answers every command with an empty return."""
+async def stand_in_qmp(
+    path: Path, replies: list[dict[str, Any]], stale: tuple[dict[str, Any], ...] = ()
+) -> AsyncIterator[None]:
+    """A stand-in for QEMU's QMP socket (not QEMU): sends ``stale`` (what was in flight for
+    a previous client), greets, answers ``qmp_capabilities`` with ``replies`` in that
+    order, then answers every command with an empty return."""
 
     async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for message in stale:
+            _send(writer, message)
         _send(writer, GREETING)
         decoder, buffer = json.JSONDecoder(), ""
         try:
@@ -94,6 +99,15 @@ async def test_an_event_before_the_reply_is_delivered_not_fatal(tmp_path: Path) 
             finally:
                 await client.disconnect()
         assert event["event"] == "SPICE_CONNECTED"
+
+
+async def test_what_was_in_flight_for_the_previous_client_is_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "qmp.sock"
+    async with stand_in_qmp(path, [{"return": {}}], stale=({"return": {}}, EVENT)):
+        with pytest.raises(ConnectError, match="Did not understand Greeting"):
+            await QMPClient("upstream").connect(str(path))
+        async with QMPConnection.open(path, timeout=2) as qmp:
+            assert await qmp.execute("query-status") == {}
 
 
 async def test_a_refused_negotiation_is_still_a_connect_error(tmp_path: Path) -> None:

@@ -33,9 +33,10 @@ from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClien
 from qemu.qmp import QMPError as UpstreamQMPError
 from qemu.qmp.error import ProtocolError
 from qemu.qmp.message import Message
+from qemu.qmp.models import Greeting
 from qemu.qmp.protocol import ConnectError as UpstreamConnectError
 from qemu.qmp.protocol import Runstate, StateError
-from qemu.qmp.qmp_client import NegotiationError
+from qemu.qmp.qmp_client import GreetingError, NegotiationError
 
 from spice_libvirt import errors
 
@@ -155,7 +156,25 @@ class NegotiatingClient(QMPClient):
 
     Here every event that comes before the reply goes to the listeners, as it would once
     the session runs; anything else but a ``return`` still fails the negotiation.
+
+    The socket serves one client at a time, and QEMU writes a reply or an event still in
+    flight for the previous client to the next one, before its greeting (seen when a
+    client hung up mid-negotiation). Up to :attr:`STALE_LIMIT` such messages are skipped.
     """
+
+    STALE_LIMIT = 16
+
+    async def _get_greeting(self) -> Greeting:
+        try:
+            for _ in range(self.STALE_LIMIT):
+                msg = await self._recv()
+                if "QMP" in msg:
+                    return Greeting(msg)
+                log.debug("%s: skipped before the greeting: %s", self.name, dict(msg))
+        except (ProtocolError, KeyError, TypeError) as err:
+            raise GreetingError("Did not understand Greeting", err) from err
+        stale = ProtocolError(f"no greeting in the first {self.STALE_LIMIT} messages")
+        raise GreetingError("Did not understand Greeting", stale)
 
     async def _negotiate(self) -> None:
         arguments: dict[str, list[str]] = {}
