@@ -44,13 +44,21 @@ def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
 
 @contextlib.asynccontextmanager
 async def stand_in_qmp(
-    path: Path, replies: list[dict[str, Any]], stale: tuple[dict[str, Any], ...] = ()
+    path: Path,
+    replies: list[dict[str, Any]],
+    stale: tuple[dict[str, Any], ...] = (),
+    first_replies: list[dict[str, Any]] | None = None,
 ) -> AsyncIterator[None]:
     """A stand-in for QEMU's QMP socket (not QEMU): sends ``stale`` (what was in flight for
-    a previous client), greets, answers ``qmp_capabilities`` with ``replies`` in that
-    order, then answers every command with an empty return."""
+    a previous client), greets, answers ``qmp_capabilities`` with ``replies`` in that order
+    (the first session with ``first_replies`` if given), then answers every command with
+    an empty return."""
+    sessions = 0
 
     async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sessions
+        sessions += 1
+        answers = first_replies if first_replies is not None and sessions == 1 else replies
         for message in stale:
             _send(writer, message)
         _send(writer, GREETING)
@@ -65,7 +73,7 @@ async def stand_in_qmp(
                         break  # the rest of it is still on the way
                     buffer = buffer[end:].lstrip()
                     if command["execute"] == "qmp_capabilities":
-                        for reply in replies:
+                        for reply in answers:
                             _send(writer, reply)
                     else:
                         _send(writer, {"return": {}, "id": command.get("id")})
@@ -108,6 +116,19 @@ async def test_what_was_in_flight_for_the_previous_client_is_skipped(tmp_path: P
             await QMPClient("upstream").connect(str(path))
         async with QMPConnection.open(path, timeout=2) as qmp:
             assert await qmp.execute("query-status") == {}
+
+
+async def test_a_session_that_dies_as_it_is_established_is_tried_again(tmp_path: Path) -> None:
+    """A reply without an id right after the negotiation (QEMU's answer to a previous
+    client's command) ends qemu.qmp's session at once; the connection tries again."""
+    path = tmp_path / "qmp.sock"
+    stray = {"error": {"class": "CommandNotFound", "desc": "negotiation is already complete"}}
+    first: list[dict[str, Any]] = [{"return": {}}, stray]
+    async with (
+        stand_in_qmp(path, [{"return": {}}], first_replies=first),
+        QMPConnection.open(path, timeout=5) as qmp,
+    ):
+        assert await qmp.execute("query-status") == {}
 
 
 async def test_a_refused_negotiation_is_still_a_connect_error(tmp_path: Path) -> None:
