@@ -10,7 +10,9 @@
 #      apt cannot name the guest's kernel package);
 #   2. creates .venv/ in the repository and installs the project with its dev, libvirt and lab
 #      extras (again only when pyproject.toml changed or the venv is incomplete);
-#   3. builds the Linux test guest into the cache (python -m spice_libvirt_lab.guest build).
+#   3. builds the test guests into the cache: the Linux one (python -m spice_libvirt_lab.guest
+#      build) and the bare-metal memcheck one from its C sources (python -m
+#      spice_libvirt_lab.memcheck build; gcc and ld, nothing downloaded).
 # It never edits the machine's libvirt configuration: every lab libvirtd has its own private
 # /etc/libvirt (qemu.conf included), and nothing here uses the machine's own libvirtd.
 # Environment: PYTHON (interpreter for the venv, default python3, must be >= 3.11),
@@ -120,5 +122,11 @@ if [ "${SETUP_SKIP_GUEST:-0}" != 1 ]; then
     run "building the linux test guest" guest build -q
     if [ -n "$before" ] && [ "$(guest show 2>/dev/null || true)" != "$before" ]; then
         say "rebuilt the Linux test guest (its inputs changed)"
+    fi
+    memcheck() { "$VENV/bin/python" -m spice_libvirt_lab.memcheck "$@"; }
+    before=$(memcheck show 2>/dev/null || true)
+    run "building the memcheck test guest" memcheck build -q
+    if [ "$(memcheck show 2>/dev/null || true)" != "$before" ]; then
+        say "built the memcheck test guest (its sources or the toolchain changed)"
     fi
 fi

@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from spice_libvirt.cli.migrate import add_common_arguments, request_options
 from spice_libvirt.cli.render import add_timeline_argument, print_report, save_timeline
-from spice_libvirt.errors import LabError
+from spice_libvirt.errors import ConfigError, LabError
 from spice_libvirt.exitcodes import ExitCode, exit_codes_epilog, for_report
 from spice_libvirt.migration.progress import make_reporter
-from spice_libvirt_lab import command_libvirt, command_vagrant, labdir
+from spice_libvirt_lab import command_libvirt, command_vagrant, labdir, memcheck
 from spice_libvirt_lab.command_libvirt import refuse
 
 
@@ -51,17 +54,35 @@ def register(subparsers: Any) -> None:
     up = sub.add_parser("up", help="start the source (running) and the destination (incoming)")
     up.add_argument(
         "--guest",
-        choices=("firmware", "linux"),
+        choices=("firmware", "linux", "memcheck"),
         default="firmware",
         help="firmware: SeaBIOS only (nothing to move, migrates in ms); linux: a small kernel "
-        "writing a record stream into a SPICE port channel",
+        "writing a record stream into a SPICE port channel; memcheck: a bare-metal program "
+        "that fills its memory and checks it every second ('lab guest' shows its account)",
     )
     up.add_argument(
         "--memory",
         type=int,
         default=None,
         metavar="MIB",
-        help="guest memory (256; 128 with --domains)",
+        help="guest memory (256; 128 with --domains); memcheck: its working set (it gets "
+        f"{memcheck.RESERVED_MIB} MiB more RAM)",
+    )
+    up.add_argument(
+        "--dirty-mib-s",
+        type=int,
+        default=None,
+        metavar="R",
+        help="memcheck: rewrite R MiB of its pages per second (0, the default: idle but full "
+        "of data)",
+    )
+    up.add_argument(
+        "--pass-ms",
+        type=int,
+        default=None,
+        metavar="MS",
+        help="memcheck: verify the whole working set every MS ms (1000); the guest halts "
+        "in between",
     )
     up.add_argument(
         "--tls", action="store_true", help="also listen on TLS ports (lab CA); clients use TLS"
@@ -106,7 +127,8 @@ def register(subparsers: Any) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="libvirt lab: N firmware guests on host A (each with a client, see --clients)",
+        help="libvirt lab: N guests on host A, firmware or all memcheck with --guest memcheck "
+        "(each with a client, see --clients)",
     )
     up.add_argument(
         "--clients",
@@ -183,6 +205,15 @@ def register(subparsers: Any) -> None:
     evac.add_argument("--json", action="store_true", help="print per-domain verdicts as JSON")
     evac.set_defaults(handler=_evacuate)
 
+    guest = sub.add_parser(
+        "guest",
+        help="the memcheck guests' own accounts: alive, errors, MiB verified, passes",
+        description="Each memcheck guest's own account, read from its serial console on the "
+        "host it runs on. Exit 10 when a guest is not alive or found errors.",
+    )
+    guest.add_argument("--json", action="store_true", help="print one object per domain")
+    guest.set_defaults(handler=_guest)
+
     purge = sub.add_parser("purge", help="libvirt lab: remove a lab whose state file is lost")
     purge.add_argument("prefix", help="its namespace prefix, e.g. slab1a2b3c")
     purge.add_argument("--json", action="store_true", help="print what was removed as JSON")
@@ -207,12 +238,21 @@ def _up(args: argparse.Namespace) -> int:
     from spice_libvirt_lab.qemu_lab import dump, state_summary
 
     refuse({"--tls-mode without --tls": args.tls_mode is not None and not args.tls}, "lab up")
+    if args.guest != "memcheck":
+        refuse(
+            {"--dirty-mib-s": args.dirty_mib_s is not None, "--pass-ms": args.pass_ms is not None},
+            f"the {args.guest} guest (memcheck only)",
+        )
     if args.vagrant:
         return command_vagrant.up(args)
     if args.tls_mode == "tls-only" and not args.libvirt:
         refuse({"--tls-mode tls-only": True}, "the QEMU lab (libvirt lab only)")
     if args.libvirt:
-        return command_libvirt.up(args, labdir.libvirt_lab_dir(args.dir))
+        from spice_libvirt_lab.libvirt_fleet import FLEET_MEMORY_MIB
+
+        default_mib = 256 if args.domains is None else FLEET_MEMORY_MIB
+        options = memcheck_options(args, default_mib)
+        return command_libvirt.up(args, labdir.libvirt_lab_dir(args.dir), options)
     refuse(
         {
             "--client-rtt-ms": args.client_rtt_ms is not None,
@@ -230,6 +270,7 @@ def _up(args: argparse.Namespace) -> int:
             args.memory,
             tls=args.tls,
             tls_mode="mixed" if args.tls_mode == "mixed" else "secure",
+            options=memcheck_options(args, 256),
         )
     )
     summary = state_summary(state)
@@ -249,6 +290,49 @@ def _up(args: argparse.Namespace) -> int:
         else:
             print(f"connect a viewer: remote-viewer {src['spice_uri']}")
     return int(ExitCode.OK)
+
+
+def memcheck_options(args: argparse.Namespace, default_mib: int) -> memcheck.MemcheckOptions | None:
+    """The memcheck guest's options from ``lab up``'s arguments (None: another guest)."""
+    if args.guest != "memcheck":
+        return None
+    memory = args.memory if args.memory is not None else default_mib
+    given: dict[str, int] = {"working_set_mib": memory}
+    if args.dirty_mib_s is not None:
+        given["dirty_mib_s"] = args.dirty_mib_s
+    if args.pass_ms is not None:
+        given["pass_ms"] = args.pass_ms
+    try:
+        return memcheck.MemcheckOptions(**given)
+    except ValueError as exc:
+        first = exc.errors()[0] if isinstance(exc, ValidationError) else None
+        reason = f"{first['loc'][0]}: {first['msg']}" if first else str(exc)
+        raise ConfigError(f"memcheck guest: {reason}") from None
+
+
+def _guest(args: argparse.Namespace) -> int:
+    """Print the memcheck guests' accounts; exit 10 if one is not alive or found errors."""
+    if command_vagrant.lab_dir_if_up(args.dir) is not None:
+        refuse({"lab guest": True}, "the Vagrant lab")
+    if (path := _libvirt_dir(args)) is not None:
+        from spice_libvirt_lab.libvirt_status import guest_accounts
+
+        accounts = guest_accounts(path)
+    else:
+        accounts = _lab(args).guest_accounts()
+    if args.json:
+        print(json.dumps([a.model_dump(mode="json") for a in accounts], indent=1))
+    else:
+        for a in accounts:
+            bad = f", first bad page {a.first_bad.page}" if a.first_bad else ""
+            print(
+                f"{a.domain}: {'alive' if a.alive else 'NOT ALIVE'} on "
+                f"{a.host or 'no host'}, errors {a.errors}, passes {a.passes}, verified "
+                f"{a.verified_mib} MiB, last report {a.last_report_age_s} s ago{bad}"
+                + (f" ({a.fault})" if a.fault else "")
+            )
+    healthy = all(a.alive and a.errors == 0 for a in accounts)
+    return int(ExitCode.OK if healthy else ExitCode.LAB)
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -303,8 +387,6 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    import json
-
     if command_vagrant.lab_dir_if_up(args.dir) is not None:
         return command_vagrant.down(args)
     if (path := _libvirt_dir(args)) is not None:

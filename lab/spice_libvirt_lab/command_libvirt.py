@@ -16,6 +16,7 @@ from spice_libvirt.cli.render import print_hold, print_report, save_timeline
 from spice_libvirt.errors import ConfigError
 from spice_libvirt.exitcodes import ExitCode, for_evacuation, for_report
 from spice_libvirt.migration.progress import make_reporter
+from spice_libvirt_lab.memcheck import MemcheckOptions
 
 
 def refuse(options: dict[str, bool], where: str) -> None:
@@ -26,12 +27,11 @@ def refuse(options: dict[str, bool], where: str) -> None:
         raise ConfigError(f"{', '.join(given)}: not applicable to {where}")
 
 
-def up(args: argparse.Namespace, path: Path) -> int:
+def up(args: argparse.Namespace, path: Path, options: MemcheckOptions | None) -> int:
     from spice_libvirt_lab import libvirt_lab
     from spice_libvirt_lab.libvirt_fleet import FLEET_MEMORY_MIB
 
     domains = 1 if args.domains is None else args.domains
-
     state = libvirt_lab.up(
         path,
         client_rtt_ms=args.client_rtt_ms or 0.0,
@@ -44,6 +44,7 @@ def up(args: argparse.Namespace, path: Path) -> int:
         domains=domains,
         clients=args.domains is not None and args.clients != "none",
         agent=args.agent,
+        memcheck_options=options,
     )
     spice = libvirt_lab.spice_endpoint(state, "A")
     if args.json:

@@ -1,4 +1,7 @@
-"""The lab's two test guests, and the one-time build of the Linux one.
+"""The lab's test guests, and the one-time build of the Linux one.
+
+The third guest, ``memcheck`` (a bare-metal program that checks its own memory), has its
+own module: :mod:`spice_libvirt_lab.memcheck`.
 
 ``firmware``
     No OS at all: SeaBIOS finds no disk and no NIC and halts. Nothing to build. Under KVM it
@@ -62,7 +65,7 @@ from spice_libvirt_lab.procs import exclusive_lock
 
 log = logging.getLogger(__name__)
 
-GuestKind = Literal["firmware", "linux"]
+GuestKind = Literal["firmware", "linux", "memcheck"]
 Accel = Literal["kvm", "tcg"]
 
 #: Guest sources shipped in the package (``lab/spice_libvirt_lab/guest/``).
@@ -123,18 +126,23 @@ def kvm_flavour(sys_module: Path = Path("/sys/module")) -> Literal["intel", "amd
 
 
 def default_accel(guest: GuestKind) -> Accel:
-    """The accelerator ``accel="auto"`` means for ``guest`` on this host (module docstring)."""
+    """The accelerator ``accel="auto"`` means for ``guest`` on this host (module docstring).
+
+    The memcheck guest (:mod:`spice_libvirt_lab.memcheck`) is chosen for the same way as the
+    linux one, by ``SPICE_LIBVIRT_MEMCHECK_ACCEL``.
+    """
     if not kvm_usable():
         return "tcg"
     if guest == "firmware":
         return "kvm"
-    choice = os.environ.get("SPICE_LIBVIRT_LINUX_ACCEL", "tcg").strip().lower()
+    variable = f"SPICE_LIBVIRT_{guest.upper()}_ACCEL"
+    choice = os.environ.get(variable, "tcg").strip().lower()
     if choice == "kvm":
         return "kvm"
     if choice == "auto":
         return "kvm" if kvm_flavour() in ("intel", "amd") else "tcg"
     if choice not in ("", "tcg"):
-        raise LabError(f"SPICE_LIBVIRT_LINUX_ACCEL must be tcg, kvm or auto, not {choice!r}")
+        raise LabError(f"{variable} must be tcg, kvm or auto, not {choice!r}")
     return "tcg"
 
 

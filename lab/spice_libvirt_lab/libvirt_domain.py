@@ -9,6 +9,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape as xml_escape
 
 from spice_libvirt.errors import ConfigError
+from spice_libvirt_lab import guest as guest_images
 from spice_libvirt_lab.libvirt_state import (
     DEFAULT_DOMAIN,
     PORT_CHANNEL,
@@ -17,9 +18,11 @@ from spice_libvirt_lab.libvirt_state import (
     GuestKind,
     TlsMode,
 )
+from spice_libvirt_lab.memcheck import MemcheckOptions
 
 TEMPLATE = Path(__file__).with_name("templates") / "domain.xml"
 TEMPLATE_LINUX = TEMPLATE.with_name("domain-linux.xml")
+TEMPLATE_MEMCHECK = TEMPLATE.with_name("domain-memcheck.xml")
 #: ``--tls-mode mixed``: the channels that refuse plain text; the others (display, the
 #: agent's and the port's data) go as the client chooses
 MIXED_SECURE_CHANNELS = ("main", "inputs", "cursor")
@@ -65,8 +68,14 @@ def render_domain_xml(
     port_name: str = PORT_CHANNEL,
     tls_mode: TlsMode | None = None,
     ticket: bool = False,
+    memcheck: MemcheckOptions | None = None,
 ) -> str:
-    """The lab guest's domain XML from :data:`TEMPLATE` (firmware) or :data:`TEMPLATE_LINUX`.
+    """The lab guest's domain XML from :data:`TEMPLATE` (firmware), :data:`TEMPLATE_LINUX`
+    or :data:`TEMPLATE_MEMCHECK`.
+
+    The memcheck guest runs with ``memcheck`` (default: :class:`MemcheckOptions`); its RAM
+    is its working set plus what it keeps for itself, whatever ``memory_mib`` says. Its
+    accelerator is chosen like the linux guest's (``SPICE_LIBVIRT_MEMCHECK_ACCEL``).
 
     The linux guest's kernel and initrd come from :mod:`spice_libvirt_lab.guest` (built into
     its cache on first use), and so does the accelerator choice: TCG unless
@@ -75,7 +84,7 @@ def render_domain_xml(
     is usable, with QEMU's default CPU model: ``host-model`` made QEMU abort here on MSR
     0x10a (arch-capabilities) under the nested ``kvm_pvm``.
     """
-    if not 64 <= memory_mib <= 16384:
+    if guest != "memcheck" and not 64 <= memory_mib <= 16384:
         raise ConfigError(f"memory must be between 64 and 16384 MiB, not {memory_mib}")
     if not name or not all(ch.isalnum() or ch in "-_." for ch in name):
         raise ConfigError(f"invalid domain name {name!r}")
@@ -95,25 +104,41 @@ def render_domain_xml(
             common, domain_type="kvm" if kvm else "qemu"
         )
     elif guest == "linux":
-        from spice_libvirt_lab import guest as guest_images
-
         images = guest_images.ensure_linux_guest()
         accel = guest_images.default_accel("linux")
-        cpu = (
-            "<cpu mode='host-passthrough' migratable='on'>"
-            "<feature policy='disable' name='arch-capabilities'/></cpu>"
-            if accel == "kvm"
-            else "<cpu mode='maximum' migratable='on'/>"
-        )
         text = string.Template(TEMPLATE_LINUX.read_text()).substitute(
             common,
             domain_type="kvm" if accel == "kvm" else "qemu",
             kernel=xml_escape(str(images.kernel)),
             initrd=xml_escape(str(images.initrd)),
             cmdline=f"console=ttyS0 quiet panic=-1 portname={port_name}",
-            cpu=cpu,
+            cpu=_cpu_xml(accel),
+        )
+    elif guest == "memcheck":
+        from spice_libvirt_lab.memcheck import ensure_memcheck_guest
+
+        options = memcheck or MemcheckOptions()
+        accel = guest_images.default_accel("memcheck")
+        text = string.Template(TEMPLATE_MEMCHECK.read_text()).substitute(
+            common,
+            memory_mib=options.memory_mib,
+            domain_type="kvm" if accel == "kvm" else "qemu",
+            kernel=xml_escape(str(ensure_memcheck_guest().image)),
+            cmdline=options.cmdline(),
+            cpu=_cpu_xml(accel),
         )
     else:
-        raise ConfigError(f"unknown guest {guest!r}: firmware or linux")
+        raise ConfigError(f"unknown guest {guest!r}: firmware, linux or memcheck")
     ET.fromstring(text)  # a template that renders to invalid XML is a bug: fail here
     return text
+
+
+def _cpu_xml(accel: str) -> str:
+    """The ``<cpu>`` of a guest with a kernel: the host's under KVM (without the MSR that
+    aborts QEMU on a nested ``kvm_pvm``), everything TCG can emulate otherwise."""
+    if accel == "kvm":
+        return (
+            "<cpu mode='host-passthrough' migratable='on'>"
+            "<feature policy='disable' name='arch-capabilities'/></cpu>"
+        )
+    return "<cpu mode='maximum' migratable='on'/>"

@@ -1,7 +1,8 @@
 """A whole host of desktops: ``lab up --libvirt --domains N`` and ``lab evacuate``.
 
 Maintenance drains a hypervisor that runs many desktops, each with a user attached. The lab
-builds that: N firmware guests on host A (the lab guest and ``<domain>-1`` ...), each with
+builds that: N guests on host A (the lab guest and ``<domain>-1`` ...; firmware guests, or
+memcheck guests when the lab runs ``--guest memcheck``), each with
 its own SPICE client in the client namespace -- a ``spice-libvirt watch --json`` process,
 so every client is a separate program as a user's viewer is, behind the same delayed link.
 The clients are lab processes (:mod:`~spice_libvirt_lab.libvirt_daemons`): recorded with
@@ -34,6 +35,7 @@ from spice_libvirt_lab import libvirt_daemons, netns
 from spice_libvirt_lab.libvirt_domain import render_domain_xml
 from spice_libvirt_lab.libvirt_host import call_with_timeout, libvirt_error
 from spice_libvirt_lab.libvirt_state import (
+    GuestKind,
     HostName,
     LabProcess,
     LabState,
@@ -65,12 +67,16 @@ def check_request(domains: int, *, tls: bool, ticket: bool) -> None:
 
 
 def start_domains(state: LabState, count: int, memory_mib: int, timeout: float = 60.0) -> None:
-    """Define and start ``count`` more firmware guests on host A (recorded in the state)."""
+    """Define and start ``count`` more guests on host A (recorded in the state): memcheck
+    guests like the first when the lab runs memcheck, firmware guests otherwise."""
+    guest: GuestKind = "memcheck" if state.guest == "memcheck" else "firmware"
     conn = state.host("A").open()
     try:
         for i in range(1, count + 1):
             name = f"{state.domain}-{i}"
-            xml = render_domain_xml(name=name, memory_mib=memory_mib)
+            xml = render_domain_xml(
+                name=name, memory_mib=memory_mib, guest=guest, memcheck=state.memcheck
+            )
             state.extra_domains.append(name)
             save(state)
             try:

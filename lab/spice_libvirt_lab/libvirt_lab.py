@@ -56,6 +56,7 @@ from spice_libvirt_lab import (
     libvirt_daemons,
     libvirt_ticket,
     libvirt_tls,
+    memcheck,
     netns,
 )
 from spice_libvirt_lab.labdir import remove_inside
@@ -74,6 +75,7 @@ from spice_libvirt_lab.libvirt_state import (
     DEFAULT_DOMAIN,
     HOSTS,
     LINUX_BOOT_TIMEOUT,
+    MEMCHECK_READY_TIMEOUT,
     PORT_CHANNEL,
     SPICE_TLS_DIR,
     STATE_FILE,
@@ -99,8 +101,10 @@ from spice_libvirt_lab.libvirt_state import (
     save,
 )
 from spice_libvirt_lab.libvirt_status import (
+    guest_accounts,
     probe_rtt,
     require_state,
+    serial_console,
     set_client_impairment,
     set_client_rtt,
     spice_endpoint,
@@ -197,9 +201,17 @@ def _build_network(state: LabState) -> None:
     )
 
 
-def serial_log(state: LabState, host: HostName) -> Path:
-    """The linux guest's console log while it runs on ``host`` (root-namespace path)."""
-    return state.hosts[host].config.state_dir / "log" / "qemu" / f"{state.domain}-serial.log"
+def serial_log(state: LabState, host: HostName, domain: str | None = None) -> Path:
+    """A guest's console log (linux, memcheck) while it runs on ``host`` (root-namespace
+    path); ``domain`` defaults to the lab's guest."""
+    return serial_console(state, host, domain or state.domain)
+
+
+def wait_memcheck_ready(state: LabState, host: HostName, domains: list[str]) -> None:
+    """Until every memcheck guest in ``domains`` has filled its working set on ``host``."""
+    deadline = time.monotonic() + MEMCHECK_READY_TIMEOUT
+    for name in domains:
+        memcheck.wait_ready(serial_log(state, host, name), max(1.0, deadline - time.monotonic()))
 
 
 def _check_links(state: LabState) -> None:
@@ -228,8 +240,13 @@ def up(
     domains: int = 1,
     clients: bool = False,
     agent: bool = False,
+    memcheck_options: memcheck.MemcheckOptions | None = None,
 ) -> LabState:
     """Build the lab and start the guest on host A; return the recorded state.
+
+    The memcheck guest runs with ``memcheck_options`` (every domain alike; its RAM follows
+    from its working set, ``memory_mib`` is not used for it); ``up`` returns once every
+    memcheck guest has filled its working set.
 
     Every lab gets an sshd in each host and an Ansible inventory naming them
     (:mod:`~spice_libvirt_lab.libvirt_daemons`, ``state.ansible_inventory``). ``domains``
@@ -251,6 +268,7 @@ def up(
     fails, everything built so far is torn down again before the error is raised.
     """
     require_libvirt()
+    started = time.monotonic()
     lab_dir = (lab_dir or default_lab_dir()).absolute()
     mode: TlsMode | None = tls_mode if tls else None
     if ticket_valid_s is not None and ticket_file is None:
@@ -259,8 +277,17 @@ def up(
 
     libvirt_fleet.check_request(domains, tls=tls, ticket=ticket_file is not None)
     ticket = libvirt_ticket.check_ticket_file(ticket_file) if ticket_file else None
+    if guest == "memcheck":
+        memcheck_options = memcheck_options or memcheck.MemcheckOptions()
+    elif memcheck_options is not None:
+        raise ConfigError("memcheck options need the memcheck guest")
     xml = render_domain_xml(
-        name=domain, memory_mib=memory_mib, guest=guest, tls_mode=mode, ticket=bool(ticket)
+        name=domain,
+        memory_mib=memory_mib,
+        guest=guest,
+        tls_mode=mode,
+        ticket=bool(ticket),
+        memcheck=memcheck_options,
     )
     if not 0 <= client_rtt_ms <= delaybridge.MAX_RTT_MS:
         raise ConfigError(f"client rtt must be 0..{delaybridge.MAX_RTT_MS:.0f} ms")
@@ -275,6 +302,7 @@ def up(
                 )
             _teardown(old)
         state = _new_state(lab_dir, client_rtt_ms, guest, domain, mode, ticket)
+        state.memcheck = memcheck_options
         state.run_dir.mkdir(parents=True)
         save(state)
         try:
@@ -283,6 +311,9 @@ def up(
                 libvirt_ticket.set_ticket(state, "A", ticket_valid_s)
             libvirt_daemons.start_sshds(state)
             libvirt_fleet.bring_up(state, domains, memory_mib, clients)
+            if guest == "memcheck":
+                wait_memcheck_ready(state, "A", state.all_domains)
+                state.timings.guest_ready_s = round(time.monotonic() - started, 3)
             if agent:
                 libvirt_agent.start_agents(state)
             state.phase = "up"
@@ -583,6 +614,7 @@ __all__ = [
     "SpiceEndpoint",
     "default_lab_dir",
     "down",
+    "guest_accounts",
     "libvirt_p2p_migrate",
     "load_state",
     "migrate",

@@ -19,16 +19,20 @@ from spice_libvirt.errors import LabError
 from spice_libvirt_lab import delaybridge, netns
 from spice_libvirt_lab.labdir import check_private_dir, ensure_private_dir, libvirt_lab_dir
 from spice_libvirt_lab.libvirt_host import HostConfig, HostRuntime, LibvirtHost
+from spice_libvirt_lab.memcheck import MemcheckOptions
 from spice_libvirt_lab.netns import ProcRef
 from spice_libvirt_lab.procs import exclusive_lock
 
 HostName = Literal["A", "B"]
-GuestKind = Literal["firmware", "linux"]
+GuestKind = Literal["firmware", "linux", "memcheck"]
 TlsMode = Literal["secure", "mixed", "tls-only"]
 
 HOSTS: tuple[HostName, HostName] = ("A", "B")
 #: How long the linux guest may take to print GUEST-READY (TCG on a busy 2-CPU machine).
 LINUX_BOOT_TIMEOUT = 90.0
+#: How long a memcheck guest may take to fill its working set (a fleet starting at once,
+#: or this machine's nested KVM, where one MiB takes seconds).
+MEMCHECK_READY_TIMEOUT = 180.0
 DEFAULT_DOMAIN = "labvm"
 #: The spiceport channel name, the same one the linux guest streams its records into.
 PORT_CHANNEL = "org.spice-libvirt.stream"
@@ -89,7 +93,8 @@ class Timings(BaseModel):
     network_s: float | None = None
     daemons_ready_s: float | None = None
     domain_running_s: float | None = None
-    #: linux guest only: until its /init printed GUEST-READY
+    #: linux: until its /init printed GUEST-READY; memcheck: until every guest filled its
+    #: working set
     guest_ready_s: float | None = None
     caps_seeded: bool = False
     caps_harvested: bool = False
@@ -155,6 +160,8 @@ class LabState(BaseModel):
     client: ClientState
     bridge: BridgeState
     guest: GuestKind = "firmware"
+    #: the memcheck guests' options (every domain of the lab runs the same)
+    memcheck: MemcheckOptions | None = None
     domain: str = DEFAULT_DOMAIN
     domain_xml: Path
     #: None: SPICE in plain text only (no spice_tls on the hosts)

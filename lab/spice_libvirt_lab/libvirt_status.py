@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from spice_libvirt.errors import ConfigError, LabError, LibvirtError
-from spice_libvirt_lab import delaybridge, libvirt_daemons, netns
+from spice_libvirt_lab import delaybridge, libvirt_daemons, memcheck, netns
 from spice_libvirt_lab.libvirt_host import require_libvirt
 from spice_libvirt_lab.libvirt_state import (
     HOSTS,
@@ -154,6 +154,58 @@ def status(lab_dir: Path | None = None) -> LabStatus:
         and all(p.alive for p in (*result.daemons, *result.clients))
     )
     return result
+
+
+def _domain_states(state: LabState) -> dict[str, dict[HostName, int]]:
+    """domain -> {host: libvirt state} over both hosts (a host that does not answer is
+    left out: its guests count as running nowhere there)."""
+    lv = require_libvirt()
+    found: dict[str, dict[HostName, int]] = {}
+    for name in HOSTS:
+        with contextlib.suppress(lv.libvirtError, LibvirtError, LabError):
+            conn = state.host(name).open()
+            try:
+                for dom in conn.listAllDomains(0):
+                    found.setdefault(dom.name(), {})[name] = dom.state()[0]
+            finally:
+                conn.close()
+    return found
+
+
+def guest_accounts(lab_dir: Path | None = None) -> list[memcheck.GuestAccount]:
+    """Each memcheck guest's own account, read from its console on the host it runs on.
+
+    A guest paused on one host and running on the other (the end of a migration) is taken
+    where it runs; a guest on no host gets the account its last console holds, not alive.
+    """
+    lv = require_libvirt()
+    state = require_state((lab_dir or default_lab_dir()).absolute())
+    if state.guest != "memcheck":
+        raise ConfigError(
+            f"the lab's guest is {state.guest}: only the memcheck guest keeps its own account "
+            "(lab up --guest memcheck)"
+        )
+    states = _domain_states(state)
+    accounts = []
+    for domain in state.all_domains:
+        on = states.get(domain, {})
+        running = [h for h in HOSTS if on.get(h) == lv.VIR_DOMAIN_RUNNING]
+        paused = [h for h in HOSTS if on.get(h) == lv.VIR_DOMAIN_PAUSED]
+        host = running[0] if running else paused[0] if paused else None
+        console: Path | None
+        if host is not None:
+            console = serial_console(state, host, domain)
+        else:  # the console written last tells what happened
+            consoles = [serial_console(state, h, domain) for h in HOSTS]
+            written = [c for c in consoles if c.exists()]
+            console = max(written, key=lambda c: c.stat().st_mtime) if written else None
+        accounts.append(memcheck.account(domain, host, console))
+    return accounts
+
+
+def serial_console(state: LabState, host: HostName, domain: str) -> Path:
+    """A guest's serial console file on ``host`` (root-namespace path)."""
+    return state.hosts[host].config.state_dir / "log" / "qemu" / f"{domain}-serial.log"
 
 
 def where(state: LabState) -> HostName:

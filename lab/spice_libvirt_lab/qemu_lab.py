@@ -34,7 +34,7 @@ from spice_libvirt.qemu.controller import migrate_qemu
 from spice_libvirt.qemu.qmp import QMPConnection
 from spice_libvirt.qemu.request import MigrationRequest
 from spice_libvirt_lab import guest as guest_mod
-from spice_libvirt_lab import labdir
+from spice_libvirt_lab import labdir, memcheck
 from spice_libvirt_lab.ports import free_tcp_port, free_tcp_ports, port_is_free
 from spice_libvirt_lab.procs import exclusive_lock, proc_start_time
 from spice_libvirt_lab.qemu_lab_state import (
@@ -58,6 +58,10 @@ from spice_libvirt_lab.qemu_lab_state import (
 from spice_libvirt_lab.qemu_process import QemuSpec, qemu_argv, resolve_accel
 
 log = logging.getLogger(__name__)
+
+
+#: what ``lab guest`` calls the QEMU lab's one guest (its hosts are the sides "a" and "b")
+QEMU_LAB_DOMAIN = "lab"
 
 
 def default_lab_dir() -> Path:
@@ -110,11 +114,13 @@ class QemuLab:
         side: SideName,
         incoming: str | None,
         tls: LabTls | None = None,
+        options: memcheck.MemcheckOptions | None = None,
     ) -> QemuSpec:
         return QemuSpec(
             name=f"lab-{side}",
             guest=state_guest,
             memory_mib=memory_mib,
+            memcheck=options,
             incoming=incoming,
             workdir=self.directory,
             tls_dir=tls.directory if tls else None,
@@ -132,6 +138,7 @@ class QemuLab:
             spice_port=side.spice_port,
             spice_tls_port=side.spice_tls_port,
             tls=state.tls,
+            options=state.memcheck,
         )
 
     async def _start_side(
@@ -144,15 +151,18 @@ class QemuLab:
         spice_port: int | None = None,
         spice_tls_port: int | None = None,
         tls: LabTls | None = None,
+        options: memcheck.MemcheckOptions | None = None,
         timeout: float = 20.0,
     ) -> SideState:
         """Spawn one QEMU detached from our session and wait until its QMP answers."""
         migrate_port = free_tcp_port() if role == "destination" else None
         incoming = f"tcp:127.0.0.1:{migrate_port}" if migrate_port else None
-        spec = self._spec(guest, memory_mib, side, incoming, tls)
-        images = None
+        spec = self._spec(guest, memory_mib, side, incoming, tls, options)
+        images: guest_mod.GuestImages | memcheck.MemcheckImage | None = None
         if guest == "linux":
             images = await asyncio.to_thread(guest_mod.ensure_linux_guest)
+        elif guest == "memcheck":
+            images = await asyncio.to_thread(memcheck.ensure_memcheck_guest)
         if spice_port is None or not port_is_free(spice_port):
             spice_port = free_tcp_ports(1)[0]
         if tls is not None and (spice_tls_port is None or not port_is_free(spice_tls_port)):
@@ -203,7 +213,7 @@ class QemuLab:
         ) as qmp:
             await qmp.execute("query-status")
 
-    async def _wait_guest_ready(self, side: SideState, timeout: float = 90.0) -> None:
+    async def _wait_guest_ready(self, side: SideState, marker: str, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
             if not side_alive(side):
@@ -211,12 +221,10 @@ class QemuLab:
                     f"QEMU {side.name} exited while booting:\n{_tail(side.log_path)}"
                 )
             with contextlib.suppress(OSError):
-                if guest_mod.READY_MARKER in side.serial_log.read_text(errors="replace"):
+                if marker in side.serial_log.read_text(errors="replace"):
                     return
             if time.monotonic() > deadline:
-                raise errors.LabError(
-                    f"guest {side.name} printed no {guest_mod.READY_MARKER} within {timeout:g} s"
-                )
+                raise errors.LabError(f"guest {side.name} printed no {marker} within {timeout:g} s")
             await asyncio.sleep(0.05)
 
     # -- commands ---------------------------------------------------------------------
@@ -228,8 +236,13 @@ class QemuLab:
         *,
         tls: bool = False,
         tls_mode: TlsMode = "secure",
+        options: memcheck.MemcheckOptions | None = None,
     ) -> LabState:
         """Start both sides; :class:`LabError` if a lab already runs in this directory.
+
+        The memcheck guest runs with ``options`` (default: a 256 MiB working set, idle);
+        its RAM is the working set plus :data:`~spice_libvirt_lab.memcheck.RESERVED_MIB`,
+        whatever ``memory_mib`` says.
 
         With ``tls`` both QEMUs also listen on a TLS port with a lab CA's certificate, and
         migrations send the client there with the certificate subject. ``tls_mode``
@@ -240,6 +253,11 @@ class QemuLab:
         told the plain port would go plain.
         """
         memory = memory_mib or (256 if guest == "linux" else 128)
+        if guest == "memcheck":
+            options = options or memcheck.MemcheckOptions()
+            memory = options.memory_mib
+        elif options is not None:
+            raise errors.ConfigError("memcheck options need the memcheck guest")
         with self._locked():
             existing = self.load()
             if existing is not None:
@@ -251,14 +269,19 @@ class QemuLab:
                         "run 'spice-libvirt lab down' first"
                     )
                 self.state_path.unlink()
-            accel = resolve_accel(self._spec(guest, memory, "a", None))
+            accel = resolve_accel(self._spec(guest, memory, "a", None, options=options))
             lab_tls = await asyncio.to_thread(self._tls_material, tls_mode) if tls else None
             src = await self._start_side(
-                "a", guest=guest, memory_mib=memory, role="source", tls=lab_tls
+                "a", guest=guest, memory_mib=memory, role="source", tls=lab_tls, options=options
             )
             try:
                 dst = await self._start_side(
-                    "b", guest=guest, memory_mib=memory, role="destination", tls=lab_tls
+                    "b",
+                    guest=guest,
+                    memory_mib=memory,
+                    role="destination",
+                    tls=lab_tls,
+                    options=options,
                 )
             except BaseException:
                 stop_side(src)
@@ -268,14 +291,16 @@ class QemuLab:
                 tls=lab_tls,
                 accel=accel,
                 memory_mib=memory,
+                memcheck=options,
                 directory=self.directory,
                 created_at=dt.datetime.now(dt.UTC),
                 sides={"a": src, "b": dst},
             )
             self._save(state)
-        if guest == "linux":
+        if guest != "firmware":
+            marker = memcheck.READY_MARKER if guest == "memcheck" else guest_mod.READY_MARKER
             try:
-                await self._wait_guest_ready(src)
+                await self._wait_guest_ready(src, marker)
             except errors.LabError:
                 await self.down()
                 raise
@@ -333,6 +358,18 @@ class QemuLab:
             source=src,
             destination=dst,
         )
+
+    def guest_accounts(self) -> list[memcheck.GuestAccount]:
+        """The memcheck guest's own account, from the console of the side it runs on."""
+        state = self._require()
+        if state.guest != "memcheck":
+            raise errors.ConfigError(
+                f"the lab's guest is {state.guest}: only the memcheck guest keeps its own "
+                "account (lab up --guest memcheck)"
+            )
+        side = state.sides[state.source]
+        host = side.side if side_alive(side) else None
+        return [memcheck.account(QEMU_LAB_DOMAIN, host, side.serial_log)]
 
     async def down(self) -> list[int]:
         """Stop every recorded QEMU by PID and remove the state; returns the PIDs stopped."""

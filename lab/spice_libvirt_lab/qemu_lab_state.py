@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from spice_libvirt import errors
+from spice_libvirt_lab.memcheck import MemcheckOptions
 from spice_libvirt_lab.procs import same_process_alive, wait_exit
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ STATE_FILE = "lab.json"
 #: QEMUs started by this process (see :meth:`QemuLab._start_side`)
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 SideName = Literal["a", "b"]
-GuestKind = Literal["firmware", "linux"]
+GuestKind = Literal["firmware", "linux", "memcheck"]
 
 
 class SideState(BaseModel):
@@ -83,6 +84,8 @@ class LabState(BaseModel):
     tls: LabTls | None = None
     accel: Literal["kvm", "tcg"]
     memory_mib: int
+    #: the memcheck guest's options (its working set, dirty rate, pass interval)
+    memcheck: MemcheckOptions | None = None
     directory: Path
     created_at: dt.datetime
     sides: dict[SideName, SideState]

@@ -42,6 +42,8 @@ from spice_libvirt.errors import ConfigError, LabError, QMPError
 from spice_libvirt.qemu.qmp import NegotiatingClient
 from spice_libvirt_lab import guest as guest_mod
 from spice_libvirt_lab.guest import GuestImages
+from spice_libvirt_lab.memcheck import READY_MARKER as MEMCHECK_READY
+from spice_libvirt_lab.memcheck import MemcheckImage, ensure_memcheck_guest
 from spice_libvirt_lab.ports import free_tcp_ports
 from spice_libvirt_lab.procs import (
     proc_start_time,
@@ -97,7 +99,7 @@ class QemuInstance:
         spice_port: int,
         spice_tls_port: int | None,
         accel: Literal["kvm", "tcg"],
-        images: GuestImages | None,
+        images: GuestImages | MemcheckImage | None,
     ) -> None:
         self.spec = spec
         self.pid: int = process.pid
@@ -315,7 +317,7 @@ async def _spawn(
     spice_port: int,
     spice_tls_port: int | None,
     accel: Literal["kvm", "tcg"],
-    images: GuestImages | None,
+    images: GuestImages | MemcheckImage | None,
 ) -> QemuInstance:
     for stale in (spec.qmp_path, spec.pidfile, spec.serial_log):
         stale.unlink(missing_ok=True)
@@ -339,18 +341,20 @@ async def _spawn(
 
 
 async def start_qemu(
-    spec: QemuSpec, *, timeout: float = 20.0, images: GuestImages | None = None
+    spec: QemuSpec, *, timeout: float = 20.0, images: GuestImages | MemcheckImage | None = None
 ) -> QemuInstance:
     """Start a VM for ``spec``; returns once QMP answers (and the password is set).
 
-    The linux guest is built first if it is not cached yet (that build is not counted in
-    ``timeout``; pass ``images`` to use a specific build). On any failure the process is
+    The linux and the memcheck guest are built first if not cached yet (that build is not
+    counted in ``timeout``; pass ``images`` to use a specific build). On any failure the process is
     stopped before the error propagates, so nothing is left running.
     """
     _check_spec_files(spec)
     accel = resolve_accel(spec)
     if spec.guest == "linux" and images is None:
         images = await asyncio.to_thread(guest_mod.ensure_linux_guest)
+    elif spec.guest == "memcheck" and images is None:
+        images = await asyncio.to_thread(ensure_memcheck_guest)
     spec.workdir.mkdir(parents=True, exist_ok=True)
     auto_ports = spec.spice_port is None or (
         spec.tls_dir is not None and spec.spice_tls_port is None
@@ -398,7 +402,8 @@ async def wait_guest_ready(inst: QemuInstance, timeout: float = 60.0) -> None:
         if not inst.is_running():
             raise LabError(f"QEMU {inst.spec.name} is not running:\n{inst.log_tail()}")
         return
-    await wait_serial(inst, guest_mod.READY_MARKER, timeout)
+    marker = MEMCHECK_READY if inst.spec.guest == "memcheck" else guest_mod.READY_MARKER
+    await wait_serial(inst, marker, timeout)
 
 
 async def wait_serial(inst: QemuInstance, text: str, timeout: float) -> None:
@@ -443,7 +448,7 @@ class QemuGroup:
         name: str | None = None,
         *,
         timeout: float = 20.0,
-        images: GuestImages | None = None,
+        images: GuestImages | MemcheckImage | None = None,
         **fields: Any,
     ) -> QemuInstance:
         """Start a VM; keyword arguments are :class:`QemuSpec` fields (workdir filled in)."""
@@ -456,7 +461,11 @@ class QemuGroup:
     start = __call__
 
     async def start_spec(
-        self, spec: QemuSpec, *, timeout: float = 20.0, images: GuestImages | None = None
+        self,
+        spec: QemuSpec,
+        *,
+        timeout: float = 20.0,
+        images: GuestImages | MemcheckImage | None = None,
     ) -> QemuInstance:
         inst = await start_qemu(spec, timeout=timeout, images=images)
         self.started.append(inst)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from spice_libvirt.errors import ConfigError, LabError
 from spice_libvirt_lab import guest as guest_mod
 from spice_libvirt_lab.guest import GuestImages
+from spice_libvirt_lab.memcheck import MemcheckImage, MemcheckOptions
 
 #: The QEMU binary; ``SPICE_LIBVIRT_QEMU`` overrides it (e.g. a self-built QEMU).
 DEFAULT_QEMU_BINARY = "qemu-system-x86_64"
@@ -49,7 +50,7 @@ class QemuSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    guest: Literal["firmware", "linux"] = "firmware"
+    guest: Literal["firmware", "linux", "memcheck"] = "firmware"
     memory_mib: int = Field(default=128, ge=16, le=65536)
     #: ``auto``: :func:`spice_libvirt_lab.guest.default_accel` (KVM for firmware, TCG for
     #: linux unless SPICE_LIBVIRT_LINUX_ACCEL says otherwise)
@@ -78,6 +79,8 @@ class QemuSpec(BaseModel):
     #: linux guest only: MiB the in-guest dirtier keeps dirty, and its pause between passes
     dirty_mb: int = Field(default=0, ge=0)
     dirty_ms: int = Field(default=20, ge=0)
+    #: memcheck guest only (None there: the defaults); ``memory_mib`` must hold its RAM
+    memcheck: MemcheckOptions | None = None
     #: sockets, serial log, QEMU log and pidfile live here (created if missing)
     workdir: Path
     #: appended verbatim to the command line (lab experiments only)
@@ -99,12 +102,24 @@ class QemuSpec(BaseModel):
             raise ValueError("dirty_mb needs the linux guest")
         if self.dirty_mb >= self.memory_mib:
             raise ValueError(f"dirty_mb={self.dirty_mb} does not fit in {self.memory_mib} MiB")
+        if self.memcheck is not None and self.guest != "memcheck":
+            raise ValueError("memcheck options need the memcheck guest")
+        if self.guest == "memcheck" and self.memory_mib < self.memcheck_options.memory_mib:
+            raise ValueError(
+                f"the memcheck guest needs {self.memcheck_options.memory_mib} MiB of RAM for "
+                f"its {self.memcheck_options.working_set_mib} MiB working set, not "
+                f"{self.memory_mib}"
+            )
         if self.password is not None and ("," in self.password or not self.password):
             # QMP takes any string, but an empty one would silently mean "no access".
             raise ValueError("password must be non-empty and must not contain ','")
         if self.stream_port_name is not None and "," in self.stream_port_name:
             raise ValueError("stream_port_name must not contain ','")
         return self
+
+    @property
+    def memcheck_options(self) -> MemcheckOptions:
+        return self.memcheck or MemcheckOptions()
 
     # Paths are derived from the name so that two VMs may share one workdir.
     @property
@@ -148,12 +163,12 @@ def qemu_argv(
     spice_port: int | None = None,
     spice_tls_port: int | None = None,
     accel: Literal["kvm", "tcg"] | None = None,
-    images: GuestImages | None = None,
+    images: GuestImages | MemcheckImage | None = None,
 ) -> list[str]:
     """The full QEMU command line for ``spec``; pure apart from resolving ``accel="auto"``.
 
     ``spice_port``/``spice_tls_port`` fill in ports the spec leaves to be chosen, ``accel``
-    overrides the spec's, ``images`` is required for the linux guest.
+    overrides the spec's, ``images`` is required for the linux and the memcheck guest.
     """
     port = spec.spice_port if spec.spice_port is not None else spice_port
     if port is None:
@@ -191,10 +206,15 @@ def qemu_argv(
         ]
 
     if spec.guest == "linux":
-        if images is None:
+        if not isinstance(images, GuestImages):
             raise ConfigError("the linux guest needs its built images (lab.guest)")
         argv += ["-kernel", str(images.kernel), "-initrd", str(images.initrd)]
         argv += ["-append", kernel_cmdline(spec), "-no-reboot"]
+    elif spec.guest == "memcheck":
+        if not isinstance(images, MemcheckImage):
+            raise ConfigError("the memcheck guest needs its built image (lab.memcheck)")
+        argv += ["-kernel", str(images.image), "-append", spec.memcheck_options.cmdline()]
+        argv += ["-no-reboot"]
 
     argv += ["-serial", f"file:{spec.serial_log}"]
     argv += ["-qmp", f"unix:{spec.qmp_path},server=on,wait=off"]
