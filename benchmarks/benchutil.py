@@ -186,6 +186,37 @@ def machine(*, tools: Sequence[str] = ()) -> Machine:
     return info
 
 
+class SourceState(BaseModel):
+    """The commit a figure was measured at, and whether the tree had uncommitted changes."""
+
+    commit: str | None
+    dirty: bool
+
+
+def source_state() -> SourceState:
+    """``git rev-parse --short HEAD`` and ``git status --porcelain`` of the repository
+    (ignoring untracked files: a results file being written is not a change of the code)."""
+
+    def git(*argv: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(REPOSITORY), *argv],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = git("rev-parse", "--short", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return SourceState(
+        commit=commit.strip() if commit else None, dirty=bool(status and status.strip())
+    )
+
+
 def write_summary(name: str, summary: BaseModel) -> Path:
     """Write the summary of one run to ``benchmarks/results/<name>.json`` (overwritten)."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
