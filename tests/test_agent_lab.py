@@ -30,8 +30,9 @@ from typing import Any
 
 import pytest
 
-from spice_libvirt.hook.journal import Journal
 from spice_libvirt_lab import libvirt_agent, libvirt_lab, netns
+from spice_libvirt_lab.libvirt_agent import next_verdict, verdicts
+from spice_libvirt_lab.libvirt_agent import running_agents as agents
 from spice_libvirt_lab.libvirt_lab import LabState
 from spice_libvirt_lab.libvirt_migrate import lab_migrate
 from spice_libvirt_lab.libvirt_state import save
@@ -43,19 +44,6 @@ libvirt = pytest.importorskip("libvirt")
 RTT_MS = 300.0
 
 pytestmark = lab_marks(client_rtt_ms=RTT_MS, guest="linux")
-
-
-@contextlib.contextmanager
-def agents(
-    lab: LabState, extra: Sequence[str] = (), *, peers: bool = True
-) -> Iterator[dict[str, netns.ProcRef]]:
-    refs: dict[str, netns.ProcRef] = {}
-    try:
-        for host in ("A", "B"):
-            refs[host] = libvirt_agent.start_agent(lab, host, extra, peers=peers)
-        yield refs
-    finally:
-        netns.terminate([r for r in refs.values() if r.alive()], timeout=15.0)
 
 
 def virsh_migrate(lab: LabState, src: str, dst: str, extra: Sequence[str] = ()) -> float:
@@ -84,23 +72,6 @@ def viewer(lab: LabState, display: str, host: str, name: str) -> RemoteViewer:
 def outcome(v: RemoteViewer, mark: int, timeout: float = 10.0) -> str | None:
     """remote-viewer's own account of the migration (from its log after ``mark``)."""
     return wait_outcome(v, mark, timeout).path
-
-
-def verdicts(lab: LabState, host: str) -> list[dict[str, Any]]:
-    journal = libvirt_agent.journal_path(lab, host)
-    if not journal.exists():
-        return []
-    return [json.loads(e.detail) for e in Journal(journal).entries(limit=50) if e.source == "agent"]
-
-
-def next_verdict(lab: LabState, host: str, before: int, timeout: float = 15.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = verdicts(lab, host)
-        if len(found) > before:
-            return found[0]  # newest first
-        time.sleep(0.1)
-    raise AssertionError(f"no agent verdict on host {host} within {timeout} s")
 
 
 def migrate_watched(

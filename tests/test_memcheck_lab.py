@@ -9,49 +9,27 @@ the destination's console: alive, the same boot, a full pass since the migration
 
 from __future__ import annotations
 
-import contextlib
-import json
-import shutil
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from spice_libvirt.errors import HookError
-from spice_libvirt.hook.journal import Journal
-from spice_libvirt_lab import libvirt_agent, libvirt_lab, netns
+from spice_libvirt_lab import libvirt_agent
 from spice_libvirt_lab.libvirt_lab import LabState
 from spice_libvirt_lab.libvirt_migrate import lab_migrate
 from spice_libvirt_lab.libvirt_status import guest_accounts
 from spice_libvirt_lab.memcheck import GuestAccount, MemcheckOptions
-from tests.lab_marks import LIBVIRT_LAB
+from tests.rigs.libvirt_lab import lab_marks
 
 pytest.importorskip("libvirt")
-
-pytestmark = LIBVIRT_LAB
 
 RTT_MS = 50.0
 OPTIONS = MemcheckOptions(working_set_mib=32, dirty_mib_s=4, pass_ms=500)
 MIGRATIONS = 6
 
-
-@pytest.fixture(scope="module")
-def lab() -> Iterator[LabState]:
-    top = Path(tempfile.mkdtemp(prefix="sl-"))
-    path = top / "lab"
-    try:
-        yield libvirt_lab.up(
-            path, client_rtt_ms=RTT_MS, guest="memcheck", memcheck_options=OPTIONS, clients=True
-        )
-    finally:
-        try:
-            assert libvirt_lab.down(path).leftovers == []
-        finally:
-            shutil.rmtree(top, ignore_errors=True)
+pytestmark = lab_marks(
+    client_rtt_ms=RTT_MS, guest="memcheck", memcheck_options=OPTIONS, clients=True
+)
 
 
 def account(lab: LabState) -> GuestAccount:
@@ -79,58 +57,30 @@ def assert_intact(before: GuestAccount, after: GuestAccount, destination: str) -
     assert after.fault is None
 
 
-def test_controller_holds_there_and_back(lab: LabState) -> None:
+def test_controller_holds_there_and_back(shared_lab: LabState) -> None:
     for _ in range(MIGRATIONS):
-        before = account(lab)
+        before = account(shared_lab)
         destination = "B" if before.host == "A" else "A"
-        report = lab_migrate(lab.lab_dir, watch=False)
+        report = lab_migrate(shared_lab.lab_dir, watch=False)
         assert report.migration.status == "completed", report.error
         assert report.hold.applied != "none", report.hold.reason
-        assert_intact(before, checked_after(lab, before), destination)
+        assert_intact(before, checked_after(shared_lab, before), destination)
 
 
-@contextlib.contextmanager
-def agents(lab: LabState) -> Iterator[None]:
-    refs = [libvirt_agent.start_agent(lab, host) for host in ("A", "B")]
-    try:
-        yield
-    finally:
-        netns.terminate([r for r in refs if r.alive()], timeout=15.0)
-
-
-def agent_verdicts(lab: LabState, host: str) -> list[dict[str, Any]]:
-    journal = libvirt_agent.journal_path(lab, host)
-    try:
-        entries = Journal(journal).entries(limit=50) if journal.exists() else []
-    except HookError:  # created, its table not yet
-        return []
-    return [json.loads(e.detail) for e in entries if e.source == "agent"]
-
-
-def next_verdict(lab: LabState, host: str, seen: int, timeout: float = 20.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = agent_verdicts(lab, host)
-        if len(found) > seen:
-            return found[0]  # newest first
-        time.sleep(0.1)
-    raise AssertionError(f"no agent verdict on host {host} within {timeout} s")
-
-
-def test_agent_holds_plain_virsh_there_and_back(lab: LabState) -> None:
-    with agents(lab):
+def test_agent_holds_plain_virsh_there_and_back(shared_lab: LabState) -> None:
+    with libvirt_agent.running_agents(shared_lab):
         for _ in range(MIGRATIONS):
-            before = account(lab)
-            src, dst = libvirt_agent.running_host(lab)
-            seen = len(agent_verdicts(lab, src))
+            before = account(shared_lab)
+            src, dst = libvirt_agent.running_host(shared_lab)
+            seen = len(libvirt_agent.verdicts(shared_lab, src))
             done = subprocess.run(
-                libvirt_agent.plain_migrate_argv(lab, src, dst),
+                libvirt_agent.plain_migrate_argv(shared_lab, src, dst),
                 capture_output=True,
                 text=True,
                 timeout=300,
                 check=False,
             )
             assert done.returncode == 0, done.stderr
-            verdict = next_verdict(lab, src, seen)
+            verdict = libvirt_agent.next_verdict(shared_lab, src, seen)
             assert verdict.get("held_ms"), verdict
-            assert_intact(before, checked_after(lab, before), dst)
+            assert_intact(before, checked_after(shared_lab, before), dst)

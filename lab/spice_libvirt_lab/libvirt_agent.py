@@ -7,13 +7,17 @@ status`` and the tests read them from the root namespace; its log is ``agent.log
 
 from __future__ import annotations
 
+import contextlib
+import json
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
-from spice_libvirt.errors import LabError
+from spice_libvirt.errors import HookError, LabError
+from spice_libvirt.hook.journal import Journal
 from spice_libvirt_lab import netns
 from spice_libvirt_lab.libvirt_state import HOSTS, HostName, LabProcess, LabState
 
@@ -76,6 +80,43 @@ def start_agent(
         time.sleep(0.05)
     netns.terminate([ref])
     raise LabError(f"the agent in host {host} did not start in 20 s (log {log})")
+
+
+@contextlib.contextmanager
+def running_agents(
+    state: LabState, extra: Sequence[str] = (), *, peers: bool = True
+) -> Iterator[dict[str, netns.ProcRef]]:
+    """An agent in each host for the block (not recorded in the lab: stopped at its end)."""
+    refs: dict[str, netns.ProcRef] = {}
+    try:
+        for host in HOSTS:
+            refs[host] = start_agent(state, host, extra, peers=peers)
+        yield refs
+    finally:
+        netns.terminate([r for r in refs.values() if r.alive()], timeout=15.0)
+
+
+def verdicts(state: LabState, host: str) -> list[dict[str, Any]]:
+    """The agent's verdicts in ``host``'s journal, newest first (none while the journal is
+    still being created)."""
+    journal = journal_path(state, host)
+    try:
+        entries = Journal(journal).entries(limit=50) if journal.exists() else []
+    except HookError:  # the file is there, its table not yet
+        return []
+    return [json.loads(e.detail) for e in entries if e.source == "agent"]
+
+
+def next_verdict(state: LabState, host: str, before: int, timeout: float = 15.0) -> dict[str, Any]:
+    """The first verdict after the ``before`` ones :func:`verdicts` listed (LabError if none
+    comes within ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = verdicts(state, host)
+        if len(found) > before:
+            return found[0]
+        time.sleep(0.1)
+    raise LabError(f"no agent verdict on host {host} within {timeout} s")
 
 
 def start_agents(state: LabState) -> None:

@@ -69,6 +69,7 @@ def render_domain_xml(
     tls_mode: TlsMode | None = None,
     ticket: bool = False,
     memcheck: MemcheckOptions | None = None,
+    kernel_args: str = "",
 ) -> str:
     """The lab guest's domain XML from :data:`TEMPLATE` (firmware), :data:`TEMPLATE_LINUX`
     or :data:`TEMPLATE_MEMCHECK`.
@@ -76,6 +77,8 @@ def render_domain_xml(
     The memcheck guest runs with ``memcheck`` (default: :class:`MemcheckOptions`); its RAM
     is its working set plus what it keeps for itself, whatever ``memory_mib`` says. Its
     accelerator is chosen like the linux guest's (``SPICE_LIBVIRT_MEMCHECK_ACCEL``).
+    ``kernel_args`` go on the linux guest's kernel command line (``dirty_mb=32 dirty_ms=20``:
+    its memory dirtier, see ``guest/init``).
 
     The linux guest's kernel and initrd come from :mod:`spice_libvirt_lab.guest` (built into
     its cache on first use), and so does the accelerator choice: TCG unless
@@ -111,7 +114,9 @@ def render_domain_xml(
             domain_type="kvm" if accel == "kvm" else "qemu",
             kernel=xml_escape(str(images.kernel)),
             initrd=xml_escape(str(images.initrd)),
-            cmdline=f"console=ttyS0 quiet panic=-1 portname={port_name}",
+            cmdline=xml_escape(
+                f"console=ttyS0 quiet panic=-1 portname={port_name} {kernel_args}"
+            ).strip(),
             cpu=_cpu_xml(accel),
         )
     elif guest == "memcheck":

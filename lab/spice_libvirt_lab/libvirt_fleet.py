@@ -162,6 +162,28 @@ def start_clients(state: LabState, timeout: float = CLIENTS_READY_S, attempts: i
     netns.wait_for(ready, timeout=timeout, what="every domain's SPICE client to link", interval=0.2)
 
 
+def restart_client(state: LabState, domain: str, timeout: float = CLIENTS_READY_S) -> None:
+    """Stop ``domain``'s client (if any) and start a new one, linked once this returns:
+    after the guest was replaced, or the client ended with its session."""
+    old = [c for c in state.clients if c.domain == domain]
+    netns.terminate([c.proc for c in old if c.proc.alive()], timeout=10.0)
+    state.clients = [c for c in state.clients if c.domain != domain]
+    uri = spice_uris(state, where(state), [domain])[domain]
+    client = _spawn_client(state, domain, uri)
+    libvirt_daemons.record(state, client, client=True)
+    assert client.log is not None
+    log = client.log
+
+    def linked() -> bool:
+        if _READY in log.read_text(errors="replace"):
+            return True
+        if not client.proc.alive():
+            raise LabError(f"{client.what} exited: {log.read_text()[-400:]}")
+        return False
+
+    netns.wait_for(linked, timeout=timeout, what=f"the SPICE client of {domain} to link")
+
+
 def bring_up(state: LabState, domains: int, memory_mib: int, clients: bool) -> None:
     """The fleet part of ``lab up``: more guests, then (``clients``) a client for each."""
     if domains > 1:

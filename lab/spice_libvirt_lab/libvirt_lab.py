@@ -579,6 +579,74 @@ def migrate(
         return result
 
 
+def restart_guest(
+    lab_dir: Path | None = None,
+    *,
+    guest: GuestKind | None = None,
+    memcheck_options: memcheck.MemcheckOptions | None = None,
+    kernel_args: str = "",
+    timeout: float = 120.0,
+) -> LabState:
+    """Replace the lab's guest (the extra domains stay) with a fresh one on host A: of
+    another kind, with other memcheck options or kernel arguments, or the same again after
+    it was lost. Its consoles start empty; its SPICE client, if the lab has one, is started
+    again. Returns once the new guest is ready (linux: GUEST-READY; memcheck: filled).
+    """
+    from spice_libvirt_lab import libvirt_fleet
+
+    lv = require_libvirt()
+    lab_dir = (lab_dir or default_lab_dir()).absolute()
+    with locked(lab_dir, timeout=timeout):
+        state = require_state(lab_dir)
+        guest = guest or state.guest
+        options = None
+        if guest == "memcheck":
+            options = memcheck_options or state.memcheck or memcheck.MemcheckOptions()
+        xml = render_domain_xml(
+            name=state.domain, guest=guest, memcheck=options, kernel_args=kernel_args
+        )
+        for host in HOSTS:
+            conn = state.host(host).open()
+            try:
+                with contextlib.suppress(lv.libvirtError):
+                    dom = conn.lookupByName(state.domain)
+                    with contextlib.suppress(lv.libvirtError):
+                        dom.destroy()
+                    dom.undefine()
+            finally:
+                conn.close()
+            console = serial_log(state, host)
+            for old in (console, *console.parent.glob(console.name + ".*")):
+                old.unlink(missing_ok=True)
+        conn = state.host("A").open()
+        try:
+            dom = call_with_timeout(lambda: conn.defineXML(xml), timeout, "define the guest on A")
+            call_with_timeout(dom.create, timeout, "start the guest on A")
+        except errors.LabError:
+            raise
+        except Exception as exc:
+            raise libvirt_error(exc, "start the guest on A") from exc
+        finally:
+            conn.close()
+        state.guest, state.memcheck, state.active_host = guest, options, "A"
+        state.domain_xml.write_text(xml)
+        save(state)
+        console = serial_log(state, "A")
+        if guest == "memcheck":
+            memcheck.wait_ready(console, MEMCHECK_READY_TIMEOUT)
+        elif guest == "linux":
+            netns.wait_for(
+                lambda: "GUEST-READY" in console.read_text(errors="replace"),
+                timeout=LINUX_BOOT_TIMEOUT,
+                what=f"the linux guest to print GUEST-READY in {console}",
+                interval=0.2,
+            )
+        if any(c.domain == state.domain for c in state.clients):
+            libvirt_fleet.restart_client(state, state.domain)
+            save(state)
+        return state
+
+
 def restart_libvirtd(lab_dir: Path | None, host: HostName) -> LabState:
     """Restart one host's libvirtd (to load a newly installed hook); the guest keeps running.
 
@@ -621,6 +689,7 @@ __all__ = [
     "probe_rtt",
     "purge",
     "render_domain_xml",
+    "restart_guest",
     "restart_libvirtd",
     "serial_log",
     "set_client_impairment",
