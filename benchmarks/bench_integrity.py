@@ -322,7 +322,7 @@ def run_phase(phase: str, args: Any, rows: list[Row], deadline: float) -> None:
         except Exception as exc:  # one bad run is a row, not the end of the soak
             row.error = f"{type(exc).__name__}: {exc}"[-400:]
         rows.append(row)
-        with ROWS.open("a") as out:
+        with args.rows.open("a") as out:
             out.write(row.model_dump_json() + "\n")
         print(
             f"{phase} {index:4} {method:6} {mode:5} {row.src}->{row.dst}: "
@@ -404,10 +404,10 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def load_rows() -> list[Row]:
-    if not ROWS.exists():
+def load_rows(path: Path) -> list[Row]:
+    if not path.exists():
         return []
-    return [Row.model_validate_json(line) for line in ROWS.read_text().splitlines() if line]
+    return [Row.model_validate_json(line) for line in path.read_text().splitlines() if line]
 
 
 class Summary(BaseModel):
@@ -460,8 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keep-lab", action="store_true", help="leave the lab up at the end")
     parser.add_argument("--report", action="store_true", help="only print the table of the rows")
+    parser.add_argument("--rows", type=Path, default=ROWS, help="the rows file (appended to)")
     args = parser.parse_args(argv)
-    rows = load_rows()
+    rows = load_rows(args.rows)
     if args.report:
         print(table(rows))
         return 0
@@ -482,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         argv=" ".join(["bench_integrity.py", *(argv if argv is not None else sys.argv[1:])]),
         cells=cells(rows),
     )
-    (RESULTS_DIR / "integrity.json").write_text(summary.model_dump_json(indent=1) + "\n")
+    args.rows.with_suffix(".json").write_text(summary.model_dump_json(indent=1) + "\n")
     print(table(rows))
     return 0
 

@@ -1,8 +1,9 @@
 """The host agent in the libvirt lab: one ``spice-libvirt agent run`` inside each host, as a
 hypervisor runs it (its own libvirtd at ``qemu:///system``, the other host as its peer).
 
-Its state directory and journal live in the host's own directory of the lab, so ``lab
-status`` and the tests read them from the root namespace; its log is ``agent.log`` there.
+Its state directory and journal live in the host's own directory of the lab (its
+``/var/lib/libvirt``, :data:`AGENT_DIR_INSIDE`), so ``lab status`` and the tests read them
+from the root namespace; its log is ``agent.log`` there.
 """
 
 from __future__ import annotations
@@ -21,9 +22,16 @@ from spice_libvirt.hook.journal import Journal
 from spice_libvirt_lab import netns
 from spice_libvirt_lab.libvirt_state import HOSTS, HostName, LabProcess, LabState
 
+#: The agent's directory in the host's own ``/var/lib/libvirt``, which is ``<state>/lib``
+#: (:data:`~spice_libvirt_lab.libvirt_host.BIND_MOUNTS`): the agent runs in the host's mount
+#: namespace, where a lab directory under ``/run`` (the default) is hidden by the host's own
+#: ``/run``, so it is given the path it sees and the lab reads the same files from outside.
+AGENT_DIR_INSIDE = Path("/var/lib/libvirt/spice-libvirt-agent")
+
 
 def agent_dir(state: LabState, host: str) -> Path:
-    return Path(state.hosts[host].config.state_dir) / "agent"
+    """The agent's directory as the root namespace sees it."""
+    return Path(state.hosts[host].config.state_dir) / "lib" / AGENT_DIR_INSIDE.name
 
 
 def journal_path(state: LabState, host: str) -> Path:
@@ -46,9 +54,9 @@ def agent_argv(
         "agent",
         "run",
         "--state-dir",
-        str(agent_dir(state, host)),
+        str(AGENT_DIR_INSIDE),
         "--journal",
-        str(journal_path(state, host)),
+        str(AGENT_DIR_INSIDE / journal_path(state, host).name),
     ]
     for other in others:
         argv += ["--peer", f"qemu+tcp://{state.hosts[other].config.hostname}/system"]
