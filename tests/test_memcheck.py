@@ -232,4 +232,4 @@ def test_corrupting_a_missing_guest_is_a_lab_error() -> None:
     import os
 
     with pytest.raises(LabError, match="no mapping"):
-        memcheck.guest_page_address(os.getpid(), 0, 1)
+        memcheck.guest_page_address(os.getpid(), 98765, 1)
