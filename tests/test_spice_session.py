@@ -300,7 +300,7 @@ def test_switch_host_during_prelink_lets_prelinks_finish_then_relinks() -> None:
     assert phase_of(s) is Phase.SWITCHING
     assert s.on_switch_host(DST, 0.85) == []  # a repeat is recorded, nothing more
     # the source drops us: expected now
-    assert s.on_source_lost(MAIN_KEY, "server closed", 0.9) is True
+    assert s.on_source_lost(MAIN_KEY, "server closed", 0.9, closed=True) is True
     s.session_up(0x5555, [MAIN_KEY, DISPLAY], "10.0.0.9", tls=False)
     done = finished(s.on_relinked(1.5))
     record = done.record
@@ -445,7 +445,7 @@ CALLS: dict[Ev, Callable[[ClientSession], object]] = {
     Ev.RELINKED: lambda s: s.on_relinked(9.0),
     Ev.RELINK_FAILED: lambda s: s.on_relink_failed("x", [], 9.0),
     Ev.CANCEL: lambda s: s.on_cancel(9.0),
-    Ev.SOURCE_LOST: lambda s: s.on_source_lost(DISPLAY, "x", 9.0),
+    Ev.SOURCE_LOST: lambda s: s.on_source_lost(DISPLAY, "x", 9.0, closed=True),
     Ev.CLOSE: lambda s: s.close(),
 }
 #: pre-link reports for no open migration are stale (a cancelled task reporting late)

@@ -18,7 +18,7 @@ from typing import TextIO
 
 from pydantic import SecretStr
 
-from spice_libvirt.errors import ConnectError
+from spice_libvirt.errors import SpiceLibvirtError
 from spice_libvirt.exitcodes import ExitCode, exit_codes_epilog, for_client_record, worst
 from spice_libvirt.secrets import TICKET_ENV, read_ticket
 from spice_libvirt.spice.client import ClientOptions, SpiceClient
@@ -31,8 +31,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "watch",
         help="stay connected to a SPICE server and report every migration the session goes through",
         description=f"The ticket comes from --ticket-file or ${TICKET_ENV}, never from argv. "
-        "Exit status: 0 when every migration seen was seamless, 8 when one was not, "
-        "3 when the session was lost.",
+        "Exit status: 0 when every migration seen was seamless, 8 when one was not; "
+        "when the session is lost, the code of its first error (3 unreachable or closed, "
+        "5 protocol violation, 6 TLS).",
         epilog=exit_codes_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -106,6 +107,8 @@ async def _announce_links(client: SpiceClient, out: TextIO) -> None:
             at = await client.wait_migration_connected(timeout=3600.0, after=after)
         except TimeoutError:
             continue
+        except SpiceLibvirtError:
+            return  # the session failed: the main loop reports its first error
         after += 1
         state = "linked to the destination" if at is not None else "could NOT link to it"
         print(f"migration {after}: {state}", file=out, flush=True)
@@ -131,13 +134,12 @@ async def watch(options: ClientOptions, count: int, duration: float, as_json: bo
     stopped = asyncio.create_task(stop.wait())
     try:
         while not stop.is_set() and (count == 0 or seen < count):
-            if client.failure is not None:
-                raise ConnectError(f"session lost: {client.failure}")
             left = None if deadline is None else deadline - loop.time()
             if left is not None and left <= 0:
                 break
-            # wake on a verdict or on a signal; at least once a second to notice a lost session
-            step = 1.0 if left is None else min(1.0, left)
+            # wake on a verdict, on the session's failure (raised: the first error, with
+            # its exit code) or on a signal
+            step = 60.0 if left is None else left
             nxt = asyncio.create_task(client.next_migration(timeout=step))
             await asyncio.wait({nxt, stopped}, return_when=asyncio.FIRST_COMPLETED)
             if not nxt.done():
@@ -153,6 +155,7 @@ async def watch(options: ClientOptions, count: int, duration: float, as_json: bo
     finally:
         for task in (announcer, stopped):
             task.cancel()
+        await asyncio.gather(announcer, stopped, return_exceptions=True)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await client.close()

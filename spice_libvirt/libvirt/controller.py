@@ -387,6 +387,8 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
                 record = await self.witness.next_migration(timeout=self.req.settle_timeout + 10)
             except TimeoutError:
                 self.note("the embedded client reported no finished migration in time")
+            except errors.SpiceLibvirtError as exc:
+                self.note(f"the embedded client failed: {exc}")
         after: Sessions | None = None
         reconnected = False
         if completed and clients:

@@ -198,7 +198,7 @@ class QemuMigrationController(ControllerBase[MigrationRequest, MigrationReport])
             raise
         finally:
             task = run.record_task
-            if task is not None and not task.done():
+            if task is not None:  # awaited also when done: its error is then retrieved
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task

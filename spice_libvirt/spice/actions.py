@@ -7,7 +7,7 @@ real-server lesson (:class:`LeaveSource`, :class:`LetPrelinksFinish`,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from spice_libvirt.spice.messages import Message
 from spice_libvirt.spice.record import ClientMigrationRecord
@@ -133,9 +133,12 @@ class CloseSession:
 @dataclass(frozen=True, slots=True)
 class Relink:
     """Build a brand-new session (connection id 0) at the target; report with
-    ``on_relinked``/``on_relink_failed``."""
+    ``on_relinked``/``on_relink_failed``. The whole switch, counted from ``since`` (when
+    SWITCH_HOST arrived), gets one session set-up's time: what went before (pre-links
+    let finish, links drained) is taken from it."""
 
     target: LinkTarget
+    since: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,13 @@
 :class:`ChannelSet` is the base of :class:`~spice_libvirt.spice.client.SpiceClient`. It makes
 no migration decision: migration messages are handed to ``_on_migration_message``, which the
 client implements by feeding :class:`~spice_libvirt.spice.session.ClientSession`.
+
+It also owns the session's failure (:meth:`ChannelSet._fail`): whatever breaks first -- a
+channel's reader, a migration job, a step of the set-up -- is *the* error, every public wait
+raises it, every other task is cancelled, and nothing that breaks afterwards (a send on a
+connection that already failed, a waiter nobody awaits any more) is reported in its place.
+Every task the client starts goes through :meth:`ChannelSet._task`, so none ends with an
+exception nobody retrieves.
 """
 
 from __future__ import annotations
@@ -11,14 +18,15 @@ import asyncio
 import logging
 import time
 import uuid as uuidlib
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from spice_libvirt.errors import ConnectError, LinkError, SpiceLibvirtError
 from spice_libvirt.spice.actions import LinkTarget
 from spice_libvirt.spice.connection import KeepAlive
 from spice_libvirt.spice.constants import ChannelType, CommonCap, LinkErr, PortEvent, channel_label
+from spice_libvirt.spice.framing import ReceiveBudget
 from spice_libvirt.spice.link import LinkMess
 from spice_libvirt.spice.messages import (
     ClientPortEvent,
@@ -50,6 +58,27 @@ from spice_libvirt.spice.stream import StreamChecker
 from spice_libvirt.spice.transport import ChannelLink, TLSSettings, open_link
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: messages a channel's reader handles in a row before it lets the other channels run (a
+#: read of buffered bytes does not yield to the event loop)
+FAIR_SHARE = 64
+
+
+def as_error(exc: BaseException) -> SpiceLibvirtError:
+    """Any exception as one of ours: socket errors are connect errors, anything else a bug
+    (its type named, so that the one line still says what happened)."""
+    if isinstance(exc, SpiceLibvirtError):
+        return exc
+    if isinstance(exc, ConnectionError | OSError | TimeoutError):
+        error: SpiceLibvirtError = ConnectError(str(exc) or type(exc).__name__, exc)
+    else:
+        error = SpiceLibvirtError(
+            f"internal error in the SPICE client: {type(exc).__name__}: {exc}"
+        )
+    error.__cause__ = exc
+    return error
 
 
 @dataclass
@@ -94,10 +123,19 @@ class ChannelSet:
         self._subscribers: list[asyncio.Queue[ClientEvent]] = []
         self._stream = StreamChecker() if options.stream_port_name else None
         self._closing = False
-        self._background: set[asyncio.Task[None]] = set()
-        self._init_waiter: asyncio.Future[MainInit] | None = None
-        self._list_waiter: asyncio.Future[MainChannelsList] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        #: the set-up of a session (connect, switch-host relink) under way, and its first
+        #: error: MAIN's INIT and CHANNELS_LIST resolve to the message or to that error
+        self._establishing = False
+        self._setup_error: SpiceLibvirtError | None = None
+        self._setup_failed = asyncio.Event()
+        self._init_waiter: asyncio.Future[MainInit | SpiceLibvirtError] | None = None
+        self._list_waiter: asyncio.Future[MainChannelsList | SpiceLibvirtError] | None = None
+        #: what every link of the session may hold of unfinished messages, together
+        self._budget = ReceiveBudget(options.receive_budget)
+        #: the session's first error (see _fail); None while it works
         self.failure: SpiceLibvirtError | None = None
+        self._failed = asyncio.Event()
 
     @property
     def session_id(self) -> int:
@@ -136,17 +174,29 @@ class ChannelSet:
         caps = self.options.main_caps() if key[0] == ChannelType.MAIN else frozenset()
         return LinkMess(connection_id, key[0], key[1], frozenset(common), caps)
 
-    async def _link(self, key: ChannelKey, connection_id: int, target: LinkTarget) -> ChannelLink:
+    async def _link(
+        self,
+        key: ChannelKey,
+        connection_id: int,
+        target: LinkTarget,
+        timeout: float | None = None,
+    ) -> ChannelLink:
         """Link one channel. Plain first only when the target allows it (``port`` set), then
         TLS when told NEED_SECURED; with ``port`` None, TLS only: never a downgrade."""
         label = channel_label(*key)
         mess = self._link_mess(key, connection_id)
         password = self.options.password()
-        timeout = self.options.link_timeout
+        timeout = self.options.link_timeout if timeout is None else timeout
+        budget = self._budget
         if target.port is not None:
             try:
                 return await open_link(
-                    target.host, target.port, mess, password=password, timeout=timeout
+                    target.host,
+                    target.port,
+                    mess,
+                    password=password,
+                    timeout=timeout,
+                    budget=budget,
                 )
             except LinkError as exc:
                 if exc.code != LinkErr.NEED_SECURED:
@@ -167,11 +217,35 @@ class ChannelSet:
             raise ConnectError(f"{label}: the server needs TLS but no tls-port is known")
         tls = TLSSettings(ca_file=self.options.ca_file, host_subject=target.subject)
         return await open_link(
-            target.host, target.tls_port, mess, password=password, tls=tls, timeout=timeout
+            target.host,
+            target.tls_port,
+            mess,
+            password=password,
+            tls=tls,
+            timeout=timeout,
+            budget=budget,
         )
 
     async def _establish(self, target: LinkTarget) -> None:
-        """A brand-new session (connection id 0): MAIN, INIT, attach, link the rest."""
+        """A brand-new session (connection id 0): MAIN, INIT, attach, link the rest.
+
+        Its first error is the one raised (see :meth:`_setup_step`): a channel that broke
+        while the set-up awaited something else is the reason, not the follow-on (a send on
+        MAIN after MAIN failed).
+        """
+        self._establishing = True
+        self._setup_error = None
+        self._setup_failed = asyncio.Event()
+        try:
+            await self._establish_steps(target)
+        except Exception as exc:
+            raise self._setup_error or as_error(exc) from exc
+        finally:
+            self._establishing = False
+        if self._setup_error is not None:
+            raise self._setup_error
+
+    async def _establish_steps(self, target: LinkTarget) -> None:
         main_link = await self._link(MAIN_KEY, 0, target)
         self.port, self.tls_port = target.port, target.tls_port
         self.server_common_caps = main_link.common_caps
@@ -181,18 +255,20 @@ class ChannelSet:
         self._list_waiter = loop.create_future()
         main = self._add_channel(MAIN_KEY, main_link)
         self._start_reader(main)
-        init = await self._init_waiter
+        init = await self._setup_step(self._init_waiter)
         session_id = init.session_id
         await main.link.send(MainAttachChannels())
-        listed = await self._list_waiter
+        listed = await self._setup_step(self._list_waiter)
         self.listed_channels = [k for k in listed.channels if k != MAIN_KEY]
         wanted = [
             k
             for k in self.listed_channels
             if self.options.channel_types is None or k[0] in self.options.channel_types
         ]
-        links = await asyncio.gather(
-            *(self._link(k, session_id, target) for k in wanted), return_exceptions=True
+        links = await self._setup_step(
+            asyncio.gather(
+                *(self._link(k, session_id, target) for k in wanted), return_exceptions=True
+            )
         )
         errors = [r for r in links if isinstance(r, BaseException)]
         for key, result in zip(wanted, links, strict=True):
@@ -201,12 +277,19 @@ class ChannelSet:
                 await self._channel_up(ch)
                 self._start_reader(ch)
         if errors:
-            err = errors[0]
-            raise err if isinstance(err, SpiceLibvirtError) else ConnectError(str(err), err)
-        await self._wait_channels_created()
+            raise as_error(errors[0])
+        await self._setup_step(self._wait_channels_created())
         self._session.session_up(session_id, list(self._channels), target.host, tls=main_link.tls)
-        self.failure = None
         self._emit("session-up", "main:0", f"session {session_id}, {len(self._channels)} channels")
+
+    async def _setup_step(self, aw: Awaitable[T | SpiceLibvirtError]) -> T:
+        """One wait of the set-up, ended by the set-up's first error if one comes first."""
+        result = await _first_of(aw, self._setup_failed)
+        if self._setup_error is not None:
+            raise self._setup_error
+        if isinstance(result, SpiceLibvirtError):
+            raise result
+        return result  # type: ignore[return-value]
 
     async def _wait_channels_created(self) -> None:
         """Wait for the first message on the channels whose server side always greets.
@@ -225,7 +308,7 @@ class ChannelSet:
                 await asyncio.gather(*greeting)
         except TimeoutError:
             silent = [ch.label for ch in self._channels.values() if not ch.first_rx.is_set()]
-            log.warning("channels without a first message after the link: %s", ", ".join(silent))
+            log.info("channels without a first message after the link: %s", ", ".join(silent))
 
     def _add_channel(self, key: ChannelKey, link: ChannelLink) -> Channel:
         ch = Channel(key, link, last_rx=time.monotonic())
@@ -239,12 +322,58 @@ class ChannelSet:
             await ch.link.send(DISPLAY_INIT)
 
     def _start_reader(self, ch: Channel) -> None:
-        ch.task = asyncio.create_task(self._read_channel(ch), name=f"spice-{ch.label}")
+        ch.task = self._task(self._read_channel(ch), f"spice-{ch.label}")
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    def _task(self, coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+        """Every task of the client: kept until it ends, cancelled with the session, and
+        its exception -- if it ends with one nobody handled -- is the session's failure."""
         task = asyncio.create_task(coro, name=name)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._fail(exc)
+
+    # ------------------------------------------------------------------ the first error
+
+    def _fail(self, exc: BaseException) -> SpiceLibvirtError:
+        """The one place a session failure is decided: the first error wins.
+
+        It becomes :attr:`failure`, every wait of the public API raises it, and every other
+        task is cancelled (their errors, follow-ons of this one, are not reported). A later
+        call returns the first error. While the client closes, nothing is recorded.
+        """
+        if self.failure is not None:
+            if exc is not self.failure:
+                log.debug("after the session's first error: %s", exc)
+            return self.failure
+        error = as_error(exc)
+        if self._closing:
+            return error
+        self.failure = error
+        self._failed.set()
+        log.info("session failed: %s", error)
+        self._emit("failed", "", str(error))
+        current = asyncio.current_task()
+        for task in list(self._background):
+            if task is not current:
+                task.cancel()
+        return error
+
+    async def _unless_failed(self, aw: Awaitable[T]) -> T:
+        """``aw``'s result, or the session's first error as soon as there is one."""
+        if self.failure is not None:
+            if asyncio.iscoroutine(aw):
+                aw.close()
+            raise self.failure
+        result = await _first_of(aw, self._failed)
+        if result is _FAILED:
+            assert self.failure is not None
+            raise self.failure
+        return result  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ reading
 
@@ -258,35 +387,48 @@ class ChannelSet:
                 ch.received += 1
                 ch.first_rx.set()
                 message = event.message
-                replies = self._keepalive(ch, message)
+                replies = self._keepalive(ch, message, now)
                 if replies:
                     await link.send(*replies)
                 await self._dispatch(ch, message, now)
+                # the next read may take a while: hold no message (a body of up to
+                # max_body) while it gathers the next one
+                event = message = None  # type: ignore[assignment]
+                if not ch.received % FAIR_SHARE:
+                    await asyncio.sleep(0)  # a flood on one channel must not starve the rest
         except asyncio.CancelledError:
             raise
-        except SpiceLibvirtError as exc:
-            self._on_channel_error(ch, exc)
         except (ConnectionError, OSError) as exc:
-            self._on_channel_error(ch, ConnectError(f"{ch.label}: {exc}", exc))
+            self._on_channel_error(ch, ConnectError(f"{ch.link.where}: {exc}", exc))
+        except Exception as exc:  # ours, or a bug: either way this channel's end
+            self._on_channel_error(ch, as_error(exc))
 
-    def _keepalive(self, ch: Channel, message: Message) -> list[Message]:
+    def _keepalive(self, ch: Channel, message: Message, now: float) -> list[Message]:
         keepalive = self._keepalives.get(ch.key)
         if keepalive is None:
             keepalive = self._keepalives[ch.key] = KeepAlive()
-        return keepalive.on_message(message)
+        return keepalive.on_message(message, now)
 
     def _on_channel_error(self, ch: Channel, exc: SpiceLibvirtError) -> None:
+        """A channel's reader ended with ``exc``: a set-up's failure while one is under way,
+        the source letting us go during a migration, or else the session's failure."""
         if self._closing or self._channels.get(ch.key) is not ch:
+            log.debug("%s (no longer in use): %s", ch.label, exc)
             return
         log.info("%s: %s", ch.label, exc)
         self._emit("channel-error", ch.label, str(exc))
-        if self._session.on_source_lost(ch.key, str(exc), time.monotonic()):
-            return  # the source drops us after SWITCH_HOST; the session moves on
-        if ch.key == MAIN_KEY:
-            self.failure = exc
+        if self._establishing:
+            if self._setup_error is None:
+                self._setup_error = exc
+                self._setup_failed.set()
             for waiter in (self._init_waiter, self._list_waiter):
                 if waiter is not None and not waiter.done():
-                    waiter.set_exception(exc)
+                    waiter.set_result(exc)
+            return
+        closed = isinstance(exc, ConnectError)
+        if self._session.on_source_lost(ch.key, str(exc), time.monotonic(), closed=closed):
+            return  # the source lets us go (switch-host, a hand-over): the session moves on
+        self._fail(exc)
 
     async def _dispatch(self, ch: Channel, message: Message, now: float) -> None:
         if await self._on_migration_message(ch, message, now):
@@ -328,6 +470,9 @@ class ChannelSet:
         if isinstance(message, PortInit):
             ch.port_name = message.name
             stream = self._ports.setdefault(message.name, PortStream(message.name))
+            # kept from the start for the checked stream and for a caller already waiting
+            wanted = message.name == self.options.stream_port_name
+            stream.wanted = stream.wanted or wanted or message.name in self._port_waiters
             if message.name == self.options.stream_port_name or self.options.open_all_ports:
                 await ch.link.send(ClientPortEvent(PortEvent.OPENED))
             if message.opened:
@@ -347,11 +492,40 @@ class ChannelSet:
             if self._stream is not None and ch.port_name == self.options.stream_port_name:
                 self._stream.feed(message.data, now)
             reader = self._ports.get(ch.port_name)
-            if reader is not None:
+            if reader is not None and reader.wanted:
                 reader._feed(message.data)
 
     def _emit(self, kind: str, channel: str = "", detail: str = "") -> None:
         event = ClientEvent(kind, channel, detail)
         log.debug("event %s %s %s", kind, channel, detail)
         for queue in self._subscribers:
+            if queue.full():  # a subscriber that does not keep up loses the oldest
+                queue.get_nowait()
             queue.put_nowait(event)
+
+
+class _Failed:
+    """The result :func:`_first_of` gives when the event came first."""
+
+
+_FAILED = _Failed()
+
+
+async def _first_of(aw: Awaitable[T], event: asyncio.Event) -> T | _Failed:
+    """``aw``'s result, or :data:`_FAILED` once ``event`` is set (``aw`` is then cancelled).
+    ``aw`` wins a tie: what it produced is not thrown away."""
+    if event.is_set():
+        if asyncio.iscoroutine(aw):
+            aw.close()
+        return _FAILED
+    work = asyncio.ensure_future(aw)
+    flag = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({work, flag}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for fut in (work, flag):
+            if not fut.done():
+                fut.cancel()
+    if work.done():
+        return work.result()
+    return _FAILED

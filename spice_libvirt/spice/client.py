@@ -32,6 +32,7 @@ from spice_libvirt.errors import (
 )
 from spice_libvirt.spice import actions as act
 from spice_libvirt.spice.channels import Channel, ChannelSet
+from spice_libvirt.spice.constants import channel_label
 from spice_libvirt.spice.messages import (
     MainInit,
     MainMigrateBegin,
@@ -75,6 +76,11 @@ log = logging.getLogger(__name__)
 
 _P = ParamSpec("_P")
 
+#: migrations remembered (history, finished records not handed out yet)
+KEPT_MIGRATIONS = 32
+#: events a subscriber may leave unread before the oldest are dropped
+EVENT_QUEUE = 4096
+
 
 @dataclass
 class _Migration:
@@ -82,6 +88,9 @@ class _Migration:
 
     number: int
     record: ClientMigrationRecord
+    #: monotonic time by which the source must have the client's answer (see
+    #: ``ClientOptions.migrate_connect_timeout``)
+    deadline: float = 0.0
     dst_links: dict[ChannelKey, ChannelLink] = field(default_factory=dict)
     connect_task: asyncio.Task[None] | None = None
     connected: asyncio.Event = field(default_factory=asyncio.Event)
@@ -89,6 +98,11 @@ class _Migration:
     #: source sockets of swapped channels, closed together once the last one swapped
     old_links: list[ChannelLink] = field(default_factory=list)
     done: bool = False
+
+    def holds(self) -> bool:
+        """Something of this migration is still open (a pre-link task, a socket)."""
+        task = self.connect_task
+        return bool(self.dst_links or self.old_links or (task is not None and not task.done()))
 
 
 class SpiceClient(ChannelSet):
@@ -98,6 +112,7 @@ class SpiceClient(ChannelSet):
         if options.port is None and options.tls_port is None:
             raise LocalProtocolError("a SPICE client needs a port or a tls-port")
         super().__init__(options)
+        #: the latest migrations (a server that floods BEGINs cannot grow this)
         self._history: list[_Migration] = []
         self._by_number: dict[int, _Migration] = {}
         self._migration_added = asyncio.Event()
@@ -136,46 +151,52 @@ class SpiceClient(ChannelSet):
         :raise TLSVerificationError: certificate did not verify
         :raise RemoteProtocolError: the peer is not SPICE or broke the protocol
         """
+        deadline = timeout or self.options.session_timeout
         try:
-            async with asyncio.timeout(timeout or self.options.link_timeout * 2):
+            async with asyncio.timeout(deadline):
                 await self._establish(self._initial_target())
         except TimeoutError as exc:
-            await self.close()
-            raise ConnectError(
-                f"SPICE session with {self.host} not established in time", exc
-            ) from exc
-        except BaseException:
+            late = ConnectError(f"SPICE session with {self.host} not established in time", exc)
+            error = self._fail(late)
+        except asyncio.CancelledError:
             await self.close()
             raise
+        except Exception as exc:
+            error = self._fail(exc)
+        else:
+            return
+        await self.close()
+        raise error
 
     async def close(self) -> None:
         """Disconnect every channel and every destination link; idempotent."""
         self._closing = True
-        with contextlib.suppress(TimeoutError):
+        try:
             async with asyncio.timeout(CLOSE_TIMEOUT):  # a migration's links and tasks
                 await self._run(self._session.close())
+        except (TimeoutError, SpiceLibvirtError, OSError) as exc:
+            log.debug("releasing the migration on close: %s", exc)
         tasks = [t for t in self._background if t is not asyncio.current_task()]
-        tasks += [
-            ch.task
-            for ch in self._channels.values()
-            if ch.task and ch.task is not asyncio.current_task()
-        ]
         for task in tasks:
             task.cancel()
         if tasks:
             # bounded: a task that does not end on cancellation must not hang the caller
             _, stuck = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
             for task in stuck:
-                log.warning("task %s did not end on cancellation", task.get_name())
+                log.info("task %s did not end on cancellation", task.get_name())
         # non-main channels first, as spice-gtk does: the server then tears the session
         # down from MAIN's disconnect with every other channel already gone
         channels = sorted(self._channels.values(), key=lambda c: c.key == MAIN_KEY)
+        if self.failure is not None:  # a broken session: no goodbye to wait for
+            for ch in channels:
+                ch.link.abort()
+            channels = []
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 for ch in channels:
                     await ch.link.close(drain_timeout=0.5)
         except TimeoutError:
-            log.warning("channels did not close within %s s: aborted", CLOSE_TIMEOUT)
+            log.info("channels did not close within %s s: aborted", CLOSE_TIMEOUT)
             for ch in channels:
                 ch.link.abort()
         self._channels.clear()
@@ -193,8 +214,10 @@ class SpiceClient(ChannelSet):
         if name not in self._ports:
             waiter = self._port_waiters.setdefault(name, asyncio.Event())
             async with asyncio.timeout(timeout):
-                await waiter.wait()
-        return self._ports[name]
+                await self._unless_failed(waiter.wait())
+        stream = self._ports[name]
+        stream.wanted = True
+        return stream
 
     def stream_stats(self) -> StreamStats:
         """Continuity of the guest's record stream so far."""
@@ -209,11 +232,12 @@ class SpiceClient(ChannelSet):
         the call then waits for a later migration. Returns the monotonic time at which the
         client sent MIGRATE_CONNECTED(_SEAMLESS), or None if it sent CONNECT_ERROR.
         :raise TimeoutError: no answer in time
+        :raise SpiceLibvirtError: the session's first error, once it failed
         """
         async with asyncio.timeout(timeout):
             while (mig := self._migration_after(after)) is None:
-                await self._migration_added.wait()
-            await mig.connected.wait()
+                await self._unless_failed(self._migration_added.wait())
+            await self._unless_failed(mig.connected.wait())
             return mig.record.connected_reply_at if mig.connected_ok else None
 
     def _migration_after(self, after: int | None) -> _Migration | None:
@@ -225,13 +249,17 @@ class SpiceClient(ChannelSet):
         """The record of the next migration that finishes (in order).
 
         :raise TimeoutError: none finished in time
+        :raise SpiceLibvirtError: the session's first error, once it failed and every
+            record finished before it was handed out
         """
+        if not self._finished.empty():
+            return self._finished.get_nowait()
         async with asyncio.timeout(timeout):
-            return await self._finished.get()
+            return await self._unless_failed(self._finished.get())
 
     async def events(self) -> AsyncIterator[ClientEvent]:
         """Every :class:`ClientEvent` from now on, as an async iterator."""
-        queue: asyncio.Queue[ClientEvent] = asyncio.Queue()
+        queue: asyncio.Queue[ClientEvent] = asyncio.Queue(EVENT_QUEUE)
         self._subscribers.append(queue)
         try:
             while True:
@@ -241,12 +269,14 @@ class SpiceClient(ChannelSet):
 
     # ------------------------------------------------------------------ feeding the machine
 
-    def _server(self, what: str, feed: Callable[[], list[act.Action]]) -> list[act.Action]:
+    def _server(
+        self, ch: Channel, what: str, feed: Callable[[], list[act.Action]]
+    ) -> list[act.Action]:
         """Feed a server message; one the machine rejects is the server's protocol error."""
         try:
             return feed()
         except LocalProtocolError as exc:
-            raise RemoteProtocolError(f"{what} out of order: {exc}") from exc
+            raise RemoteProtocolError(f"{ch.link.where}: {what} out of order: {exc}") from exc
 
     def _ours(
         self, feed: Callable[_P, list[act.Action]], *args: _P.args, **kwargs: _P.kwargs
@@ -255,25 +285,40 @@ class SpiceClient(ChannelSet):
         return [] if self._closing else feed(*args, **kwargs)
 
     def _track(self, number: int) -> _Migration:
-        """The driver's side of migration ``number`` (created with its first action)."""
+        """The driver's side of migration ``number`` (created with its first action).
+
+        A migration already forgotten (a server flooding BEGINs pushes old ones out of
+        :data:`KEPT_MIGRATIONS`, never one still holding a task or a link) is an empty
+        stand-in: releasing what it held has nothing left to do.
+        """
         mig = self._by_number.get(number)
-        if mig is None:
-            state = self._session.migration
-            assert state is not None
-            assert state.number == number
-            mig = self._by_number[number] = _Migration(number, state.record)
-            self._history.append(mig)
-            # wake wait_migration_connected() callers; later ones wait on a fresh event
-            added, self._migration_added = self._migration_added, asyncio.Event()
-            added.set()
+        if mig is not None:
+            return mig
+        state = self._session.migration
+        if state is None or state.number != number:
+            return _Migration(number, ClientMigrationRecord(path="none", connection_id_before=0))
+        deadline = time.monotonic() + self.options.migrate_connect_timeout
+        mig = self._by_number[number] = _Migration(number, state.record, deadline)
+        self._history.append(mig)
+        self._forget_old()
+        # wake wait_migration_connected() callers; later ones wait on a fresh event
+        added, self._migration_added = self._migration_added, asyncio.Event()
+        added.set()
         return mig
+
+    def _forget_old(self) -> None:
+        """Keep :data:`KEPT_MIGRATIONS`: drop the oldest that are over and hold nothing."""
+        excess = len(self._history) - KEPT_MIGRATIONS
+        for old in [m for m in self._history if m.done and not m.holds()][: max(0, excess)]:
+            self._history.remove(old)
+            self._by_number.pop(old.number, None)
 
     async def _on_migration_message(self, ch: Channel, message: Message, now: float) -> bool:
         session = self._session
         name = message_name(message)
         actions: list[act.Action]
         if isinstance(message, Migrate):
-            actions = self._server(name, lambda: session.on_migrate(ch.key, message.flags, now))
+            actions = self._server(ch, name, lambda: session.on_migrate(ch.key, message.flags, now))
         elif ch.key != MAIN_KEY:
             return False
         elif isinstance(message, MainMigrateBeginSeamless | MainMigrateBegin):
@@ -282,17 +327,17 @@ class SpiceClient(ChannelSet):
             version = (
                 message.src_mig_version if isinstance(message, MainMigrateBeginSeamless) else None
             )
-            actions = self._server(name, lambda: session.on_begin(message.dst, version, now))
+            actions = self._server(ch, name, lambda: session.on_begin(message.dst, version, now))
         elif isinstance(message, MainMigrateEnd):
-            actions = self._server(name, lambda: session.on_migrate_end(now))
+            actions = self._server(ch, name, lambda: session.on_migrate_end(now))
         elif isinstance(message, MainMigrateSwitchHost):
-            actions = self._server(name, lambda: session.on_switch_host(message.dst, now))
+            actions = self._server(ch, name, lambda: session.on_switch_host(message.dst, now))
         elif isinstance(message, MainMigrateCancel):
-            actions = self._server(name, lambda: session.on_cancel(now))
+            actions = self._server(ch, name, lambda: session.on_cancel(now))
         elif isinstance(message, MainInit) and session.wants_dst_init:
             self.mouse_mode = message.current_mouse_mode
             self.agent_connected = bool(message.agent_connected)
-            actions = self._server(name, lambda: session.on_dst_init(message.session_id, now))
+            actions = self._server(ch, name, lambda: session.on_dst_init(message.session_id, now))
         else:
             return False
         await self._run(actions)
@@ -301,34 +346,41 @@ class SpiceClient(ChannelSet):
     # ------------------------------------------------------------------ executing actions
 
     async def _run(self, actions: Iterable[act.Action]) -> None:
-        """Execute actions in order; pre-link jobs started on the way are awaited together."""
-        jobs: list[asyncio.Future[None]] = []
-        for action in actions:
-            jobs += await self._execute(action)
-        for result in await asyncio.gather(*jobs, return_exceptions=True):
-            if isinstance(result, BaseException) and not isinstance(result, SpiceLibvirtError):
-                if isinstance(result, asyncio.CancelledError):
-                    raise result
-                log.warning("migration job failed: %r", result)
-            elif isinstance(result, SpiceLibvirtError):
-                log.info("migration job failed: %s", result)
+        """Execute actions in order; pre-link jobs started on the way are awaited together.
 
-    async def _execute(self, action: act.Action) -> list[asyncio.Future[None]]:
+        A job's error (each handles the destination's own failures itself, so one that
+        escapes is the session's) is raised once every job ended; the task that runs this
+        then ends with it, and :meth:`_fail` takes the first.
+        """
+        jobs: list[asyncio.Task[None]] = []
+        try:
+            for action in actions:
+                jobs += await self._execute(action)
+        finally:
+            results = await asyncio.gather(*jobs, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _execute(self, action: act.Action) -> list[asyncio.Task[None]]:
         match action:
             case act.StartPrelinks():
                 mig = self._track(action.number)
-                mig.connect_task = asyncio.create_task(
-                    self._migration_connect(mig, action), name="spice-migrate-connect"
+                mig.connect_task = self._task(
+                    self._migration_connect(mig, action), "spice-migrate-connect"
                 )
             case act.LinkToDestination():
                 return [
-                    asyncio.ensure_future(
-                        self._link_dst(action.number, key, action.target, action.connection_id)
+                    self._task(
+                        self._link_dst(action.number, key, action.target, action.connection_id),
+                        f"spice-prelink-{channel_label(*key)}",
                     )
                     for key in action.keys
                 ]
             case act.AwaitSeamlessAnswer():
-                return [asyncio.ensure_future(self._await_seamless_answer(action.number))]
+                return [
+                    self._task(self._await_seamless_answer(action.number), "spice-seamless-answer")
+                ]
             case act.SendToSource():
                 await self._channels[action.key].link.send(action.message)
             case act.SendToDestination():
@@ -348,7 +400,7 @@ class SpiceClient(ChannelSet):
             case act.CloseSession():
                 await self._close_session()
             case act.Relink():
-                await self._relink(action.target)
+                await self._relink(action.target, action.since)
             case act.Answered():
                 mig = self._track(action.number)
                 mig.connected_ok = mig.connected_ok or action.ok
@@ -357,9 +409,11 @@ class SpiceClient(ChannelSet):
                 self._emit(action.kind, "main:0", action.detail)
             case act.Finished():
                 self._track(action.number).done = True
+                if self._finished.qsize() >= KEPT_MIGRATIONS:
+                    self._finished.get_nowait()  # nobody reads them: keep the latest
                 self._finished.put_nowait(action.record)
             case act.InBackground():
-                self._spawn(self._run(action.actions), action.name)
+                self._task(self._run(action.actions), action.name)
         return []
 
     # -- pre-links ------------------------------------------------------------------------
@@ -375,15 +429,24 @@ class SpiceClient(ChannelSet):
         self, number: int, key: ChannelKey, target: act.LinkTarget, connection_id: int
     ) -> None:
         session = self._session
+        mig = self._track(number)
+        left = mig.deadline - time.monotonic()
         try:
-            link = await self._link(key, connection_id, target)
+            if left <= 0:
+                raise ConnectError(self._too_late(key))
+            timeout = min(self.options.link_timeout, left)
+            try:
+                link = await self._link(key, connection_id, target, timeout)
+            except ConnectError as exc:
+                if timeout < self.options.link_timeout and time.monotonic() >= mig.deadline:
+                    raise ConnectError(f"{self._too_late(key)}: {exc}", exc) from exc
+                raise
         except (SpiceLibvirtError, OSError) as exc:
             log.info("migration pre-link of %s failed: %s", key, exc)
             failed = str(exc)
             now = time.monotonic()
             await self._run(self._ours(session.on_prelink_failed, number, failed, now, key))
             return
-        mig = self._track(number)
         if mig.done or self._closing:
             await link.close()  # a late link of a migration that is over: nobody will use it
             return
@@ -394,17 +457,28 @@ class SpiceClient(ChannelSet):
             self._ours(session.on_dst_linked, number, key, link.channel_caps, where, now)
         )
 
+    def _too_late(self, key: ChannelKey) -> str:
+        return (
+            f"{channel_label(*key)}: the destination did not link within "
+            f"{self.options.migrate_connect_timeout:g} s of MIGRATE_BEGIN (spice-server waits "
+            "10 s for the client's answer)"
+        )
+
     async def _await_seamless_answer(self, number: int) -> None:
-        """The destination's ACK/NACK, within the link timeout: a destination that never
+        """The destination's ACK/NACK, by the migration's deadline: a destination that never
         answers fails the pre-link (the source then gets CONNECT_ERROR) instead of holding it."""
         session = self._session
-        dst_main = self._track(number).dst_links[MAIN_KEY]
-        timeout = self.options.link_timeout
+        mig = self._track(number)
+        dst_main = mig.dst_links[MAIN_KEY]
+        timeout = max(0.0, mig.deadline - time.monotonic())
         try:
             async with asyncio.timeout(timeout):
                 actions = await self._read_seamless_answer(number, dst_main)
         except TimeoutError:
-            failed = f"no MIGRATE_DST_SEAMLESS_ACK/NACK within {timeout:g} s"
+            failed = (
+                "no MIGRATE_DST_SEAMLESS_ACK/NACK within "
+                f"{self.options.migrate_connect_timeout:g} s of MIGRATE_BEGIN"
+            )
             actions = self._ours(session.on_prelink_failed, number, failed, time.monotonic())
         except (SpiceLibvirtError, OSError) as exc:
             failed = str(exc)
@@ -459,12 +533,14 @@ class SpiceClient(ChannelSet):
     async def _read_migrate_data(self, key: ChannelKey) -> None:
         """MIGRATE_DATA is the source channel's very next message (the connection's state
         machine allows nothing else); it is read here, outside the keep-alive accounting."""
-        event = await self._channels[key].link.read()
+        ch = self._channels[key]
+        event = await ch.link.read()
         assert isinstance(event.message, MigrateData)
         data = event.message.data
         now = time.monotonic()
+        session = self._session
         await self._run(
-            self._server("MIGRATE_DATA", lambda: self._session.on_migrate_data(key, data, now))
+            self._server(ch, "MIGRATE_DATA", lambda: session.on_migrate_data(key, data, now))
         )
 
     async def _swap(self, swap: act.SwapChannel) -> None:
@@ -504,18 +580,21 @@ class SpiceClient(ChannelSet):
             await ch.link.close()
         self._keepalives.clear()
 
-    async def _relink(self, target: act.LinkTarget) -> None:
-        deadline = self.options.link_timeout * 2  # as connect(): a drip cannot hold us
+    async def _relink(self, target: act.LinkTarget, since: float) -> None:
+        """The switch-host's new session; if it cannot be had, the session is lost (the
+        record says so first, then the failure: ``next_migration`` hands out both)."""
+        deadline = self.options.session_timeout  # as connect(): a drip cannot hold us
+        left = deadline - (time.monotonic() - since) if since else deadline
         try:
-            async with asyncio.timeout(deadline):
+            async with asyncio.timeout(max(0.0, left)):
                 await self._establish(target)
         except (SpiceLibvirtError, OSError, TimeoutError) as exc:
             if isinstance(exc, TimeoutError):
                 exc = ConnectError(f"no new session at {target.host} within {deadline:g} s")
             failed, channels = str(exc), list(self._channels)
             now = time.monotonic()
-            actions = self._ours(self._session.on_relink_failed, failed, channels, now)
-        else:
-            now = time.monotonic()
-            actions = self._ours(self._session.on_relinked, now)
-        await self._run(actions)
+            await self._run(self._ours(self._session.on_relink_failed, failed, channels, now))
+            self._fail(ConnectError(f"session lost in the switch-host: {failed}", exc))
+            return
+        now = time.monotonic()
+        await self._run(self._ours(self._session.on_relinked, now))

@@ -194,6 +194,14 @@ class ClientChannelConnection:
         self.migrate_flags: int | None = None
 
     @property
+    def buffered(self) -> int:
+        """Bytes received and not yet handed out as events: what this connection holds of
+        messages not received in full (plus complete ones not asked for yet)."""
+        if self._decoder is None:
+            return len(self._link_buffer)
+        return self._decoder.buffered
+
+    @property
     def received(self) -> int:
         """Messages received in the data phase and handed out by :meth:`next_event` (the
         serial of the last one, with mini headers). Counted per batch cut ahead, minus
@@ -292,7 +300,7 @@ class ClientChannelConnection:
         if state is _ERROR:
             raise LocalProtocolError("connection already failed")
         decoder = self._decoder
-        if state is _READY and decoder is not None and decoder.mini:
+        if state is _READY and decoder is not None and decoder.mini and decoder._ready is None:
             ahead = self._ahead = self._cut_ahead(decoder)
             if ahead:
                 self._decoded += len(ahead)
@@ -300,7 +308,7 @@ class ClientChannelConnection:
         try:
             if decoder is None or state is _AWAIT_LINK_REPLY or state is _AWAIT_LINK_RESULT:
                 return self._link_event()
-            if decoder.mini:
+            if decoder.mini and decoder._ready is None:
                 # FrameDecoder.next_raw for mini headers, written out (its fields are the
                 # codec's own; this is the one place outside framing.py that reads them)
                 data = decoder._data
@@ -450,24 +458,48 @@ class ClientChannelConnection:
             )
 
 
+#: PONGs and ACK_SYNCs (each the answer to one server message) sent per second at most,
+#: after a burst of :data:`REPLY_BURST`: spice-server pings a channel every few seconds and
+#: sends SET_ACK once per link, so only a flood goes unanswered -- and a flood whose answers
+#: the server never reads cannot then back up into the client
+REPLY_RATE = 50.0
+REPLY_BURST = 50.0
+
+
 class KeepAlive:
     """Answers the common flow-control messages the way spice-gtk does.
 
     SET_ACK → ACK_SYNC and an ACK every ``window`` received messages; PING → PONG (the
-    payload is not echoed). Pure: returns the replies, the caller sends them.
+    payload is not echoed), both within :data:`REPLY_RATE`. Pure: returns the replies, the
+    caller sends them (``now`` is the caller's monotonic clock).
     """
 
     def __init__(self) -> None:
         self.window = 0
         self.countdown = 0
+        self._tokens = REPLY_BURST
+        self._at: float | None = None
+        #: PINGs and SET_ACKs left unanswered because they came too fast
+        self.unanswered = 0
 
-    def on_message(self, message: Message) -> list[Message]:
+    def _may_answer(self, now: float) -> bool:
+        if self._at is not None:
+            self._tokens = min(REPLY_BURST, self._tokens + (now - self._at) * REPLY_RATE)
+        self._at = now
+        if self._tokens < 1.0:
+            self.unanswered += 1
+            return False
+        self._tokens -= 1.0
+        return True
+
+    def on_message(self, message: Message, now: float = 0.0) -> list[Message]:
         replies: list[Message] = []
         if isinstance(message, SetAck):
             self.window = self.countdown = message.window
-            replies.append(AckSync(message.generation))
+            if self._may_answer(now):
+                replies.append(AckSync(message.generation))
             return replies
-        if isinstance(message, Ping):
+        if isinstance(message, Ping) and self._may_answer(now):
             replies.append(Pong(message.id, message.timestamp))
         if self.window:
             self.countdown -= 1

@@ -64,6 +64,9 @@ class VmcData(RawMessage):
 
 
 PORT_INIT_FIXED = struct.Struct("<IIB")
+#: longest port name accepted (spice names are like ``org.spice-space.webdav.0``); the name
+#: is kept as long as the channel lives, so a longer one is refused, not stored
+PORT_NAME_MAX = 1024
 
 
 @fast_init
@@ -83,6 +86,8 @@ class PortInit(Message):
         if len(body) < PORT_INIT_FIXED.size:
             raise RemoteProtocolError(f"PORT_INIT needs 9 bytes, got {len(body)}")
         size, offset, opened = PORT_INIT_FIXED.unpack_from(body)
+        if size > PORT_NAME_MAX:
+            raise RemoteProtocolError(f"PORT_INIT name of {size} bytes (at most {PORT_NAME_MAX})")
         name = _read_string(body, offset, size, "PORT_INIT name", nonnull=True)
         return cls(name or "", bool(opened))
 

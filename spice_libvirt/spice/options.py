@@ -30,6 +30,18 @@ GREETING_CHANNELS = frozenset(
 #: how long close() waits for the client's tasks to end
 CLOSE_TIMEOUT = 3.0
 
+#: spice-server's own window for a client's answer to MIGRATE_BEGIN(_SEAMLESS): after
+#: MIGRATE_TIMEOUT (10 s in reds) it stops waiting and the client can no longer follow
+#: seamlessly. The client's pre-links must settle -- CONNECTED or CONNECT_ERROR sent --
+#: well inside it, one-way delay and scheduling included.
+SERVER_MIGRATE_WINDOW = 10.0
+
+#: What all of a session's channels together may hold of messages not received in full
+#: (bytes). A real server has one large message in flight at a time; a hostile one that
+#: starts a near-maximal message on every channel is refused once the sum passes this,
+#: so the client's memory is bounded per session, not per channel.
+RECEIVE_BUDGET = 20 * 1024 * 1024
+
 #: spice-gtk's display cache announcement (ids 1, 20 MiB of pixels, 16 MiB GLZ window).
 DISPLAY_INIT = DisplayInit(1, 20 * 1024 * 1024 // 4, 1, 16 * 1024 * 1024 // 4)
 
@@ -57,7 +69,17 @@ class ClientOptions(BaseModel):
     semi_seamless: bool = True
     agent_connected_tokens: bool = True
     name_and_uuid: bool = True
-    link_timeout: float = Field(default=10.0, gt=0)
+    #: one channel's link (TCP, TLS, handshake) must be done within this
+    link_timeout: float = Field(default=8.0, gt=0)
+    #: a whole session (MAIN, INIT, channel list, every channel) must be up within this, at
+    #: connect and at a switch-host relink: a server that keeps the client waiting longer
+    #: counts as not answering (None: ``link_timeout``)
+    connect_timeout: float | None = Field(default=None, gt=0)
+    #: from MIGRATE_BEGIN(_SEAMLESS) to the client's answer to the source (every pre-link
+    #: and the destination's ACK/NACK), inside spice-server's :data:`SERVER_MIGRATE_WINDOW`
+    migrate_connect_timeout: float = Field(default=8.0, gt=0, lt=SERVER_MIGRATE_WINDOW)
+    #: see :data:`RECEIVE_BUDGET`
+    receive_budget: int = Field(default=RECEIVE_BUDGET, gt=0)
     #: limit the channels linked after MAIN (None: every channel the server lists)
     channel_types: frozenset[int] | None = None
 
@@ -72,6 +94,11 @@ class ClientOptions(BaseModel):
         if self.seamless:
             caps.add(MainCap.SEAMLESS_MIGRATE)
         return frozenset(caps)
+
+    @property
+    def session_timeout(self) -> float:
+        """The deadline of a whole session set-up (see ``connect_timeout``)."""
+        return self.connect_timeout or self.link_timeout
 
     def password(self) -> str | None:
         return self.ticket.get_secret_value() if self.ticket else None
@@ -123,6 +150,9 @@ class PortStream:
         self._size = 0
         self._ready = asyncio.Event()
         self.dropped = 0
+        #: someone asked for this stream (``SpiceClient.port_stream``): only then is its data
+        #: kept, so a server with many ports cannot make the client queue for each of them
+        self.wanted = False
 
     @property
     def buffered(self) -> int:

@@ -102,6 +102,8 @@ _ANSWERED = (P.CONNECTED, P.CONNECT_FAILED)
 _PRELINK_EVENTS = (Ev.DST_LINKED, Ev.DST_LINK_FAILED, Ev.DST_MESSAGE, Ev.SEAMLESS_ANSWER)
 _SETTLE_EVENTS = (Ev.PRELINKS_OK, Ev.PRELINKS_FAILED)
 _ACTIVE = tuple(p for p in Phase if p not in (P.IDLE, P.CLOSED))
+#: the VM moved semi-seamlessly: the other channels leave the source once INIT came
+_SEMI_MOVING = (P.AWAIT_DST_INIT, P.SWAPPING)
 
 #: (phase, event) -> next phase. Anything missing is illegal.
 TRANSITIONS: dict[tuple[Phase, Ev], Phase] = {
@@ -347,7 +349,7 @@ class ClientSession:
         steps += [
             act.DropDestinationLinks(mig.number, drain=SWITCH_DRAIN_TIMEOUT),
             act.CloseSession(),
-            act.Relink(target),
+            act.Relink(target, now),
         ]
         return [*actions, act.InBackground(tuple(steps), "spice-switch-host")]
 
@@ -377,15 +379,20 @@ class ClientSession:
             act.SendToDestination(mig.number, MAIN_KEY, MainClientMigrateEnd()),
         ]
 
-    def on_source_lost(self, key: ChannelKey, error: str, now: float) -> bool:
-        """A source channel broke during a migration; True when that is expected (the
-        source drops us after SWITCH_HOST) and the session moves on."""
+    def on_source_lost(self, key: ChannelKey, error: str, now: float, *, closed: bool) -> bool:
+        """A source channel broke during a migration; True when that is expected and the
+        session moves on: the source drops us after SWITCH_HOST, and once the VM moved
+        semi-seamlessly a channel still on the source may be ``closed`` before its swap.
+        Otherwise (a protocol violation, a channel the hand-over still needs, the source's
+        MAIN before the VM moved) it is the session's failure."""
         mig = self.migration
         if mig is None or self.phase is Phase.CLOSED:
             return False
         self._go(Ev.SOURCE_LOST)
         self._step(mig, key, "src", "event", "SOURCE_LOST", now, error)
-        return self.phase is Phase.SWITCHING
+        if self.phase is Phase.SWITCHING:
+            return True
+        return closed and key != MAIN_KEY and self.phase in _SEMI_MOVING
 
     # -- source channels: the seamless hand-over ------------------------------------------
 

@@ -29,12 +29,16 @@ from spice_libvirt.spice.connection import (
     MessageReceived,
 )
 from spice_libvirt.spice.constants import channel_label
+from spice_libvirt.spice.framing import ReceiveBudget
 from spice_libvirt.spice.link import LinkMess
 from spice_libvirt.spice.messages import Message, message_name
 
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 256 * 1024
+#: a send whose bytes do not move for this long means the server stopped reading
+SEND_STALL_TIMEOUT = 5.0
+SEND_STALL_STEP = 0.5
 
 #: The kinds of certificate failure, in every TLSVerificationError's text as "failed
 #: (<kind>)": a migration report can then say *why* the client would not link to a
@@ -119,38 +123,81 @@ class ChannelLink:
     channel_caps: frozenset[int] = field(default_factory=frozenset)
     #: TCP (and TLS) connect time: about one round trip to the server
     connect_seconds: float = 0.0
+    #: the session's bound on unfinished messages, shared by all its links (None: this
+    #: connection's own ``max_body`` only)
+    budget: ReceiveBudget | None = None
 
     @property
     def label(self) -> str:
         return channel_label(self.conn.link.channel_type, self.conn.link.channel_id)
 
+    @property
+    def where(self) -> str:
+        """``display:0 (10.0.0.1:5900)``: which channel of which server, for error lines."""
+        return f"{self.label} ({self.host}:{self.port})"
+
     async def read(self) -> MessageReceived:
-        """The next message; raises ConnectError when the server closes the socket."""
+        """The next message; raises ConnectError when the server closes the socket and
+        RemoteProtocolError (naming the channel and server) when it breaks the protocol."""
+        try:
+            return await self._read()
+        except RemoteProtocolError as exc:
+            if type(exc) is not RemoteProtocolError:
+                raise
+            raise RemoteProtocolError(f"{self.where}: {exc}") from exc
+
+    async def _read(self) -> MessageReceived:
+        conn, budget = self.conn, self.budget
         while True:
-            event = self.conn.next_event()
+            event = conn.next_event()
             if isinstance(event, MessageReceived):
                 return event
             if event is not NEED_DATA:
                 raise RemoteProtocolError(f"unexpected {event!r} after the link")
+            if budget is not None:
+                budget.report(self, conn.buffered)
             data = await self.reader.read(READ_CHUNK)
             if not data:
-                raise ConnectError(
-                    f"{self.label}: server closed the connection ({self.host}:{self.port})"
-                )
-            self.conn.receive_data(data)
+                raise ConnectError(f"{self.where}: server closed the connection")
+            conn.receive_data(data)
+            if budget is not None:
+                budget.report(self, conn.buffered)
 
     async def send(self, *messages: Message) -> None:
+        """Send; a server that stops reading is a connect error once the bytes waiting for
+        it have not moved for :data:`SEND_STALL_TIMEOUT` (its own flood cannot wedge us)."""
         for message in messages:
             log.debug("%s tx %s", self.label, message_name(message))
             self.writer.write(self.conn.send(message))
         try:
-            await self.writer.drain()
+            await self._drain()
         except (ConnectionError, OSError) as exc:
-            raise ConnectError(f"{self.label}: send failed: {exc}", exc) from exc
+            raise ConnectError(f"{self.where}: send failed: {exc}", exc) from exc
+
+    async def _drain(self) -> None:
+        transport = self.writer.transport
+        unsent = transport.get_write_buffer_size()
+        moved_at = time.monotonic()
+        while True:
+            try:
+                async with asyncio.timeout(SEND_STALL_STEP):
+                    await self.writer.drain()
+                return
+            except TimeoutError:
+                now, left = time.monotonic(), transport.get_write_buffer_size()
+                if left < unsent:
+                    unsent, moved_at = left, now
+                elif now - moved_at >= SEND_STALL_TIMEOUT:
+                    raise ConnectError(
+                        f"{self.where}: the server stopped reading ({left} bytes unsent "
+                        f"for {SEND_STALL_TIMEOUT:g} s)"
+                    ) from None
 
     def abort(self) -> None:
         """Drop the connection at once (no drain, no TLS goodbye): the bounded close's end."""
         self.conn.close()
+        if self.budget is not None:
+            self.budget.forget(self)
         self.writer.transport.abort()
 
     async def close(self, *, drain_timeout: float = 0.0) -> None:
@@ -162,6 +209,8 @@ class ChannelLink:
         callers that link again right after use the draining close.
         """
         self.conn.close()
+        if self.budget is not None:
+            self.budget.forget(self)
         if drain_timeout > 0 and not self.tls and not self.writer.is_closing():
             with contextlib.suppress(TimeoutError, ConnectionError, OSError):
                 self.writer.write_eof()
@@ -186,6 +235,7 @@ async def open_link(
     password: str | None,
     tls: TLSSettings | None = None,
     timeout: float = 10.0,
+    budget: ReceiveBudget | None = None,
 ) -> ChannelLink:
     """Connect and run the link handshake; raises typed errors for every failure.
 
@@ -197,11 +247,13 @@ async def open_link(
     label = channel_label(link.channel_type, link.channel_id)
     try:
         async with asyncio.timeout(timeout):
-            return await _open_link(host, port, link, password=password, tls=tls)
+            opened = await _open_link(host, port, link, password=password, tls=tls)
     except TimeoutError as exc:
         raise ConnectError(
             f"{label}: no SPICE link to {host}:{port} within {timeout:g} s", exc
         ) from exc
+    opened.budget = budget
+    return opened
 
 
 async def _open_link(
