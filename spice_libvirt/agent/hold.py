@@ -38,7 +38,7 @@ from spice_libvirt.agent.plan import (
 from spice_libvirt.agent.record import AgentVerdict
 from spice_libvirt.agent.settings import AgentSettings
 from spice_libvirt.agent.watch import Destination
-from spice_libvirt.libvirt.claim import claim_active, read_claim
+from spice_libvirt.libvirt.claim import ClaimClock, read_claim
 from spice_libvirt.libvirt.connection import Connection, GraphicsEvent, require_libvirt
 from spice_libvirt.libvirt.errors import LibvirtOperationError, error_code
 
@@ -82,8 +82,11 @@ class MigrationHold:
         domain: str,
         setup_at: float,
         find_destination: FindDestination,
+        claims: ClaimClock | None = None,
     ) -> None:
         self.settings = settings
+        #: when each domain's mark was first seen (the service keeps one for all holds)
+        self.claims = claims if claims is not None else ClaimClock()
         self.local = local
         self.domain = domain
         self.setup_at = setup_at
@@ -121,7 +124,7 @@ class MigrationHold:
             return None  # not libvirt's outgoing migration (a save, a dump...)
         self.verdict.job = f"outgoing migration (remaining {stats.get('memory_remaining', '?')} B)"
         claim = await self.local.call(lambda: read_claim(dom), "read the hold mark")
-        holder = claim_active(claim, time.time())
+        holder = self.claims.holder(self.uuid or self.domain, claim, time.time())
         if holder is not None:
             self.verdict.outcome = "skipped"
             self.verdict.released_why = f"held by {holder} (spice-libvirt's own controller)"

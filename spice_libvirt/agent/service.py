@@ -43,6 +43,7 @@ from spice_libvirt.agent.record import (
 )
 from spice_libvirt.agent.settings import AgentSettings
 from spice_libvirt.agent.watch import Destination, MigrationEvent, migration_events, on_close
+from spice_libvirt.libvirt.claim import ClaimClock
 from spice_libvirt.libvirt.connection import Connection
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class Agent:
             connect=settings.connect,
         )
         self._recent: deque[AgentVerdict] = deque(maxlen=20)
+        self.claims = ClaimClock()
 
     # ------------------------------------------------------------ destinations
 
@@ -159,7 +161,9 @@ class Agent:
             return
         if event.status not in START_STATUSES:
             return
-        hold = MigrationHold(self.settings, local, event.domain, event.at, self.destination)
+        hold = MigrationHold(
+            self.settings, local, event.domain, event.at, self.destination, self.claims
+        )
         self.holds[event.domain] = hold
         task = asyncio.create_task(hold.run(), name=f"hold {event.domain}")
         self.tasks.add(task)

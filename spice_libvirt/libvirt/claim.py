@@ -25,14 +25,26 @@ from spice_libvirt.libvirt.connection import Connection, require_libvirt
 CLAIM_NAMESPACE = "https://spice-libvirt.org/xmlns/claim/1"
 CLAIM_KEY = "spice-libvirt-claim"
 
+#: how long the controller's mark holds: the agent reads it at QEMU's ``setup``, a moment
+#: after ``migrateToURI3``; it then expires by itself on both hosts (live metadata migrates).
+#: Also the longest any mark is honoured (see :func:`claim_active`).
+CONTROLLER_CLAIM_S = 120.0
+
 
 def claim_xml(holder: str, until: float) -> str:
     element = ET.Element("claim", {"holder": holder, "until": f"{until:.0f}"})
     return ET.tostring(element, encoding="unicode")
 
 
-def claim_active(metadata: str | None, now: float) -> str | None:
-    """The holder named in ``metadata`` while the claim has not expired, else None."""
+def claim_active(
+    metadata: str | None, now: float, *, seen_at: float | None = None
+) -> str | None:
+    """The holder named in ``metadata`` while the claim has not expired, else None.
+
+    No mark lasts longer than the controller's own (:data:`CONTROLLER_CLAIM_S`): an expiry
+    further out than that from when the mark was first seen (``seen_at``, else ``now``) is
+    treated as that window -- a far-future mark cannot exempt a domain from the agent.
+    """
     if not metadata:
         return None
     try:
@@ -40,7 +52,27 @@ def claim_active(metadata: str | None, now: float) -> str | None:
         until = float(element.get("until", "0"))
     except (ET.ParseError, ValueError):
         return None
+    until = min(until, (now if seen_at is None else seen_at) + CONTROLLER_CLAIM_S)
     return element.get("holder") or "?" if until > now else None
+
+
+class ClaimClock:
+    """When the agent first saw each domain's mark, so that :func:`claim_active` bounds a
+    mark by its first sighting and not by each reading (a mark that is read again at every
+    migration would otherwise be "new" every time). A changed mark starts a new window; the
+    memory is the agent's (a restarted agent grants a mark at most one more window)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[str, float]] = {}
+
+    def holder(self, domain: str, metadata: str | None, now: float) -> str | None:
+        if not metadata:
+            self._seen.pop(domain, None)
+            return None
+        seen = self._seen.get(domain)
+        if seen is None or seen[0] != metadata:
+            seen = self._seen[domain] = (metadata, now)
+        return claim_active(metadata, now, seen_at=seen[1])
 
 
 def _live() -> int:
@@ -59,10 +91,6 @@ async def set_claim(conn: Connection, dom: Any, holder: str, valid_s: float) -> 
         "mark the domain held by spice-libvirt",
     )
 
-
-#: how long the controller's mark holds: the agent reads it at QEMU's ``setup``, a moment
-#: after ``migrateToURI3``; it then expires by itself on both hosts (live metadata migrates)
-CONTROLLER_CLAIM_S = 120.0
 
 
 async def claim_for_controller(conn: Connection, dom: Any, note: Callable[[str], None]) -> None:
