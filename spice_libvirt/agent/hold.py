@@ -4,8 +4,9 @@ The order matters and every step is bounded:
 
 1. Is it ours to hold? An outgoing migration (libvirt's job says so), not marked by our own
    controller (:mod:`spice_libvirt.libvirt.claim`), with SPICE clients connected now
-   (:mod:`spice_libvirt.agent.procnet`: the kernel's view, so an agent started after the
-   client connected still knows every channel).
+   (:mod:`spice_libvirt.agent.procnet`: the kernel's view of the QEMU libvirt recorded,
+   :mod:`spice_libvirt.agent.trusted_qemu`, so an agent started after the client connected
+   still knows every channel).
 2. Write the caller's speed and downtime down (:mod:`spice_libvirt.agent.holdfile`), *then*
    hold (1 MiB/s, 1 ms) -- at QEMU's ``setup``, since libvirt sets its own parameters at the
    start of its Perform phase and would overwrite an earlier hold.
@@ -37,6 +38,7 @@ from spice_libvirt.agent.plan import (
 )
 from spice_libvirt.agent.record import AgentVerdict
 from spice_libvirt.agent.settings import AgentSettings
+from spice_libvirt.agent.trusted_qemu import expected_qemu, trusted_qemu_pid
 from spice_libvirt.agent.watch import Destination
 from spice_libvirt.libvirt.claim import ClaimClock, read_claim
 from spice_libvirt.libvirt.connection import Connection, GraphicsEvent, require_libvirt
@@ -131,7 +133,8 @@ class MigrationHold:
             return None
         xml = await self.local.call(lambda: dom.XMLDesc(0), "domain XML")
         ports = spice_ports(xml)
-        pid = self._pid = procnet.qemu_pid(self.domain)
+        # libvirt's record of the process, checked: its sockets decide what the agent does
+        pid = self._pid = trusted_qemu_pid(expected_qemu(self.domain, xml))
         channels = procnet.spice_channels(procnet.snapshot(pid), ports) if ports else []
         self.verdict.channels = len(channels)
         self.verdict.clients = sorted({c.rsplit(":", 1)[0] for c in channels})

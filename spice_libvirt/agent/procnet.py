@@ -128,34 +128,3 @@ def snapshot(pid: int, *, proc: Path = Path("/proc")) -> ProcessSockets:
     except OSError as exc:
         raise AgentError(f"cannot read the sockets of process {pid}: {exc}") from exc
     return ProcessSockets(pid, tuple(r for r in rows if r.inode in inodes))
-
-
-def _cmdline(pid: int, proc: Path) -> list[str]:
-    try:
-        return (proc / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return []
-
-
-def qemu_pid(domain: str, *, proc: Path = Path("/proc")) -> int:
-    """The PID of the QEMU process that runs ``domain`` in *this* network namespace.
-
-    libvirt names the guest on QEMU's command line (``-name guest=NAME,...``). Two QEMU
-    processes of one domain exist during a migration between hosts that share a PID
-    namespace (namespaced labs, containers): the one in our network namespace is ours.
-    """
-    own_net = os.readlink(proc / "self" / "ns" / "net")
-    wanted = f"guest={domain},"
-    for entry in os.listdir(proc):
-        if not entry.isdigit():
-            continue
-        argv = _cmdline(int(entry), proc)
-        if not any(arg.startswith(wanted) or arg == f"guest={domain}" for arg in argv):
-            continue
-        try:
-            if os.readlink(proc / entry / "ns" / "net") != own_net:
-                continue
-        except OSError:
-            continue
-        return int(entry)
-    raise AgentError(f"no QEMU process of domain {domain!r} in this network namespace")
