@@ -39,7 +39,7 @@ from spice_libvirt.agent.plan import (
 from spice_libvirt.agent.record import AgentVerdict
 from spice_libvirt.agent.settings import AgentSettings
 from spice_libvirt.agent.trusted_qemu import expected_qemu, trusted_qemu_pid
-from spice_libvirt.agent.watch import Destination
+from spice_libvirt.agent.watch import Destination, SourceChannels
 from spice_libvirt.libvirt.claim import ClaimClock, read_claim
 from spice_libvirt.libvirt.connection import Connection, GraphicsEvent, require_libvirt
 from spice_libvirt.libvirt.errors import LibvirtOperationError, error_code
@@ -85,10 +85,13 @@ class MigrationHold:
         setup_at: float,
         find_destination: FindDestination,
         claims: ClaimClock | None = None,
+        sources: SourceChannels | None = None,
     ) -> None:
         self.settings = settings
         #: when each domain's mark was first seen (the service keeps one for all holds)
         self.claims = claims if claims is not None else ClaimClock()
+        #: which connections to the SPICE ports linked a channel (the service's)
+        self.sources = sources if sources is not None else SourceChannels()
         self.local = local
         self.domain = domain
         self.setup_at = setup_at
@@ -135,7 +138,13 @@ class MigrationHold:
         ports = spice_ports(xml)
         # libvirt's record of the process, checked: its sockets decide what the agent does
         pid = self._pid = trusted_qemu_pid(expected_qemu(self.domain, xml))
-        channels = procnet.spice_channels(procnet.snapshot(pid), ports) if ports else []
+        established = procnet.spice_channels(procnet.snapshot(pid), ports) if ports else []
+        channels, bare = self.sources.split(self.domain, established)
+        if bare:  # a TCP connection that never linked is nobody to wait for
+            self.verdict.notes.append(
+                f"not waited for: {len(bare)} connection(s) to the SPICE port that never "
+                f"linked a channel ({', '.join(bare[:3])})"
+            )
         self.verdict.channels = len(channels)
         self.verdict.clients = sorted({c.rsplit(":", 1)[0] for c in channels})
         if not channels:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from spice_libvirt.libvirt.connection import GraphicsEvent
+from spice_libvirt.libvirt.connection import GraphicsEvent, endpoint
 from spice_libvirt.libvirt.hold import DestinationLinks
 from spice_libvirt.migration.policy import release_point
 
@@ -75,7 +75,8 @@ class HeldMigration:
     _forced: str | None = None
 
     def __post_init__(self) -> None:
-        self.links = DestinationLinks(self.domain, self.started_at)
+        hosts = frozenset(endpoint(c)[0] for c in self.client_channels)
+        self.links = DestinationLinks(self.domain, self.started_at, hosts)
 
     # ---------------------------------------------------------------- observations
 

@@ -42,7 +42,14 @@ from spice_libvirt.agent.record import (
     write_status,
 )
 from spice_libvirt.agent.settings import AgentSettings
-from spice_libvirt.agent.watch import Destination, MigrationEvent, migration_events, on_close
+from spice_libvirt.agent.watch import (
+    Destination,
+    MigrationEvent,
+    SourceChannels,
+    migration_events,
+    on_close,
+    pump_source_events,
+)
 from spice_libvirt.libvirt.claim import ClaimClock
 from spice_libvirt.libvirt.connection import Connection
 
@@ -80,6 +87,8 @@ class Agent:
         )
         self._recent: deque[AgentVerdict] = deque(maxlen=20)
         self.claims = ClaimClock()
+        #: which connections to local SPICE ports linked a channel (renewed per connection)
+        self.sources = SourceChannels()
 
     # ------------------------------------------------------------ destinations
 
@@ -162,7 +171,13 @@ class Agent:
         if event.status not in START_STATUSES:
             return
         hold = MigrationHold(
-            self.settings, local, event.domain, event.at, self.destination, self.claims
+            self.settings,
+            local,
+            event.domain,
+            event.at,
+            self.destination,
+            self.claims,
+            self.sources,
         )
         self.holds[event.domain] = hold
         task = asyncio.create_task(hold.run(), name=f"hold {event.domain}")
@@ -227,6 +242,13 @@ class Agent:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _serve(self, local: Connection, stop: asyncio.Event) -> None:
+        # the graphics events first: a connection accepted after this is reported, so one
+        # the agent never heard of predates it (see SourceChannels)
+        self.sources = SourceChannels()
+        source_events = asyncio.create_task(
+            pump_source_events(await local.graphics_events(), self.sources),
+            name="local graphics events",
+        )
         events = await migration_events(local)
         closed = on_close(local)
         await self.recover(local)
@@ -244,6 +266,7 @@ class Agent:
         finally:
             ended.cancel()
             peers.cancel()
+            source_events.cancel()
             events.close()
 
     def _abandon(self) -> None:

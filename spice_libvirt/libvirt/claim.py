@@ -36,9 +36,7 @@ def claim_xml(holder: str, until: float) -> str:
     return ET.tostring(element, encoding="unicode")
 
 
-def claim_active(
-    metadata: str | None, now: float, *, seen_at: float | None = None
-) -> str | None:
+def claim_active(metadata: str | None, now: float, *, seen_at: float | None = None) -> str | None:
     """The holder named in ``metadata`` while the claim has not expired, else None.
 
     No mark lasts longer than the controller's own (:data:`CONTROLLER_CLAIM_S`): an expiry
@@ -90,7 +88,6 @@ async def set_claim(conn: Connection, dom: Any, holder: str, valid_s: float) -> 
         ),
         "mark the domain held by spice-libvirt",
     )
-
 
 
 async def claim_for_controller(conn: Connection, dom: Any, note: Callable[[str], None]) -> None:

@@ -17,8 +17,10 @@ timeout), so a libvirtd that stops answering cannot hang a migration or the proc
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import threading
 import time
@@ -151,6 +153,10 @@ class JobCompletedEvent:
     at: float
 
 
+#: events an :class:`EventStream` keeps in ``seen``
+EVENTS_KEPT = 4096
+
+
 class EventStream(Generic[E]):
     """Events of one libvirt registration, queued in the subscriber's loop.
 
@@ -162,7 +168,9 @@ class EventStream(Generic[E]):
         self._loop = loop
         self._queue: asyncio.Queue[E] = asyncio.Queue()
         self._deregister: Callable[[], None] | None = None
-        self.seen: list[E] = []
+        #: the latest events (a long-lived subscription, such as the agent's, must not
+        #: keep every event a client -- or anyone reaching a SPICE port -- ever caused)
+        self.seen: collections.deque[E] = collections.deque(maxlen=EVENTS_KEPT)
         self._arrived = asyncio.Event()
 
     def _push(self, event: E) -> None:
@@ -214,6 +222,20 @@ def _address(addr: dict[str, Any] | None) -> str:
         return "?"
     node, service = addr.get("node", "?"), addr.get("service", "?")
     return f"[{node}]:{service}" if ":" in str(node) else f"{node}:{service}"
+
+
+def endpoint(text: str) -> tuple[str, int]:
+    """``"10.0.0.1:40000"``, ``"[::1]:40000"``, ``"::ffff:10.0.0.1:40000"`` -> (address,
+    port), an IPv4-mapped address as IPv4: the kernel's and libvirt's spellings compared."""
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host, int(port) if port.isdigit() else -1
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip), int(port) if port.isdigit() else -1
 
 
 class Connection:

@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 from spice_libvirt import errors
-from spice_libvirt.libvirt.connection import Connection, EventStream, GraphicsEvent
+from spice_libvirt.libvirt.connection import Connection, EventStream, GraphicsEvent, endpoint
 from spice_libvirt.libvirt.request import (
     LIBVIRT_MAX_SPEED_MIBS,
     LibvirtMigrationReport,
@@ -44,9 +44,12 @@ RUNNING_STATES = ("active", "pre-switchover", "device")
 class DestinationLinks:
     """The client's channels on the destination, from libvirt's graphics events."""
 
-    def __init__(self, domain: str, t0: float) -> None:
+    def __init__(self, domain: str, t0: float, client_hosts: frozenset[str] | None = None) -> None:
         self.domain = domain
         self.t0 = t0
+        #: the addresses the client's channels come from (None: anyone's links count): a
+        #: connection from elsewhere that never links cannot keep :meth:`complete` false
+        self.client_hosts = client_hosts
         self.connect_at: dict[str, float] = {}
         self.init_at: dict[str, float] = {}
         self.log: list[str] = []
@@ -73,8 +76,11 @@ class DestinationLinks:
         return statistics.median(spans) if spans else None
 
     def complete(self, expected: int) -> bool:
-        """Every expected channel initialized and no link still half-way."""
-        return len(self.init_at) >= expected and set(self.connect_at) <= set(self.init_at)
+        """Every expected channel initialized and no link of the client still half-way."""
+        half_way = [r for r in self.connect_at if r not in self.init_at]
+        if self.client_hosts is not None:
+            half_way = [r for r in half_way if endpoint(r)[0] in self.client_hosts]
+        return len(self.init_at) >= expected and not half_way
 
     def last_initialize(self) -> float | None:
         return max(self.init_at.values()) if self.init_at else None
