@@ -45,6 +45,10 @@ class ExitCode(enum.IntEnum):
     PLACEMENT_UNKNOWN = 12
     #: ``doctor``: this host is not ready for seamless migration (a check failed).
     NOT_READY = 13
+    #: The migration completed -- the VM runs on the destination -- and a client could not
+    #: follow it: its session is gone (e.g. no connection of the client reached the
+    #: destination). Not a failed migration, not merely "not seamless".
+    CLIENT_LOST = 15
     #: Interrupted (SIGINT), by the shell's convention 128 + 2.
     INTERRUPTED = 130
     #: Terminated (SIGTERM), 128 + 15; handled like SIGINT: the migration is undone first.
@@ -67,6 +71,7 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.TLS_DOWNGRADED: "the migration moved a channel from TLS to plain text",
     ExitCode.PLACEMENT_UNKNOWN: "the VM does not run on exactly one host, or that is unknown",
     ExitCode.NOT_READY: "doctor: this host is not ready for seamless migration",
+    ExitCode.CLIENT_LOST: "migration completed, a client could not follow: its session is gone",
     ExitCode.INTERRUPTED: "interrupted (SIGINT); the migration was undone first",
     ExitCode.TERMINATED: "terminated (SIGTERM); the migration was undone first",
 }
@@ -116,8 +121,8 @@ def for_report(report: Verdict) -> ExitCode:
     """The exit code of one migration's verdict.
 
     Precedence: the VM's placement not established as one host (12), then the VM did
-    not move (7), then a channel lost TLS (11), then the client did
-    not follow seamlessly (8); seamless or no client at all is 0.
+    not move (7), then a channel lost TLS (11), then a client lost its session (15), then
+    the client did not follow seamlessly (8); seamless or no client at all is 0.
     """
     if getattr(report, "placement", None) in _UNSETTLED_PLACEMENTS:
         return ExitCode.PLACEMENT_UNKNOWN
@@ -125,15 +130,20 @@ def for_report(report: Verdict) -> ExitCode:
         return ExitCode.MIGRATION_FAILED
     if getattr(report, "tls_downgraded", False):
         return ExitCode.TLS_DOWNGRADED
+    if report.outcome == "client-lost":
+        return ExitCode.CLIENT_LOST
     if report.outcome in _SEAMLESS_OUTCOMES:
         return ExitCode.OK
     return ExitCode.NOT_SEAMLESS
 
 
 def for_client_record(record: Any) -> ExitCode:
-    """One migration as a watching client saw it (``watch``): seamless or not, TLS kept."""
+    """One migration as a watching client saw it (``watch``): seamless or not, TLS kept,
+    the session lost."""
     if getattr(record, "tls_downgraded", False):
         return ExitCode.TLS_DOWNGRADED
+    if record.path == "lost":
+        return ExitCode.CLIENT_LOST
     return ExitCode.OK if record.path == "seamless" else ExitCode.NOT_SEAMLESS
 
 

@@ -45,7 +45,8 @@ def link_all(p: HeldMigration, start: float, rtt: float) -> None:
 
 def test_holds_until_every_channel_initialized_then_rtt_plus_margin() -> None:
     p = plan()
-    assert p.release_due(100.5) == (115.0, None)  # nothing linked: ask again at the bound
+    # nothing reached the destination yet: ask again when the first contact is due
+    assert p.release_due(100.5) == (103.0, None)
     link_all(p, 101.0, 0.3)
     last = 101.02 + 0.3
     when, reason = p.release_due(last)
@@ -73,6 +74,7 @@ def test_other_domains_events_do_not_count() -> None:
     for port in (1, 2, 3):
         p.destination_event(ev("connect", port, 101.0, domain="other"))
         p.destination_event(ev("initialize", port, 101.3, domain="other"))
+    p.destination_event(ev("connect", 50001, 101.0))  # the client is on its way
     assert p.release_due(105.0) == (115.0, None)
 
 

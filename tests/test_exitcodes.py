@@ -202,6 +202,7 @@ def test_codes_are_stable_and_all_documented() -> None:
         "TLS_DOWNGRADED": 11,
         "PLACEMENT_UNKNOWN": 12,
         "NOT_READY": 13,
+        "CLIENT_LOST": 15,
         "INTERRUPTED": 130,
         "TERMINATED": 143,
     }

@@ -166,7 +166,7 @@ async def test_failed_switch_host_hands_out_the_record_then_the_failure(
     await client.connect()
     await source.switch_host(m.DstInfo("127.0.0.1", 9, None))  # the discard port: refused
     record = await client.next_migration(timeout=10)
-    assert record.path == "failed"
+    assert record.path == "lost"
     with pytest.raises(ConnectError, match="session lost in the switch-host"):
         await client.next_migration(timeout=10)
     await client.close()

@@ -324,7 +324,7 @@ def test_switch_host_without_begin_is_the_whole_migration() -> None:
         act.InBackground(SWITCH_STEPS, "spice-switch-host"),
     ]
     done = finished(s.on_relink_failed("refused", [], 0.4))
-    assert done.record.path == "failed"
+    assert done.record.path == "lost"
     assert done.record.connection_id_after is None
     assert done.record.error == "switch-host reconnect failed: refused"
     assert phase_of(s) is Phase.IDLE

@@ -108,7 +108,7 @@ EXTERNAL = [
     ("completed", "kept", False, "semi-seamless", "semi-seamless", CID, True),
     ("completed", "new", True, "switch-host", "switch-host", NEW, False),
     ("completed", "kept+new", True, "switch-host", "switch-host", NEW, False),
-    ("completed", "gone", True, "failed", "failed", None, False),
+    ("completed", "gone", True, "lost", "client-lost", None, False),
     ("completed", "unobserved", True, "failed", "failed", None, False),
     ("failed", "kept", True, "failed", "failed", CID, True),
     ("failed", "gone", True, "failed", "failed", None, False),

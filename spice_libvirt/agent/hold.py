@@ -43,6 +43,7 @@ from spice_libvirt.agent.watch import Destination, SourceChannels
 from spice_libvirt.libvirt.claim import ClaimClock, read_claim
 from spice_libvirt.libvirt.connection import Connection, GraphicsEvent, require_libvirt
 from spice_libvirt.libvirt.errors import LibvirtOperationError, error_code
+from spice_libvirt.migration.policy import NO_CONTACT
 
 #: how long after ``setup`` the migration connection may take to show in /proc
 PEER_LOOKUP_S = 1.0
@@ -345,9 +346,14 @@ class MigrationHold:
         v.held_ms = plan.held_ms()
         v.released_why = plan.release_reason
         v.relinks_after = plan.relinks_after
-        v.connection_id_kept = (
-            True if v.outcome == "seamless" else False if v.outcome == "switch-host" else None
+        v.connection_id_kept = {"seamless": True, "switch-host": False, "client-lost": False}.get(
+            v.outcome
         )
+        if v.outcome == "client-lost":
+            v.notes.append(
+                f"the client could not follow: {NO_CONTACT}, before or after the switchover "
+                "(its session is gone)"
+            )
         v.notes.extend(plan.notes)
         early = plan.switchover_at is not None and plan.switchover_at < plan.started_at + (
             plan.hold_timeout_s

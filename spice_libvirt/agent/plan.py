@@ -24,7 +24,7 @@ from typing import Literal
 
 from spice_libvirt.libvirt.connection import GraphicsEvent, endpoint
 from spice_libvirt.libvirt.hold import DestinationLinks
-from spice_libvirt.migration.policy import release_point
+from spice_libvirt.migration.policy import NO_CONTACT, first_contact_deadline, release_point
 
 #: the hold: libvirt's smallest speed (MiB/s) and downtime (ms)
 HOLD_SPEED_MIBS = 1
@@ -35,7 +35,7 @@ FINAL_STATES = ("completed", "failed", "cancelled")
 #: QEMU states in which the switchover is under way (the guest is paused)
 SWITCHOVER_STATES = ("pre-switchover", "device", *FINAL_STATES)
 
-Outcome = Literal["seamless", "switch-host", "not-linked", "failed", "no-client"]
+Outcome = Literal["seamless", "switch-host", "not-linked", "client-lost", "failed", "no-client"]
 
 
 @dataclasses.dataclass
@@ -71,6 +71,8 @@ class HeldMigration:
     release_reason: str = ""
     linked_before_switchover: bool = False
     relinks_after: int = 0
+    #: nothing of the client reached the destination in time (policy.first_contact_deadline)
+    unreachable: bool = False
     notes: list[str] = dataclasses.field(default_factory=list)
     _forced: str | None = None
 
@@ -140,6 +142,12 @@ class HeldMigration:
         bound = self.started_at + self.hold_timeout_s
         if now >= bound:
             return None, f"client not linked within the bound of {self.hold_timeout_s:.0f} s"
+        contact_by = first_contact_deadline(self.started_at)
+        if not self.links.contacted():
+            if now >= contact_by:
+                self.unreachable = True
+                return None, f"{NO_CONTACT} within {contact_by - self.started_at:.1f} s"
+            bound = min(bound, contact_by)
         need = max(1, self.expected_channels)
         if self.links.complete(need):
             rtt = self.links.rtt_estimate() or 0.0
@@ -174,6 +182,8 @@ class HeldMigration:
             return "switch-host"
         if self.linked_before_switchover:
             return "seamless"
+        if self.unreachable and self.completed_at is not None:
+            return "client-lost"  # it never reached the destination, nor after the switch
         return "not-linked"
 
     def held_ms(self) -> float | None:

@@ -23,7 +23,14 @@ log = logging.getLogger(__name__)
 INFO = 6
 
 AgentOutcome = Literal[
-    "seamless", "switch-host", "not-linked", "failed", "no-client", "skipped", "error"
+    "seamless",
+    "switch-host",
+    "not-linked",
+    "client-lost",
+    "failed",
+    "no-client",
+    "skipped",
+    "error",
 ]
 
 

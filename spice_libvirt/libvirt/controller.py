@@ -408,6 +408,9 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
                 stream=self.witness.stream_stats() if self.witness is not None else None,
                 observed_by="libvirt/QMP",
                 reconnected=reconnected,
+                lost_cause=(
+                    report.link_wait.reason if report.link_wait.result == "unreachable" else None
+                ),
             )
         )
         for text in verdict.notes:

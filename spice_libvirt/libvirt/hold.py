@@ -33,7 +33,12 @@ from spice_libvirt.libvirt.request import (
     LibvirtMigrationReport,
     LibvirtMigrationRequest,
 )
-from spice_libvirt.migration.policy import ReleasePoint, release_point
+from spice_libvirt.migration.policy import (
+    NO_CONTACT,
+    ReleasePoint,
+    first_contact_deadline,
+    release_point,
+)
 from spice_libvirt.migration.progress import RunLog
 from spice_libvirt.migration.witness import MigrationWitness, await_connected
 
@@ -84,6 +89,15 @@ class DestinationLinks:
 
     def last_initialize(self) -> float | None:
         return max(self.init_at.values()) if self.init_at else None
+
+    def contacted(self) -> bool:
+        """A connection of the client (from its addresses, when known) reached the
+        destination at all, linked or not."""
+        return any(
+            e.phase == "connect"
+            and (self.client_hosts is None or endpoint(e.remote)[0] in self.client_hosts)
+            for e in self.events
+        )
 
 
 async def _next_or_done(
@@ -139,7 +153,7 @@ class Hold:
         wait_start = time.monotonic()
         deadline = t_active + self.req.hold_timeout
         if self.witness is not None:
-            point = await self._embedded_linked(deadline, t_active, migrations_before)
+            point = await self._embedded_linked(gfx, links, deadline, t_active, migrations_before)
         else:
             point = await self._destination_linked(gfx, links, deadline, t_active, expected)
         linked = point is not None
@@ -147,6 +161,8 @@ class Hold:
             link = self.report.link_wait
             if self.migration.done():
                 hold.release_reason = "the migration ended during the hold"
+            elif link.result == "unreachable":
+                hold.release_reason = f"{link.reason}: given up at once"
             elif link.result == "connect-error":
                 hold.release_reason = (
                     f"{link.reason or 'client could not link to the destination'} "
@@ -208,17 +224,31 @@ class Hold:
             hold.applied = "libvirt-floor"
 
     async def _embedded_linked(
-        self, deadline: float, t_active: float, migrations_before: int | None
+        self,
+        gfx: EventStream[GraphicsEvent],
+        links: DestinationLinks,
+        deadline: float,
+        t_active: float,
+        migrations_before: int | None,
     ) -> ReleasePoint | None:
-        """Our client's own answer to the source: the release point, or None."""
+        """Our client's own answer to the source: the release point, or None (also as soon
+        as it is clear that nothing of the client reaches the destination)."""
         assert self.witness is not None
         link, hold = self.report.link_wait, self.report.hold
         link.signal = "embedded-client"
         one_way = (self.req.witness_one_way_ms or 0.0) / 1000.0
         timeout = max(0.1, deadline - time.monotonic())
-        connected = await await_connected(
-            self.witness, timeout, migrations_before, link, self.log.note
+        answer = asyncio.ensure_future(
+            await_connected(self.witness, timeout, migrations_before, link, self.log.note)
         )
+        try:
+            reached = await self._first_contact(gfx, links, answer, t_active, 2 * one_way)
+        finally:
+            if not answer.done():
+                answer.cancel()
+        if not reached:
+            return None
+        connected = await answer
         if connected is None:
             return None
         link.result = "linked"
@@ -243,12 +273,17 @@ class Hold:
         need = max(1, expected)
         for event in gfx.drain():
             links.absorb(event)
+        contact_by = first_contact_deadline(t_active, links.rtt_estimate())
         while not links.complete(need) and not self.migration.done():
-            left = deadline - time.monotonic()
-            if left <= 0:
+            now = time.monotonic()
+            if not links.contacted() and now >= contact_by:
+                self._unreachable(contact_by - t_active)
+                return None
+            left = (deadline if links.contacted() else min(deadline, contact_by)) - now
+            if deadline - now <= 0:
                 break
             # the job's end is an event too: wake on whichever comes first
-            got = await _next_or_done(gfx, self.migration, left)
+            got = await _next_or_done(gfx, self.migration, max(0.0, left))
             if got is not None:
                 links.absorb(got)
         link.channels_linked = sorted(links.init_at)
@@ -268,6 +303,45 @@ class Hold:
             f"(+ RTT estimate {rtt * 1000:.0f} ms + margin {self.req.release_margin_ms:.0f} ms)"
         )
         return point
+
+    async def _first_contact(
+        self,
+        gfx: EventStream[GraphicsEvent],
+        links: DestinationLinks,
+        answer: asyncio.Future[float | None],
+        t_active: float,
+        rtt: float,
+    ) -> bool:
+        """Wait for ``answer`` while watching the destination: False as soon as the first
+        contact is overdue (:func:`first_contact_deadline`) -- nothing of the client reached
+        the destination, its answer would only come at its own deadline."""
+        contact_by = first_contact_deadline(t_active, rtt)
+        while not answer.done():
+            for event in gfx.drain():
+                links.absorb(event)
+            if links.contacted():
+                await asyncio.wait({answer})
+                break
+            left = contact_by - time.monotonic()
+            if left <= 0:
+                self._unreachable(contact_by - t_active)
+                return False
+            getter = asyncio.ensure_future(gfx.get(timeout=left))
+            pending: set[asyncio.Future[Any]] = {getter, answer}
+            try:
+                await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not getter.done():
+                    getter.cancel()
+            if getter.done() and not getter.cancelled() and getter.exception() is None:
+                links.absorb(getter.result())
+        return True
+
+    def _unreachable(self, after_s: float) -> None:
+        link = self.report.link_wait
+        link.result = "unreachable"
+        link.reason = f"{NO_CONTACT} within {after_s:.1f} s"
+        self.log.note(f"{link.reason} (a firewall that drops it? a route that leads nowhere?)")
 
     async def _release(self, orig_speed: int, t_start: float, t_active: float) -> None:
         speed = orig_speed if orig_speed > 1 else LIBVIRT_MAX_SPEED_MIBS

@@ -2,7 +2,8 @@
 
 * **Link-wait grace** (QEMU path): after the client linked, how long before ``migrate`` so
   that its MIGRATE_CONNECTED_SEAMLESS reaches the source.
-* **Release point** (libvirt path): when to release the held migration.
+* **Release point** (libvirt path): when to release the held migration, and when a client
+  that never reached the destination is given up on (:func:`first_contact_deadline`).
 * **Hold choice** (libvirt path): how to hold the switchover, if at all.
 * **TLS target** (both paths, issue 13): which ports a client may be told, so that a client
   on TLS is never offered a plain port it would downgrade to.
@@ -41,6 +42,22 @@ def embedded_link_grace(rtt_s: float, *, margin: float, ceiling: float) -> float
     """Grace after our client *sent* CONNECTED_SEAMLESS: it reaches the source half an RTT
     later; a whole RTT (twice the one-way time) covers jitter on the way."""
     return min(ceiling, margin + rtt_s)
+
+
+#: A client sent MIGRATE_BEGIN connects to the destination about one RTT later (its first
+#: SYN; a lost one is sent again after 1 s). When nothing of it reached the destination in
+#: this long, nothing will -- a firewall that drops its packets, a route that leads nowhere
+#: -- and holding the migration longer only delays what happens to it anyway.
+FIRST_CONTACT_S = 3.0
+#: the cause a hold and a verdict name when that happened
+NO_CONTACT = "no connection from the client reached the destination"
+
+
+def first_contact_deadline(held_at: float, rtt_s: float | None = None) -> float:
+    """By when the client's first connection must have reached the destination, counted
+    from the moment the migration was held (after the client was told where to go): at
+    least :data:`FIRST_CONTACT_S`, more for a client whose RTT says it needs longer."""
+    return held_at + max(FIRST_CONTACT_S, 4.0 * (rtt_s or 0.0) + 1.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,11 @@ from spice_libvirt.spice.record import ClientMigrationRecord, ClientPath, Sessio
 
 #: The overall outcome. ``no-client`` is used only when no SPICE client was connected at all:
 #: there was nothing to keep, and calling that "seamless" would be a claim without evidence.
-Outcome = Literal["seamless", "semi-seamless", "switch-host", "cancelled", "failed", "no-client"]
+#: ``client-lost``: the VM moved (it runs on the destination) and a client could not follow
+#: -- its session is gone -- which is neither a failed migration nor a switch-host.
+Outcome = Literal[
+    "seamless", "semi-seamless", "switch-host", "client-lost", "cancelled", "failed", "no-client"
+]
 
 
 class ClientVerdict(SessionChange):
@@ -67,8 +71,11 @@ class LinkWait(BaseModel):
 
     skipped: bool = False
     #: "linked": every channel linked (and, embedded, CONNECTED_SEAMLESS sent);
-    #: "timeout": not within the bound; "no-client"; "skipped"; "connect-error"
-    result: Literal["linked", "timeout", "no-client", "skipped", "connect-error"] = "skipped"
+    #: "timeout": not within the bound; "no-client"; "skipped"; "connect-error";
+    #: "unreachable": no connection of the client reached the destination at all
+    result: Literal["linked", "timeout", "no-client", "skipped", "connect-error", "unreachable"] = (
+        "skipped"
+    )
     #: why the client did not link, when it says (e.g. "client could not verify the
     #: destination (subject mismatch)")
     reason: str | None = None
@@ -161,6 +168,9 @@ class MigrationReport(BaseModel):
     placement: Placement | None = None
     #: what each end said, in words ("source running, destination absent")
     placement_evidence: str | None = None
+    #: why a client was lost (outcome ``client-lost``), when known: e.g. no connection from
+    #: the client reached the destination during the migration
+    client_lost_cause: str | None = None
 
 
 def classify_outcome(
@@ -169,12 +179,15 @@ def classify_outcome(
     """The overall outcome from the migration state and every client's verdict.
 
     The worst client wins: one client that fell back to switch-host makes the migration
-    ``switch-host`` even if another was kept.
+    ``switch-host`` even if another was kept, and one that was lost makes it
+    ``client-lost``.
     """
     if migration_status != "completed":
         return "cancelled" if cancelled or migration_status == "cancelled" else "failed"
     if not clients:
         return "no-client"
+    if any(c.path == "lost" for c in clients):
+        return "client-lost"
     order: list[ClientPath] = ["failed", "none", "switch-host", "semi-seamless", "seamless"]
     worst = min((c.path for c in clients), key=lambda p: order.index(p) if p in order else 0)
     if worst in ("seamless", "semi-seamless", "switch-host"):

@@ -9,7 +9,9 @@ rules are the same on both paths, so the same evidence always gives the same ver
 * **completed**, the *same* id and no new one: the session was kept -- ``seamless``, or
   ``semi-seamless`` when the source is known to run without ``seamless-migration=on``
   (QMP cannot tell the two apart otherwise, and the verdict says so);
-* **completed**, the client on neither: ``failed``;
+* **completed**, the client on neither: ``lost`` -- the VM moved, the session is gone
+  (``client-lost``, with its cause when known: no connection of the client reached the
+  destination); ``failed`` only when nobody could look at the destination;
 * **not completed**: ``cancelled`` or ``failed``; the client stayed on the source;
 * **our embedded client** cross-checks with its own record: it claims seamless only with
   BEGIN_SEAMLESS, MIGRATE and MIGRATE_DATA seen and its id kept; without a record nothing
@@ -77,6 +79,9 @@ class VerdictEvidence:
     #: a connection from a new remote reached the destination after the client left the
     #: source (a switch-host whose new session may not have linked yet)
     reconnected: bool = False
+    #: what is known of why a client could not follow (e.g. policy.NO_CONTACT), for a
+    #: client found on neither host
+    lost_cause: str | None = None
 
 
 @dataclasses.dataclass
@@ -88,6 +93,8 @@ class Verdict:
     notes: list[str]
     stream: StreamStats | None = None
     tls_downgraded_channels: list[str] = dataclasses.field(default_factory=list)
+    #: why the outcome is ``client-lost``, when known
+    lost_cause: str | None = None
 
     @property
     def tls_downgraded(self) -> bool:
@@ -103,6 +110,7 @@ class Verdict:
         report.seamless = self.seamless
         report.tls_downgraded = self.tls_downgraded
         report.tls_downgraded_channels = list(self.tls_downgraded_channels)
+        report.client_lost_cause = self.lost_cause if self.outcome == "client-lost" else None
         if self.stream is not None:
             report.stream = self.stream
 
@@ -134,7 +142,12 @@ def judge(evidence: VerdictEvidence) -> Verdict:
             f"TLS downgraded: {', '.join(downgraded)} went from TLS to plain text; "
             "not a success whatever the protocol path"
         )
-    return Verdict(clients, outcome, notes, stream, downgraded)
+    lost_cause = None
+    if outcome == "client-lost":
+        lost = [c for c in clients if c.path == "lost"]
+        lost_cause = evidence.lost_cause or next((c.note for c in lost if c.note), None)
+        notes.append(f"client lost: {lost_cause or 'it is connected to neither host'}")
+    return Verdict(clients, outcome, notes, stream, downgraded, lost_cause)
 
 
 def _client(
@@ -213,9 +226,12 @@ def _completed_path(
                 f"{ev.observed_by} evidence only: connection id kept on the destination "
                 "(seamless and semi-seamless look alike from QMP)"
             )
-    else:
+    elif ev.after is None:
         v.path = "failed"
-        v.note = "the client is not connected to the destination"
+        v.note = "nobody could look at the destination"
+    else:
+        v.path = "lost"
+        v.note = ev.lost_cause or "the client is connected to neither host: its session is gone"
 
 
 def _embedded(v: ClientVerdict, ev: VerdictEvidence, notes: list[str]) -> None:
@@ -256,6 +272,8 @@ def _record_path(v: ClientVerdict, record: ClientMigrationRecord, notes: list[st
     if record.path == "none":
         v.note = "the embedded client saw no migration message"
         return "failed"
+    if record.path == "lost":
+        v.note = record.error or "the embedded client lost its session"
     if record.connection_id_after is not None:
         v.connection_id_after = record.connection_id_after
         v.connection_id_kept = record.connection_id_kept

@@ -11,8 +11,11 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-#: The path the client actually took. ``none`` means no migration message arrived.
-ClientPath = Literal["seamless", "semi-seamless", "switch-host", "cancelled", "failed", "none"]
+#: The path the client actually took. ``none`` means no migration message arrived; ``lost``
+#: that the VM moved and the client could not follow: its session is gone.
+ClientPath = Literal[
+    "seamless", "semi-seamless", "switch-host", "cancelled", "failed", "lost", "none"
+]
 
 
 class PathStep(BaseModel):

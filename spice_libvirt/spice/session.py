@@ -278,7 +278,7 @@ class ClientSession:
         record = mig.record
         record.path = path
         record.finished_at = now
-        record.connection_id_after = self.session_id if path != "failed" else None
+        record.connection_id_after = self.session_id if path not in ("failed", "lost") else None
         record.connection_id_kept = path in ("seamless", "semi-seamless") and (
             self.session_id == record.connection_id_before
         )
@@ -596,7 +596,7 @@ class ClientSession:
         self.session_id = 0
         self.channels = tuple(channels)
         self._step(mig, MAIN_KEY, "dst", "event", "RECONNECT_FAILED", now, error)
-        return self._finish(mig, "failed", now, f"switch-host reconnect failed: {error}")
+        return self._finish(mig, "lost", now, f"switch-host reconnect failed: {error}")
 
     def close(self) -> list[Action]:
         """The client closes: release what an open migration holds (its record stays open)."""
