@@ -92,6 +92,9 @@ def test_ready_and_not_ready_hosts(hosts: dict[str, Hooked], tmp_path: Path) -> 
         f"peer:{b.address}:libvirt": "ok",
         f"peer:{b.address}:migration": "ok",
         f"peer:{b.address}:spice": "ok",
+        # the lab's libvirtd logs monitor commands at debug level (for diagnosis): a
+        # ticket extended through libvirt would land there, which the doctor says
+        "secrets-in-logs": "warn",
     }
     seen = next(c for c in report["checks"] if c["name"] == "hook-seen")
     assert "libvirtd ran it" in seen["detail"]

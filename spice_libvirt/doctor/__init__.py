@@ -3,7 +3,8 @@
 Like ``vdsm-tool is-configured``, for what this project needs on a host: the hook
 installed and loaded by the running libvirtd, a valid configuration with ``spice_address``,
 every running domain's SPICE reachable by clients, TLS files usable and not about to
-expire, libvirt new enough for ``qemu.d/``, and the peers' ports reachable. Modules, one
+expire, libvirt new enough for ``qemu.d/``, the peers' ports reachable, and no SPICE ticket
+about to land in libvirt's debug log (:mod:`.daemon_logs`). Modules, one
 concern each: :mod:`.model` (the typed result), :mod:`.host` (files on this host),
 :mod:`.daemon` (the running libvirtd, read-only), :mod:`.peers` (other hosts' ports).
 
@@ -28,6 +29,7 @@ from spice_libvirt.doctor.daemon import (
     open_read_only,
     running_domains,
 )
+from spice_libvirt.doctor.daemon_logs import check_monitor_logging
 from spice_libvirt.doctor.host import (
     DEFAULT_TLS_DIR,
     check_config,
@@ -77,6 +79,7 @@ def diagnose(
     if domains is not None:
         checks += check_domains(domains)
     checks += check_tls(tls_dir, tls_days, required=any(d.tls for d in domains or ()))
+    checks.append(check_monitor_logging())
     for peer in peers:
         checks += check_peer(peer, timeout)
     if drain:
