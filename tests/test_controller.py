@@ -241,7 +241,8 @@ async def test_default_policy_proceeds_and_reports_when_the_client_is_late(
     request = pair.request(client_port=free_tcp_port(), link_timeout=1.0)
     report = await migrate_qemu(request, client)
     assert report.migration.status == "completed"
-    assert report.outcome in ("switch-host", "failed"), report.model_dump_json(indent=1)
+    # sent where nothing listens, the client cannot follow: the VM moved, its session is gone
+    assert report.outcome in ("switch-host", "client-lost"), report.model_dump_json(indent=1)
     assert any("link wait" in n for n in report.notes)
 
 
