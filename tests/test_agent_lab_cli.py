@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from spice_libvirt_lab import libvirt_lab
+from spice_libvirt_lab.libvirt_agent import verdicts
 from tests.rigs.libvirt_lab import LIBVIRT_LAB
 from tests.rigs.viewer import XServer
-from tests.test_agent_lab import migrate_watched, tainted, verdicts
+from tests.test_agent_lab import migrate_watched, tainted
 
 pytest.importorskip("libvirt")
 
@@ -64,7 +65,7 @@ def test_a_near_empty_guest_is_said_unholdable_and_held_by_qmp_only_when_allowed
     """The firmware guest moves in about a second even at 1 MiB/s: the taint-free hold
     cannot keep it for a 300 ms client. The journal says so; with ``allow_taint`` the agent
     throttles it through QMP (and says the domain is tainted)."""
-    from tests.test_agent_lab import agents
+    from spice_libvirt_lab.libvirt_agent import running_agents as agents
 
     top = libvirt_lab_dir.parent
     up = lab_cli(top, "up", "--libvirt", "--client-rtt-ms", "300")

@@ -28,11 +28,13 @@ from spice_libvirt.exitcodes import ExitCode, for_report
 from spice_libvirt.migration.policy import NO_CONTACT
 from spice_libvirt_lab import libvirt_agent, libvirt_lab, netns
 from spice_libvirt_lab.firewall import dropping
+from spice_libvirt_lab.libvirt_agent import next_verdict, verdicts
+from spice_libvirt_lab.libvirt_agent import running_agents as agents
 from spice_libvirt_lab.libvirt_migrate import lab_migrate
 from spice_libvirt_lab.libvirt_state import LabState, save
 from tests.rigs.libvirt_lab import fresh_state, lab_marks
 from tests.rigs.viewer import XServer
-from tests.test_agent_lab import agents, next_verdict, verdicts, viewer, virsh_migrate
+from tests.test_agent_lab import viewer, virsh_migrate
 
 pytest.importorskip("libvirt")
 
