@@ -51,7 +51,7 @@ class QemuSpec(BaseModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     guest: Literal["firmware", "linux", "memcheck"] = "firmware"
-    memory_mib: int = Field(default=128, ge=16, le=65536)
+    memory_mib: int = Field(default=128, ge=8, le=65536)
     #: ``auto``: :func:`spice_libvirt_lab.guest.default_accel` (KVM for firmware, TCG for
     #: linux unless SPICE_LIBVIRT_LINUX_ACCEL says otherwise)
     accel: Literal["auto", "kvm", "tcg"] = "auto"
