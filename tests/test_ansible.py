@@ -37,7 +37,7 @@ VAGRANTFILE = REPO / "vagrant" / "Vagrantfile"
 BIN = Path(sys.executable).parent
 ANSIBLE_PLAYBOOK = BIN / "ansible-playbook"
 ANSIBLE_LINT = BIN / "ansible-lint"
-PLAYBOOKS = [ANSIBLE / "site.yml", ANSIBLE / "evacuate.yml"]
+PLAYBOOKS = [ANSIBLE / "site.yml", ANSIBLE / "lab.yml", ANSIBLE / "evacuate.yml"]
 
 needs_ansible = pytest.mark.skipif(
     not ANSIBLE_PLAYBOOK.exists(), reason="ansible-core not installed in the venv"
@@ -124,13 +124,13 @@ def test_notified_handlers_exist_and_libvirt_is_only_reloaded() -> None:
     ]
     assert [sv["state"] for sv in service] == ["reloaded"]
     known = {"Reload libvirt"} | {h["name"] for h in role_handlers}
-    for play in _load(ANSIBLE / "site.yml"):
+    for play in _load(ANSIBLE / "lab.yml"):
         known |= {h["name"] for h in play.get("handlers") or []}
     for path, task in _all_role_tasks():
         notify = task.get("notify")
         for n in [notify] if isinstance(notify, str) else notify or []:
             assert n in known, (path, n)
-    # nothing in the role restarts or stops libvirt; only the lab part of site.yml may.
+    # nothing in the role restarts or stops libvirt; only lab.yml may.
     # The one restart is the agent's own (it releases its holds on SIGTERM first).
     restarts = [
         h["ansible.builtin.systemd_service"]
@@ -142,6 +142,36 @@ def test_notified_handlers_exist_and_libvirt_is_only_reloaded() -> None:
         text = path.read_text()
         assert "restarted" not in text, path
         assert "stopped" not in text, path
+
+
+def test_site_yml_is_the_role_and_nothing_else() -> None:
+    """The playbook an operator runs: no task, handler or variable of its own that could
+    touch libvirtd's configuration, listeners, /etc/hosts or the daemon itself (the role's
+    own rules are the tests above; tests/test_ansible_ssh.py checks the result on a host)."""
+    plays = _load(ANSIBLE / "site.yml")
+    assert [p["hosts"] for p in plays] == ["hypervisors", "clients"]
+    for play in plays:
+        assert [r["role"] for r in play["roles"]] == ["spice_libvirt"], play["name"]
+        for section in ("pre_tasks", "tasks", "post_tasks", "handlers"):
+            assert section not in play, (play["name"], section)
+    [hypervisors, clients] = plays
+    assert "vars" not in hypervisors  # the role's defaults, as documented
+    assert clients["vars"]["spice_libvirt_install_hook"] is False
+    assert clients["vars"]["spice_libvirt_agent"] is False
+    text = (ANSIBLE / "site.yml").read_text()
+    for word in ("libvirtd.conf", "qemu.conf", "tcp", "/etc/hosts", "restart", "lab_"):
+        assert word not in text.split("\n\n", 1)[1], word  # past the header comment
+
+
+def test_lab_yml_refuses_unmarked_hosts_before_anything_runs() -> None:
+    gate, *rest = _load(ANSIBLE / "lab.yml")
+    assert gate["any_errors_fatal"] is True
+    assert gate["gather_facts"] is False
+    [check] = gate["tasks"]
+    assert check["ansible.builtin.assert"]["that"] == [
+        "spice_libvirt_lab_host | default('') == 'vagrant'"
+    ]
+    assert {p["hosts"] for p in rest} == {gate["hosts"]}  # no host escapes the gate
 
 
 def test_only_a_new_shim_reloads_libvirt() -> None:
@@ -159,6 +189,8 @@ def test_only_a_new_shim_reloads_libvirt() -> None:
 def test_plays_that_touch_libvirtd_are_serial() -> None:
     for book in PLAYBOOKS:
         for play in _load(book):
+            if play.get("any_errors_fatal") and "roles" not in play and "tasks" in play:
+                continue  # a read-only gate (lab.yml's): it must see every host at once
             if play["hosts"] == "hypervisors" or "evacuate_hosts" in str(play["hosts"]):
                 assert "serial" in play, (book, play["name"])
     [evacuate] = [p for p in _load(ANSIBLE / "evacuate.yml") if "serial" in p]
@@ -323,6 +355,7 @@ def test_inventory_matches_the_vagrantfile() -> None:
         assert m.group(1) == attrs["ansible_host"]
         assert m.group(2) == "hypervisors"
         assert attrs["spice_libvirt_lab_ip"] == attrs["ansible_host"]
+        assert attrs["spice_libvirt_lab_host"] == "vagrant"
         assert attrs["spice_libvirt_spice_address"] == attrs["ansible_host"]
 
 
@@ -420,12 +453,13 @@ def test_vagrantfile_defines_the_lab(tmp_path: Path) -> None:
     [ans] = machines["hv2"]["provision"]
     assert ans["type"] == "ansible"
     assert ans["limit"] == "all"
-    assert (VAGRANTFILE.parent / ans["playbook"]).resolve() == ANSIBLE / "site.yml"
+    assert (VAGRANTFILE.parent / ans["playbook"]).resolve() == ANSIBLE / "lab.yml"
     assert (VAGRANTFILE.parent / ans["config_file"]).resolve() == ANSIBLE / "ansible.cfg"
     assert ans["groups"] == {"hypervisors": ["hv1", "hv2"]}
     assert ans["extra_vars"] == {"spice_libvirt_apt_update_cache": False}
     for name, ip in HOST_IPS.items():
         assert ans["host_vars"][name] == {
+            "spice_libvirt_lab_host": "vagrant",
             "spice_libvirt_lab_ip": ip,
             "spice_libvirt_spice_address": ip,
         }
@@ -477,7 +511,7 @@ def _ansible_env(tmp_path: Path) -> dict[str, str]:
 
 
 @needs_ansible
-@pytest.mark.parametrize("book", ["site.yml", "evacuate.yml"])
+@pytest.mark.parametrize("book", ["site.yml", "lab.yml", "evacuate.yml"])
 def test_playbook_syntax_check(tmp_path: Path, book: str) -> None:
     proc = subprocess.run(
         [str(ANSIBLE_PLAYBOOK), "--syntax-check", book],

@@ -16,6 +16,12 @@ machine's own is written. Packages are only *checked* (``apt`` with ``state=pres
 packages the machine already has, no cache update). libvirtd is reloaded with
 ``pkill --signal HUP --pidfile /run/libvirt/libvirtd.pid`` (the host's private pid file).
 
+The playbook is ``ansible/site.yml`` itself, the one an operator runs, with its default
+variables (the inventory only moves the paths above and sets the reload command). Around the
+first real run the test checks what it promises: ``libvirtd.conf`` and ``qemu.conf`` byte for
+byte the same, the same libvirtd PID, the same listening sockets in the host. ``lab.yml``
+against the same (unmarked) host is refused before it changes anything.
+
 The proof that libvirtd saw the hook: it started without any hook (libvirt looks for hooks
 at start-up and on SIGHUP only); after the role's run, the same libvirtd (same PID: reloaded,
 not restarted) calls the shim when a domain starts, and the calls show in the journal that
@@ -170,20 +176,13 @@ class SshHost:
     playbook: Path
     env: dict[str, str]
 
-    @property
-    def shim(self) -> Path:
-        """Where the role's shim lands: the host's private /etc/libvirt/hooks/qemu.d."""
-        return self.lab.etc_dir / "hooks" / "qemu.d" / SHIM
-
-    @property
-    def venv(self) -> Path:
-        return self.prefix / "opt" / "spice-libvirt"
-
-    def ansible(self, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    def play(
+        self, playbook: Path, *args: str, timeout: float = 240
+    ) -> subprocess.CompletedProcess[str]:
         """``ansible-playbook`` from the controller namespace (no route but to the host)."""
         argv = netns.exec_argv(
             self.ctl_netns,
-            [str(ANSIBLE_PLAYBOOK), "-i", str(self.inventory), *args, str(self.playbook)],
+            [str(ANSIBLE_PLAYBOOK), "-i", str(self.inventory), *args, str(playbook)],
         )
         return subprocess.run(
             argv,
@@ -194,6 +193,19 @@ class SshHost:
             timeout=timeout,
             check=False,
         )
+
+    @property
+    def shim(self) -> Path:
+        """Where the role's shim lands: the host's private /etc/libvirt/hooks/qemu.d."""
+        return self.lab.etc_dir / "hooks" / "qemu.d" / SHIM
+
+    @property
+    def venv(self) -> Path:
+        return self.prefix / "opt" / "spice-libvirt"
+
+    def ansible(self, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+        """``site.yml`` (the production playbook) against the host."""
+        return self.play(self.playbook, *args, timeout=timeout)
 
     def ssh(self, command: str, *, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """One command on the host over ssh, with the same keys and known_hosts as Ansible."""
@@ -234,6 +246,10 @@ def _write_inventory(h_root: Path, prefix: Path, find_links: Path, source: Path)
             "-o GlobalKnownHostsFile=/dev/null -o StrictHostKeyChecking=yes -o IdentitiesOnly=yes"
         ),
         "ansible_remote_tmp": str(h_root / "remote-tmp"),
+        "ansible_become": False,  # root already; the host has no sudo
+        # ssh's connection sharing keyed by address, port and user (the same in every run of
+        # this test, on a shared machine): a socket of this run only, never another's host
+        "ansible_control_path_dir": str(h_root / "cp"),
         # only paths the host has privately stay as in production
         "spice_libvirt_venv": str(prefix / "opt" / "spice-libvirt"),
         "spice_libvirt_config_dir": str(prefix / "etc" / "spice-libvirt"),
@@ -259,17 +275,6 @@ def _write_inventory(h_root: Path, prefix: Path, find_links: Path, source: Path)
         yaml.safe_dump({"hypervisors": {"hosts": {HOST_NAME: host_vars}}}, sort_keys=False)
     )
     return inventory
-
-
-_PLAYBOOK = """\
----
-- name: Namespace hypervisors - spice-libvirt as in production
-  hosts: hypervisors
-  serial: 1
-  gather_facts: false
-  roles:
-    - role: spice_libvirt
-"""
 
 
 @pytest.fixture(scope="module")
@@ -307,8 +312,7 @@ def ssh_host(find_links: Path) -> Iterator[SshHost]:
         prefix = root / "prefix"
         (prefix / "usr" / "libexec" / "vdsm" / "hooks").mkdir(parents=True)  # "VDSM is here"
         inventory = _write_inventory(root, prefix, find_links, _snapshot_source(root / "src"))
-        playbook = root / "play.yml"
-        playbook.write_text(_PLAYBOOK)
+        playbook = ANSIBLE / "site.yml"  # the production playbook, as an operator runs it
         env = dict(os.environ)
         env.update(
             {
@@ -382,6 +386,33 @@ def _changed_tasks(output: str) -> list[str]:
     return names
 
 
+@dataclass(frozen=True)
+class HostSnapshot:
+    """What the production playbook must leave as it found it on a hypervisor."""
+
+    #: sha256 of libvirtd.conf, qemu.conf and /etc/hosts (None: absent)
+    files: dict[str, str | None]
+    #: libvirtd's PID as its own pid file says
+    libvirtd_pid: int
+    #: every listening socket in the host: (netid, local address[:port])
+    listeners: frozenset[tuple[str, str]]
+
+
+def _snapshot(h: SshHost) -> HostSnapshot:
+    files: dict[str, str | None] = {}
+    for path in (h.lab.etc_dir / "libvirtd.conf", h.lab.etc_dir / "qemu.conf"):
+        files[path.name] = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+    files["/etc/hosts"] = hashlib.sha256(h.lab.run(["cat", "/etc/hosts"]).encode()).hexdigest()
+    pid = int(h.lab.run(["cat", "/run/libvirt/libvirtd.pid"]).strip())
+    listeners = frozenset(
+        (fields[0], fields[4])
+        for line in h.lab.run(["ss", "-H", "-l", "-n", "-t", "-u", "-x", "-w"]).splitlines()
+        if len(fields := line.split()) >= 5
+    )
+    assert any(netid == "tcp" for netid, _ in listeners), listeners  # sshd at least
+    return HostSnapshot(files, pid, listeners)
+
+
 _DOMAIN = """<domain type='kvm'>
   <name>{name}</name>
   <memory unit='MiB'>64</memory>
@@ -431,10 +462,15 @@ def test_role_over_ssh_check_run_idempotent_reload_and_hook_seen(ssh_host: SshHo
     assert "+++ after" in check_fresh.stdout  # --diff shows the files it would write
 
     # 2. the real run: install offline, config, shim, VDSM adapters, reload, verify
+    before = _snapshot(h)
+    assert None not in (before.files["libvirtd.conf"], before.files["qemu.conf"])
     t0 = time.monotonic()
     first = h.ansible("--diff")
     timings["first run"] = time.monotonic() - t0
     recap = _ok(first)
+    # what site.yml promises with its defaults: libvirtd's and QEMU's configuration byte for
+    # byte, the same libvirtd (reloaded, not restarted), no new listener, /etc/hosts untouched
+    assert _snapshot(h) == before
     changed = _changed_tasks(first.stdout)
     assert f"{R}Install spice-libvirt from the wheelhouse (no package index)" in changed
     assert f"{R}Install the hook shim (new, so libvirt reloads to see it)" in changed
@@ -473,6 +509,7 @@ def test_role_over_ssh_check_run_idempotent_reload_and_hook_seen(ssh_host: SshHo
     timings["check converged"] = time.monotonic() - t0
     assert _ok(check_conv)["changed"] == 0, _changed_tasks(check_conv.stdout)
     assert "The shim is ours and points at an existing executable" in check_conv.stdout
+    assert _snapshot(h) == before
 
     # 5. the same libvirtd (reloaded, never restarted) now calls the shim: start a domain
     xml = h.root / "dom.xml"
@@ -504,6 +541,28 @@ def test_role_over_ssh_check_run_idempotent_reload_and_hook_seen(ssh_host: SshHo
     assert agent.journal_path == h.prefix / "var/lib/spice-libvirt/journal.sqlite3"
 
     print("ansible over ssh, seconds:", {k: round(v, 1) for k, v in timings.items()})
+
+
+def test_lab_playbook_refuses_an_unmarked_host(ssh_host: SshHost) -> None:
+    """``lab.yml`` (TCP libvirtd, /etc/hosts, a restart) against a host that no lab's
+    inventory marked: refused before any task that changes something, nothing changed."""
+    h = ssh_host
+    before = _snapshot(h)
+    tree_before = sorted(str(p) for p in h.prefix.rglob("*"))
+    for extra, why in (
+        ((), "not a lab host (spice_libvirt_lab_host=unset)"),
+        (("-e", "spice_libvirt_lab_host=netns"), "a namespace-lab host"),
+    ):
+        proc = h.play(ANSIBLE / "lab.yml", *extra)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0, out[-3000:]
+        assert f"refusing {HOST_NAME}: {why}" in out, out[-3000:]
+        recap = _recap(proc.stdout)
+        assert (recap["failed"], recap["changed"]) == (1, 0), recap
+        assert "Lab only" not in proc.stdout  # no later task even started
+        assert f"{R}" not in proc.stdout  # nor the role
+    assert _snapshot(h) == before
+    assert sorted(str(p) for p in h.prefix.rglob("*")) == tree_before
 
 
 def test_vdsm_adapter_records_into_the_journal(ssh_host: SshHost) -> None:

@@ -3,7 +3,7 @@
 The fast tests check the pieces that need no VM: the box's cache key, the driver choice, the
 ``vagrant ssh-config`` parser and the inventory written from it. The ``vagrant`` test brings
 the whole lab up for real (box, private libvirtd, ``vagrant up`` of hv1 and hv2 under TCG,
-``site.yml`` over ssh, the firmware guest on hv1), migrates there and back with the embedded
+``lab.yml`` over ssh, the firmware guest on hv1), migrates there and back with the embedded
 client attached from this machine, reads both hosts' hook journals over ssh, tears it down
 and checks that nothing is left. It prints each stage's time.
 """
@@ -71,6 +71,7 @@ def test_inventory_and_ssh_config_written_from_it(tmp_path: Path) -> None:
     for name, ip in HOST_IPS.items():
         line = next(x for x in inv.splitlines() if x.startswith(f"{name} "))
         assert f"spice_libvirt_spice_address={ip}" in line
+        assert " spice_libvirt_lab_host=vagrant " in line  # lab.yml accepts only these
         assert f"ansible_ssh_private_key_file=/lab/dot-vagrant/machines/{name}" in line
         assert "insecure" not in line
     cfg = state.ssh_config.read_text()

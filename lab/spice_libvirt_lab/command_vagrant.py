@@ -25,7 +25,7 @@ def add_up_argument(up: argparse.ArgumentParser) -> None:
         "--vagrant",
         action="store_true",
         help=(
-            "two hypervisor VMs (hv1, hv2) on vagrant-libvirt, provisioned with ansible/site.yml "
+            "two hypervisor VMs (hv1, hv2) on vagrant-libvirt, provisioned with ansible/lab.yml "
             "over ssh; the guest on hv1, this machine the SPICE client (minutes: TCG VMs)"
         ),
     )

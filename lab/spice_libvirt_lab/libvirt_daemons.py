@@ -113,7 +113,10 @@ def inventory(state: LabState) -> dict[str, object]:
     Reached from anywhere on this machine: each host's ssh goes through a ProxyCommand that
     connects from inside the host's own namespace (no client delay on the admin's path).
     Commands run as root inside the host; the playbooks find spice-libvirt in this venv and
-    reach the peer's libvirtd over plain TCP (the lab's libvirtds listen on TCP).
+    reach the peer's libvirtd over plain TCP (the lab's libvirtds listen on TCP). The hosts
+    are marked ``spice_libvirt_lab_host: netns``: lab hosts, which ``ansible/lab.yml`` still
+    refuses (this lab configures its libvirtds itself, and its hosts share this machine's
+    ``/etc/spice-libvirt`` and ``/opt``).
     """
     keys = ssh_dir(state)
     hosts: dict[str, object] = {}
@@ -135,8 +138,12 @@ def inventory(state: LabState) -> dict[str, object]:
                 "ansible_ssh_private_key_file": str(keys / sshd.CLIENT_KEY),
                 # inside the host's private /run: nothing lands in the machine's /root
                 "ansible_remote_tmp": "/run/ansible-tmp",
+                # ssh's shared connections are keyed by address, port and user, which other
+                # labs on this machine may use too: sockets of this lab only
+                "ansible_control_path_dir": str(keys.parent / "cp"),
                 "spice_libvirt_venv": sys.prefix,
                 "spice_libvirt_evacuate_transport": "tcp",
+                "spice_libvirt_lab_host": "netns",
             },
         }
     }

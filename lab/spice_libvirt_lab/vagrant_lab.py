@@ -8,7 +8,7 @@
    address by MAC (the Vagrantfile sets the MACs), so every address is known in advance;
 3. ``vagrant up --no-provision`` of both (in parallel), then provisioning over ssh once both
    are up: provisioning "from the last machine" while the others still boot races;
-4. ``ansible-playbook ansible/site.yml`` over ssh with an inventory written from
+4. ``ansible-playbook ansible/lab.yml`` over ssh with an inventory written from
    ``vagrant ssh-config`` (Vagrant replaced the box's insecure key), installing the project
    from a wheelhouse built here (no package index on the hosts);
 5. the firmware guest (SeaBIOS, qxl, SPICE) defined and started on hv1 through libvirt's TCP
@@ -256,7 +256,7 @@ def _find_links() -> Path | None:
 
 
 def provision(state: VagrantLabState) -> None:
-    """``site.yml`` over ssh against both hosts, the project from a wheelhouse built here."""
+    """``lab.yml`` over ssh against both hosts, the project from a wheelhouse built here."""
     import json
 
     extra: dict[str, object] = {
@@ -285,10 +285,10 @@ def provision(state: VagrantLabState) -> None:
     if not playbook.exists():
         raise LabError(f"{playbook} not found: pip install ansible-core")
     run_logged(
-        [*NICE_ARGV, str(playbook), "-i", str(state.inventory), "-e", f"@{extra_file}", "site.yml"],
+        [*NICE_ARGV, str(playbook), "-i", str(state.inventory), "-e", f"@{extra_file}", "lab.yml"],
         state,
         timeout=PROVISION_TIMEOUT_S,
-        what="ansible-playbook site.yml",
+        what="ansible-playbook lab.yml",
         env=env,
         cwd=str(ANSIBLE_DIR),
     )

@@ -4,7 +4,7 @@ The migration is the one ``spice-libvirt migrate DOMAIN --to qemu+tcp://hv2/syst
 (:func:`~spice_libvirt.libvirt.controller.migrate_libvirt`), driven from this machine over
 the hypervisors' libvirt TCP listeners, with our embedded SPICE client attached from here as
 the witness: this machine is the lab's SPICE client. The source libvirtd migrates peer to
-peer and reaches the destination by its name, which ``site.yml`` put into every host's
+peer and reaches the destination by its name, which ``lab.yml`` put into every host's
 ``/etc/hosts``; the client is sent to the destination's lab address (the graphics URI).
 
 Before and after the migration both hosts' hook journals are read over ssh (``spice-libvirt

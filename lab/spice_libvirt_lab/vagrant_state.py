@@ -3,8 +3,9 @@
 Vagrant replaces the box's insecure key on the first boot, so the only truthful source of
 how to reach a VM is ``vagrant ssh-config``: the lab parses it once after ``vagrant up`` and
 writes two things from it into the lab directory, an ``ssh_config`` (for the lab's own ssh
-calls: journals, status) and an Ansible ``inventory.ini`` (for ``site.yml`` now, and for an
-admin's ``ansible-playbook -i`` later, e.g. ``evacuate.yml``).
+calls: journals, status) and an Ansible ``inventory.ini`` (for ``lab.yml`` now, and for an
+admin's ``ansible-playbook -i`` later, e.g. ``evacuate.yml``). The inventory marks each host
+``spice_libvirt_lab_host=vagrant``: ``lab.yml`` refuses every host without that mark.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ NETWORK_GATEWAY = "192.168.150.1"
 NETWORK_CIDR = "192.168.150.0/24"
 #: where the role installs the project on the hosts (ansible/roles/spice_libvirt defaults)
 REMOTE_CLI = "/opt/spice-libvirt/bin/spice-libvirt"
+#: the inventory's mark of a lab VM, the only kind of host ``ansible/lab.yml`` accepts
+LAB_HOST_MARK = "spice_libvirt_lab_host=vagrant"
 
 Phase = Literal["starting", "up", "down"]
 
@@ -69,7 +72,7 @@ class VagrantLabState(BaseModel):
         return self.directory / "inventory.ini"
 
     def tcp_uri(self, host: str) -> str:
-        """libvirt on ``host`` from this machine (site.yml opens TCP on the lab network)."""
+        """libvirt on ``host`` from this machine (lab.yml opens TCP on the lab network)."""
         return f"qemu+tcp://{HOST_IPS[host]}/system"
 
     def save(self) -> None:
@@ -136,13 +139,14 @@ def write_access_files(state: VagrantLabState) -> None:
         ip = HOST_IPS[name]
         lines.append(
             f"{name} ansible_host={h.address} ansible_port={h.port} ansible_user={h.user} "
-            f"ansible_ssh_private_key_file={h.key} spice_libvirt_lab_ip={ip} "
+            f"ansible_ssh_private_key_file={h.key} {LAB_HOST_MARK} spice_libvirt_lab_ip={ip} "
             f"spice_libvirt_spice_address={ip}"
         )
     lines += [
         "",
         "[all:vars]",
         "ansible_python_interpreter=/usr/bin/python3",
+        f"ansible_control_path_dir={state.directory / 'cp'}",
         f"ansible_ssh_common_args='{opts}'",
         "",
     ]
