@@ -177,7 +177,7 @@ class SshHost:
     env: dict[str, str]
 
     def play(
-        self, playbook: Path, *args: str, timeout: float = 240
+        self, playbook: Path, *args: str, timeout: float = 600
     ) -> subprocess.CompletedProcess[str]:
         """``ansible-playbook`` from the controller namespace (no route but to the host)."""
         argv = netns.exec_argv(
@@ -203,7 +203,7 @@ class SshHost:
     def venv(self) -> Path:
         return self.prefix / "opt" / "spice-libvirt"
 
-    def ansible(self, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    def ansible(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         """``site.yml`` (the production playbook) against the host."""
         return self.play(self.playbook, *args, timeout=timeout)
 
@@ -472,7 +472,10 @@ def test_role_over_ssh_check_run_idempotent_reload_and_hook_seen(ssh_host: SshHo
     # byte, the same libvirtd (reloaded, not restarted), no new listener, /etc/hosts untouched
     assert _snapshot(h) == before
     changed = _changed_tasks(first.stdout)
-    assert f"{R}Install spice-libvirt from the wheelhouse (no package index)" in changed
+    assert (
+        f"{R}Install spice-libvirt from the wheelhouse (no package index, hashes checked)"
+        in changed
+    )
     assert f"{R}Install the hook shim (new, so libvirt reloads to see it)" in changed
     assert f"{R}Reload libvirt with spice_libvirt_reload_argv" in changed
     assert "Install Debian packages" not in " ".join(changed)  # present: checked, not touched
@@ -488,6 +491,14 @@ def test_role_over_ssh_check_run_idempotent_reload_and_hook_seen(ssh_host: SshHo
     assert settings.spice_address == HOST_IP
     assert settings.journal_path == h.prefix / "var/lib/spice-libvirt/journal.sqlite3"
     assert (h.venv / "spice-libvirt-wheelhouse.txt").is_file()
+    # the host's copy of the wheelhouse: root's, 0644, every wheel pinned with its hash
+    remote = h.prefix / "var" / "cache" / "spice-libvirt" / "wheelhouse"
+    files = sorted(remote.iterdir())
+    assert {(p.stat().st_uid, p.stat().st_mode & 0o7777) for p in files} == {(0, 0o644)}
+    wheels = [p for p in files if p.suffix == ".whl"]
+    hashed = (remote / "requirements.txt").read_text()
+    assert hashed.count(" --hash=sha256:") == len(wheels) > 1
+    assert (h.venv.stat().st_uid, h.venv.stat().st_mode & 0o777) == (0, 0o755)
     assert libvirtd.alive(), "libvirtd was restarted or killed instead of reloaded"
     assert vdsm_qemu.read_text() == _FAKE_VDSM_QEMU_HOOK
     assert vdsm_qemu.stat().st_mtime_ns == vdsm_before.st_mtime_ns
@@ -656,7 +667,7 @@ def test_molecule_scenario_against_the_namespace_host(ssh_host: SshHost) -> None
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1200,
         check=False,
     )
     out = proc.stdout + proc.stderr
