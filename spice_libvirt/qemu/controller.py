@@ -412,6 +412,9 @@ class QemuMigrationController(ControllerBase[MigrationRequest, MigrationReport])
                 record=record,
                 stream=self.witness.stream_stats() if self.witness is not None else None,
                 reconnected=run.reconnected,
+                lost_cause=(
+                    report.link_wait.reason if report.link_wait.result == "unreachable" else None
+                ),
             )
         )
         for text in verdict.notes:

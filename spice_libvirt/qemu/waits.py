@@ -17,10 +17,16 @@ import contextlib
 import dataclasses
 import statistics
 import time
+from typing import Any
 
 from spice_libvirt import errors
 from spice_libvirt.migration.evidence import Sessions, absorb, channel_names
-from spice_libvirt.migration.policy import embedded_link_grace, qmp_link_grace
+from spice_libvirt.migration.policy import (
+    NO_CONTACT,
+    embedded_link_grace,
+    first_contact_deadline,
+    qmp_link_grace,
+)
 from spice_libvirt.migration.progress import RunLog
 from spice_libvirt.migration.report import LinkWait
 from spice_libvirt.migration.verdict import Settled, Settling, settled
@@ -32,6 +38,49 @@ from spice_libvirt.spice.record import ClientMigrationRecord
 
 def _absorb_initialized(sessions: Sessions, event: QMPEvent) -> int | None:
     return absorb(sessions, event.data) if event.name == "SPICE_INITIALIZED" else None
+
+
+@dataclasses.dataclass
+class _Contact:
+    """Whether anything of a client reached the destination by ``by`` (its SPICE_CONNECTED:
+    a TCP connection accepted there); ``given_up`` once it is overdue."""
+
+    by: float
+    seen: bool = False
+    given_up: bool = False
+
+    def absorb(self, linked: Sessions, event: QMPEvent) -> None:
+        self.seen = self.seen or event.name in ("SPICE_CONNECTED", "SPICE_INITIALIZED")
+        _absorb_initialized(linked, event)
+
+    def overdue(self, now: float) -> bool:
+        if not self.seen and now >= self.by:
+            self.given_up = True
+        return self.given_up
+
+    async def race(
+        self, events: EventStream, linked: Sessions, answer: asyncio.Future[float | None]
+    ) -> float | None:
+        """``answer`` (our client's), unless the first contact is overdue first."""
+        try:
+            while not answer.done():
+                for event in events.drain():
+                    self.absorb(linked, event)
+                if self.seen:
+                    return await answer
+                if self.overdue(time.monotonic()):
+                    return None
+                getter = asyncio.ensure_future(events.get(timeout=self.by - time.monotonic()))
+                pending: set[asyncio.Future[Any]] = {getter, answer}
+                await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                elif not getter.cancelled() and getter.exception() is None:
+                    self.absorb(linked, getter.result())
+            return answer.result()
+        finally:
+            if not answer.done():
+                answer.cancel()
 
 
 def _client_key(event: QMPEvent) -> str:
@@ -120,15 +169,22 @@ class ClientWaits:
             return True
         async with self.log.phase("link-wait") as timing:
             linked: Sessions = {}
+            contact = _Contact(first_contact_deadline(t_cmi))
             if self.witness is not None:
                 link.signal = "embedded-client"
-                connected_at = await await_connected(
-                    self.witness, self.req.link_timeout, migrations_before, link, self.log.note
+                answer = asyncio.ensure_future(
+                    await_connected(
+                        self.witness, self.req.link_timeout, migrations_before, link, self.log.note
+                    )
                 )
+                connected_at = await contact.race(dst_spice, linked, answer)
             else:
                 link.signal = "qmp-destination"
                 connected_at = None
-                await self._destination_linked(dst_spice, clients, linked, t_cmi)
+                await self._destination_linked(dst_spice, clients, linked, t_cmi, contact)
+            if contact.given_up:
+                link.result = "unreachable"
+                link.reason = f"{NO_CONTACT} within {contact.by - t_cmi:.1f} s"
             for event in dst_spice.drain():
                 _absorb_initialized(linked, event)
             mine = {cid: s for cid, s in linked.items() if cid in clients}
@@ -136,9 +192,9 @@ class ClientWaits:
             link.channels_linked = channel_names(ch for s in mine.values() for ch in s.channels)
             end = connected_at if connected_at is not None else time.monotonic()
             link.duration_ms = round((end - t_cmi) * 1000.0, 3)
-            if self.witness is None and not all_linked:
+            if self.witness is None and not all_linked and link.result != "unreachable":
                 link.result = "timeout"
-            if link.result in ("timeout", "connect-error"):
+            if link.result in ("timeout", "connect-error", "unreachable"):
                 timing.ok = False
                 timing.detail = link.result
                 self.log.note(
@@ -154,19 +210,28 @@ class ClientWaits:
             return True
 
     async def _destination_linked(
-        self, dst_spice: EventStream, clients: Sessions, linked: Sessions, t_cmi: float
+        self,
+        dst_spice: EventStream,
+        clients: Sessions,
+        linked: Sessions,
+        t_cmi: float,
+        contact: _Contact,
     ) -> None:
-        """Read the destination's events until every client channel initialized there."""
+        """Read the destination's events until every client channel initialized there
+        (or nothing of the client reached it in time: ``contact.given_up``)."""
         deadline = t_cmi + self.req.link_timeout
 
         for event in dst_spice.drain():
-            _absorb_initialized(linked, event)
+            contact.absorb(linked, event)
         while not _covers(linked, clients):
-            left = deadline - time.monotonic()
-            if left <= 0:
+            now = time.monotonic()
+            if contact.overdue(now):
+                return
+            left = (deadline if contact.seen else min(deadline, contact.by)) - now
+            if deadline - now <= 0:
                 return
             with contextlib.suppress(QMPTimeoutError):
-                _absorb_initialized(linked, await dst_spice.get(timeout=left))
+                contact.absorb(linked, await dst_spice.get(timeout=max(0.0, left)))
 
     def _grace(self, link_s: float, all_linked: bool, link: LinkWait) -> float:
         req = self.req
