@@ -214,15 +214,18 @@ def _on(
     """Write ``data`` on the source's channel ``key`` (and close it)."""
 
     async def act(sc: Scenario) -> float:
-        ch = sc.source.channels[key]
         at = time.monotonic()
-        ch.send_raw(data)
-        await ch.drain()
-        if close:
-            ch.close()
+        await _write(sc.source.channels[key], data, close=close)
         return at
 
     return act
+
+
+async def _write(ch: ServerChannel, data: bytes, *, close: bool) -> None:
+    ch.send_raw(data)
+    await ch.drain()
+    if close:
+        ch.close()
 
 
 def _flood(
@@ -405,10 +408,7 @@ def _migration_frame(
     async def send(ch: ServerChannel) -> bool:
         if ch.key != key:
             return False
-        ch.send_raw(data)
-        await ch.drain()
-        if close:
-            ch.close()
+        await _write(ch, data, close=close)
         return True
 
     return send
@@ -562,7 +562,7 @@ def cases() -> list[Case]:
              CONNECT_ERROR,
              _to_destination(_begin(), dst=lambda: FakeSpiceServer(destination=True, seamless_answer=_oversized_answer))),
         Case("begin-flood", "pre-link", "main", "flood (MIGRATE_BEGIN_SEAMLESS)", CONNECT_ERROR,
-             _to_destination(_begin_flood(2000), refused=True)),
+             _to_destination(_begin_flood(500), refused=True)),
         # -- hand-over: the source's MIGRATE_DATA
         Case("migrate-data-oversized", "hand-over", "display", "oversized MIGRATE_DATA",
              ends(protocol, "announces"),
