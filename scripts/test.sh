@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set everything up and run the whole test suite against real QEMU, libvirtd, SPICE clients,
-# then the linters. Extra arguments go to pytest (e.g. scripts/test.sh -m "not libvirt").
+# then the linters (ruff, mypy, ansible-lint --profile production). Extra arguments go to
+# pytest (e.g. scripts/test.sh -m "not libvirt").
 # Exit status: 0 only if everything passed; pytest's "no tests collected" (5) is a failure,
 # and so is any skipped test (tests/honest_skips.py lists them): a run that skipped the real
 # QEMU/libvirt tests proved nothing. SPICE_LIBVIRT_ALLOW_SKIPS=1 accepts skips (still listed).
@@ -30,3 +31,16 @@ fi
 .venv/bin/ruff check . || exit 1
 .venv/bin/ruff format --check . || exit 1
 .venv/bin/mypy || exit 1
+# the Ansible role as an admin's CI lints it; --offline: no Galaxy, no network
+lint_home=$(mktemp -d) || exit 1
+(
+    cd ansible &&
+        ANSIBLE_CONFIG="$PWD/ansible.cfg" ANSIBLE_ROLES_PATH="$PWD/roles" \
+            ANSIBLE_HOME="$lint_home/home" ANSIBLE_LOCAL_TEMP="$lint_home/tmp" \
+            XDG_CACHE_HOME="$lint_home/cache" TMPDIR="$lint_home" NO_COLOR=1 \
+            PATH="$PWD/../.venv/bin:$PATH" \
+            ../.venv/bin/ansible-lint --offline --profile production --nocolor
+)
+lint_status=$?
+rm -rf "$lint_home"
+[ "$lint_status" -eq 0 ] || exit 1

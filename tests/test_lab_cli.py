@@ -1,8 +1,14 @@
 """The one lab command line: its libvirt-only actions, its lab directory checks, and the
-``migrate`` forms, through the real ``spice-libvirt`` entry point (no lab is built here)."""
+``migrate`` forms, through the real ``spice-libvirt`` entry point (no lab is built here).
+
+The command runs in this process (``spice_libvirt.cli.main``, what the console script
+calls): every case here is refused before anything starts, so an interpreter start per
+case would only cost time. The default lab directory case runs the real console entry."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -10,18 +16,21 @@ from pathlib import Path
 
 import pytest
 
-from spice_libvirt.cli import build_parser
+from spice_libvirt.cli import build_parser, main
 from spice_libvirt.cli.migrate import FORMS
 from spice_libvirt.exitcodes import ExitCode
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "spice_libvirt", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    """``spice-libvirt ARGS`` in this process: its exit status, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = main(list(args))
+        except SystemExit as exc:  # argparse's usage errors
+            status = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess(
+        ["spice-libvirt", *args], status, out.getvalue(), err.getvalue()
     )
 
 
