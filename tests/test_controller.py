@@ -21,6 +21,7 @@ import pytest
 
 from spice_libvirt import errors
 from spice_libvirt.exitcodes import ExitCode, for_report
+from spice_libvirt.migration.evidence import unsigned_connection_id
 from spice_libvirt.migration.progress import MigrationProgress
 from spice_libvirt.migration.witness import MigrationWitness
 from spice_libvirt.qemu.controller import migrate_qemu
@@ -142,7 +143,7 @@ async def test_seamless_with_the_embedded_client(pair: Pair, client: SpiceClient
     assert client.session_id == session
     async with QMPConnection.open(pair.dst.qmp_path) as qmp:
         on_dst = (await qmp.execute("query-spice"))["channels"]
-    assert {c["connection-id"] & 0xFFFFFFFF for c in on_dst} == {session}
+    assert {unsigned_connection_id(c["connection-id"]) for c in on_dst} == {session}
     assert for_report(report) is ExitCode.OK
 
 

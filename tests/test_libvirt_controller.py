@@ -31,7 +31,7 @@ from spice_libvirt.libvirt.errors import (
 )
 from spice_libvirt.libvirt.hold import DestinationLinks
 from spice_libvirt.libvirt.settle import SourceDepartures, reconnected_at
-from spice_libvirt.migration.evidence import sessions_from_query_spice
+from spice_libvirt.migration.evidence import sessions_from_query_spice, unsigned_connection_id
 from spice_libvirt_lab import libvirt_lab
 from spice_libvirt_lab.libvirt_migrate import lab_migrate, lab_request
 from spice_libvirt_lab.libvirt_state import LabState
@@ -286,7 +286,7 @@ def test_spice_clients_keys_connection_ids_unsigned() -> None:
     }
     got = sessions_from_query_spice(reply)
     assert {cid: set(s.channels) for cid, s in got.items()} == {
-        (-1159913299) & 0xFFFFFFFF: {(1, 0), (2, 0)},
+        unsigned_connection_id(-1159913299): {(1, 0), (2, 0)},
         7: {(10, 0)},
     }
     assert sessions_from_query_spice({"return": {}}) == {}

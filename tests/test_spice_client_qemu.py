@@ -19,6 +19,7 @@ import pytest
 from pydantic import SecretStr
 
 from spice_libvirt.errors import AuthenticationError, LinkError, TLSVerificationError
+from spice_libvirt.migration.evidence import unsigned_connection_id
 from spice_libvirt.spice.actions import StartPrelinks
 from spice_libvirt.spice.client import ClientOptions, SpiceClient
 from spice_libvirt.spice.stream import parse_record
@@ -52,7 +53,7 @@ async def test_probe_plain_lists_every_channel(qemu_factory: QemuGroup) -> None:
         assert client.session_id != 0
         assert client.name == "plain"
         spice = await vm.execute("query-spice")
-        ids = {c["connection-id"] & 0xFFFFFFFF for c in spice["channels"]}
+        ids = {unsigned_connection_id(c["connection-id"]) for c in spice["channels"]}
         assert ids == {client.session_id}
     finally:
         await client.close()
@@ -256,7 +257,9 @@ async def test_seamless_keeps_connection_id_and_forwards_migrate_data(
         assert received["display:0"].startswith("DCMD v1")
         assert set(record.blackout_ms) == set(CHANNELS)
         dst_spice = await dst.execute("query-spice")
-        assert {c["connection-id"] & 0xFFFFFFFF for c in dst_spice["channels"]} == {before}
+        assert {unsigned_connection_id(c["connection-id"]) for c in dst_spice["channels"]} == {
+            before
+        }
         # the session is alive on the destination
         await asyncio.sleep(0.3)
         assert client.failure is None
@@ -293,7 +296,9 @@ async def test_losing_the_race_falls_back_to_switch_host(
         assert len(client.channels) == 5
         # the destination really has a new session: QMP agrees with the client
         spice = await dst.execute("query-spice")
-        assert {c["connection-id"] & 0xFFFFFFFF for c in spice["channels"]} == {client.session_id}
+        assert {unsigned_connection_id(c["connection-id"]) for c in spice["channels"]} == {
+            client.session_id
+        }
     finally:
         await client.close()
 

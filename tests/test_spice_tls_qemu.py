@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from spice_libvirt.migration.evidence import unsigned_connection_id
 from spice_libvirt.spice.client import ClientOptions, SpiceClient
 from spice_libvirt_lab.ports import free_tcp_port
 from spice_libvirt_lab.qemu_process import QemuGroup, QemuInstance
@@ -107,6 +108,6 @@ async def test_switch_host_relink_keeps_tls(
         channels = await _channels(dst)
         assert len(channels) == 5
         assert all(c["tls"] for c in channels), channels
-        assert {c["connection-id"] & 0xFFFFFFFF for c in channels} == {client.session_id}
+        assert {unsigned_connection_id(c["connection-id"]) for c in channels} == {client.session_id}
     finally:
         await client.close()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from spice_libvirt import errors
+from spice_libvirt.migration.evidence import sessions_from_query_spice
 from spice_libvirt.migration.progress import ProgressReporter
 from spice_libvirt.migration.report import MigrationReport
 from spice_libvirt.migration.witness import MigrationWitness
@@ -474,10 +475,8 @@ async def _connected_client(side: SideState) -> int | None:
     """The connection id of a SPICE client connected to ``side``, if any."""
     async with QMPConnection.open(side.qmp_path, timeout=5) as qmp:
         spice = await qmp.execute("query-spice", timeout=5)
-    for channel in spice.get("channels", []):
-        if "connection-id" in channel:
-            return int(channel["connection-id"]) & 0xFFFFFFFF
-    return None
+    sessions = sessions_from_query_spice(spice)
+    return next(iter(sessions), None)
 
 
 async def _is_incoming(side: SideState) -> bool:
