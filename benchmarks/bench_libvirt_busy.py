@@ -36,8 +36,8 @@ from benchmarks.benchutil import arg_parser, fmt, machine
 from spice_libvirt.libvirt.connection import require_libvirt
 from spice_libvirt.libvirt.controller import LibvirtMigrationReport, migrate_libvirt
 from spice_libvirt_lab import libvirt_lab, libvirt_tls, netns
-from spice_libvirt_lab.libvirt_lab import HostName, LabState, MigrationResult
-from spice_libvirt_lab.libvirt_migrate import lab_request
+from spice_libvirt_lab.libvirt_lab import HostName, LabState
+from spice_libvirt_lab.libvirt_migrate import lab_request, migrate_by_report
 from spice_libvirt_lab.witness_thread import netns_witness
 
 RESULTS_MD = Path(__file__).resolve().with_name("RESULTS-libvirt-busy.md")
@@ -115,26 +115,11 @@ async def _with_stream_witness(
 
 def migrate_streaming(lab_dir: Path, plain: bool) -> LibvirtMigrationReport:
     """One ping-pong lab migration through :func:`_with_stream_witness`."""
-    box: list[LibvirtMigrationReport] = []
 
-    def migrator(
-        state: LabState, source: HostName, destination: HostName, _timeout: float
-    ) -> MigrationResult:
-        report = asyncio.run(_with_stream_witness(state, source, destination, plain))
-        box.append(report)
-        return MigrationResult(
-            domain=state.domain,
-            source=source,
-            destination=destination,
-            method=report.method,
-            ok=report.migration.status == "completed",
-            wall_s=round((report.wall_ms or 0.0) / 1000.0, 3),
-            error=report.error,
-            detail={"outcome": report.outcome},
-        )
+    def run(state: LabState, source: HostName, destination: HostName) -> LibvirtMigrationReport:
+        return asyncio.run(_with_stream_witness(state, source, destination, plain))
 
-    libvirt_lab.migrate(lab_dir, timeout=300.0, migrator=migrator)
-    return box[0]
+    return migrate_by_report(lab_dir, run)
 
 
 def one(lab_dir: Path, i: int, rtt: float, dirty_mb: int, plain: bool) -> BusyRun:

@@ -12,7 +12,6 @@ the job crawling at 4 KiB/s with the domain paused on the destination.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 from collections.abc import Callable
@@ -21,7 +20,6 @@ from typing import Any
 
 import pytest
 
-from spice_libvirt.errors import MigrationError
 from spice_libvirt.exitcodes import ExitCode, for_report
 from spice_libvirt.libvirt.controller import (
     LibvirtMigrationReport,
@@ -30,8 +28,8 @@ from spice_libvirt.libvirt.controller import (
 )
 from spice_libvirt.spice.client import ClientOptions
 from spice_libvirt_lab import delaybridge, libvirt_lab, netns
-from spice_libvirt_lab.libvirt_lab import HostName, LabState, MigrationResult
-from spice_libvirt_lab.libvirt_migrate import lab_request
+from spice_libvirt_lab.libvirt_lab import HostName, LabState
+from spice_libvirt_lab.libvirt_migrate import lab_request, migrate_by_report
 from spice_libvirt_lab.libvirt_state import PORT_CHANNEL as PORT
 from spice_libvirt_lab.libvirt_status import where
 from spice_libvirt_lab.witness_thread import netns_witness
@@ -350,29 +348,14 @@ def test_lossy_jittery_client_link_migration_settles_and_says_how(libvirt_lab_di
     before = _bandwidth_before(uris, domain, source)
     delaybridge.set_impairment(state.bridge.control, loss_pct=LOSS_PCT, jitter_ms=JITTER_MS)
     start = delaybridge.reseed(state.bridge.control, SEED)
-    box: list[LibvirtMigrationReport] = []
 
-    def migrator(
-        st: libvirt_lab.LabState, src: HostName, dst: HostName, _timeout: float
-    ) -> MigrationResult:
-        report = asyncio.run(_migrate_watched(st, lab_request(st, src, dst), src))
-        box.append(report)
-        return MigrationResult(
-            domain=st.domain,
-            source=src,
-            destination=dst,
-            method=report.method,
-            ok=report.migration.status == "completed",
-            wall_s=round((report.wall_ms or 0.0) / 1000.0, 3),
-            error=report.error,
-        )
+    def run(st: LabState, src: HostName, dst: HostName) -> LibvirtMigrationReport:
+        return asyncio.run(_migrate_watched(st, lab_request(st, src, dst), src))
 
-    try:
-        with contextlib.suppress(MigrationError):  # a failed migration is judged below
-            libvirt_lab.migrate(libvirt_lab_dir, migrator=migrator, timeout=300)
+    try:  # a failed migration is judged below
+        report = migrate_by_report(libvirt_lab_dir, run)
     finally:
         end = delaybridge.set_impairment(state.bridge.control, loss_pct=0.0, jitter_ms=0.0)
-    (report,) = box
     host = _check_left_clean(uris, domain, None, None)
     views = faults.libvirt_views(uris, domain)
     other = destination if host == source else source

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,28 +81,50 @@ def lab_migrate(
     A failed migration is returned as a report too (outcome failed/cancelled; the guest is
     still on the source, which :func:`libvirt_lab.migrate` checks).
     """
+
+    def run(state: LabState, source: HostName, destination: HostName) -> LibvirtMigrationReport:
+        request = lab_request(state, source, destination, plain=plain, **(options or {}))
+        if watch:
+            return asyncio.run(_migrate_with_witness(state, request, source, reporter))
+        return asyncio.run(migrate_libvirt(request, None, reporter))
+
+    return migrate_by_report(lab_dir, run, timeout=timeout)
+
+
+#: one lab migration that returns the controller's report (it runs its own event loop)
+ReportRun = Callable[[LabState, HostName, HostName], LibvirtMigrationReport]
+
+
+def result_of(
+    state: LabState, source: HostName, destination: HostName, report: LibvirtMigrationReport
+) -> MigrationResult:
+    """The lab's record of a migration the controller made, from its report."""
+    return MigrationResult(
+        domain=state.domain,
+        source=source,
+        destination=destination,
+        method=report.method,
+        ok=report.migration.status == "completed",
+        wall_s=round((report.wall_ms or 0.0) / 1000.0, 3),
+        error=report.error,
+        detail={"outcome": report.outcome},
+    )
+
+
+def migrate_by_report(
+    lab_dir: Path | None, run: ReportRun, *, timeout: float = 300.0
+) -> LibvirtMigrationReport:
+    """:func:`libvirt_lab.migrate` (ping-pong, the lab's state kept) with ``run`` as the
+    migrator; the report, also of a migration that failed (the guest then still runs on
+    the source, which :func:`libvirt_lab.migrate` checks)."""
     box: list[LibvirtMigrationReport] = []
 
     def migrator(
         state: LabState, source: HostName, destination: HostName, _timeout: float
     ) -> MigrationResult:
-        request = lab_request(state, source, destination, plain=plain, **(options or {}))
-        if watch:
-            report = asyncio.run(_migrate_with_witness(state, request, source, reporter))
-        else:
-            report = asyncio.run(migrate_libvirt(request, None, reporter))
+        report = run(state, source, destination)
         box.append(report)
-        ok = report.migration.status == "completed"
-        return MigrationResult(
-            domain=state.domain,
-            source=source,
-            destination=destination,
-            method=report.method,
-            ok=ok,
-            wall_s=round((report.wall_ms or 0.0) / 1000.0, 3),
-            error=report.error,
-            detail={"outcome": report.outcome},
-        )
+        return result_of(state, source, destination, report)
 
     try:
         libvirt_lab.migrate(lab_dir, timeout=timeout, migrator=migrator)
