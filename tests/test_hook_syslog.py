@@ -145,7 +145,7 @@ def test_each_migration_logs_one_line(
     path, sock = syslogd
     monkeypatch.setenv("SPICE_LIBVIRT_CONFIG", str(path.parent / "config.toml"))
     (path.parent / "config.toml").write_text(f'syslog_socket = "{path}"\n')
-    run = RunLog(NullReporter())
+    run = RunLog(NullReporter(), sink=log_migration)  # the controllers' run log
     report = _report("seamless", "completed")
     run.fill(report)  # what both controllers call once per migration, with the verdict
     pri, tag, _pid, text = _receive(sock)

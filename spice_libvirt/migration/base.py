@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Generic, TypeVar
 
-from spice_libvirt.migration.progress import NullReporter, ProgressReporter, RunLog
+from spice_libvirt.migration.progress import NullReporter, ProgressReporter, RunLog, log_migration
 from spice_libvirt.migration.report import MigrationReport
 from spice_libvirt.migration.witness import MigrationWitness
 
@@ -38,7 +38,8 @@ class ControllerBase(Generic[R, Rep]):
         self.req = request
         self.witness = witness
         self.reporter: ProgressReporter = reporter or NullReporter()
-        self.log = RunLog(self.reporter)
+        # the one line per migration for syslog is the run log's only way out
+        self.log = RunLog(self.reporter, sink=log_migration)
 
     def note(self, text: str) -> None:
         self.log.note(text)

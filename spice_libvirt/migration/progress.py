@@ -14,7 +14,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from pydantic import BaseModel
@@ -250,11 +250,17 @@ class RunLog:
     """Phase timings and notes of one controller run, as the report carries them.
 
     Both controllers (QMP and libvirt) keep their account here, so timings mean the same
-    thing in both reports: milliseconds since the run started.
+    thing in both reports: milliseconds since the run started. It does no I/O of its own:
+    the finished report goes to ``sink`` (the controllers pass :func:`log_migration`).
     """
 
-    def __init__(self, reporter: ProgressReporter) -> None:
+    def __init__(
+        self,
+        reporter: ProgressReporter,
+        sink: Callable[[MigrationReport], object] | None = None,
+    ) -> None:
         self.reporter = reporter
+        self.sink = sink
         self.t0 = time.monotonic()
         self.phases: list[PhaseTiming] = []
         self.notes: list[str] = []
@@ -305,14 +311,15 @@ class RunLog:
             self._done(timing)
 
     def fill(self, report: MigrationReport) -> None:
-        """Copy phases, notes and the total duration into ``report``; log its one syslog line.
+        """Copy phases, notes and the total duration into ``report``; hand it to the sink.
 
         Both controllers call this once per migration, with the verdict in ``report``.
         """
         report.phases = list(self.phases)
         report.notes = list(self.notes)
         report.duration_ms = self.ms(time.monotonic())
-        log_migration(report)
+        if self.sink is not None:
+            self.sink(report)
 
 
 def migration_line(report: MigrationReport) -> str:
