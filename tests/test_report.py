@@ -22,10 +22,9 @@ from spice_libvirt.migration.report import (
     Endpoint,
     MigrationReport,
     channel_name,
-    classify_outcome,
-    embedded_path_is_seamless,
     parse_channel_name,
 )
+from spice_libvirt.migration.verdict import classify_outcome, embedded_path_is_seamless
 from spice_libvirt.spice.record import ClientMigrationRecord, PathStep, StreamStats
 
 

@@ -20,11 +20,11 @@ the hold's speed is put back meanwhile, because the speed *is* the hold.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
 from spice_libvirt.libvirt.connection import GraphicsEvent, endpoint
 from spice_libvirt.libvirt.hold import DestinationLinks
 from spice_libvirt.migration.policy import NO_CONTACT, first_contact_deadline, release_point
+from spice_libvirt.migration.verdict import AgentOutcome, agent_outcome
 
 #: the hold: libvirt's smallest speed (MiB/s) and downtime (ms)
 HOLD_SPEED_MIBS = 1
@@ -34,8 +34,6 @@ HOLD_DOWNTIME_MS = 1
 FINAL_STATES = ("completed", "failed", "cancelled")
 #: QEMU states in which the switchover is under way (the guest is paused)
 SWITCHOVER_STATES = ("pre-switchover", "device", *FINAL_STATES)
-
-Outcome = Literal["seamless", "switch-host", "not-linked", "client-lost", "failed", "no-client"]
 
 
 @dataclasses.dataclass
@@ -173,18 +171,14 @@ class HeldMigration:
         rtt = self.links.rtt_estimate() or 0.3
         return self.completed_at + min(2.0, rtt + 0.1)
 
-    def verdict(self) -> Outcome:
-        if not self.client_channels:
-            return "no-client"
-        if self.status in ("failed", "cancelled"):
-            return "failed"
-        if self.relinks_after:
-            return "switch-host"
-        if self.linked_before_switchover:
-            return "seamless"
-        if self.unreachable and self.completed_at is not None:
-            return "client-lost"  # it never reached the destination, nor after the switch
-        return "not-linked"
+    def verdict(self) -> AgentOutcome:
+        return agent_outcome(
+            clients=bool(self.client_channels),
+            status=self.status,
+            relinked=bool(self.relinks_after),
+            linked_before_switchover=self.linked_before_switchover,
+            unreachable_after_completion=self.unreachable and self.completed_at is not None,
+        )
 
     def held_ms(self) -> float | None:
         if self.released_at is None:

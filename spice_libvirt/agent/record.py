@@ -17,21 +17,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from spice_libvirt.migration.verdict import AgentOutcome
+
 log = logging.getLogger(__name__)
 
 #: syslog severity of a verdict that went well
 INFO = 6
 
-AgentOutcome = Literal[
-    "seamless",
-    "switch-host",
-    "not-linked",
-    "client-lost",
-    "failed",
-    "no-client",
-    "skipped",
-    "error",
-]
+#: the verdict's outcomes (:func:`spice_libvirt.migration.verdict.agent_outcome`), and the
+#: agent's own: it stepped aside (``skipped``), or could not follow (``error``)
+AgentRecordOutcome = AgentOutcome | Literal["skipped", "error"]
 
 
 class AgentVerdict(BaseModel):
@@ -54,7 +49,7 @@ class AgentVerdict(BaseModel):
     held_ms: float | None = None
     released_why: str = ""
     caller_restored: dict[str, int] = Field(default_factory=dict)
-    outcome: AgentOutcome
+    outcome: AgentRecordOutcome
     connection_id_kept: bool | None = None
     relinks_after: int = 0
     tainted: bool = False

@@ -1,19 +1,9 @@
 """The migration verdict, as data.
 
-A verdict must be *true*, so it is computed here from evidence and nothing else: QMP
-events and queries from both QEMUs, and -- when our embedded client was attached -- the
-client's own message-by-message record. The CLI prints :class:`MigrationReport` with
-``--json`` as one object; management tools parse it, so field names are a contract.
-
-Classification rules (see ``spice-protocol-facts.md`` §5-§6):
-
-* a client that the destination shows with the *same* connection id it had on the source
-  was kept (seamless for QMP-only evidence; the embedded client must also have seen
-  ``MIGRATE_BEGIN_SEAMLESS``, ``MIGRATE`` and ``MIGRATE_DATA``);
-* a *new* connection id on the destination means the client went through
-  ``SWITCH_HOST`` (session reset);
-* a migration that did not complete is ``cancelled`` (we or the user cancelled it) or
-  ``failed`` (QEMU reported failure, or a step raised).
+A verdict must be *true*, so it is computed from evidence and nothing else, by the rules in
+:mod:`spice_libvirt.migration.verdict` (the one place they are written). The CLI prints
+:class:`MigrationReport` with ``--json`` as one object; management tools parse it, so field
+names are a contract.
 """
 
 from __future__ import annotations
@@ -30,7 +20,7 @@ from spice_libvirt.migration.evidence import (
     parse_channel_name,
 )
 from spice_libvirt.migration.placement import Placement
-from spice_libvirt.spice.record import ClientMigrationRecord, ClientPath, SessionChange, StreamStats
+from spice_libvirt.spice.record import ClientMigrationRecord, SessionChange, StreamStats
 
 #: The overall outcome. ``no-client`` is used only when no SPICE client was connected at all:
 #: there was nothing to keep, and calling that "seamless" would be a claim without evidence.
@@ -173,46 +163,6 @@ class MigrationReport(BaseModel):
     client_lost_cause: str | None = None
 
 
-def classify_outcome(
-    migration_status: str | None, clients: list[ClientVerdict], *, cancelled: bool
-) -> Outcome:
-    """The overall outcome from the migration state and every client's verdict.
-
-    The worst client wins: one client that fell back to switch-host makes the migration
-    ``switch-host`` even if another was kept, and one that was lost makes it
-    ``client-lost``.
-    """
-    if migration_status != "completed":
-        return "cancelled" if cancelled or migration_status == "cancelled" else "failed"
-    if not clients:
-        return "no-client"
-    if any(c.path == "lost" for c in clients):
-        return "client-lost"
-    order: list[ClientPath] = ["failed", "none", "switch-host", "semi-seamless", "seamless"]
-    worst = min((c.path for c in clients), key=lambda p: order.index(p) if p in order else 0)
-    if worst in ("seamless", "semi-seamless", "switch-host"):
-        return worst
-    # a client that broke, or that saw no migration at all: nothing shows it was reset
-    # (switch-host) nor kept, so the only true word is that it failed
-    return "failed"
-
-
-def embedded_path_is_seamless(record: ClientMigrationRecord) -> bool:
-    """The embedded client's claim of ``seamless`` checked against its own steps.
-
-    Seamless means: BEGIN_SEAMLESS arrived, at least one MIGRATE arrived, MIGRATE_DATA was
-    received and forwarded, and the connection id was kept.
-    """
-    messages = {s.message for s in record.steps}
-    return (
-        record.path == "seamless"
-        and record.connection_id_kept
-        and any("BEGIN_SEAMLESS" in m for m in messages)
-        and any(m == "MIGRATE" or m.endswith(".MIGRATE") for m in messages)
-        and any("MIGRATE_DATA" in m for m in messages)
-    )
-
-
 __all__ = [
     "CHANNEL_TYPE_NAMES",
     "CHANNEL_TYPE_NUMBERS",
@@ -224,7 +174,5 @@ __all__ = [
     "Outcome",
     "PhaseTiming",
     "channel_name",
-    "classify_outcome",
-    "embedded_path_is_seamless",
     "parse_channel_name",
 ]

@@ -36,6 +36,7 @@ Pure: no I/O, no clock (times are passed in). Tested exhaustively in ``tests/tes
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from spice_libvirt.migration.evidence import (
     Sessions,
@@ -43,13 +44,7 @@ from spice_libvirt.migration.evidence import (
     channel_name,
     channel_names,
 )
-from spice_libvirt.migration.report import (
-    ClientVerdict,
-    MigrationReport,
-    Outcome,
-    classify_outcome,
-    embedded_path_is_seamless,
-)
+from spice_libvirt.migration.report import ClientVerdict, MigrationReport, Outcome
 from spice_libvirt.spice.record import ClientMigrationRecord, ClientPath, StreamStats
 
 
@@ -280,6 +275,81 @@ def _record_path(v: ClientVerdict, record: ClientMigrationRecord, notes: list[st
     return record.path
 
 
+def classify_outcome(
+    migration_status: str | None, clients: list[ClientVerdict], *, cancelled: bool
+) -> Outcome:
+    """The overall outcome from the migration state and every client's verdict.
+
+    The worst client wins: one client that fell back to switch-host makes the migration
+    ``switch-host`` even if another was kept, and one that was lost makes it
+    ``client-lost``.
+    """
+    if migration_status != "completed":
+        return "cancelled" if cancelled or migration_status == "cancelled" else "failed"
+    if not clients:
+        return "no-client"
+    if any(c.path == "lost" for c in clients):
+        return "client-lost"
+    order: list[ClientPath] = ["failed", "none", "switch-host", "semi-seamless", "seamless"]
+    worst = min((c.path for c in clients), key=lambda p: order.index(p) if p in order else 0)
+    if worst in ("seamless", "semi-seamless", "switch-host"):
+        return worst
+    # a client that broke, or that saw no migration at all: nothing shows it was reset
+    # (switch-host) nor kept, so the only true word is that it failed
+    return "failed"
+
+
+def embedded_path_is_seamless(record: ClientMigrationRecord) -> bool:
+    """The embedded client's claim of ``seamless`` checked against its own steps.
+
+    Seamless means: BEGIN_SEAMLESS arrived, at least one MIGRATE arrived, MIGRATE_DATA was
+    received and forwarded, and the connection id was kept.
+    """
+    messages = {s.message for s in record.steps}
+    return (
+        record.path == "seamless"
+        and record.connection_id_kept
+        and any("BEGIN_SEAMLESS" in m for m in messages)
+        and any(m == "MIGRATE" or m.endswith(".MIGRATE") for m in messages)
+        and any("MIGRATE_DATA" in m for m in messages)
+    )
+
+
+#: What the host agent can say of a migration someone else started: it follows libvirt's
+#: graphics events and the client's sockets, never a connection id, so a kept session shows
+#: as "every channel linked before the switchover and none anew after it".
+AgentOutcome = Literal[
+    "seamless", "switch-host", "not-linked", "client-lost", "failed", "no-client"
+]
+
+
+def agent_outcome(
+    *,
+    clients: bool,
+    status: str | None,
+    relinked: bool,
+    linked_before_switchover: bool,
+    unreachable_after_completion: bool,
+) -> AgentOutcome:
+    """The same rules from the agent's evidence: no client, nothing to follow; a migration
+    that did not complete failed (the client stayed); a client connecting to the
+    destination anew after the switchover was reset (switch-host); every channel linked
+    before it and no new one: kept; a client that never reached the destination, before
+    the switchover nor after the migration completed: lost; linked too late and not seen
+    again: ``not-linked`` (neither kept nor shown reset)."""
+    if not clients:
+        return "no-client"
+    if status in ("failed", "cancelled"):
+        return "failed"
+    if relinked:
+        return "switch-host"
+    if linked_before_switchover:
+        return "seamless"
+    if unreachable_after_completion:
+        return "client-lost"
+    return "not-linked"
+
+
 def _downgraded(clients: list[ClientVerdict]) -> list[str]:
     several = len(clients) > 1
     return [
@@ -382,4 +452,15 @@ def settled(s: Settling) -> Settled:
     return Settled(False, "not conclusive: waiting for the destination", bound_at)
 
 
-__all__ = ["Settled", "Settling", "Verdict", "VerdictEvidence", "judge", "settled"]
+__all__ = [
+    "AgentOutcome",
+    "Settled",
+    "Settling",
+    "Verdict",
+    "VerdictEvidence",
+    "agent_outcome",
+    "classify_outcome",
+    "embedded_path_is_seamless",
+    "judge",
+    "settled",
+]
