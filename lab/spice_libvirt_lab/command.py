@@ -51,7 +51,35 @@ def register(subparsers: Any) -> None:
     )
     sub = parser.add_subparsers(dest="lab_command", metavar="ACTION", required=True)
 
+    _add_up(sub)
+    _add_migrate(sub)
+    _add_inspection(sub)
+
+
+def _add_up(sub: Any) -> None:
     up = sub.add_parser("up", help="start the source (running) and the destination (incoming)")
+    _add_guest_arguments(up)
+    up.add_argument(
+        "--tls", action="store_true", help="also listen on TLS ports (lab CA); clients use TLS"
+    )
+    up.add_argument(
+        "--tls-mode",
+        choices=("secure", "mixed", "tls-only"),
+        default=None,
+        help=(
+            "with --tls: 'secure' (default) every channel refuses plain text (the plain port "
+            "answers NEED_SECURED); 'mixed' plain links are accepted too (QEMU lab) or only "
+            "main, inputs and cursor are secure (libvirt lab); 'tls-only' (libvirt lab) "
+            "no plain port at all"
+        ),
+    )
+    up.add_argument("--json", action="store_true", help="print the lab state as JSON")
+    _add_libvirt_up_arguments(up)
+    up.set_defaults(handler=_up)
+
+
+def _add_guest_arguments(up: argparse.ArgumentParser) -> None:
+    """What runs in the lab's VM(s): ``--guest`` and its memory and memcheck options."""
     up.add_argument(
         "--guest",
         choices=("firmware", "linux", "memcheck"),
@@ -84,21 +112,10 @@ def register(subparsers: Any) -> None:
         help="memcheck: verify the whole working set every MS ms (1000); the guest halts "
         "in between",
     )
-    up.add_argument(
-        "--tls", action="store_true", help="also listen on TLS ports (lab CA); clients use TLS"
-    )
-    up.add_argument(
-        "--tls-mode",
-        choices=("secure", "mixed", "tls-only"),
-        default=None,
-        help=(
-            "with --tls: 'secure' (default) every channel refuses plain text (the plain port "
-            "answers NEED_SECURED); 'mixed' plain links are accepted too (QEMU lab) or only "
-            "main, inputs and cursor are secure (libvirt lab); 'tls-only' (libvirt lab) "
-            "no plain port at all"
-        ),
-    )
-    up.add_argument("--json", action="store_true", help="print the lab state as JSON")
+
+
+def _add_libvirt_up_arguments(up: argparse.ArgumentParser) -> None:
+    """``up --libvirt`` and the options only the libvirt lab takes."""
     up.add_argument(
         "--libvirt",
         action="store_true",
@@ -143,8 +160,9 @@ def register(subparsers: Any) -> None:
         help="libvirt lab: run 'spice-libvirt agent run' inside each host, as a hypervisor "
         "would (migrations started by plain virsh become seamless)",
     )
-    up.set_defaults(handler=_up)
 
+
+def _add_migrate(sub: Any) -> None:
     mig = sub.add_parser("migrate", help="migrate to the other side (and re-arm it)")
     mig.add_argument(
         "--no-watch",
@@ -171,6 +189,9 @@ def register(subparsers: Any) -> None:
     )
     mig.set_defaults(handler=_migrate)
 
+
+def _add_inspection(sub: Any) -> None:
+    """status, down, rtt, evacuate, guest and purge."""
     st = sub.add_parser("status", help="show the lab")
     st.add_argument("--json", action="store_true", help="print the status as JSON")
     st.set_defaults(handler=_status)
