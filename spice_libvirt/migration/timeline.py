@@ -434,9 +434,26 @@ def _closeup_window(
 
 
 def render_timeline(report: MigrationReport) -> str:
-    """The SVG document (a string) for ``report``."""
+    """The SVG document (a string) for ``report``: the verdict and its facts, the whole
+    migration, the detail lanes (controller, hold, both QEMUs, every client), a close-up of
+    the switchover when it is short, and the legend."""
     svg = _Svg()
     all_steps = [s for c in report.clients for s in _steps(report, c)]
+    y = _header(svg, report)
+    window = _detail_window(report, all_steps)
+    y = _overview(svg, report, all_steps, window, y)
+    y = _detail(svg, report, _Scale(*window), y)
+    y = _closeup(svg, report, all_steps, window, y)
+    y = _legend(svg, report, y)
+    height = y + 16
+    head = (f"<svg xmlns='http://www.w3.org/2000/svg' width='{WIDTH}' height='{height:.0f}' "
+            f"viewBox='0 0 {WIDTH} {height:.0f}' data-outcome={quoteattr(report.outcome)}>"
+            f"<rect width='100%' height='100%' fill='white'/>")  # fmt: skip
+    return head + "\n".join(svg.parts) + "</svg>\n"
+
+
+def _header(svg: _Svg, report: MigrationReport) -> float:
+    """The outcome, the migration's facts and the verdict's reasons; the next free y."""
     colour = OUTCOME_COLOUR.get(report.outcome, "#424242")
     name = getattr(report, "domain", None) or report.migrate_uri
     y = 24.0
@@ -457,10 +474,20 @@ def render_timeline(report: MigrationReport) -> str:
         y += 15
         svg.text(12, y, "• " + line, size=11, attrs=" class='reason'")
     svg.add("</g>")
+    return y
+
+
+def _overview(
+    svg: _Svg,
+    report: MigrationReport,
+    all_steps: list[_Step],
+    window: tuple[float, float],
+    y: float,
+) -> float:
+    """The whole migration on one lane, the detail window marked on it."""
     # overview: the whole migration
     y += 22
     overview = _Scale(0.0, max(report.duration_ms, max((s.t for s in all_steps), default=0.0), 1.0))
-    window = _detail_window(report, all_steps)
     svg.add("<g class='lane' id='lane-overview' data-label='overview'>")
     svg.text(LABEL_W - 8, y + 12, "whole migration", anchor="end")
     _phase_bars(svg, report, overview, y, 18)
@@ -470,14 +497,45 @@ def render_timeline(report: MigrationReport) -> str:
              attrs=" id='detail-window' stroke-dasharray='3,2'")  # fmt: skip
     svg.add("</g>")
     _axis(svg, overview, y + 24, label="ms")
-    # detail lanes
+    return y
+
+
+def _detail(svg: _Svg, report: MigrationReport, scale: _Scale, y: float) -> float:
+    """The detail lanes: controller phases, the hold, both QEMUs, every client."""
     y += 54
-    scale = _Scale(*window)
     top = y
     _lane(svg, "lane-controller", "controller", y)
     _phase_bars(svg, report, scale, y + 3, LANE_H - 10)
     svg.add("</g>")
     y += LANE_H
+    y = _hold_lane(svg, report, scale, y)
+    y = _qemu_lanes(svg, report, scale, y)
+    switch = switchover_ms(report)
+    for index, client in enumerate(report.clients):
+        if client.record is None:
+            _lane(svg, f"lane-client{index}", f"{client.kind} client", y)
+            why = ("QMP evidence only" if client.kind == "external"
+                   else "no record: it read no migration message")  # fmt: skip
+            svg.text(LABEL_W + 6, y + LANE_H / 2 + 2,
+                     f"{client.path}: connection id {client.connection_id_before} -> "
+                     f"{client.connection_id_after} ({why})", size=10)  # fmt: skip
+            svg.add("</g>")
+            y += LANE_H
+            continue
+        y = _client_lanes(svg, report, client, f"lane-client{index}", scale, y)
+    if switch is not None and scale.inside(switch):
+        x = scale.x(switch)
+        svg.add(f"<line id='switchover' data-t='{switch:.3f}' x1='{x:.1f}' y1='{top - 4}' "
+                f"x2='{x:.1f}' y2='{y + 2}' stroke='#263238' stroke-dasharray='5,3'>"
+                f"<title>switchover at {_ms(switch)}</title></line>")  # fmt: skip
+        svg.text(x + 3, top - 6, "switchover", size=9, fill="#263238")
+    _axis(svg, scale, y + 4, label="ms")
+    y += 32
+    return y
+
+
+def _hold_lane(svg: _Svg, report: MigrationReport, scale: _Scale, y: float) -> float:
+    """The hold, from when it took effect to its release and why (none: no lane)."""
     hold = _hold(report)
     migrate = _phase(report, "migrate")
     if hold is not None and migrate is not None:
@@ -492,6 +550,11 @@ def render_timeline(report: MigrationReport) -> str:
                         f"released: {hold.release_reason or '?'}", size=9)  # fmt: skip
         svg.add("</g>")
         y += LANE_H
+    return y
+
+
+def _qemu_lanes(svg: _Svg, report: MigrationReport, scale: _Scale, y: float) -> float:
+    """Each QEMU's state before and after the switchover; the destination's graphics events."""
     switch = switchover_ms(report)
     completed = report.migration.status == "completed"
     src_after = report.source.status_after or ("migrated away" if completed else "running")
@@ -523,26 +586,18 @@ def render_timeline(report: MigrationReport) -> str:
                             f"stroke='{SIDE_COLOUR['dst']}' stroke-width='1.5'/></g>")  # fmt: skip
         svg.add("</g>")
         y += LANE_H
-    for index, client in enumerate(report.clients):
-        if client.record is None:
-            _lane(svg, f"lane-client{index}", f"{client.kind} client", y)
-            why = ("QMP evidence only" if client.kind == "external"
-                   else "no record: it read no migration message")  # fmt: skip
-            svg.text(LABEL_W + 6, y + LANE_H / 2 + 2,
-                     f"{client.path}: connection id {client.connection_id_before} -> "
-                     f"{client.connection_id_after} ({why})", size=10)  # fmt: skip
-            svg.add("</g>")
-            y += LANE_H
-            continue
-        y = _client_lanes(svg, report, client, f"lane-client{index}", scale, y)
-    if switch is not None and scale.inside(switch):
-        x = scale.x(switch)
-        svg.add(f"<line id='switchover' data-t='{switch:.3f}' x1='{x:.1f}' y1='{top - 4}' "
-                f"x2='{x:.1f}' y2='{y + 2}' stroke='#263238' stroke-dasharray='5,3'>"
-                f"<title>switchover at {_ms(switch)}</title></line>")  # fmt: skip
-        svg.text(x + 3, top - 6, "switchover", size=9, fill="#263238")
-    _axis(svg, scale, y + 4, label="ms")
-    y += 32
+    return y
+
+
+def _closeup(
+    svg: _Svg,
+    report: MigrationReport,
+    all_steps: list[_Step],
+    window: tuple[float, float],
+    y: float,
+) -> float:
+    """The switchover close up, when it is short next to the detail window."""
+    switch = switchover_ms(report)
     closeup = _closeup_window(report, all_steps, window)
     if closeup is not None:
         zoom = _Scale(*closeup)
@@ -561,6 +616,10 @@ def render_timeline(report: MigrationReport) -> str:
                     "stroke='#263238' stroke-dasharray='5,3'/>")  # fmt: skip
         _axis(svg, zoom, y + 4, label="ms")
         y += 32
+    return y
+
+
+def _legend(svg: _Svg, report: MigrationReport, y: float) -> float:
     legend = [("#1565c0", "source"), ("#2e7d32", "destination"), (BLACKOUT, "blackout")]
     if _destination_events(report):
         legend.append(("#2e7d32", "| destination graphics event"))
@@ -577,11 +636,7 @@ def render_timeline(report: MigrationReport) -> str:
             svg.text(x + 10, y, f"client clock aligned on {anchor}", size=9, fill="#616161",
                      attrs=" id='anchor'")  # fmt: skip
             break
-    height = y + 16
-    head = (f"<svg xmlns='http://www.w3.org/2000/svg' width='{WIDTH}' height='{height:.0f}' "
-            f"viewBox='0 0 {WIDTH} {height:.0f}' data-outcome={quoteattr(report.outcome)}>"
-            f"<rect width='100%' height='100%' fill='white'/>")  # fmt: skip
-    return head + "\n".join(svg.parts) + "</svg>\n"
+    return y
 
 
 def write_timeline(report: MigrationReport, path: Path | str) -> Path:
