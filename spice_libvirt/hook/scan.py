@@ -102,97 +102,111 @@ def scan(text: str) -> DomainScan:
     check_size(text)
     if not text.strip():
         raise HookError("no domain XML on stdin")
-    namespaces: dict[str, str] = {}
-    found: dict[str, str | None] = {}
-    root = ""
-    depth = 0
-    #: local names of the open elements (namespaced ones keep their "uri name" form)
-    path: list[str] = []
-    listens: list[str] = []
-    sites: list[ListenSite] = []
-    #: the <name>/<uuid> whose text is being collected, and its pieces
-    capturing: str | None = None
-    pieces: list[str] = []
+    return _Scanner().run(text)
 
+
+class _Scanner:
+    """One expat pass over a domain XML: its handlers and what they collect."""
+
+    def __init__(self) -> None:
+        self.namespaces: dict[str, str] = {}
+        self.found: dict[str, str | None] = {}
+        self.root = ""
+        self.depth = 0
+        #: local names of the open elements (namespaced ones keep their "uri name" form)
+        self.path: list[str] = []
+        self.listens: list[str] = []
+        self.sites: list[ListenSite] = []
+        #: the <name>/<uuid> whose text is being collected, and its pieces
+        self.capturing: str | None = None
+        self.pieces: list[str] = []
+        self.graphics_is_spice = False
+        self.parser = expat.ParserCreate(namespace_separator=_NS_SEP)
+
+    def run(self, text: str) -> DomainScan:
+        parser = self.parser
+        parser.StartDoctypeDeclHandler = self.doctype
+        parser.EntityDeclHandler = self.entity
+        parser.StartNamespaceDeclHandler = self.start_ns
+        parser.StartElementHandler = self.start
+        parser.EndElementHandler = self.end
+        parser.CharacterDataHandler = self.chars
+        parser.CommentHandler = self.other
+        parser.ProcessingInstructionHandler = self.other
+        try:
+            parser.Parse(text, True)
+        except expat.ExpatError as exc:
+            raise HookError(f"malformed domain XML: {exc}") from exc
+        uri, sep, local = self.root.rpartition(_NS_SEP)
+        tag = f"{{{uri}}}{local}" if sep else local  # as ElementTree names it
+        return DomainScan(
+            tag,
+            self.found.get("name"),
+            self.found.get("uuid"),
+            self.namespaces,
+            tuple(self.listens),
+            tuple(self.sites),
+        )
+
+    @staticmethod
     def doctype(name: str, *_rest: object) -> None:
         raise DeclinedXMLError(f"domain XML has a DOCTYPE ({name}); libvirt never sends one")
 
+    @staticmethod
     def entity(name: str, *_rest: object) -> None:
         raise DeclinedXMLError(f"domain XML declares an entity ({name})")
 
-    def start_ns(prefix: str | None, uri: str | None) -> None:
-        namespaces.setdefault(prefix or "", uri or "")
+    def start_ns(self, prefix: str | None, uri: str | None) -> None:
+        self.namespaces.setdefault(prefix or "", uri or "")
 
-    def stop_capture() -> None:
-        nonlocal capturing
-        if capturing is not None:
-            found[capturing] = "".join(pieces).strip() or None
-            capturing = None
+    def stop_capture(self) -> None:
+        if self.capturing is not None:
+            self.found[self.capturing] = "".join(self.pieces).strip() or None
+            self.capturing = None
 
-    graphics_is_spice = [False]
-
-    def start(tag: str, attrs: dict[str, str]) -> None:
-        nonlocal depth, root, capturing
-        stop_capture()
-        depth += 1
+    def start(self, tag: str, attrs: dict[str, str]) -> None:
+        self.stop_capture()
+        self.depth += 1
+        depth, path = self.depth, self.path
         path.append(tag)
         if depth == 3 and path[1:] == ["devices", "graphics"]:
-            graphics_is_spice[0] = attrs.get("type") == "spice"
-            if graphics_is_spice[0]:
-                _listen("graphics", "listen", attrs.get("listen"))
+            self.graphics_is_spice = attrs.get("type") == "spice"
+            if self.graphics_is_spice:
+                self.listen("graphics", "listen", attrs.get("listen"))
         elif (
             depth == 4
             and tag == "listen"
             and path[1:3] == ["devices", "graphics"]
-            and graphics_is_spice[0]
+            and self.graphics_is_spice
             and attrs.get("type") == "address"
         ):
-            _listen("listen", "address", attrs.get("address"))
+            self.listen("listen", "address", attrs.get("address"))
         if depth == 1:
-            root = tag
-        elif depth == 2 and tag in ("name", "uuid") and tag not in found:
-            found[tag] = None
-            capturing = tag
-            pieces.clear()
+            self.root = tag
+        elif depth == 2 and tag in ("name", "uuid") and tag not in self.found:
+            self.found[tag] = None
+            self.capturing = tag
+            self.pieces.clear()
 
-    def _listen(element: str, attribute: str, address: str | None) -> None:
+    def listen(self, element: str, attribute: str, address: str | None) -> None:
         if address is not None:
             # str input: expat is fed UTF-8 and counts its bytes, whatever the declaration says
-            sites.append(ListenSite(parser.CurrentByteIndex, element, attribute, address))
-        if address and address not in listens:
-            listens.append(address)
+            offset = self.parser.CurrentByteIndex
+            self.sites.append(ListenSite(offset, element, attribute, address))
+        if address and address not in self.listens:
+            self.listens.append(address)
 
-    def end(_tag: str) -> None:
-        nonlocal depth
-        stop_capture()
-        depth -= 1
-        path.pop()
+    def end(self, _tag: str) -> None:
+        self.stop_capture()
+        self.depth -= 1
+        self.path.pop()
 
-    def other(*_args: object) -> None:
-        stop_capture()
+    def other(self, *_args: object) -> None:
+        self.stop_capture()
 
-    def chars(data: str) -> None:
-        if capturing is not None:
-            pieces.append(data)
-
-    parser = expat.ParserCreate(namespace_separator=_NS_SEP)
-    parser.StartDoctypeDeclHandler = doctype
-    parser.EntityDeclHandler = entity
-    parser.StartNamespaceDeclHandler = start_ns
-    parser.StartElementHandler = start
-    parser.EndElementHandler = end
-    parser.CharacterDataHandler = chars
-    parser.CommentHandler = other
-    parser.ProcessingInstructionHandler = other
-    try:
-        parser.Parse(text, True)
-    except expat.ExpatError as exc:
-        raise HookError(f"malformed domain XML: {exc}") from exc
-    uri, sep, local = root.rpartition(_NS_SEP)
-    tag = f"{{{uri}}}{local}" if sep else local  # as ElementTree names it
-    return DomainScan(
-        tag, found.get("name"), found.get("uuid"), namespaces, tuple(listens), tuple(sites)
-    )
+    def chars(self, data: str) -> None:
+        if self.capturing is not None:
+            self.pieces.append(data)
 
 
 def scan_domain(text: str) -> DomainScan:
