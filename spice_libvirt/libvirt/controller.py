@@ -181,20 +181,8 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
         migrations_before: int | None,
     ) -> bool:
         """migrateToURI3 with the hold; True if the migration completed."""
-        lv, req = self._lv, self.req
-        orig_speed = await src.call(dom.migrateGetMaxSpeed, "migration max speed")
-        report.hold.bandwidth_before_mibs = orig_speed
-        with contextlib.suppress(errors.LibvirtError):  # the limit the downtime is judged by
-            limit = await src.call(lambda: dom.migrateGetMaxDowntime(0), "max downtime")
-            report.migration.downtime_limit_ms = int(limit)
-        if report.hold.applied == "qmp-throttle":
-            report.hold.qemu_bandwidth_before = await self._qemu_bandwidth(src, dom)
-        params: dict[str, Any] = {}
-        if graphics_uri:
-            params[lv.VIR_MIGRATE_PARAM_GRAPHICS_URI] = graphics_uri
-        if report.hold.applied != "none":
-            params[lv.VIR_MIGRATE_PARAM_BANDWIDTH] = 1
-        flags = lv.VIR_MIGRATE_LIVE | lv.VIR_MIGRATE_PEER2PEER
+        req = self.req
+        orig_speed, params, flags = await self._job_parameters(src, dom, report, graphics_uri)
         await claim_for_controller(src, dom, self.note)  # a host agent leaves it to us
         t_start = time.monotonic()
         links = self._links
@@ -241,24 +229,57 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
                 undo.run(), UNDO_TIMEOUT, "undo"
             )
         report.wall_ms = round((time.monotonic() - t_start) * 1000.0, 3)
+        for event in gfx.drain():
+            links.absorb(event)
+        return self._job_outcome(report, migration, error, cancelled, t_start)
+
+    async def _job_parameters(
+        self, src: Connection, dom: Any, report: LibvirtMigrationReport, graphics_uri: str | None
+    ) -> tuple[int, dict[str, Any], int]:
+        """What the job is started with: the caller's speed (restored after the hold), the
+        migration parameters and flags; the downtime limit and QEMU's own bandwidth into
+        the report."""
+        lv = self._lv
+        orig_speed = await src.call(dom.migrateGetMaxSpeed, "migration max speed")
+        report.hold.bandwidth_before_mibs = orig_speed
+        with contextlib.suppress(errors.LibvirtError):  # the limit the downtime is judged by
+            limit = await src.call(lambda: dom.migrateGetMaxDowntime(0), "max downtime")
+            report.migration.downtime_limit_ms = int(limit)
+        if report.hold.applied == "qmp-throttle":
+            report.hold.qemu_bandwidth_before = await self._qemu_bandwidth(src, dom)
+        params: dict[str, Any] = {}
+        if graphics_uri:
+            params[lv.VIR_MIGRATE_PARAM_GRAPHICS_URI] = graphics_uri
+        if report.hold.applied != "none":
+            params[lv.VIR_MIGRATE_PARAM_BANDWIDTH] = 1
+        return orig_speed, params, lv.VIR_MIGRATE_LIVE | lv.VIR_MIGRATE_PEER2PEER
+
+    def _job_outcome(
+        self,
+        report: LibvirtMigrationReport,
+        migration: asyncio.Task[Any],
+        error: BaseException | None,
+        cancelled: bool,
+        t_start: float,
+    ) -> bool:
+        """The job's end into the report (status, error, what the destination saw); True
+        if it completed."""
         if error is None and migration.done() and not migration.cancelled():
             error = migration.exception()
         completed = error is None and migration.done() and not migration.cancelled()
-        for event in gfx.drain():
-            links.absorb(event)
         self.log.record("migrate", t_start, ok=completed, detail=f"{report.wall_ms:.0f} ms")
         report.migration.status = (
             "completed" if completed else ("cancelled" if cancelled else "failed")
         )
         if report.hold.applied == "qmp-throttle":
-            report.migration.max_bandwidth = req.hold_bytes_per_s
+            report.migration.max_bandwidth = self.req.hold_bytes_per_s
         if not completed:
             report.error = message_of(error.__cause__ or error) if error else "cancelled"
             report.error_phase = "migrate"
             if report.link_wait.reason:
                 report.error = f"{report.link_wait.reason}; {report.error}"
-        report.hold.destination_events = links.log
-        report.hold.destination_channels_initialized = len(links.init_at)
+        report.hold.destination_events = self._links.log
+        report.hold.destination_channels_initialized = len(self._links.init_at)
         return completed
 
     async def _await_job(self, src: Connection, dom: Any, migration: asyncio.Task[Any]) -> bool:
