@@ -10,7 +10,10 @@ QEMUs and checks its account on the destination.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -210,11 +213,30 @@ async def _report_line(vm: QemuInstance, text: str, timeout: float) -> None:
 
 @pytest.mark.qemu
 async def test_account_survives_a_migration(qemu_factory: QemuGroup) -> None:
-    """A QMP migration between two QEMUs: the destination's console carries on (same boot,
-    more passes, no errors)."""
+    """The guest has the firmware guest's SPICE channels; after a QMP migration between two
+    QEMUs the destination's console carries on (same boot, more passes, no errors)."""
     options = MemcheckOptions(working_set_mib=32, dirty_mib_s=4, pass_ms=500)
     src = await _start(qemu_factory, "src", options)
     await wait_guest_ready(src, timeout=60)
+    # the SPICE channels every client and verdict expect, as for the firmware guest
+    probe = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "spice_libvirt",
+            "probe",
+            "--json",
+            f"spice://127.0.0.1:{src.spice_port}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert probe.returncode == 0, probe.stderr
+    channels = [c["type"] for c in json.loads(probe.stdout)["channels"]]
+    assert channels == ["main", "display", "inputs", "cursor", "port"]
     before = await _report(src, lambda r: r.passes >= 1, 30.0)
     port = free_tcp_port()
     dst = await _start(qemu_factory, "dst", options, incoming=f"tcp:127.0.0.1:{port}")
