@@ -20,7 +20,7 @@
  *   dirty_mib_s=R  rewrite R MiB of pages per second (default 0: idle but full of data)
  *   pass_ms=T      start a verify pass every T ms (default 1000)
  *   report_ms=T    report every T ms at least (default 1000)
- *   tlb_flush=0|1  flush the TLB every tick and every CLOCK_STRIDE pages (default 1)
+ *   tlb_flush=0|1  flush the TLB every tick and every FLUSH_STRIDE pages (default 1)
  *
  * Why the TLB flush: QEMU's TCG before 9.0 (upstream commit 03bfc2188f, "physmem: Fix
  * migration dirty bitmap coherency with TCG memory access") does not reset its software TLB
@@ -41,8 +41,8 @@
 #define MEMCHECK_HZ 50u
 #define MS_PER_TICK (1000u / MEMCHECK_HZ)
 #define PIT_HZ 1193182u
-/* how many pages a verify pass checks between looks at the clock */
-#define CLOCK_STRIDE 64u
+/* how many pages a long loop touches between two TLB flushes (see tlb_flush=) */
+#define FLUSH_STRIDE 64u
 /* the golden-ratio increment that spreads words within a page */
 #define WORD_STEP 0x9E3779B9u
 
@@ -489,7 +489,7 @@ static void rewrite_due(struct schedule *s, uint32_t pages_per_s)
     uint32_t due = s->credit / MEMCHECK_HZ;
     s->credit -= due * MEMCHECK_HZ;
     while (due--) {
-        if ((s->rewritten_pages % CLOCK_STRIDE) == 0) {
+        if ((s->rewritten_pages % FLUSH_STRIDE) == 0) {
             flush_tlb();
         }
         write_page(s->next, s->cycle + 1u);
@@ -605,17 +605,33 @@ static void page_error(uint32_t page, uint32_t gen, uint32_t word)
     report();
 }
 
+/* Between two pages of a long loop: a TLB flush every FLUSH_STRIDE pages, and at every new
+ * tick what the clock says is due (rewrites, a report). A pass takes a tenth of a second
+ * under TCG and tens of seconds where every instruction is emulated; the guest reports every
+ * second either way. */
+static void between_pages(uint32_t page, int rewrite)
+{
+    static uint32_t last_look;
+    if ((page % FLUSH_STRIDE) == 0) {
+        flush_tlb();
+    }
+    uint32_t now = now_ticks();
+    if (now != last_look) {
+        last_look = now;
+        if (rewrite) {
+            rewrite_due(&mc.sched, mc.pages_per_s);
+        }
+        report_if_due();
+    }
+}
+
 static void verify_pass(void)
 {
     struct schedule *s = &mc.sched;
     uint32_t position = 0; /* where page p comes in a round: p * stride_inverse mod pages */
     uint32_t started = now_ticks();
     for (uint32_t p = 0; p < s->pages; p++) {
-        if ((p % CLOCK_STRIDE) == 0) {
-            flush_tlb();
-            rewrite_due(s, mc.pages_per_s);
-            report_if_due();
-        }
+        between_pages(p, 1);
         uint32_t gen = s->cycle + (position < s->cursor ? 1u : 0u);
         uint32_t word = check_page(p, gen);
         if (word != PAGE_WORDS) {
@@ -735,10 +751,7 @@ void memcheck_main(uint32_t magic, const struct multiboot_info *mbi)
 
     mc.phase = "fill";
     for (uint32_t p = 0; p < mc.sched.pages; p++) {
-        if ((p % CLOCK_STRIDE) == 0) {
-            flush_tlb();
-            report_if_due();
-        }
+        between_pages(p, 0);
         write_page(p, 0);
     }
     mc.fill_ms = now_ticks() * MS_PER_TICK;
