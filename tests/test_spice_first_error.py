@@ -21,7 +21,7 @@ from spice_libvirt.errors import ConnectError, RemoteProtocolError, SpiceLibvirt
 from spice_libvirt.spice import messages as m
 from spice_libvirt.spice.client import ClientOptions, SpiceClient
 from spice_libvirt.spice.connection import REPLY_BURST, KeepAlive
-from spice_libvirt.spice.constants import MAIN_MAX_BODY
+from spice_libvirt.spice.constants import MAIN_MAX_BODY, ChannelType, channel_label
 from spice_libvirt.spice.framing import FrameDecoder, ReceiveBudget
 from spice_libvirt.spice.session import MAIN_KEY, ClientSession, Phase
 from spice_libvirt_lab.fake_spice import (
@@ -258,3 +258,30 @@ async def test_reader_yields_to_other_channels_during_a_flood(
     assert await pong < 5.0
     assert time.monotonic() - started < 30
     await client.close()
+
+
+EVERY_CHANNEL = tuple(
+    (int(t), 0) for t in ChannelType if t not in (ChannelType.MAIN, ChannelType.TUNNEL)
+)
+
+
+@pytest.mark.parametrize("key", EVERY_CHANNEL, ids=[channel_label(*k) for k in EVERY_CHANNEL])
+async def test_every_channel_type_ends_in_its_first_error_or_keeps_the_session(
+    servers: list[FakeSpiceServer], loop_errors: list[dict[str, Any]], key: tuple[int, int]
+) -> None:
+    """An unknown message on any channel is ignored; an oversized one is the session's one
+    error, naming the channel."""
+    server = await _serve(servers, channels=EVERY_CHANNEL)
+    client = _client(server.port)
+    await client.connect()
+    ch = server.channels[key]
+    ch.send_raw(raw_frame(999, bytes(100)))
+    await ch.drain()
+    assert await server.ping(MAIN_KEY) < 5.0
+    ch.send_raw(header_only(999, 1 << 30))
+    await ch.drain()
+    with pytest.raises(RemoteProtocolError, match=f"{channel_label(*key)} .*announces") as info:
+        await client.next_migration(timeout=5)
+    assert client.failure is info.value
+    await client.close()
+    await _settle_gc(loop_errors)
