@@ -10,7 +10,7 @@ import pytest
 
 from spice_libvirt.agent import holdfile, procnet
 from spice_libvirt.agent.hold import spice_ports
-from spice_libvirt.agent.plan import CallerValues, HeldMigration
+from spice_libvirt.agent.plan import CallerValues, HeldMigration, Release
 from spice_libvirt.agent.settings import AgentSettings, load_agent_settings
 from spice_libvirt.agent.watch import parse_migration_details
 from spice_libvirt.errors import AgentError, ConfigError
@@ -55,7 +55,8 @@ def test_holds_until_every_channel_initialized_then_rtt_plus_margin() -> None:
     when, reason = p.release_due(last + 0.41)
     assert when is None
     assert reason is not None
-    assert "3/3 channels" in reason
+    assert reason.kind == "linked"
+    assert "3/3 channels" in reason.why
 
 
 def test_a_half_linked_client_is_held_to_the_bound() -> None:
@@ -66,7 +67,8 @@ def test_a_half_linked_client_is_held_to_the_bound() -> None:
     when, reason = p.release_due(115.0)
     assert when is None
     assert reason is not None
-    assert "bound of 15 s" in reason
+    assert reason.kind == "timeout"
+    assert "bound of 15 s" in reason.why
 
 
 def test_other_domains_events_do_not_count() -> None:
@@ -80,19 +82,21 @@ def test_other_domains_events_do_not_count() -> None:
 
 def test_forced_release_and_migration_end_release_at_once() -> None:
     p = plan()
-    p.force_release("destination unreachable")
-    assert p.release_due(100.1) == (None, "destination unreachable")
+    unreachable = Release("no-destination", "destination unreachable")
+    p.force_release(unreachable)
+    assert p.release_due(100.1) == (None, unreachable)
     q = plan()
     q.migration_status("failed", 101.0)
     when, reason = q.release_due(101.0)
     assert when is None
     assert reason is not None
-    assert "failed" in reason
+    assert reason.kind == "migration-ended"
+    assert "failed" in reason.why
 
 
 def test_a_released_plan_has_nothing_more_to_say() -> None:
     p = plan()
-    p.released(101.0, "x")
+    p.released(101.0, Release("linked", "x"))
     assert p.release_due(200.0) == (None, None)
     assert p.held_ms() == 1000.0
 
@@ -120,7 +124,7 @@ def test_the_caller_changing_the_speed_is_remembered_and_the_hold_put_back() -> 
     assert p.caller.speed_mibs == 100
     assert p.observe_values(100, 1).speed_mibs == 1  # still held, noted once
     assert sum("speed" in n for n in p.notes) == 1
-    p.released(101.0, "x")
+    p.released(101.0, Release("linked", "x"))
     assert p.observe_values(100, 300).speed_mibs is None  # after the release: theirs
 
 

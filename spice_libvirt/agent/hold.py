@@ -35,6 +35,7 @@ from spice_libvirt.agent.plan import (
     HOLD_SPEED_MIBS,
     CallerValues,
     HeldMigration,
+    Release,
 )
 from spice_libvirt.agent.record import AgentVerdict
 from spice_libvirt.agent.settings import AgentSettings
@@ -133,6 +134,7 @@ class MigrationHold:
         holder = self.claims.holder(self.uuid or self.domain, claim, time.time())
         if holder is not None:
             self.verdict.outcome = "skipped"
+            self.verdict.held_by = "controller"
             self.verdict.released_why = f"held by {holder} (spice-libvirt's own controller)"
             return None
         xml = await self.local.call(lambda: dom.XMLDesc(0), "domain XML")
@@ -177,6 +179,7 @@ class MigrationHold:
         self.plan = plan
         await self._set(HOLD_SPEED_MIBS, HOLD_DOWNTIME_MS)
         self.verdict.hold = "taint-free"
+        self.verdict.held_by = "agent"
         if self.settings.allow_taint:
             await self._qmp_throttle()
         return plan
@@ -212,16 +215,18 @@ class MigrationHold:
             if not peers:
                 await asyncio.sleep(0.05)
         if not peers:
-            plan.force_release("the destination could not be found (no migration connection)")
+            why = "the destination could not be found (no migration connection)"
+            plan.force_release(Release("no-destination", why))
             return None
         dest = await self.find_destination(peers[0])
         if dest is None:
-            plan.force_release(f"the destination libvirtd at {peers[0]} is unreachable")
+            why = f"the destination libvirtd at {peers[0]} is unreachable"
+            plan.force_release(Release("no-destination", why))
         else:
             self.verdict.destination = dest.uri
         return dest
 
-    async def _wait_release(self, plan: HeldMigration, dest: Destination | None) -> str:
+    async def _wait_release(self, plan: HeldMigration, dest: Destination | None) -> Release:
         queue = dest.listen(self.domain, self.setup_at - 0.5) if dest is not None else None
         next_poll = time.monotonic() + self.settings.poll_s
         try:
@@ -302,7 +307,7 @@ class MigrationHold:
 
     # ------------------------------------------------------------------ step 4
 
-    async def release(self, reason: str) -> None:
+    async def release(self, reason: Release) -> None:
         """Put the caller's latest values back (idempotent); the record goes only then."""
         plan = self.plan
         if plan is None or self._restored:
@@ -314,14 +319,20 @@ class MigrationHold:
             if plan.status not in FINAL_STATES:
                 # the record stays: the service restores it when libvirtd answers again
                 self.verdict.notes.append(f"release failed ({exc}): left to recovery")
-                plan.released(time.monotonic(), reason)
+                self._released(plan, reason)
                 raise
             # the job is over: libvirt keeps nothing of ours on a finished migration
         self._restored = True
-        plan.released(time.monotonic(), reason)
+        self._released(plan, reason)
         self.verdict.caller_restored = {"speed_mibs": speed, "downtime_ms": downtime}
         if self.uuid:
             holdfile.remove(self.settings.state_dir, self.uuid)
+
+    def _released(self, plan: HeldMigration, reason: Release) -> None:
+        plan.released(time.monotonic(), reason)
+        self.verdict.release = reason.kind
+        self.verdict.released_why = reason.why
+        self.verdict.held_ms = plan.held_ms()
 
     async def _await_end(self, plan: HeldMigration) -> None:
         deadline = time.monotonic() + COMPLETION_WAIT_S
@@ -343,8 +354,7 @@ class MigrationHold:
     def _judge(self, plan: HeldMigration) -> None:
         v = self.verdict
         v.outcome = plan.verdict()
-        v.held_ms = plan.held_ms()
-        v.released_why = plan.release_reason
+        v.link_wait_ms = plan.link_wait_ms()
         v.relinks_after = plan.relinks_after
         v.connection_id_kept = {"seamless": True, "switch-host": False, "client-lost": False}.get(
             v.outcome
@@ -360,6 +370,7 @@ class MigrationHold:
         )
         if v.outcome in ("not-linked", "switch-host") and v.hold == "taint-free" and early:
             assert plan.switchover_at is not None
+            v.taint_free_failed = True
             v.notes.append(
                 f"the guest switched over {(plan.switchover_at - plan.started_at) * 1000:.0f} ms "
                 "into the hold, before the client linked: too little memory to move for a "
@@ -390,5 +401,5 @@ class MigrationHold:
             self.verdict.notes.append(str(exc))
             if self.plan is not None and not self._restored:
                 with contextlib.suppress(errors.SpiceLibvirtError):
-                    await self.release(f"error: {exc}")
+                    await self.release(Release("error", f"error: {exc}"))
         return self.verdict

@@ -20,6 +20,7 @@ the hold's speed is put back meanwhile, because the speed *is* the hold.
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal, get_args
 
 from spice_libvirt.libvirt.connection import GraphicsEvent, endpoint
 from spice_libvirt.libvirt.hold import DestinationLinks
@@ -34,6 +35,32 @@ HOLD_DOWNTIME_MS = 1
 FINAL_STATES = ("completed", "failed", "cancelled")
 #: QEMU states in which the switchover is under way (the guest is paused)
 SWITCHOVER_STATES = ("pre-switchover", "device", *FINAL_STATES)
+
+#: why a hold ended, in a few fixed words (the agent's ``releases_total{reason}`` label):
+#: ``linked`` the destination showed every channel; ``timeout`` the bound passed first;
+#: ``migration-ended`` the job ended during the hold; ``no-destination`` the destination
+#: could not be found or reached; ``no-contact`` nothing of the client reached the
+#: destination in time; ``stopping`` the agent stops; ``error`` a step failed;
+#: ``recovered`` a later agent undid a hold its predecessor left
+ReleaseKind = Literal[
+    "linked",
+    "timeout",
+    "migration-ended",
+    "no-destination",
+    "no-contact",
+    "stopping",
+    "error",
+    "recovered",
+]
+RELEASE_KINDS: tuple[ReleaseKind, ...] = get_args(ReleaseKind)
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    """Why a hold is released: the fixed ``kind`` and the operator's sentence ``why``."""
+
+    kind: ReleaseKind
+    why: str
 
 
 @dataclasses.dataclass
@@ -66,13 +93,13 @@ class HeldMigration:
     switchover_at: float | None = None
     completed_at: float | None = None
     released_at: float | None = None
-    release_reason: str = ""
+    release: Release | None = None
     linked_before_switchover: bool = False
     relinks_after: int = 0
     #: nothing of the client reached the destination in time (policy.first_contact_deadline)
     unreachable: bool = False
     notes: list[str] = dataclasses.field(default_factory=list)
-    _forced: str | None = None
+    _forced: Release | None = None
 
     def __post_init__(self) -> None:
         hosts = frozenset(endpoint(c)[0] for c in self.client_channels)
@@ -122,29 +149,32 @@ class HeldMigration:
             adjust = Adjustment(speed_mibs=HOLD_SPEED_MIBS)
         return adjust
 
-    def force_release(self, reason: str) -> None:
+    def force_release(self, release: Release) -> None:
         """Release at the next question, whatever the links say (destination unknown...)."""
         if self._forced is None:
-            self._forced = reason
+            self._forced = release
 
     # ---------------------------------------------------------------- decisions
 
-    def release_due(self, now: float) -> tuple[float | None, str | None]:
-        """``(None, reason)``: release now; ``(t, None)``: ask again at ``t`` at the latest."""
+    def release_due(self, now: float) -> tuple[float | None, Release | None]:
+        """``(None, release)``: release now; ``(t, None)``: ask again at ``t`` at the latest."""
         if self.released_at is not None:
             return None, None
         if self._forced is not None:
             return None, self._forced
         if self.status in FINAL_STATES:
-            return None, f"the migration ended ({self.status}) during the hold"
+            why = f"the migration ended ({self.status}) during the hold"
+            return None, Release("migration-ended", why)
         bound = self.started_at + self.hold_timeout_s
         if now >= bound:
-            return None, f"client not linked within the bound of {self.hold_timeout_s:.0f} s"
+            why = f"client not linked within the bound of {self.hold_timeout_s:.0f} s"
+            return None, Release("timeout", why)
         contact_by = first_contact_deadline(self.started_at)
         if not self.links.contacted():
             if now >= contact_by:
                 self.unreachable = True
-                return None, f"{NO_CONTACT} within {contact_by - self.started_at:.1f} s"
+                why = f"{NO_CONTACT} within {contact_by - self.started_at:.1f} s"
+                return None, Release("no-contact", why)
             bound = min(bound, contact_by)
         need = max(1, self.expected_channels)
         if self.links.complete(need):
@@ -152,16 +182,21 @@ class HeldMigration:
             last = self.links.last_initialize() or now
             point = release_point(last, rtt, self.margin_ms)
             if now >= point.at:
-                return None, (
+                return None, Release(
+                    "linked",
                     f"destination initialized {len(self.links.init_at)}/{need} channels "
-                    f"(+ RTT estimate {rtt * 1000:.0f} ms + margin {self.margin_ms:.0f} ms)"
+                    f"(+ RTT estimate {rtt * 1000:.0f} ms + margin {self.margin_ms:.0f} ms)",
                 )
             return min(point.at, bound), None
         return bound, None
 
-    def released(self, at: float, reason: str) -> None:
+    def released(self, at: float, release: Release) -> None:
         self.released_at = at
-        self.release_reason = reason
+        self.release = release
+
+    @property
+    def release_reason(self) -> str:
+        return self.release.why if self.release is not None else ""
 
     def settle_until(self) -> float | None:
         """After completion: until when a switch-host client would show up reconnecting
@@ -184,3 +219,13 @@ class HeldMigration:
         if self.released_at is None:
             return None
         return round((self.released_at - self.started_at) * 1000.0, 1)
+
+    def link_wait_ms(self) -> float | None:
+        """From the hold to the destination initializing the client's last channel, if it
+        did before the switchover (what the hold waited for); None when it did not."""
+        if not self.linked_before_switchover:
+            return None
+        last = self.links.last_initialize()
+        if last is None:
+            return None
+        return round(max(0.0, last - self.started_at) * 1000.0, 1)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from spice_libvirt.agent.plan import ReleaseKind
 from spice_libvirt.migration.verdict import AgentOutcome
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,9 @@ INFO = 6
 #: the verdict's outcomes (:func:`spice_libvirt.migration.verdict.agent_outcome`), and the
 #: agent's own: it stepped aside (``skipped``), or could not follow (``error``)
 AgentRecordOutcome = AgentOutcome | Literal["skipped", "error"]
+#: who held the migration: this agent, spice-libvirt's own controller (the agent stepped
+#: aside), or nobody (no client, another holder, or an error before the hold)
+HeldBy = Literal["agent", "controller", "none"]
 
 
 class AgentVerdict(BaseModel):
@@ -46,13 +50,20 @@ class AgentVerdict(BaseModel):
     clients: list[str] = Field(default_factory=list)
     channels: int = 0
     hold: Literal["taint-free", "qmp-throttle", "none"] = "none"
+    held_by: HeldBy = "none"
     held_ms: float | None = None
+    #: from the hold to the destination initializing the client's last channel
+    link_wait_ms: float | None = None
+    release: ReleaseKind | None = None
     released_why: str = ""
     caller_restored: dict[str, int] = Field(default_factory=dict)
     outcome: AgentRecordOutcome
     connection_id_kept: bool | None = None
     relinks_after: int = 0
     tainted: bool = False
+    #: held taint-free, the guest still switched over before its client linked (too
+    #: little memory to move at 1 MiB/s: only ``allow_taint`` holds it)
+    taint_free_failed: bool = False
     notes: list[str] = Field(default_factory=list)
 
     def line(self) -> str:
@@ -108,6 +119,8 @@ class AgentStatus(BaseModel):
     started_at: str
     connect: str
     connected: bool = False
+    #: where the Prometheus metrics are served (None: ``metrics = false``)
+    metrics_address: str | None = None
     holding: list[str] = Field(default_factory=list)
     destinations: list[str] = Field(default_factory=list)
     seen: int = 0

@@ -10,6 +10,9 @@ in a worker thread -- and it is never worse than no agent:
   undoes again whatever it could not release meanwhile;
 * a destination it cannot reach, or a client that never links, ends in a release within
   the bound; SIGTERM releases every hold before the agent exits.
+
+What it saw is counted for Prometheus (:mod:`spice_libvirt.agent.metrics`) unless
+``metrics = false``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_never, wait_ex
 from spice_libvirt import errors
 from spice_libvirt.agent import holdfile
 from spice_libvirt.agent.hold import MigrationHold
+from spice_libvirt.agent.metrics import AgentMetrics, MetricsServer
+from spice_libvirt.agent.plan import Release
 from spice_libvirt.agent.record import (
     AgentStatus,
     AgentVerdict,
@@ -89,6 +94,7 @@ class Agent:
         self.claims = ClaimClock()
         #: which connections to local SPICE ports linked a channel (renewed per connection)
         self.sources = SourceChannels()
+        self.metrics = AgentMetrics()
 
     # ------------------------------------------------------------ destinations
 
@@ -137,6 +143,8 @@ class Agent:
                 domain=record.domain,
                 uuid=record.uuid,
                 outcome="error",
+                held_by="agent",
+                release="recovered",
                 released_why=f"recovered after the agent lost its hold: {note}",
                 caller_restored={
                     "speed_mibs": record.speed_mibs,
@@ -204,6 +212,7 @@ class Agent:
             return
         self.status.seen += 1
         self._recent.append(verdict)
+        self.metrics.verdict(verdict)
         log.info("%s", verdict.line())
         journal_verdict(self.settings.journal_path, verdict)
         syslog_verdict(self.settings.syslog_socket, verdict)
@@ -214,19 +223,21 @@ class Agent:
         self.status.holding = sorted(h.domain for h in self.holds.values() if h.plan is not None)
         self.status.destinations = sorted(u for u, d in self.destinations.items() if d.alive)
         self.status.recent = list(self._recent)
+        self.metrics.state(connected=self.status.connected, holds=len(self.status.holding))
         write_status(self.settings.state_dir, self.status)
 
     async def release_all(self, reason: str) -> None:
         """Release every hold now (the agent stops); bounded."""
         holds = list(self.holds.values())
+        release = Release("stopping", reason)
         for hold in holds:
             if hold.plan is not None:
-                hold.plan.force_release(reason)
+                hold.plan.force_release(release)
         with contextlib.suppress(Exception):
             async with asyncio.timeout(STOP_GRACE_S):
                 for hold in holds:
                     with contextlib.suppress(errors.SpiceLibvirtError):
-                        await hold.release(reason)
+                        await hold.release(release)
 
     # ------------------------------------------------------------ the loop
 
@@ -278,14 +289,31 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         holdfile.ensure_dir(self.settings.state_dir)
-        with single_instance(self.settings.state_dir):
+        with single_instance(self.settings.state_dir), self._serve_metrics():
             await self._run(stop)
+
+    @contextlib.contextmanager
+    def _serve_metrics(self) -> Iterator[None]:
+        if not self.settings.metrics:
+            yield
+            return
+        server = MetricsServer(self.metrics.registry, self.settings.metrics_address)
+        self.status.metrics_address = server.address
+        log.info("agent: metrics on http://%s/metrics", server.address)
+        try:
+            yield
+        finally:
+            server.stop()
 
     async def _run(self, stop: asyncio.Event) -> None:
         self._publish()
+        connections = 0
         try:
             while not stop.is_set():
                 local = await self._connect()
+                connections += 1
+                if connections > 1:
+                    self.metrics.reconnected()
                 self.local = local
                 self._publish()
                 try:

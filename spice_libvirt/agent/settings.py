@@ -7,6 +7,7 @@ and the agent is a separate, long-running service with settings of its own.
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from spice_libvirt.errors import ConfigError
 
 DEFAULT_AGENT_CONFIG = Path("/etc/spice-libvirt/agent.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/spice-libvirt/agent")
+#: the metrics endpoint by default: loopback only (a fleet's Prometheus reaches it once
+#: ``metrics_address`` names the host's management address, or through a local relay)
+DEFAULT_METRICS_ADDRESS = "127.0.0.1:9474"
 
 
 class AgentSettings(BaseModel):
@@ -40,6 +44,9 @@ class AgentSettings(BaseModel):
       "" for none.
     * ``journal_path``: the SQLite journal the verdicts go to (``spice-libvirt journal``);
       None: the hook's journal (``config.toml``).
+    * ``metrics``, ``metrics_address``: serve Prometheus metrics
+      (:mod:`spice_libvirt.agent.metrics`) on ``IP:PORT`` (``[IPv6]:PORT``; port 0: any
+      free port, shown by ``agent status``); loopback by default.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -54,6 +61,14 @@ class AgentSettings(BaseModel):
     state_dir: Path = DEFAULT_STATE_DIR
     journal_path: Path | None = None
     syslog_socket: str = "/dev/log"
+    metrics: bool = True
+    metrics_address: str = DEFAULT_METRICS_ADDRESS
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _is_address(cls, value: str) -> str:
+        parse_address(value)
+        return value
 
     @field_validator("destination_uri")
     @classmethod
@@ -61,6 +76,32 @@ class AgentSettings(BaseModel):
         if "{peer}" not in value:
             raise ValueError("must contain {peer} (the destination's address)")
         return value
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); :class:`ValueError` says why not.
+
+    The host must be an IP address: a name could resolve to a wildcard or to another host
+    tomorrow, and where the agent listens must be what the operator wrote.
+    """
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"not HOST:PORT: {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"an IPv6 address goes in brackets: [{host}]:{port_text}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"not an IP address: {host!r} (in {address!r})") from None
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"not a port: {port_text!r} (in {address!r})")
+    return host, int(port_text)
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def load_agent_settings(path: Path | None, overrides: dict[str, object]) -> AgentSettings:

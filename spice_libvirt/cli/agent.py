@@ -17,7 +17,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from spice_libvirt.agent.settings import DEFAULT_AGENT_CONFIG, DEFAULT_STATE_DIR
+from spice_libvirt.agent.settings import (
+    DEFAULT_AGENT_CONFIG,
+    DEFAULT_METRICS_ADDRESS,
+    DEFAULT_STATE_DIR,
+)
 from spice_libvirt.exitcodes import ExitCode
 
 
@@ -69,6 +73,19 @@ def register(subparsers: Any) -> None:
     run.add_argument(
         "--journal", type=Path, metavar="FILE", help="journal file (default: the hook's)"
     )
+    run.add_argument(
+        "--metrics-address",
+        metavar="IP:PORT",
+        help=f"serve Prometheus metrics here ({DEFAULT_METRICS_ADDRESS}; [IPv6]:PORT; port 0: any)",
+    )
+    run.add_argument(
+        "--no-metrics",
+        dest="metrics",
+        action="store_const",
+        const=False,
+        default=None,
+        help="serve no metrics (as metrics = false in the settings)",
+    )
     run.set_defaults(handler=_run)
     unit = sub.add_parser("unit", help="print the systemd unit for this installation")
     unit.add_argument(
@@ -88,7 +105,7 @@ def _settings(args: argparse.Namespace) -> Any:
     from spice_libvirt.agent.settings import load_agent_settings
 
     overrides: dict[str, object] = {"state_dir": args.state_dir}
-    for key in ("connect", "destination_uri", "margin_ms"):
+    for key in ("connect", "destination_uri", "margin_ms", "metrics_address", "metrics"):
         overrides[key] = getattr(args, key, None)
     overrides["hold_timeout_s"] = getattr(args, "hold_timeout", None)
     overrides["journal_path"] = getattr(args, "journal", None)
@@ -154,6 +171,8 @@ def _status(args: argparse.Namespace) -> int:
         )
         print(f"  holding: {', '.join(data.get('holding') or []) or 'nothing'}")
         print(f"  destinations: {', '.join(data.get('destinations') or []) or 'none yet'}")
+        metrics = data.get("metrics_address")
+        print(f"  metrics: {f'http://{metrics}/metrics' if metrics else 'off'}")
         print(f"  migrations seen: {data.get('seen', 0)}")
         for verdict in data.get("recent") or []:
             print(
