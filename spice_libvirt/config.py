@@ -16,6 +16,7 @@ is flat TOML, for example::
     fail_closed = false
     hook_timeout_s = 1.5
     syslog_socket = "/dev/log"
+    metrics_textfile = "/var/lib/prometheus/node-exporter/spice_libvirt.prom"
 
 (``spice_libvirt/config.example.toml``, shipped in the package, says the same with a
 comment for each key.) A missing default file means "all defaults"; a missing file that was named explicitly, a
@@ -68,6 +69,7 @@ FIELDS = (
     "fail_closed",
     "hook_timeout_s",
     "syslog_socket",
+    "metrics_textfile",
 )
 #: The local syslog socket (journald's and rsyslog's); "" turns the log lines off.
 DEFAULT_SYSLOG_SOCKET = "/dev/log"
@@ -119,6 +121,8 @@ class Settings:
       (0 < s <= 2).
     * ``syslog_socket``: the AF_UNIX datagram socket that gets one line per hook call and
       per migration (default ``/dev/log``; ``""`` = none). An absent socket is skipped.
+    * ``metrics_textfile``: the node_exporter textfile-collector file (``*.prom``) that
+      ``migrate`` and ``evacuate`` add their outcomes to (default ``""``: none).
     """
 
     __slots__ = (
@@ -126,6 +130,7 @@ class Settings:
         "hook_timeout_s",
         "journal_file",
         "journal_max_rows",
+        "metrics_textfile",
         "spice_address",
         "syslog_socket",
     )
@@ -136,6 +141,7 @@ class Settings:
     fail_closed: bool
     hook_timeout_s: float
     syslog_socket: str
+    metrics_textfile: str
 
     def __init__(
         self,
@@ -145,6 +151,7 @@ class Settings:
         fail_closed: object = False,
         hook_timeout_s: object = 1.5,
         syslog_socket: object = DEFAULT_SYSLOG_SOCKET,
+        metrics_textfile: object = "",
     ) -> None:
         problems: list[tuple[str, str]] = []
         checks: tuple[tuple[str, str, Callable[[Any], Any], object], ...] = (
@@ -154,6 +161,7 @@ class Settings:
             ("fail_closed", "fail_closed", _boolean, fail_closed),
             ("hook_timeout_s", "hook_timeout_s", _timeout, hook_timeout_s),
             ("syslog_socket", "syslog_socket", _socket_path, syslog_socket),
+            ("metrics_textfile", "metrics_textfile", _textfile_path, metrics_textfile),
         )
         for key, slot, check, value in checks:
             try:
@@ -177,6 +185,7 @@ class Settings:
             self.fail_closed,
             self.hook_timeout_s,
             self.syslog_socket,
+            self.metrics_textfile,
         )
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -253,6 +262,16 @@ def _socket_path(value: object) -> str:
     if value == "":
         return ""
     return _absolute_path(value)
+
+
+def _textfile_path(value: object) -> str:
+    """An absolute path ending in ``.prom`` (node_exporter reads no other), or "" for none."""
+    if value == "":
+        return ""
+    path = _absolute_path(value)
+    if not path.endswith(".prom"):
+        raise ValueError(f"must end in .prom (node_exporter's textfile collector): {path!r}")
+    return path
 
 
 def _boolean(value: object) -> bool:

@@ -10,10 +10,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from spice_libvirt.cli import outcomes
 from spice_libvirt.exitcodes import exit_codes_epilog, for_evacuation
 from spice_libvirt.migration.progress import make_reporter
+
+if TYPE_CHECKING:
+    from spice_libvirt.libvirt.evacuate import DomainResult
 
 
 def register(subparsers: Any) -> None:
@@ -84,6 +88,7 @@ def _run(args: argparse.Namespace) -> int:
             reporter=reporter,
         )
     )
+    outcomes.record("evacuate", [_outcome(d, args.to) for d in report.domains])
     if args.json:
         print(report.model_dump_json(indent=1))
     else:
@@ -101,3 +106,15 @@ def _run(args: argparse.Namespace) -> int:
             + ", ".join(f"{k} {v}" for k, v in sorted(report.counts.items()))
         )
     return int(for_evacuation(report))
+
+
+def _outcome(result: DomainResult, destination: str) -> outcomes.Outcome:
+    """One domain of the evacuation, as the journal and the textfile keep it."""
+    if result.report is not None:
+        return outcomes.of_report(result.report, result.domain, destination)
+    return outcomes.Outcome(
+        domain=result.domain,
+        destination=destination,
+        outcome="error" if result.error else result.outcome,
+        reason=result.error or "",
+    )

@@ -15,9 +15,9 @@ import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from spice_libvirt.cli import migrate_libvirt
+from spice_libvirt.cli import migrate_libvirt, outcomes
 from spice_libvirt.cli.render import add_timeline_argument, print_report, save_timeline
-from spice_libvirt.errors import ConfigError
+from spice_libvirt.errors import ConfigError, SpiceLibvirtError
 from spice_libvirt.exitcodes import exit_codes_epilog, for_report
 from spice_libvirt.migration.progress import make_reporter
 from spice_libvirt.qemu.qmp import QMPConnection
@@ -178,7 +178,12 @@ def _migrate_qmp(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(f"migrate: {exc}") from exc
     reporter = make_reporter(quiet=args.json and not sys.stderr.isatty())
-    report = asyncio.run(migrate_qemu(request, reporter=reporter))
+    try:
+        report = asyncio.run(migrate_qemu(request, reporter=reporter))
+    except SpiceLibvirtError as exc:
+        outcomes.record("migrate", [outcomes.failed(args.qmp_src, args.migrate_uri, exc)])
+        raise
+    outcomes.record("migrate", [outcomes.of_report(report, args.qmp_src, args.migrate_uri)])
     print_report(report, args.json)
     save_timeline(report, args.timeline)
     return int(for_report(report))

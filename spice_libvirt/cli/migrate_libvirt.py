@@ -11,8 +11,9 @@ import asyncio
 import sys
 from typing import Any
 
+from spice_libvirt.cli import outcomes
 from spice_libvirt.cli.render import print_hold, print_report, save_timeline
-from spice_libvirt.errors import ConfigError
+from spice_libvirt.errors import ConfigError, SpiceLibvirtError
 from spice_libvirt.exitcodes import for_report
 from spice_libvirt.migration.progress import make_reporter
 
@@ -101,7 +102,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(f"migrate: {exc}") from exc
     reporter = make_reporter(quiet=args.json and not sys.stderr.isatty())
-    report = asyncio.run(migrate_libvirt(request, None, reporter))
+    try:
+        report = asyncio.run(migrate_libvirt(request, None, reporter))
+    except SpiceLibvirtError as exc:
+        outcomes.record("migrate", [outcomes.failed(args.domain, args.to, exc)])
+        raise
+    outcomes.record("migrate", [outcomes.of_report(report, report.domain, args.to)])
     print_report(report, args.json)
     if not args.json:
         print_hold(report)

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from typing import Any, Literal
 
     #: What produced an entry: libvirt's qemu hook or one of the VDSM hook adapters.
-    EntrySource = Literal["libvirt", "vdsm", "agent"]
+    EntrySource = Literal["libvirt", "vdsm", "agent", "controller"]
     #: How the invocation ended, from the hook's point of view.
     Outcome = Literal["ok", "rewritten", "error"]
 
@@ -82,7 +82,9 @@ class JournalEntry:
     * ``domain``, ``uuid``: ``<name>`` and ``<uuid>`` of the domain XML;
     * ``outcome``: 'ok', 'rewritten' or 'error'; ``detail``: what changed, or why it failed;
     * ``duration_ms``: time from hook start to the journal write; ``pid``;
-    * ``source``: 'libvirt', 'vdsm' or 'agent' (the host agent's verdicts); ``id``: the row id (None before it is recorded).
+    * ``source``: 'libvirt', 'vdsm', 'agent' (the host agent's verdicts) or 'controller'
+      (the CLI's ``migrate`` and ``evacuate``); ``id``: the row id (None before it is
+      recorded).
     """
 
     __slots__ = _COLUMN_NAMES
@@ -273,8 +275,11 @@ class Journal:
         except OSError as exc:
             raise HookError(f"journal {self.file}: cannot create: {exc.strerror or exc}") from exc
 
-    def entries(self, *, limit: int | None = 50, domain: str | None = None) -> list[JournalEntry]:
-        """Return the newest entries first (at most ``limit``; None for all).
+    def entries(
+        self, *, limit: int | None = 50, domain: str | None = None, since: float | None = None
+    ) -> list[JournalEntry]:
+        """Return the newest entries first (at most ``limit``; None for all; ``since``: only
+        rows at or after that UNIX time).
 
         A journal that does not exist yet is empty, not an error: the hook creates it on
         its first invocation, and reading must not create files as a side effect.
@@ -283,9 +288,15 @@ class Journal:
             return []
         query = f"SELECT {_COLUMNS} FROM invocations"
         params: list[object] = []
+        where: list[str] = []
         if domain is not None:
-            query += " WHERE domain = ? OR object = ?"
+            where.append("(domain = ? OR object = ?)")
             params += [domain, domain]
+        if since is not None:
+            where.append("ts >= ?")
+            params.append(since)
+        if where:
+            query += " WHERE " + " AND ".join(where)
         query += " ORDER BY id DESC"
         if limit is not None:
             query += " LIMIT ?"
