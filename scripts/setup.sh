@@ -28,6 +28,7 @@ PACKAGES=(
     qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc libc6-dev
     virt-viewer xvfb xauth tshark busybox-static cpio iproute2 seabios ipxe-qemu procps
     openssl xz-utils python3-venv python3-dev binutils ruby openssh-server openssh-client
+    prometheus prometheus-node-exporter
 )
 # the Vagrant lab (lab up --vagrant; its test runs in scripts/test.sh) unless opted out
 if [ "${SPICE_LIBVIRT_VAGRANT:-1}" != 0 ]; then

@@ -3,7 +3,9 @@ hypervisor runs it (its own libvirtd at ``qemu:///system``, the other host as it
 
 Its state directory and journal live in the host's own directory of the lab (its
 ``/var/lib/libvirt``, :data:`AGENT_DIR_INSIDE`), so ``lab status`` and the tests read them
-from the root namespace; its log is ``agent.log`` there.
+from the root namespace; its log is ``agent.log`` there. Its Prometheus metrics are served
+on the host's lab address (:data:`METRICS_PORT`), where a Prometheus inside either host
+reaches both agents; ``lab status`` lists that address.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from spice_libvirt.agent.record import read_status
 from spice_libvirt.errors import HookError, LabError
 from spice_libvirt.hook.journal import Journal
 from spice_libvirt_lab import netns
@@ -27,6 +30,8 @@ from spice_libvirt_lab.libvirt_state import HOSTS, HostName, LabProcess, LabStat
 #: namespace, where a lab directory under ``/run`` (the default) is hidden by the host's own
 #: ``/run``, so it is given the path it sees and the lab reads the same files from outside.
 AGENT_DIR_INSIDE = Path("/var/lib/libvirt/spice-libvirt-agent")
+#: the agents' metrics port on each host's lab address (the product's default port)
+METRICS_PORT = 9474
 
 
 def agent_dir(state: LabState, host: str) -> Path:
@@ -57,6 +62,8 @@ def agent_argv(
         str(AGENT_DIR_INSIDE),
         "--journal",
         str(AGENT_DIR_INSIDE / journal_path(state, host).name),
+        "--metrics-address",
+        f"{state.hosts[host].config.ip}:{METRICS_PORT}",
     ]
     for other in others:
         argv += ["--peer", f"qemu+tcp://{state.hosts[other].config.hostname}/system"]
@@ -134,8 +141,21 @@ def start_agents(state: LabState) -> None:
 
     for host in HOSTS:
         ref = start_agent(state, host)
-        process = LabProcess(where=host, what=ref.what, proc=ref, log=log_path(state, host))
+        process = LabProcess(
+            where=host,
+            what=ref.what,
+            proc=ref,
+            log=log_path(state, host),
+            address=metrics_address(state, host),
+        )
         libvirt_daemons.record(state, process)
+
+
+def metrics_address(state: LabState, host: str) -> str | None:
+    """Where the running agent of ``host`` serves its metrics, as it says (status file)."""
+    status = read_status(agent_dir(state, host)) or {}
+    address = status.get("metrics_address")
+    return address if isinstance(address, str) else None
 
 
 # ------------------------------------------------------------------ migrations by "someone else"

@@ -139,7 +139,8 @@ class LabProcess(BaseModel):
     log: Path | None = None
     #: a client: the domain it is connected to
     domain: str | None = None
-    #: where it listens or what it is connected to ("10.251.7.1:22", a SPICE URI)
+    #: where it listens or what it is connected to ("10.251.7.1:22" for an sshd, an agent's
+    #: metrics endpoint, a client's SPICE URI)
     address: str | None = None
 
 
