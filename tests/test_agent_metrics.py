@@ -186,6 +186,29 @@ def test_a_taken_port_is_one_clear_error() -> None:
             MetricsServer(AgentMetrics().registry, f"127.0.0.1:{port}")
 
 
+def test_an_agent_whose_address_is_taken_holds_on_without_metrics(tmp_path: Path) -> None:
+    """Holding matters more than counting: the agent runs on and says why it serves none."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        agent = Agent(AgentSettings(state_dir=tmp_path, metrics_address=f"127.0.0.1:{port}"))
+        with agent._serve_metrics():
+            assert agent.status.metrics_address is None
+            assert agent.status.problems == [
+                f"cannot serve metrics on 127.0.0.1:{port}: Address already in use"
+            ]
+    agent = Agent(AgentSettings(state_dir=tmp_path, metrics_address="127.0.0.1:0"))
+    with agent._serve_metrics():
+        address = agent.status.metrics_address
+        assert address is not None
+        assert "spice_libvirt_agent_up 0.0" in scrape(address)
+    off = Agent(AgentSettings(state_dir=tmp_path, metrics=False))
+    with off._serve_metrics():
+        assert off.status.metrics_address is None
+        assert off.status.problems == []
+
+
 def test_a_stopped_endpoint_listens_no_more() -> None:
     server = MetricsServer(AgentMetrics().registry, "127.0.0.1:0")
     host, port = parse_address(server.address)

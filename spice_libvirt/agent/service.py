@@ -95,6 +95,8 @@ class Agent:
         #: which connections to local SPICE ports linked a channel (renewed per connection)
         self.sources = SourceChannels()
         self.metrics = AgentMetrics()
+        #: problems that last as long as the agent (a metrics address it could not bind)
+        self._standing_problems: list[str] = []
 
     # ------------------------------------------------------------ destinations
 
@@ -134,7 +136,7 @@ class Agent:
     async def recover(self, local: Connection) -> None:
         """Undo the holds a previous agent (or this one, before libvirtd restarted) left."""
         records, problems = holdfile.pending(self.settings.state_dir)
-        self.status.problems = problems
+        self.status.problems = [*self._standing_problems, *problems]
         for record in records:
             if record.uuid in {h.uuid for h in self.holds.values()}:
                 continue
@@ -297,7 +299,16 @@ class Agent:
         if not self.settings.metrics:
             yield
             return
-        server = MetricsServer(self.metrics.registry, self.settings.metrics_address)
+        try:
+            server = MetricsServer(self.metrics.registry, self.settings.metrics_address)
+        except errors.AgentError as exc:
+            # holding matters more than counting: run on, say it (Prometheus sees the
+            # target down, ``agent status`` shows the problem)
+            log.error("agent: %s; running without metrics", exc)
+            self._standing_problems.append(str(exc))
+            self.status.problems = list(self._standing_problems)
+            yield
+            return
         self.status.metrics_address = server.address
         log.info("agent: metrics on http://%s/metrics", server.address)
         try:
