@@ -54,16 +54,17 @@ PROMETHEUS_PORT = 9090
 SEAMLESS_HELD = 'sum(spice_libvirt_agent_migrations_total{outcome="seamless",held_by="agent"})'
 
 
-def host_config(host: LibvirtHost) -> Path:
-    """The host's spice-libvirt configuration: the hook and the CLI journal to the agent's
-    journal file, so that one file holds the host's three writers."""
-    return host.state_dir / "spice-libvirt.toml"
+#: the hosts' spice-libvirt configuration, as the hook inside each host reads it
+IN_HOST_CONFIG = libvirt_agent.AGENT_DIR_INSIDE.parent / "spice-libvirt.toml"
 
 
 def install_hook(host: LibvirtHost) -> None:
-    journal = host.state_dir / "agent" / "journal.sqlite3"
-    host_config(host).write_text(f'journal_path = "{journal}"\n')
-    hook_install.install(host.etc_dir / "hooks", config=host_config(host))
+    """The hook journals to the agent's journal file: one file holds the host's writers
+    (the controller's rows join them when the CLI is pointed at it). Both files lie in the
+    host's own ``/var/lib/libvirt`` (``<state>/lib``), where the agent keeps its own."""
+    journal = libvirt_agent.AGENT_DIR_INSIDE / "journal.sqlite3"
+    (host.state_dir / "lib" / IN_HOST_CONFIG.name).write_text(f'journal_path = "{journal}"\n')
+    hook_install.install(host.etc_dir / "hooks", config=IN_HOST_CONFIG)
 
 
 @pytest.fixture(scope="module")
