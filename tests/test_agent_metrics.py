@@ -7,12 +7,13 @@ The lab scrape with a real Prometheus server is ``tests/test_metrics_lab.py``.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import subprocess
 import urllib.request
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -251,3 +252,46 @@ def test_loopback_by_default_and_the_command_line_places_or_stops_it(tmp_path: P
         args = build_parser().parse_args(["agent", "run", "--config", str(missing), *argv])
         settings = _settings(args)
         assert (settings.metrics, settings.metrics_address) == (on, address)
+
+
+class _InstantSkip:
+    """A hold that judges its migration at once (the agent stepping aside)."""
+
+    def __init__(self, settings: object, local: object, domain: str, *_: object) -> None:
+        self.domain = domain
+        self.plan = None
+        self.verdict = AgentVerdict(domain=domain, outcome="skipped", held_by="controller")
+        self.verdict.released_why = "held by spice-libvirt's own controller"
+
+    def status(self, status: str, at: float) -> None:
+        pass
+
+    async def run(self) -> AgentVerdict:
+        return self.verdict
+
+
+async def test_one_migration_is_one_verdict_however_many_events_follow_the_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A migration skipped at ``setup`` is not judged again at ``active``; the next
+    migration of the domain (a new ``setup``) is."""
+    from spice_libvirt.agent import service
+    from spice_libvirt.agent.watch import MigrationEvent
+
+    monkeypatch.setattr(service, "MigrationHold", _InstantSkip)
+    agent = Agent(AgentSettings(state_dir=tmp_path, journal_path=tmp_path / "j", syslog_socket=""))
+    local: Any = object()
+    stepped = {"outcome": "skipped", "held_by": "controller"}
+
+    async def events(*statuses: str) -> None:
+        for status in statuses:
+            agent._on_migration(local, MigrationEvent("vm", status, 0.0))
+            for _ in range(3):  # let the hold task finish and its callback run
+                await asyncio.sleep(0)
+
+    await events("setup", "active", "device", "completed")
+    assert value(agent.metrics, "spice_libvirt_agent_migrations_total", **stepped) == 1.0
+    await events("setup", "active", "completed")
+    assert value(agent.metrics, "spice_libvirt_agent_migrations_total", **stepped) == 2.0
+    await events("active")  # an agent that came up mid-migration still judges it
+    assert value(agent.metrics, "spice_libvirt_agent_migrations_total", **stepped) == 3.0

@@ -38,7 +38,7 @@ from spice_libvirt import errors
 from spice_libvirt.agent import holdfile
 from spice_libvirt.agent.hold import MigrationHold
 from spice_libvirt.agent.metrics import AgentMetrics, MetricsServer
-from spice_libvirt.agent.plan import Release
+from spice_libvirt.agent.plan import FINAL_STATES, Release
 from spice_libvirt.agent.record import (
     AgentStatus,
     AgentVerdict,
@@ -95,6 +95,9 @@ class Agent:
         #: which connections to local SPICE ports linked a channel (renewed per connection)
         self.sources = SourceChannels()
         self.metrics = AgentMetrics()
+        #: domains whose current migration has its verdict: QEMU's later ``active`` must
+        #: not start a second hold (and a second verdict) for a migration skipped at ``setup``
+        self._judged: set[str] = set()
         #: problems that last as long as the agent (a metrics address it could not bind)
         self._standing_problems: list[str] = []
 
@@ -178,6 +181,10 @@ class Agent:
         if hold is not None:
             hold.status(event.status, event.at)
             return
+        if event.status == "setup" or event.status in FINAL_STATES:
+            self._judged.discard(event.domain)  # a new migration, or this one's end
+        elif event.domain in self._judged:
+            return  # this migration has its verdict already (skipped, no client...)
         if event.status not in START_STATUSES:
             return
         hold = MigrationHold(
@@ -197,6 +204,7 @@ class Agent:
 
     def _done(self, hold: MigrationHold, task: asyncio.Task[AgentVerdict]) -> None:
         self.tasks.discard(task)
+        self._judged.add(hold.domain)
         if self.holds.get(hold.domain) is hold:
             del self.holds[hold.domain]
         if task.cancelled():
@@ -288,6 +296,7 @@ class Agent:
         for task in list(self.tasks):
             task.cancel()
         self.holds.clear()
+        self._judged.clear()
 
     async def run(self, stop: asyncio.Event) -> None:
         holdfile.ensure_dir(self.settings.state_dir)
