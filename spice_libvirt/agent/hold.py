@@ -107,6 +107,8 @@ class MigrationHold:
         self._pid = 0
         self._restored = False
         self._held_since = 0.0
+        #: when libvirt had taken the hold's speed and downtime (monotonic)
+        self._applied_at = 0.0
         #: the destination queue kept after the release, for reconnects after the switchover
         self._late: tuple[Destination, asyncio.Queue[GraphicsEvent]] | None = None
 
@@ -178,6 +180,7 @@ class MigrationHold:
         )
         self.plan = plan
         await self._set(HOLD_SPEED_MIBS, HOLD_DOWNTIME_MS)
+        self._applied_at = time.monotonic()
         self.verdict.hold = "taint-free"
         self.verdict.held_by = "agent"
         if self.settings.allow_taint:
@@ -370,6 +373,13 @@ class MigrationHold:
         )
         if v.outcome in ("not-linked", "switch-host") and v.hold == "taint-free" and early:
             assert plan.switchover_at is not None
+            if plan.switchover_at < self._applied_at:
+                v.notes.append(
+                    "the switchover came before the hold was in place "
+                    f"({(self._applied_at - self.setup_at) * 1000:.0f} ms after QEMU's setup): "
+                    "the agent was too late for this migration"
+                )
+                return
             v.taint_free_failed = True
             v.notes.append(
                 f"the guest switched over {(plan.switchover_at - plan.started_at) * 1000:.0f} ms "
