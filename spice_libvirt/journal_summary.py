@@ -102,33 +102,33 @@ def _number(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def _from_agent(entry: JournalEntry) -> Migration | None:
-    v = _detail(entry)
-    if v.get("held_by") == "controller":
-        return None
-    notes = [str(n) for n in v.get("notes") or []]
+def _judged_by(
+    entry: JournalEntry, writer: Writer, detail: dict[str, Any], reason: str
+) -> Migration:
+    """A migration an agent's verdict or a controller's row tells (the same keys)."""
     return Migration(
         at=entry.ts,
         domain=entry.domain or entry.object,
-        destination=str(v.get("destination") or "?"),
-        outcome=str(v.get("outcome") or entry.suboperation),
-        writer="agent",
-        held_ms=_number(v.get("held_ms")),
-        reason="; ".join(notes) or str(v.get("released_why") or ""),
+        destination=str(detail.get("destination") or "?"),
+        outcome=str(detail.get("outcome") or entry.suboperation),
+        writer=writer,
+        held_ms=_number(detail.get("held_ms")),
+        reason=reason,
     )
+
+
+def _from_agent(entry: JournalEntry) -> Migration | None:
+    verdict = _detail(entry)
+    if verdict.get("held_by") == "controller":
+        return None
+    notes = [str(n) for n in verdict.get("notes") or []]
+    reason = "; ".join(notes) or str(verdict.get("released_why") or "")
+    return _judged_by(entry, "agent", verdict, reason)
 
 
 def _from_controller(entry: JournalEntry) -> Migration:
-    d = _detail(entry)
-    return Migration(
-        at=entry.ts,
-        domain=entry.domain or entry.object,
-        destination=str(d.get("destination") or "?"),
-        outcome=str(d.get("outcome") or entry.suboperation),
-        writer="controller",
-        held_ms=_number(d.get("held_ms")),
-        reason=str(d.get("reason") or ""),
-    )
+    detail = _detail(entry)
+    return _judged_by(entry, "controller", detail, str(detail.get("reason") or ""))
 
 
 def _from_hook(entry: JournalEntry) -> Migration | None:
