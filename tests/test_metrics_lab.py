@@ -24,7 +24,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -36,14 +35,12 @@ import pytest
 from spice_libvirt.cli.textfile import parse
 from spice_libvirt.errors import LabError
 from spice_libvirt.hook import install as hook_install
-from spice_libvirt_lab import libvirt_agent, libvirt_lab, netns
+from spice_libvirt_lab import libvirt_agent, netns
 from spice_libvirt_lab.libvirt_host import LibvirtHost
 from spice_libvirt_lab.libvirt_state import LabState
-from tests.lab_marks import LIBVIRT_LAB
+from tests.rigs.libvirt_lab import cli_dir, lab_marks
 
 pytest.importorskip("libvirt")
-
-pytestmark = LIBVIRT_LAB
 
 RTT_MS = 150.0
 MIGRATIONS = 4
@@ -67,25 +64,15 @@ def install_hook(host: LibvirtHost) -> None:
     hook_install.install(host.etc_dir / "hooks", config=IN_HOST_CONFIG)
 
 
+pytestmark = lab_marks(
+    client_rtt_ms=RTT_MS, guest="linux", clients=True, agent=True, before_start=install_hook
+)
+
+
 @pytest.fixture(scope="module")
-def lab() -> Iterator[LabState]:
+def lab(shared_lab: LabState) -> LabState:
     assert PROMETHEUS is not None, "prometheus missing: bash scripts/setup.sh installs it"
-    top = Path(tempfile.mkdtemp(prefix="sl-"))
-    path = top / "libvirt"  # what `lab --dir TOP` names
-    try:
-        yield libvirt_lab.up(
-            path,
-            client_rtt_ms=RTT_MS,
-            guest="linux",
-            clients=True,
-            agent=True,
-            before_start=install_hook,
-        )
-    finally:
-        try:
-            assert libvirt_lab.down(path).leftovers == []
-        finally:
-            shutil.rmtree(top, ignore_errors=True)
+    return shared_lab
 
 
 def agent_addresses(lab: LabState) -> dict[str, str]:
@@ -203,7 +190,7 @@ def scrape_in(lab: LabState, address: str) -> str:
 
 def test_lab_status_names_each_agents_metrics_address(lab: LabState) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "spice_libvirt", "lab", "--dir", str(lab.lab_dir.parent),
+        [sys.executable, "-m", "spice_libvirt", "lab", "--dir", str(cli_dir(lab)),
          "status", "--json"],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
