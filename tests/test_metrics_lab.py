@@ -164,7 +164,7 @@ def client_paths(lab: LabState) -> list[str | None]:
 #: the bandwidth VDSM passes on every migration unless Engine says otherwise (MiB/s,
 #: ``migration_max_bandwidth``). Unlimited, the idle linux guest (most of its memory zero)
 #: crossed in about half a second, and under this machine's load (10-16 on 2 cores) the
-#: agent once held 20 ms after the switchover: its verdict says "too late" then.
+#: agent once held 20 ms after the switchover (its verdict notes when the hold came).
 CALLER_BANDWIDTH_MIBS = "52"
 
 
