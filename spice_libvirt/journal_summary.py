@@ -33,7 +33,16 @@ from pydantic import BaseModel
 from spice_libvirt.hook.journal import JournalEntry
 
 #: outcomes that judge a client's hand-over, worst first
-JUDGED = ("error", "failed", "cancelled", "not-linked", "switch-host", "semi-seamless", "seamless")
+JUDGED = (
+    "error",
+    "failed",
+    "client-lost",
+    "cancelled",
+    "not-linked",
+    "switch-host",
+    "semi-seamless",
+    "seamless",
+)
 #: outcomes without a client verdict, after every judged one
 UNJUDGED = ("incoming", "skipped", "no-client")
 #: how the destination of an incoming migration is named (this host's own journal)

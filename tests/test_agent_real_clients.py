@@ -88,4 +88,5 @@ def test_the_agent_plan_releases_despite_a_stranger() -> None:
     when, reason = plan.release_due(2.0)
     assert when is None
     assert reason is not None
-    assert reason.startswith("destination initialized 2/2")
+    assert reason.kind == "linked"
+    assert reason.why.startswith("destination initialized 2/2")

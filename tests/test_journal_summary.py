@@ -140,7 +140,15 @@ def test_reasons_come_from_notes_then_the_release_then_the_hook_detail() -> None
 
 
 def test_worst_outcome_orders_failures_before_fallbacks_before_unjudged() -> None:
-    order = ["error", "failed", "cancelled", "not-linked", "switch-host", "semi-seamless"]
+    order = [
+        "error",
+        "failed",
+        "client-lost",
+        "cancelled",
+        "not-linked",
+        "switch-host",
+        "semi-seamless",
+    ]
     for i, worst in enumerate(order):
         rows = [agent(1, "vm", "seamless"), hook(2, "vm")]
         rows += [agent(3 + j, "vm", o) for j, o in enumerate(order[i:])]
