@@ -34,7 +34,7 @@ from spice_libvirt.migration.evidence import Sessions, sessions_from_query_spice
 from spice_libvirt_lab import libvirt_lab, libvirt_tls
 from spice_libvirt_lab.libvirt_lab import LabState
 from spice_libvirt_lab.libvirt_migrate import lab_migrate
-from tests.rigs.libvirt_lab import LIBVIRT_LAB
+from tests.rigs.libvirt_lab import fresh_state, lab_marks
 from tests.rigs.viewer import (
     VIEWER_CHANNELS,
     RemoteViewer,
@@ -47,7 +47,9 @@ from tests.rigs.viewer import (
 
 pytest.importorskip("libvirt")
 
-pytestmark = LIBVIRT_LAB
+#: the secure TLS lab the set-up and client tests share (each starts and ends where the
+#: guest runs; the failure and mode tests build labs of their own)
+pytestmark = lab_marks(tls=True)
 
 
 def _state(lab: Path) -> LabState:
@@ -97,9 +99,11 @@ def _where(state: LabState) -> str:
 # --------------------------------------------------------------------------- set-up
 
 
-def test_tls_lab_is_set_up_as_a_manager_would(libvirt_lab_dir: Path) -> None:
+def test_tls_lab_is_set_up_as_a_manager_would(shared_lab: LabState) -> None:
     """Configuration only (fast): qemu.conf, certificates, graphics XML, QEMU's -spice."""
-    state = libvirt_lab.up(libvirt_lab_dir, tls=True)
+    state = fresh_state(shared_lab)
+    here = _where(state)
+    there = "B" if here == "A" else "A"
     assert state.tls is not None
     assert state.tls.mode == "secure"
     assert state.tls.subjects == {"A": "O=lab,CN=hostA", "B": "O=lab,CN=hostB"}
@@ -116,20 +120,21 @@ def test_tls_lab_is_set_up_as_a_manager_would(libvirt_lab_dir: Path) -> None:
         assert cert.subject.rfc4514_string() == f"CN=host{name},O=lab"  # RFC 4514 reverses
         assert cert.issuer == ca.subject
         assert not (cert_dir / "ca-key.pem").exists()  # the CA key stays with the "manager"
-    graphics = _graphics(state, "A")
+    graphics = _graphics(state, here)
     assert graphics.get("defaultMode") == "secure"
     assert (graphics.get("port"), graphics.get("tlsPort")) == ("5900", "5901")
-    argv = Path(f"/proc/{_qemu_pid(state, 'A')}/cmdline").read_bytes().split(b"\0")
+    argv = Path(f"/proc/{_qemu_pid(state, here)}/cmdline").read_bytes().split(b"\0")
     spice = argv[argv.index(b"-spice") + 1].decode().split(",")
     assert "tls-channel=default" in spice
     assert "tls-port=5901" in spice
-    endpoint = libvirt_lab.spice_endpoint(state, "A")
+    endpoint = libvirt_lab.spice_endpoint(state, here)  # type: ignore[arg-type]
     assert endpoint is not None
     assert endpoint.tls_port == 5901
-    assert endpoint.subject == "O=lab,CN=hostA"
+    assert endpoint.subject == f"O=lab,CN=host{here}"
     # a plain link is refused with NEED_SECURED: nothing of the guest in plain text
-    assert libvirt_tls.graphics_uri(state, "B") == (
-        f"spice://{state.hosts['B'].config.ip}:5900?tlsPort=5901&tlsSubject=O%3Dlab%2CCN%3DhostB"
+    ip = state.hosts[there].config.ip
+    assert libvirt_tls.graphics_uri(state, there) == (
+        f"spice://{ip}:5900?tlsPort=5901&tlsSubject=O%3Dlab%2CCN%3Dhost{there}"
     )
 
 
@@ -155,10 +160,11 @@ def test_mixed_mode_secures_only_some_channels(libvirt_lab_dir: Path) -> None:
 # --------------------------------------------------------------------------- clients
 
 
-def test_embedded_client_verifies_both_hosts_and_stays_on_tls(libvirt_lab_dir: Path) -> None:
-    libvirt_lab.up(libvirt_lab_dir, tls=True, client_rtt_ms=50)
-    for expected in ("B", "A"):
-        report = lab_migrate(libvirt_lab_dir)
+def test_embedded_client_verifies_both_hosts_and_stays_on_tls(shared_lab: LabState) -> None:
+    lab = shared_lab.lab_dir
+    libvirt_lab.set_client_rtt(lab, 50)
+    for expected in _there_and_back(shared_lab):
+        report = lab_migrate(lab)
         assert report.migration.status == "completed", report.notes
         assert report.outcome == "seamless", (report.outcome, report.notes)
         assert for_report(report) is ExitCode.OK
@@ -168,7 +174,13 @@ def test_embedded_client_verifies_both_hosts_and_stays_on_tls(libvirt_lab_dir: P
         assert client.kind == "embedded"
         assert (client.tls_before, client.tls_after) == (True, True)
         assert set(client.channels_after) >= {"main:0", "display:0", "inputs:0", "cursor:0"}
-        assert _where(_state(libvirt_lab_dir)) == expected
+        assert _where(fresh_state(shared_lab)) == expected
+
+
+def _there_and_back(lab: LabState) -> tuple[str, str]:
+    """The hosts a ping-pong visits, from where the guest runs now."""
+    here = _where(fresh_state(lab))
+    return ("B" if here == "A" else "A"), here
 
 
 def _secure_viewer(state: LabState, display: str, workdir: Path, name: str) -> RemoteViewer:
@@ -195,23 +207,25 @@ def _full_tls_session(state: LabState, host: str, viewer: RemoteViewer) -> int:
 
 
 def test_remote_viewer_all_secure_at_150ms_there_and_back(
-    libvirt_lab_dir: Path, x_server: XServer, lab_dir: Path
+    shared_lab: LabState, x_server: XServer, lab_dir: Path
 ) -> None:
-    state = libvirt_lab.up(libvirt_lab_dir, tls=True, client_rtt_ms=150)
+    libvirt_lab.set_client_rtt(shared_lab.lab_dir, 150)
+    there, here = _there_and_back(shared_lab)
+    state = fresh_state(shared_lab)
     viewer = _secure_viewer(state, x_server.display, lab_dir, "rv-lv-tls")
     try:
-        cid = _full_tls_session(state, "A", viewer)
-        assert _query_spice(state, "A")[cid].all_tls is True
-        for expected in ("B", "A"):
+        cid = _full_tls_session(state, here, viewer)
+        assert _query_spice(state, here)[cid].all_tls is True
+        for expected in (there, here):
             mark = len(viewer.log_text())
-            report = lab_migrate(libvirt_lab_dir, watch=False)
+            report = lab_migrate(shared_lab.lab_dir, watch=False)
             assert report.migration.status == "completed", report.notes
             assert report.outcome == "seamless", (report.outcome, report.notes)
             assert report.tls_downgraded is False
             [client] = report.clients
             assert client.connection_id_before == cid
             assert (client.tls_before, client.tls_after) == (True, True)
-            state = _state(libvirt_lab_dir)
+            state = fresh_state(shared_lab)
             assert _where(state) == expected
             # the oracle: QEMU where the VM runs, through libvirt's monitor passthrough
             sessions = _query_spice(state, expected)
