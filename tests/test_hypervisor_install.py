@@ -107,6 +107,7 @@ def test_every_wheel_is_hashed_and_checked_again_on_reuse(built: dict[str, objec
         wh.describe(copy)
 
 
+@pytest.mark.root  # a directory chowned to another user
 def test_wheelhouse_directory_must_be_private(tmp_path: Path) -> None:
     wh = _wheelhouse_module()
     shared = tmp_path / "shared"

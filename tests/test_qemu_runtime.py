@@ -49,7 +49,8 @@ def _values(argv: list[str], option: str) -> list[str]:
 # --------------------------------------------------------------------------- pure
 
 
-def test_argv_firmware_shape() -> None:
+def test_argv_firmware_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(guest_mod, "kvm_usable", lambda: True)  # the argv, not this host
     spec = QemuSpec(name="src", workdir=Path("/w"), spice_port=5930, accel="kvm")
     argv = qemu_argv(spec)
     assert argv[0] == "qemu-system-x86_64"
