@@ -233,7 +233,9 @@ def test_an_agent_killed_mid_hold_is_undone_by_the_next_one(shared_lab: LabState
     holds = libvirt_agent.agent_dir(shared_lab, src) / "holds"
     before = len(verdicts(shared_lab, src))
     result: dict[str, float] = {}
-    with stuck_client(shared_lab, src), agents(shared_lab) as refs:  # the hold lasts
+    # the hold from the start (bulk): the migration must still be held when the agent dies,
+    # whatever the switchover plan would have let run by then
+    with stuck_client(shared_lab, src), agents(shared_lab, ["--hold-mode", "bulk"]) as refs:
         migration = threading.Thread(
             target=lambda: result.update(wall=virsh_migrate(shared_lab, src, dst))
         )

@@ -8,11 +8,18 @@ The order matters and every step is bounded:
    :mod:`spice_libvirt.agent.trusted_qemu`, so an agent started after the client connected
    still knows every channel).
 2. Write the caller's speed and downtime down (:mod:`spice_libvirt.agent.holdfile`), *then*
-   hold (1 MiB/s, 1 ms) -- at QEMU's ``setup``, since libvirt sets its own parameters at the
-   start of its Perform phase and would overwrite an earlier hold.
-3. Find the destination (the source QEMU's migration connection) and wait there for every
-   channel to initialize, following the caller's own changes meanwhile; release at the
-   policy's release point, or at the bound, or at once when the destination is unknown.
+   hold -- at QEMU's ``setup``, since libvirt sets its own parameters at the start of its
+   Perform phase and would overwrite an earlier hold: the downtime limit at 1 ms, and the
+   speed as the switchover plan says (:mod:`spice_libvirt.migration.switchover`: the
+   caller's, or a pace that ends the first pass when the client is expected to be linked,
+   then 1 MiB/s as the end of the pass comes near; ``hold_mode = "bulk"``: 1 MiB/s at once).
+   The client's RTT, which says how long it will need, comes from the kernel
+   (:mod:`spice_libvirt.agent.tcpinfo`).
+3. Find the destination (the source QEMU's migration connection; for a tunnelled migration,
+   which has none, every peer the agent watches) and wait there for every channel to
+   initialize, sampling the progress and following the caller's own changes meanwhile;
+   release at the policy's release point, or at the bound, at once when the destination
+   is unknown, or when the caller switches to post-copy.
 4. Restore the caller's latest values, forget the record; wait for the end of the
    migration and a moment for reconnects; the verdict.
 """
@@ -28,15 +35,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from spice_libvirt import errors
-from spice_libvirt.agent import holdfile, procnet
-from spice_libvirt.agent.plan import (
-    FINAL_STATES,
-    HOLD_DOWNTIME_MS,
-    HOLD_SPEED_MIBS,
-    CallerValues,
-    HeldMigration,
-    Release,
-)
+from spice_libvirt.agent import holdfile, procnet, tcpinfo
+from spice_libvirt.agent.plan import FINAL_STATES, CallerValues, HeldMigration, Release
 from spice_libvirt.agent.record import AgentVerdict
 from spice_libvirt.agent.settings import AgentSettings
 from spice_libvirt.agent.trusted_qemu import expected_qemu, trusted_qemu_pid
@@ -45,6 +45,15 @@ from spice_libvirt.libvirt.claim import ClaimClock, read_claim
 from spice_libvirt.libvirt.connection import Connection, GraphicsEvent, require_libvirt
 from spice_libvirt.libvirt.errors import LibvirtOperationError, error_code
 from spice_libvirt.migration.policy import NO_CONTACT
+from spice_libvirt.migration.switchover import (
+    HOLD_DOWNTIME_MS,
+    HOLD_SPEED_MIBS,
+    GuestMemory,
+    Progress,
+    SpeedChange,
+    SwitchoverPlan,
+    expected_link_s,
+)
 
 #: how long after ``setup`` the migration connection may take to show in /proc
 PEER_LOOKUP_S = 1.0
@@ -57,6 +66,8 @@ class AlreadyHeld(errors.AgentError):
 
 
 FindDestination = Callable[[str], Awaitable[Destination | None]]
+#: every destination the agent watches (for a migration whose peer cannot be seen)
+KnownDestinations = Callable[[], Awaitable[list[Destination]]]
 
 
 def spice_ports(domain_xml: str) -> list[int]:
@@ -88,6 +99,7 @@ class MigrationHold:
         find_destination: FindDestination,
         claims: ClaimClock | None = None,
         sources: SourceChannels | None = None,
+        known_destinations: KnownDestinations | None = None,
     ) -> None:
         self.settings = settings
         #: when each domain's mark was first seen (the service keeps one for all holds)
@@ -98,6 +110,7 @@ class MigrationHold:
         self.domain = domain
         self.setup_at = setup_at
         self.find_destination = find_destination
+        self.known_destinations = known_destinations
         self.statuses: asyncio.Queue[tuple[str, float]] = asyncio.Queue()
         self.verdict = AgentVerdict(domain=domain, outcome="error")
         self.plan: HeldMigration | None = None
@@ -109,8 +122,14 @@ class MigrationHold:
         self._held_since = 0.0
         #: when libvirt had taken the hold's speed and downtime (monotonic)
         self._applied_at = 0.0
-        #: the destination queue kept after the release, for reconnects after the switchover
-        self._late: tuple[Destination, asyncio.Queue[GraphicsEvent]] | None = None
+        #: the destination queues kept after the release, for reconnects after the switchover
+        self._late: list[tuple[Destination, asyncio.Queue[GraphicsEvent]]] = []
+        #: the client's SPICE socket inodes (their RTT says how long it will need to link)
+        self._inodes: list[int] = []
+        #: the job's memory at eligibility (bytes; 0: unknown)
+        self._memory = 0
+        #: the caller's speed (MiB/s) and downtime (ms) as read at eligibility
+        self._caller_values = (0, 0)
 
     def status(self, status: str, at: float) -> None:
         """QEMU's MIGRATION event for this domain (from the service's dispatch)."""
@@ -122,34 +141,53 @@ class MigrationHold:
         """The client channels to hold for, or None (the verdict says why not)."""
         lv = require_libvirt()
         dom = self._dom = await self.local.lookup(self.domain)
-        self.uuid = self.verdict.uuid = await self.local.call(dom.UUIDString, "domain UUID")
-        try:
-            stats = await self.local.call(lambda: dom.jobStats(0), "job stats")
-        except LibvirtOperationError as exc:
-            if error_code(exc) == lv.VIR_ERR_OPERATION_UNSUPPORTED:
-                return None  # libvirt: "statistics are available only on the source host"
-            raise
+        # at once, not one after the other: a guest with little to move is across in
+        # less than 100 ms, and every step before the hold counts
+        uuid, stats, claim, xml, values = await asyncio.gather(
+            self.local.call(dom.UUIDString, "domain UUID"),
+            self._outgoing_stats(lv),
+            self.local.call(lambda: read_claim(dom), "read the hold mark"),
+            self.local.call(lambda: dom.XMLDesc(0), "domain XML"),
+            asyncio.gather(
+                self.local.call(lambda: dom.migrateGetMaxSpeed(0), "read max speed"),
+                self.local.call(lambda: dom.migrateGetMaxDowntime(0), "read downtime"),
+                return_exceptions=True,  # an incoming migration may refuse them: no matter
+            ),
+        )
+        self.uuid = self.verdict.uuid = uuid
+        if stats is None:
+            return None  # libvirt: "statistics are available only on the source host"
+        for value in values:
+            if isinstance(value, BaseException):
+                raise value
+        self._caller_values = (int(values[0]), int(values[1]))
         if stats.get("operation") != lv.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT:
             return None  # not libvirt's outgoing migration (a save, a dump...)
         self.verdict.job = f"outgoing migration (remaining {stats.get('memory_remaining', '?')} B)"
-        claim = await self.local.call(lambda: read_claim(dom), "read the hold mark")
+        self._memory = int(stats.get("memory_total") or stats.get("memory_remaining") or 0)
         holder = self.claims.holder(self.uuid or self.domain, claim, time.time())
         if holder is not None:
             self.verdict.outcome = "skipped"
             self.verdict.held_by = "controller"
             self.verdict.released_why = f"held by {holder} (spice-libvirt's own controller)"
             return None
-        xml = await self.local.call(lambda: dom.XMLDesc(0), "domain XML")
         ports = spice_ports(xml)
         # libvirt's record of the process, checked: its sockets decide what the agent does
         pid = self._pid = trusted_qemu_pid(expected_qemu(self.domain, xml))
-        established = procnet.spice_channels(procnet.snapshot(pid), ports) if ports else []
+        sockets = procnet.snapshot(pid)
+        established = procnet.spice_channels(sockets, ports) if ports else []
         channels, bare = self.sources.split(self.domain, established)
         if bare:  # a TCP connection that never linked is nobody to wait for
             self.verdict.notes.append(
                 f"not waited for: {len(bare)} connection(s) to the SPICE port that never "
                 f"linked a channel ({', '.join(bare[:3])})"
             )
+        linked = set(channels)
+        self._inodes = [
+            s.inode
+            for s in procnet.spice_sockets(sockets, ports)
+            if f"{s.remote}:{s.remote_port}" in linked
+        ]
         self.verdict.channels = len(channels)
         self.verdict.clients = sorted({c.rsplit(":", 1)[0] for c in channels})
         if not channels:
@@ -158,34 +196,87 @@ class MigrationHold:
             return None
         return channels
 
+    async def _outgoing_stats(self, lv: Any) -> dict[str, Any] | None:
+        """The job's statistics; None on the destination of a migration."""
+        dom = self._dom
+        try:
+            stats: dict[str, Any] = await self.local.call(lambda: dom.jobStats(0), "job stats")
+        except LibvirtOperationError as exc:
+            if error_code(exc) == lv.VIR_ERR_OPERATION_UNSUPPORTED:
+                return None
+            raise
+        return stats
+
     # ------------------------------------------------------------------ step 2
 
     async def _apply(self, channels: list[str]) -> HeldMigration:
-        dom = self._dom
-        speed = await self.local.call(lambda: dom.migrateGetMaxSpeed(0), "read max speed")
-        downtime = await self.local.call(lambda: dom.migrateGetMaxDowntime(0), "read downtime")
+        speed, downtime = self._caller_values
         if (speed, downtime) == (HOLD_SPEED_MIBS, HOLD_DOWNTIME_MS):
             # another holder (a second agent, an older controller) got there first: holding
             # again would "restore" its hold values and leave the migration crawling
             raise AlreadyHeld("the migration already runs at the hold's speed and downtime")
         self._held_since = time.time()
         self._write_record(CallerValues(int(speed), int(downtime)))
+        started = time.monotonic()
+        # held at once (a guest with little data is across in a fraction of a second); the
+        # plan below lifts the speed a moment later if the bulk may run meanwhile
+        await self._set(HOLD_SPEED_MIBS, HOLD_DOWNTIME_MS)
+        self._applied_at = time.monotonic()
+        self.verdict.reacted_ms = round((self._applied_at - self.setup_at) * 1000.0, 1)
         plan = HeldMigration(
             domain=self.domain,
-            started_at=time.monotonic(),
+            started_at=started,
             caller=CallerValues(int(speed), int(downtime)),
             client_channels=tuple(channels),
             hold_timeout_s=self.settings.hold_timeout_s,
             margin_ms=self.settings.margin_ms,
+            switchover=await self._speed_plan(int(speed)),
         )
         self.plan = plan
-        await self._set(HOLD_SPEED_MIBS, HOLD_DOWNTIME_MS)
-        self._applied_at = time.monotonic()
+        assert plan.switchover is not None
+        memory, total = await self._guest_memory()
+        change = plan.switchover.start(started, memory, total)
         self.verdict.hold = "taint-free"
         self.verdict.held_by = "agent"
-        if self.settings.allow_taint:
-            await self._qmp_throttle()
+        self.verdict.hold_mode = plan.switchover.mode
+        if change is None:
+            await self._set(int(speed), None)  # the bulk at the caller's own speed
+        elif change.speed_mibs != HOLD_SPEED_MIBS:
+            await self._set(change.speed_mibs, None)
+        else:
+            await self._hold_proper()
         return plan
+
+    async def _speed_plan(self, caller_speed: int) -> SwitchoverPlan:
+        """The switchover plan, with the link time the client's RTT implies."""
+        rtts = await asyncio.to_thread(tcpinfo.socket_rtts, self._inodes)
+        rtt = sorted(rtts.values())[len(rtts) // 2] if rtts else None
+        self.verdict.client_rtt_ms = round(rtt * 1000.0, 1) if rtt is not None else None
+        return SwitchoverPlan(
+            mode=self.settings.hold_mode,
+            caller_speed_mibs=caller_speed,
+            link_s=expected_link_s(rtt, self.settings.assumed_link_s),
+            guard_s=self.settings.switchover_guard_s,
+        )
+
+    async def _guest_memory(self) -> tuple[GuestMemory, int]:
+        """What the first pass has to move: the guest RAM's non-zero part (resident in the
+        source QEMU) and the device memory scanned after it; and the job's total."""
+        dom = self._dom
+        try:
+            ram = int(await self.local.call(dom.maxMemory, "domain memory")) * 1024
+        except errors.LibvirtError:
+            ram = 0
+        total = self._memory or ram
+        data = await asyncio.to_thread(procnet.guest_ram_resident, self._pid, ram) if ram else None
+        if data is not None:
+            self.verdict.notes.append(f"guest RAM resident: {data >> 20} of {ram >> 20} MiB")
+        return GuestMemory(data, max(0, total - ram) if ram else 0), total
+
+    async def _hold_proper(self) -> None:
+        """The speed is at the hold's now; with ``allow_taint`` QEMU's own throttle too."""
+        if self.settings.allow_taint and not self.verdict.tainted:
+            await self._qmp_throttle()
 
     async def _set(self, speed: int | None, downtime: int | None) -> None:
         dom = self._dom
@@ -207,7 +298,10 @@ class MigrationHold:
 
     # ------------------------------------------------------------------ step 3
 
-    async def _destination(self, plan: HeldMigration) -> Destination | None:
+    async def _destinations(self, plan: HeldMigration) -> list[Destination]:
+        """Where the client links: the destination of the QEMU's migration connection;
+        without one (a tunnelled migration goes through libvirtd), every watched peer --
+        only the real destination sees this domain's client link."""
         deadline = time.monotonic() + PEER_LOOKUP_S
         peers: list[str] = []
         while not peers and time.monotonic() < deadline:
@@ -218,20 +312,36 @@ class MigrationHold:
             if not peers:
                 await asyncio.sleep(0.05)
         if not peers:
-            why = "the destination could not be found (no migration connection)"
-            plan.force_release(Release("no-destination", why))
-            return None
+            known = await self.known_destinations() if self.known_destinations else []
+            if not known:
+                why = "the destination could not be found (no migration connection)"
+                plan.force_release(Release("no-destination", why))
+                return []
+            plan.notes.append(
+                "no migration connection of QEMU's own (tunnelled through libvirtd?): "
+                f"watching the {len(known)} known destination(s) for the client"
+            )
+            self.verdict.destination = ", ".join(d.uri for d in known)
+            return known
         dest = await self.find_destination(peers[0])
         if dest is None:
             why = f"the destination libvirtd at {peers[0]} is unreachable"
             plan.force_release(Release("no-destination", why))
-        else:
-            self.verdict.destination = dest.uri
-        return dest
+            return []
+        self.verdict.destination = dest.uri
+        return [dest]
 
-    async def _wait_release(self, plan: HeldMigration, dest: Destination | None) -> Release:
-        queue = dest.listen(self.domain, self.setup_at - 0.5) if dest is not None else None
+    async def _wait_release(self, plan: HeldMigration, dests: list[Destination]) -> Release:
+        queue: asyncio.Queue[GraphicsEvent] | None = None
+        if dests:
+            queue = asyncio.Queue()
+            for dest in dests:
+                self._late.append((dest, dest.listen(self.domain, self.setup_at - 0.5, queue)))
         next_poll = time.monotonic() + self.settings.poll_s
+        speed_plan = plan.switchover
+        next_sample = (
+            speed_plan.first_sample_at() if speed_plan and not speed_plan.holding else None
+        )
         try:
             while True:
                 now = time.monotonic()
@@ -239,15 +349,43 @@ class MigrationHold:
                 if reason is not None:
                     return reason
                 assert when is not None
+                if next_sample is not None and now >= next_sample:
+                    next_sample = await self._sample(plan, now - next_sample)
                 if now >= next_poll:
                     await self._follow_caller(plan)
                     next_poll = now + self.settings.poll_s
-                timeout = max(0.0, min(when, next_poll) - time.monotonic())
-                await self._next_input(plan, queue, timeout)
+                wake = min(when, next_poll, next_sample or when)
+                await self._next_input(plan, queue, max(0.0, wake - time.monotonic()))
         finally:
-            if dest is not None and queue is not None:
+            if queue is not None:
                 self._drain_into(plan, queue)
-                self._late = (dest, queue)
+
+    async def _sample(self, plan: HeldMigration, late: float) -> float | None:
+        """One look at the progress; the speed the plan asks for; when to look again.
+        ``late``: how far past its time the look began (a busy host's delay)."""
+        dom = self._dom
+        asked = time.monotonic()
+        try:
+            stats = await self.local.call(lambda: dom.jobStats(0), "job stats")
+        except errors.LibvirtError:
+            return time.monotonic() + self.settings.poll_s  # the job may be ending
+        sample = Progress(
+            at=time.monotonic(),
+            lag=max(0.0, late) + (time.monotonic() - asked),
+            remaining=int(stats.get("memory_remaining") or 0),
+            iteration=int(stats.get("memory_iteration") or 0),
+            sent_data=int(stats.get("memory_normal_bytes") or 0),
+        )
+        change, next_at = plan.progress(sample)
+        if change is not None:
+            await self._apply_change(change)
+        return next_at
+
+    async def _apply_change(self, change: SpeedChange) -> None:
+        with contextlib.suppress(errors.LibvirtError):  # the job may be over: the end decides
+            await self._set(change.speed_mibs, None)
+            if change.speed_mibs == HOLD_SPEED_MIBS:
+                await self._hold_proper()
 
     def _drain_into(self, plan: HeldMigration, queue: asyncio.Queue[GraphicsEvent]) -> None:
         while not queue.empty():
@@ -290,8 +428,7 @@ class MigrationHold:
         before = (plan.caller.speed_mibs, plan.caller.downtime_ms)
         adjust = plan.observe_values(int(speed), int(downtime))
         if adjust.speed_mibs is not None:
-            with contextlib.suppress(errors.LibvirtError):
-                await self._set(adjust.speed_mibs, None)
+            await self._apply_change(SpeedChange(adjust.speed_mibs, "the caller's change"))
         if (plan.caller.speed_mibs, plan.caller.downtime_ms) != before:
             self._write_record(plan.caller)
 
@@ -337,27 +474,46 @@ class MigrationHold:
         self.verdict.released_why = reason.why
         self.verdict.held_ms = plan.held_ms()
 
+    async def _note_auto_converge(self, plan: HeldMigration) -> None:
+        """A caller's auto-converge slows the guest's vCPUs while a migration does not
+        converge -- as a held one does not: say how far it had gone at the release."""
+        if plan.status in FINAL_STATES:
+            return
+        dom = self._dom
+        with contextlib.suppress(errors.LibvirtError):
+            stats = await self.local.call(lambda: dom.jobStats(0), "job stats")
+            throttle = int(stats.get("auto_converge_throttle") or 0)
+            if throttle > 0:
+                self.verdict.notes.append(
+                    f"auto-converge (the caller's) had throttled the guest's vCPUs by "
+                    f"{throttle} % when the hold was released"
+                )
+
     async def _await_end(self, plan: HeldMigration) -> None:
         deadline = time.monotonic() + COMPLETION_WAIT_S
         while plan.status not in FINAL_STATES and time.monotonic() < deadline:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):  # not wait_for: it can swallow a cancel
                     plan.migration_status(*await self.statuses.get())
-        if self._late is None:
+        if not self._late:
             return
-        dest, queue = self._late
+        queue = self._late[0][1]
         until = plan.settle_until()
         while until is not None and time.monotonic() < until:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(until - time.monotonic()):
                     plan.destination_event(await queue.get())
         self._drain_into(plan, queue)
-        dest.unlisten(self.domain, queue)  # also when the migration outlived the wait
+        for dest, listened in self._late:  # also when the migration outlived the wait
+            dest.unlisten(self.domain, listened)
 
     def _judge(self, plan: HeldMigration) -> None:
         v = self.verdict
         v.outcome = plan.verdict()
         v.link_wait_ms = plan.link_wait_ms()
+        v.held_ms = plan.held_ms()
+        v.throttled_ms = plan.throttled_ms()
+        v.samples = plan.switchover.samples if plan.switchover is not None else 0
         v.relinks_after = plan.relinks_after
         v.connection_id_kept = {"seamless": True, "switch-host": False, "client-lost": False}.get(
             v.outcome
@@ -368,10 +524,19 @@ class MigrationHold:
                 "(its session is gone)"
             )
         v.notes.extend(plan.notes)
+        if plan.switchover is not None:
+            v.notes.extend(plan.switchover.notes)
         early = plan.switchover_at is not None and plan.switchover_at < plan.started_at + (
             plan.hold_timeout_s
         )
-        if v.outcome in ("not-linked", "switch-host") and v.hold == "taint-free" and early:
+        if plan.postcopy_at is not None:
+            after = (plan.postcopy_at - plan.started_at) * 1000.0
+            v.notes.append(
+                f"the caller switched to post-copy {after:.0f} ms into the hold: the guest "
+                "moved then, and the client had "
+                + ("linked before" if plan.linked_before_switchover else "not linked yet")
+            )
+        elif v.outcome in ("not-linked", "switch-host") and v.hold == "taint-free" and early:
             assert plan.switchover_at is not None
             v.taint_free_failed = True
             v.notes.append(
@@ -402,9 +567,10 @@ class MigrationHold:
                 self.verdict.outcome = "skipped"
                 self.verdict.released_why = str(exc)
                 return self.verdict
-            dest = await self._destination(plan)
-            reason = await self._wait_release(plan, dest)
+            dests = await self._destinations(plan)
+            reason = await self._wait_release(plan, dests)
             await self.release(reason)
+            await self._note_auto_converge(plan)
             await self._await_end(plan)
             self._judge(plan)
         except (errors.SpiceLibvirtError, OSError) as exc:

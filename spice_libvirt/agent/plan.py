@@ -7,9 +7,15 @@ and why* (:meth:`HeldMigration.release_due`), and *what happened* (:meth:`verdic
 rule of the agent lives here, tested with made-up clocks in ``tests/test_agent_plan.py``.
 
 The hold itself is the taint-free one of ``host-agent.md``: libvirt's public
-``migrateSetMaxSpeed`` (1 MiB/s) and ``migrateSetMaxDowntime`` (1 ms). A guest with more
-non-zero memory than the client needs seconds at 1 MiB/s stays in its first pass; a
-near-empty guest (firmware only) cannot be held this way, and the verdict says so.
+``migrateSetMaxSpeed`` and ``migrateSetMaxDowntime``, paced by
+:class:`~spice_libvirt.migration.switchover.SwitchoverPlan`: the downtime limit at 1 ms from
+``setup``, the first pass at the caller's speed (or paced to end when the client is expected
+to be linked), and the speed at 1 MiB/s only as the end of the pass comes near. A guest with
+more non-zero memory than the client needs seconds at 1 MiB/s can be held this way; a
+near-empty guest (firmware only) cannot, and the verdict says so.
+
+A caller that switches to post-copy switches over when it says so: the hold is released
+at once (there is nothing left to hold), and the verdict says whether the client had linked.
 
 Callers are not fought: a caller that changes the downtime during the hold (VDSM steps it up
 over time) keeps its value, and the release restores the caller's *latest* values; a
@@ -25,27 +31,34 @@ from typing import Literal, get_args
 from spice_libvirt.libvirt.connection import GraphicsEvent, endpoint
 from spice_libvirt.libvirt.hold import DestinationLinks
 from spice_libvirt.migration.policy import NO_CONTACT, first_contact_deadline, release_point
+from spice_libvirt.migration.switchover import (
+    HOLD_DOWNTIME_MS,
+    HOLD_SPEED_MIBS,
+    Progress,
+    SpeedChange,
+    SwitchoverPlan,
+)
 from spice_libvirt.migration.verdict import AgentOutcome, agent_outcome
-
-#: the hold: libvirt's smallest speed (MiB/s) and downtime (ms)
-HOLD_SPEED_MIBS = 1
-HOLD_DOWNTIME_MS = 1
 
 #: QEMU migration states after which nothing can be held any more
 FINAL_STATES = ("completed", "failed", "cancelled")
-#: QEMU states in which the switchover is under way (the guest is paused)
-SWITCHOVER_STATES = ("pre-switchover", "device", *FINAL_STATES)
+#: QEMU's post-copy states: the guest already runs on the destination
+POSTCOPY_STATES = ("postcopy-active", "postcopy-paused", "postcopy-recover")
+#: QEMU states in which the switchover is under way (the guest is paused) or done
+SWITCHOVER_STATES = ("pre-switchover", "device", *POSTCOPY_STATES, *FINAL_STATES)
 
 #: why a hold ended, in a few fixed words (the agent's ``releases_total{reason}`` label):
 #: ``linked`` the destination showed every channel; ``timeout`` the bound passed first;
 #: ``migration-ended`` the job ended during the hold; ``no-destination`` the destination
 #: could not be found or reached; ``no-contact`` nothing of the client reached the
 #: destination in time; ``stopping`` the agent stops; ``error`` a step failed;
-#: ``recovered`` a later agent undid a hold its predecessor left
+#: ``recovered`` a later agent undid a hold its predecessor left; ``postcopy`` the caller
+#: switched to post-copy (the guest moved then)
 ReleaseKind = Literal[
     "linked",
     "timeout",
     "migration-ended",
+    "postcopy",
     "no-destination",
     "no-contact",
     "stopping",
@@ -95,10 +108,14 @@ class HeldMigration:
     released_at: float | None = None
     release: Release | None = None
     linked_before_switchover: bool = False
+    #: when the caller switched to post-copy (the guest moved then)
+    postcopy_at: float | None = None
     relinks_after: int = 0
     #: nothing of the client reached the destination in time (policy.first_contact_deadline)
     unreachable: bool = False
     notes: list[str] = dataclasses.field(default_factory=list)
+    #: the speed plan of the hold (None: the speed held at 1 MiB/s throughout)
+    switchover: SwitchoverPlan | None = None
     _forced: Release | None = None
 
     def __post_init__(self) -> None:
@@ -127,8 +144,16 @@ class HeldMigration:
         if status in SWITCHOVER_STATES and self.switchover_at is None:
             self.switchover_at = at
             self.linked_before_switchover = self.links.complete(max(1, self.expected_channels))
+        if status in POSTCOPY_STATES and self.postcopy_at is None:
+            self.postcopy_at = at
         if status in FINAL_STATES and self.completed_at is None:
             self.completed_at = at
+
+    def progress(self, sample: Progress) -> tuple[SpeedChange | None, float | None]:
+        """A progress sample during the hold: a speed to set now, and when to sample next."""
+        if self.switchover is None or self.released_at is not None:
+            return None, None
+        return self.switchover.observe(sample)
 
     def observe_values(self, speed_mibs: int, downtime_ms: int) -> Adjustment:
         """Speed and downtime read back during the hold; anything not ours is the caller's."""
@@ -138,6 +163,19 @@ class HeldMigration:
         if downtime_ms not in (HOLD_DOWNTIME_MS, self.caller.downtime_ms):
             self.notes.append(f"caller set downtime {downtime_ms} ms during the hold: kept")
             self.caller.downtime_ms = downtime_ms
+            if self.switchover is not None and not self.switchover.holding:
+                # QEMU switches over once what is left fits the caller's downtime at the
+                # speed it measures: the end of the pass is no longer the switchover
+                held = self.switchover.hold_now("the caller's downtime limit rules now")
+                return Adjustment(speed_mibs=held.speed_mibs)
+        plan = self.switchover
+        if plan is not None:
+            if plan.ours(speed_mibs) or speed_mibs == self.caller.speed_mibs:
+                return adjust
+            self.notes.append(f"caller set speed {speed_mibs} MiB/s during the hold: followed")
+            self.caller.speed_mibs = speed_mibs
+            change = plan.caller_speed(speed_mibs)
+            return Adjustment(speed_mibs=change.speed_mibs if change else None)
         # at or below the hold's speed is ours: libvirt reports a QMP throttle under 1 MiB/s
         # (allow_taint) as 0, and a caller never slows a migration below libvirt's floor
         if speed_mibs > HOLD_SPEED_MIBS:
@@ -165,6 +203,9 @@ class HeldMigration:
         if self.status in FINAL_STATES:
             why = f"the migration ended ({self.status}) during the hold"
             return None, Release("migration-ended", why)
+        if self.status in POSTCOPY_STATES:
+            why = "the caller switched to post-copy: the guest runs on the destination"
+            return None, Release("postcopy", why)
         bound = self.started_at + self.hold_timeout_s
         if now >= bound:
             why = f"client not linked within the bound of {self.hold_timeout_s:.0f} s"
@@ -216,6 +257,7 @@ class HeldMigration:
         )
 
     def held_ms(self) -> float | None:
+        """From ``setup`` to the release: the time the switchover was held back."""
         if self.released_at is None:
             return None
         return round((self.released_at - self.started_at) * 1000.0, 1)
@@ -229,3 +271,11 @@ class HeldMigration:
         if last is None:
             return None
         return round(max(0.0, last - self.started_at) * 1000.0, 1)
+
+    def throttled_ms(self) -> float | None:
+        """The part of it at the hold's speed (0: the client linked during the bulk)."""
+        if self.released_at is None:
+            return None
+        if self.switchover is None:
+            return self.held_ms()
+        return self.switchover.held_ms(self.released_at)

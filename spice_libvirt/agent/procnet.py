@@ -86,13 +86,16 @@ class ProcessSockets:
         return tuple(s for s in self.sockets if s.state == TCP_ESTABLISHED)
 
 
+def spice_sockets(sockets: ProcessSockets, spice_ports: Iterable[int]) -> list[TcpSocket]:
+    """The established connections on the SPICE ports: one per client channel."""
+    ports = set(spice_ports)
+    return [s for s in sockets.established if s.local_port in ports]
+
+
 def spice_channels(sockets: ProcessSockets, spice_ports: Iterable[int]) -> list[str]:
     """The SPICE channels open now, as ``address:port`` of the client end (one per channel,
     the same key libvirt's graphics events use)."""
-    ports = set(spice_ports)
-    return sorted(
-        f"{s.remote}:{s.remote_port}" for s in sockets.established if s.local_port in ports
-    )
+    return sorted(f"{s.remote}:{s.remote_port}" for s in spice_sockets(sockets, spice_ports))
 
 
 def migration_peers(sockets: ProcessSockets) -> list[str]:
@@ -128,3 +131,32 @@ def snapshot(pid: int, *, proc: Path = Path("/proc")) -> ProcessSockets:
     except OSError as exc:
         raise AgentError(f"cannot read the sockets of process {pid}: {exc}") from exc
     return ProcessSockets(pid, tuple(r for r in rows if r.inode in inodes))
+
+
+def parse_smaps_resident(text: str, size_bytes: int, slack: int = 4 << 20) -> int | None:
+    """The resident bytes of the mapping(s) of ``/proc/<pid>/smaps`` whose size is the
+    guest RAM's (``size_bytes`` up to ``slack`` more); None when there is none."""
+    resident: int | None = None
+    size = 0
+    for line in text.splitlines():
+        head = line.split(None, 1)[0] if line else ""
+        if "-" in head and not head.endswith(":"):
+            start, _, end = head.partition("-")
+            try:
+                size = int(end, 16) - int(start, 16)
+            except ValueError:
+                size = 0
+        elif head == "Rss:" and size_bytes <= size <= size_bytes + slack:
+            parts = line.split()
+            if len(parts) >= 2 and parts[1].isdigit():
+                resident = (resident or 0) + int(parts[1]) * 1024
+    return resident
+
+
+def guest_ram_resident(pid: int, ram_bytes: int, *, proc: Path = Path("/proc")) -> int | None:
+    """How much of the guest's RAM the QEMU process has resident: pages the guest never
+    touched are not, and are zero; a migration moves the rest as data. None: unknown."""
+    try:
+        return parse_smaps_resident((proc / str(pid) / "smaps").read_text(), ram_bytes)
+    except OSError:
+        return None

@@ -51,9 +51,22 @@ class AgentVerdict(BaseModel):
     channels: int = 0
     hold: Literal["taint-free", "qmp-throttle", "none"] = "none"
     held_by: HeldBy = "none"
+    #: ``switchover``: the bulk at the caller's speed, held near its end; ``bulk``: held
+    #: at 1 MiB/s from the start (``agent.settings.hold_mode``)
+    hold_mode: str | None = None
+    #: from QEMU's ``setup`` to the release: the time the switchover was held back
     held_ms: float | None = None
+    #: the part of it at the hold's speed, 1 MiB/s (0: the client linked during the bulk)
+    throttled_ms: float | None = None
     #: from the hold to the destination initializing the client's last channel
     link_wait_ms: float | None = None
+    #: the client's RTT as the kernel measured it on its SPICE connections
+    client_rtt_ms: float | None = None
+    #: from QEMU's ``setup`` event to the hold in force (ms): a guest with little to move
+    #: is across in well under 100 ms
+    reacted_ms: float | None = None
+    #: progress samples the switchover plan took (one libvirt call each)
+    samples: int = 0
     release: ReleaseKind | None = None
     released_why: str = ""
     caller_restored: dict[str, int] = Field(default_factory=dict)

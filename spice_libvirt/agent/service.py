@@ -129,6 +129,10 @@ class Agent:
         self._publish()
         return dest
 
+    async def known(self) -> list[Destination]:
+        """Every destination watched now (the configured peers, once subscribed)."""
+        return [d for d in self.destinations.values() if d.alive]
+
     async def _subscribe_peers(self) -> None:
         for uri in self.settings.peers:
             for address in sorted(_addresses(uri))[:1]:
@@ -161,9 +165,13 @@ class Agent:
     async def _restore(self, local: Connection, record: holdfile.HoldRecord) -> str:
         try:
             dom = await local.lookup(record.uuid)
+            active = bool(await local.call(dom.isActive, "domain state"))
         except errors.LibvirtError:
             holdfile.remove(self.settings.state_dir, record.uuid)
             return "the domain is no longer on this host (nothing to restore)"
+        if not active:  # migrated away (still defined here) or stopped: nothing is held
+            holdfile.remove(self.settings.state_dir, record.uuid)
+            return "the domain no longer runs on this host (nothing to restore)"
         try:
             await local.call(lambda: dom.migrateSetMaxSpeed(record.speed_mibs, 0), "restore speed")
             await local.call(
@@ -195,6 +203,7 @@ class Agent:
             self.destination,
             self.claims,
             self.sources,
+            self.known,
         )
         self.holds[event.domain] = hold
         task = asyncio.create_task(hold.run(), name=f"hold {event.domain}")

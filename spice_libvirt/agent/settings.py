@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from spice_libvirt.errors import ConfigError
+from spice_libvirt.migration.switchover import HoldMode
 
 DEFAULT_AGENT_CONFIG = Path("/etc/spice-libvirt/agent.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/spice-libvirt/agent")
@@ -37,6 +38,13 @@ class AgentSettings(BaseModel):
       0 ms held every remote-viewer run seamless, ``benchmarks/RESULTS-libvirt-margin.md``).
     * ``poll_s``: how often the speed and downtime are read back during a hold (a caller
       that changes them is followed, not fought).
+    * ``hold_mode``: ``switchover`` (the default) lets the first pass run at the caller's
+      speed while the client links and holds only as its end comes near
+      (:mod:`spice_libvirt.migration.switchover`); ``bulk`` holds at 1 MiB/s from the start.
+    * ``switchover_guard_s``: the hold goes on when the rest of the pass would be sent
+      within this long.
+    * ``assumed_link_s``: how long a client is assumed to take to link when the kernel does
+      not say its RTT.
     * ``allow_taint``: hold near-empty guests through the QMP passthrough too; off by
       default, since that taints the domain (``custom-monitor``).
     * ``state_dir``: holds written down before they are applied, and the status file.
@@ -57,6 +65,9 @@ class AgentSettings(BaseModel):
     hold_timeout_s: float = Field(default=15.0, gt=0.5, le=600.0)
     margin_ms: float = Field(default=0.0, ge=-1000.0, le=5000.0)
     poll_s: float = Field(default=0.2, ge=0.02, le=5.0)
+    hold_mode: HoldMode = "switchover"
+    switchover_guard_s: float = Field(default=0.4, ge=0.05, le=10.0)
+    assumed_link_s: float = Field(default=2.5, ge=0.1, le=60.0)
     allow_taint: bool = False
     state_dir: Path = DEFAULT_STATE_DIR
     journal_path: Path | None = None

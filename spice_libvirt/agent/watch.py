@@ -168,9 +168,12 @@ class Destination:
             for queue in self._listeners.get(event.domain, []):
                 queue.put_nowait(event)
 
-    def listen(self, domain: str, since: float) -> asyncio.Queue[GraphicsEvent]:
-        """``domain``'s events from ``since`` (monotonic) on, the earlier ones replayed."""
-        queue: asyncio.Queue[GraphicsEvent] = asyncio.Queue()
+    def listen(
+        self, domain: str, since: float, queue: asyncio.Queue[GraphicsEvent] | None = None
+    ) -> asyncio.Queue[GraphicsEvent]:
+        """``domain``'s events from ``since`` (monotonic) on, the earlier ones replayed, into
+        ``queue`` (a new one by default; several destinations may share one)."""
+        queue = queue if queue is not None else asyncio.Queue()
         for event in self._history:
             if event.domain == domain and event.at >= since:
                 queue.put_nowait(event)

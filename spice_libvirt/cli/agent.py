@@ -71,6 +71,12 @@ def register(subparsers: Any) -> None:
     run.add_argument("--hold-timeout", type=float, metavar="S", help="bound of every hold (15)")
     run.add_argument("--margin-ms", type=float, metavar="MS", help="release margin (0, measured)")
     run.add_argument(
+        "--hold-mode",
+        choices=("switchover", "bulk"),
+        help="switchover (default): the bulk at the caller's speed, held near its end; "
+        "bulk: 1 MiB/s from the start",
+    )
+    run.add_argument(
         "--journal", type=Path, metavar="FILE", help="journal file (default: the hook's)"
     )
     run.add_argument(
@@ -105,7 +111,14 @@ def _settings(args: argparse.Namespace) -> Any:
     from spice_libvirt.agent.settings import load_agent_settings
 
     overrides: dict[str, object] = {"state_dir": args.state_dir}
-    for key in ("connect", "destination_uri", "margin_ms", "metrics_address", "metrics"):
+    for key in (
+        "connect",
+        "destination_uri",
+        "margin_ms",
+        "metrics_address",
+        "metrics",
+        "hold_mode",
+    ):
         overrides[key] = getattr(args, key, None)
     overrides["hold_timeout_s"] = getattr(args, "hold_timeout", None)
     overrides["journal_path"] = getattr(args, "journal", None)
