@@ -235,6 +235,13 @@ def _add_inspection(sub: Any) -> None:
     guest.add_argument("--json", action="store_true", help="print one object per domain")
     guest.set_defaults(handler=_guest)
 
+    clients = sub.add_parser(
+        "clients",
+        help="libvirt lab with --domains: each domain's client's own verdicts, in order",
+    )
+    clients.add_argument("--json", action="store_true", help="print the verdicts as JSON")
+    clients.set_defaults(handler=_clients)
+
     purge = sub.add_parser("purge", help="libvirt lab: remove a lab whose state file is lost")
     purge.add_argument("prefix", help="its namespace prefix, e.g. slab1a2b3c")
     purge.add_argument("--json", action="store_true", help="print what was removed as JSON")
@@ -432,6 +439,10 @@ def _libvirt_only(args: argparse.Namespace, command: str) -> Path:
 
 def _rtt(args: argparse.Namespace) -> int:
     return command_libvirt.rtt(args, _libvirt_only(args, "rtt"))
+
+
+def _clients(args: argparse.Namespace) -> int:
+    return command_libvirt.clients(args, _libvirt_only(args, "clients"))
 
 
 def _evacuate(args: argparse.Namespace) -> int:

@@ -164,6 +164,27 @@ def evacuate(args: argparse.Namespace, path: Path) -> int:
     return int(for_evacuation(result.report))
 
 
+def clients(args: argparse.Namespace, path: Path) -> int:
+    """Per domain, its client's own verdicts in order; exit 10 when the lab has no client
+    or one of them is gone."""
+    from spice_libvirt_lab import libvirt_clients
+    from spice_libvirt_lab.libvirt_status import require_state
+
+    state = require_state(path)
+    result = libvirt_clients.report(state)
+    healthy = bool(result.domains) and all(h.alive for h in result.domains.values())
+    if args.json:
+        print(result.model_dump_json(indent=1))
+        return int(ExitCode.OK if healthy else ExitCode.LAB)
+    if not result.domains:
+        print(f"libvirt lab {state.id}: no clients (lab up --libvirt --domains N)")
+    for name, history in result.domains.items():
+        paths = ", ".join(v.path or "?" for v in history.verdicts) or "no migration yet"
+        alive = "alive" if history.alive else "GONE"
+        print(f"{name}: {paths} (client pid {history.pid} {alive})")
+    return int(ExitCode.OK if healthy else ExitCode.LAB)
+
+
 def rtt(args: argparse.Namespace, path: Path) -> int:
     """Measure (and with ``--set`` first change) the client's round-trip time."""
     from spice_libvirt_lab import libvirt_lab
