@@ -5,14 +5,19 @@ with memory to move; the firmware guest cannot be held that way, see README). Fo
 client RTT (set on the lab's delaying bridge) and each method, N migrations ping-pong:
 
 * ``plain``: ``virsh migrate --live --p2p`` (a caller that is not us), no agent;
-* ``agent``: the same ``virsh migrate``, with ``spice-libvirt agent run`` inside each host;
+* ``agent``: the same ``virsh migrate``, with ``spice-libvirt agent run`` inside each host
+  (its default hold: the switchover, not the bulk);
+* ``agent-bulk``: the same with ``--hold-mode bulk`` (1 MiB/s from the start, the hold
+  before the switchover hold existed);
 * ``controller``: our own ``spice-libvirt migrate`` (:func:`lab_migrate`), no agent.
 
 Each run has a *fresh* remote-viewer in the client namespace (a viewer that once fell back
 to switch-host refuses later seamless migrations); its ``SPICE_DEBUG`` log is the oracle.
 Wall time is the migrating caller's: the ``virsh`` process for plain and agent, the
-controller call for ours. "Held" is the agent's journal (``held_ms``) or the controller's
-report. "Tainted" counts runs after which the domain's log gained a ``custom-monitor`` line.
+controller call for ours. "Held" is the agent's journal (``held_ms``: setup to release;
+``throttled_ms``: the part at 1 MiB/s) or the controller's report. "Tainted" counts runs
+after which the domain's log gained a ``custom-monitor`` line. The methods alternate run by
+run, so they share the machine's load.
 
     .venv/bin/python benchmarks/bench_agent.py --rtts 0,50,150,300 --runs 10
 """
@@ -46,7 +51,9 @@ from spice_libvirt_lab.libvirt_state import LabState, save
 from spice_libvirt_lab.libvirt_status import set_client_rtt
 from tests.rigs.viewer import start_viewer, viewer_outcome, xvfb
 
-METHODS = ("plain", "agent", "controller")
+METHODS = ("plain", "agent", "agent-bulk", "controller")
+#: the agent's options per method
+AGENT_OPTIONS = {"agent": [], "agent-bulk": ["--hold-mode", "bulk"]}
 RESULTS_MD = Path(__file__).resolve().with_name("RESULTS-agent.md")
 
 
@@ -58,6 +65,8 @@ class Run(BaseModel):
     outcome: str | None = None
     wall_s: float | None = None
     held_ms: float | None = None
+    throttled_ms: float | None = None
+    client_rtt_ms: float | None = None
     agent_outcome: str | None = None
     released_why: str | None = None
     tainted: bool = False
@@ -74,6 +83,7 @@ class Cell(BaseModel):
     wall_median_s: float | None
     added_median_s: float | None = Field(description="median wall minus plain's median wall")
     held_median_ms: float | None
+    throttled_median_ms: float | None = None
     tainted: int
 
 
@@ -122,8 +132,13 @@ def _journal_count(state: LabState, host: str) -> int:
 
 
 @contextlib.contextmanager
-def _agents(state: LabState, on: bool) -> Iterator[None]:
-    refs = [libvirt_agent.start_agent(state, h) for h in ("A", "B")] if on else []
+def _agents(state: LabState, method: str) -> Iterator[None]:
+    options = AGENT_OPTIONS.get(method)
+    refs = (
+        [libvirt_agent.start_agent(state, h, options) for h in ("A", "B")]
+        if options is not None
+        else []
+    )
     try:
         yield
     finally:
@@ -165,10 +180,12 @@ def one_run(state: LabState, display: str, rtt: float, method: str, i: int) -> R
         while run.outcome is None and time.monotonic() < deadline:
             run.outcome = viewer_outcome(viewer.log_text()[mark:]).path
             time.sleep(0.1)
-        if method == "agent":
+        if method in AGENT_OPTIONS:
             verdict = _agent_verdict(state, src, journal_before)
             if verdict is not None:
                 run.held_ms = verdict.get("held_ms")
+                run.throttled_ms = verdict.get("throttled_ms")
+                run.client_rtt_ms = verdict.get("client_rtt_ms")
                 run.agent_outcome = verdict.get("outcome")
                 run.released_why = verdict.get("released_why")
     except Exception as exc:  # one bad run is a row, not the end of the benchmark
@@ -207,6 +224,9 @@ def cells(runs: list[Run]) -> list[Cell]:
                     if wall is None or plain is None
                     else round(wall - plain, 3),
                     held_median_ms=_median(held),
+                    throttled_median_ms=_median(
+                        [r.throttled_ms for r in mine if r.throttled_ms is not None]
+                    ),
                     tainted=sum(r.tainted for r in mine),
                 )
             )
@@ -215,13 +235,13 @@ def cells(runs: list[Run]) -> list[Cell]:
 
 def table(summary: Summary) -> str:
     lines = [
-        "| client RTT | method | seamless (remote-viewer's log) | wall (median) | added vs plain | held (median) | tainted runs |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "| client RTT | method | seamless (remote-viewer's log) | wall (median) | added vs plain | held (median) | at 1 MiB/s (median) | tainted runs |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for c in summary.cells:
         lines.append(
             f"| {c.rtt_ms:.0f} ms | {c.method} | {c.seamless}/{c.n} | {fmt(c.wall_median_s, ' s', 2)} "
-            f"| {fmt(c.added_median_s, ' s', 2)} | {fmt(c.held_median_ms, ' ms', 0)} | {c.tainted} |"
+            f"| {fmt(c.added_median_s, ' s', 2)} | {fmt(c.held_median_ms, ' ms', 0)} | {fmt(c.throttled_median_ms, ' ms', 0)} | {c.tainted} |"
         )
     m = summary.machine
     lines.append(
@@ -255,9 +275,9 @@ def main(argv: list[str] | None = None) -> int:
             display = xserver.display
             for rtt in rtts:
                 set_client_rtt(state.lab_dir, rtt)
-                for method in methods:
-                    with _agents(state, method == "agent"):
-                        for i in range(args.runs):
+                for i in range(args.runs):
+                    for method in methods:
+                        with _agents(state, method):
                             run = one_run(state, display, rtt, method, i)
                             runs.append(run)
                             print(
