@@ -10,6 +10,10 @@ to a file: :mod:`spice_libvirt_lab.qemu_process`), and measures on the host's cl
 * ``detect_s``: one bit of one page flipped through ``/proc/PID/mem`` -> the guest's report
   naming that page (a page chosen at random in the working set, ``--pass-ms`` apart).
 
+``--linux-kvm`` also boots the lab's ``linux`` guest under the nested KVM once per round and
+records how long it takes to print anything (``boot_s``) and ``GUEST-READY`` (``ready_s``),
+within ``--linux-timeout``: whether the lost-guest series can run under this machine's KVM.
+
     .venv/bin/python benchmarks/bench_memcheck.py --rounds 5
 """
 
@@ -50,6 +54,7 @@ Accel = Literal["tcg", "kvm"]
 
 
 class Round(BaseModel):
+    guest: str = "memcheck"
     accel: Accel
     index: int
     working_set_mib: int
@@ -81,6 +86,7 @@ class Summary(BaseModel):
     started_at: str
     argv: str
     cells: list[Cell]
+    linux_kvm: list[Round] = []
 
 
 async def _console_line(vm: QemuInstance, text: str, timeout: float) -> float:
@@ -144,10 +150,44 @@ async def one_round(
     return row
 
 
+async def linux_round(vms: QemuGroup, index: int, timeout: float) -> Round:
+    """The linux guest under KVM: seconds to its first console line and to GUEST-READY."""
+    state = source_state()
+    row = Round(
+        guest="linux",
+        accel="kvm",
+        index=index,
+        working_set_mib=0,
+        load_1m=round(os.getloadavg()[0], 2),
+        commit=state.commit,
+        dirty_tree=state.dirty,
+    )
+    started = time.monotonic()
+    vm = await vms(f"linux{index}", guest="linux", memory_mib=256, accel="kvm", timeout=60.0)
+    try:
+        deadline = started + timeout
+        while time.monotonic() < deadline and vm.is_running():
+            text = vm.serial_text()
+            if row.boot_s is None and text.strip():
+                row.boot_s = round(time.monotonic() - started, 3)
+            if "GUEST-READY" in text:
+                row.ready_s = round(time.monotonic() - started, 3)
+                break
+            await asyncio.sleep(0.5)
+        else:
+            row.error = f"no GUEST-READY within {timeout:.0f} s" + (
+                "" if row.boot_s else ", not a line on the console"
+            )
+    finally:
+        await vm.stop()
+    return row
+
+
 def cells(rows: list[Round]) -> list[Cell]:
     out = []
-    for accel, mib in sorted({(r.accel, r.working_set_mib) for r in rows}):
-        mine = [r for r in rows if (r.accel, r.working_set_mib) == (accel, mib)]
+    memcheck_rows = [r for r in rows if r.guest == "memcheck"]
+    for accel, mib in sorted({(r.accel, r.working_set_mib) for r in memcheck_rows}):
+        mine = [r for r in memcheck_rows if (r.accel, r.working_set_mib) == (accel, mib)]
 
         def dist(values: list[float | int | None]) -> Distribution:
             return distribution([float(v) for v in values if v is not None])
@@ -184,6 +224,12 @@ def table(summary: Summary) -> str:
             f"{span(c.ready_s, ' s', 2)} | {span(c.pass_ms, ' ms', 0)} | "
             f"{span(c.detect_s, ' s', 2)} |"
         )
+    for r in summary.linux_kvm:
+        ready = f"GUEST-READY after {r.ready_s} s" if r.ready_s else r.error
+        first = f"first console line after {r.boot_s} s" if r.boot_s else "no console line"
+        lines.append(
+            f"\nlinux guest under the nested KVM, round {r.index}: {first}; {ready} (load {r.load_1m})"
+        )
     m = summary.machine
     lines.append(
         f"\n{m.cpus} CPUs, load(1m) {m.load_avg_1m}; {m.versions.get('qemu', '')}; commit "
@@ -213,6 +259,10 @@ async def run(args: argparse.Namespace) -> list[Round]:
                         file=sys.stderr,
                         flush=True,
                     )
+                if args.linux_kvm:
+                    row = await linux_round(vms, index, args.linux_timeout)
+                    rows.append(row)
+                    print(f"linux kvm {index}: {row}", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return rows
@@ -225,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kvm-mib", type=int, default=1, help="KVM working set")
     parser.add_argument("--pass-ms", type=int, default=1000)
     parser.add_argument("--no-kvm", action="store_true", help="TCG only")
+    parser.add_argument("--linux-kvm", action="store_true", help="also boot linux under KVM")
+    parser.add_argument("--linux-timeout", type=float, default=600.0, help="s for linux")
     args = parser.parse_args(argv)
     started = dt.datetime.now(dt.UTC)
     rows = asyncio.run(run(args))
@@ -236,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         started_at=started.isoformat(),
         argv=" ".join(["bench_memcheck.py", *(argv if argv is not None else sys.argv[1:])]),
         cells=cells(rows),
+        linux_kvm=[r for r in rows if r.guest == "linux"],
     )
     return finish(
         "memcheck-guest",
