@@ -60,7 +60,7 @@ from spice_libvirt.libvirt.request import LibvirtMigrationRequest
 from spice_libvirt_lab import libvirt_agent, libvirt_lab
 from spice_libvirt_lab.libvirt_lab import GuestKind, LabState
 from spice_libvirt_lab.libvirt_migrate import lab_migrate
-from spice_libvirt_lab.libvirt_status import guest_accounts, serial_console
+from spice_libvirt_lab.libvirt_status import account_after_pass, guest_accounts, serial_console
 from spice_libvirt_lab.memcheck import GuestAccount, MemcheckOptions
 
 METHODS = ("plain", "qmp", "floor", "agent")
@@ -137,21 +137,6 @@ def account(state: LabState) -> GuestAccount:
     return only
 
 
-def wait_pass(state: LabState, before: GuestAccount, timeout: float) -> GuestAccount:
-    """The account once the guest finished a whole pass after the migration (or the last
-    one seen when it did not in ``timeout``: then it is not alive, or errors tell)."""
-    deadline = time.monotonic() + timeout
-    now = account(state)
-    while time.monotonic() < deadline:
-        now = account(state)
-        if now.errors or now.fault:
-            return now
-        if now.alive and (now.passes or 0) >= (before.passes or 0) + 2:
-            return now
-        time.sleep(0.25)
-    return now
-
-
 def running_on(state: LabState) -> str | None:
     with contextlib.suppress(Exception):
         return libvirt_agent.running_host(state)[0]
@@ -203,7 +188,7 @@ def migrate(state: LabState, method: str, row: Row) -> None:
 
 
 def check_memcheck(state: LabState, before: GuestAccount, row: Row, timeout: float) -> None:
-    after = wait_pass(state, before, timeout)
+    after = account_after_pass(state.lab_dir, before, timeout)
     row.alive = after.alive and (after.passes or 0) >= (before.passes or 0) + 2
     row.errors = after.errors
     row.passes_before, row.passes_after = before.passes, after.passes

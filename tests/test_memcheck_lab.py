@@ -10,14 +10,13 @@ the destination's console: alive, the same boot, a full pass since the migration
 from __future__ import annotations
 
 import subprocess
-import time
 
 import pytest
 
 from spice_libvirt_lab import libvirt_agent
 from spice_libvirt_lab.libvirt_lab import LabState
 from spice_libvirt_lab.libvirt_migrate import lab_migrate
-from spice_libvirt_lab.libvirt_status import guest_accounts
+from spice_libvirt_lab.libvirt_status import account_after_pass, guest_accounts
 from spice_libvirt_lab.memcheck import GuestAccount, MemcheckOptions
 from tests.rigs.libvirt_lab import lab_marks
 
@@ -39,15 +38,10 @@ def account(lab: LabState) -> GuestAccount:
 
 def checked_after(lab: LabState, before: GuestAccount, timeout: float = 60.0) -> GuestAccount:
     """The guest's account once it finished a whole pass on the destination."""
-    assert before.passes is not None
-    deadline = time.monotonic() + timeout
-    now = account(lab)
-    while time.monotonic() < deadline:
-        now = account(lab)
-        if now.alive and now.passes is not None and now.passes >= before.passes + 2:
-            return now
-        time.sleep(0.2)
-    raise AssertionError(f"the guest did not finish a pass after the migration: {now}")
+    after = account_after_pass(lab.lab_dir, before, timeout)
+    assert after.alive, f"the guest is not alive after the migration: {after}"
+    assert (after.passes or 0) >= (before.passes or 0) + 2, f"no whole pass since: {after}"
+    return after
 
 
 def assert_intact(before: GuestAccount, after: GuestAccount, destination: str) -> None:

@@ -54,7 +54,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -507,32 +507,53 @@ def _ensure(cache_dir: Path, *, force: bool, lock_timeout: float) -> GuestImages
         return images
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def cache_command(
+    argv: Sequence[str] | None,
+    *,
+    module: str,
+    what: str,
+    build: Callable[[Path | None, bool], BaseModel],
+    find: Callable[[Path | None], BaseModel | None],
+) -> int:
+    """``python -m MODULE build|show``: build (or find) a cached guest and print where it is,
+    or print the cached build without building (exit 1 when there is none, 10 on a lab
+    error). The linux guest's command line and the memcheck guest's."""
     parser = argparse.ArgumentParser(
-        prog="python -m spice_libvirt_lab.guest",
-        description="Build or show the cached Linux test guest of the spice-libvirt lab.",
+        prog=f"python -m {module}",
+        description=f"Build or show the cached {what} of the spice-libvirt lab.",
     )
     parser.add_argument("action", choices=("build", "show"))
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="default: %(prog)s cache")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="default: the guest cache")
     parser.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="spice-libvirt guest: %(message)s")
+    name = module.rsplit(".", 1)[-1]
+    logging.basicConfig(level=logging.WARNING, format=f"spice-libvirt {name}: %(message)s")
     try:
         if args.action == "build":
-            images = ensure_linux_guest(cache_dir=args.cache_dir, force=args.force)
+            built = build(args.cache_dir, args.force)
         else:
-            found = find_linux_guest(args.cache_dir)
+            found = find(args.cache_dir)
             if found is None:
-                print("no linux guest built yet", file=sys.stderr)
+                print(f"no {what} built yet", file=sys.stderr)
                 return 1
-            images = found
+            built = found
     except LabError as exc:
-        print(f"spice-libvirt guest: error: {exc}", file=sys.stderr)
+        print(f"spice-libvirt {name}: error: {exc}", file=sys.stderr)
         return 10
     if not args.quiet:
-        print(images.model_dump_json(indent=2))
+        print(built.model_dump_json(indent=2))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cache_command(
+        argv,
+        module="spice_libvirt_lab.guest",
+        what="linux test guest",
+        build=lambda cache_dir, force: ensure_linux_guest(cache_dir=cache_dir, force=force),
+        find=find_linux_guest,
+    )
 
 
 if __name__ == "__main__":

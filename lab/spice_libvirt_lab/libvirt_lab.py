@@ -207,11 +207,36 @@ def serial_log(state: LabState, host: HostName, domain: str | None = None) -> Pa
     return serial_console(state, host, domain or state.domain)
 
 
-def wait_memcheck_ready(state: LabState, host: HostName, domains: list[str]) -> None:
-    """Until every memcheck guest in ``domains`` has filled its working set on ``host``."""
-    deadline = time.monotonic() + MEMCHECK_READY_TIMEOUT
-    for name in domains:
-        memcheck.wait_ready(serial_log(state, host, name), max(1.0, deadline - time.monotonic()))
+def _start_on_a(state: LabState, xml: str, timeout: float) -> None:
+    """Define the lab's guest from ``xml`` on host A and start it."""
+    conn = state.host("A").open()
+    try:
+        dom = call_with_timeout(lambda: conn.defineXML(xml), timeout, "define the lab guest on A")
+        call_with_timeout(dom.create, timeout, "start the lab guest on A")
+    except errors.LabError:
+        raise
+    except Exception as exc:
+        raise libvirt_error(exc, "start the lab guest on A") from exc
+    finally:
+        conn.close()
+
+
+def _wait_ready(state: LabState, domains: list[str]) -> None:
+    """Until the guests in ``domains`` (on host A) can be used: linux printed GUEST-READY,
+    memcheck filled its working set; a firmware guest is ready as it runs."""
+    if state.guest == "linux":
+        console = serial_log(state, "A")
+        netns.wait_for(
+            lambda: "GUEST-READY" in console.read_text(errors="replace"),
+            timeout=LINUX_BOOT_TIMEOUT,
+            what=f"the linux guest to print GUEST-READY in {console}",
+            interval=0.2,
+        )
+    elif state.guest == "memcheck":
+        deadline = time.monotonic() + MEMCHECK_READY_TIMEOUT
+        for name in domains:
+            console = serial_log(state, "A", name)
+            memcheck.wait_ready(console, max(1.0, deadline - time.monotonic()))
 
 
 def _check_links(state: LabState) -> None:
@@ -312,7 +337,7 @@ def up(
             libvirt_daemons.start_sshds(state)
             libvirt_fleet.bring_up(state, domains, memory_mib, clients)
             if guest == "memcheck":
-                wait_memcheck_ready(state, "A", state.all_domains)
+                _wait_ready(state, state.all_domains)
                 state.timings.guest_ready_s = round(time.monotonic() - started, 3)
             if agent:
                 libvirt_agent.start_agents(state)
@@ -368,26 +393,11 @@ def _bring_up(
     warm_b = threading.Thread(target=conn_b.getDomainCapabilities, daemon=True)
     warm_b.start()
     state.domain_xml.write_text(xml)
-    conn = state.host("A").open()
-    try:
-        dom = call_with_timeout(lambda: conn.defineXML(xml), timeout, "define the lab guest on A")
-        call_with_timeout(dom.create, timeout, "start the lab guest on A")
-    except errors.LabError:
-        raise
-    except Exception as exc:
-        raise libvirt_error(exc, "start the lab guest on A") from exc
-    finally:
-        conn.close()
+    _start_on_a(state, xml, timeout)
     state.timings.domain_running_s = round(time.monotonic() - t0, 3)
     state.active_host = "A"
     if state.guest == "linux":
-        console = serial_log(state, "A")
-        netns.wait_for(
-            lambda: "GUEST-READY" in console.read_text(errors="replace"),
-            timeout=LINUX_BOOT_TIMEOUT,
-            what=f"the linux guest to print GUEST-READY in {console}",
-            interval=0.2,
-        )
+        _wait_ready(state, [state.domain])
         state.timings.guest_ready_s = round(time.monotonic() - t0, 3)
     warm_b.join(max(0.0, timeout - (time.monotonic() - t0)))
     conn_b.close()
@@ -618,29 +628,11 @@ def restart_guest(
             console = serial_log(state, host)
             for old in (console, *console.parent.glob(console.name + ".*")):
                 old.unlink(missing_ok=True)
-        conn = state.host("A").open()
-        try:
-            dom = call_with_timeout(lambda: conn.defineXML(xml), timeout, "define the guest on A")
-            call_with_timeout(dom.create, timeout, "start the guest on A")
-        except errors.LabError:
-            raise
-        except Exception as exc:
-            raise libvirt_error(exc, "start the guest on A") from exc
-        finally:
-            conn.close()
+        _start_on_a(state, xml, timeout)
         state.guest, state.memcheck, state.active_host = guest, options, "A"
         state.domain_xml.write_text(xml)
         save(state)
-        console = serial_log(state, "A")
-        if guest == "memcheck":
-            memcheck.wait_ready(console, MEMCHECK_READY_TIMEOUT)
-        elif guest == "linux":
-            netns.wait_for(
-                lambda: "GUEST-READY" in console.read_text(errors="replace"),
-                timeout=LINUX_BOOT_TIMEOUT,
-                what=f"the linux guest to print GUEST-READY in {console}",
-                interval=0.2,
-            )
+        _wait_ready(state, [state.domain])
         if any(c.domain == state.domain for c in state.clients):
             libvirt_fleet.restart_client(state, state.domain)
             save(state)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -201,6 +202,25 @@ def guest_accounts(lab_dir: Path | None = None) -> list[memcheck.GuestAccount]:
             console = max(written, key=lambda c: c.stat().st_mtime) if written else None
         accounts.append(memcheck.account(domain, host, console))
     return accounts
+
+
+def account_after_pass(
+    lab_dir: Path | None, before: memcheck.GuestAccount, timeout: float
+) -> memcheck.GuestAccount:
+    """The memcheck guest's account (of ``before``'s domain) once it has finished a whole
+    pass since ``before`` was taken -- two more passes counted, the one under way may have
+    started before -- or at once when it shows errors or a fault; after ``timeout`` the last
+    account seen (not alive, or without the passes: the caller tells)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = next(a for a in guest_accounts(lab_dir) if a.domain == before.domain)
+        if now.errors or now.fault:
+            return now
+        if now.alive and (now.passes or 0) >= (before.passes or 0) + 2:
+            return now
+        if time.monotonic() > deadline:
+            return now
+        time.sleep(0.25)
 
 
 def serial_console(state: LabState, host: HostName, domain: str) -> Path:

@@ -31,7 +31,6 @@ the image and prints where it is; ``... show`` prints the cached build without b
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import hashlib
@@ -521,31 +520,13 @@ def corrupt_page(pid: int, page: int, ram_mib: int, *, word: int = 100) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m spice_libvirt_lab.memcheck",
-        description="Build or show the cached memcheck test guest of the spice-libvirt lab.",
+    return guest_mod.cache_command(
+        argv,
+        module="spice_libvirt_lab.memcheck",
+        what="memcheck test guest",
+        build=lambda cache_dir, force: ensure_memcheck_guest(cache_dir=cache_dir, force=force),
+        find=find_memcheck_guest,
     )
-    parser.add_argument("action", choices=("build", "show"))
-    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="default: the guest cache")
-    parser.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="spice-libvirt memcheck: %(message)s")
-    try:
-        if args.action == "build":
-            image = ensure_memcheck_guest(cache_dir=args.cache_dir, force=args.force)
-        else:
-            found = find_memcheck_guest(args.cache_dir)
-            if found is None:
-                print("no memcheck guest built yet", file=sys.stderr)
-                return 1
-            image = found
-    except LabError as exc:
-        print(f"spice-libvirt memcheck: error: {exc}", file=sys.stderr)
-        return 10
-    if not args.quiet:
-        print(image.model_dump_json(indent=2))
-    return 0
 
 
 if __name__ == "__main__":
