@@ -154,6 +154,17 @@ class JournalEntry:
 object_setattr = object.__setattr__
 
 
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Undo the open transaction, if one is still open: what interrupted it (the hook's
+    deadline may fire after COMMIT went through) is the error to report, never a failed
+    ROLLBACK ("cannot rollback - no transaction is active")."""
+    if conn.in_transaction:
+        try:  # noqa: SIM105 - contextlib is not among the hook's imports
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+
 class Journal:
     """The journal file: one connection and one transaction per write.
 
@@ -227,7 +238,7 @@ class Journal:
             conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
 
     def record(self, entry: JournalEntry) -> int:
@@ -265,7 +276,7 @@ class Journal:
                     conn.execute("DELETE FROM invocations WHERE id <= ?", (new_id - self.max_rows,))
                     conn.execute("COMMIT")
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    _rollback(conn)
                     raise
                 return new_id
             finally:
