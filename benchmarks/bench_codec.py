@@ -3,7 +3,7 @@
 Why: the embedded client reads every message of every channel in Python. A migration
 under load (a port stream of 32-byte records, a busy display) must not make the client the
 bottleneck, so decoding should stay well above what spice-server sends a passive client
-(goal: >= 200 k messages/s decode on one core; issue 9 part 6: >= 1 M messages/s through
+(goal: >= 200 k messages/s decode on one core; >= 1 M messages/s through
 the full framing path, ``receive_data`` + ``next_event``, on this mix).
 
 The mix is what a passive client sees on a live session: mostly port records and display

@@ -1,6 +1,6 @@
 """A million hostile inputs through the sans-IO SPICE codec, with peak memory reported.
 
-Why: every byte the client reads comes from a server it may not trust (issue 8: a
+Why: every byte the client reads comes from a server it may not trust (a
 4-million-entry CHANNELS_LIST grew a probe to 3.6 GB). The codec must answer anything with
 its own :class:`RemoteProtocolError` (never another exception), and bounded input must
 mean bounded memory. Four kinds of input, mutated from valid messages or random:

@@ -3,7 +3,7 @@
 Why: libvirtd runs the ``qemu.d`` hook on every event of every domain (prepare, start,
 started, stopped, release, migrate, restore, reconnect...) and blocks the guest operation
 until it returns. A hook that costs many interpreter starts delays every VM operation on
-the host, and 16 of them at once on two cores delay each other. Goal (issue 9 part 5): one
+the host, and 16 of them at once on two cores delay each other. Goal: one
 call costs at most twice a bare ``python3 -I -c pass`` on the same machine.
 
 What runs, exactly as libvirtd runs it: the shim ``hook install`` writes (``/bin/sh`` execs

@@ -1,6 +1,6 @@
 """A busy guest under libvirt: the linux lab guest dirtying memory, migrated with the hold.
 
-Issue 9 part 4: the ``linux`` lab guest (``lab up --libvirt --guest linux``) is restarted on
+The ``linux`` lab guest (``lab up --libvirt --guest linux``) is restarted on
 host A with its in-guest memory dirtier on (``dirty_mb``/``dirty_ms`` on the kernel command
 line, what the QEMU lab's ``dirty_mb`` does), so every migration needs several passes; then N
 ping-pong migrations through the seamless controller with our embedded client in the

@@ -266,7 +266,7 @@ def _med(values: list[float | None]) -> str:
     return f"{statistics.median(vs):.2f} ({min(vs):.2f}-{max(vs):.2f})"
 
 
-#: issue 9's goal for the added wall time (remote-viewer), by client RTT in ms
+#: the goal for the added wall time (remote-viewer), by client RTT in ms
 ADDED_WALL_GOAL_S = {0.0: 0.1, 50.0: 0.3, 150.0: 0.6, 300.0: 1.2}
 
 

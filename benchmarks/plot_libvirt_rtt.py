@@ -4,7 +4,7 @@ Two charts against the client RTT, one line per method (plain vs ours), for one 
 
 * the **seamless rate** (share of runs the client's own oracle called seamless);
 * the **wall time** a user waits (median ``total_s``), and ours' added wall time over plain
-  with issue 9's goal drawn as a step.
+  with the added-wall goal drawn as a step.
 
     .venv/bin/python benchmarks/plot_libvirt_rtt.py benchmarks/results/libvirt-rtt.jsonl \\
         --out-dir benchmarks/results

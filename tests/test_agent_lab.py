@@ -1,4 +1,4 @@
-"""Issue 12 on real libvirtds: the host agent makes migrations that *others* start seamless.
+"""On real libvirtds: the host agent makes migrations that *others* start seamless.
 
 One two-host lab for the module (linux guest, client 300 ms away), an agent inside each host
 as a hypervisor runs it. Migrations are plain ``virsh migrate --live --p2p`` -- started by

@@ -1,4 +1,4 @@
-"""Issue 12's "done when", as an admin would do it: ``lab up --libvirt --agent --guest linux
+"""The host agent as an admin would try it: ``lab up --libvirt --agent --guest linux
 --client-rtt-ms 300``, remote-viewer in the client namespace, a plain ``virsh migrate --live
 --p2p`` started by hand -- seamless by remote-viewer's own log, no ``custom-monitor`` taint;
 ``lab status --json`` lists the agents, ``lab down`` stops them with everything else."""

@@ -1,4 +1,4 @@
-"""Only real clients hold a migration (issue 19, part 3): the unit half.
+"""Only real clients hold a migration: the unit half.
 
 A TCP connection to a SPICE port that never links a channel (no ticket, no link) is not a
 client: the agent does not wait for it on the source, and a half-open connection from

@@ -1,4 +1,4 @@
-"""The agent trusts only the QEMU libvirt started (issue 19, part 4).
+"""The agent trusts only the QEMU libvirt started.
 
 Against real processes: a QEMU started the way libvirt names it, and impostors planted
 beside it -- a process of an unprivileged user whose argv says ``guest=NAME``, a root

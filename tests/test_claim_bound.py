@@ -1,4 +1,4 @@
-"""A hold mark cannot exempt a domain from the host agent for good (issue 19, part 5).
+"""A hold mark cannot exempt a domain from the host agent for good.
 
 The controller marks a domain for :data:`CONTROLLER_CLAIM_S`; anyone who can write the
 domain's metadata can write a mark that says "until the year 3000". Such an expiry counts

@@ -1,4 +1,4 @@
-"""A client that cannot reach the destination, on the bare-QEMU path (issue 19, part 2).
+"""A client that cannot reach the destination, on the bare-QEMU path.
 
 The client is told a destination port whose SYNs go unanswered (a listener whose backlog is
 full and that never accepts: on loopback, what a firewall that drops packets looks like).

@@ -1,4 +1,4 @@
-"""``doctor`` says when libvirt's debug log would receive a SPICE ticket (issue 19, part 6).
+"""``doctor`` says when libvirt's debug log would receive a SPICE ticket.
 
 libvirt logs every monitor command in full at debug level, ``set_password`` -- and so a
 ticket extended through libvirt -- included; the lab test (``test_secrets_lab.py``) shows

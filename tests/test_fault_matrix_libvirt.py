@@ -76,7 +76,7 @@ def _check_left_clean(
 def test_interrupt_during_the_hold_leaves_no_job_and_no_throttle(
     shared_lab: LabState, sig: int
 ) -> None:
-    """Issue 8's bug: ``lab migrate`` interrupted while the job is held at 4 KiB/s."""
+    """``lab migrate`` interrupted while the job is held at 4 KiB/s."""
     domain, uris, source = _uris(shared_lab)
     before = _bandwidth_before(uris, domain, source)
     run = faults.run_cli_interrupted(
@@ -314,7 +314,7 @@ async def test_link_between_the_hosts_cut_mid_job(shared_lab: LabState) -> None:
 
 # --------------------------------------------------------------------------- a lossy client link
 
-#: issue 8's client link: 300 ms RTT (the lab's), 2 % loss and 20 ms jitter each way
+#: a poor client link: 300 ms RTT (the lab's), 2 % loss and 20 ms jitter each way
 LOSS_PCT, JITTER_MS, SEED = 2.0, 20.0, 8
 
 

@@ -1,4 +1,4 @@
-"""Issue 19 on real libvirtds: nobody can stretch a hold, and a client that cannot reach the
+"""On real libvirtds: nobody can stretch a hold, and a client that cannot reach the
 destination is named for what happened to it.
 
 One two-host lab for the module (linux guest: the agent's taint-free hold needs memory to

@@ -1,4 +1,4 @@
-"""Issue 11 part 2 on real libvirtds: a SPICE ticket with an expiry, as a manager sets it.
+"""On real libvirtds: a SPICE ticket with an expiry, as a manager sets it.
 
 ``lab up --libvirt --ticket-file F --ticket-valid-s N`` defines the guest with VDSM's
 placeholder (ticketing on, a ticket expired in 1970) and sets the real ticket through

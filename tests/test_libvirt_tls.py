@@ -1,4 +1,4 @@
-"""Issue 11 on real libvirtds: SPICE over TLS as a manager sets it up, in the two-host lab.
+"""On real libvirtds: SPICE over TLS as a manager sets it up, in the two-host lab.
 
 ``lab up --libvirt --tls``: a lab CA, per-host certificates (``O=lab,CN=hostA``), each host's
 qemu.conf with ``spice_tls = 1``, the guest's graphics in ``defaultMode='secure'`` (or, mixed,

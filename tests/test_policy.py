@@ -1,5 +1,5 @@
 """The pure decisions of ``migration/policy.py`` (and the libvirt preflight's pure parts),
-without QEMU or libvirt: grace, release point, hold choice, and the TLS target of issue 13."""
+without QEMU or libvirt: grace, release point, hold choice, and the TLS target (never a plain port for a TLS client)."""
 
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def test_one_channel_naming_reads_the_clients_form_too() -> None:
     assert parse_channel_name("usbredir:1") == (9, 1)
 
 
-# ------------------------------------------------------------------ TLS target (issue 13)
+# ------------------------------------------------------------------------------ TLS target
 
 
 def _clients(channels: Mapping[tuple[int, int], bool | None]) -> dict[int, SpiceSession]:

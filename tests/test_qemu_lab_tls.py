@@ -1,4 +1,4 @@
-"""Issue 13's "Done when", through the lab's own command line: ``lab up --tls``.
+"""TLS kept end to end, through the lab's own command line: ``lab up --tls``.
 
 * ``secure`` (the default of ``--tls``): both QEMUs run ``tls-channel=default``; remote-viewer
   (spice-gtk 0.42) with the lab CA, the host subject and ``--spice-secure-channels=all``

@@ -1,4 +1,4 @@
-"""Secrets never leak (issue 19, part 6), on a ticketed TLS lab, for real.
+"""Secrets never leak, on a ticketed TLS lab, for real.
 
 A SPICE ticket with an expiry, set through libvirt as a manager does; then everything of
 ours that handles it runs: the controller with ``--extend-ticket`` (report as JSON, a

@@ -147,7 +147,7 @@ async def test_need_secured_retries_on_tls_port(
 ) -> None:
     # a second -spice merges into the first: every channel must use TLS, so the plain port
     # answers NEED_SECURED: a plain-only client is told to add a tls-port; a client given
-    # one links over TLS from the start (the plain port is never tried first, issue 8)
+    # one links over TLS from the start (the plain port is never tried first)
     vm = await qemu_factory(
         "secured",
         tls_dir=tls_material.directory,

@@ -1,4 +1,4 @@
-"""The embedded client's one rule for failures: the first error wins (issue 19, part 1).
+"""The embedded client's one rule for failures: the first error wins.
 
 In-process, against the loopback stand-in server of :mod:`spice_libvirt_lab.fake_spice`:
 whatever breaks first is the error every wait raises, nothing after it is reported in its
@@ -77,7 +77,7 @@ async def test_init_then_oversized_list_is_one_error(
     servers: list[FakeSpiceServer], loop_errors: list[dict[str, Any]]
 ) -> None:
     """The issue's case: INIT, then a CHANNELS_LIST too big for MAIN in the same read. The
-    client used to report the follow-on ("cannot send ATTACH_CHANNELS in state error")
+    client must not report a follow-on ("cannot send ATTACH_CHANNELS in state error")
     and leave the real reason in an unretrieved future."""
     greeting = frame(INIT) + header_only(m.MainChannelsList.TYPE, 8_000_004) + bytes(4096)
     server = await _serve(servers, greeting=lambda k: greeting if k == MAIN_KEY else None)

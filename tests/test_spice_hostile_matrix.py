@@ -1,4 +1,4 @@
-"""The embedded client against a hostile server in every phase (issue 19, part 1).
+"""The embedded client against a hostile server in every phase.
 
 ``spice-libvirt watch`` -- the client as a user runs it -- against the matrix of
 :mod:`spice_libvirt_lab.hostile_matrix` (fake servers on loopback, named as stand-ins: a real

@@ -1,5 +1,5 @@
 """The whole client (not only the link) against a hostile loopback server that links MAIN
-properly and then floods (issue 8, part 3): a CHANNELS_LIST of 4 million entries, a huge
+properly and then floods: a CHANNELS_LIST of 4 million entries, a huge
 INIT, endless PINGs, a slow drip. The client must fail with its typed error, within its
 deadline, and stay far under ~200 MB (Python heap peak and process RSS are both checked)."""
 

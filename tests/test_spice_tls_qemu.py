@@ -1,4 +1,4 @@
-"""TLS is never downgraded (issue 8, part 4), against real QEMU with both a plain and a TLS
+"""TLS is never downgraded, against real QEMU with both a plain and a TLS
 port: once a CA or a tls-port is given, every link, pre-link and switch-host relink uses
 TLS, and the plain port is not tried first. ``query-spice`` is the judge: it says, per
 channel, whether the server sees TLS."""

@@ -1,4 +1,4 @@
-"""Issue 13 for real: a client on TLS stays on TLS through every migration of the QEMU lab.
+"""A client on TLS stays on TLS through every migration of the QEMU lab, for real.
 
 The oracle is not the verdict: after each migration ``query-spice`` on the side where the
 VM now runs must show every channel of the client with ``"tls": true``. Two real clients:
@@ -7,7 +7,7 @@ VM now runs must show every channel of the client with ``"tls": true``. Two real
   forth three times; then once more with the plain port offered on purpose -- our client
   never takes it, and the verdict must not cry wolf;
 * remote-viewer (spice-gtk 0.42) with ``--spice-secure-channels=all``, three times; then
-  the downgrade of issue 13 forced on purpose (``test_offer_plain_port``): spice-gtk links
+  the downgrade to plain text forced on purpose (``test_offer_plain_port``): spice-gtk links
   the destination in plain text, and the report must say ``tls_downgraded`` with the
   channels, not a success, exit code 11 -- checked against ``query-spice`` too.
 
@@ -78,7 +78,7 @@ def _assert_kept_on_tls(report: MigrationReport, cid: int, *, both_ports: bool =
     assert report.tls_downgraded is False
     assert report.tls_downgraded_channels == []
     assert for_report(report) is ExitCode.OK
-    # issue 13's fix: the TLS port only ("host:-/tls:N"), unless the destination refuses
+    # the TLS port only ("host:-/tls:N"), unless the destination refuses
     # plain text (then NEED_SECURED keeps the client on TLS)
     assert (":-/tls:" not in report.client_target) is both_ports, report.client_target
     [client] = report.clients
@@ -203,7 +203,7 @@ async def test_remote_viewer_all_secure_never_goes_plain_in_the_tls_lab(
     tls_lab: QemuLab, x_server: XServer, lab_dir: Path
 ) -> None:
     """The lab's destination accepts plain text. Forced to see the plain port (the bug of
-    issue 13), spice-gtk 0.42 goes plain, and the report says so with exit code 11. Told
+    the downgrade), spice-gtk 0.42 goes plain, and the report says so with exit code 11. Told
     the TLS port only (plain port 0), it pre-links on TLS and stays seamless."""
     state = tls_lab.load()
     assert state is not None

@@ -250,7 +250,7 @@ class QemuLab:
         ``secure`` (the default, as a production host runs) makes every channel refuse
         plain text (``tls-channel=default``), so a client on TLS is offered both ports,
         links the plain one, gets NEED_SECURED and stays on TLS -- seamless for spice-gtk
-        too (issue 13); ``mixed`` accepts plain links as well, the setup in which a client
+        too; ``mixed`` accepts plain links as well, the setup in which a client
         told the plain port would go plain.
         """
         memory = memory_mib or (256 if guest == "linux" else 128)

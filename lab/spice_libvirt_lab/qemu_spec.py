@@ -64,7 +64,7 @@ class QemuSpec(BaseModel):
     tls_dir: Path | None = None
     #: channels spice-server refuses in plain text (``-spice tls-channel=X``; "default" =
     #: every channel not named otherwise): a plain link to them gets NEED_SECURED, which is
-    #: what keeps a TLS client on TLS *and* lets spice-gtk pre-link (issue 13)
+    #: what keeps a TLS client on TLS *and* lets spice-gtk pre-link
     tls_channels: list[str] = Field(default_factory=list)
     #: None: ``disable-ticketing=on``; else ticketing on, password set over QMP after start
     password: str | None = None

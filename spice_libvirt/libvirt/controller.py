@@ -8,7 +8,7 @@ This controller keeps libvirt in charge of the migration (``migrateToURI3``, pee
 with the graphics URI) and only moves the *moment of switchover*; each step lives in its
 own module, as on the QEMU path::
 
-    preflight (.preflight; TLS check, issue 13) -> the client(s) on the source
+    preflight (.preflight; the TLS check) -> the client(s) on the source
       -> hold choice (migration.policy) -> migrateToURI3 at libvirt's floor
       -> hold until the client linked, release (.hold) -> completion
       -> the destination's sessions -> verdict (migration.verdict)

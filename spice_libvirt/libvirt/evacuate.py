@@ -50,7 +50,7 @@ class EvacuationReport(BaseModel):
     #: outcome -> number of domains
     counts: dict[str, int] = Field(default_factory=dict)
     all_seamless: bool = False
-    #: domains whose client lost TLS on some channel (issue 13): never counted seamless
+    #: domains whose client lost TLS on some channel: never counted seamless
     tls_downgraded: list[str] = Field(default_factory=list)
 
     def exit_code(self) -> ExitCode:

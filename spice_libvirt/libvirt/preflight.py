@@ -241,7 +241,7 @@ async def source_sessions(
 def check_tls(
     req: LibvirtMigrationRequest, clients: Sessions, xml: str, note: Callable[[str], None]
 ) -> str | None:
-    """Issue 13 on the libvirt path: the graphics URI to use, or a refusal.
+    """TLS never downgraded, on the libvirt path: the graphics URI to use, or a refusal.
 
     libvirt tells the client the destination's plain port from its migration cookie even
     when the graphics URI names none (``qemuMigrationSrcGraphicsRelocate`` keeps the

@@ -33,12 +33,12 @@ class LibvirtMigrationRequest(BaseModel):
     #: channel (negative: earlier, counting on the transfer that follows the release).
     #: Measured (RESULTS-libvirt-margin.md, remote-viewer, 0/150/300 ms): the smallest
     #: margin that would still have been seamless was at most -48 ms over 64 seamless runs
-    #: (median -124 ms), so 0 keeps >= 48 ms in hand in the worst run (was 100 ms, a guess)
+    #: (median -124 ms), so 0 keeps >= 48 ms in hand in the worst run
     release_margin_ms: float = Field(default=0.0, ge=-1000, le=10_000)
     #: after the embedded client's own answer has reached the source (sent + one-way delay):
     #: measured (RESULTS-libvirt-margin.md, embedded, 0/150/300 ms): the smallest margin
     #: that would still have been seamless was at most -37 ms over 30 runs, so 0 keeps
-    #: >= 37 ms in hand (was 50 ms, from an older release point)
+    #: >= 37 ms in hand
     embedded_margin_ms: float = Field(default=0.0, ge=0)
     #: abort (domain stays on the source) if the client does not link within hold_timeout
     require_seamless: bool = False
@@ -53,7 +53,7 @@ class LibvirtMigrationRequest(BaseModel):
     connect_timeout: float = Field(default=15.0, gt=0)
     call_timeout: float = Field(default=30.0, gt=0)
     #: a client on TLS whose channels the destination graphics would still accept in plain
-    #: text (issue 13): ``refuse`` raises PreflightError (nothing changed), ``warn`` migrates
+    #: text: ``refuse`` raises PreflightError (nothing changed), ``warn`` migrates
     #: and notes it. ``refuse`` by default -- a migration must never move a client from TLS
     #: to plain text, and libvirt offers the plain port from its cookie whatever the graphics
     #: URI says, so the domain's own graphics (defaultMode='secure') are the only real
@@ -62,7 +62,7 @@ class LibvirtMigrationRequest(BaseModel):
     #: a SPICE ticket with an expiry (``passwdValidTo``) that would run out before the client
     #: can link to the destination is refused in the preflight; with this set, it is
     #: extended instead to now + max(this, what the client needs), as VDSM extends it by
-    #: 120 s for a migration (issue 11). The ticket itself is kept; the report says so.
+    #: 120 s for a migration. The ticket itself is kept; the report says so.
     extend_ticket_s: float | None = Field(default=None, gt=0, le=86400)
 
     @property

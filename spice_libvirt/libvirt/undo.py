@@ -3,7 +3,7 @@ the domain runs.
 
 The hold makes the migration job crawl (4 KiB/s); a controller that stops caring about it
 -- Ctrl-C, SIGTERM, an error in the release -- would leave it crawling for hours with the
-domain paused on the destination (issue 8). So every exit path other than a clean
+domain paused on the destination. So every exit path other than a clean
 completion comes here: the job is aborted (or, if libvirt refuses because it is already
 switching over, released so it completes), its end awaited, QEMU's ``max-bandwidth`` put
 back if our passthrough throttle outlived the job, a source that libvirt left paused

@@ -5,7 +5,7 @@
 * **Release point** (libvirt path): when to release the held migration, and when a client
   that never reached the destination is given up on (:func:`first_contact_deadline`).
 * **Hold choice** (libvirt path): how to hold the switchover, if at all.
-* **TLS target** (both paths, issue 13): which ports a client may be told, so that a client
+* **TLS target** (both paths): which ports a client may be told, so that a client
   on TLS is never offered a plain port it would downgrade to.
 
 Each is tested without QEMU in ``tests/test_policy.py``; the controllers only gather the
@@ -106,7 +106,7 @@ def choose_hold(
     )
 
 
-# --------------------------------------------------------------------- TLS (issue 13)
+# --------------------------------------------------------------------------------- TLS
 
 TlsDowngradePolicy = Literal["warn", "refuse"]
 ChannelMode = Literal["any", "secure", "insecure"]
@@ -186,7 +186,7 @@ def tls_target(
       client retries on TLS (the only way spice-gtk 0.42 keeps TLS *and* pre-links);
     * every channel on TLS, the destination accepting plain (or unknown): the TLS port only
       (spice-gtk 0.42 links in plain text when it is told a plain port, even with
-      ``--spice-secure-channels=all``: issue 13);
+      ``--spice-secure-channels=all``);
     * mixed (some channels plain by the domain's choice): both ports, so each channel keeps
       its own security; a TLS channel the destination would accept in plain text is a risk
       left to the policy.

@@ -45,7 +45,7 @@ class ClientVerdict(SessionChange):
     #: TLS per channel (None: QMP did not say), before on the source, after where it went
     tls_channels_before: dict[str, bool | None] = Field(default_factory=dict)
     tls_channels_after: dict[str, bool | None] = Field(default_factory=dict)
-    #: channels on TLS before the migration and plain after it (issue 13: never allowed)
+    #: channels on TLS before the migration and plain after it (never allowed)
     tls_downgraded_channels: list[str] = Field(default_factory=list)
     #: how the path was established: "client-record" (embedded), "qmp" (events/queries)
     evidence: Literal["client-record", "qmp"] = "qmp"

@@ -18,7 +18,7 @@ rules are the same on both paths, so the same evidence always gives the same ver
   supports either path, so it is ``failed`` with a note -- never ``switch-host``;
 * the **guest stream** broke (gaps, duplicates): not seamless, whatever the protocol did;
 * **TLS** is compared channel by channel: any channel on TLS at the source and plain after
-  marks the report ``tls_downgraded`` and the migration is not a success (issue 13);
+  marks the report ``tls_downgraded`` and the migration is not a success;
 * a **new connection** on the destination after the client left the source, whose session
   has not linked yet (``reconnected``), is a switch-host too: spice-server can stall such a
   new main channel for ~10 s behind a stale pre-linked session (``rtt-seamless.md``).

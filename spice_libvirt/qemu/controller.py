@@ -1,6 +1,6 @@
 """The seamless migration controller for bare QEMU, over QMP: the flow, and only the flow.
 
-Why this exists (issue 3): ``client_migrate_info`` returns at once, and a small guest
+Why this exists: ``client_migrate_info`` returns at once, and a small guest
 migrates in tens of milliseconds. If QEMU finishes before the SPICE client has told the
 source "I linked every channel to the destination" (``MIGRATE_CONNECTED_SEAMLESS``),
 spice-server falls back to ``SWITCH_HOST``: the session is reset and in-flight data is
@@ -214,7 +214,7 @@ class QemuMigrationController(ControllerBase[MigrationRequest, MigrationReport])
             session.add(_parse_name(name), None)
 
     def _tls_target(self, run: _Run) -> TlsTarget:
-        """Which ports the client may be told, so that no TLS channel goes plain (issue 13)."""
+        """Which ports the client may be told, so that no TLS channel goes plain."""
         req = self.req
         target = tls_target(
             run.clients, req.client_port, req.client_tls_port, run.facts.destination_security

@@ -48,13 +48,13 @@ class MigrationRequest(BaseModel):
     #: PID of the source QEMU, to check ``seamless-migration=on`` in its command line;
     #: found through SO_PEERCRED when the source QMP is a local unix socket
     source_pid: int | None = None
-    #: a client on TLS that could end up in plain text (issue 13): ``refuse`` raises in the
+    #: a client on TLS that could end up in plain text: ``refuse`` raises in the
     #: preflight (nothing changed), ``warn`` migrates and notes it. ``refuse`` by default:
     #: a migration must never move a client from TLS to plain text, and the refusal says
     #: how to fix the cause; ``warn`` is the operator's explicit choice (e.g. an urgent
     #: evacuation). The verdict flags any downgrade that happens either way.
     tls_downgrade_policy: TlsDowngradePolicy = "refuse"
-    #: FOR TESTS ONLY: offer the plain port even to a client on TLS, reproducing issue 13
+    #: FOR TESTS ONLY: offer the plain port even to a client on TLS, reproducing the downgrade
     #: (the verdict must then report ``tls_downgraded``)
     test_offer_plain_port: bool = False
 

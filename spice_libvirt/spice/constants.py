@@ -109,7 +109,7 @@ NO_MIGRATE_DATA_CHANNELS = frozenset({ChannelType.CURSOR, ChannelType.PLAYBACK, 
 
 #: Most distinct (type, id) channels a client accepts from one CHANNELS_LIST. spice-server
 #: lists a handful (a VM with every device: ~12); a hostile list must not make us link, or
-#: even hold, thousands (issue 8: 4 million entries grew a probe to 3.6 GB).
+#: even hold, thousands (4 million entries grew a probe to 3.6 GB).
 MAX_CHANNELS = 256
 
 #: Largest main-channel message body accepted. Main messages are small (agent data is

@@ -107,7 +107,7 @@ class ClientOptions(BaseModel):
     def tls_configured(self) -> bool:
         """A CA file or a tls-port was given: every link and relink of the session uses TLS,
         and the plain port is never tried first (a downgrade an on-path attacker could force
-        by refusing the TLS port; issue 8)."""
+        by refusing the TLS port)."""
         return self.ca_file is not None or self.tls_port is not None
 
 

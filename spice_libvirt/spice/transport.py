@@ -42,7 +42,7 @@ SEND_STALL_STEP = 0.5
 
 #: The kinds of certificate failure, in every TLSVerificationError's text as "failed
 #: (<kind>)": a migration report can then say *why* the client would not link to a
-#: destination (issue 11), from the one line the client records.
+#: destination, from the one line the client records.
 TLS_SUBJECT_MISMATCH = "subject mismatch"
 TLS_UNKNOWN_CA = "not signed by a trusted CA"
 TLS_REJECTED = "certificate rejected"
