@@ -7,10 +7,11 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from pathlib import Path
 
 import pytest
 
-from spice_libvirt.agent import tcpinfo
+from spice_libvirt.agent import procnet, tcpinfo
 from spice_libvirt.agent.plan import CallerValues, HeldMigration
 from spice_libvirt.migration.switchover import (
     MIB,
@@ -259,3 +260,22 @@ def test_socket_rtts_asks_the_kernel() -> None:
             rtts = tcpinfo.socket_rtts([inode, 1])
     assert set(rtts) == {inode}
     assert 0 < rtts[inode] < 0.05
+
+
+def test_the_binary_dump_and_the_text_table_agree_on_this_process() -> None:
+    """``procnet.snapshot`` reads sock_diag (cheap); it must see what /proc/net/tcp shows."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        peer, _ = server.accept()
+        with client, peer:
+            fast = procnet.snapshot(os.getpid())
+            text = [
+                r
+                for table in ("tcp", "tcp6")
+                for r in procnet.parse_tcp_table(Path(f"/proc/self/net/{table}").read_text())
+                if r.inode in {s.inode for s in fast.sockets}
+            ]
+            port = server.getsockname()[1]
+    assert sorted(fast.sockets, key=lambda s: s.inode) == sorted(text, key=lambda s: s.inode)
+    assert port in fast.listening_ports
+    assert len(fast.established) == 2  # both ends of the connection are ours

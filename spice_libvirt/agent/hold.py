@@ -130,6 +130,8 @@ class MigrationHold:
         self._memory = 0
         #: the caller's speed (MiB/s) and downtime (ms) as read at eligibility
         self._caller_values = (0, 0)
+        #: where the source QEMU's own connections go, as read at eligibility
+        self._peers: list[str] = []
 
     def status(self, status: str, at: float) -> None:
         """QEMU's MIGRATION event for this domain (from the service's dispatch)."""
@@ -175,6 +177,8 @@ class MigrationHold:
         # libvirt's record of the process, checked: its sockets decide what the agent does
         pid = self._pid = trusted_qemu_pid(expected_qemu(self.domain, xml))
         sockets = procnet.snapshot(pid)
+        # the migration connection is often up already: no second read of the table then
+        self._peers = procnet.migration_peers(sockets)
         established = procnet.spice_channels(sockets, ports) if ports else []
         channels, bare = self.sources.split(self.domain, established)
         if bare:  # a TCP connection that never linked is nobody to wait for
@@ -235,6 +239,8 @@ class MigrationHold:
         self.plan = plan
         assert plan.switchover is not None
         memory, total = await self._guest_memory()
+        # how long this host took to answer QEMU's setup is how late its looks will come
+        plan.switchover.lag = max(0.0, self._applied_at - self.setup_at)
         change = plan.switchover.start(started, memory, total)
         self.verdict.hold = "taint-free"
         self.verdict.held_by = "agent"
@@ -303,14 +309,14 @@ class MigrationHold:
         without one (a tunnelled migration goes through libvirtd), every watched peer --
         only the real destination sees this domain's client link."""
         deadline = time.monotonic() + PEER_LOOKUP_S
-        peers: list[str] = []
+        peers: list[str] = self._peers
         while not peers and time.monotonic() < deadline:
             try:
                 peers = procnet.migration_peers(procnet.snapshot(self._pid))
             except errors.AgentError:
                 break
-            if not peers:
-                await asyncio.sleep(0.05)
+            if not peers:  # each read of the kernel's table costs: not too often
+                await asyncio.sleep(0.1)
         if not peers:
             known = await self.known_destinations() if self.known_destinations else []
             if not known:

@@ -64,7 +64,7 @@ class AgentSettings(BaseModel):
     peers: tuple[str, ...] = ()
     hold_timeout_s: float = Field(default=15.0, gt=0.5, le=600.0)
     margin_ms: float = Field(default=0.0, ge=-1000.0, le=5000.0)
-    poll_s: float = Field(default=0.2, ge=0.02, le=5.0)
+    poll_s: float = Field(default=0.5, ge=0.02, le=5.0)
     hold_mode: HoldMode = "switchover"
     switchover_guard_s: float = Field(default=0.4, ge=0.05, le=10.0)
     assumed_link_s: float = Field(default=2.5, ge=0.1, le=60.0)

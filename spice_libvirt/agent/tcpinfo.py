@@ -1,4 +1,4 @@
-"""The kernel's round-trip time of TCP connections, by socket inode (``sock_diag`` netlink).
+"""The kernel's table of TCP sockets and their round-trip times (``sock_diag`` netlink).
 
 How long a client takes to link to the destination is about seven of its round trips; the
 agent knows the client's SPICE sockets from ``/proc`` (:mod:`spice_libvirt.agent.procnet`)
@@ -8,14 +8,22 @@ connections. The query runs in the caller's network namespace (the QEMU's, on a
 hypervisor the host's own); an answer that cannot be had is None, never an error: the hold
 then assumes a link time.
 
-:func:`parse_dump` is pure (tested on built messages); :func:`socket_rtts` does the query.
+The same dump is the agent's view of a process's sockets (:func:`tcp_sockets`): the text
+table ``/proc/<pid>/net/tcp`` costs the kernel about 9 ms of CPU per read on a host whose
+connection hash table is large (measured here: 24 GiB of RAM, a 4-line table), the binary
+dump 1.6 ms.
+
+:func:`parse_dump` is pure (tested on built messages); :func:`socket_rtts` and
+:func:`tcp_sockets` do the query.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -25,6 +33,7 @@ NLMSG_DONE = 3
 NLMSG_ERROR = 2
 INET_DIAG_INFO = 2
 TCP_ESTABLISHED = 1
+TCP_LISTEN = 10
 
 _NLMSGHDR = struct.Struct("=IHHII")
 #: inet_diag_req_v2: family, protocol, ext, pad, states, then a zeroed inet_diag_sockid
@@ -32,6 +41,8 @@ _REQ = struct.Struct("=BBBxI48x")
 #: inet_diag_msg: family, state, timer, retrans, sockid (48 bytes), expires, rqueue,
 #: wqueue, uid, inode
 _MSG = struct.Struct("=BBBB48xIIIII")
+#: inet_diag_sockid inside it: sport, dport (big-endian), src[16], dst[16], if, cookie
+_SOCKID = struct.Struct(">HH16s16s")
 _RTATTR = struct.Struct("=HH")
 #: struct tcp_info: 8 bytes of u8 fields, then u32s; tcpi_rtt (microseconds) is the 16th
 _TCPI_RTT_OFFSET = 8 + 15 * 4
@@ -41,16 +52,42 @@ def _align(n: int) -> int:
     return (n + 3) & ~3
 
 
-def request(family: int, seq: int = 1) -> bytes:
-    """The dump request for established TCP sockets of ``family``, with their tcp_info."""
-    body = _REQ.pack(family, socket.IPPROTO_TCP, 1 << (INET_DIAG_INFO - 1), 1 << TCP_ESTABLISHED)
+@dataclasses.dataclass(frozen=True)
+class DiagSocket:
+    """One TCP socket of the dump."""
+
+    family: int
+    state: int
+    local: str
+    local_port: int
+    remote: str
+    remote_port: int
+    inode: int
+    #: smoothed RTT (s), when asked for
+    rtt: float | None = None
+
+
+def _address(family: int, raw: bytes) -> str:
+    if family == socket.AF_INET:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    ip6 = ipaddress.IPv6Address(raw)
+    return str(ip6.ipv4_mapped or ip6)
+
+
+def request(
+    family: int, seq: int = 1, *, states: int = 1 << TCP_ESTABLISHED, info: bool = True
+) -> bytes:
+    """The dump request for TCP sockets of ``family`` in ``states`` (a bit mask), with
+    their tcp_info when ``info``."""
+    ext = 1 << (INET_DIAG_INFO - 1) if info else 0
+    body = _REQ.pack(family, socket.IPPROTO_TCP, ext, states)
     flags = NLM_F_REQUEST | NLM_F_DUMP
     header = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, flags, seq, 0)
     return header + body
 
 
-def parse_dump(data: bytes, wanted: set[int], into: dict[int, float]) -> bool:
-    """Add the RTT (seconds) of every ``wanted`` inode in ``data`` to ``into``; True once the
+def parse_sockets(data: bytes, keep: Callable[[int], bool], into: list[DiagSocket]) -> bool:
+    """Add every socket of ``data`` whose inode ``keep`` accepts to ``into``; True once the
     dump is over (or broken: a truncated answer ends the query, it does not fail it)."""
     offset = 0
     while offset + _NLMSGHDR.size <= len(data):
@@ -61,13 +98,48 @@ def parse_dump(data: bytes, wanted: set[int], into: dict[int, float]) -> bool:
             return True
         body = offset + _NLMSGHDR.size
         if kind == SOCK_DIAG_BY_FAMILY and length - _NLMSGHDR.size >= _MSG.size:
+            family, state = data[body], data[body + 1]
             inode = _MSG.unpack_from(data, body)[-1]
-            if inode in wanted:
-                rtt = _rtt_attribute(data, body + _MSG.size, offset + length)
-                if rtt is not None:
-                    into[inode] = rtt
+            if keep(inode):
+                sport, dport, src, dst = _SOCKID.unpack_from(data, body + 4)
+                into.append(
+                    DiagSocket(
+                        family, state, _address(family, src), sport, _address(family, dst),
+                        dport, inode, _rtt_attribute(data, body + _MSG.size, offset + length),
+                    )
+                )  # fmt: skip
         offset += _align(length)
     return False
+
+
+def parse_dump(data: bytes, wanted: set[int], into: dict[int, float]) -> bool:
+    """Add the RTT (seconds) of every ``wanted`` inode in ``data`` to ``into``; True once the
+    dump is over."""
+    found: list[DiagSocket] = []
+    over = parse_sockets(data, wanted.__contains__, found)
+    into.update({s.inode: s.rtt for s in found if s.rtt is not None})
+    return over
+
+
+def _dump(states: int, info: bool, keep: Callable[[int], bool], timeout: float) -> list[DiagSocket]:
+    found: list[DiagSocket] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as sock:
+        sock.settimeout(timeout)
+        for family in (socket.AF_INET, socket.AF_INET6):
+            sock.send(request(family, states=states, info=info))
+            while not parse_sockets(sock.recv(65536), keep, found):
+                pass
+    return found
+
+
+def tcp_sockets(inodes: Iterable[int], *, timeout: float = 0.5) -> list[DiagSocket]:
+    """The listening and established TCP sockets among ``inodes`` (this network namespace).
+
+    :raise OSError: the kernel did not answer (the caller reads ``/proc`` instead)
+    """
+    wanted = set(inodes)
+    states = (1 << TCP_ESTABLISHED) | (1 << TCP_LISTEN)
+    return _dump(states, False, wanted.__contains__, timeout)
 
 
 def _rtt_attribute(data: bytes, start: int, end: int) -> float | None:
@@ -87,19 +159,13 @@ def socket_rtts(inodes: Iterable[int], *, timeout: float = 0.5) -> dict[int, flo
     """The kernel's smoothed RTT (seconds) of each established TCP socket in ``inodes``;
     the ones it could not tell are missing."""
     wanted = set(inodes)
-    found: dict[int, float] = {}
     if not wanted:
-        return found
+        return {}
     try:
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as sock:
-            sock.settimeout(timeout)
-            for family in (socket.AF_INET, socket.AF_INET6):
-                sock.send(request(family))
-                while not parse_dump(sock.recv(65536), wanted, found):
-                    pass
+        found = _dump(1 << TCP_ESTABLISHED, True, wanted.__contains__, timeout)
     except OSError:
-        pass
-    return found
+        return {}
+    return {s.inode: s.rtt for s in found if s.rtt is not None}
 
 
-__all__ = ["parse_dump", "request", "socket_rtts"]
+__all__ = ["DiagSocket", "parse_dump", "parse_sockets", "request", "socket_rtts", "tcp_sockets"]

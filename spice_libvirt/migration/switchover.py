@@ -172,7 +172,7 @@ class SwitchoverPlan:
                 "memory is resident (a near-empty guest is across in a moment)",
             )
         to_move = memory.data_bytes if memory.data_bytes is not None else total_bytes
-        budget = self.link_s + self.guard_s
+        budget = self.link_s + self.guard()
         pace = max(HOLD_SPEED_MIBS + 1, math.ceil(to_move / budget / MIB))
         if self.caller_speed_mibs <= pace:
             return None
