@@ -18,6 +18,7 @@ management tool can catch one class and still tell the cases apart. The tree::
      +-- LabError                 the built-in lab could not be built or torn down
      +-- HookError                the libvirt hook could not do its job
      +-- AgentError               the host agent could not watch or hold a migration
+     +-- UnsafePathError          root would run code (or trust a directory) others can change
 
 Wrapping errors keep the cause in ``__cause__`` (always raised ``from``) and in ``.exc``
 where one exists; ``str()`` gives one human line without the class name, which is what the
@@ -105,3 +106,8 @@ class HookError(SpiceLibvirtError):
 
 class AgentError(SpiceLibvirtError):
     """The host agent could not watch, hold or release a migration (never fatal to one)."""
+
+
+class UnsafePathError(SpiceLibvirtError):
+    """Root would run code, or trust a directory, that someone other than root can change
+    (not root's, writable by a group or others); nothing was written."""

@@ -45,6 +45,9 @@ class ExitCode(enum.IntEnum):
     PLACEMENT_UNKNOWN = 12
     #: ``doctor``: this host is not ready for seamless migration (a check failed).
     NOT_READY = 13
+    #: Refused, nothing written: root would run code or trust a directory that someone
+    #: other than root can change (``hook install``, ``agent unit``, ``agent run``'s state).
+    UNSAFE_PATH = 14
     #: The migration completed -- the VM runs on the destination -- and a client could not
     #: follow it: its session is gone (e.g. no connection of the client reached the
     #: destination). Not a failed migration, not merely "not seamless".
@@ -71,6 +74,7 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.TLS_DOWNGRADED: "the migration moved a channel from TLS to plain text",
     ExitCode.PLACEMENT_UNKNOWN: "the VM does not run on exactly one host, or that is unknown",
     ExitCode.NOT_READY: "doctor: this host is not ready for seamless migration",
+    ExitCode.UNSAFE_PATH: "refused: root would run or trust a path others can change",
     ExitCode.CLIENT_LOST: "migration completed, a client could not follow: its session is gone",
     ExitCode.INTERRUPTED: "interrupted (SIGINT); the migration was undone first",
     ExitCode.TERMINATED: "terminated (SIGTERM); the migration was undone first",
@@ -195,4 +199,6 @@ def for_error(exc: BaseException) -> ExitCode:
         return ExitCode.HYPERVISOR
     if isinstance(exc, errors.LabError):
         return ExitCode.LAB
+    if isinstance(exc, errors.UnsafePathError):
+        return ExitCode.UNSAFE_PATH
     return ExitCode.FAILURE

@@ -545,7 +545,10 @@ def test_role_over_ssh_check_run_idempotent_reload_and_hook_seen(ssh_host: SshHo
 
     # 6. the host agent's unit names this venv's command; its settings parse
     unit = h.prefix / "etc" / "systemd" / "system" / "spice-libvirt-agent.service"
-    assert f"ExecStart={h.venv}/bin/spice-libvirt agent run" in unit.read_text().splitlines()
+    agent_toml = h.prefix / "etc" / "spice-libvirt" / "agent.toml"
+    lines = unit.read_text().splitlines()
+    assert f"ExecStart={h.venv}/bin/spice-libvirt agent run --config {agent_toml}" in lines
+    assert f"ReadWritePaths=-{h.prefix / 'var' / 'lib' / 'spice-libvirt'}" in lines
     agent = load_agent_settings(h.prefix / "etc" / "spice-libvirt" / "agent.toml", {})
     assert agent.destination_uri == "qemu+tls://{peer}/system"
     assert agent.peers == ()  # the only hypervisor of this play

@@ -85,6 +85,8 @@ def test_ready_and_not_ready_hosts(hosts: dict[str, Hooked], tmp_path: Path) -> 
         "spice-address": "ok",
         "hook-installed": "ok",
         "hook-seen": "ok",
+        "hook-trust": "ok",
+        "agent-unit-trust": "skip",  # no agent unit on this machine
         "domain:drvm": "ok",
         "tls:ca-cert.pem": "ok",
         "tls:server-cert.pem": "ok",

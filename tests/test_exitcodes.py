@@ -178,6 +178,7 @@ def test_for_client_record(path: str, tls: bool | None, expected: ExitCode) -> N
     [
         (errors.ConfigError("x"), ExitCode.USAGE),
         (errors.LabError("x"), ExitCode.LAB),
+        (errors.UnsafePathError("x"), ExitCode.UNSAFE_PATH),
         (errors.SpiceLibvirtError("x"), ExitCode.FAILURE),
         (RuntimeError("x"), ExitCode.FAILURE),
     ],
@@ -202,6 +203,7 @@ def test_codes_are_stable_and_all_documented() -> None:
         "TLS_DOWNGRADED": 11,
         "PLACEMENT_UNKNOWN": 12,
         "NOT_READY": 13,
+        "UNSAFE_PATH": 14,
         "CLIENT_LOST": 15,
         "INTERRUPTED": 130,
         "TERMINATED": 143,

@@ -22,6 +22,7 @@ from spice_libvirt.agent.settings import (
     DEFAULT_METRICS_ADDRESS,
     DEFAULT_STATE_DIR,
 )
+from spice_libvirt.errors import ConfigError
 from spice_libvirt.exitcodes import ExitCode
 
 
@@ -93,12 +94,31 @@ def register(subparsers: Any) -> None:
         help="serve no metrics (as metrics = false in the settings)",
     )
     run.set_defaults(handler=_run)
-    unit = sub.add_parser("unit", help="print the systemd unit for this installation")
+    unit = sub.add_parser(
+        "unit",
+        help="print the systemd unit for this installation",
+        description=(
+            "Print the agent's systemd unit: sandboxed (read-only system, writable only the "
+            "state directory and the journal's directory of the settings, bounded "
+            "capabilities, no new privileges), ExecStart naming this installation. Refused "
+            "(exit 14, nothing printed) when root would run code that someone other than "
+            "root can change: the command, its interpreter, the package or a directory above "
+            "them not root's, or writable by a group or others."
+        ),
+    )
     unit.add_argument(
         "--exec",
         dest="exec_path",
         metavar="PATH",
         help="the spice-libvirt command the unit starts (default: this installation's)",
+    )
+    unit.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=f"agent settings the unit's agent reads (default {DEFAULT_AGENT_CONFIG}); their "
+        "state directory and journal become the unit's only writable paths",
     )
     unit.set_defaults(handler=_unit)
     status = sub.add_parser("status", help="what the running agent is doing")
@@ -136,20 +156,75 @@ def _run(args: argparse.Namespace) -> int:
     return int(ExitCode.OK)
 
 
-def unit_text(exec_path: str | None = None) -> str:
-    """The packaged unit with ExecStart naming ``exec_path`` (default: the ``spice-libvirt``
-    script beside this interpreter, as a venv or ``pip install`` puts it)."""
+def _exec_argv(exec_path: str | None) -> list[str]:
+    """What ExecStart runs: ``exec_path``, or the ``spice-libvirt`` script beside this
+    interpreter (as a venv or ``pip install`` puts it), or this interpreter with ``-m``."""
+    if exec_path is not None:
+        return [exec_path]
+    script = Path(sys.executable).parent / "spice-libvirt"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "spice_libvirt.cli"]
+
+
+def _unit_path(path: Path) -> str:
+    text = str(path)
+    return f'"{text}"' if any(c.isspace() for c in text) else text
+
+
+def unit_text(
+    exec_path: str | None = None,
+    *,
+    config: Path | None = None,
+    state_dir: Path = DEFAULT_STATE_DIR,
+    journal_dir: Path = Path("/var/lib/spice-libvirt"),
+) -> str:
+    """The packaged unit for this installation: ExecStart runs ``exec_path`` (see
+    :func:`_exec_argv`) with ``--config`` when given; the only writable paths are
+    ``state_dir`` (systemd's StateDirectory= when it is under /var/lib) and
+    ``journal_dir``."""
     from importlib.resources import files
 
-    if exec_path is None:
-        script = Path(sys.executable).parent / "spice-libvirt"
-        exec_path = str(script) if script.exists() else f"{sys.executable} -m spice_libvirt.cli"
+    argv = [*_exec_argv(exec_path), "agent", "run"]
+    if config is not None:
+        argv += ["--config", str(config)]
+    paths: list[str] = []
+    writable = [journal_dir]
+    if state_dir.is_relative_to("/var/lib"):
+        paths += [
+            f"StateDirectory={state_dir.relative_to('/var/lib')}",
+            "StateDirectoryMode=0700",
+        ]
+    else:
+        writable.append(state_dir)
+    # "-": a path that does not exist yet is no reason to refuse to start
+    paths.append("ReadWritePaths=" + " ".join(f"-{_unit_path(p)}" for p in writable))
     template = files("spice_libvirt.agent").joinpath("spice-libvirt-agent.service").read_text()
-    return template.replace("@EXEC@", exec_path)
+    return template.replace("@EXEC@", " ".join(_unit_path(Path(a)) for a in argv)).replace(
+        "@PATHS@", "\n".join(paths)
+    )
 
 
 def _unit(args: argparse.Namespace) -> int:
-    print(unit_text(args.exec_path), end="")
+    from spice_libvirt import trust
+    from spice_libvirt.agent.settings import load_agent_settings
+    from spice_libvirt.config import load_config
+
+    settings = load_agent_settings(args.config, {})
+    journal = settings.journal_path or load_config().journal_path
+    argv = _exec_argv(args.exec_path)
+    command = Path(argv[0])
+    if not command.is_absolute():
+        raise ConfigError(f"--exec must be an absolute path: {command}")
+    if len(argv) == 1:
+        trust.require_runnable_by_root(scripts=[command], trees=trust.package_trees())
+    else:
+        trust.require_runnable_by_root(interpreter=command, trees=trust.package_trees())
+    text = unit_text(
+        args.exec_path,
+        config=args.config,
+        state_dir=settings.state_dir,
+        journal_dir=journal.parent,
+    )
+    print(text, end="")
     return int(ExitCode.OK)
 
 

@@ -35,7 +35,8 @@ def register(subparsers: Any) -> None:
             "Read-only checks of this host, each with a one-line fix: hook installed and "
             "loaded by the running libvirtd, configuration valid, spice_address set, every "
             "running domain's SPICE reachable (not loopback), TLS files usable and not "
-            "expiring soon, libvirt new enough for hooks/qemu.d/, peers' ports reachable. "
+            "expiring soon, libvirt new enough for hooks/qemu.d/, peers' ports reachable, "
+            "the code the hook shim and the agent's unit make root run writable by root only. "
             f"Exit {int(ExitCode.NOT_READY)} when a check failed (warnings do not count)."
         ),
         epilog=exit_codes_epilog(),
@@ -94,6 +95,14 @@ def register(subparsers: Any) -> None:
         help="checks for draining this host: the hook and spice_address (which only "
         "migrations into this host need) warn instead of failing",
     )
+    parser.add_argument(
+        "--agent-unit",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the host agent's systemd unit to check (default: spice-libvirt-agent.service in "
+        "/etc/systemd/system, /lib/systemd/system or /usr/lib/systemd/system)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.set_defaults(handler=_doctor)
 
@@ -110,6 +119,7 @@ def _doctor(args: argparse.Namespace) -> int:
         tls_days=args.tls_days,
         timeout=args.timeout,
         drain=args.drain,
+        agent_unit=args.agent_unit,
     )
     if args.json:
         print(report.model_dump_json(indent=2))

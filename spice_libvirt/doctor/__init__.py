@@ -6,7 +6,8 @@ every running domain's SPICE reachable by clients, TLS files usable and not abou
 expire, libvirt new enough for ``qemu.d/``, the peers' ports reachable, and no SPICE ticket
 about to land in libvirt's debug log (:mod:`.daemon_logs`). Modules, one
 concern each: :mod:`.model` (the typed result), :mod:`.host` (files on this host),
-:mod:`.daemon` (the running libvirtd, read-only), :mod:`.peers` (other hosts' ports).
+:mod:`.daemon` (the running libvirtd, read-only), :mod:`.peers` (other hosts' ports),
+:mod:`.trust` (what root runs for us: the shim's and the unit's code, root's only).
 
 Why before a drain: every one of these failures lets a migration start and the client
 fall back (or the migration fail) only at the end; the evacuation play runs the doctor
@@ -40,6 +41,7 @@ from spice_libvirt.doctor.host import (
 )
 from spice_libvirt.doctor.model import Check, DoctorReport, fail
 from spice_libvirt.doctor.peers import check_peer
+from spice_libvirt.doctor.trust import check_agent_unit, check_hook_trust
 from spice_libvirt.hook import install as hook_install
 from spice_libvirt.hook.local import host_addresses
 
@@ -60,11 +62,13 @@ def diagnose(
     tls_days: int = 30,
     timeout: float = 3.0,
     drain: bool = False,
+    agent_unit: Path | None = None,
 ) -> DoctorReport:
     """Run every check against this host; never raises for what it finds.
 
     ``drain``: the host is about to be drained, so the :data:`INCOMING_ONLY` checks
-    are warnings (still shown, with their fix, for when guests come back).
+    are warnings (still shown, with their fix, for when guests come back). ``agent_unit``:
+    the agent's unit file (default: systemd's usual places).
     """
     checks: list[Check] = []
     domains = _ask_daemon(connect, checks)
@@ -76,6 +80,8 @@ def diagnose(
     checks.append(check_spice_address(settings, host_addresses()))
     checks.append(check_hook_installed(status))
     checks.append(check_hook_seen(status, settings, daemon_process(local_socket(connect))))
+    checks.append(check_hook_trust(status))
+    checks.append(check_agent_unit(agent_unit))
     if domains is not None:
         checks += check_domains(domains)
     checks += check_tls(tls_dir, tls_days, required=any(d.tls for d in domains or ()))

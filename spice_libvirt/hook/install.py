@@ -18,6 +18,11 @@ forms, both recognised by :func:`parse_shim`:
   Ansible role's template writes): the same :func:`~spice_libvirt.hook.qemu_hook.main`, with
   ``site``.
 
+Either way root runs what the shim names, so :func:`install` refuses (exit 14, nothing
+written) an interpreter, launcher, script, package or directory above them that is not
+root's or that a group or others can write (:mod:`spice_libvirt.trust`), and ``doctor``
+checks an installed shim the same way (:func:`trust_problem`).
+
 The default form names a file inside the installed package, whose path carries the Python
 version (``lib/python3.11/site-packages``). A shim whose launcher has gone (spice-libvirt
 reinstalled for another Python) falls back to the venv's console script, so libvirt's calls
@@ -46,7 +51,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from spice_libvirt.errors import ConfigError, HookError
+from spice_libvirt import trust
+from spice_libvirt.errors import ConfigError, HookError, UnsafePathError
 
 DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks")
 #: The shim's file name in ``qemu.d``: ``50-`` leaves room on both sides for ordering.
@@ -291,6 +297,7 @@ def install(
     qemu_d, shim = _paths(hooks_dir)
     if qemu_d.exists() and not qemu_d.is_dir():
         raise HookError(f"{qemu_d} exists and is not a directory")
+    require_trusted(exe, launcher, config, hooks_dir)
     text = render_shim(exe, config, launcher=launcher)
     if shim.exists():
         if not _is_ours(shim):
@@ -318,6 +325,43 @@ def install(
     except OSError as exc:
         raise HookError(f"cannot write {shim}: {exc.strerror or exc}") from exc
     return InstallResult(path=shim, changed=True, message=f"installed {shim}; {RESTART_HINT}")
+
+
+def require_trusted(
+    executable: Path, launcher: Path | None, config: Path | None, hooks_dir: Path
+) -> None:
+    """What libvirtd (root) will run and read through the shim is root's and writable by no
+    one else (:mod:`spice_libvirt.trust`): the interpreter (or the console script and the
+    interpreter its ``#!`` names), the launcher, this installation's code, the baked-in
+    configuration and the hook directory the shim goes into. Raises
+    :class:`~spice_libvirt.errors.UnsafePathError` with the first problem."""
+    if launcher is None:
+        trust.require_runnable_by_root(scripts=[executable], trees=trust.package_trees())
+    else:
+        trust.require_runnable_by_root(interpreter=executable, trees=trust.package_trees())
+        trust.require_root_only(launcher, "launcher")
+    if config is not None and config.exists():
+        trust.require_root_only(config, "configuration")
+    existing = next((d for d in (hooks_dir / "qemu.d", hooks_dir) if d.exists()), None)
+    if existing is not None:
+        trust.require_root_only(existing, "hook directory")
+
+
+def trust_problem(status: HookStatus) -> str | None:
+    """Why the installed shim makes root run something others can change (None: nothing)."""
+    if not status.installed or status.target is None:
+        return None
+    try:
+        if status.launcher is None:
+            trust.require_runnable_by_root(scripts=[status.target])
+        else:
+            trust.require_runnable_by_root(interpreter=status.target)
+            trust.require_root_only(status.launcher, "launcher")
+            trust.require_root_only_tree(status.launcher.parent.parent)
+        trust.require_root_only(status.shim_path, "hook shim")
+    except UnsafePathError as exc:
+        return str(exc)
+    return None
 
 
 def uninstall(hooks_dir: Path = DEFAULT_HOOKS_DIR) -> InstallResult:
