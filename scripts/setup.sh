@@ -6,8 +6,8 @@
 # Idempotent: it prints one short line for each step it actually performs, and nothing when
 # nothing needs doing. On failure it says which step failed and shows the end of that step's
 # output. What it does:
-#   1. installs the Debian packages the lab needs (apt-get update only if one is missing, or
-#      apt cannot name the guest's kernel package);
+#   1. installs the Debian packages the lab and the Debian package's build need (apt-get
+#      update only if one is missing, or apt cannot name the guest's kernel package);
 #   2. creates .venv/ in the repository and installs the project with its dev, libvirt and lab
 #      extras (again only when pyproject.toml changed or the venv is incomplete);
 #   3. builds the test guests into the cache: the Linux one (python -m spice_libvirt_lab.guest
@@ -29,6 +29,10 @@ PACKAGES=(
     virt-viewer xvfb xauth tshark busybox-static cpio iproute2 seabios ipxe-qemu procps
     openssl xz-utils python3-venv python3-dev binutils ruby openssh-server openssh-client
     prometheus prometheus-node-exporter
+    # the Debian package (scripts/build-deb.sh): Debian's packaging tools, lintian, and what
+    # the package depends on (its test runs the packaged CLI with Debian's python3)
+    dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-pip lintian
+    python3-rich python3-tenacity
 )
 # the Vagrant lab (lab up --vagrant; its test runs in scripts/test.sh) unless opted out
 if [ "${SPICE_LIBVIRT_VAGRANT:-1}" != 0 ]; then
