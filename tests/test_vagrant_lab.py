@@ -2,10 +2,14 @@
 
 The fast tests check the pieces that need no VM: the box's cache key, the driver choice, the
 ``vagrant ssh-config`` parser and the inventory written from it. The ``vagrant`` test brings
-the whole lab up for real (box, private libvirtd, ``vagrant up`` of hv1 and hv2 under TCG,
-``lab.yml`` over ssh, the firmware guest on hv1), migrates there and back with the embedded
-client attached from this machine, reads both hosts' hook journals over ssh, tears it down
-and checks that nothing is left. It prints each stage's time.
+the whole lab up for real (box, private libvirtd, ``vagrant up`` of hv1 and hv2 under TCG
+while hv2's Debian package is built, ``lab.yml`` over ssh: hv1 from the wheelhouse, hv2 from
+the package, the firmware guest on hv1), checks both hosts' sandboxed agents (systemd's view
+of the unit, connected to libvirt and to their peer over qemu+ssh and qemu+tls), migrates
+there (our controller), back and on again (plain libvirt, held by the source's agent) with
+the embedded client attached from this machine, reads both hosts' hook journals over ssh,
+purges and reinstalls hv2's package, tears it down and checks that nothing is left. It
+prints each stage's time.
 """
 
 from __future__ import annotations
@@ -25,10 +29,14 @@ from spice_libvirt_lab import vagrant_box, vagrant_lab
 from spice_libvirt_lab.vagrant_state import (
     HOST_IPS,
     HOST_MACS,
+    HOST_SETUP,
     VagrantLabState,
+    load_state,
     parse_ssh_config,
+    remote_cli,
     write_access_files,
 )
+from spice_libvirt_lab.vagrant_state import ssh as vagrant_ssh
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,8 +80,15 @@ def test_inventory_and_ssh_config_written_from_it(tmp_path: Path) -> None:
         line = next(x for x in inv.splitlines() if x.startswith(f"{name} "))
         assert f"spice_libvirt_spice_address={ip}" in line
         assert " spice_libvirt_lab_host=vagrant " in line  # lab.yml accepts only these
+        method, transport = HOST_SETUP[name]
+        assert f" spice_libvirt_install_method={method}" in line
+        assert f" spice_libvirt_lab_agent_transport={transport} " in line
+        assert f" spice_libvirt_lab_pki={state.pki_dir(name)}" in line
         assert f"ansible_ssh_private_key_file=/lab/dot-vagrant/machines/{name}" in line
         assert "insecure" not in line
+    # both of the role's install methods, and both secure transports for the agents
+    assert sorted(HOST_SETUP.values()) == [("deb", "tls"), ("wheelhouse", "ssh")]
+    assert f"spice_libvirt_lab_root_ssh_key={state.root_ssh_key}" in inv
     cfg = state.ssh_config.read_text()
     assert "Port 2222" in cfg
     assert "insecure" not in cfg
@@ -103,6 +118,11 @@ def test_box_bakes_in_what_the_role_installs() -> None:
     }
     assert set(wanted) <= baked
     assert {"openssh-server", "sudo", "python3-apt", "python3-venv"} <= baked
+    # and what the Debian package depends on (hv2 installs it, offline)
+    control = (REPO / "debian" / "control").read_text()
+    depends = control.split("\nDepends:", 1)[1].split("\nDescription:", 1)[0]
+    names = {d.split()[0].rstrip(",") for d in depends.split("\n") if d.strip()}
+    assert {n for n in names if not n.startswith("$")} <= baked | {"python3"}
 
 
 def test_driver_choice(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -185,36 +205,140 @@ def _lab_process_nice(base: Path) -> dict[str, int]:
     return found
 
 
+def _on(base: Path, host: str, script: str, timeout: float = 180) -> str:
+    """``script`` as root on a lab host (over the lab's ssh); its stdout, or the test fails."""
+    state = load_state(vagrant_lab.vagrant_lab_dir(base))
+    assert state is not None
+    proc = vagrant_ssh(state, host, ["sh", "-c", script], timeout=timeout)
+    assert proc.returncode == 0, f"{host}: {script}: {proc.stdout}{proc.stderr}"
+    return proc.stdout
+
+
+def _host_checks(base: Path, host: str) -> dict[str, object]:
+    """What the role left on ``host``: doctor's checks, the agent's unit and status."""
+    cli = remote_cli(host)
+    doctor = json.loads(_on(base, host, f"{cli} doctor --json || test $? = 13"))
+    unit = _on(
+        base, host,
+        "systemctl is-active spice-libvirt-agent; systemctl show spice-libvirt-agent "
+        "-p FragmentPath -p ProtectSystem -p ProtectHome -p NoNewPrivileges "
+        "-p CapabilityBoundingSet -p ReadWritePaths -p StateDirectory",
+    )  # fmt: skip
+    status = json.loads(_on(base, host, f"{cli} agent status --json"))
+    return {
+        "checks": {c["name"]: c["status"] for c in doctor["checks"]},
+        "unit": unit.splitlines(),
+        "status": status,
+    }
+
+
+def _assert_sandboxed_agent_reaches_its_peer(base: Path, host: str) -> None:
+    peer = "hv2" if host == "hv1" else "hv1"
+    method, transport = HOST_SETUP[host]
+    found = _host_checks(base, host)
+    checks = found["checks"]
+    assert isinstance(checks, dict)
+    assert checks["hook-installed"] == checks["hook-trust"] == "ok", checks
+    assert checks["agent-unit-trust"] == "ok", checks
+    unit = found["unit"]
+    assert isinstance(unit, list)
+    assert unit[0] == "active", unit
+    where = "/lib" if method == "deb" else "/etc"
+    for line in (
+        f"FragmentPath={where}/systemd/system/spice-libvirt-agent.service",
+        "ProtectSystem=strict", "ProtectHome=read-only", "NoNewPrivileges=yes",
+        "CapabilityBoundingSet=cap_dac_read_search cap_sys_ptrace",
+        "ReadWritePaths=-/var/lib/spice-libvirt", "StateDirectory=spice-libvirt/agent",
+    ):  # fmt: skip
+        assert line in unit, (host, line, unit)
+    status = found["status"]
+    assert isinstance(status, dict)
+    assert status["running"] is True
+    assert status["connected"] is True, status  # libvirt's socket, from the sandbox
+    assert f"qemu+{transport}://{peer}/system" in status["destinations"], status
+
+
+_PURGE_LEFTOVERS = (
+    "dpkg-query -W spice-libvirt 2>/dev/null | grep . && echo PACKAGE;"
+    " pgrep -f '[s]pice-libvirt agent run' && echo AGENT;"
+    " find / -xdev \\( -path /proc -o -path /sys -o -path /var/cache/spice-libvirt \\) -prune"
+    " -o \\( -name '*spice-libvirt*' -o -name '*spice_libvirt*' \\) -print;"
+    " test -e /etc/libvirt/hooks/qemu.d/50-spice-libvirt && echo SHIM; true"
+)
+
+
+def _purge_and_reinstall_the_package(base: Path, host: str) -> dict[str, float]:
+    """``apt purge`` leaves nothing of the package (the guest and libvirtd untouched), then
+    ``apt install ./spice-libvirt_*.deb`` as an admin would: doctor sees the hook, the agent
+    runs."""
+    times: dict[str, float] = {}
+    pid = "systemctl show -p MainPID --value libvirtd"
+    before = _on(base, host, f"{pid}; virsh -r list --name").split()
+    t0 = time.monotonic()
+    _on(base, host, "DEBIAN_FRONTEND=noninteractive apt-get purge -y -q spice-libvirt", 300)
+    times["apt purge"] = round(time.monotonic() - t0, 1)
+    left = _on(base, host, _PURGE_LEFTOVERS).split()
+    assert left == [], left
+    assert _on(base, host, f"{pid}; virsh -r list --name").split() == before  # reloaded only
+    t0 = time.monotonic()
+    _on(
+        base, host, "cd /var/cache/spice-libvirt/deb && DEBIAN_FRONTEND=noninteractive "
+        "apt install -y -q ./spice-libvirt_*.deb", 300,
+    )  # fmt: skip
+    times["apt install ./deb"] = round(time.monotonic() - t0, 1)
+    found = _host_checks(base, host)
+    checks = found["checks"]
+    assert isinstance(checks, dict)
+    assert checks["hook-installed"] == checks["hook-trust"] == "ok", checks
+    unit = found["unit"]
+    assert isinstance(unit, list)
+    assert unit[0] == "active", unit
+    assert _on(base, host, f"{pid}; virsh -r list --name").split() == before
+    return times
+
+
 @pytest.mark.vagrant
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (libvirtd, loop devices)")
 @pytest.mark.skipif(shutil.which("vagrant") is None, reason="vagrant is not installed")
 @pytest.mark.skipif(shutil.which("mmdebstrap") is None, reason="mmdebstrap is not installed")
 def test_vagrant_lab_up_migrate_there_and_back_down(tmp_path: Path) -> None:
+    """hv1 installed from the wheelhouse, its agent reaching hv2 over qemu+ssh; hv2 from the
+    Debian package, its agent reaching hv1 over qemu+tls; both agents sandboxed by their
+    units. Our controller moves the guest to hv2 (hv1's agent steps aside), then plain
+    libvirt moves it back and on again, each time held by the source's agent; then hv2's
+    package is purged (nothing left, the guest and libvirtd untouched) and installed again
+    with apt."""
     base = tmp_path / "lab"
     cli = _cli()
     chains_before = _libvirt_chains()
     times: dict[str, object] = {}
     try:
         rc, out, times["up (all stages)"] = _run(
-            [*cli, "--dir", str(base), "up", "--vagrant", "--json"], 1500
+            [*cli, "--dir", str(base), "up", "--vagrant", "--json"], 1800
         )
         assert rc == 0, out
         state = json.loads(out)
         assert state["phase"] == "up"
         assert state["location"] == "hv1"
-        for stage in ("box", "up", "provision", "guest"):
+        for stage in ("box", "up", "up+deb", "provision", "guest"):
             times[stage] = state["timings"][stage]
         # the lab's daemons and the VMs' QEMUs run at the lowest priority (shared machine)
         niced = _lab_process_nice(base)
         assert niced, "no process of the lab found"
         assert set(niced.values()) == {19}, niced
+        t0 = time.monotonic()
+        for host in ("hv1", "hv2"):
+            _assert_sandboxed_agent_reaches_its_peer(base, host)
+        times["host checks"] = round(time.monotonic() - t0, 1)
 
-        where = ["hv2", "hv1"]
-        for n in (1, 2):
-            rc, out, times[f"migrate {n} (CLI)"] = _run(
-                [*cli, "--dir", str(base), "migrate", "--json"], 600
-            )
+        # (destination, plain libvirt?, the source's journal must show)
+        steps = [("hv2", False, "agent skipped ok"), ("hv1", True, "agent seamless ok"),
+                 ("hv2", True, "agent seamless ok")]  # fmt: skip
+        source = "hv1"
+        for n, (destination, plain, agent_row) in enumerate(steps, 1):
+            argv = [*cli, "--dir", str(base), "migrate", "--json", *(["--plain"] if plain else [])]
+            rc, out, times[f"migrate {n} {source}->{destination}"] = _run(argv, 600)
             report = json.loads(out)
             assert rc == 0, json.dumps(report, indent=1)[-3000:]
             assert report["outcome"] == "seamless", report
@@ -225,21 +349,24 @@ def test_vagrant_lab_up_migrate_there_and_back_down(tmp_path: Path) -> None:
                 m["downtime_ms"],
                 round(report["link_wait"]["duration_ms"] or 0),
             ]
-            # the hook the role installed saw this migration on both hosts: the guest
-            # arriving on the destination and leaving the source
+            # the hook the role (hv1) or the package (hv2) installed saw this migration on
+            # both hosts: the guest arriving on the destination and leaving the source
             journals = report["hook_journals"]
             assert journals["seen_on_both"], journals
-            arrived = " ".join(journals["entries"][where[n - 1]])
-            left = " ".join(journals["entries"][where[n % 2]])
+            arrived = " ".join(journals["entries"][destination])
+            left = " ".join(journals["entries"][source])
             assert "migrate begin ok" in arrived, journals
             assert "prepare begin ok" in arrived, journals
             assert "stopped end ok" in left or "release end ok" in left, journals
-            # the host agent the role enabled (systemd) saw the migration leave and left it
-            # to our controller, which had marked the domain
-            assert "agent skipped ok" in left, journals
+            # the source's agent: stepped aside for our controller, or held libvirt's own
+            # migration until the client had linked (its peer over ssh or tls, sandboxed)
+            assert agent_row in left, journals
             rc, out, _ = _run([*cli, "--dir", str(base), "status", "--json"], 120)
             st = json.loads(out)
-            assert (rc, st["location"], st["migrations"]) == (0, where[n - 1], n)
+            assert (rc, st["location"], st["migrations"]) == (0, destination, n)
+            source = destination
+
+        times.update(_purge_and_reinstall_the_package(base, "hv2"))
     finally:
         rc, out, times["down"] = _run([*cli, "--dir", str(base), "down", "--json"], 600)
         sys.stderr.write(f"\nvagrant lab stage times (s): {json.dumps(times)}\n")

@@ -185,7 +185,8 @@ def _add_migrate(sub: Any) -> None:
     mig.add_argument(
         "--plain",
         action="store_true",
-        help="libvirt lab: libvirt's own p2p migration without the hold (the baseline)",
+        help="libvirt and Vagrant labs: libvirt's own p2p migration without our hold (the "
+        "baseline; a running host agent holds it)",
     )
     mig.set_defaults(handler=_migrate)
 

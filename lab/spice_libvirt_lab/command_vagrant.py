@@ -84,7 +84,6 @@ def migrate(args: argparse.Namespace) -> int:
             "--grace": getattr(args, "grace", None) is not None,
             "--downtime-limit": getattr(args, "downtime_limit", None) is not None,
             "--max-bandwidth": getattr(args, "max_bandwidth", None) is not None,
-            "--plain": getattr(args, "plain", False),
             "--extend-ticket": getattr(args, "extend_ticket", None) is not None,
         },
         "the Vagrant lab",
@@ -94,6 +93,7 @@ def migrate(args: argparse.Namespace) -> int:
         "require_seamless": args.require_seamless,
         "hold": "auto" if args.wait_client else "none",
         "completion_timeout": args.timeout,
+        "plain": getattr(args, "plain", False),  # libvirt's own migration: the agent holds it
     }
     if args.link_timeout is not None:
         options["hold_timeout"] = args.link_timeout
@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     up_p.set_defaults(handler=up)
     mig = sub.add_parser("migrate", help="move the guest to the other hypervisor")
     mig.add_argument("--no-watch", dest="watch", action="store_false", help="no embedded client")
+    mig.add_argument(
+        "--plain", action="store_true", help="libvirt's own migration: the host agent holds it"
+    )
     add_common_arguments(mig)
     mig.set_defaults(handler=migrate, grace=None)
     for name, handler in (("status", status), ("down", down)):

@@ -270,12 +270,15 @@ def issue_server_certificate(
     hosts: list[str] | None = None,
     organization: str = DEFAULT_ORGANIZATION,
     country: str | None = DEFAULT_COUNTRY,
+    client_auth: bool = False,
 ) -> TlsMaterial:
     """Issue a server certificate signed by the CA in ``ca_dir`` into ``directory``.
 
     ``directory`` gets its own copy of ``ca-cert.pem`` (spice-server wants it there) but
     not of the CA key. Use this for a migration destination that must present a different
-    subject than the source while chaining to the same CA.
+    subject than the source while chaining to the same CA. ``client_auth``: the
+    certificate may also authenticate its host as a client (libvirt's ``clientcert.pem``,
+    for a host that is both a libvirtd and a client of its peers').
     """
     _check_country(country)
     hosts = list(hosts) if hosts is not None else ["127.0.0.1", "::1", "localhost"]
@@ -311,7 +314,13 @@ def issue_server_certificate(
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH]
+                + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client_auth else [])
+            ),
+            critical=False,
+        )
         .add_extension(x509.SubjectAlternativeName(_san_entries(hosts)), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(

@@ -10,7 +10,10 @@
    are up: provisioning "from the last machine" while the others still boot races;
 4. ``ansible-playbook ansible/lab.yml`` over ssh with an inventory written from
    ``vagrant ssh-config`` (Vagrant replaced the box's insecure key), installing the project
-   from a wheelhouse built here (no package index on the hosts);
+   on hv1 from a wheelhouse built here (no package index on the hosts) and on hv2 from the
+   Debian package of this tree (:mod:`spice_libvirt_lab.deb`, built while the VMs boot),
+   hv1's agent reaching hv2 over qemu+ssh and hv2's hv1 over qemu+tls (the lab's PKI and
+   root key, :func:`write_secrets`);
 5. the firmware guest (SeaBIOS, qxl, SPICE) defined and started on hv1 through libvirt's TCP
    listener, SPICE on hv1's lab address, reachable from this machine.
 
@@ -30,13 +33,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
 from spice_libvirt.errors import LabError
-from spice_libvirt_lab import labdir, netns, vagrant_box
+from spice_libvirt_lab import deb, labdir, netns, vagrant_box
 from spice_libvirt_lab.libvirt_domain import render_domain_xml
 from spice_libvirt_lab.vagrant_libvirtd import NICE_ARGV, PrivateLibvirtd
 from spice_libvirt_lab.vagrant_state import (
@@ -170,7 +174,10 @@ def up(base: Path | None = None) -> VagrantLabState:
     for tool in ("vagrant", "virsh", "ssh"):
         if shutil.which(tool) is None:
             raise LabError(f"{tool} not found (apt-get install vagrant vagrant-libvirt ...)")
-    for stale in ("dot-vagrant", "libvirt", "pool", "serial", "wheelhouse", "ansible-home"):
+    for stale in (
+        "dot-vagrant", "libvirt", "pool", "serial", "wheelhouse", "ansible-home", "pki",
+        "root-ssh", "cp",
+    ):  # fmt: skip
         if (directory / stale).exists():
             labdir.remove_inside(directory, directory / stale)
     (directory / "serial").mkdir()
@@ -215,14 +222,20 @@ def _bring_up(state: VagrantLabState) -> None:
 
     t0 = time.monotonic()
     env = vagrant_env(state)
-    run_logged(
-        [*NICE_ARGV, "vagrant", "up", "--no-provision", "--provider", "libvirt", *HOSTS],
-        state,
-        timeout=UP_TIMEOUT_S,
-        what="vagrant up",
-        env=env,
-    )
-    _timed(state, "up", t0)
+    # hv2's Debian package is built (or found in the cache) while the VMs boot
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        package = pool.submit(deb.ensure_deb, state.directory / "deb.log", _find_links())
+        run_logged(
+            [*NICE_ARGV, "vagrant", "up", "--no-provision", "--provider", "libvirt", *HOSTS],
+            state,
+            timeout=UP_TIMEOUT_S,
+            what="vagrant up",
+            env=env,
+        )
+        _timed(state, "up", t0)
+        state.deb = package.result()
+    _timed(state, "up+deb", t0)
+    write_secrets(state)
 
     ssh_text = run_logged(
         ["vagrant", "ssh-config", *HOSTS], state, timeout=120, what="vagrant ssh-config", env=env
@@ -292,6 +305,28 @@ def provision(state: VagrantLabState) -> None:
         env=env,
         cwd=str(ANSIBLE_DIR),
     )
+
+
+def write_secrets(state: VagrantLabState) -> None:
+    """The lab's libvirt PKI (a CA; per host a certificate good for server and client, its
+    name and lab address in it) and root's ssh key for the hosts, in the lab directory
+    (0700): lab.yml installs them so that each host agent reaches its peer over qemu+tls
+    or qemu+ssh."""
+    from spice_libvirt_lab.tls import create_ca, issue_server_certificate
+
+    ca_dir = state.directory / "pki" / "ca"
+    create_ca(ca_dir, organization="spice-libvirt lab")
+    for host in HOSTS:
+        issue_server_certificate(
+            state.pki_dir(host), ca_dir=ca_dir, common_name=host,
+            hosts=[host, HOST_IPS[host]], organization="spice-libvirt lab", client_auth=True,
+        )  # fmt: skip
+    key = state.root_ssh_key
+    key.parent.mkdir(mode=0o700, exist_ok=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "spice-libvirt-lab", "-f", str(key)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
 
 
 def guest_xml(state: VagrantLabState) -> str:
@@ -376,7 +411,7 @@ def down(base: Path | None = None) -> DownReport:
     if strays:
         netns.terminate(strays, timeout=10.0)
         report.removed += [f"stray process {pid}" for pid in strays]
-    for sub in ("pool", "dot-vagrant", "wheelhouse", "ansible-home"):
+    for sub in ("pool", "dot-vagrant", "wheelhouse", "ansible-home", "pki", "root-ssh", "cp"):
         if (directory / sub).exists():
             labdir.remove_inside(directory, directory / sub)
     report.timings["down"] = round(time.monotonic() - t0, 1)

@@ -28,8 +28,12 @@ HOST_IPS = {"hv1": "192.168.150.11", "hv2": "192.168.150.12"}
 HOST_MACS = {"hv1": "52:54:00:5c:01:11", "hv2": "52:54:00:5c:01:12"}
 NETWORK_GATEWAY = "192.168.150.1"
 NETWORK_CIDR = "192.168.150.0/24"
-#: where the role installs the project on the hosts (ansible/roles/spice_libvirt defaults)
-REMOTE_CLI = "/opt/spice-libvirt/bin/spice-libvirt"
+#: how the role installs each host -- both of its methods, a venv from the wheelhouse and
+#: the Debian package -- and how each host's agent reaches its peer: over TLS and over SSH,
+#: as production hosts would (the lab's own libvirt calls use its TCP listeners)
+HOST_SETUP = {"hv1": ("wheelhouse", "ssh"), "hv2": ("deb", "tls")}
+#: where each install method puts the command (ansible/roles/spice_libvirt)
+REMOTE_CLI = {"wheelhouse": "/opt/spice-libvirt/bin/spice-libvirt", "deb": "/usr/bin/spice-libvirt"}
 #: the inventory's mark of a lab VM, the only kind of host ``ansible/lab.yml`` accepts
 LAB_HOST_MARK = "spice_libvirt_lab_host=vagrant"
 
@@ -62,6 +66,8 @@ class VagrantLabState(BaseModel):
     last_outcome: str | None = None
     #: seconds per stage: box, libvirtd, up, provision, guest, migrate-N, down
     timings: dict[str, float] = Field(default_factory=dict)
+    #: the Debian package hv2 is installed from (built from this tree)
+    deb: Path | None = None
 
     @property
     def ssh_config(self) -> Path:
@@ -70,6 +76,15 @@ class VagrantLabState(BaseModel):
     @property
     def inventory(self) -> Path:
         return self.directory / "inventory.ini"
+
+    def pki_dir(self, host: str) -> Path:
+        """``host``'s libvirt TLS files (the lab's CA certificate, its certificate and key)."""
+        return self.directory / "pki" / host
+
+    @property
+    def root_ssh_key(self) -> Path:
+        """root's key on every lab host (its ``.pub`` beside it)."""
+        return self.directory / "root-ssh" / "id_ed25519"
 
     def tcp_uri(self, host: str) -> str:
         """libvirt on ``host`` from this machine (lab.yml opens TCP on the lab network)."""
@@ -137,10 +152,14 @@ def write_access_files(state: VagrantLabState) -> None:
             "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  ConnectTimeout 20\n"
         )
         ip = HOST_IPS[name]
+        method, transport = HOST_SETUP[name]
+        deb = f" spice_libvirt_deb_file={state.deb}" if method == "deb" and state.deb else ""
         lines.append(
             f"{name} ansible_host={h.address} ansible_port={h.port} ansible_user={h.user} "
             f"ansible_ssh_private_key_file={h.key} {LAB_HOST_MARK} spice_libvirt_lab_ip={ip} "
-            f"spice_libvirt_spice_address={ip}"
+            f"spice_libvirt_spice_address={ip} spice_libvirt_install_method={method}{deb} "
+            f"spice_libvirt_lab_agent_transport={transport} "
+            f"spice_libvirt_lab_pki={state.pki_dir(name)}"
         )
     lines += [
         "",
@@ -148,10 +167,16 @@ def write_access_files(state: VagrantLabState) -> None:
         "ansible_python_interpreter=/usr/bin/python3",
         f"ansible_control_path_dir={state.directory / 'cp'}",
         f"ansible_ssh_common_args='{opts}'",
+        f"spice_libvirt_lab_root_ssh_key={state.root_ssh_key}",
         "",
     ]
     state.ssh_config.write_text("\n".join(blocks))
     state.inventory.write_text("# written by 'spice-libvirt lab up --vagrant'\n" + "\n".join(lines))
+
+
+def remote_cli(host: str) -> str:
+    """The ``spice-libvirt`` command on ``host``, as its install method put it there."""
+    return REMOTE_CLI[HOST_SETUP[host][0]]
 
 
 def ssh(
@@ -167,7 +192,7 @@ def ssh(
 
 def remote_journal(state: VagrantLabState, host: str, limit: int = 200) -> list[dict[str, object]]:
     """``spice-libvirt journal --json`` on ``host``: what the hook installed by the role saw."""
-    cmd = [REMOTE_CLI, "journal", "--json", "--limit", str(limit), "--domain", state.domain]
+    cmd = [remote_cli(host), "journal", "--json", "--limit", str(limit), "--domain", state.domain]
     proc = ssh(state, host, cmd)
     if proc.returncode != 0:
         raise LabError(f"journal on {host}: {proc.stderr.strip() or proc.stdout.strip()}")
