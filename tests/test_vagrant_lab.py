@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -171,12 +172,27 @@ def _cli() -> list[str]:
 
 
 def _run(argv: list[str], timeout: float) -> tuple[int, str, float]:
+    """A lab command; past ``timeout`` it gets SIGTERM (the lab undoes what it started) and
+    the test fails."""
     t0 = time.monotonic()
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        sys.stderr.write(err[-3000:])
+        raise AssertionError(f"{argv} timed out after {timeout:.0f} s") from None
     took = time.monotonic() - t0
     if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-3000:])
-    return proc.returncode, proc.stdout, took
+        sys.stderr.write(err[-3000:])
+    return proc.returncode, out, took
 
 
 def _libvirt_chains() -> list[str]:
@@ -315,7 +331,7 @@ def test_vagrant_lab_up_migrate_there_and_back_down(tmp_path: Path) -> None:
     times: dict[str, object] = {}
     try:
         rc, out, times["up (all stages)"] = _run(
-            [*cli, "--dir", str(base), "up", "--vagrant", "--json"], 1800
+            [*cli, "--dir", str(base), "up", "--vagrant", "--json"], 2700
         )
         assert rc == 0, out
         state = json.loads(out)

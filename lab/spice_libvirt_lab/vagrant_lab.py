@@ -130,19 +130,24 @@ def run_logged(
     out_file = state.directory / "last-command.out"
     with open(log, "a") as out:
         out.write(f"\n$ {' '.join(argv)}\n")
-    try:
-        with open(out_file, "w") as stdout, open(log, "a") as stderr:
-            proc = subprocess.run(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=stdout,
-                stderr=stderr,
-                timeout=timeout,
-                check=False,
-                **kw,  # type: ignore[call-overload]
-            )
-    except subprocess.TimeoutExpired as exc:
-        raise LabError(f"{what}: timed out after {timeout:.0f} s (see {log})") from exc
+    with open(out_file, "w") as stdout, open(log, "a") as stderr:
+        # a session of its own: on a timeout or an interruption the whole group goes (vagrant's
+        # and ansible's children included), never only the command itself
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+            **kw,  # type: ignore[call-overload]
+        )
+        try:
+            proc.wait(timeout=timeout)
+        except BaseException as exc:
+            _end_group(proc)
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise LabError(f"{what}: timed out after {timeout:.0f} s (see {log})") from exc
+            raise
     text = out_file.read_text(errors="replace")
     out_file.unlink()
     with open(log, "a") as out:
@@ -151,6 +156,18 @@ def run_logged(
         tail = log.read_text(errors="replace")[-2000:]
         raise LabError(f"{what} failed (exit {proc.returncode}); end of {log}:\n{tail}")
     return text
+
+
+def _end_group(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
+    """SIGTERM to ``proc``'s process group, SIGKILL to what is left after ``grace``."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=wait)
+            return
 
 
 def _network_in_use() -> bool:
