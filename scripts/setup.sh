@@ -32,7 +32,7 @@ PACKAGES=(
     # the Debian package (scripts/build-deb.sh): Debian's packaging tools, lintian, and what
     # the package depends on (its test runs the packaged CLI with Debian's python3)
     dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-pip lintian
-    python3-rich python3-tenacity
+    python3-prometheus-client python3-rich python3-tenacity
 )
 # the Vagrant lab (lab up --vagrant; its test runs in scripts/test.sh) unless opted out
 if [ "${SPICE_LIBVIRT_VAGRANT:-1}" != 0 ]; then

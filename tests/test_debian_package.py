@@ -12,7 +12,8 @@ machine's libvirtd):
   configurations as its only conffiles, man pages -- and nothing of the labs;
 * its maintainer scripts install and remove the hook shim through ``spice-libvirt hook`` and
   only ever *reload* libvirtd;
-* it depends on Debian's python3-libvirt, python3-rich and python3-tenacity, never on
+* it depends on Debian's python3-libvirt, python3-prometheus-client, python3-rich and
+  python3-tenacity, never on
   Debian's pydantic 1, and on CPython 3.11 (the bundled pydantic-core is built for it);
 * unpacked, its CLI runs with Debian's ``/usr/bin/python3`` and those Debian modules: the
   bundled pydantic 2 is the one it imports, ``lab`` says in one line what to install.
@@ -135,6 +136,7 @@ def test_dependencies_are_debians_where_debian_has_them(package: Path) -> None:
     depends = next(x for x in fields.splitlines() if x.startswith("Depends:"))
     for wanted in (
         "python3-libvirt (>= 9.0)", "python3-rich (>= 13)", "python3-tenacity (>= 8)",
+        "python3-prometheus-client (>= 0.16)",
         "python3 (<< 3.12)", "libvirt-daemon-system",
     ):  # fmt: skip
         assert wanted in depends, depends
