@@ -111,3 +111,10 @@ class AgentError(SpiceLibvirtError):
 class UnsafePathError(SpiceLibvirtError):
     """Root would run code, or trust a directory, that someone other than root can change
     (not root's, writable by a group or others); nothing was written."""
+
+
+def unexpected(exc: BaseException) -> str:
+    """An exception nobody planned for (a bug, a broken install), in one line: its type and
+    message. For the places that must end in a known way whatever happens (the hooks)."""
+    text = " ".join(str(exc).split())
+    return f"unexpected {type(exc).__name__}" + (f": {text}" if text else "")

@@ -22,7 +22,10 @@ Three things it does besides calling it:
   on the host. ``tests/test_hook_launch.py`` checks which modules a hook call loads;
 * it ends the process with ``os._exit`` once :func:`~spice_libvirt.hook.qemu_hook.main` has
   returned (output flushed, journal closed): the interpreter's teardown of the loaded
-  modules is work no one needs, on every guest event.
+  modules is work no one needs, on every guest event;
+* an exception it did not expect -- the hook's modules failing to import (a broken or
+  half-upgraded install) -- is one line on stderr and exit 0: the configuration that could
+  ask for fail-closed is unknown then, as with an unreadable configuration file.
 """
 
 import os
@@ -34,9 +37,15 @@ if __name__ == "__main__":
     _package = type(sys)("spice_libvirt", "spice-libvirt (bare package for the hook)")
     _package.__path__ = [os.path.join(_root, "spice_libvirt")]
     sys.modules["spice_libvirt"] = _package
-    from spice_libvirt.hook.qemu_hook import main
+    try:
+        from spice_libvirt.hook.qemu_hook import main
 
-    _code = main()  # returns with its output flushed and the journal closed
+        _code = main()  # returns with its output flushed and the journal closed
+    except Exception as _exc:  # a broken install: the configuration is unknown, fail open
+        _text = " ".join(str(_exc).split())
+        sys.stderr.write(f"spice-libvirt-hook: unexpected {type(_exc).__name__}: {_text} "
+                         "(failing open)\n")  # fmt: skip
+        _code = 0
     # No interpreter teardown (finalising sqlite3, pyexpat and every module: ~2 ms of CPU
     # on every guest event, benchmarks/bench_hook.py): the process has nothing left to do.
     for _stream in (sys.stdout, sys.stderr):

@@ -30,8 +30,8 @@ module keeps, and why:
   (:class:`~spice_libvirt.hook.rewrite.DeclinedXMLError` says why that is right for a
   rewrite hook).
 * **Fail open by default.** If anything goes wrong (bad arguments, malformed XML, the
-  deadline) we print one line on stderr and exit 0, so libvirt carries on with the
-  unchanged XML. With ``fail_closed = true`` the exit status is 1 instead and libvirt
+  deadline, and any exception nobody expected: a bug, a broken install) we print one line
+  on stderr and exit 0, so libvirt carries on with the unchanged XML. With ``fail_closed = true`` the exit status is 1 instead and libvirt
   aborts the operation, logging our stderr line (``virHookCall ... unexpected exit status
   1: <line>``).
 * **The journal is never fatal**, not even with ``fail_closed``: an unwritable or full
@@ -57,7 +57,7 @@ import os  # noqa: E402
 import sys  # noqa: E402
 
 from spice_libvirt.config import MAX_HOOK_TIMEOUT_S, Settings, load_config  # noqa: E402
-from spice_libvirt.errors import ConfigError, HookError  # noqa: E402
+from spice_libvirt.errors import ConfigError, HookError, unexpected  # noqa: E402
 from spice_libvirt.hook.deadline import Deadline, HookDeadlineError  # noqa: E402
 from spice_libvirt.hook.journal import Journal, JournalEntry  # noqa: E402
 from spice_libvirt.hook.scan import MAX_XML_BYTES, DeclinedXMLError, scan_domain  # noqa: E402
@@ -206,6 +206,8 @@ def _journal_quietly(settings: Settings, entry: JournalEntry, stderr: TextIO) ->
         print(f"{PROG}: journal skipped: the deadline is near (continuing)", file=stderr)
     except HookError as exc:
         print(f"{PROG}: {exc} (continuing)", file=stderr)
+    except Exception as exc:
+        print(f"{PROG}: journal: {unexpected(exc)} (continuing)", file=stderr)
 
 
 def _syslog(settings: Settings, e: JournalEntry) -> None:
@@ -217,7 +219,12 @@ def _syslog(settings: Settings, e: JournalEntry) -> None:
     took = f" ({e.duration_ms:.0f} ms)" if e.duration_ms is not None else ""
     message = f"{e.object} {e.operation} {e.suboperation} {e.extra}: {e.outcome}{detail}{took}"
     severity = syslog_line.WARNING if e.outcome == "error" else syslog_line.INFO
-    syslog_line.send(PROG, message, path=settings.syslog_socket, severity=severity)
+    try:
+        syslog_line.send(PROG, message, path=settings.syslog_socket, severity=severity)
+    except HookDeadlineError:
+        raise
+    except Exception:  # a log line is never a condition of the guest operation
+        pass
 
 
 def _entry(inv: Invocation, wall: float, started: float, res: _Result) -> JournalEntry:
@@ -245,11 +252,17 @@ def run(
     started: float | None = None,
     hard_watchdog: bool = False,
 ) -> int:
-    """One hook invocation; see the module docstring for the contract."""
+    """One hook invocation; see the module docstring for the contract.
+
+    Any exception ends in the configured exit code, not only the expected ones: an
+    unexpected one (a bug, a broken install, an odd input nobody thought of) is reported in
+    one line like a :class:`HookError`, and before the configuration is read it fails open.
+    """
     started = time.monotonic() if started is None else started
     wall = time.time()
     inv = Invocation.lenient(args)
     deadline = Deadline(started, MAX_HOOK_TIMEOUT_S, prog=PROG, hard=hard_watchdog)
+    fail_code = EXIT_OK  # until the configuration says otherwise
     try:
         with deadline:
             try:
@@ -257,12 +270,19 @@ def run(
             except ConfigError as exc:
                 print(f"{PROG}: {exc} (failing open)", file=stderr)
                 return EXIT_OK
+            except HookDeadlineError:
+                raise
+            except Exception as exc:  # the operator's choice is unknown: fail open
+                print(f"{PROG}: configuration: {unexpected(exc)} (failing open)", file=stderr)
+                return EXIT_OK
             fail_code = EXIT_FAIL_CLOSED if settings.fail_closed else EXIT_OK
             deadline.retarget(settings.hook_timeout_s, fail_code)
             try:
                 result = _read_and_process(args, stdin, settings)
             except HookError as exc:
                 return _failed(inv, exc, settings, wall, started, stderr)
+            except Exception as exc:
+                return _failed(inv, HookError(unexpected(exc)), settings, wall, started, stderr)
             entry = _entry(inv, wall, started, result)
             _journal_quietly(settings, entry, stderr)
             _syslog(settings, entry)
@@ -272,10 +292,19 @@ def run(
         print(f"{PROG}: {inv.object} {inv.operation} {inv.suboperation}: deadline of "
               f"{deadline.budget_s:g} s exceeded", file=stderr)  # fmt: skip
         return deadline.exit_code
+    except Exception as exc:  # outside the inner handlers: nothing was written to stdout
+        print(f"{PROG}: {inv.object} {inv.operation} {inv.suboperation}: {unexpected(exc)}",
+              file=stderr)  # fmt: skip
+        return fail_code
     # Both deadlines are disarmed: the document goes out whole, in one write.
     if result.output is not None:
-        stdout.write(result.output)
-        stdout.flush()
+        try:
+            stdout.write(result.output)
+            stdout.flush()
+        except Exception as exc:  # libvirt stopped reading (EPIPE) or a closed stream
+            print(f"{PROG}: {inv.object} {inv.operation} {inv.suboperation}: the rewritten "
+                  f"XML did not reach libvirt: {unexpected(exc)}", file=stderr)  # fmt: skip
+            return fail_code
     return EXIT_OK
 
 
@@ -300,7 +329,7 @@ def _failed(
         import contextlib  # an error path: not worth an import on every call
 
         entry = _entry(inv, wall, started, _Result(outcome="error", detail=str(error)))
-        with contextlib.suppress(HookError):
+        with contextlib.suppress(Exception):
             _journal(settings, entry)
         _syslog(settings, entry)
     if declined or not settings.fail_closed:
@@ -395,7 +424,13 @@ def main(
             started=_MODULE_LOADED if console else None,
             hard_watchdog=console,
         )
+    except Exception as exc:  # run() returns for anything it can; this is the last line
+        print(f"{PROG}: {unexpected(exc)} (failing open)", file=err)
+        return EXIT_OK
     finally:
         # everything out before returning: the launcher ends the process with os._exit
-        stdout.flush()
-        err.flush()
+        for stream in (stdout, err):
+            try:  # noqa: SIM105 - contextlib is an import the hook does not pay for
+                stream.flush()
+            except (OSError, ValueError):  # a reader gone, a stream closed
+                pass

@@ -22,6 +22,8 @@ which aborts the migration; ``after_*`` points ignore the status. Hence:
 * fail-open (default): every problem is one line on stderr (VDSM logs it) and exit 0;
 * fail-closed (``fail_closed = true``): unusable input (no ``$_hook_domxml``, unreadable or
   malformed XML, unknown hook point) exits 2; the deadline exits 1;
+* an exception nobody expected (a bug, a broken install) counts as unusable input, or
+  fails open before the configuration is read;
 * either way, a journal that cannot be written (permissions, disk full, its lock held) is
   one line on stderr and exit 0: the journal is our bookkeeping, and refusing a migration
   because another hook held its lock would be absurd. A document over the size limit or
@@ -47,7 +49,7 @@ from pathlib import Path  # noqa: E402
 from typing import TextIO  # noqa: E402
 
 from spice_libvirt.config import MAX_HOOK_TIMEOUT_S, Settings, load_config  # noqa: E402
-from spice_libvirt.errors import ConfigError, HookError  # noqa: E402
+from spice_libvirt.errors import ConfigError, HookError, unexpected  # noqa: E402
 from spice_libvirt.hook.deadline import Deadline, HookDeadlineError  # noqa: E402
 from spice_libvirt.hook.journal import Journal, JournalEntry  # noqa: E402
 from spice_libvirt.hook.rewrite import (  # noqa: E402
@@ -129,6 +131,7 @@ def run(
     """
     started = time.monotonic() if started is None else started
     deadline = Deadline(started, MAX_HOOK_TIMEOUT_S, prog=PROG, hard=hard_watchdog)
+    fail_code = EXIT_OK  # until the configuration says otherwise
     try:
         with deadline:
             try:
@@ -136,12 +139,21 @@ def run(
             except ConfigError as exc:
                 print(f"{PROG}: {hook_point}: {exc} (failing open)", file=stderr)
                 return EXIT_OK
+            except HookDeadlineError:
+                raise
+            except Exception as exc:  # the operator's choice is unknown: fail open
+                print(f"{PROG}: {hook_point}: configuration: {unexpected(exc)} (failing open)",
+                      file=stderr)  # fmt: skip
+                return EXIT_OK
             fail_code = EXIT_ERROR_CONTINUE if settings.fail_closed else EXIT_OK
             deadline.retarget(settings.hook_timeout_s, fail_code)
             return _record(hook_point, environ, settings, started, stderr)
     except HookDeadlineError:
         print(f"{PROG}: {hook_point}: deadline of {deadline.budget_s:g} s exceeded", file=stderr)
         return deadline.exit_code
+    except Exception as exc:  # any other exception ends in the configured exit code too
+        print(f"{PROG}: {hook_point}: {unexpected(exc)}", file=stderr)
+        return fail_code
 
 
 def _record(
@@ -158,9 +170,12 @@ def _record(
                 f"unknown hook point {hook_point!r}; expected one of {', '.join(HOOK_POINTS)}"
             )
         dom = _read_domxml(environ)
-    except _BadInputError as exc:
-        print(f"{PROG}: {hook_point}: {exc}", file=stderr)
-        _record_error(settings, hook_point, vm_id, str(exc))
+    except HookDeadlineError:
+        raise
+    except Exception as exc:  # _BadInputError, or anything nobody expected: unusable input
+        detail = str(exc) if isinstance(exc, _BadInputError) else unexpected(exc)
+        print(f"{PROG}: {hook_point}: {detail}", file=stderr)
+        _record_error(settings, hook_point, vm_id, detail)
         declined = isinstance(exc.__cause__, DeclinedXMLError)
         return EXIT_ERROR_STOP if settings.fail_closed and not declined else EXIT_OK
     entry = JournalEntry(
@@ -177,9 +192,13 @@ def _record(
     )
     try:
         _journal(settings).record(entry)
+    except HookDeadlineError:
+        raise
     except HookError as exc:
         # Never fatal, not even with fail_closed (see the module docstring).
         print(f"{PROG}: {hook_point}: {exc} (continuing)", file=stderr)
+    except Exception as exc:
+        print(f"{PROG}: {hook_point}: journal: {unexpected(exc)} (continuing)", file=stderr)
     return EXIT_OK
 
 
@@ -191,7 +210,7 @@ def _journal(settings: Settings) -> Journal:
 
 def _record_error(settings: Settings, hook_point: str, vm_id: str, detail: str) -> None:
     # Already reporting an error: the journal is best effort here.
-    with contextlib.suppress(HookError):
+    with contextlib.suppress(Exception):
         _journal(settings).record(
             JournalEntry(
                 ts=time.time(),
