@@ -29,6 +29,7 @@ async def migrate_domain_async(
     plain: bool = False,
     hold: HoldPolicy = "auto",
     require_seamless: bool = False,
+    allow_taint: bool = False,
     reporter: ProgressReporter | None = None,
     **options: Any,
 ) -> LibvirtMigrationReport:
@@ -42,6 +43,7 @@ async def migrate_domain_async(
         plain=plain,
         hold=hold,
         require_seamless=require_seamless,
+        allow_taint=allow_taint,
         **options,
     )
     return await migrate_libvirt(request, None, reporter)
@@ -57,6 +59,7 @@ def migrate_domain(
     plain: bool = False,
     hold: HoldPolicy = "auto",
     require_seamless: bool = False,
+    allow_taint: bool = False,
     reporter: ProgressReporter | None = None,
     **options: Any,
 ) -> LibvirtMigrationReport:
@@ -67,6 +70,11 @@ def migrate_domain(
     ``to_connect`` is how *this* process reaches the destination libvirtd, when different.
     ``options`` are further :class:`~spice_libvirt.libvirt.controller.LibvirtMigrationRequest`
     fields (``hold_timeout``, ``release_margin_ms``, ``completion_timeout``, ...).
+
+    Taint-free by default: libvirt's public API only, the clients read from the source
+    QEMU's sockets (so call it on the source host, as root). ``allow_taint`` lets it use the
+    monitor passthrough (``query-spice``; the QMP throttle for a guest the taint-free hold
+    cannot keep), and libvirt then marks the domain tainted (``custom-monitor``).
 
     :raise LibvirtConnectError: a libvirtd is unreachable (exit code 3)
     :raise DomainNotFoundError: no such domain (exit code 9)
@@ -87,6 +95,7 @@ def migrate_domain(
             plain=plain,
             hold=hold,
             require_seamless=require_seamless,
+            allow_taint=allow_taint,
             reporter=reporter,
             **options,
         )
@@ -127,6 +136,8 @@ def evacuate_host(
 ) -> EvacuationReport:
     """Migrate every running SPICE domain off ``from_uri`` to ``to``, ``parallel`` at a time;
     one verdict per domain (:class:`~spice_libvirt.libvirt.evacuate.EvacuationReport`).
+    ``options`` are :class:`~spice_libvirt.libvirt.request.LibvirtMigrationRequest` fields
+    for every domain (``allow_taint``, ``hold_timeout``, ...), taint-free by default.
 
     :raise LibvirtConnectError: the source libvirtd is unreachable (nothing was touched)
     """

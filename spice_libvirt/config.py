@@ -70,6 +70,7 @@ FIELDS = (
     "hook_timeout_s",
     "syslog_socket",
     "metrics_textfile",
+    "allow_taint",
 )
 #: The local syslog socket (journald's and rsyslog's); "" turns the log lines off.
 DEFAULT_SYSLOG_SOCKET = "/dev/log"
@@ -123,9 +124,13 @@ class Settings:
       per migration (default ``/dev/log``; ``""`` = none). An absent socket is skipped.
     * ``metrics_textfile``: the node_exporter textfile-collector file (``*.prom``) that
       ``migrate`` and ``evacuate`` add their outcomes to (default ``""``: none).
+    * ``allow_taint``: ``migrate`` and ``evacuate`` may use libvirt's monitor passthrough
+      (``query-spice``; QEMU's max-bandwidth for a guest the taint-free hold cannot keep),
+      which marks the domain tainted (``custom-monitor``). Default false.
     """
 
     __slots__ = (
+        "allow_taint",
         "fail_closed",
         "hook_timeout_s",
         "journal_file",
@@ -142,6 +147,7 @@ class Settings:
     hook_timeout_s: float
     syslog_socket: str
     metrics_textfile: str
+    allow_taint: bool
 
     def __init__(
         self,
@@ -152,6 +158,7 @@ class Settings:
         hook_timeout_s: object = 1.5,
         syslog_socket: object = DEFAULT_SYSLOG_SOCKET,
         metrics_textfile: object = "",
+        allow_taint: object = False,
     ) -> None:
         problems: list[tuple[str, str]] = []
         checks: tuple[tuple[str, str, Callable[[Any], Any], object], ...] = (
@@ -162,6 +169,7 @@ class Settings:
             ("hook_timeout_s", "hook_timeout_s", _timeout, hook_timeout_s),
             ("syslog_socket", "syslog_socket", _socket_path, syslog_socket),
             ("metrics_textfile", "metrics_textfile", _textfile_path, metrics_textfile),
+            ("allow_taint", "allow_taint", _boolean, allow_taint),
         )
         for key, slot, check, value in checks:
             try:
@@ -186,6 +194,7 @@ class Settings:
             self.hook_timeout_s,
             self.syslog_socket,
             self.metrics_textfile,
+            self.allow_taint,
         )
 
     def __setattr__(self, name: str, value: object) -> None:

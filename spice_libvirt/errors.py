@@ -118,3 +118,15 @@ def unexpected(exc: BaseException) -> str:
     message. For the places that must end in a known way whatever happens (the hooks)."""
     text = " ".join(str(exc).split())
     return f"unexpected {type(exc).__name__}" + (f": {text}" if text else "")
+
+
+def first_error(exc: Exception) -> str:
+    """A pydantic ``ValidationError`` as one line: the first field's name and message
+    (pydantic prints several lines and a URL); any other exception as ``str()``."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    first = errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    message = str(first.get("msg", exc)).removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message

@@ -12,10 +12,9 @@ from spice_libvirt.agent import holdfile, procnet
 from spice_libvirt.agent.hold import spice_ports
 from spice_libvirt.agent.plan import CallerValues, HeldMigration, Release
 from spice_libvirt.agent.settings import AgentSettings, load_agent_settings
-from spice_libvirt.agent.watch import parse_migration_details
 from spice_libvirt.errors import AgentError, ConfigError
 from spice_libvirt.libvirt.claim import claim_active, claim_xml
-from spice_libvirt.libvirt.connection import GraphicsEvent
+from spice_libvirt.libvirt.connection import GraphicsEvent, parse_migration_details
 
 CHANNELS = ("10.0.0.3:40001", "10.0.0.3:40002", "10.0.0.3:40003")
 

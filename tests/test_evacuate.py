@@ -3,7 +3,10 @@
 The clients are our embedded client, one per domain, in the lab's client namespace; the
 evacuation does *not* get them as witnesses, so each verdict comes from what a
 third-party client leaves behind: the destination's graphics events for the hold and its
-``query-spice`` connection ids for the verdict.
+``query-spice`` connection ids for the verdict. The guests are the lab's firmware guests,
+which the taint-free hold cannot always keep: these evacuations allow the monitor
+passthrough explicitly (``allow_taint``); ``tests/test_taint_free.py`` evacuates a guest it
+can keep, without it.
 """
 
 from __future__ import annotations
@@ -71,12 +74,17 @@ async def test_evacuate_four_domains_with_clients_all_seamless(shared_lab: LabSt
             state.hosts["B"].uri_tcp,
             to_connect=state.hosts["B"].uri_unix,
             parallel=2,
+            allow_taint=True,
         )
         assert [d.domain for d in report.domains] == names
         for d in report.domains:
             assert d.report is not None, d.error
             assert d.outcome == "seamless", (d.domain, d.report.hold, d.report.notes)
-            assert d.report.hold.applied == "qmp-throttle"
+            assert d.report.tainted
+            # the QMP throttle only when the taint-free hold was about to run out
+            assert (d.report.hold.applied == "qmp-throttle") == (
+                d.report.hold.escalated is not None
+            )
             assert d.report.hold.release_reason is not None
             assert "destination initialized 5/5" in d.report.hold.release_reason
             (client,) = d.report.clients
@@ -182,7 +190,13 @@ async def test_cancelled_evacuation_leaves_every_domain_on_the_source_unthrottle
                 state.hosts["B"].uri_tcp,
                 destination_connect_uri=state.hosts["B"].uri_unix,
                 parallel=len(names),
-                options={"graphics_uri": f"spice://{bogus}:5900", "hold_timeout": 30.0},
+                options={
+                    "graphics_uri": f"spice://{bogus}:5900",
+                    "hold_timeout": 30.0,
+                    # the throttle from the start (it is what must be undone): allowed
+                    "allow_taint": True,
+                    "hold": "qmp",
+                },
             )
         )
         held = await asyncio.to_thread(

@@ -22,6 +22,7 @@ from spice_libvirt.migration.evidence import (
 )
 from spice_libvirt.migration.policy import (
     ChannelSecurity,
+    FloorWatch,
     choose_hold,
     embedded_link_grace,
     libvirt_plain_port_risk,
@@ -59,29 +60,67 @@ def test_release_point_adds_the_network_wait_and_the_margin() -> None:
 
 
 @pytest.mark.parametrize(
-    ("plain", "client", "policy", "passthrough", "applied"),
+    ("plain", "client", "policy", "passthrough", "applied", "escalate"),
     [
-        (True, True, "auto", True, "none"),
-        (False, False, "auto", True, "none"),
-        (False, True, "none", True, "none"),
-        (False, True, "libvirt", True, "libvirt-floor"),
-        (False, True, "auto", False, "libvirt-floor"),
-        (False, True, "auto", True, "qmp-throttle"),
-        (False, True, "qmp", True, "qmp-throttle"),
+        (True, True, "auto", True, "none", False),
+        (False, False, "auto", True, "none", False),
+        (False, True, "none", True, "none", False),
+        # taint-free unless the operator allowed the passthrough (and it answers)
+        (False, True, "auto", False, "libvirt-floor", False),
+        (False, True, "qmp", False, "libvirt-floor", False),
+        (False, True, "libvirt", True, "libvirt-floor", False),
+        # allowed: the floor first, the QMP throttle only when the floor runs out
+        (False, True, "auto", True, "libvirt-floor", True),
+        (False, True, "qmp", True, "qmp-throttle", False),
     ],
 )
 def test_hold_choice(
-    plain: bool, client: bool, policy: str, passthrough: bool, applied: str
+    plain: bool, client: bool, policy: str, passthrough: bool, applied: str, escalate: bool
 ) -> None:
-    got, reason = choose_hold(
+    choice = choose_hold(
         plain=plain,
         has_client=client,
         policy=policy,  # type: ignore[arg-type]
         passthrough=passthrough,
-        hold_bytes_per_s=4096,
     )
-    assert got == applied
-    assert reason
+    assert (choice.applied, choice.escalate) == (applied, escalate)
+    assert choice.reason
+    assert ("taint-free" in choice.reason) == (applied == "libvirt-floor")
+
+
+# QEMU's remaining memory at libvirt's floor, sampled every 30 ms (seconds after migrateToURI3,
+# bytes): the lab's firmware guest and its linux guest, measured on this machine
+FIRMWARE_AT_FLOOR = [
+    (0.453, 402268160), (0.485, 402268160), (0.558, 380637184), (0.592, 380637184),
+    (0.657, 332914688), (0.69, 332914688), (0.755, 285192192), (1.543, 598016), (1.842, 0),
+]  # fmt: skip
+LINUX_AT_FLOOR = [
+    (0.416, 402432000), (0.62, 386408448), (0.824, 386195456), (1.031, 385982464),
+    (2.056, 384917504), (3.896, 383000576),
+]  # fmt: skip
+
+
+def _first_escalation(samples: list[tuple[float, int]]) -> float | None:
+    watch = FloorWatch()
+    for at, remaining in [(0.2, 0), *samples]:
+        if watch.feed(at, remaining, 0 if remaining == 0 and at < 0.3 else 403259392):
+            return at
+    return None
+
+
+def test_floor_watch_escalates_a_near_empty_guest_early_and_a_full_one_never() -> None:
+    # the firmware guest switched over at 1.84 s: the watch fires 1.2 s before
+    assert _first_escalation(FIRMWARE_AT_FLOOR) == 0.657
+    assert _first_escalation(LINUX_AT_FLOOR) is None
+    # little left at the floor is the end of the pass whatever the rate
+    assert FloorWatch().feed(1.0, 512 * 1024, 1 << 30)
+    # a new pass (the figure goes up) starts the rate afresh
+    watch = FloorWatch()
+    assert watch.feed(0.0, 300 << 20, 1 << 30) is None
+    assert watch.feed(0.1, 299 << 20, 1 << 30) is None  # 10 MiB/s: 30 s to go
+    assert watch.feed(0.2, 400 << 20, 1 << 30) is None
+    assert watch.feed(0.3, 399 << 20, 1 << 30) is None
+    assert watch.feed(0.4, 100 << 20, 1 << 30)  # 2990 MiB/s: 33 ms to go
 
 
 # ------------------------------------------------------------------ evidence parsing

@@ -40,6 +40,7 @@ from spice_libvirt_lab.libvirt_state import (
     LabProcess,
     LabState,
     default_lab_dir,
+    lab_allows_taint,
     locked,
     save,
 )
@@ -271,6 +272,7 @@ def lab_evacuate(
         source = where(state)
         destination: HostName = "B" if source == "A" else "A"
         before = _verdict_lines(state)
+        options = {"allow_taint": lab_allows_taint(state), **(options or {})}
         t0 = time.monotonic()
         report = asyncio.run(
             evacuate(

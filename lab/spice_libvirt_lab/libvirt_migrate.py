@@ -26,6 +26,7 @@ from spice_libvirt.libvirt.controller import (
 from spice_libvirt.migration.progress import ProgressReporter
 from spice_libvirt_lab import libvirt_lab, libvirt_tls
 from spice_libvirt_lab.libvirt_lab import HostName, LabState, MigrationResult
+from spice_libvirt_lab.libvirt_state import LAB_TAINT_NOTE, lab_allows_taint
 from spice_libvirt_lab.witness_thread import netns_witness
 
 
@@ -33,8 +34,10 @@ def lab_request(
     state: LabState, source: HostName, destination: HostName, domain: str | None = None, **kw: Any
 ) -> LibvirtMigrationRequest:
     """The request for a lab migration: p2p over the lab network, events over UNIX sockets;
-    on a TLS lab the graphics URI names the destination's ``tlsPort`` and ``tlsSubject``."""
+    on a TLS lab the graphics URI names the destination's ``tlsPort`` and ``tlsSubject``;
+    the monitor passthrough allowed for the firmware guest (:func:`lab_allows_taint`)."""
     kw.setdefault("graphics_uri", libvirt_tls.graphics_uri(state, destination))
+    kw.setdefault("allow_taint", lab_allows_taint(state))
     return LibvirtMigrationRequest(
         domain=domain or state.domain,
         source_uri=state.hosts[source].uri_unix,
@@ -85,8 +88,12 @@ def lab_migrate(
     def run(state: LabState, source: HostName, destination: HostName) -> LibvirtMigrationReport:
         request = lab_request(state, source, destination, plain=plain, **(options or {}))
         if watch:
-            return asyncio.run(_migrate_with_witness(state, request, source, reporter))
-        return asyncio.run(migrate_libvirt(request, None, reporter))
+            report = asyncio.run(_migrate_with_witness(state, request, source, reporter))
+        else:
+            report = asyncio.run(migrate_libvirt(request, None, reporter))
+        if request.allow_taint:
+            report.notes.append(LAB_TAINT_NOTE)
+        return report
 
     return migrate_by_report(lab_dir, run, timeout=timeout)
 

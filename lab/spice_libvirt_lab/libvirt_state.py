@@ -329,3 +329,16 @@ def anything_alive(state: LabState) -> list[str]:
     refs += [p.proc for p in (*state.daemons, *state.clients)]
     alive += [f"{r.what} pid {r.pid}" for r in refs if r is not None and r.alive()]
     return alive
+
+
+#: what a lab report says when the lab allowed the monitor passthrough
+LAB_TAINT_NOTE = (
+    "the lab allows the monitor passthrough (allow_taint) for its near-empty firmware guest, "
+    "which libvirt's speed and downtime floors cannot hold (it moves in ~1.4 s at the floor)"
+)
+
+
+def lab_allows_taint(state: LabState) -> bool:
+    """The labs allow the monitor passthrough for their firmware guests only; every other
+    guest is held taint-free, as on a production host."""
+    return state.guest == "firmware"

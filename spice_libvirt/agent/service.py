@@ -49,14 +49,12 @@ from spice_libvirt.agent.record import (
 from spice_libvirt.agent.settings import AgentSettings
 from spice_libvirt.agent.watch import (
     Destination,
-    MigrationEvent,
     SourceChannels,
-    migration_events,
     on_close,
     pump_source_events,
 )
 from spice_libvirt.libvirt.claim import ClaimClock
-from spice_libvirt.libvirt.connection import Connection
+from spice_libvirt.libvirt.connection import Connection, MigrationEvent
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +277,7 @@ class Agent:
             pump_source_events(await local.graphics_events(), self.sources),
             name="local graphics events",
         )
-        events = await migration_events(local)
+        events = await local.migration_events()
         closed = on_close(local)
         await self.recover(local)
         peers = asyncio.create_task(self._subscribe_peers(), name="subscribe peers")

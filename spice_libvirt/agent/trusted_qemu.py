@@ -110,7 +110,7 @@ def _uids(pid: int, proc: Path) -> list[int]:
     raise AgentError(f"process {pid} shows no uids")
 
 
-def _check_process(pid: int, expected: ExpectedQemu, proc: Path) -> None:
+def _check_process(pid: int, expected: ExpectedQemu, proc: Path, same_netns: bool) -> None:
     where = proc / str(pid)
     uids = _uids(pid, proc)
     if any(uid != expected.uid for uid in uids):
@@ -129,7 +129,9 @@ def _check_process(pid: int, expected: ExpectedQemu, proc: Path) -> None:
     wanted = f"guest={expected.domain}".encode()
     if not any(arg == wanted or arg.startswith(wanted + b",") for arg in argv):
         raise AgentError(f"process {pid} does not name guest {expected.domain!r}")
-    if os.readlink(where / "ns" / "net") != os.readlink(proc / "self" / "ns" / "net"):
+    if same_netns and os.readlink(where / "ns" / "net") != os.readlink(
+        proc / "self" / "ns" / "net"
+    ):
         raise AgentError(f"process {pid} is not in the agent's network namespace")
 
 
@@ -138,14 +140,19 @@ def trusted_qemu_pid(
     *,
     run_dir: Path = LIBVIRT_QEMU_RUN_DIR,
     proc: Path = Path("/proc"),
+    same_netns: bool = True,
 ) -> int:
     """The PID of the domain's QEMU, from libvirt's pid file and checked (module docstring).
+
+    ``same_netns=False`` for a reader that takes the process's own tables
+    (``/proc/PID/net``) and may sit outside its network namespace: the migration controller
+    run beside a namespaced libvirtd (the labs), with that libvirtd's ``run_dir``.
 
     :raise AgentError: no pid file, or a check failed (the message says which)
     """
     pid = _read_pidfile(run_dir, expected.domain)
     try:
-        _check_process(pid, expected, proc)
+        _check_process(pid, expected, proc, same_netns)
     except OSError as exc:
         raise AgentError(f"process {pid} of {expected.domain!r} cannot be checked: {exc}") from exc
     return pid

@@ -1,11 +1,7 @@
-"""What the agent subscribes to: QEMU's MIGRATION events and the graphics events of the
-local libvirtd (which connections to a SPICE port linked a channel), and the graphics
+"""What the agent subscribes to besides QEMU's MIGRATION events
+(:meth:`~spice_libvirt.libvirt.connection.Connection.migration_events`): the graphics events
+of the local libvirtd (which connections to a SPICE port linked a channel), and the graphics
 events of destination libvirtds, fanned out to the holds that wait for them.
-
-QEMU's own ``MIGRATION`` status events come through libvirt-qemu's monitor-event API: they
-arrive within milliseconds of ``setup`` (libvirt relays no event of its own for a migration
-that starts) and, unlike the monitor *command* passthrough, registering for them does not
-taint the domain (checked by the lab tests on the domain's log).
 """
 
 from __future__ import annotations
@@ -13,10 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
-import json
 import logging
-import time
 from typing import Any
 
 from spice_libvirt import errors
@@ -28,48 +21,6 @@ log = logging.getLogger(__name__)
 HISTORY_S = 30.0
 #: connections remembered per domain (a client has a handful; the rest are a flood)
 SOURCE_CONNECTIONS_MAX = 1024
-
-
-@dataclasses.dataclass(frozen=True)
-class MigrationEvent:
-    """QEMU's ``MIGRATION`` event for one domain: its new status."""
-
-    domain: str
-    status: str
-    at: float
-
-
-def parse_migration_details(details: str | None) -> str | None:
-    """The ``status`` of a MIGRATION event's JSON ``data``; None when it has none."""
-    try:
-        data = json.loads(details or "{}")
-    except ValueError:
-        return None
-    status = data.get("status") if isinstance(data, dict) else None
-    return status if isinstance(status, str) else None
-
-
-async def migration_events(conn: Connection) -> EventStream[MigrationEvent]:
-    """Every domain's MIGRATION events on ``conn`` (close the stream to deregister)."""
-    import libvirt_qemu  # type: ignore[import-untyped]
-
-    stream: EventStream[MigrationEvent] = EventStream(asyncio.get_running_loop())
-
-    def callback(
-        _conn: Any, dom: Any, _event: str, _s: int, _us: int, details: str, _opaque: Any
-    ) -> None:
-        status = parse_migration_details(details)
-        if status is not None:
-            stream._push(MigrationEvent(dom.name(), status, time.monotonic()))
-
-    def register() -> None:
-        handle = libvirt_qemu.qemuMonitorEventRegister(
-            conn.conn, None, "MIGRATION", callback, None, 0
-        )
-        stream._deregister = lambda: libvirt_qemu.qemuMonitorEventDeregister(conn.conn, handle)
-
-    await conn.call(register, "register QEMU MIGRATION events")
-    return stream
 
 
 class SourceChannels:

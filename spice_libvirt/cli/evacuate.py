@@ -13,6 +13,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from spice_libvirt.cli import outcomes
+from spice_libvirt.cli.migrate_libvirt import add_allow_taint_argument, allow_taint
 from spice_libvirt.exitcodes import exit_codes_epilog, for_evacuation
 from spice_libvirt.migration.progress import make_reporter
 
@@ -65,6 +66,7 @@ def register(subparsers: Any) -> None:
         metavar="S",
         help="per-domain completion bound (300)",
     )
+    add_allow_taint_argument(parser)
     parser.add_argument("--json", action="store_true", help="the report as one JSON object")
     parser.set_defaults(handler=_run)
 
@@ -84,6 +86,7 @@ def _run(args: argparse.Namespace) -> int:
                 "plain": args.plain,
                 "hold_timeout": args.hold_timeout,
                 "completion_timeout": args.timeout,
+                "allow_taint": allow_taint(args),
             },
             reporter=reporter,
         )

@@ -11,9 +11,11 @@ import asyncio
 import sys
 from typing import Any
 
+from pydantic import ValidationError
+
 from spice_libvirt.cli import outcomes
 from spice_libvirt.cli.render import print_hold, print_report, save_timeline
-from spice_libvirt.errors import ConfigError, SpiceLibvirtError
+from spice_libvirt.errors import ConfigError, SpiceLibvirtError, first_error
 from spice_libvirt.exitcodes import for_report
 from spice_libvirt.migration.progress import make_reporter
 
@@ -48,8 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--hold",
         choices=HOLD_CHOICES,
         default="auto",
-        help="how to hold the switchover until the client linked (auto = QMP throttle)",
+        help="how to hold the switchover until the client linked: auto = libvirt's speed and "
+        "downtime floors (taint-free), the QMP throttle only for a guest they cannot keep and "
+        "only with --allow-taint; libvirt = the floors only; qmp = the throttle (--allow-taint)",
     )
+    add_allow_taint_argument(group)
     group.add_argument(
         "--release-margin-ms",
         type=float,
@@ -68,6 +73,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_allow_taint_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument(
+        "--allow-taint",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="may use libvirt's monitor passthrough (query-spice; the QMP throttle for a guest "
+        "the taint-free hold cannot keep), which marks the domain tainted (custom-monitor); "
+        "default: allow_taint in config.toml (false)",
+    )
+
+
+def allow_taint(args: argparse.Namespace) -> bool:
+    """``--allow-taint``/``--no-allow-taint``, else the host configuration's ``allow_taint``."""
+    if args.allow_taint is not None:
+        return bool(args.allow_taint)
+    from spice_libvirt.config import load_config
+
+    return load_config().allow_taint
+
+
 def applies(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "domain", None) or getattr(args, "to", None))
 
@@ -81,6 +106,7 @@ def request_fields(args: argparse.Namespace) -> dict[str, Any]:
         **({} if args.release_margin_ms is None else {"release_margin_ms": args.release_margin_ms}),
         "completion_timeout": args.timeout,
         "extend_ticket_s": args.extend_ticket,
+        "allow_taint": allow_taint(args),
     }
 
 
@@ -99,8 +125,8 @@ def run(args: argparse.Namespace) -> int:
             plain=args.plain,
             **request_fields(args),
         )
-    except ValueError as exc:
-        raise ConfigError(f"migrate: {exc}") from exc
+    except ValidationError as exc:
+        raise ConfigError(f"migrate: {first_error(exc)}") from exc
     reporter = make_reporter(quiet=args.json and not sys.stderr.isatty())
     try:
         report = asyncio.run(migrate_libvirt(request, None, reporter))

@@ -35,8 +35,7 @@ def print_report(report: MigrationReport, as_json: bool) -> None:
         )
     for client in report.clients:
         print(
-            f"client {client.kind}: {client.path}, connection id "
-            f"{client.connection_id_before} -> {client.connection_id_after} "
+            f"client {client.kind}: {client.path}, {client.identity} "
             f"({'kept' if client.connection_id_kept else 'not kept'}), "
             f"channels {len(client.channels_before)} -> {len(client.channels_after)}"
         )

@@ -8,17 +8,22 @@ This controller keeps libvirt in charge of the migration (``migrateToURI3``, pee
 with the graphics URI) and only moves the *moment of switchover*; each step lives in its
 own module, as on the QEMU path::
 
-    preflight (.preflight; the TLS check) -> the client(s) on the source
+    preflight (.preflight; the TLS check) -> the client(s) on the source (.census)
       -> hold choice (migration.policy) -> migrateToURI3 at libvirt's floor
       -> hold until the client linked, release (.hold) -> completion
-      -> the destination's sessions -> verdict (migration.verdict)
+      -> the destination's evidence -> verdict (migration.verdict)
 
-The passthrough ``query-spice`` and the throttle *taint* the domain (``custom-monitor``);
-the report says so. Nothing is left behind (.undo): on an error, a timeout or a
-cancellation (Ctrl-C, SIGTERM) the held job is aborted -- or released to complete when
-libvirt refuses -- QEMU's max-bandwidth is checked and put back, and both libvirtds are
-asked where the domain runs (``placement``, exit code 12 when that is not exactly one
-host); each step shielded from a second cancellation and bounded.
+Taint-free by default: libvirt's public API and event APIs only. The clients are counted
+from the source QEMU's sockets (or are our embedded client), the hold is libvirt's speed
+and downtime floors, and the verdict follows each client by its address through libvirt's
+graphics events. Only with ``allow_taint`` does the monitor passthrough come in --
+``query-spice`` for the clients and the verdict, and QEMU's max-bandwidth for a guest the
+taint-free hold cannot keep -- and libvirt then marks the domain tainted
+(``custom-monitor``); the report says so. Nothing is left behind (.undo): on an error, a
+timeout or a cancellation (Ctrl-C, SIGTERM) the held job is aborted -- or released to
+complete when libvirt refuses -- QEMU's max-bandwidth is checked and put back, and both
+libvirtds are asked where the domain runs (``placement``, exit code 12 when that is not
+exactly one host); each step shielded from a second cancellation and bounded.
 """
 
 from __future__ import annotations
@@ -26,11 +31,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from spice_libvirt import errors
+from spice_libvirt.libvirt.census import (
+    Census,
+    KernelCensus,
+    linked_counts,
+    reconnected_from,
+    take_census,
+)
 from spice_libvirt.libvirt.claim import claim_for_controller, unclaim
 from spice_libvirt.libvirt.connection import (
     Connection,
@@ -40,12 +54,11 @@ from spice_libvirt.libvirt.connection import (
     require_libvirt,
 )
 from spice_libvirt.libvirt.errors import message_of
-from spice_libvirt.libvirt.hold import DestinationLinks, Hold
+from spice_libvirt.libvirt.hold import DestinationLinks, Hold, MigrationStatus
 from spice_libvirt.libvirt.preflight import (
     check_ticket,
     check_tls,
     preflight,
-    source_sessions,
     spice_graphics,
 )
 from spice_libvirt.libvirt.request import (
@@ -58,11 +71,16 @@ from spice_libvirt.libvirt.settle import SettleInputs, SourceDepartures, await_s
 from spice_libvirt.libvirt.stats import figures_from_stats, progress_from_stats
 from spice_libvirt.libvirt.undo import JobUndo, settle_placement
 from spice_libvirt.migration.base import ControllerBase
-from spice_libvirt.migration.evidence import Sessions, sessions_from_query_spice
+from spice_libvirt.migration.evidence import (
+    Sessions,
+    SpiceSession,
+    parse_channel_name,
+    sessions_from_query_spice,
+)
 from spice_libvirt.migration.placement import run_to_completion
 from spice_libvirt.migration.policy import HoldPolicy, choose_hold
 from spice_libvirt.migration.report import Endpoint
-from spice_libvirt.migration.verdict import VerdictEvidence, judge
+from spice_libvirt.migration.verdict import LinkedClient, VerdictEvidence, judge
 from spice_libvirt.spice.record import ClientMigrationRecord
 
 log = logging.getLogger(__name__)
@@ -111,26 +129,33 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
         report = self._new_report()
         dom, xml = await preflight(src, dst, req, report, self.log)
         migrations_before = self.witness.migration_count if self.witness is not None else None
-        clients, queried = await source_sessions(src, dom, self.note)
-        graphics_uri = check_tls(req, clients, xml, self.note)
+        census = self._census = await take_census(
+            src,
+            dom,
+            report.domain,
+            xml,
+            allow_taint=req.allow_taint and not req.plain,
+            witness=self.witness,
+            note=self.note,
+        )
+        clients = census.sessions
+        report.hold.census = census.how
+        counted = census.kernel if census.how != "query-spice" else None
+        counted_tls = sum(c.tls_channels for c in counted.clients) if counted else None
+        graphics_uri = check_tls(req, clients, xml, self.note, counted_tls)
         # last among the checks: extending the ticket (when asked) is a change, and a refusal
         # above must leave nothing changed
         await check_ticket(src, dom, xml, req, self.note)
         report.client_target = graphics_uri or report.client_target
-        report.tainted = report.hold.tainted = queried
+        report.tainted = report.hold.tainted = census.tainted
         witness_cid = self.witness.session_id if self.witness is not None else None
-        expected = max((len(s.channels) for s in clients.values()), default=0)
-        if witness_cid is not None and witness_cid in clients:
-            expected = len(clients[witness_cid].channels)
+        expected = self._expected(census, witness_cid)
         report.hold.expected_channels = expected or None
-        has_client = bool(clients) or self.witness is not None
-        report.hold.applied, report.hold.reason = choose_hold(
-            plain=req.plain,
-            has_client=has_client,
-            policy=req.hold,
-            passthrough=queried,
-            hold_bytes_per_s=req.hold_bytes_per_s,
+        has_client = census.has_client or self.witness is not None
+        choice = choose_hold(
+            plain=req.plain, has_client=has_client, policy=req.hold, passthrough=census.tainted
         )
+        report.hold.applied, report.hold.reason = choice.applied, choice.reason
         link = report.link_wait
         link.timeout_s = req.hold_timeout
         watched = clients.get(witness_cid or -1) or next(iter(clients.values()), None)
@@ -140,14 +165,22 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
         gfx = await dst.graphics_events(None)
         src_gfx = await src.graphics_events(dom)
         jobs = await src.job_completed_events(dom)
-        self._links = DestinationLinks(report.domain, time.monotonic())
-        self._departures = SourceDepartures(
-            report.domain, sum(len(s.channels) for s in clients.values())
+        self._status = MigrationStatus(await src.migration_events(dom), report.domain)
+        counted_hosts = (
+            frozenset(c.address for c in census.kernel.clients)
+            if census.how == "kernel" and census.kernel is not None
+            else None
         )
+        self._links = DestinationLinks(report.domain, time.monotonic(), counted_hosts)
+        source_channels = sum(len(s.channels) for s in clients.values())
+        if census.how == "kernel" and census.kernel is not None:
+            source_channels = census.kernel.channels
+        self._departures = SourceDepartures(report.domain, source_channels)
         self._returned_at: float | None = None
+        self._dst_tls_port: int | None = None
         try:
             completed = await self._migrate(
-                src, dom, report, gfx, graphics_uri, expected, migrations_before
+                src, dom, report, gfx, graphics_uri, expected, migrations_before, choice.escalate
             )
             if completed:
                 await self._figures(dst, jobs, report)
@@ -167,8 +200,20 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
             gfx.close()
             src_gfx.close()
             jobs.close()
+            self._status.events.close()
             await unclaim(src, dst, report.domain)
         return report
+
+    @staticmethod
+    def _expected(census: Census, witness_cid: int | None) -> int:
+        """How many channels must initialize on the destination before the release: our
+        client's when attached, else every channel the kernel counted, else the largest
+        session's (query-spice)."""
+        if witness_cid is not None and witness_cid in census.sessions:
+            return len(census.sessions[witness_cid].channels)
+        if census.how == "kernel" and census.kernel is not None:
+            return census.kernel.channels
+        return max((len(s.channels) for s in census.sessions.values()), default=0)
 
     async def _migrate(
         self,
@@ -179,10 +224,13 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
         graphics_uri: str | None,
         expected: int,
         migrations_before: int | None,
+        escalate: bool,
     ) -> bool:
         """migrateToURI3 with the hold; True if the migration completed."""
         req = self.req
-        orig_speed, params, flags = await self._job_parameters(src, dom, report, graphics_uri)
+        orig_speed, params, flags = await self._job_parameters(
+            src, dom, report, graphics_uri, escalate
+        )
         await claim_for_controller(src, dom, self.note)  # a host agent leaves it to us
         t_start = time.monotonic()
         links = self._links
@@ -196,13 +244,29 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
         )
         progress = asyncio.create_task(self._progress_loop(src, dom, migration))
         undo = JobUndo(
-            src, dom, migration, orig_speed, report.hold.qemu_bandwidth_before, self.note
+            src,
+            dom,
+            migration,
+            orig_speed,
+            report.hold.downtime_before_ms,
+            report.hold.qemu_bandwidth_before,
+            self.note,
         )
         error: BaseException | None = None
         cancelled = False
         try:
             if report.hold.applied != "none":
-                hold = Hold(src, dom, migration, req, report, self.log, self.witness)
+                hold = Hold(
+                    src,
+                    dom,
+                    migration,
+                    req,
+                    report,
+                    self.log,
+                    self.witness,
+                    self._status,
+                    escalate,
+                )
                 linked = await hold.run(
                     gfx, links, t_start, orig_speed, expected, migrations_before
                 )
@@ -224,28 +288,45 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
             progress.cancel()
             with contextlib.suppress(BaseException):
                 await progress
-        if not migration.done() or report.hold.qemu_bandwidth_before is not None:
+        went_through = (
+            error is None
+            and migration.done()
+            and not migration.cancelled()
+            and migration.exception() is None
+        )
+        # a job that went through left no QEMU on the source whose bandwidth to check
+        throttled = report.hold.qemu_bandwidth_before is not None
+        if not migration.done() or (throttled and not went_through):
             report.hold.bandwidth_restored = await run_to_completion(
                 undo.run(), UNDO_TIMEOUT, "undo"
             )
         report.wall_ms = round((time.monotonic() - t_start) * 1000.0, 3)
         for event in gfx.drain():
             links.absorb(event)
+        self._status.drain()
         return self._job_outcome(report, migration, error, cancelled, t_start)
 
     async def _job_parameters(
-        self, src: Connection, dom: Any, report: LibvirtMigrationReport, graphics_uri: str | None
+        self,
+        src: Connection,
+        dom: Any,
+        report: LibvirtMigrationReport,
+        graphics_uri: str | None,
+        escalate: bool,
     ) -> tuple[int, dict[str, Any], int]:
         """What the job is started with: the caller's speed (restored after the hold), the
-        migration parameters and flags; the downtime limit and QEMU's own bandwidth into
-        the report."""
+        migration parameters and flags; the downtime limit (the hold's to restore) and,
+        when the QMP throttle may come in, QEMU's own bandwidth into the report."""
         lv = self._lv
         orig_speed = await src.call(dom.migrateGetMaxSpeed, "migration max speed")
         report.hold.bandwidth_before_mibs = orig_speed
         with contextlib.suppress(errors.LibvirtError):  # the limit the downtime is judged by
             limit = await src.call(lambda: dom.migrateGetMaxDowntime(0), "max downtime")
             report.migration.downtime_limit_ms = int(limit)
-        if report.hold.applied == "qmp-throttle":
+        if report.hold.applied != "none":
+            report.hold.downtime_before_ms = report.migration.downtime_limit_ms
+        if report.hold.applied == "qmp-throttle" or escalate:
+            # what the undo puts back if the throttle outlives the job (allowed: taints)
             report.hold.qemu_bandwidth_before = await self._qemu_bandwidth(src, dom)
         params: dict[str, Any] = {}
         if graphics_uri:
@@ -402,6 +483,7 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
         witness_cid: int | None,
     ) -> None:
         start = time.monotonic()
+        census = self._census
         record: ClientMigrationRecord | None = None
         if self.witness is not None and completed:
             try:
@@ -412,11 +494,11 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
                 self.note(f"the embedded client failed: {exc}")
         after: Sessions | None = None
         reconnected = False
-        if completed and clients:
+        if completed and census.has_client:
             after, reconnected = await self._destination_after(
-                dst, streams, report, clients, record is not None
+                dst, streams, report, clients, record
             )
-        elif not completed and report.tainted:  # the passthrough answered before
+        elif not completed and census.tainted:  # the passthrough answered before
             after = await self._sessions(src, dom)
         verdict = judge(
             VerdictEvidence(
@@ -427,11 +509,12 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
                 embedded_id=witness_cid,
                 record=record,
                 stream=self.witness.stream_stats() if self.witness is not None else None,
-                observed_by="libvirt/QMP",
+                observed_by="libvirt/QMP" if census.tainted else "the embedded client",
                 reconnected=reconnected,
                 lost_cause=(
                     report.link_wait.reason if report.link_wait.result == "unreachable" else None
                 ),
+                linked_clients=self._linked_clients(),
             )
         )
         for text in verdict.notes:
@@ -440,13 +523,57 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
         if self._returned_at is not None:
             report.verdict_ready_ms = round((time.monotonic() - self._returned_at) * 1000.0, 3)
         self.log.record("verdict", start, detail=report.outcome)
-        if report.tainted:
-            self.note(
-                "libvirt marked the domain tainted (custom-monitor): the QMP passthrough was used "
-                "for query-spice"
-                + (" and the hold" if report.hold.applied == "qmp-throttle" else "")
-            )
+        self._note_taint(report)
         self.log.fill(report)
+
+    def _note_taint(self, report: LibvirtMigrationReport) -> None:
+        uses: list[str] = []
+        if self._census.tainted:
+            uses.append("query-spice")
+        if report.hold.applied == "qmp-throttle":
+            uses.append(f"the hold ({report.hold.escalated or 'hold=qmp'})")
+        if uses:
+            self.note(
+                "libvirt marked the domain tainted (custom-monitor): the monitor passthrough "
+                f"was used for {' and '.join(uses)} (allow_taint)"
+            )
+
+    def _linked_clients(self) -> tuple[LinkedClient, ...]:
+        """Each client the kernel counted, followed by its address through both hosts'
+        graphics events (taint-free evidence; empty with other censuses)."""
+        kernel: KernelCensus | None = self._census.kernel
+        if self._census.how != "kernel" or kernel is None:
+            return ()
+        now = time.monotonic()
+        switchover = self._status.switchover_at or self._returned_at or now
+        split = self._departures.first_at or self._returned_at or now
+        out: list[LinkedClient] = []
+        for client in kernel.clients:
+            linked, linked_tls, dropped = linked_counts(
+                self._links, client.address, switchover, self._dst_tls_port
+            )
+            out.append(
+                LinkedClient(
+                    address=client.address,
+                    channels=len(client.channels),
+                    tls_channels=client.tls_channels,
+                    prelinked=linked,
+                    prelinked_tls=linked_tls,
+                    dropped=dropped,
+                    reconnected=reconnected_from(self._links, client.address, split),
+                )
+            )
+        return tuple(out)
+
+    async def _after_from_record(self, record: ClientMigrationRecord | None) -> Sessions | None:
+        """Our client's session where it went, in its own words (taint-free)."""
+        if record is None or record.connection_id_after is None:
+            return None
+        cid = record.connection_id_after
+        session = SpiceSession(cid)
+        for name in record.channels_after:
+            session.add(parse_channel_name(name), None)
+        return {cid: session}
 
     async def _destination_after(
         self,
@@ -454,15 +581,28 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
         streams: tuple[EventStream[GraphicsEvent], EventStream[GraphicsEvent]],
         report: LibvirtMigrationReport,
         clients: Sessions,
-        record_in: bool,
+        record: ClientMigrationRecord | None,
     ) -> tuple[Sessions, bool]:
         """The destination's sessions once the evidence is conclusive (``verdict.settled``);
-        and whether a new connection reached it after the client left the source."""
+        and whether a new connection reached it after the client left the source. Without
+        the passthrough the sessions are our client's own record, and the clients the kernel
+        counted are followed through the graphics events."""
         try:
             dom = await dst.lookup(report.domain)
         except errors.LibvirtError as exc:
             self.note(f"the domain is not on the destination: {exc}")
             return {}, False
+        read_after: Callable[[], Awaitable[Sessions | None]]
+        linked_kept: Callable[[], bool] | None = None
+        if self._census.tainted:
+            read_after = functools.partial(self._sessions, dst, dom)
+        else:
+            read_after = functools.partial(self._after_from_record, record)
+            with contextlib.suppress(errors.LibvirtError):
+                graphics = spice_graphics(await dst.call(dom.XMLDesc, "destination XML"))
+                self._dst_tls_port = graphics[2] if graphics is not None else None
+            if self._census.how == "kernel":
+                linked_kept = lambda: all(c.kept for c in self._linked_clients())  # noqa: E731
         links, rtt = self._links, report.hold.client_rtt_estimate_ms
         if rtt is None and self.req.witness_one_way_ms is not None:
             rtt = 2 * self.req.witness_one_way_ms
@@ -471,13 +611,14 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
             returned_at=self._returned_at or time.monotonic(),
             rtt=rtt / 1000.0 if rtt is not None else links.rtt_estimate(),
             embedded=self.witness is not None,
-            record_in=record_in,
+            record_in=record is not None,
             margin=self.req.verdict_margin_ms / 1000.0,
             bound=self.req.settle_timeout,
+            linked_kept=linked_kept,
         )
         gfx, src_gfx = streams
         after, decision, reconnected = await await_settled(
-            lambda: self._sessions(dst, dom), gfx, links, src_gfx, self._departures, inputs
+            read_after, gfx, links, src_gfx, self._departures, inputs
         )
         report.verdict_basis = decision.reason
         gone = self._departures

@@ -1,11 +1,15 @@
 """Hold a libvirt migration before its switchover until the SPICE client is there; release.
 
 libvirt sends ``client_migrate_info`` itself and migrates at once, so the only lever is the
-*moment of switchover*: the migration starts at libvirt's 1 MiB/s floor and, once QEMU
-reports it ``active``, is throttled to a few KiB/s through the monitor passthrough (the
-floor alone moves an idle guest in ~1.3 s, less than a 300 ms client needs). The release
-(``migrateSetMaxSpeed`` back to the domain's speed) comes at the release point of
-:func:`spice_libvirt.migration.policy.release_point`:
+*moment of switchover*. The hold is the host agent's, through libvirt's public API: the
+migration starts at libvirt's 1 MiB/s speed floor, and at QEMU's ``setup`` (its MIGRATION
+event; libvirt sets its own parameters just before) the downtime goes to 1 ms, so that a
+guest with memory to move stays in its first pass. That taints nothing. A near-empty guest
+(firmware only) moves in ~1.4 s even so; for it, and only when the operator allowed the
+monitor passthrough (``allow_taint``), QEMU's max-bandwidth goes to a few KiB/s once the
+pass is seen about to end (:class:`~spice_libvirt.migration.policy.FloorWatch`), which
+taints the domain. The release (speed and downtime back to the domain's) comes at the
+release point of :func:`spice_libvirt.migration.policy.release_point`:
 
 * our embedded client: when it sent MIGRATE_CONNECTED_SEAMLESS, plus its one-way delay and
   a margin -- it knows, no guessing;
@@ -27,7 +31,13 @@ import time
 from typing import Any
 
 from spice_libvirt import errors
-from spice_libvirt.libvirt.connection import Connection, EventStream, GraphicsEvent, endpoint
+from spice_libvirt.libvirt.connection import (
+    Connection,
+    EventStream,
+    GraphicsEvent,
+    MigrationEvent,
+    endpoint,
+)
 from spice_libvirt.libvirt.request import (
     LIBVIRT_MAX_SPEED_MIBS,
     LibvirtMigrationReport,
@@ -35,15 +45,53 @@ from spice_libvirt.libvirt.request import (
 )
 from spice_libvirt.migration.policy import (
     NO_CONTACT,
+    FloorWatch,
     ReleasePoint,
     first_contact_deadline,
     release_point,
 )
 from spice_libvirt.migration.progress import RunLog
+from spice_libvirt.migration.switchover import HOLD_DOWNTIME_MS
 from spice_libvirt.migration.witness import MigrationWitness, await_connected
 
 #: QEMU migration states in which the RAM transfer runs (and can be held)
 RUNNING_STATES = ("active", "pre-switchover", "device")
+#: QEMU migration states from which the guest is paused for the switchover, or over
+SWITCHOVER_STATES = ("pre-switchover", "device", "completed", "failed", "cancelled")
+FINAL_STATES = ("completed", "failed", "cancelled")
+#: how often the job statistics are read while a hold may still turn to the throttle
+FLOOR_POLL_S = 0.03
+
+
+class MigrationStatus:
+    """QEMU's migration status as its MIGRATION events tell it, for one domain."""
+
+    def __init__(self, events: EventStream[MigrationEvent], domain: str) -> None:
+        self.events = events
+        self.domain = domain
+        self.status = "none"
+        self.seen: list[str] = []
+        self.switchover_at: float | None = None
+
+    def absorb(self, event: MigrationEvent) -> None:
+        if event.domain != self.domain:
+            return
+        self.status = event.status
+        self.seen.append(event.status)
+        if event.status in SWITCHOVER_STATES and self.switchover_at is None:
+            self.switchover_at = event.at
+
+    def drain(self) -> None:
+        for event in self.events.drain():
+            self.absorb(event)
+
+    async def next(self, timeout: float) -> str | None:
+        """The next status (None: none within ``timeout``)."""
+        try:
+            self.absorb(await self.events.get(timeout=timeout))
+        except TimeoutError:
+            return None
+        return self.status
 
 
 class DestinationLinks:
@@ -117,6 +165,24 @@ async def _next_or_done(
     return getter.result()
 
 
+async def release_hold(
+    src: Connection,
+    dom: Any,
+    speed_mibs: int,
+    downtime_ms: int | None,
+    timeout: float | None = None,
+) -> None:
+    """The domain's own downtime, then its speed, back (a speed of 1 MiB/s or less -- the
+    floor itself -- goes to libvirt's maximum, as virsh's). Downtime first: the moment the
+    speed is back, the switchover is judged by the caller's limit, not the hold's."""
+    if downtime_ms is not None:
+        await src.call(
+            lambda: dom.migrateSetMaxDowntime(downtime_ms, 0), "release the hold: downtime", timeout
+        )
+    speed = speed_mibs if speed_mibs > 1 else LIBVIRT_MAX_SPEED_MIBS
+    await src.call(lambda: dom.migrateSetMaxSpeed(speed, 0), "release the hold: speed", timeout)
+
+
 @dataclasses.dataclass
 class Hold:
     """The hold and release of one running libvirt migration job."""
@@ -128,6 +194,9 @@ class Hold:
     report: LibvirtMigrationReport
     log: RunLog
     witness: MigrationWitness | None
+    status: MigrationStatus
+    #: turn to the QMP throttle if the taint-free hold is about to run out (allow_taint)
+    escalate: bool = False
 
     async def run(
         self,
@@ -148,14 +217,24 @@ class Hold:
             self.log.note("the migration was over before it could be held")
             self.report.link_wait.result = "timeout"
             return False
-        await self._throttle()
+        if hold.applied == "qmp-throttle":
+            await self._throttle()
         self.log.record("hold", start, detail=hold.applied)
         wait_start = time.monotonic()
         deadline = t_active + self.req.hold_timeout
-        if self.witness is not None:
-            point = await self._embedded_linked(gfx, links, deadline, t_active, migrations_before)
-        else:
-            point = await self._destination_linked(gfx, links, deadline, t_active, expected)
+        watch = asyncio.create_task(self._watch_floor()) if self.escalate else None
+        try:
+            if self.witness is not None:
+                point = await self._embedded_linked(
+                    gfx, links, deadline, t_active, migrations_before
+                )
+            else:
+                point = await self._destination_linked(gfx, links, deadline, t_active, expected)
+        finally:
+            if watch is not None:
+                watch.cancel()
+                with contextlib.suppress(BaseException):
+                    await watch
         linked = point is not None
         if not linked:
             link = self.report.link_wait
@@ -183,35 +262,59 @@ class Hold:
         return linked
 
     async def _wait_active(self) -> bool:
-        """Poll QEMU's query-migrate until the migration is active (True) or over (False).
+        """Until QEMU's MIGRATION events say the transfer runs (True) or is over (False).
 
-        Polled, not awaited: libvirt relays no event for QEMU's "active", and the throttle
-        must follow it within milliseconds (the idle guest is across in ~1 s at the floor).
+        At ``setup`` libvirt has set its own parameters (the speed floor among them): the
+        downtime floor goes on then, through the public API, before the first page moves.
+        The events come through libvirt-qemu's event API, which taints nothing.
         """
         deadline = time.monotonic() + 60.0
-        seen_setup = False
+        floored = False
         while time.monotonic() < deadline and not self.migration.done():
-            try:
-                reply = await self.src.qemu_monitor(self.dom, {"execute": "query-migrate"})
-            except errors.LibvirtError:
-                await asyncio.sleep(0.01)
-                continue
-            status = (reply.get("return") or {}).get("status")
+            status = self.status.status
+            if status in ("setup", *RUNNING_STATES) and not floored:
+                floored = True
+                await self._floor_downtime()
             if status in RUNNING_STATES:
                 return True
-            # a QEMU that came in by migration answers "completed" until the next one
-            # starts: a final state counts only after this migration's "setup" was seen
-            if status == "setup":
-                seen_setup = True
-            elif status in ("completed", "failed", "cancelled") and seen_setup:
+            if status in FINAL_STATES:
                 return False
-            await asyncio.sleep(0.01)
-        return False
+            await self.status.next(timeout=0.05)
+        return self.status.status in RUNNING_STATES
+
+    async def _floor_downtime(self) -> None:
+        try:
+            await self.src.call(
+                lambda: self.dom.migrateSetMaxDowntime(HOLD_DOWNTIME_MS, 0), "hold: downtime"
+            )
+        except errors.LibvirtError as exc:
+            self.log.note(f"downtime floor refused ({exc}): holding at the speed floor only")
+
+    async def _watch_floor(self) -> None:
+        """Turn to the QMP throttle when the pass is about to end at the floor (libvirt's job
+        statistics: public API). Runs until cancelled at the release."""
+        watch = FloorWatch()
+        while not self.migration.done():
+            try:
+                stats = await self.src.call(lambda: self.dom.jobStats(0), "job stats", timeout=5.0)
+            except errors.LibvirtError:
+                stats = {}
+            why = watch.feed(
+                time.monotonic(),
+                int(stats.get("memory_remaining", 0) or 0),
+                int(stats.get("memory_total", 0) or 0),
+            )
+            if why is not None:
+                hold = self.report.hold
+                hold.escalated = why
+                hold.applied = "qmp-throttle"
+                self.log.note(f"the taint-free hold is running out ({why}): QMP throttle")
+                await self._throttle()
+                return
+            await asyncio.sleep(FLOOR_POLL_S)
 
     async def _throttle(self) -> None:
         hold = self.report.hold
-        if hold.applied != "qmp-throttle":
-            return
         command = {
             "execute": "migrate-set-parameters",
             "arguments": {"max-bandwidth": self.req.hold_bytes_per_s},
@@ -219,6 +322,7 @@ class Hold:
         try:
             await self.src.qemu_monitor(self.dom, command)
             hold.hold_bytes_per_s = self.req.hold_bytes_per_s
+            hold.tainted = self.report.tainted = True
         except errors.LibvirtError as exc:
             self.log.note(f"QMP throttle refused ({exc}): holding at libvirt's floor only")
             hold.applied = "libvirt-floor"
@@ -344,9 +448,8 @@ class Hold:
         self.log.note(f"{link.reason} (a firewall that drops it? a route that leads nowhere?)")
 
     async def _release(self, orig_speed: int, t_start: float, t_active: float) -> None:
-        speed = orig_speed if orig_speed > 1 else LIBVIRT_MAX_SPEED_MIBS
         try:
-            await self.src.call(lambda: self.dom.migrateSetMaxSpeed(speed, 0), "release the hold")
+            await release_hold(self.src, self.dom, orig_speed, self.report.hold.downtime_before_ms)
         except errors.LibvirtError as exc:
             if not self.migration.done():
                 raise errors.MigrationError("release", f"could not release: {exc}") from exc
@@ -355,4 +458,4 @@ class Hold:
         hold.held_ms = round((time.monotonic() - t_active) * 1000.0, 3)
 
 
-__all__ = ["DestinationLinks", "Hold"]
+__all__ = ["DestinationLinks", "Hold", "MigrationStatus", "release_hold"]

@@ -1,7 +1,7 @@
 """Checks before a libvirt migration changes anything, and the facts they leave behind.
 
 Read-only: the domain's state and XML, both hypervisors' type and version, the clients on
-the source (``query-spice`` through the monitor passthrough), and which channels the
+the source (:mod:`spice_libvirt.libvirt.census`), and which channels the
 destination graphics would accept in plain text -- the destination domain is built from
 the source's XML, so its ``<graphics>`` (``defaultMode``, ``<channel mode>``, a plain
 ``port``) says it. A refusal raises :class:`PreflightError` with nothing changed.
@@ -25,7 +25,12 @@ from spice_libvirt.libvirt.connection import Connection, require_libvirt
 from spice_libvirt.libvirt.errors import PreflightError
 from spice_libvirt.libvirt.request import LibvirtMigrationReport, LibvirtMigrationRequest
 from spice_libvirt.migration.evidence import Sessions, sessions_from_query_spice
-from spice_libvirt.migration.policy import ChannelMode, ChannelSecurity, libvirt_plain_port_risk
+from spice_libvirt.migration.policy import (
+    ChannelMode,
+    ChannelSecurity,
+    counted_tls_risk,
+    libvirt_plain_port_risk,
+)
 from spice_libvirt.migration.progress import RunLog
 
 
@@ -229,7 +234,7 @@ async def source_sessions(
     src: Connection, dom: Any, note: Callable[[str], None]
 ) -> tuple[Sessions, bool]:
     """The clients on the source (query-spice lists every channel here), and whether the
-    passthrough answered at all."""
+    passthrough answered at all. It taints the domain: only when the operator allowed it."""
     try:
         reply = await src.qemu_monitor(dom, {"execute": "query-spice"})
     except errors.LibvirtError as exc:
@@ -239,7 +244,11 @@ async def source_sessions(
 
 
 def check_tls(
-    req: LibvirtMigrationRequest, clients: Sessions, xml: str, note: Callable[[str], None]
+    req: LibvirtMigrationRequest,
+    clients: Sessions,
+    xml: str,
+    note: Callable[[str], None],
+    counted_tls: int | None = None,
 ) -> str | None:
     """TLS never downgraded, on the libvirt path: the graphics URI to use, or a refusal.
 
@@ -252,10 +261,19 @@ def check_tls(
     plain link spice-gtk needs to get NEED_SECURED). A client channel on TLS that the
     destination would accept in plain text is a downgrade risk: refused by default, or
     with ``warn`` migrated with a note and a URI without a plain port of ours.
+
+    ``counted_tls``: the clients' channels on TLS as the kernel counts them (taint-free,
+    types unknown), which then decides instead of ``clients``.
     """
     uri = req.graphics_uri
     security = graphics_security(xml)
-    risk = libvirt_plain_port_risk(clients, security) if security is not None else None
+    risk: str | None = None
+    if security is not None:
+        risk = (
+            libvirt_plain_port_risk(clients, security)
+            if counted_tls is None
+            else counted_tls_risk(counted_tls, security)
+        )
     if risk is None:
         return uri
     if req.tls_downgrade_policy == "refuse" or req.require_seamless:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from spice_libvirt.migration.policy import HoldApplied, HoldPolicy, TlsDowngradePolicy
 from spice_libvirt.migration.report import MigrationReport
@@ -25,7 +25,16 @@ class LibvirtMigrationRequest(BaseModel):
     graphics_uri: str | None = None
     #: the baseline: libvirt's own migration, no hold, no wait (the verdict is still taken)
     plain: bool = False
+    #: ``auto``: libvirt's public API (speed and downtime floors, taint-free), turning to the
+    #: QMP throttle for a guest that cannot be held so only when ``allow_taint``; ``libvirt``:
+    #: never the throttle; ``qmp``: the throttle from the start (needs ``allow_taint``)
     hold: HoldPolicy = "auto"
+    #: the operator allows libvirt's monitor passthrough, which taints the domain
+    #: (``custom-monitor``): ``query-spice`` for the clients and the verdict (connection ids,
+    #: channel types) and QEMU's max-bandwidth for a guest the taint-free hold cannot keep.
+    #: Off (the default): libvirt's public API only; the clients come from the source QEMU's
+    #: sockets (the controller on the source host) or the embedded client
+    allow_taint: bool = False
     hold_bytes_per_s: int = Field(default=4096, ge=1)
     #: how long the client may take to link before the hold is released anyway
     hold_timeout: float = Field(default=15.0, gt=0)
@@ -65,6 +74,15 @@ class LibvirtMigrationRequest(BaseModel):
     #: 120 s for a migration. The ticket itself is kept; the report says so.
     extend_ticket_s: float | None = Field(default=None, gt=0, le=86400)
 
+    @model_validator(mode="after")
+    def _qmp_hold_needs_taint(self) -> LibvirtMigrationRequest:
+        if self.hold == "qmp" and not self.allow_taint and not self.plain:
+            raise ValueError(
+                "hold=qmp throttles through the monitor passthrough, which taints the domain: "
+                "it needs allow_taint (--allow-taint)"
+            )
+        return self
+
     @property
     def dst_connect(self) -> str:
         return self.destination_connect_uri or self.destination_uri
@@ -78,6 +96,14 @@ class HoldDetails(BaseModel):
     #: the domain was tainted by libvirt's monitor passthrough (custom-monitor)
     tainted: bool = False
     reason: str = ""
+    #: why the taint-free hold was turned into the QMP throttle (allow_taint): the first
+    #: pass was about to end before the client linked; None: it was not
+    escalated: str | None = None
+    #: where the clients on the source were counted: "query-spice" (monitor passthrough),
+    #: "kernel" (the source QEMU's sockets), "embedded" (our client only), "none"
+    census: Literal["query-spice", "kernel", "embedded", "none"] = "none"
+    #: the domain's libvirt migration downtime before the hold (ms), restored at the release
+    downtime_before_ms: int | None = None
     bandwidth_before_mibs: int | None = None
     hold_bytes_per_s: int | None = None
     #: ms from migrateToURI3 to QEMU "active" (libvirt's prepare + client_migrate_info)

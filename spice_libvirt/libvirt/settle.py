@@ -9,8 +9,9 @@ feeds it what both libvirtds said since the migration started:
   connection reaches the destination one RTT after it left;
 * the **destination's** graphics events: a connect from a remote that was not one of the
   client's pre-links (the switch-host reconnect), a pre-link dropped;
-* the destination's ``query-spice`` on each event: a new connection id, or the kept one
-  with every channel.
+* the destination's ``query-spice`` on each event (with the monitor passthrough allowed): a
+  new connection id, or the kept one with every channel; without it, each client's
+  channels counted on the destination by its address (taint-free).
 
 A seamless verdict is therefore ready one RTT + a margin after the client left the source
 (before or at libvirt's return), instead of after a fixed settle window.
@@ -65,6 +66,9 @@ class SettleInputs:
     record_in: bool
     margin: float
     bound: float
+    #: taint-free evidence: whether every client followed by its address is kept so far
+    #: (from the events gathered up to now); None: the destination's sessions decide
+    linked_kept: Callable[[], bool] | None = None
 
 
 def reconnected_at(links: DestinationLinks, split: float) -> float | None:
@@ -140,6 +144,7 @@ async def await_settled(
             record_in=inputs.record_in,
             margin=inputs.margin,
             bound=inputs.bound,
+            linked_kept=inputs.linked_kept() if inputs.linked_kept is not None else None,
         )
         decision = settled(state)
         if decision.done:

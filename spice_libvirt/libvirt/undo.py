@@ -1,7 +1,7 @@
 """Putting a libvirt migration right after an error or an interruption, and saying where
 the domain runs.
 
-The hold makes the migration job crawl (4 KiB/s); a controller that stops caring about it
+The hold makes the migration job crawl (1 MiB/s, or 4 KiB/s throttled); a controller that stops caring about it
 -- Ctrl-C, SIGTERM, an error in the release -- would leave it crawling for hours with the
 domain paused on the destination. So every exit path other than a clean
 completion comes here: the job is aborted (or, if libvirt refuses because it is already
@@ -26,7 +26,7 @@ from typing import Any
 
 from spice_libvirt import errors
 from spice_libvirt.libvirt.connection import Connection, require_libvirt
-from spice_libvirt.libvirt.request import LIBVIRT_MAX_SPEED_MIBS
+from spice_libvirt.libvirt.hold import release_hold
 from spice_libvirt.migration.placement import EndState, PlacementVerdict, decide_placement
 
 #: how long the job may take to end once aborted (libvirt's Finish/Confirm round trip)
@@ -47,8 +47,9 @@ class JobUndo:
     src: Connection
     dom: Any
     migration: asyncio.Task[Any]
-    #: the domain's libvirt migration speed before (MiB/s), for a release
+    #: the domain's libvirt migration speed (MiB/s) and downtime (ms) before, for a release
     orig_speed: int
+    orig_downtime: int | None
     #: QEMU's own max-bandwidth before the migration (bytes/s; None: not read)
     qemu_bandwidth_before: int | None
     note: Callable[[str], None]
@@ -82,11 +83,8 @@ class JobUndo:
             self.note(f"undo: the migration job still runs after {2 * JOB_END_TIMEOUT:.0f} s")
 
     async def _release(self) -> None:
-        speed = self.orig_speed if self.orig_speed > 1 else LIBVIRT_MAX_SPEED_MIBS
         with contextlib.suppress(errors.LibvirtError):
-            await self.src.call(
-                lambda: self.dom.migrateSetMaxSpeed(speed, 0), "release the hold", timeout=10.0
-            )
+            await release_hold(self.src, self.dom, self.orig_speed, self.orig_downtime, 10.0)
 
     async def _job_ended(self, timeout: float) -> bool:
         with contextlib.suppress(TimeoutError):

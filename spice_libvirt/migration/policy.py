@@ -4,7 +4,8 @@
   that its MIGRATE_CONNECTED_SEAMLESS reaches the source.
 * **Release point** (libvirt path): when to release the held migration, and when a client
   that never reached the destination is given up on (:func:`first_contact_deadline`).
-* **Hold choice** (libvirt path): how to hold the switchover, if at all.
+* **Hold choice** (libvirt path): how to hold the switchover, if at all, and when the
+  taint-free hold is about to run out (:class:`FloorWatch`).
 * **TLS target** (both paths): which ports a client may be told, so that a client
   on TLS is never offered a plain port it would downgrade to.
 
@@ -23,6 +24,7 @@ from spice_libvirt.migration.evidence import (
     Sessions,
     channel_names,
 )
+from spice_libvirt.migration.switchover import HOLD_DOWNTIME_MS, HOLD_SPEED_MIBS
 
 # --------------------------------------------------------------------- link wait, release
 
@@ -85,25 +87,101 @@ def release_point(signal_at: float, wait_s: float, margin_ms: float) -> ReleaseP
 HoldPolicy = Literal["auto", "qmp", "libvirt", "none"]
 HoldApplied = Literal["qmp-throttle", "libvirt-floor", "none"]
 
+#: escalate (allow_taint only) when the first pass is projected to end within this long
+FLOOR_RUNWAY_S = 1.0
+
+_FLOOR = (
+    f"libvirt's public API: speed {HOLD_SPEED_MIBS} MiB/s and downtime {HOLD_DOWNTIME_MS} ms "
+    "until the client is linked (taint-free)"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class HoldChoice:
+    """How to hold the switchover, why (for the report), and whether the hold may turn to
+    the QMP throttle when the taint-free one is about to run out (:class:`FloorWatch`)."""
+
+    applied: HoldApplied
+    reason: str
+    escalate: bool = False
+
 
 def choose_hold(
-    *, plain: bool, has_client: bool, policy: HoldPolicy, passthrough: bool, hold_bytes_per_s: int
-) -> tuple[HoldApplied, str]:
-    """How to hold the switchover, and why (the reason goes into the report)."""
+    *, plain: bool, has_client: bool, policy: HoldPolicy, passthrough: bool
+) -> HoldChoice:
+    """The hold for one migration. ``passthrough``: the operator allowed the monitor
+    passthrough (``allow_taint``) and it answers. The QMP throttle taints the domain, so it
+    is never the default: ``auto`` holds through libvirt's public API and turns to it only
+    for a guest that hold cannot keep, when allowed; ``qmp`` throttles from the start."""
     if plain:
-        return "none", "plain libvirt migration (baseline): no hold, no wait"
+        return HoldChoice("none", "plain libvirt migration (baseline): no hold, no wait")
     if not has_client:
-        return "none", "no SPICE client connected: nothing to wait for"
+        return HoldChoice("none", "no SPICE client connected: nothing to wait for")
     if policy == "none":
-        return "none", "hold disabled: the client may miss the switchover"
-    if policy == "libvirt":
-        return "libvirt-floor", "libvirt's 1 MiB/s floor only (taint-free; may not hold)"
-    if not passthrough:
-        return "libvirt-floor", "monitor passthrough unavailable: libvirt's floor only"
-    return "qmp-throttle", (
-        f"libvirt's 1 MiB/s floor, then QMP max-bandwidth {hold_bytes_per_s} B/s "
-        "until the client is linked (taints the domain)"
+        return HoldChoice("none", "hold disabled: the client may miss the switchover")
+    if policy == "libvirt" or not passthrough:
+        return HoldChoice(
+            "libvirt-floor",
+            _FLOOR
+            + (
+                ""
+                if policy == "libvirt"
+                else "; a near-empty guest may switch over before its client linked "
+                "(allow_taint would throttle it through QMP, which taints it)"
+            ),
+        )
+    if policy == "qmp":
+        return HoldChoice(
+            "qmp-throttle",
+            "QEMU's max-bandwidth through the monitor passthrough from the start (hold=qmp; "
+            "allowed by allow_taint; taints the domain)",
+        )
+    return HoldChoice(
+        "libvirt-floor",
+        _FLOOR + "; QEMU's max-bandwidth through QMP only if the first pass is about to end "
+        "before the client linked (allowed by allow_taint; taints the domain)",
+        escalate=True,
     )
+
+
+@dataclasses.dataclass
+class FloorWatch:
+    """Is the taint-free hold about to run out? Fed QEMU's remaining memory (libvirt's job
+    statistics), pure.
+
+    At libvirt's floor QEMU still skips zero pages at memory speed, so a guest with little
+    non-zero memory finishes its first pass in about a second and, with nothing dirty,
+    switches over at once (the lab's firmware guest: 1.4 s after ``active``, its remaining
+    memory falling ~480 MB/s, measured); a guest with hundreds of MB to move stays in that
+    pass for minutes (the lab's linux guest: ~1 MB/s). Only the memory left and how fast it
+    shrinks tell them apart. QEMU updates the figure about every 100 ms.
+    """
+
+    runway_s: float = FLOOR_RUNWAY_S
+    floor_bytes_per_s: int = HOLD_SPEED_MIBS << 20
+    _last: tuple[float, int] | None = None
+
+    def feed(self, at: float, remaining: int, total: int) -> str | None:
+        """One sample (monotonic seconds, bytes); the reason to escalate now, or None."""
+        if total <= 0:
+            return None  # the job has no RAM figures yet (setup)
+        if remaining <= self.floor_bytes_per_s * self.runway_s:
+            return f"{remaining / 2**20:.1f} MiB left in the pass at libvirt's floor"
+        last = self._last
+        if last is None or remaining > last[1]:  # the first sample, or a new pass
+            self._last = (at, remaining)
+            return None
+        if remaining == last[1]:
+            return None
+        rate = (last[1] - remaining) / max(at - last[0], 1e-3)
+        self._last = (at, remaining)
+        eta = remaining / rate
+        if eta >= self.runway_s:
+            return None
+        return (
+            f"{remaining / 2**20:.0f} MiB left, shrinking {rate / 2**20:.0f} MiB/s at libvirt's "
+            f"floor (zero pages): the pass would end in ~{eta:.1f} s"
+        )
 
 
 # --------------------------------------------------------------------------------- TLS
@@ -240,15 +318,35 @@ def libvirt_plain_port_risk(before: Sessions, destination: ChannelSecurity) -> s
     )
 
 
+def counted_tls_risk(tls_channels: int, destination: ChannelSecurity) -> str | None:
+    """The downgrade risk when the client's channels are only *counted* (the kernel's view,
+    taint-free): which of them are on TLS is known, not their types, so unless the
+    destination refuses every channel in plain text, any TLS channel may be exposed."""
+    if not tls_channels or not destination.plain_port:
+        return None
+    if destination.default == "secure" and all(m == "secure" for m in destination.modes.values()):
+        return None
+    return (
+        f"the client has {tls_channels} channel(s) on TLS, which ones cannot be told without "
+        "the monitor passthrough, and the destination graphics accept some channels in plain "
+        "text: set defaultMode='secure' on the domain's SPICE graphics, or allow the "
+        "passthrough (allow_taint) so that each channel is checked"
+    )
+
+
 __all__ = [
+    "FLOOR_RUNWAY_S",
     "SPICE_GTK_TLS_ONLY",
     "ChannelSecurity",
+    "FloorWatch",
     "HoldApplied",
+    "HoldChoice",
     "HoldPolicy",
     "ReleasePoint",
     "TlsDowngradePolicy",
     "TlsTarget",
     "choose_hold",
+    "counted_tls_risk",
     "embedded_link_grace",
     "libvirt_plain_port_risk",
     "qmp_link_grace",

@@ -47,13 +47,24 @@ class ClientVerdict(SessionChange):
     tls_channels_after: dict[str, bool | None] = Field(default_factory=dict)
     #: channels on TLS before the migration and plain after it (never allowed)
     tls_downgraded_channels: list[str] = Field(default_factory=list)
-    #: how the path was established: "client-record" (embedded), "qmp" (events/queries)
-    evidence: Literal["client-record", "qmp"] = "qmp"
+    #: how the path was established: "client-record" (embedded), "qmp" (events/queries),
+    #: "graphics-events" (taint-free: the client's channels counted on the source by the
+    #: kernel, followed by its address through libvirt's graphics events)
+    evidence: Literal["client-record", "qmp", "graphics-events"] = "qmp"
+    #: the client's address (graphics-events evidence: what identifies it)
+    address: str | None = None
     #: embedded client only: the record, with the message-by-message path
     record: ClientMigrationRecord | None = None
     stream: StreamStats | None = None
     blackout_ms: dict[str, float] = Field(default_factory=dict)
     note: str | None = None
+
+    @property
+    def identity(self) -> str:
+        """How the client is known: its connection id before -> after, or its address."""
+        if self.connection_id_before is None:
+            return f"address {self.address or '?'}"
+        return f"connection id {self.connection_id_before} -> {self.connection_id_after}"
 
 
 class LinkWait(BaseModel):

@@ -226,7 +226,12 @@ def reasons(report: MigrationReport) -> list[str]:
     for client in report.clients:
         who = f"{client.kind} client"
         if client.path == "seamless":
-            out.append(f"{who}: kept its session (connection id {client.connection_id_before}), "
+            kept = (
+                f"connection id {client.connection_id_before}"
+                if client.connection_id_before is not None
+                else f"address {client.address}"
+            )
+            out.append(f"{who}: kept its session ({kept}), "
                        f"every channel linked to the destination before the switchover")  # fmt: skip
             continue
         steps = client.record.steps if client.record is not None else []
@@ -244,8 +249,7 @@ def reasons(report: MigrationReport) -> list[str]:
             out.append(f"{who}: had not linked every channel when migrate was issued")
         if "MIGRATE_SWITCH_HOST" in messages:
             out.append(f"{who}: the source sent SWITCH_HOST: new session on the destination "
-                       f"(connection id {client.connection_id_before} -> "
-                       f"{client.connection_id_after})")  # fmt: skip
+                       f"({client.identity})")  # fmt: skip
         if client.note:
             out.append(f"{who}: {client.note}")
         if client.record is not None and client.record.error:
@@ -514,11 +518,11 @@ def _detail(svg: _Svg, report: MigrationReport, scale: _Scale, y: float) -> floa
     for index, client in enumerate(report.clients):
         if client.record is None:
             _lane(svg, f"lane-client{index}", f"{client.kind} client", y)
-            why = ("QMP evidence only" if client.kind == "external"
+            why = ({"qmp": "QMP evidence only", "graphics-events": "libvirt's graphics events only"}
+                   .get(client.evidence, "") if client.kind == "external"
                    else "no record: it read no migration message")  # fmt: skip
             svg.text(LABEL_W + 6, y + LANE_H / 2 + 2,
-                     f"{client.path}: connection id {client.connection_id_before} -> "
-                     f"{client.connection_id_after} ({why})", size=10)  # fmt: skip
+                     f"{client.path}: {client.identity} ({why})", size=10)  # fmt: skip
             svg.add("</g>")
             y += LANE_H
             continue

@@ -49,6 +49,35 @@ from spice_libvirt.spice.record import ClientMigrationRecord, ClientPath, Stream
 
 
 @dataclasses.dataclass(frozen=True)
+class LinkedClient:
+    """One client followed without the monitor passthrough (taint-free evidence).
+
+    Its channels are *counted* on the source (the kernel's sockets of the source QEMU,
+    :mod:`spice_libvirt.libvirt.census`) and followed by its address through libvirt's
+    graphics events on both hosts; libvirt's events carry neither channel types nor
+    connection ids, so a kept session is inferred: every channel initialized on the
+    destination before the switchover, none of them dropped, and no new connection from
+    the client after it left the source (the host agent's rule).
+    """
+
+    address: str
+    channels: int
+    tls_channels: int = 0
+    #: its channels initialized on the destination before the switchover and still there
+    prelinked: int = 0
+    #: of those, how many came in on the destination's TLS port
+    prelinked_tls: int = 0
+    #: a channel it had initialized on the destination disconnected from it
+    dropped: bool = False
+    #: it connected to the destination anew after leaving the source (switch-host)
+    reconnected: bool = False
+
+    @property
+    def kept(self) -> bool:
+        return self.prelinked >= self.channels > 0 and not self.dropped and not self.reconnected
+
+
+@dataclasses.dataclass(frozen=True)
 class VerdictEvidence:
     """Everything a verdict may rest on; a field left at its default is evidence missing."""
 
@@ -77,6 +106,8 @@ class VerdictEvidence:
     #: what is known of why a client could not follow (e.g. policy.NO_CONTACT), for a
     #: client found on neither host
     lost_cause: str | None = None
+    #: clients followed by their address (taint-free evidence), besides ``before``
+    linked_clients: tuple[LinkedClient, ...] = ()
 
 
 @dataclasses.dataclass
@@ -117,7 +148,7 @@ def judge(evidence: VerdictEvidence) -> Verdict:
     new_ids = sorted(set(after) - set(evidence.before))
     clients = [
         _client(evidence, session, after, new_ids, notes) for session in evidence.before.values()
-    ]
+    ] + [_linked_client(evidence, linked) for linked in evidence.linked_clients]
     if evidence.aborted_before_migrate:
         outcome: Outcome = "cancelled"
     else:
@@ -181,6 +212,52 @@ def _client(
             for ch, tls in session.channels.items()
             if tls is True and later.channels.get(ch) is False
         )
+    return v
+
+
+def _linked_client(ev: VerdictEvidence, c: LinkedClient) -> ClientVerdict:
+    """A client seen through the kernel and libvirt's graphics events only."""
+    v = ClientVerdict(
+        kind="external",
+        path="none",
+        connection_id_before=None,
+        address=c.address,
+        evidence="graphics-events",
+        linked_before_migrate=c.prelinked >= c.channels > 0,
+        tls_before=c.tls_channels == c.channels if c.channels else None,
+    )
+    counted = f"{c.prelinked} of {c.channels} channel(s) initialized on the destination"
+    if ev.status != "completed":
+        v.path = "cancelled" if ev.status == "cancelled" or ev.aborted_before_migrate else "failed"
+        v.note = "the client stayed on the source"
+    elif c.reconnected:
+        v.path = "switch-host"
+        v.note = (
+            f"{counted} before the switchover; it connected to the destination anew after "
+            "leaving the source (libvirt's graphics events)"
+        )
+    elif c.kept:
+        v.path = "seamless"
+        v.connection_id_kept = True
+        v.tls_after = c.prelinked_tls == c.prelinked if c.prelinked else None
+        v.note = (
+            f"{counted} before the switchover, none dropped, no reconnect: its session was kept "
+            "(inferred from libvirt's graphics events without the monitor passthrough; "
+            "seamless and semi-seamless look alike there)"
+        )
+        lost = c.tls_channels - c.prelinked_tls
+        if lost > 0:
+            v.tls_downgraded_channels = [f"{c.address}: {lost} of {c.tls_channels} TLS channel(s)"]
+    elif c.prelinked == 0 and not c.dropped:
+        v.path = "lost"
+        v.note = ev.lost_cause or (
+            f"no channel of {c.address} reached the destination, and it left the source: "
+            "its session is gone"
+        )
+    else:
+        v.path = "failed"
+        dropped = ", one dropped" if c.dropped else ""
+        v.note = f"{counted} before the switchover{dropped}: not linked to the destination"
     return v
 
 
@@ -387,6 +464,9 @@ class Settling:
     margin: float = 0.1
     #: the longest wait after ``returned_at`` whatever the evidence (seconds)
     bound: float = 6.0
+    #: taint-free evidence (no sessions to read): whether every client followed by its
+    #: address is kept so far (:attr:`LinkedClient.kept`); None: the sessions decide
+    linked_kept: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -417,7 +497,7 @@ def settled(s: Settling) -> Settled:
     """
     after = s.after or {}
     bound_at = s.returned_at + s.bound
-    if not s.before:
+    if not s.before and s.linked_kept is None:
         return Settled(True, "no client was connected before the migration")
     if set(after) - set(s.before):
         return Settled(True, "a new connection id on the destination")
@@ -433,7 +513,7 @@ def settled(s: Settling) -> Settled:
         return Settled(False, "a new connection on the destination: waiting for its id", until)
     anchor = min(s.returned_at, s.source_left_at or s.returned_at)
     quiet_at = anchor + window
-    kept = bool(s.before) and all(
+    kept = (s.linked_kept is not False) and all(
         cid in after and set(session.channels) <= set(after[cid].channels)
         for cid, session in s.before.items()
     )
@@ -454,6 +534,7 @@ def settled(s: Settling) -> Settled:
 
 __all__ = [
     "AgentOutcome",
+    "LinkedClient",
     "Settled",
     "Settling",
     "Verdict",

@@ -47,7 +47,8 @@ class SessionChange(BaseModel):
     and channels before and after. Shared by the client's own record and the verdict."""
 
     path: ClientPath
-    connection_id_before: int
+    #: None: not known (a client followed by its address, without the monitor passthrough)
+    connection_id_before: int | None
     connection_id_after: int | None = None
     connection_id_kept: bool = False
     channels_before: list[str] = Field(default_factory=list)

@@ -1,0 +1,172 @@
+"""Our own migrations and evacuations are taint-free by default, and stay seamless.
+
+One two-host libvirt lab for the module (the ``linux`` guest, which libvirt's 1 MiB/s speed
+floor holds for minutes; a client 300 ms away). ``spice-libvirt migrate`` and ``evacuate``
+run as an operator runs them on the source host: no ``--allow-taint``. The oracle for the
+path is remote-viewer's own SPICE_DEBUG log (or our embedded client's record); the oracle
+for the taint is libvirt's own per-domain log on both hosts, which must never gain a
+``custom-monitor`` line (``tests/test_agent_lab.py`` reads it the same way).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.bench_libvirt_rtt import xvfb
+from spice_libvirt_lab import libvirt_agent, libvirt_lab
+from spice_libvirt_lab.libvirt_lab import LabState
+from spice_libvirt_lab.libvirt_migrate import lab_migrate
+from tests.lab_marks import LIBVIRT_LAB
+from tests.test_agent_lab import outcome, tainted, viewer
+
+pytest.importorskip("libvirt")
+
+pytestmark = LIBVIRT_LAB
+
+RTT_MS = 300.0
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[LabState]:
+    top = Path(tempfile.mkdtemp(prefix="stf-"))
+    path = top / "lab"
+    try:
+        yield libvirt_lab.up(path, client_rtt_ms=RTT_MS, guest="linux")
+    finally:
+        try:
+            assert libvirt_lab.down(path).leftovers == []
+        finally:
+            shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def display(lab: LabState) -> Iterator[int]:
+    with xvfb(lab.run_dir) as number:
+        yield number
+
+
+def _cli(*argv: str) -> tuple[int, dict[str, Any], str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "spice_libvirt", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.stdout, done.stderr
+    return done.returncode, json.loads(done.stdout), done.stderr
+
+
+def _assert_taint_free_hold(report: dict[str, Any], census: str) -> None:
+    hold = report["hold"]
+    assert report["tainted"] is False
+    assert hold["tainted"] is False
+    assert hold["applied"] == "libvirt-floor"
+    assert hold["escalated"] is None
+    assert hold["census"] == census
+    assert "taint-free" in hold["reason"]
+    assert hold["downtime_before_ms"] is not None
+    # the client needs ~6 RTT to link: the floors really held it
+    assert hold["held_ms"] is not None
+    assert 5 * RTT_MS < hold["held_ms"] < 15_000
+    assert not any("custom-monitor" in n for n in report["notes"])
+
+
+def test_migrate_with_a_remote_viewer_is_seamless_and_leaves_no_taint(
+    lab: LabState, display: int
+) -> None:
+    """``spice-libvirt migrate`` without flags: the clients from the source QEMU's sockets,
+    the hold through libvirt's speed and downtime, the verdict from graphics events."""
+    src, dst = libvirt_agent.running_host(lab)
+    v = viewer(lab, display, src, "rv-taint-free-migrate")
+    try:
+        mark = len(v.text())
+        rc, report, _ = _cli(
+            "migrate", lab.domain,
+            "--from", lab.hosts[src].uri_unix,
+            "--to", lab.hosts[dst].uri_tcp,
+            "--to-connect", lab.hosts[dst].uri_unix,
+            "--json",
+        )  # fmt: skip
+        path = outcome(v, mark)
+    finally:
+        v.stop()
+    assert path == "seamless"
+    assert rc == 0, report
+    assert report["outcome"] == "seamless"
+    _assert_taint_free_hold(report, "kernel")
+    (client,) = report["clients"]
+    assert client["evidence"] == "graphics-events"
+    assert client["path"] == "seamless"
+    assert client["connection_id_before"] is None
+    assert client["address"] == lab.client.ip
+    # the caller's downtime was put back at the release (the job ran with it)
+    assert report["migration"]["downtime_limit_ms"] == report["hold"]["downtime_before_ms"]
+    assert tainted(lab) == []
+
+
+def test_the_embedded_client_stays_seamless(lab: LabState) -> None:
+    """``lab migrate`` (our embedded client attached): it is the census, and its own record
+    -- BEGIN_SEAMLESS, MIGRATE, MIGRATE_DATA, its connection id kept -- the verdict."""
+    report = lab_migrate(lab.lab_dir)
+    data = json.loads(report.model_dump_json())
+    assert report.outcome == "seamless"
+    _assert_taint_free_hold(data, "embedded")
+    (client,) = report.clients
+    assert client.record is not None
+    assert client.record.path == "seamless"
+    assert client.connection_id_kept is True
+    assert client.connection_id_after == client.connection_id_before
+    assert tainted(lab) == []
+
+
+def test_evacuate_with_a_remote_viewer_is_seamless_and_leaves_no_taint(
+    lab: LabState, display: int
+) -> None:
+    src, dst = libvirt_agent.running_host(lab)
+    v = viewer(lab, display, src, "rv-taint-free-evacuate")
+    try:
+        mark = len(v.text())
+        rc, report, _ = _cli(
+            "evacuate",
+            "--from", lab.hosts[src].uri_unix,
+            "--to", lab.hosts[dst].uri_tcp,
+            "--to-connect", lab.hosts[dst].uri_unix,
+            "--json",
+        )  # fmt: skip
+        path = outcome(v, mark)
+    finally:
+        v.stop()
+    assert path == "seamless"
+    assert rc == 0, report
+    assert report["all_seamless"] is True
+    (domain,) = report["domains"]
+    assert domain["outcome"] == "seamless"
+    _assert_taint_free_hold(domain["report"], "kernel")
+    assert tainted(lab) == []
+
+
+def test_the_qmp_hold_is_refused_without_allow_taint(lab: LabState) -> None:
+    """``--hold qmp`` taints: without ``--allow-taint`` it is a usage error, nothing moved."""
+    src, dst = libvirt_agent.running_host(lab)
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "spice_libvirt", "migrate", lab.domain,
+            "--from", lab.hosts[src].uri_unix, "--to", lab.hosts[dst].uri_tcp,
+            "--hold", "qmp",
+        ],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "allow_taint" in done.stderr
+    assert done.stderr.count("\n") == 1
+    assert libvirt_agent.running_host(lab)[0] == src
