@@ -18,6 +18,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from spice_libvirt.agent.plan import ReleaseKind
+from spice_libvirt.errors import UnsafePathError
+from spice_libvirt.files import PRIVATE_FILE, write_file
 from spice_libvirt.migration.verdict import AgentOutcome
 
 log = logging.getLogger(__name__)
@@ -147,12 +149,10 @@ def status_path(state_dir: Path) -> Path:
 
 def write_status(state_dir: Path, status: AgentStatus) -> None:
     target = status_path(state_dir)
-    tmp = target.with_suffix(".tmp")
     try:
-        tmp.write_text(status.model_dump_json(indent=1))
-        os.replace(tmp, target)
-    except OSError as exc:
-        log.warning("agent: cannot write %s: %s", target, exc)
+        write_file(target, status.model_dump_json(indent=1), PRIVATE_FILE)
+    except UnsafePathError as exc:
+        log.warning("agent: status not written: %s", exc)
 
 
 def read_status(state_dir: Path) -> dict[str, Any] | None:

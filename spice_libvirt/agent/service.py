@@ -53,6 +53,7 @@ from spice_libvirt.agent.watch import (
     on_close,
     pump_source_events,
 )
+from spice_libvirt.files import PRIVATE_FILE, open_file
 from spice_libvirt.libvirt.claim import ClaimClock
 from spice_libvirt.libvirt.connection import Connection, MigrationEvent
 
@@ -371,7 +372,7 @@ def single_instance(state_dir: Path) -> Iterator[None]:
     """One agent per state directory: two agents holding one migration would each take
     the other's hold for the caller's values and leave the migration at 1 MiB/s."""
     path = state_dir / "agent.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    fd = open_file(path, PRIVATE_FILE, os.O_RDWR)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from spice_libvirt.errors import UnsafePathError
+from spice_libvirt.files import check_target
 from spice_libvirt.migration.report import MigrationReport
 
 
@@ -65,11 +67,21 @@ def print_hold(report: Any) -> None:
     )
 
 
+def timeline_path(text: str) -> Path:
+    """``--timeline``'s value, refused at once (a usage error, before anything moves) when
+    writing it later would be: a symlink, or a directory others can write."""
+    try:
+        check_target(text)
+    except UnsafePathError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return Path(text)
+
+
 def add_timeline_argument(parser: argparse.ArgumentParser) -> None:
     """``--timeline FILE.svg``, for every command that prints a migration verdict."""
     parser.add_argument(
         "--timeline",
-        type=Path,
+        type=timeline_path,
         default=None,
         metavar="FILE.svg",
         help="also draw the migration as an SVG timeline (lanes: controller, hold, source, "
@@ -89,9 +101,7 @@ def save_timeline(report: MigrationReport, path: Path | None) -> None:
 
     try:
         write_timeline(report, path)
-    except OSError as exc:
-        print(
-            f"spice-libvirt: timeline not written: {path}: {exc.strerror or exc}", file=sys.stderr
-        )
+    except UnsafePathError as exc:
+        print(f"spice-libvirt: timeline not written: {exc}", file=sys.stderr)
         return
     print(f"timeline: {path}", file=sys.stderr)

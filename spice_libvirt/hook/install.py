@@ -46,13 +46,13 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from spice_libvirt import trust
 from spice_libvirt.errors import ConfigError, HookError, UnsafePathError
+from spice_libvirt.files import PUBLIC_EXECUTABLE, ensure_directory, write_file
 
 DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks")
 #: The shim's file name in ``qemu.d``: ``50-`` leaves room on both sides for ordering.
@@ -309,21 +309,12 @@ def install(
                 message=f"{shim} already installed; {RESTART_HINT} if it is not loaded yet",
             )
     try:
-        qemu_d.mkdir(mode=0o755, parents=True, exist_ok=True)
-        # Write beside the target, non-executable, then rename: libvirt never sees half a
-        # script, and a crash leaves at most a hidden temporary file.
-        fd, tmp = tempfile.mkstemp(prefix=f".{SHIM_NAME}.", dir=qemu_d)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.chmod(tmp, 0o755)
-            os.replace(tmp, shim)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-    except OSError as exc:
-        raise HookError(f"cannot write {shim}: {exc.strerror or exc}") from exc
+        # qemu.d is libvirt's (0755, root's alone); the shim is written beside the target
+        # and renamed (libvirt never sees half a script), 0755 whatever the umask
+        ensure_directory(qemu_d, PUBLIC_EXECUTABLE)
+        write_file(shim, text, PUBLIC_EXECUTABLE)
+    except UnsafePathError as exc:
+        raise HookError(f"cannot write {shim}: {exc}") from exc
     return InstallResult(path=shim, changed=True, message=f"installed {shim}; {RESTART_HINT}")
 
 

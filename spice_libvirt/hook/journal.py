@@ -10,6 +10,10 @@ anything. Each writer holds the lock for one short transaction, and the busy tim
 short so that a stuck reader can delay a hook by at most that much, never past its
 deadline.
 
+Why private: the rows name guests, their UUIDs and SPICE addresses. The file, its ``-wal``
+and ``-shm`` are 0600 in a directory only root can write (:mod:`spice_libvirt.files`),
+whatever the umask of whoever wrote first.
+
 Why bounded: a host runs for years. Every insert deletes rows older than the newest
 ``max_rows`` in the same transaction, and ``journal_size_limit`` caps the WAL file, so
 the database stays at a few megabytes however long it lives.
@@ -21,6 +25,13 @@ import builtins
 import os
 
 from spice_libvirt.errors import HookError
+from spice_libvirt.files import (
+    PRIVATE_DIR,
+    PRIVATE_FILE,
+    UnsafePathError,
+    ensure_directory,
+    ensure_file,
+)
 
 # The C module ``sqlite3`` is built on (``sqlite3.connect``, ``sqlite3.Error`` and
 # ``sqlite3.Connection`` are its objects): the package adds only the deprecated default
@@ -198,14 +209,12 @@ class Journal:
         the ``journal_mode`` pragma only reads it back after the first call.
         """
         if create:
-            directory = os.path.dirname(self.file) or "."
+            # 0600 before SQLite sees it: SQLite gives its -wal and -shm the database's mode
             try:
-                os.makedirs(directory, mode=0o750, exist_ok=True)
-            except OSError as exc:
-                raise HookError(
-                    f"journal {self.file}: cannot create directory {directory}: "
-                    f"{exc.strerror or exc}"
-                ) from exc
+                ensure_directory(os.path.dirname(self.file) or ".", PRIVATE_DIR)
+                ensure_file(self.file, PRIVATE_FILE, siblings=("-wal", "-shm"))
+            except UnsafePathError as exc:
+                raise HookError(f"journal {self.file}: {exc}") from exc
             uri = f"file:{self.file}?mode=rwc"
         else:
             uri = f"file:{self.file}?mode=ro"

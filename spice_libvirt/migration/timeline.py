@@ -644,8 +644,12 @@ def _legend(svg: _Svg, report: MigrationReport, y: float) -> float:
 
 
 def write_timeline(report: MigrationReport, path: Path | str) -> Path:
-    """Write :func:`render_timeline` of ``report`` to ``path`` (UTF-8); return the path."""
-    Path(path).write_text(render_timeline(report), encoding="utf-8")
+    """Write :func:`render_timeline` of ``report`` to ``path`` (UTF-8, 0600: it names the
+    guest and its clients; :func:`spice_libvirt.files.write_file` refuses a symlink or a
+    directory others can write); return the path."""
+    from spice_libvirt.files import PRIVATE_FILE, write_file
+
+    write_file(path, render_timeline(report), PRIVATE_FILE)
     return Path(path)
 
 
