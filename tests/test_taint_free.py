@@ -11,47 +11,32 @@ for the taint is libvirt's own per-domain log on both hosts, which must never ga
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from benchmarks.bench_libvirt_rtt import xvfb
-from spice_libvirt_lab import libvirt_agent, libvirt_lab
+from spice_libvirt_lab import libvirt_agent
 from spice_libvirt_lab.libvirt_lab import LabState
 from spice_libvirt_lab.libvirt_migrate import lab_migrate
-from tests.lab_marks import LIBVIRT_LAB
+from tests.rigs.libvirt_lab import lab_marks
+from tests.rigs.viewer import XServer
 from tests.test_agent_lab import outcome, tainted, viewer
-
-pytest.importorskip("libvirt")
-
-pytestmark = LIBVIRT_LAB
 
 RTT_MS = 300.0
 
-
-@pytest.fixture(scope="module")
-def lab() -> Iterator[LabState]:
-    top = Path(tempfile.mkdtemp(prefix="stf-"))
-    path = top / "lab"
-    try:
-        yield libvirt_lab.up(path, client_rtt_ms=RTT_MS, guest="linux")
-    finally:
-        try:
-            assert libvirt_lab.down(path).leftovers == []
-        finally:
-            shutil.rmtree(top, ignore_errors=True)
+pytestmark = lab_marks(client_rtt_ms=RTT_MS, guest="linux")
 
 
 @pytest.fixture(scope="module")
-def display(lab: LabState) -> Iterator[int]:
-    with xvfb(lab.run_dir) as number:
-        yield number
+def lab(shared_lab: LabState) -> LabState:
+    return shared_lab
+
+
+@pytest.fixture(scope="module")
+def display(x_server: XServer) -> str:
+    return x_server.display
 
 
 def _cli(*argv: str) -> tuple[int, dict[str, Any], str]:
@@ -82,14 +67,14 @@ def _assert_taint_free_hold(report: dict[str, Any], census: str) -> None:
 
 
 def test_migrate_with_a_remote_viewer_is_seamless_and_leaves_no_taint(
-    lab: LabState, display: int
+    lab: LabState, display: str
 ) -> None:
     """``spice-libvirt migrate`` without flags: the clients from the source QEMU's sockets,
     the hold through libvirt's speed and downtime, the verdict from graphics events."""
     src, dst = libvirt_agent.running_host(lab)
     v = viewer(lab, display, src, "rv-taint-free-migrate")
     try:
-        mark = len(v.text())
+        mark = len(v.log_text())
         rc, report, _ = _cli(
             "migrate", lab.domain,
             "--from", lab.hosts[src].uri_unix,
@@ -130,12 +115,12 @@ def test_the_embedded_client_stays_seamless(lab: LabState) -> None:
 
 
 def test_evacuate_with_a_remote_viewer_is_seamless_and_leaves_no_taint(
-    lab: LabState, display: int
+    lab: LabState, display: str
 ) -> None:
     src, dst = libvirt_agent.running_host(lab)
     v = viewer(lab, display, src, "rv-taint-free-evacuate")
     try:
-        mark = len(v.text())
+        mark = len(v.log_text())
         rc, report, _ = _cli(
             "evacuate",
             "--from", lab.hosts[src].uri_unix,
