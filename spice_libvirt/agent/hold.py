@@ -36,7 +36,7 @@ from typing import Any
 
 from spice_libvirt import errors
 from spice_libvirt.agent import holdfile, procnet, tcpinfo
-from spice_libvirt.agent.plan import FINAL_STATES, CallerValues, HeldMigration, Release
+from spice_libvirt.agent.plan import CallerValues, HeldMigration, Release
 from spice_libvirt.agent.record import AgentVerdict
 from spice_libvirt.agent.settings import AgentSettings
 from spice_libvirt.agent.trusted_qemu import expected_qemu, trusted_qemu_pid
@@ -44,6 +44,7 @@ from spice_libvirt.agent.watch import Destination, SourceChannels
 from spice_libvirt.libvirt.claim import ClaimClock, read_claim
 from spice_libvirt.libvirt.connection import Connection, GraphicsEvent, require_libvirt
 from spice_libvirt.libvirt.errors import LibvirtOperationError, error_code
+from spice_libvirt.libvirt.hold import FINAL_STATES
 from spice_libvirt.migration.policy import NO_CONTACT
 from spice_libvirt.migration.switchover import (
     HOLD_DOWNTIME_MS,

@@ -29,7 +29,12 @@ import dataclasses
 from typing import Literal, get_args
 
 from spice_libvirt.libvirt.connection import GraphicsEvent, endpoint
-from spice_libvirt.libvirt.hold import DestinationLinks
+from spice_libvirt.libvirt.hold import (
+    FINAL_STATES,
+    POSTCOPY_STATES,
+    SWITCHOVER_STATES,
+    DestinationLinks,
+)
 from spice_libvirt.migration.policy import NO_CONTACT, first_contact_deadline, release_point
 from spice_libvirt.migration.switchover import (
     HOLD_DOWNTIME_MS,
@@ -39,13 +44,6 @@ from spice_libvirt.migration.switchover import (
     SwitchoverPlan,
 )
 from spice_libvirt.migration.verdict import AgentOutcome, agent_outcome
-
-#: QEMU migration states after which nothing can be held any more
-FINAL_STATES = ("completed", "failed", "cancelled")
-#: QEMU's post-copy states: the guest already runs on the destination
-POSTCOPY_STATES = ("postcopy-active", "postcopy-paused", "postcopy-recover")
-#: QEMU states in which the switchover is under way (the guest is paused) or done
-SWITCHOVER_STATES = ("pre-switchover", "device", *POSTCOPY_STATES, *FINAL_STATES)
 
 #: why a hold ended, in a few fixed words (the agent's ``releases_total{reason}`` label):
 #: ``linked`` the destination showed every channel; ``timeout`` the bound passed first;

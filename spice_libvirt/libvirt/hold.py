@@ -56,9 +56,12 @@ from spice_libvirt.migration.witness import MigrationWitness, await_connected
 
 #: QEMU migration states in which the RAM transfer runs (and can be held)
 RUNNING_STATES = ("active", "pre-switchover", "device")
-#: QEMU migration states from which the guest is paused for the switchover, or over
-SWITCHOVER_STATES = ("pre-switchover", "device", "completed", "failed", "cancelled")
+#: QEMU migration states after which nothing can be held any more
 FINAL_STATES = ("completed", "failed", "cancelled")
+#: QEMU's post-copy states: the guest already runs on the destination
+POSTCOPY_STATES = ("postcopy-active", "postcopy-paused", "postcopy-recover")
+#: QEMU migration states in which the switchover is under way (the guest paused) or done
+SWITCHOVER_STATES = ("pre-switchover", "device", *POSTCOPY_STATES, *FINAL_STATES)
 #: how often the job statistics are read while a hold may still turn to the throttle
 FLOOR_POLL_S = 0.03
 
@@ -70,14 +73,12 @@ class MigrationStatus:
         self.events = events
         self.domain = domain
         self.status = "none"
-        self.seen: list[str] = []
         self.switchover_at: float | None = None
 
     def absorb(self, event: MigrationEvent) -> None:
         if event.domain != self.domain:
             return
         self.status = event.status
-        self.seen.append(event.status)
         if event.status in SWITCHOVER_STATES and self.switchover_at is None:
             self.switchover_at = event.at
 
@@ -458,4 +459,12 @@ class Hold:
         hold.held_ms = round((time.monotonic() - t_active) * 1000.0, 3)
 
 
-__all__ = ["DestinationLinks", "Hold", "MigrationStatus", "release_hold"]
+__all__ = [
+    "FINAL_STATES",
+    "POSTCOPY_STATES",
+    "SWITCHOVER_STATES",
+    "DestinationLinks",
+    "Hold",
+    "MigrationStatus",
+    "release_hold",
+]
