@@ -30,6 +30,7 @@ async def migrate_domain_async(
     hold: HoldPolicy = "auto",
     require_seamless: bool = False,
     allow_taint: bool = False,
+    migrate_tls: bool | None = None,
     reporter: ProgressReporter | None = None,
     **options: Any,
 ) -> LibvirtMigrationReport:
@@ -44,6 +45,7 @@ async def migrate_domain_async(
         hold=hold,
         require_seamless=require_seamless,
         allow_taint=allow_taint,
+        migrate_tls=migrate_tls,
         **options,
     )
     return await migrate_libvirt(request, None, reporter)
@@ -60,6 +62,7 @@ def migrate_domain(
     hold: HoldPolicy = "auto",
     require_seamless: bool = False,
     allow_taint: bool = False,
+    migrate_tls: bool | None = None,
     reporter: ProgressReporter | None = None,
     **options: Any,
 ) -> LibvirtMigrationReport:
@@ -75,6 +78,8 @@ def migrate_domain(
     QEMU's sockets (so call it on the source host, as root). ``allow_taint`` lets it use the
     monitor passthrough (``query-spice``; the QMP throttle for a guest the taint-free hold
     cannot keep), and libvirt then marks the domain tainted (``custom-monitor``).
+    ``migrate_tls``: encrypt the guest's memory on the wire (``VIR_MIGRATE_TLS``); None:
+    where this host is set up for it (the report's notes say which, and why).
 
     :raise LibvirtConnectError: a libvirtd is unreachable (exit code 3)
     :raise DomainNotFoundError: no such domain (exit code 9)
@@ -96,6 +101,7 @@ def migrate_domain(
             hold=hold,
             require_seamless=require_seamless,
             allow_taint=allow_taint,
+            migrate_tls=migrate_tls,
             reporter=reporter,
             **options,
         )
@@ -137,7 +143,8 @@ def evacuate_host(
     """Migrate every running SPICE domain off ``from_uri`` to ``to``, ``parallel`` at a time;
     one verdict per domain (:class:`~spice_libvirt.libvirt.evacuate.EvacuationReport`).
     ``options`` are :class:`~spice_libvirt.libvirt.request.LibvirtMigrationRequest` fields
-    for every domain (``allow_taint``, ``hold_timeout``, ...), taint-free by default.
+    for every domain (``allow_taint``, ``migrate_tls``, ``hold_timeout``, ...), taint-free
+    by default.
 
     :raise LibvirtConnectError: the source libvirtd is unreachable (nothing was touched)
     """

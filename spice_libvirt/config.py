@@ -71,6 +71,7 @@ FIELDS = (
     "syslog_socket",
     "metrics_textfile",
     "allow_taint",
+    "migrate_tls",
 )
 #: The local syslog socket (journald's and rsyslog's); "" turns the log lines off.
 DEFAULT_SYSLOG_SOCKET = "/dev/log"
@@ -127,6 +128,9 @@ class Settings:
     * ``allow_taint``: ``migrate`` and ``evacuate`` may use libvirt's monitor passthrough
       (``query-spice``; QEMU's max-bandwidth for a guest the taint-free hold cannot keep),
       which marks the domain tainted (``custom-monitor``). Default false.
+    * ``migrate_tls``: ``migrate`` and ``evacuate`` encrypt the guest's memory on the wire
+      (``VIR_MIGRATE_TLS``): ``"auto"`` (default, None here) where this host is set up for
+      it, or always (true) or never (false).
     """
 
     __slots__ = (
@@ -136,6 +140,7 @@ class Settings:
         "journal_file",
         "journal_max_rows",
         "metrics_textfile",
+        "migrate_tls",
         "spice_address",
         "syslog_socket",
     )
@@ -148,6 +153,7 @@ class Settings:
     syslog_socket: str
     metrics_textfile: str
     allow_taint: bool
+    migrate_tls: bool | None
 
     def __init__(
         self,
@@ -159,6 +165,7 @@ class Settings:
         syslog_socket: object = DEFAULT_SYSLOG_SOCKET,
         metrics_textfile: object = "",
         allow_taint: object = False,
+        migrate_tls: object = "auto",
     ) -> None:
         problems: list[tuple[str, str]] = []
         checks: tuple[tuple[str, str, Callable[[Any], Any], object], ...] = (
@@ -170,6 +177,7 @@ class Settings:
             ("syslog_socket", "syslog_socket", _socket_path, syslog_socket),
             ("metrics_textfile", "metrics_textfile", _textfile_path, metrics_textfile),
             ("allow_taint", "allow_taint", _boolean, allow_taint),
+            ("migrate_tls", "migrate_tls", _auto_boolean, migrate_tls),
         )
         for key, slot, check, value in checks:
             try:
@@ -195,6 +203,7 @@ class Settings:
             self.syslog_socket,
             self.metrics_textfile,
             self.allow_taint,
+            self.migrate_tls,
         )
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -289,6 +298,16 @@ def _boolean(value: object) -> bool:
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
     raise ValueError(f"not a boolean (true/false): {value!r}")
+
+
+def _auto_boolean(value: object) -> bool | None:
+    """``"auto"`` (None: let the program decide), or a boolean."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    try:
+        return _boolean(value)
+    except ValueError:
+        raise ValueError(f"not auto, true or false: {value!r}") from None
 
 
 def _number(value: object, kind: type[int] | type[float]) -> int | float:

@@ -227,6 +227,9 @@ def test_evacuate_playbook_enforces_the_seamless_policy(fleet: Fleet) -> None:
         "evacuate", "--from", "qemu:///system", "--to", "qemu+tcp://hostB/system",
         "--parallel", "1", "--timeout", "300", "--json",
     ]  # fmt: skip
+    tls = fleet.play(*venv, "-e", "spice_libvirt_evacuate_migrate_tls=true")
+    assert tls.returncode != 0  # the same recorded switch-host
+    assert argv_log.read_text().split()[-2:] == ["--migrate-tls", "--json"]
 
     lenient = fleet.play(*venv, "-e", '{"spice_libvirt_require_seamless": false}')
     assert lenient.returncode == 0, lenient.stdout[-4000:]

@@ -65,6 +65,9 @@ def agent_argv(
         "--metrics-address",
         f"{state.hosts[host].config.ip}:{METRICS_PORT}",
     ]
+    # the lab's libvirtds speak TCP without auth among themselves (a production host's
+    # agent uses its TLS default)
+    argv += ["--destination-uri", "qemu+tcp://{peer}/system"]
     for other in others:
         argv += ["--peer", f"qemu+tcp://{state.hosts[other].config.hostname}/system"]
     return [*argv, *extra]

@@ -272,7 +272,11 @@ def lab_evacuate(
         source = where(state)
         destination: HostName = "B" if source == "A" else "A"
         before = _verdict_lines(state)
-        options = {"allow_taint": lab_allows_taint(state), **(options or {})}
+        options = {
+            "allow_taint": lab_allows_taint(state),
+            "migrate_tls": state.tls is not None,
+            **(options or {}),
+        }
         t0 = time.monotonic()
         report = asyncio.run(
             evacuate(

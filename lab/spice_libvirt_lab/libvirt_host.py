@@ -118,6 +118,12 @@ def libvirt_error(exc: BaseException, what: str) -> LibvirtError:
     return LibvirtError(f"{what}: {exc}")
 
 
+#: A TLS lab host's qemu.conf ``migrate_tls_x509_cert_dir`` (inside its mount namespace):
+#: the lab CA and one host certificate good for both ends of a migration (server and
+#: client pairs), as ``VIR_MIGRATE_TLS`` needs on a host that migrates both ways.
+MIGRATE_TLS_DIR = "/etc/libvirt/migrate-tls"
+
+
 class HostConfig(BaseModel):
     """Everything that makes one lab host what it is."""
 
@@ -243,6 +249,7 @@ class LibvirtHost:
             qemu_conf += textwrap.dedent(f"""\
                 spice_tls = 1
                 spice_tls_x509_cert_dir = "{cfg.spice_tls_dir}"
+                migrate_tls_x509_cert_dir = "{MIGRATE_TLS_DIR}"
                 """)
         (self.etc_dir / "qemu.conf").write_text(qemu_conf)
         (self.etc_dir / "virtlogd.conf").write_text("# defaults\n")

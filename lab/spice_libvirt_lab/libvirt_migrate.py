@@ -35,9 +35,13 @@ def lab_request(
 ) -> LibvirtMigrationRequest:
     """The request for a lab migration: p2p over the lab network, events over UNIX sockets;
     on a TLS lab the graphics URI names the destination's ``tlsPort`` and ``tlsSubject``;
-    the monitor passthrough allowed for the firmware guest (:func:`lab_allows_taint`)."""
+    the monitor passthrough allowed for the firmware guest (:func:`lab_allows_taint`); the
+    guest's memory over TLS on a TLS lab."""
     kw.setdefault("graphics_uri", libvirt_tls.graphics_uri(state, destination))
     kw.setdefault("allow_taint", lab_allows_taint(state))
+    # a TLS lab's hosts are set up for migration TLS (libvirt_tls), the others are not;
+    # said explicitly, since this machine's own qemu.conf says nothing about the lab's
+    kw.setdefault("migrate_tls", state.tls is not None)
     return LibvirtMigrationRequest(
         domain=domain or state.domain,
         source_uri=state.hosts[source].uri_unix,

@@ -6,6 +6,8 @@
   its ``qemu.conf`` names in ``spice_tls_x509_cert_dir`` next to ``spice_tls = 1``;
 * migrations carry the destination's ``tlsPort`` and ``tlsSubject`` in the graphics URI, so
   libvirt's ``client_migrate_info`` tells the client which subject to expect there;
+* the guest's memory moves over TLS too (``VIR_MIGRATE_TLS``): each host's
+  ``migrate_tls_x509_cert_dir`` holds the CA and its certificate as server and client pair;
 * clients (ours, remote-viewer) verify the CA and the subject on every host.
 
 :func:`reissue` replaces one host's certificate by a wrong one (another subject, or another
@@ -20,7 +22,7 @@ import urllib.parse
 from pathlib import Path
 
 from spice_libvirt.spice.client import ClientOptions
-from spice_libvirt_lab.libvirt_host import LibvirtHost
+from spice_libvirt_lab.libvirt_host import MIGRATE_TLS_DIR, LibvirtHost
 from spice_libvirt_lab.libvirt_state import (
     SPICE_TLS_DIR,
     TLS_LAB_PORT,
@@ -65,19 +67,27 @@ def create(state: LabState) -> None:
     create_ca(state.tls.ca_dir, organization=f"{ORGANIZATION} CA", country=None)
 
 
+def migrate_cert_dir(host: LibvirtHost) -> Path:
+    """The host's ``migrate_tls_x509_cert_dir`` as seen from the root namespace."""
+    return host.etc_dir / Path(MIGRATE_TLS_DIR).relative_to("/etc/libvirt")
+
+
 def issue(state: LabState, name: str) -> None:
-    """The host's own certificate into its private cert directory (after ``prepare``)."""
+    """The host's own certificates into its private cert directories (after ``prepare``):
+    SPICE's, and migration TLS's (server and client: ``VIR_MIGRATE_TLS`` both ways)."""
     assert state.tls is not None
     host = state.host(name)
     cfg = host.config
-    issue_server_certificate(
-        cert_dir(host),
-        ca_dir=state.tls.ca_dir,
-        common_name=cfg.hostname,
-        hosts=[cfg.hostname, cfg.ip],
-        organization=ORGANIZATION,
-        country=None,
-    )
+    for directory, client_too in ((cert_dir(host), False), (migrate_cert_dir(host), True)):
+        issue_server_certificate(
+            directory,
+            ca_dir=state.tls.ca_dir,
+            common_name=cfg.hostname,
+            hosts=[cfg.hostname, cfg.ip],
+            organization=ORGANIZATION,
+            country=None,
+            client_too=client_too,
+        )
 
 
 def reissue(
@@ -159,6 +169,7 @@ __all__ = [
     "graphics_uri",
     "host_subject",
     "issue",
+    "migrate_cert_dir",
     "plan",
     "reissue",
 ]

@@ -40,6 +40,8 @@ CA_CERT_FILE = "ca-cert.pem"
 CA_KEY_FILE = "ca-key.pem"
 SERVER_CERT_FILE = "server-cert.pem"
 SERVER_KEY_FILE = "server-key.pem"
+CLIENT_CERT_FILE = "client-cert.pem"
+CLIENT_KEY_FILE = "client-key.pem"
 
 DEFAULT_COUNTRY = "XX"
 DEFAULT_ORGANIZATION = "spice-libvirt lab"
@@ -270,15 +272,16 @@ def issue_server_certificate(
     hosts: list[str] | None = None,
     organization: str = DEFAULT_ORGANIZATION,
     country: str | None = DEFAULT_COUNTRY,
-    client_auth: bool = False,
+    client_too: bool = False,
 ) -> TlsMaterial:
     """Issue a server certificate signed by the CA in ``ca_dir`` into ``directory``.
 
     ``directory`` gets its own copy of ``ca-cert.pem`` (spice-server wants it there) but
     not of the CA key. Use this for a migration destination that must present a different
-    subject than the source while chaining to the same CA. ``client_auth``: the
-    certificate may also authenticate its host as a client (libvirt's ``clientcert.pem``,
-    for a host that is both a libvirtd and a client of its peers').
+    subject than the source while chaining to the same CA. ``client_too``: the certificate
+    may also authenticate a TLS client, and goes in as ``client-cert.pem``/``client-key.pem``
+    as well (QEMU's migration TLS: a host is the server of incoming migrations and the
+    client of outgoing ones).
     """
     _check_country(country)
     hosts = list(hosts) if hosts is not None else ["127.0.0.1", "::1", "localhost"]
@@ -317,7 +320,7 @@ def issue_server_certificate(
         .add_extension(
             x509.ExtendedKeyUsage(
                 [ExtendedKeyUsageOID.SERVER_AUTH]
-                + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client_auth else [])
+                + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client_too else [])
             ),
             critical=False,
         )
@@ -331,6 +334,9 @@ def issue_server_certificate(
     )
     _write_public(directory / SERVER_CERT_FILE, cert.public_bytes(serialization.Encoding.PEM))
     _write_private(directory / SERVER_KEY_FILE, _key_pem(key))
+    if client_too:
+        _write_public(directory / CLIENT_CERT_FILE, cert.public_bytes(serialization.Encoding.PEM))
+        _write_private(directory / CLIENT_KEY_FILE, _key_pem(key))
     return TlsMaterial(
         directory=directory,
         ca_cert=directory / CA_CERT_FILE,

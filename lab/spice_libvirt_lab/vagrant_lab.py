@@ -336,7 +336,7 @@ def write_secrets(state: VagrantLabState) -> None:
     for host in HOSTS:
         issue_server_certificate(
             state.pki_dir(host), ca_dir=ca_dir, common_name=host,
-            hosts=[host, HOST_IPS[host]], organization="spice-libvirt lab", client_auth=True,
+            hosts=[host, HOST_IPS[host]], organization="spice-libvirt lab", client_too=True,
         )  # fmt: skip
     key = state.root_ssh_key
     key.parent.mkdir(mode=0o700, exist_ok=True)

@@ -28,8 +28,9 @@ class AgentSettings(BaseModel):
 
     * ``connect``: the local libvirtd (the agent holds migrations *out of* this host).
     * ``destination_uri``: how to reach a destination libvirtd found from the source QEMU's
-      migration connection; ``{peer}`` is its address (``qemu+tls://{peer}/system`` on a
-      fleet with libvirt TLS).
+      migration connection; ``{peer}`` is its address. TLS by default (libvirt's own
+      certificates, ``/etc/pki/libvirt``): the connection carries which guests are where and
+      when their clients link. Opened read-only: the agent only listens there.
     * ``peers``: libvirtds to subscribe to at start, so that the first migration to them
       misses no client link (a discovered peer is subscribed on first use and kept).
     * ``hold_timeout_s``: every hold is released after this long, linked or not.
@@ -60,7 +61,7 @@ class AgentSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     connect: str = "qemu:///system"
-    destination_uri: str = "qemu+tcp://{peer}/system"
+    destination_uri: str = "qemu+tls://{peer}/system"
     peers: tuple[str, ...] = ()
     hold_timeout_s: float = Field(default=15.0, gt=0.5, le=600.0)
     margin_ms: float = Field(default=0.0, ge=-1000.0, le=5000.0)

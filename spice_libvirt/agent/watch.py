@@ -99,7 +99,8 @@ class Destination:
 
     @classmethod
     async def open(cls, uri: str, timeout: float) -> Destination:
-        conn = await Connection.open(uri, timeout=timeout, call_timeout=timeout)
+        """Read-only: the agent only listens there, so libvirtd refuses anything else."""
+        conn = await Connection.open(uri, timeout=timeout, call_timeout=timeout, read_only=True)
         try:
             stream = await conn.graphics_events()
         except errors.LibvirtError:

@@ -67,7 +67,8 @@ def register(subparsers: Any) -> None:
     run.add_argument(
         "--destination-uri",
         metavar="TEMPLATE",
-        help="URI of a discovered destination, {peer} = its address (qemu+tcp://{peer}/system)",
+        help="URI of a discovered destination, {peer} = its address (qemu+tls://{peer}/system; "
+        "opened read-only)",
     )
     run.add_argument("--hold-timeout", type=float, metavar="S", help="bound of every hold (15)")
     run.add_argument("--margin-ms", type=float, metavar="MS", help="release margin (0, measured)")

@@ -13,7 +13,12 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from spice_libvirt.cli import outcomes
-from spice_libvirt.cli.migrate_libvirt import add_allow_taint_argument, allow_taint
+from spice_libvirt.cli.migrate_libvirt import (
+    add_allow_taint_argument,
+    add_migrate_tls_argument,
+    allow_taint,
+    migrate_tls,
+)
 from spice_libvirt.exitcodes import exit_codes_epilog, for_evacuation
 from spice_libvirt.migration.progress import make_reporter
 
@@ -67,6 +72,7 @@ def register(subparsers: Any) -> None:
         help="per-domain completion bound (300)",
     )
     add_allow_taint_argument(parser)
+    add_migrate_tls_argument(parser)
     parser.add_argument("--json", action="store_true", help="the report as one JSON object")
     parser.set_defaults(handler=_run)
 
@@ -87,6 +93,7 @@ def _run(args: argparse.Namespace) -> int:
                 "hold_timeout": args.hold_timeout,
                 "completion_timeout": args.timeout,
                 "allow_taint": allow_taint(args),
+                "migrate_tls": migrate_tls(args),
             },
             reporter=reporter,
         )

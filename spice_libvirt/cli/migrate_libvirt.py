@@ -55,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "only with --allow-taint; libvirt = the floors only; qmp = the throttle (--allow-taint)",
     )
     add_allow_taint_argument(group)
+    add_migrate_tls_argument(group)
     group.add_argument(
         "--release-margin-ms",
         type=float,
@@ -84,6 +85,26 @@ def add_allow_taint_argument(parser: argparse.ArgumentParser | argparse._Argumen
     )
 
 
+def add_migrate_tls_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument(
+        "--migrate-tls",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="encrypt the guest's memory on the wire (libvirt's VIR_MIGRATE_TLS); default: "
+        "migrate_tls in config.toml (auto: where this host has migration TLS set up)",
+    )
+
+
+def migrate_tls(args: argparse.Namespace) -> bool | None:
+    """``--migrate-tls``/``--no-migrate-tls``, else the host configuration's ``migrate_tls``
+    (None: auto)."""
+    if args.migrate_tls is not None:
+        return bool(args.migrate_tls)
+    from spice_libvirt.config import load_config
+
+    return load_config().migrate_tls
+
+
 def allow_taint(args: argparse.Namespace) -> bool:
     """``--allow-taint``/``--no-allow-taint``, else the host configuration's ``allow_taint``."""
     if args.allow_taint is not None:
@@ -107,6 +128,7 @@ def request_fields(args: argparse.Namespace) -> dict[str, Any]:
         "completion_timeout": args.timeout,
         "extend_ticket_s": args.extend_ticket,
         "allow_taint": allow_taint(args),
+        "migrate_tls": migrate_tls(args),
     }
 
 

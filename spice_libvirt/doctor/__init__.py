@@ -3,9 +3,10 @@
 Like ``vdsm-tool is-configured``, for what this project needs on a host: the hook
 installed and loaded by the running libvirtd, a valid configuration with ``spice_address``,
 every running domain's SPICE reachable by clients, TLS files usable and not about to
-expire, libvirt new enough for ``qemu.d/``, the peers' ports reachable, and no SPICE ticket
-about to land in libvirt's debug log (:mod:`.daemon_logs`). Modules, one
-concern each: :mod:`.model` (the typed result), :mod:`.host` (files on this host),
+expire, migration TLS (the guest's memory encrypted between hosts), libvirt new enough for
+``qemu.d/``, the peers' ports reachable, and no SPICE ticket about to land in libvirt's debug
+log (:mod:`.daemon_logs`). Modules, one concern each: :mod:`.model` (the typed result),
+:mod:`.host` (files on this host), :mod:`.transport` (migration TLS),
 :mod:`.daemon` (the running libvirtd, read-only), :mod:`.peers` (other hosts' ports),
 :mod:`.trust` (what root runs for us: the shim's and the unit's code, root's only).
 
@@ -41,6 +42,7 @@ from spice_libvirt.doctor.host import (
 )
 from spice_libvirt.doctor.model import Check, DoctorReport, fail
 from spice_libvirt.doctor.peers import check_peer
+from spice_libvirt.doctor.transport import check_migration_tls
 from spice_libvirt.doctor.trust import check_agent_unit, check_hook_trust
 from spice_libvirt.hook import install as hook_install
 from spice_libvirt.hook.local import host_addresses
@@ -86,6 +88,7 @@ def diagnose(
         checks += check_domains(domains)
     checks += check_tls(tls_dir, tls_days, required=any(d.tls for d in domains or ()))
     checks.append(check_monitor_logging())
+    checks.append(check_migration_tls())
     for peer in peers:
         checks += check_peer(peer, timeout)
     if drain:

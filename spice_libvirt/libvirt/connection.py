@@ -273,13 +273,15 @@ class Connection:
 
     @classmethod
     async def open(
-        cls, uri: str, *, timeout: float = 15.0, call_timeout: float = 30.0
+        cls, uri: str, *, timeout: float = 15.0, call_timeout: float = 30.0, read_only: bool = False
     ) -> Connection:
-        """Open ``uri``; :class:`LibvirtConnectError` if libvirtd is not there in time."""
+        """Open ``uri`` (``read_only``: a connection libvirtd refuses every change on, which
+        still gets events); :class:`LibvirtConnectError` if libvirtd is not there in time."""
         lv = require_libvirt()
         ensure_event_loop()
+        opener = lv.openReadOnly if read_only else lv.open
         try:
-            conn = await call_blocking(lambda: lv.open(uri), timeout, f"connect to {uri}")
+            conn = await call_blocking(lambda: opener(uri), timeout, f"connect to {uri}")
         except LibvirtOperationError as exc:
             raise LibvirtConnectError(
                 f"libvirt at {uri} is unreachable: {exc}", exc.exc or exc

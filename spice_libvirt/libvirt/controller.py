@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from spice_libvirt import errors
+from spice_libvirt.libvirt import migration_tls
 from spice_libvirt.libvirt.census import (
     Census,
     KernelCensus,
@@ -316,7 +317,8 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
     ) -> tuple[int, dict[str, Any], int]:
         """What the job is started with: the caller's speed (restored after the hold), the
         migration parameters and flags; the downtime limit (the hold's to restore) and,
-        when the QMP throttle may come in, QEMU's own bandwidth into the report."""
+        when the QMP throttle may come in, QEMU's own bandwidth into the report; whether the
+        guest's memory moves over TLS, and why, too."""
         lv = self._lv
         orig_speed = await src.call(dom.migrateGetMaxSpeed, "migration max speed")
         report.hold.bandwidth_before_mibs = orig_speed
@@ -333,7 +335,12 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
             params[lv.VIR_MIGRATE_PARAM_GRAPHICS_URI] = graphics_uri
         if report.hold.applied != "none":
             params[lv.VIR_MIGRATE_PARAM_BANDWIDTH] = 1
-        return orig_speed, params, lv.VIR_MIGRATE_LIVE | lv.VIR_MIGRATE_PEER2PEER
+        flags = lv.VIR_MIGRATE_LIVE | lv.VIR_MIGRATE_PEER2PEER
+        report.migration_tls, why = migration_tls.decide(self.req.migrate_tls, self.req.source_uri)
+        self.note(why)
+        if report.migration_tls:
+            flags |= lv.VIR_MIGRATE_TLS
+        return orig_speed, params, flags
 
     def _job_outcome(
         self,
@@ -357,6 +364,11 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
         if not completed:
             report.error = message_of(error.__cause__ or error) if error else "cancelled"
             report.error_phase = "migrate"
+            if report.migration_tls and "TLS" in report.error.upper():
+                report.error += (
+                    " (migration TLS: set it up on both hosts -- doctor reports it -- or "
+                    "choose --no-migrate-tls)"
+                )
             if report.link_wait.reason:
                 report.error = f"{report.link_wait.reason}; {report.error}"
         report.hold.destination_events = self._links.log

@@ -35,6 +35,10 @@ class LibvirtMigrationRequest(BaseModel):
     #: Off (the default): libvirt's public API only; the clients come from the source QEMU's
     #: sockets (the controller on the source host) or the embedded client
     allow_taint: bool = False
+    #: encrypt the guest's memory on the wire (``VIR_MIGRATE_TLS``): True/False as the
+    #: operator chose; None: where this host, the source, is set up for it
+    #: (:func:`spice_libvirt.libvirt.migration_tls.decide`)
+    migrate_tls: bool | None = None
     hold_bytes_per_s: int = Field(default=4096, ge=1)
     #: how long the client may take to link before the hold is released anyway
     hold_timeout: float = Field(default=15.0, gt=0)
@@ -132,6 +136,8 @@ class LibvirtMigrationReport(MigrationReport):
     wall_ms: float | None = Field(default=None, description="migrateToURI3 call, wall time")
     hold: HoldDetails
     tainted: bool = False
+    #: the guest's memory moved over TLS (``VIR_MIGRATE_TLS``); the note says why or why not
+    migration_tls: bool = False
     #: ms from libvirt's return to the client's last source channel closing (negative:
     #: before it returned)
     client_left_source_ms: float | None = None
