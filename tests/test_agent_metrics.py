@@ -276,7 +276,7 @@ async def test_one_migration_is_one_verdict_however_many_events_follow_the_first
     """A migration skipped at ``setup`` is not judged again at ``active``; the next
     migration of the domain (a new ``setup``) is."""
     from spice_libvirt.agent import service
-    from spice_libvirt.agent.watch import MigrationEvent
+    from spice_libvirt.libvirt.connection import MigrationEvent
 
     monkeypatch.setattr(service, "MigrationHold", _InstantSkip)
     agent = Agent(AgentSettings(state_dir=tmp_path, journal_path=tmp_path / "j", syslog_socket=""))

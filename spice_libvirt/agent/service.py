@@ -38,7 +38,7 @@ from spice_libvirt import errors
 from spice_libvirt.agent import holdfile
 from spice_libvirt.agent.hold import MigrationHold
 from spice_libvirt.agent.metrics import AgentMetrics, MetricsServer
-from spice_libvirt.agent.plan import FINAL_STATES, Release
+from spice_libvirt.agent.plan import Release
 from spice_libvirt.agent.record import (
     AgentStatus,
     AgentVerdict,
@@ -56,6 +56,7 @@ from spice_libvirt.agent.watch import (
 from spice_libvirt.files import PRIVATE_FILE, open_file
 from spice_libvirt.libvirt.claim import ClaimClock
 from spice_libvirt.libvirt.connection import Connection, MigrationEvent
+from spice_libvirt.libvirt.hold import FINAL_STATES
 
 log = logging.getLogger(__name__)
 

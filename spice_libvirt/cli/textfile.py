@@ -34,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from spice_libvirt.errors import SpiceLibvirtError
+from spice_libvirt.files import UnsafePathError, write_file
 
 MIGRATIONS = "spice_libvirt_controller_migrations"
 LAST_RUN = "spice_libvirt_controller_last_run_timestamp_seconds"
@@ -138,16 +139,9 @@ def _read(path: Path) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """The product's one way to write a file (:func:`spice_libvirt.files.write_file`): a
+    temporary file beside it (not ``*.prom``), the mode set whatever the umask, renamed."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), FILE_MODE)  # whatever the umask
-            f.write(text.encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise TextfileError(f"{path}: cannot write: {exc.strerror or exc}") from exc
+        write_file(path, text, FILE_MODE, sync=True)
+    except UnsafePathError as exc:
+        raise TextfileError(f"{path}: cannot write: {exc}") from exc
