@@ -48,7 +48,7 @@ from spice_libvirt.hook.journal import Journal
 from spice_libvirt_lab import libvirt_agent, libvirt_lab, netns
 from spice_libvirt_lab.libvirt_migrate import lab_migrate
 from spice_libvirt_lab.libvirt_state import LabState, save
-from spice_libvirt_lab.libvirt_status import set_client_rtt
+from spice_libvirt_lab.libvirt_status import set_client_rtt, taint_lines
 from tests.rigs.viewer import start_viewer, viewer_outcome, xvfb
 
 METHODS = ("plain", "agent", "agent-bulk", "controller")
@@ -105,12 +105,7 @@ def _commit() -> str | None:
 
 
 def _taint_lines(state: LabState) -> int:
-    count = 0
-    for host in ("A", "B"):
-        log = Path(state.hosts[host].config.state_dir) / "log" / "qemu" / f"{state.domain}.log"
-        if log.exists():
-            count += log.read_text(errors="replace").count("custom-monitor")
-    return count
+    return len(taint_lines(state))
 
 
 def _agent_verdict(state: LabState, host: str, before: int) -> dict[str, Any] | None:

@@ -3,7 +3,20 @@
 One two-host libvirt lab (:mod:`spice_libvirt_lab.libvirt_lab`); for each client RTT (set on
 the lab's delaying bridge) and each method (``plain``: libvirt's own p2p migration, the
 baseline; ``ours``: :func:`spice_libvirt_lab.libvirt_migrate.lab_migrate` with the hold) and each
-client kind, N ping-pong migrations of the idle 256 MiB firmware guest:
+client kind, N ping-pong migrations of the lab's guest (``--guest``):
+
+* ``firmware`` (the default): the idle 256 MiB firmware guest, near-empty memory. It moves in
+  ~1.4 s even at libvirt's speed floor, so the lab allows the controller the QMP throttle for
+  it (``allow_taint``, :func:`spice_libvirt_lab.libvirt_state.lab_allows_taint`).
+* ``memcheck``: the bare-metal guest that checks its own memory, ``--memory`` MiB of working
+  set full of data (``lab up --libvirt --guest memcheck --memory M --dirty-mib-s R``), idle
+  (``--dirty-mib-s 0``, the default) or rewriting R MiB/s. ``ours`` then runs the
+  controller exactly as an operator does: its default hold, taint-free, no ``allow_taint``.
+
+Each row records the guest, the hold policy and the hold applied, whether the monitor
+passthrough was allowed, the controller's word on the taint and libvirt's own
+(``custom-monitor`` lines that appeared in the domain's logs during the run), the commit
+and whether the tree was dirty. Methods alternate run by run at each RTT.
 
 * ``remote-viewer``: a *fresh* remote-viewer per run (a viewer that once fell back to
   switch-host refuses every later seamless migration, ``rtt-seamless.md`` pitfall 2), in the
@@ -24,6 +37,8 @@ the same; each row records ``tls``, and the TLS handshakes' cost shows in the wa
 and the client's link time next to the plain-TCP table.
 
     .venv/bin/python benchmarks/bench_libvirt_rtt.py --rtts 0,50,150,300 --runs 10
+    .venv/bin/python benchmarks/bench_libvirt_rtt.py --guest memcheck --rtts 0,50,150,300 \
+        --runs 10 --clients remote-viewer --out benchmarks/results/libvirt-rtt-memcheck.jsonl
     .venv/bin/python benchmarks/bench_libvirt_rtt.py --tls --rtts 0,50,150,300 --runs 10 \
         --out benchmarks/results/libvirt-rtt-tls.jsonl
 """
@@ -36,7 +51,6 @@ if __package__ in (None, ""):  # run as a file: benchutil puts the repository on
 import datetime as dt
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,11 +59,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from benchmarks.benchutil import arg_parser, fmt, machine
+from benchmarks.benchutil import arg_parser, fmt, machine, source_state
 from spice_libvirt.libvirt.request import LibvirtMigrationReport, LibvirtMigrationRequest
 from spice_libvirt.spice.record import ClientMigrationRecord
 from spice_libvirt_lab import libvirt_lab
+from spice_libvirt_lab.libvirt_lab import GuestKind
 from spice_libvirt_lab.libvirt_migrate import lab_migrate
+from spice_libvirt_lab.libvirt_state import lab_allows_taint
+from spice_libvirt_lab.libvirt_status import taint_lines
+from spice_libvirt_lab.memcheck import MemcheckOptions
 from tests.rigs.viewer import ViewerTls, log_time, start_viewer, viewer_outcome, xvfb
 
 RESULTS_MD = Path(__file__).resolve().with_name("RESULTS-libvirt.md")
@@ -58,7 +76,9 @@ RESULTS_TLS_MD = RESULTS_MD.with_name("RESULTS-libvirt-tls.md")
 #: method -> (plain, controller options, table label)
 METHODS: dict[str, tuple[bool, dict[str, Any], str]] = {
     "plain": (True, {}, "plain `virsh migrate` (libvirt p2p)"),
-    "ours": (False, {}, "ours (QMP hold, released on the client's links)"),
+    # the controller's default request (hold auto); the lab allows the QMP throttle for the
+    # firmware guest only, every other guest is held taint-free as on a production host
+    "ours": (False, {}, "ours (the controller's default hold)"),
     "ours-floor": (False, {"hold": "libvirt"}, "ours, taint-free hold (libvirt's 1 MiB/s floor)"),
     "nowait": (False, {"hold": "none"}, "ours without the hold (`--no-wait-client`: switch-host)"),
     # released 0.6 s after QEMU is active whatever the client did: at 150-300 ms it is
@@ -80,20 +100,10 @@ def method_spec(method: str) -> tuple[bool, dict[str, Any], str]:
 
 
 def _commit() -> str | None:
-    out = subprocess.run(
-        ["git", "-C", str(RESULTS_MD.parent), "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    dirty = subprocess.run(
-        ["git", "-C", str(RESULTS_MD.parent), "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    head = out.stdout.strip() or None
-    return f"{head}+dirty" if head and dirty.stdout.strip() else head
+    """The commit, with ``+dirty`` if the tree had uncommitted changes (other benchmarks'
+    rows carry it in this one field)."""
+    source = source_state()
+    return f"{source.commit}+dirty" if source.commit and source.dirty else source.commit
 
 
 class Run(BaseModel):
@@ -107,6 +117,23 @@ class Run(BaseModel):
     verdict: str | None = None
     #: the lab ran SPICE over TLS (every channel secure, CA and subject verified)
     tls: bool = False
+    #: the lab's guest: firmware (near-empty) or memcheck (its working set full of data)
+    guest: str = "firmware"
+    memory_mib: int | None = None
+    #: memcheck: MiB of its pages rewritten per second (0: idle)
+    dirty_mib_s: int | None = None
+    #: the controller's hold policy and what it applied (None: plain libvirt)
+    hold_policy: str | None = None
+    hold: str | None = None
+    #: the controller was allowed the monitor passthrough (``allow_taint``)
+    allow_taint: bool | None = None
+    #: the controller's word that the domain was tainted, and libvirt's own: the
+    #: ``custom-monitor`` lines that appeared in the domain's logs during this run
+    tainted: bool | None = None
+    taint_log_lines: int | None = None
+    #: where the controller counted the clients, and why it escalated to the QMP throttle
+    census: str | None = None
+    escalated: str | None = None
     #: the whole lab migration call (what a user waits for: hold, libvirt, verdict)
     total_s: float | None = None
     #: from libvirt's return to the verdict, and what made the evidence conclusive
@@ -123,6 +150,8 @@ class Run(BaseModel):
     slack_ms: float | None = None
     load_1m: float | None = None
     commit: str | None = None
+    #: the tree had uncommitted changes when the row was measured
+    dirty: bool | None = None
     wall_s: float | None = None
     display_outage_s: float | None = None
     client_link_s: float | None = None
@@ -159,11 +188,28 @@ def slack_ms(segment: str, rtt_ms: float) -> float | None:
 def _migrate(lab_dir: Path, run: Run, *, watch: bool) -> LibvirtMigrationReport:
     """One lab migration by ``run.method``; the report's figures copied into ``run``."""
     plain, options, _ = method_spec(run.method)
+    state = libvirt_lab.load_state(lab_dir)
+    assert state is not None
+    run.guest = state.guest
+    if state.memcheck is not None:
+        run.memory_mib = state.memcheck.working_set_mib
+        run.dirty_mib_s = state.memcheck.dirty_mib_s
     run.load_1m = round(os.getloadavg()[0], 2)
-    run.commit = _commit()
+    source = source_state()
+    run.commit, run.dirty = source.commit, source.dirty
+    taint_before = len(taint_lines(state))
     t0 = time.monotonic()
     report = lab_migrate(lab_dir, watch=watch, plain=plain, options=options)
     run.total_s = round(time.monotonic() - t0, 3)
+    run.taint_log_lines = len(taint_lines(state)) - taint_before
+    run.tainted = report.tainted or report.hold.tainted
+    if not plain:
+        # what lab_migrate's request gets: the option given, else the lab's rule
+        run.allow_taint = bool(options.get("allow_taint", lab_allows_taint(state)))
+        run.hold_policy = report.hold.policy
+        run.hold = report.hold.applied
+        run.census = report.hold.census
+        run.escalated = report.hold.escalated
     run.verdict = report.outcome
     run.wall_s = round((report.wall_ms or 0) / 1000.0, 3)
     run.verdict_ms = report.verdict_ready_ms
@@ -207,6 +253,7 @@ def run_viewer(lab_dir: Path, display: str, rtt: float, method: str, i: int, log
         index=i,
         outcome="?",
         tls=state.tls is not None,
+        guest=state.guest,
     )
     try:
         viewer.wait_channels(timeout=20.0)
@@ -237,8 +284,16 @@ def run_viewer(lab_dir: Path, display: str, rtt: float, method: str, i: int, log
 
 def run_embedded(lab_dir: Path, rtt: float, method: str, i: int) -> Run:
     state = libvirt_lab.load_state(lab_dir)
-    tls = state is not None and state.tls is not None
-    run = Run(rtt_ms=rtt, method=method, client="embedded", index=i, outcome="?", tls=tls)
+    assert state is not None
+    run = Run(
+        rtt_ms=rtt,
+        method=method,
+        client="embedded",
+        index=i,
+        outcome="?",
+        tls=state.tls is not None,
+        guest=state.guest,
+    )
     try:
         report = _migrate(lab_dir, run, watch=True)
         run.outcome = _oracle(report)
@@ -380,19 +435,50 @@ def margin_table(runs: list[Run]) -> str:
     )
 
 
+def guest_line(runs: list[Run]) -> str:
+    """The guests the rows were measured on, in words."""
+    kinds = dict.fromkeys(
+        "idle 256 MiB firmware guest (near-empty memory)"
+        if r.guest == "firmware"
+        else f"memcheck guest, {r.memory_mib} MiB working set full of data, "
+        + (f"rewriting {r.dirty_mib_s} MiB/s" if r.dirty_mib_s else "idle")
+        for r in runs
+    )
+    return "; ".join(kinds) or "?"
+
+
+def hold_line(runs: list[Run]) -> str:
+    """How the controller's runs were held, and libvirt's word on the taint."""
+    held = [r for r in runs if r.hold is not None]
+    if not held:
+        return ""
+    applied = ", ".join(
+        f"{h} {sum(r.hold == h for r in held)}" for h in dict.fromkeys(r.hold for r in held)
+    )
+    allowed = sum(bool(r.allow_taint) for r in held)
+    tainted = sum(bool(r.taint_log_lines) for r in runs)
+    return (
+        f" The controller's runs: hold applied {applied}; monitor passthrough allowed in "
+        f"{allowed}/{len(held)}; runs that added a `custom-monitor` line to the domain's log "
+        f"{tainted}/{len(runs)}."
+    )
+
+
 def summary_md(runs: list[Run], argv: str, started: dt.datetime, seconds: float | None) -> str:
     info = machine(tools=["remote-viewer"])
     loads = [r.load_1m for r in runs if r.load_1m is not None]
-    commits = [r.commit for r in runs if r.commit]
-    span = f"{commits[0]} .. {commits[-1]}" if len(set(commits)) > 1 else "".join(commits[:1])
+    commits = list(dict.fromkeys(r.commit for r in runs if r.commit))
+    span = " .. ".join(commits[:: max(1, len(commits) - 1)]) if commits else "?"
+    dirty = sum(bool(r.dirty) for r in runs)
     return (
         f"Measured {started:%Y-%m-%d %H:%M} UTC, summarized by `{argv}`"
-        f"{'' if seconds is None else f' ({seconds:.0f} s)'}, at commit "
-        f"{span or '?'} (+dirty: other work uncommitted in the tree); {info.cpus} CPUs ({info.cpu_model}), kernel "
-        f"{info.kernel}, {info.versions.get('remote-viewer', 'remote-viewer ?')}; load average "
+        f"{'' if seconds is None else f' ({seconds:.0f} s)'}, at commit {span} "
+        f"({dirty} of {len(runs)} rows from a tree with uncommitted changes); {info.cpus} CPUs "
+        f"({info.cpu_model}), kernel {info.kernel}, "
+        f"{info.versions.get('remote-viewer', 'remote-viewer ?')}; load average "
         f"(1 min) during the runs {min(loads, default=0):.2f}-{max(loads, default=0):.2f} "
-        f"(median {statistics.median(loads) if loads else 0:.2f}). Two-host libvirt lab, idle "
-        "256 MiB firmware guest. Raw rows: one JSON line per migration.\n\n"
+        f"(median {statistics.median(loads) if loads else 0:.2f}). Two-host libvirt lab, "
+        f"{guest_line(runs)}.{hold_line(runs)} Raw rows: one JSON line per migration.\n\n"
         + table(runs)
         + "\n## Added wall time (medians, each method against plain in the same run)\n\n"
         + added_table(runs)
@@ -410,6 +496,27 @@ def main(argv: list[str] | None = None) -> int:
         help=f"of {', '.join(METHODS)}, or ours-m<N> (release margin N ms)",
     )
     parser.add_argument("--clients", default="remote-viewer,embedded")
+    parser.add_argument(
+        "--guest",
+        choices=("firmware", "memcheck"),
+        default="firmware",
+        help="the lab's guest: firmware (idle, near-empty; the lab allows the QMP throttle "
+        "for it) or memcheck (its memory full of data; held taint-free by default)",
+    )
+    parser.add_argument(
+        "--memory",
+        type=int,
+        default=None,
+        metavar="MIB",
+        help="memcheck: its working set in MiB (256), as lab up --memory",
+    )
+    parser.add_argument(
+        "--dirty-mib-s",
+        type=int,
+        default=None,
+        metavar="R",
+        help="memcheck: rewrite R MiB of its pages per second (0, the default: idle but full)",
+    )
     parser.add_argument("--lab-dir", type=Path, default=None)
     parser.add_argument("--keep-lab", action="store_true")
     parser.add_argument(
@@ -427,6 +534,16 @@ def main(argv: list[str] | None = None) -> int:
         help="no migration: print (and with --write-results write) the summary of these rows",
     )
     args = parser.parse_args(argv)
+    if args.guest != "memcheck" and (args.memory, args.dirty_mib_s) != (None, None):
+        parser.error("--memory, --dirty-mib-s: the memcheck guest only")
+    options = None
+    if args.guest == "memcheck":
+        try:
+            options = MemcheckOptions(
+                working_set_mib=args.memory or 256, dirty_mib_s=args.dirty_mib_s or 0
+            )
+        except ValueError as exc:
+            parser.error(f"memcheck guest: {exc}")
     if args.from_rows is not None:
         rows = [Run.model_validate_json(x) for x in args.from_rows.read_text().splitlines() if x]
         when = dt.datetime.fromtimestamp(args.from_rows.stat().st_mtime, dt.UTC)
@@ -450,11 +567,21 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     started = dt.datetime.now(dt.UTC)
     t0 = time.monotonic()
-    own_lab = libvirt_lab.load_state(lab_dir) is None
-    if own_lab:
-        libvirt_lab.up(lab_dir, client_rtt_ms=rtts[0], tls=args.tls)
-    elif args.tls != (libvirt_lab.load_state(lab_dir).tls is not None):  # type: ignore[union-attr]
+    existing = libvirt_lab.load_state(lab_dir)
+    own_lab = existing is None
+    if existing is None:
+        guest: GuestKind = args.guest
+        libvirt_lab.up(
+            lab_dir,
+            client_rtt_ms=rtts[0],
+            tls=args.tls,
+            guest=guest,
+            memcheck_options=options,
+        )
+    elif args.tls != (existing.tls is not None):
         parser.error(f"--tls does not match the lab already up in {lab_dir}")
+    elif (existing.guest, existing.memcheck) != (args.guest, options):
+        parser.error(f"--guest/--memory/--dirty-mib-s do not match the lab up in {lab_dir}")
     print(f"raw rows: {out}; logs: {work}", flush=True)
     try:
         with xvfb(work) as xserver:

@@ -36,6 +36,7 @@ from spice_libvirt_lab.libvirt_agent import running_agents as agents
 from spice_libvirt_lab.libvirt_lab import LabState
 from spice_libvirt_lab.libvirt_migrate import lab_migrate
 from spice_libvirt_lab.libvirt_state import save
+from spice_libvirt_lab.libvirt_status import taint_lines
 from tests.rigs.libvirt_lab import lab_marks
 from tests.rigs.viewer import RemoteViewer, XServer, start_viewer, wait_outcome
 
@@ -92,14 +93,7 @@ def migrate_watched(
 
 
 def tainted(lab: LabState) -> list[str]:
-    lines: list[str] = []
-    for host in ("A", "B"):
-        log = Path(lab.hosts[host].config.state_dir) / "log" / "qemu" / f"{lab.domain}.log"
-        if log.exists():
-            lines += [
-                x for x in log.read_text(errors="replace").splitlines() if "custom-monitor" in x
-            ]
-    return lines
+    return taint_lines(lab)
 
 
 @contextlib.contextmanager

@@ -228,6 +228,18 @@ def serial_console(state: LabState, host: HostName, domain: str) -> Path:
     return state.hosts[host].config.state_dir / "log" / "qemu" / f"{domain}-serial.log"
 
 
+def taint_lines(state: LabState, domain: str | None = None) -> list[str]:
+    """The ``custom-monitor`` lines of a domain's libvirt log on both hosts: libvirt's own
+    word that the monitor passthrough tainted it (``domain`` defaults to the lab's guest)."""
+    lines: list[str] = []
+    for host in HOSTS:
+        log = state.hosts[host].config.state_dir / "log" / "qemu" / f"{domain or state.domain}.log"
+        if log.exists():
+            text = log.read_text(errors="replace")
+            lines += [x for x in text.splitlines() if "custom-monitor" in x]
+    return lines
+
+
 def where(state: LabState) -> HostName:
     lv = require_libvirt()
     running: list[HostName] = []
