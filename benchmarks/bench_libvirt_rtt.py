@@ -57,7 +57,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from benchmarks.benchutil import arg_parser, fmt, machine, source_state
 from spice_libvirt.libvirt.request import LibvirtMigrationReport, LibvirtMigrationRequest
@@ -540,10 +540,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.guest == "memcheck":
         try:
             options = MemcheckOptions(
-                working_set_mib=args.memory or 256, dirty_mib_s=args.dirty_mib_s or 0
+                working_set_mib=256 if args.memory is None else args.memory,
+                dirty_mib_s=args.dirty_mib_s or 0,
             )
-        except ValueError as exc:
-            parser.error(f"memcheck guest: {exc}")
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            parser.error(f"memcheck guest: {first['loc'][0]}: {first['msg']}")
     if args.from_rows is not None:
         rows = [Run.model_validate_json(x) for x in args.from_rows.read_text().splitlines() if x]
         when = dt.datetime.fromtimestamp(args.from_rows.stat().st_mtime, dt.UTC)
