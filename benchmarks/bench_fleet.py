@@ -103,6 +103,11 @@ class Row(BaseModel):
     caller_error: str | None = None
     load_1m_start: float = 0.0
     load_1m_end: float = 0.0
+    #: how long ``lab up`` took to boot these guests and fill their working sets
+    lab_up_s: float | None = None
+    #: the host's MemAvailable before and after the run
+    mem_available_mib_start: int | None = None
+    mem_available_mib_end: int | None = None
     commit: str | None = None
     dirty_tree: bool | None = None
 
@@ -118,6 +123,13 @@ def _proc_cpu_ms(pid: int) -> float | None:
         return None
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) * 1000.0 / ticks
+
+
+def _mem_available_mib() -> int | None:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) // 1024
+    return None
 
 
 def _peak_rss_mib(pid: int) -> float | None:
@@ -253,7 +265,9 @@ def _agents(state: LabState, mode: str) -> Iterator[dict[str, netns.ProcRef]]:
         netns.terminate([r for r in refs.values() if r.alive()], timeout=15.0)
 
 
-def one_run(state: LabState, caller: str, agent: str, round_: int, workload: str, args: Any) -> Row:
+def one_run(
+    state: LabState, caller: str, agent: str, round_: int, workload: str, lab_up_s: float, args: Any
+) -> Row:
     src = where(state)
     dst: HostName = "B" if src == "A" else "A"
     source = source_state()
@@ -262,7 +276,8 @@ def one_run(state: LabState, caller: str, agent: str, round_: int, workload: str
         dirty_mib_s=args.dirty_mib_s if workload == "dirty" else 0, rtt_ms=args.rtt,
         caller=caller, agent=agent, round=round_, source=src, commit=source.commit,
         dirty_tree=source.dirty,
-        load_1m_start=round(os.getloadavg()[0], 2),
+        load_1m_start=round(os.getloadavg()[0], 2), lab_up_s=lab_up_s,
+        mem_available_mib_start=_mem_available_mib(),
     )  # fmt: skip
     accounts_before = {a.domain: a for a in guest_accounts(state.lab_dir)}
     clients_before = _client_counts(state)
@@ -325,6 +340,7 @@ def one_run(state: LabState, caller: str, agent: str, round_: int, workload: str
         fresh.active_host = dst if row.migrated else src
         save(fresh)
     row.load_1m_end = round(os.getloadavg()[0], 2)
+    row.mem_available_mib_end = _mem_available_mib()
     return row
 
 
@@ -357,6 +373,7 @@ def _median(values: Sequence[float]) -> float | None:
 
 def cells(rows: list[Row]) -> list[Cell]:
     out: list[Cell] = []
+    rows = [r for r in rows if r.caller in CALLERS]  # not the record of a lab that never came up
     keys = sorted({(r.domains, r.workload, r.caller, r.agent) for r in rows},
                   key=lambda k: (k[0], k[1], CALLERS.index(k[2]), list(AGENTS).index(k[3])))  # fmt: skip
     for n, workload, caller, agent in keys:
@@ -472,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=8, help="evacuate/ansible at a time")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--budget-min", type=float, default=240.0, help="no new run after this")
+    parser.add_argument("--up-timeout", type=float, default=1800.0, help="lab up's bound (s)")
     parser.add_argument("--out", type=Path, help="JSON lines, one row per run (appended)")
     parser.add_argument("--from-rows", help="comma list of rows files: print the table only")
     parser.add_argument("--plot", type=Path, help="with --from-rows: write the SVG plot here")
@@ -505,17 +523,37 @@ def main(argv: list[str] | None = None) -> int:
                 dirty_mib_s=args.dirty_mib_s if workload == "dirty" else 0,
             )
             t_up = time.monotonic()
-            state = libvirt_lab.up(
-                top / "libvirt", client_rtt_ms=args.rtt, guest="memcheck", domains=args.domains,
-                clients=True, memcheck_options=options, timeout=1800.0,
-            )  # fmt: skip
-            print(f"lab up: {args.domains} x {workload} in {time.monotonic() - t_up:.0f} s, "
-                  f"load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)  # fmt: skip
+            try:
+                state = libvirt_lab.up(
+                    top / "libvirt", client_rtt_ms=args.rtt, guest="memcheck",
+                    domains=args.domains, clients=True, memcheck_options=options,
+                    timeout=args.up_timeout,
+                )  # fmt: skip
+            except Exception as exc:  # a fleet this host cannot bring up is a measurement too
+                failed = Row(
+                    domains=args.domains, memory_mib=args.memory, workload=workload,
+                    dirty_mib_s=options.dirty_mib_s, rtt_ms=args.rtt, caller="lab-up",
+                    agent="off", round=0, source="A", commit=source_state().commit,
+                    dirty_tree=source_state().dirty, lab_up_s=round(time.monotonic() - t_up, 1),
+                    caller_error=f"{type(exc).__name__}: {exc}"[:600],
+                    load_1m_end=round(os.getloadavg()[0], 2),
+                    mem_available_mib_end=_mem_available_mib(),
+                )  # fmt: skip
+                if args.out:
+                    with args.out.open("a") as out:
+                        out.write(failed.model_dump_json() + "\n")
+                print(f"lab up failed after {failed.lab_up_s} s: {failed.caller_error}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                continue
+            lab_up_s = round(time.monotonic() - t_up, 1)
+            print(f"lab up: {args.domains} x {workload} in {lab_up_s:.0f} s, "
+                  f"load {os.getloadavg()[0]:.1f}, MemAvailable {_mem_available_mib()} MiB",
+                  file=sys.stderr, flush=True)  # fmt: skip
             for round_ in range(args.rounds):
                 for caller, agent in _rotation(callers, agents):
                     if time.monotonic() - started > args.budget_min * 60:
                         break
-                    row = one_run(state, caller, agent, round_, workload, args)
+                    row = one_run(state, caller, agent, round_, workload, lab_up_s, args)
                     rows.append(row)
                     if args.out:
                         with args.out.open("a") as out:
