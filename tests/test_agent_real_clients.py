@@ -1,7 +1,8 @@
 """Only real clients hold a migration: the unit half.
 
 A TCP connection to a SPICE port that never links a channel (no ticket, no link) is not a
-client: the agent does not wait for it on the source, and a half-open connection from
+client: the agent and the controller (one census, ``agent/real_clients.py``) do not wait for
+it on the source, and a half-open connection from
 elsewhere on the destination does not keep the release from coming. The lab half, a bare
 connection held open during an agent-held migration, is in ``test_agent_trust_lab.py``.
 """
@@ -9,7 +10,13 @@ connection held open during an agent-held migration, is in ``test_agent_trust_la
 from __future__ import annotations
 
 from spice_libvirt.agent.plan import CallerValues, HeldMigration
-from spice_libvirt.agent.watch import SOURCE_CONNECTIONS_MAX, SourceChannels
+from spice_libvirt.agent.procnet import TcpSocket
+from spice_libvirt.agent.real_clients import (
+    LINK_REFUSAL_BYTES,
+    SOURCE_CONNECTIONS_MAX,
+    SourceChannels,
+    answered,
+)
 from spice_libvirt.libvirt.connection import GraphicsEvent, endpoint
 from spice_libvirt.libvirt.hold import DestinationLinks
 
@@ -28,6 +35,15 @@ def test_endpoints_compare_across_spellings() -> None:
     assert endpoint("[::ffff:10.0.0.1]:5") == ("10.0.0.1", 5)
 
 
+def _sock(remote: str, sent: int | None = None) -> TcpSocket:
+    address, _, port = remote.rpartition(":")
+    return TcpSocket("10.0.1.2", 5900, address, int(port), "01", int(port), sent)
+
+
+def _peers(sockets: list[TcpSocket]) -> list[str]:
+    return [s.peer for s in sockets]
+
+
 def test_bare_connections_are_not_channels() -> None:
     sources = SourceChannels()
     for port in (40001, 40002, 40003):  # the client: connect, then initialize
@@ -36,16 +52,33 @@ def test_bare_connections_are_not_channels() -> None:
     sources.absorb(ev("connect", f"{STRANGER}:50000"))  # no ticket: never initializes
     sources.absorb(ev("connect", f"{CLIENT}:40009"))
     sources.absorb(ev("disconnect", f"{CLIENT}:40009"))
-    established = [f"{CLIENT}:40001", f"{CLIENT}:40002", f"{CLIENT}:40003",
-                   f"{STRANGER}:50000", f"{CLIENT}:39000"]  # fmt: skip
+    established = [_sock(f"{CLIENT}:{p}", 1) for p in (40001, 40002, 40003)]
+    # the events outrank the kernel: the stranger was answered, yet never linked
+    established.append(_sock(f"{STRANGER}:50000", 5000))
+    established.append(_sock(f"{CLIENT}:39000"))  # never reported, the kernel cannot say
     channels, bare = sources.split("vm", established)
-    # 39000 was never reported: accepted before the agent subscribed, counted
-    assert channels == [f"{CLIENT}:40001", f"{CLIENT}:40002", f"{CLIENT}:40003", f"{CLIENT}:39000"]
-    assert bare == [f"{STRANGER}:50000"]
+    # 39000 was accepted before the subscription: counted
+    assert _peers(channels) == [f"{CLIENT}:40001", f"{CLIENT}:40002", f"{CLIENT}:40003",
+                                f"{CLIENT}:39000"]  # fmt: skip
+    assert _peers(bare) == [f"{STRANGER}:50000"]
     # another domain's events are its own; forgotten once the kernel no longer shows them
-    assert sources.split("other", [f"{STRANGER}:50000"]) == ([f"{STRANGER}:50000"], [])
-    assert sources.split("vm", [f"{CLIENT}:40001"]) == ([f"{CLIENT}:40001"], [])
-    assert sources.split("vm", [f"{STRANGER}:50000"]) == ([f"{STRANGER}:50000"], [])
+    assert _peers(sources.split("other", [_sock(f"{STRANGER}:50000")])[0]) == [f"{STRANGER}:50000"]
+    assert _peers(sources.split("vm", [_sock(f"{CLIENT}:40001")])[0]) == [f"{CLIENT}:40001"]
+    assert _peers(sources.split("vm", [_sock(f"{STRANGER}:50000")])[0]) == [f"{STRANGER}:50000"]
+
+
+def test_before_the_events_the_kernel_tells_an_answered_link_from_a_bare_connection() -> None:
+    """What QEMU sent on a connection nobody reported: nothing (a bare connection), a
+    refusal at most (spice-server closes those), or a link reply and its result (a
+    channel)."""
+    assert answered(_sock(f"{STRANGER}:1", 0)) is False
+    assert answered(_sock(f"{STRANGER}:2", LINK_REFUSAL_BYTES)) is False
+    assert answered(_sock(f"{CLIENT}:3", LINK_REFUSAL_BYTES + 4 + 4)) is True
+    assert answered(_sock(f"{CLIENT}:4")) is None
+    sockets = [_sock(f"{STRANGER}:1", 0), _sock(f"{CLIENT}:3", 300), _sock(f"{CLIENT}:4")]
+    channels, bare = SourceChannels().split("vm", sockets)
+    assert _peers(channels) == [f"{CLIENT}:3", f"{CLIENT}:4"]
+    assert _peers(bare) == [f"{STRANGER}:1"]
 
 
 def test_a_flood_of_connections_is_bounded() -> None:

@@ -1,7 +1,9 @@
 """Our own migrations and evacuations are taint-free by default, and stay seamless.
 
 One two-host libvirt lab for the module (the ``linux`` guest, which libvirt's 1 MiB/s speed
-floor holds for minutes; a client 300 ms away). ``spice-libvirt migrate`` and ``evacuate``
+floor holds for minutes; a client 300 ms away). Connections to the SPICE port that never
+link a channel -- bare, or sending garbage -- are no clients: they neither stretch the hold
+nor make a client of nobody (the census the agent takes too, ``agent/real_clients.py``). ``spice-libvirt migrate`` and ``evacuate``
 run as an operator runs them on the source host: no ``--allow-taint``. The oracle for the
 path is remote-viewer's own SPICE_DEBUG log (or our embedded client's record); the oracle
 for the taint is libvirt's own per-domain log on both hosts, which must never gain a
@@ -10,14 +12,18 @@ for the taint is libvirt's own per-domain log on both hosts, which must never ga
 
 from __future__ import annotations
 
+import contextlib
 import json
+import struct
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from spice_libvirt_lab import libvirt_agent
+from spice_libvirt_lab import libvirt_agent, netns
 from spice_libvirt_lab.libvirt_lab import LabState
 from spice_libvirt_lab.libvirt_migrate import lab_migrate
 from tests.rigs.libvirt_lab import lab_marks
@@ -51,6 +57,31 @@ def _cli(*argv: str) -> tuple[int, dict[str, Any], str]:
     return done.returncode, json.loads(done.stdout), done.stderr
 
 
+def _migrate_cli(lab: LabState, src: str, dst: str) -> tuple[int, dict[str, Any], str]:
+    return _cli(
+        "migrate", lab.domain,
+        "--from", lab.hosts[src].uri_unix,
+        "--to", lab.hosts[dst].uri_tcp,
+        "--to-connect", lab.hosts[dst].uri_unix,
+        "--json",
+    )  # fmt: skip
+
+
+def _migrate_watched(
+    lab: LabState, display: str, name: str
+) -> tuple[str | None, int, dict[str, Any]]:
+    """``spice-libvirt migrate`` without flags, a fresh remote-viewer watching: (its path,
+    the exit code, the report)."""
+    src, dst = libvirt_agent.running_host(lab)
+    v = viewer(lab, display, src, name)
+    try:
+        mark = len(v.log_text())
+        rc, report, _ = _migrate_cli(lab, src, dst)
+        return outcome(v, mark), rc, report
+    finally:
+        v.stop()
+
+
 def _assert_taint_free_hold(report: dict[str, Any], census: str) -> None:
     hold = report["hold"]
     assert report["tainted"] is False
@@ -71,20 +102,7 @@ def test_migrate_with_a_remote_viewer_is_seamless_and_leaves_no_taint(
 ) -> None:
     """``spice-libvirt migrate`` without flags: the clients from the source QEMU's sockets,
     the hold through libvirt's speed and downtime, the verdict from graphics events."""
-    src, dst = libvirt_agent.running_host(lab)
-    v = viewer(lab, display, src, "rv-taint-free-migrate")
-    try:
-        mark = len(v.log_text())
-        rc, report, _ = _cli(
-            "migrate", lab.domain,
-            "--from", lab.hosts[src].uri_unix,
-            "--to", lab.hosts[dst].uri_tcp,
-            "--to-connect", lab.hosts[dst].uri_unix,
-            "--json",
-        )  # fmt: skip
-        path = outcome(v, mark)
-    finally:
-        v.stop()
+    path, rc, report = _migrate_watched(lab, display, "rv-taint-free-migrate")
     assert path == "seamless"
     assert rc == 0, report
     assert report["outcome"] == "seamless"
@@ -155,3 +173,62 @@ def test_the_qmp_hold_is_refused_without_allow_taint(lab: LabState) -> None:
     assert "allow_taint" in done.stderr
     assert done.stderr.count("\n") == 1
     assert libvirt_agent.running_host(lab)[0] == src
+
+
+@contextlib.contextmanager
+def strangers(lab: LabState, host: str) -> Iterator[None]:
+    """Connections to ``host``'s SPICE port from the client's own address that never link:
+    a bare one, one stalled inside a link header (the magic, then garbage, then nothing),
+    and one that sends only garbage (spice-server refuses and closes it). Held open
+    throughout."""
+    with contextlib.ExitStack() as stack:
+        for payload in (
+            b"",
+            b"REDQ" + struct.pack("<III", 2, 2, 100) + b"\x99" * 10,
+            b"\x00junk" * 8,
+        ):
+            sock = stack.enter_context(netns.socket_in(lab.client.netns))
+            sock.settimeout(10.0)
+            sock.connect((lab.hosts[host].config.ip, 5900))
+            sock.sendall(payload)
+        time.sleep(1.0)  # past spice-server's answer to the garbage
+        yield
+
+
+def _strangers_named(report: dict[str, Any]) -> bool:
+    return any(
+        n.startswith("clients on the source:") and "that never linked a channel" in n
+        for n in report["notes"]
+    )
+
+
+def test_connections_that_never_link_are_no_client(lab: LabState) -> None:
+    """Only strangers on the port: the census says no client, nothing is held."""
+    src, dst = libvirt_agent.running_host(lab)
+    with strangers(lab, src):
+        rc, report, stderr = _migrate_cli(lab, src, dst)
+    assert rc == 0, stderr
+    assert report["outcome"] == "no-client", report
+    assert report["link_wait"]["result"] == "no-client"
+    assert report["hold"]["census"] == "kernel"
+    assert report["hold"]["expected_channels"] is None
+    assert report["tainted"] is False
+    assert _strangers_named(report), report["notes"]
+    assert libvirt_agent.running_host(lab)[0] == dst
+
+
+def test_connections_that_never_link_do_not_stretch_the_hold(lab: LabState, display: str) -> None:
+    """Strangers from the client's own address, then remote-viewer: the hold waits for the
+    viewer's five channels and is released when they linked (not at the 15 s bound)."""
+    with strangers(lab, libvirt_agent.running_host(lab)[0]):
+        path, rc, report = _migrate_watched(lab, display, "rv-taint-free-strangers")
+    assert path == "seamless"
+    assert rc == 0, report
+    assert report["outcome"] == "seamless"
+    _assert_taint_free_hold(report, "kernel")
+    assert report["hold"]["expected_channels"] == 5
+    assert report["link_wait"]["result"] == "linked"
+    assert _strangers_named(report), report["notes"]
+    (client,) = report["clients"]
+    assert client["path"] == "seamless"
+    assert tainted(lab) == []

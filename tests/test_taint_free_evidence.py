@@ -30,8 +30,11 @@ from spice_libvirt.migration.verdict import LinkedClient, Settling, VerdictEvide
 SPICE, TLS = 5900, 5901
 
 
-def _sock(local: str, lport: int, remote: str, rport: int, state: str = "01") -> procnet.TcpSocket:
-    return procnet.TcpSocket(local, lport, remote, rport, state, inode=lport * 100000 + rport)
+def _sock(
+    local: str, lport: int, remote: str, rport: int, state: str = "01", sent: int | None = 900
+) -> procnet.TcpSocket:
+    inode = lport * 100000 + rport
+    return procnet.TcpSocket(local, lport, remote, rport, state, inode, sent)
 
 
 def test_census_groups_channels_by_client_address_with_tls_by_port() -> None:
@@ -47,7 +50,7 @@ def test_census_groups_channels_by_client_address_with_tls_by_port() -> None:
             _sock("::1", SPICE, "::1", 5000),
         ),
     )
-    census = census_from_sockets(4242, sockets, SPICE, TLS)
+    census = census_from_sockets("vm", 4242, sockets, SPICE, TLS)
     assert [(c.address, dict(c.channels)) for c in census.clients] == [
         ("10.0.0.3", {"10.0.0.3:40001": False, "10.0.0.3:40002": True}),
         ("10.0.0.9", {"10.0.0.9:41000": True}),
@@ -58,6 +61,27 @@ def test_census_groups_channels_by_client_address_with_tls_by_port() -> None:
     assert "10.0.0.3 (2 channel(s), 1 on TLS)" in census.describe()
     assert address_of("[::1]:5000") == "::1"
     assert address_of("10.0.0.3:40001") == "10.0.0.3"
+
+
+def test_census_counts_only_connections_that_linked() -> None:
+    """A bare TCP connection (QEMU sent nothing on it) or one it refused (194 bytes)
+    is no client, even from a client's own address; with nothing else, no client at all."""
+    client = [_sock("10.0.0.2", SPICE, "10.0.0.3", 40000 + i) for i in range(5)]
+    bare = _sock("10.0.0.2", SPICE, "10.0.0.3", 45000, sent=0)
+    stranger = _sock("10.0.0.2", TLS, "10.0.0.66", 50000, sent=194)
+    census = census_from_sockets(
+        "vm", 4242, procnet.ProcessSockets(4242, (*client, bare, stranger)), SPICE, TLS
+    )
+    assert [(c.address, len(c.channels)) for c in census.clients] == [("10.0.0.3", 5)]
+    assert census.channels == 5
+    assert census.bare == ("10.0.0.3:45000", "10.0.0.66:50000")
+    assert "not waited for: 2 connection(s) that never linked" in census.describe()
+    alone = census_from_sockets(
+        "vm", 4242, procnet.ProcessSockets(4242, (bare, stranger)), SPICE, TLS
+    )
+    assert alone.clients == ()
+    assert alone.channels == 0
+    assert alone.describe().startswith("no SPICE client")
 
 
 def test_the_source_qemus_pid_file_is_the_source_libvirtds() -> None:

@@ -6,7 +6,8 @@ The order matters and every step is bounded:
    controller (:mod:`spice_libvirt.libvirt.claim`), with SPICE clients connected now
    (:mod:`spice_libvirt.agent.procnet`: the kernel's view of the QEMU libvirt recorded,
    :mod:`spice_libvirt.agent.trusted_qemu`, so an agent started after the client connected
-   still knows every channel).
+   still knows every channel; only connections that linked a channel count,
+   :mod:`spice_libvirt.agent.real_clients`).
 2. Write the caller's speed and downtime down (:mod:`spice_libvirt.agent.holdfile`), *then*
    hold -- at QEMU's ``setup``, since libvirt sets its own parameters at the start of its
    Perform phase and would overwrite an earlier hold: the downtime limit at 1 ms, and the
@@ -37,10 +38,11 @@ from typing import Any
 from spice_libvirt import errors
 from spice_libvirt.agent import holdfile, procnet, tcpinfo
 from spice_libvirt.agent.plan import CallerValues, HeldMigration, Release
+from spice_libvirt.agent.real_clients import SourceChannels
 from spice_libvirt.agent.record import AgentVerdict
 from spice_libvirt.agent.settings import AgentSettings
 from spice_libvirt.agent.trusted_qemu import expected_qemu, trusted_qemu_pid
-from spice_libvirt.agent.watch import Destination, SourceChannels
+from spice_libvirt.agent.watch import Destination
 from spice_libvirt.libvirt.claim import ClaimClock, read_claim
 from spice_libvirt.libvirt.connection import Connection, GraphicsEvent, require_libvirt
 from spice_libvirt.libvirt.errors import LibvirtOperationError, error_code
@@ -180,19 +182,14 @@ class MigrationHold:
         sockets = procnet.snapshot(pid)
         # the migration connection is often up already: no second read of the table then
         self._peers = procnet.migration_peers(sockets)
-        established = procnet.spice_channels(sockets, ports) if ports else []
-        channels, bare = self.sources.split(self.domain, established)
+        linked, bare = self.sources.split(self.domain, procnet.spice_sockets(sockets, ports))
         if bare:  # a TCP connection that never linked is nobody to wait for
             self.verdict.notes.append(
                 f"not waited for: {len(bare)} connection(s) to the SPICE port that never "
-                f"linked a channel ({', '.join(bare[:3])})"
+                f"linked a channel ({', '.join(s.peer for s in bare[:3])})"
             )
-        linked = set(channels)
-        self._inodes = [
-            s.inode
-            for s in procnet.spice_sockets(sockets, ports)
-            if f"{s.remote}:{s.remote_port}" in linked
-        ]
+        channels = sorted(s.peer for s in linked)
+        self._inodes = [s.inode for s in linked]
         self.verdict.channels = len(channels)
         self.verdict.clients = sorted({c.rsplit(":", 1)[0] for c in channels})
         if not channels:

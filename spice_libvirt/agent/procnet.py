@@ -38,6 +38,14 @@ class TcpSocket:
     remote_port: int
     state: str
     inode: int
+    #: bytes the process sent on it that the peer acknowledged (a connecting end's SYN counts
+    #: one), from the kernel's tcp_info; None when only the text table could be read
+    sent: int | None = None
+
+    @property
+    def peer(self) -> str:
+        """``address:port`` of the other end (the key libvirt's graphics events use)."""
+        return f"{self.remote}:{self.remote_port}"
 
 
 def _address(hex_addr: str) -> tuple[str, int]:
@@ -97,7 +105,7 @@ def spice_sockets(sockets: ProcessSockets, spice_ports: Iterable[int]) -> list[T
 def spice_channels(sockets: ProcessSockets, spice_ports: Iterable[int]) -> list[str]:
     """The SPICE channels open now, as ``address:port`` of the client end (one per channel,
     the same key libvirt's graphics events use)."""
-    return sorted(f"{s.remote}:{s.remote_port}" for s in spice_sockets(sockets, spice_ports))
+    return sorted(s.peer for s in spice_sockets(sockets, spice_ports))
 
 
 def migration_peers(sockets: ProcessSockets) -> list[str]:
@@ -134,16 +142,18 @@ def _same_netns(pid: int, proc: Path) -> bool:
 
 def snapshot(pid: int, *, proc: Path = Path("/proc")) -> ProcessSockets:
     """The TCP sockets of process ``pid`` now, as the kernel sees them in *its* network
-    namespace: the binary ``sock_diag`` dump when that is ours (a fraction of the text
-    table's cost), else ``/proc/<pid>/net/tcp{,6}``."""
+    namespace: the binary ``sock_diag`` dump (a fraction of the text table's cost, and what
+    the process sent on each), asked in that namespace; ``/proc/<pid>/net/tcp{,6}`` when
+    the dump cannot be had (another namespace without CAP_SYS_ADMIN)."""
     try:
         inodes = _socket_inodes(pid, proc)
-        if proc == Path("/proc") and _same_netns(pid, proc):
+        if proc == Path("/proc"):
+            netns = None if _same_netns(pid, proc) else proc / str(pid) / "ns" / "net"
             with contextlib.suppress(OSError):
                 rows = [
                     TcpSocket(s.local, s.local_port, s.remote, s.remote_port,
-                              _STATES[s.state], s.inode)
-                    for s in tcpinfo.tcp_sockets(inodes)
+                              _STATES[s.state], s.inode, s.acked)
+                    for s in tcpinfo.tcp_sockets(inodes, netns=netns)
                 ]  # fmt: skip
                 return ProcessSockets(pid, tuple(rows))
         text_rows: list[TcpSocket] = []

@@ -39,6 +39,7 @@ from spice_libvirt.agent import holdfile
 from spice_libvirt.agent.hold import MigrationHold
 from spice_libvirt.agent.metrics import AgentMetrics, MetricsServer
 from spice_libvirt.agent.plan import Release
+from spice_libvirt.agent.real_clients import SourceChannels
 from spice_libvirt.agent.record import (
     AgentStatus,
     AgentVerdict,
@@ -47,12 +48,7 @@ from spice_libvirt.agent.record import (
     write_status,
 )
 from spice_libvirt.agent.settings import AgentSettings
-from spice_libvirt.agent.watch import (
-    Destination,
-    SourceChannels,
-    on_close,
-    pump_source_events,
-)
+from spice_libvirt.agent.watch import Destination, on_close, pump_source_events
 from spice_libvirt.files import PRIVATE_FILE, open_file
 from spice_libvirt.libvirt.claim import ClaimClock
 from spice_libvirt.libvirt.connection import Connection, MigrationEvent
@@ -273,7 +269,7 @@ class Agent:
 
     async def _serve(self, local: Connection, stop: asyncio.Event) -> None:
         # the graphics events first: a connection accepted after this is reported, so one
-        # the agent never heard of predates it (see SourceChannels)
+        # the agent never heard of predates it and the kernel decides (see SourceChannels)
         self.sources = SourceChannels()
         source_events = asyncio.create_task(
             pump_source_events(await local.graphics_events(), self.sources),

@@ -13,52 +13,13 @@ import logging
 from typing import Any
 
 from spice_libvirt import errors
-from spice_libvirt.libvirt.connection import Connection, EventStream, GraphicsEvent, endpoint
+from spice_libvirt.agent.real_clients import SourceChannels
+from spice_libvirt.libvirt.connection import Connection, EventStream, GraphicsEvent
 
 log = logging.getLogger(__name__)
 
 #: graphics events kept per destination for a hold that subscribes a little late
 HISTORY_S = 30.0
-#: connections remembered per domain (a client has a handful; the rest are a flood)
-SOURCE_CONNECTIONS_MAX = 1024
-
-
-class SourceChannels:
-    """Which TCP connections to a local domain's SPICE ports linked a channel.
-
-    spice-server reports a connection twice: ``connect`` when it accepts the socket and
-    ``initialize`` once the link (ticket included) succeeded. Anyone who can reach the
-    port can make the first happen and hold the socket open; only a client makes the
-    second. Fed the local libvirtd's graphics events from the moment the agent subscribed,
-    this tells the connections the kernel shows (:mod:`spice_libvirt.agent.procnet`) apart:
-    linked channels are waited for, bare connections are not. A connection it never heard
-    of was accepted before the subscription (every later one was reported): it counts as a
-    channel, the one thing the agent cannot check without the monitor (which taints).
-    """
-
-    def __init__(self) -> None:
-        self._phase: dict[str, dict[tuple[str, int], str]] = {}
-
-    def absorb(self, event: GraphicsEvent) -> None:
-        seen = self._phase.setdefault(event.domain, {})
-        key = endpoint(event.remote)
-        if event.phase == "disconnect":
-            seen.pop(key, None)
-        elif event.phase in ("connect", "initialize"):
-            seen.pop(key, None)  # re-inserted last: the oldest go first past the bound
-            seen[key] = event.phase
-            while len(seen) > SOURCE_CONNECTIONS_MAX:
-                del seen[next(iter(seen))]
-
-    def split(self, domain: str, established: list[str]) -> tuple[list[str], list[str]]:
-        """(channels, bare): of the connections established now, those that linked (or
-        predate the subscription) and those that only connected."""
-        seen = self._phase.get(domain, {})
-        now = {endpoint(c) for c in established}
-        for gone in [k for k in seen if k not in now]:  # closed without an event: forget
-            del seen[gone]
-        bare = [c for c in established if seen.get(endpoint(c)) == "connect"]
-        return [c for c in established if c not in bare], bare
 
 
 async def pump_source_events(stream: EventStream[GraphicsEvent], channels: SourceChannels) -> None:

@@ -6,6 +6,12 @@ graphics events only say what happened *since* one subscribed). The kernel knows
 SPICE channel is one established TCP connection on one of the domain's SPICE ports, owned
 by the domain's QEMU process (:mod:`spice_libvirt.agent.procnet`, the agent's source too).
 
+A connection is not a client, though: anyone who reaches the port can hold one open and
+no ticket is needed for that. Only connections that linked a channel are counted, by the
+census the agent takes too (:mod:`spice_libvirt.agent.real_clients`; the controller
+subscribes to graphics events only when it starts, so the kernel's count of what QEMU sent
+on each connection decides), and the others are named in the report, never waited for.
+
 That view needs the source QEMU on this machine -- the controller run on the source
 hypervisor, as ``ansible/evacuate.yml`` runs it -- and root; it gives each channel's client
 address and whether it came in on the TLS port, not its type nor the session's connection
@@ -24,6 +30,7 @@ from typing import Any, Literal
 
 from spice_libvirt import errors
 from spice_libvirt.agent import procnet
+from spice_libvirt.agent.real_clients import SourceChannels
 from spice_libvirt.agent.trusted_qemu import LIBVIRT_QEMU_RUN_DIR, expected_qemu, trusted_qemu_pid
 from spice_libvirt.libvirt.connection import Connection
 from spice_libvirt.libvirt.errors import PreflightError
@@ -59,39 +66,46 @@ class KernelCensus:
 
     pid: int
     clients: tuple[KernelClient, ...]
+    #: connections to the SPICE ports that never linked a channel (``ip:port``): not waited for
+    bare: tuple[str, ...] = ()
 
     @property
     def channels(self) -> int:
         return sum(len(c.channels) for c in self.clients)
 
     def describe(self) -> str:
-        if not self.clients:
-            return f"no SPICE client (the kernel's sockets of QEMU {self.pid})"
         who = ", ".join(
             f"{c.address} ({len(c.channels)} channel(s), {c.tls_channels} on TLS)"
             for c in self.clients
         )
-        return f"{who} (the kernel's sockets of QEMU {self.pid})"
+        text = f"{who or 'no SPICE client'} (the kernel's sockets of QEMU {self.pid})"
+        if self.bare:
+            text += (
+                f"; not waited for: {len(self.bare)} connection(s) that never linked a "
+                f"channel ({', '.join(self.bare[:3])})"
+            )
+        return text
 
 
 def census_from_sockets(
-    pid: int, sockets: procnet.ProcessSockets, port: int | None, tls_port: int | None
+    domain: str,
+    pid: int,
+    sockets: procnet.ProcessSockets,
+    port: int | None,
+    tls_port: int | None,
 ) -> KernelCensus:
-    """Group the established connections on the SPICE ports by client address (pure)."""
-    ports = {p for p in (port, tls_port) if p}
+    """Group the connections on the SPICE ports that linked a channel by client address
+    (pure: the kernel's evidence, no graphics event heard yet)."""
+    spice = procnet.spice_sockets(sockets, {p for p in (port, tls_port) if p})
+    linked, bare = SourceChannels().split(domain, spice)
     by_address: dict[str, dict[str, bool]] = {}
-    for s in sockets.established:
-        if s.local_port in ports:
-            remote = (
-                f"[{s.remote}]:{s.remote_port}"
-                if ":" in s.remote
-                else f"{s.remote}:{s.remote_port}"
-            )
-            by_address.setdefault(s.remote, {})[remote] = s.local_port == tls_port
+    for s in linked:
+        remote = f"[{s.remote}]:{s.remote_port}" if ":" in s.remote else s.peer
+        by_address.setdefault(s.remote, {})[remote] = s.local_port == tls_port
     clients = tuple(
         KernelClient(a, dict(sorted(ch.items()))) for a, ch in sorted(by_address.items())
     )
-    return KernelCensus(pid, clients)
+    return KernelCensus(pid, clients, tuple(sorted(s.peer for s in bare)))
 
 
 def qemu_run_dir(source_uri: str) -> Path | None:
@@ -109,9 +123,10 @@ def qemu_run_dir(source_uri: str) -> Path | None:
 
 
 def kernel_census(domain: str, live_xml: str, source_uri: str) -> KernelCensus:
-    """The source QEMU's SPICE clients now, read from its sockets; the process is the one
-    libvirt recorded and checked (:mod:`spice_libvirt.agent.trusted_qemu`: an impostor that
-    merely looks like the domain's QEMU is never read). :class:`~spice_libvirt.errors.AgentError`
+    """The source QEMU's SPICE clients now, read from its sockets (only connections that
+    linked a channel); the process is the one libvirt recorded and checked
+    (:mod:`spice_libvirt.agent.trusted_qemu`: an impostor that merely looks like the domain's
+    QEMU is never read). :class:`~spice_libvirt.errors.AgentError`
     when the source is not on this machine or cannot be checked (not root)."""
     graphics = spice_graphics(live_xml)
     if graphics is None or (graphics[1] is None and graphics[2] is None):
@@ -121,7 +136,7 @@ def kernel_census(domain: str, live_xml: str, source_uri: str) -> KernelCensus:
         raise errors.AgentError(f"the source {source_uri} is not on this machine")
     expected = expected_qemu(domain, live_xml)
     pid = trusted_qemu_pid(expected, run_dir=run_dir, same_netns=False)
-    return census_from_sockets(pid, procnet.snapshot(pid), graphics[1], graphics[2])
+    return census_from_sockets(domain, pid, procnet.snapshot(pid), graphics[1], graphics[2])
 
 
 def linked_counts(
