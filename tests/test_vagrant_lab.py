@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from spice_libvirt.errors import LabError
-from spice_libvirt_lab import vagrant_box, vagrant_lab
+from spice_libvirt_lab import ssh_masters, vagrant_box, vagrant_lab
 from spice_libvirt_lab.vagrant_state import (
     HOST_IPS,
     HOST_MACS,
@@ -340,6 +340,8 @@ def test_vagrant_lab_up_migrate_there_and_back_down(tmp_path: Path) -> None:
         for stage in ("box", "up", "up+deb", "provision", "guest"):
             times[stage] = state["timings"][stage]
         # the lab's daemons and the VMs' QEMUs run at the lowest priority (shared machine)
+        # the provisioning's ssh masters (detached from its process group) are gone with it
+        assert ssh_masters.masters(base / "vagrant" / "cp") == []
         niced = _lab_process_nice(base)
         assert niced, "no process of the lab found"
         assert set(niced.values()) == {19}, niced

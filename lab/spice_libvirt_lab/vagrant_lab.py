@@ -40,7 +40,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from spice_libvirt.errors import LabError
-from spice_libvirt_lab import deb, labdir, netns, vagrant_box
+from spice_libvirt_lab import deb, labdir, netns, ssh_masters, vagrant_box
 from spice_libvirt_lab.libvirt_domain import render_domain_xml
 from spice_libvirt_lab.vagrant_libvirtd import NICE_ARGV, PrivateLibvirtd
 from spice_libvirt_lab.vagrant_state import (
@@ -314,14 +314,19 @@ def provision(state: VagrantLabState) -> None:
     playbook = bindir / "ansible-playbook"
     if not playbook.exists():
         raise LabError(f"{playbook} not found: pip install ansible-core")
-    run_logged(
-        [*NICE_ARGV, str(playbook), "-i", str(state.inventory), "-e", f"@{extra_file}", "lab.yml"],
-        state,
-        timeout=PROVISION_TIMEOUT_S,
-        what="ansible-playbook lab.yml",
-        env=env,
-        cwd=str(ANSIBLE_DIR),
-    )
+    try:
+        run_logged(
+            [*NICE_ARGV, str(playbook), "-i", str(state.inventory), "-e", f"@{extra_file}",
+             "lab.yml"],
+            state,
+            timeout=PROVISION_TIMEOUT_S,
+            what="ansible-playbook lab.yml",
+            env=env,
+            cwd=str(ANSIBLE_DIR),
+        )  # fmt: skip
+    finally:
+        # the playbook's ssh masters detach from its process group: nothing else ends them
+        ssh_masters.end_masters(state.control_dir)
 
 
 def write_secrets(state: VagrantLabState) -> None:
@@ -407,6 +412,8 @@ def down(base: Path | None = None) -> DownReport:
     if state is None:
         return report
     t0 = time.monotonic()
+    # an admin's playbook run against the lab's inventory (evacuate.yml) leaves masters too
+    report.removed += [f"ssh master {pid}" for pid in ssh_masters.end_masters(state.control_dir)]
     if state.libvirtd is not None and state.libvirtd.alive() and state.box is not None:
         with contextlib.suppress(LabError):
             run_logged(
@@ -463,6 +470,7 @@ def leftovers(state: VagrantLabState) -> list[str]:
             if ref is not None and ref.alive():
                 found.append(f"process {ref.pid} ({ref.what})")
     found += [f"process {pid}" for pid in _processes_naming(state.directory)]
+    found += [f"ssh master {pid}" for pid in ssh_masters.masters(state.control_dir)]
     if _network_in_use():
         found.append(f"a route to {NETWORK_CIDR} (the lab network's bridge)")
     if (state.directory / "pool").exists():

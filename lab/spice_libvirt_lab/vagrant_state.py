@@ -77,6 +77,11 @@ class VagrantLabState(BaseModel):
     def inventory(self) -> Path:
         return self.directory / "inventory.ini"
 
+    @property
+    def control_dir(self) -> Path:
+        """Ansible's ssh control sockets (``ansible_control_path_dir``): this lab's only."""
+        return self.directory / "cp"
+
     def pki_dir(self, host: str) -> Path:
         """``host``'s libvirt TLS files (the lab's CA certificate, its certificate and key)."""
         return self.directory / "pki" / host
@@ -165,7 +170,7 @@ def write_access_files(state: VagrantLabState) -> None:
         "",
         "[all:vars]",
         "ansible_python_interpreter=/usr/bin/python3",
-        f"ansible_control_path_dir={state.directory / 'cp'}",
+        f"ansible_control_path_dir={state.control_dir}",
         f"ansible_ssh_common_args='{opts}'",
         f"spice_libvirt_lab_root_ssh_key={state.root_ssh_key}",
         "",
