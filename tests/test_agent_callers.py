@@ -31,7 +31,7 @@ from spice_libvirt_lab.libvirt_agent import running_agents as agents
 from spice_libvirt_lab.libvirt_lab import LabState
 from tests.rigs.libvirt_lab import lab_marks
 from tests.rigs.viewer import XServer
-from tests.test_agent_lab import outcome, viewer
+from tests.test_agent_lab import VERDICT_S, outcome, viewer
 
 libvirt = pytest.importorskip("libvirt")
 
@@ -70,9 +70,11 @@ def _watched(
         result = migrate(src, dst)
         wall = time.monotonic() - t0
         path = outcome(v, mark)
+        verdict = next_verdict(lab, src, before, timeout=VERDICT_S)  # the viewer still there
+        v.wait_relinked(mark)
     finally:
         v.stop()
-    return path, next_verdict(lab, src, before), result, wall
+    return path, verdict, result, wall
 
 
 def _virsh(lab: LabState, src: str, dst: str, extra: Sequence[str]) -> subprocess.Popen[str]:

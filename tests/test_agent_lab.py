@@ -6,7 +6,8 @@ as a hypervisor runs it. Migrations are plain ``virsh migrate --live --p2p`` -- 
 (fresh viewer per migration, in the client namespace), not the agent's verdict; the domain's
 log must never show the ``custom-monitor`` taint.
 
-* without the agent: switch-host (the race this issue is about);
+* without the agent: not held, not judged; the client follows (a quiet host's plain
+  migration loses the race: switch-host);
 * with it: seamless there and back; a caller's ``--bandwidth`` restored; a VDSM-like caller
   stepping the downtime up during the hold is followed, not fought;
 * never worse than without it: an agent killed mid-hold is undone by the next one (the
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import select
 import signal
 import socket
 import subprocess
@@ -30,6 +32,7 @@ from typing import Any
 
 import pytest
 
+from spice_libvirt.errors import LabError
 from spice_libvirt_lab import libvirt_agent, libvirt_lab, netns
 from spice_libvirt_lab.libvirt_agent import next_verdict, verdicts
 from spice_libvirt_lab.libvirt_agent import running_agents as agents
@@ -70,7 +73,15 @@ def viewer(lab: LabState, display: str, host: str, name: str) -> RemoteViewer:
     return v
 
 
-def outcome(v: RemoteViewer, mark: int, timeout: float = 10.0) -> str | None:
+#: a switch-host behind a stale pre-linked session shows its display again only after
+#: spice-server's ~10 s wait (``rtt-seamless.md``), later still on a busy host
+OUTCOME_S = 30.0
+#: the agent judges once the client left the source and one RTT passed without a reconnect
+#: (at most 11 s + 6 s after the end when the evidence never comes)
+VERDICT_S = 30.0
+
+
+def outcome(v: RemoteViewer, mark: int, timeout: float = OUTCOME_S) -> str | None:
     """remote-viewer's own account of the migration (from its log after ``mark``)."""
     return wait_outcome(v, mark, timeout).path
 
@@ -78,18 +89,33 @@ def outcome(v: RemoteViewer, mark: int, timeout: float = 10.0) -> str | None:
 def migrate_watched(
     lab: LabState, display: str, name: str, extra: Sequence[str] = ()
 ) -> tuple[str | None, dict[str, Any] | None, str]:
-    """One plain migration with a fresh remote-viewer: (its path, the agent's verdict, src)."""
+    """One plain migration with a fresh remote-viewer: (its path, the agent's verdict, src).
+
+    The viewer stays until the agent's verdict is in (and its channels are back after a
+    switch-host): the agent judges the session the viewer's log tells of, and a viewer
+    closed at once drops its channels while the agent still watches for a reconnect."""
     src, dst = libvirt_agent.running_host(lab)
     before = len(verdicts(lab, src))
+    agent_ran = libvirt_agent.log_path(lab, src).exists()
     v = viewer(lab, display, src, name)
     try:
         mark = len(v.log_text())
         virsh_migrate(lab, src, dst, extra)
         path = outcome(v, mark)
+        verdict = next_verdict(lab, src, before, timeout=VERDICT_S) if agent_ran else None
+        v.wait_relinked(mark)
     finally:
         v.stop()
-    agent_ran = libvirt_agent.log_path(lab, src).exists()
-    return path, next_verdict(lab, src, before) if agent_ran else None, src
+    return path, verdict, src
+
+
+def first_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    """The first line ``proc`` writes to its stdout (LabError if none within ``timeout``)."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        raise LabError(f"nothing on the stdout of pid {proc.pid} within {timeout:g} s")
+    return proc.stdout.readline().decode()
 
 
 def tainted(lab: LabState) -> list[str]:
@@ -120,11 +146,30 @@ def wait_for_hold(holds: Path) -> None:
 # ---------------------------------------------------------------------------- the tests
 
 
-def test_without_the_agent_a_plain_migration_falls_back_to_switch_host(
+def test_without_the_agent_a_plain_migration_is_not_held_and_the_client_follows(
     shared_lab: LabState, x_server: XServer
 ) -> None:
-    path, _, _ = migrate_watched(shared_lab, x_server.display, "rv-plain")
-    assert path == "switch-host"
+    """Nobody holds it: the client's own log tells a migration it followed, seamless or
+    switch-host, whichever won the race. At 300 ms a quiet host's plain migration loses it
+    (switch-host in every plain row of ``docs/benchmarks.md``); on a busy host the TCG guest
+    may move slowly enough for the client to link first -- a benchmark's figure, not a
+    test's claim. What must hold: nobody judged it, the client follows with its display
+    back, and a seamless path only where the client linked within the migration's time."""
+    src, dst = libvirt_agent.running_host(shared_lab)
+    before = len(verdicts(shared_lab, src))
+    v = viewer(shared_lab, x_server.display, src, "rv-plain")
+    try:
+        mark = len(v.log_text())
+        wall = virsh_migrate(shared_lab, src, dst)
+        seen = wait_outcome(v, mark, OUTCOME_S)
+        v.wait_relinked(mark)
+    finally:
+        v.stop()
+    assert seen.path in ("seamless", "switch-host"), seen
+    if seen.path == "seamless":  # the client won the race on its own
+        assert seen.link_s is not None, seen
+        assert seen.link_s < wall, (seen, wall)
+    assert len(verdicts(shared_lab, src)) == before
 
 
 def test_with_the_agent_plain_virsh_migrations_are_seamless_there_and_back_untainted(
@@ -255,7 +300,9 @@ def test_a_client_that_never_links_is_released_at_the_bound(shared_lab: LabState
         wall = virsh_migrate(shared_lab, src, dst)
         verdict = next_verdict(shared_lab, src, before)
     assert "bound of 3 s" in verdict["released_why"]
-    assert verdict["outcome"] == "not-linked"
+    # nothing of it reached the destination, and it left the source with the guest: its
+    # session is gone (the controller's rule, :func:`spice_libvirt.migration.verdict.judge`)
+    assert verdict["outcome"] == "client-lost"
     assert 2900 <= verdict["held_ms"] < 4500
     assert wall < 3 + 20
 
@@ -277,7 +324,8 @@ def test_the_embedded_client_follows_seamlessly_with_its_stream_intact(
     src, dst = libvirt_agent.running_host(shared_lab)
     before = len(verdicts(shared_lab, src))
     err = shared_lab.run_dir / "watch-agent.err"
-    argv = [sys.executable, "-m", "spice_libvirt.cli", "watch", "--json", "--count", "1"]
+    # it watches on after the migration: the agent judges a client that stays connected
+    argv = [sys.executable, "-m", "spice_libvirt.cli", "watch", "--json"]
     # the agent's syslog line, received where journald would listen
     syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     syslog_path = shared_lab.run_dir / "syslog.sock"
@@ -296,11 +344,11 @@ def test_the_embedded_client_follows_seamlessly_with_its_stream_intact(
                 assert watcher.poll() is None, err.read_text()
                 time.sleep(0.05)
             virsh_migrate(shared_lab, src, dst)
-            out, _ = watcher.communicate(timeout=60)
+            first = first_line(watcher, timeout=60.0)
+            verdict = next_verdict(shared_lab, src, before, timeout=VERDICT_S)
         finally:
             netns.terminate([watcher.pid])
-        verdict = next_verdict(shared_lab, src, before)
-    record = json.loads(out.decode().splitlines()[0])
+    record = json.loads(first)
     assert record["path"] == "seamless"
     assert record["connection_id_kept"] is True
     assert record["stream"]["gaps"] == 0

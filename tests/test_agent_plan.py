@@ -127,52 +127,6 @@ def test_the_caller_changing_the_speed_is_remembered_and_the_hold_put_back() -> 
     assert p.observe_values(100, 300).speed_mibs is None  # after the release: theirs
 
 
-@pytest.mark.parametrize(
-    ("linked", "relink", "status", "channels", "outcome"),
-    [
-        (True, False, "completed", CHANNELS, "seamless"),
-        (True, True, "completed", CHANNELS, "switch-host"),
-        (False, True, "completed", CHANNELS, "switch-host"),
-        (False, False, "completed", CHANNELS, "not-linked"),
-        (True, False, "failed", CHANNELS, "failed"),
-        (True, False, "cancelled", CHANNELS, "failed"),
-        (False, False, "completed", (), "no-client"),
-    ],
-)
-def test_verdict_table(
-    linked: bool, relink: bool, status: str, channels: tuple[str, ...], outcome: str
-) -> None:
-    p = plan(client_channels=channels)
-    if linked:
-        link_all(p, 101.0, 0.2)
-    p.migration_status("active", 101.0)
-    p.migration_status("device", 103.0)
-    p.migration_status(status, 103.1)
-    if relink:
-        p.destination_event(ev("connect", 60001, 103.4))
-    assert p.verdict() == outcome
-
-
-def test_links_after_the_switchover_do_not_count_as_before() -> None:
-    p = plan()
-    p.migration_status("device", 101.0)
-    p.migration_status("completed", 101.05)
-    link_all(p, 101.1, 0.2)  # a switch-host client reconnecting
-    assert p.linked_before_switchover is False
-    assert p.relinks_after == 3
-    assert p.verdict() == "switch-host"
-    # no link before the switchover: no RTT estimate, 300 ms assumed
-    assert p.settle_until() == pytest.approx(101.05 + 0.3 + 0.1)
-
-
-def test_settle_waits_about_one_rtt_after_completion() -> None:
-    p = plan()
-    assert p.settle_until() is None
-    link_all(p, 101.0, 0.3)
-    p.migration_status("completed", 103.0)
-    assert p.settle_until() == pytest.approx(103.4)
-
-
 # ------------------------------------------------------------------ /proc/net/tcp
 
 TCP = """\

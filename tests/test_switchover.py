@@ -15,6 +15,7 @@ import pytest
 
 from spice_libvirt.agent import procnet, tcpinfo
 from spice_libvirt.agent.plan import CallerValues, HeldMigration
+from spice_libvirt.libvirt.connection import GraphicsEvent
 from spice_libvirt.migration.switchover import (
     MIB,
     RESIDENT_ZERO_SHARE,
@@ -221,8 +222,12 @@ def test_post_copy_switches_over_at_once_and_releases_the_hold() -> None:
     assert p.postcopy_at == 101.0
     assert p.switchover_at == 101.0
     p.released(101.0, reason)
+    # the client links while the guest already moved
+    p.destination_event(GraphicsEvent("vm", "connect", "10.0.0.2:5900", "10.0.0.3:50001", 101.5))
+    p.destination_event(GraphicsEvent("vm", "initialize", "10.0.0.2:5900", "10.0.0.3:50001", 101.8))
     p.migration_status("completed", 104.0)
-    assert p.verdict() == "not-linked"  # the client had not linked when the guest moved
+    assert not p.linked_before_switchover
+    assert p.verdict(110.0) == "not-linked"  # linked too late, and no reconnect seen
     assert p.throttled_ms() == 0.0
     assert p.held_ms() == 1000.0
 

@@ -125,9 +125,10 @@ def verdicts(state: LabState, host: str) -> list[dict[str, Any]]:
     return [json.loads(e.detail) for e in entries if e.source == "agent"]
 
 
-def next_verdict(state: LabState, host: str, before: int, timeout: float = 15.0) -> dict[str, Any]:
+def next_verdict(state: LabState, host: str, before: int, timeout: float = 30.0) -> dict[str, Any]:
     """The first verdict after the ``before`` ones :func:`verdicts` listed (LabError if none
-    comes within ``timeout``)."""
+    comes within ``timeout``: the agent judges once the client left the source, at most
+    11 s + 6 s after the migration ended)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = verdicts(state, host)

@@ -32,8 +32,8 @@ import contextlib
 import os
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from spice_libvirt import errors
 from spice_libvirt.agent import holdfile, procnet, tcpinfo
@@ -57,6 +57,8 @@ from spice_libvirt.migration.switchover import (
     SwitchoverPlan,
     expected_link_s,
 )
+
+T = TypeVar("T")
 
 #: how long after ``setup`` the migration connection may take to show in /proc
 PEER_LOOKUP_S = 1.0
@@ -90,6 +92,24 @@ def spice_ports(domain_xml: str) -> list[int]:
     return ports
 
 
+async def first_items(queues: Sequence[asyncio.Queue[T]], timeout: float) -> list[tuple[int, T]]:
+    """Whatever the first of ``queues`` to have an item within ``timeout`` gives, as
+    ``(queue index, item)`` pairs; an item taken by a getter that was being cancelled is
+    returned too, never lost."""
+    getters = [asyncio.ensure_future(q.get()) for q in queues]
+    _, pending = await asyncio.wait(getters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    for fut in pending:
+        fut.cancel()
+    for fut in pending:
+        with contextlib.suppress(asyncio.CancelledError):
+            await fut
+    return [
+        (i, fut.result())
+        for i, fut in enumerate(getters)
+        if not fut.cancelled() and fut.exception() is None
+    ]
+
+
 class MigrationHold:
     """The agent's handling of one outgoing migration of ``domain``."""
 
@@ -115,6 +135,8 @@ class MigrationHold:
         self.find_destination = find_destination
         self.known_destinations = known_destinations
         self.statuses: asyncio.Queue[tuple[str, float]] = asyncio.Queue()
+        #: this domain's graphics events on the source (the client leaving it)
+        self.source_events: asyncio.Queue[GraphicsEvent] = asyncio.Queue()
         self.verdict = AgentVerdict(domain=domain, outcome="error")
         self.plan: HeldMigration | None = None
         self.uuid: str | None = None
@@ -125,6 +147,8 @@ class MigrationHold:
         self._held_since = 0.0
         #: when libvirt had taken the hold's speed and downtime (monotonic)
         self._applied_at = 0.0
+        #: when QEMU had taken the QMP throttle (monotonic; 0: never)
+        self._throttled_at = 0.0
         #: the destination queues kept after the release, for reconnects after the switchover
         self._late: list[tuple[Destination, asyncio.Queue[GraphicsEvent]]] = []
         #: the client's SPICE socket inodes (their RTT says how long it will need to link)
@@ -139,6 +163,10 @@ class MigrationHold:
     def status(self, status: str, at: float) -> None:
         """QEMU's MIGRATION event for this domain (from the service's dispatch)."""
         self.statuses.put_nowait((status, at))
+
+    def source_event(self, event: GraphicsEvent) -> None:
+        """A graphics event of this domain on the source (from the service's dispatch)."""
+        self.source_events.put_nowait(event)
 
     # ------------------------------------------------------------------ step 1
 
@@ -295,6 +323,7 @@ class MigrationHold:
         command = {"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": 4096}}
         try:
             await self.local.qemu_monitor(self._dom, command)
+            self._throttled_at = time.monotonic()
             self.verdict.hold = "qmp-throttle"
             self.verdict.tainted = True
         except errors.LibvirtError as exc:
@@ -402,21 +431,10 @@ class MigrationHold:
         timeout: float,
     ) -> None:
         """Whichever comes first within ``timeout``: a destination event or a status."""
-        waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(self.statuses.get())}
+        queues: list[asyncio.Queue[Any]] = [self.statuses]
         if queue is not None:
-            waiters.add(asyncio.ensure_future(queue.get()))
-        done, pending = await asyncio.wait(
-            waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-        for fut in pending:
-            fut.cancel()
-        for fut in pending:  # a getter cancelled after it took an item: keep the item
-            with contextlib.suppress(asyncio.CancelledError):
-                await fut
-        for fut in done | pending:
-            if fut.cancelled() or fut.exception() is not None:
-                continue
-            item = fut.result()
+            queues.append(queue)
+        for _, item in await first_items(queues, timeout):
             if isinstance(item, GraphicsEvent):
                 plan.destination_event(item)
             else:
@@ -499,26 +517,52 @@ class MigrationHold:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):  # not wait_for: it can swallow a cancel
                     plan.migration_status(*await self.statuses.get())
-        if not self._late:
-            return
-        queue = self._late[0][1]
-        until = plan.settle_until()
-        while until is not None and time.monotonic() < until:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(until - time.monotonic()):
-                    plan.destination_event(await queue.get())
-        self._drain_into(plan, queue)
-        for dest, listened in self._late:  # also when the migration outlived the wait
-            dest.unlisten(self.domain, listened)
+        plan.watched = bool(self._late)
+        queue = self._late[0][1] if self._late else None
+        try:
+            await self._await_evidence(plan, queue)
+        finally:
+            for dest, listened in self._late:  # also when the migration outlived the wait
+                dest.unlisten(self.domain, listened)
+
+    async def _await_evidence(
+        self, plan: HeldMigration, queue: asyncio.Queue[GraphicsEvent] | None
+    ) -> None:
+        """Both hosts' graphics events into the plan until its rule finds them conclusive
+        (:meth:`HeldMigration.judge_due`: bounded)."""
+        queues: list[asyncio.Queue[GraphicsEvent]] = [self.source_events]
+        if queue is not None:
+            queues.append(queue)
+        while True:
+            for i, source in enumerate(queues):
+                while not source.empty():
+                    self._evidence(plan, i, source.get_nowait())
+            decision = plan.judge_due(time.monotonic())
+            if decision.done or decision.recheck_at is None:
+                plan.verdict_basis = decision.reason
+                return
+            timeout = max(0.0, decision.recheck_at - time.monotonic())
+            for i, event in await first_items(queues, timeout):
+                self._evidence(plan, i, event)
+
+    @staticmethod
+    def _evidence(plan: HeldMigration, i: int, event: GraphicsEvent) -> None:
+        """Queue 0 is the source's events, any other a destination's."""
+        if i == 0:
+            plan.source_event(event)
+        else:
+            plan.destination_event(event)
 
     def _judge(self, plan: HeldMigration) -> None:
         v = self.verdict
-        v.outcome = plan.verdict()
+        now = time.monotonic()
+        v.outcome = plan.verdict(now)
+        v.verdict_basis = plan.verdict_basis
         v.link_wait_ms = plan.link_wait_ms()
         v.held_ms = plan.held_ms()
         v.throttled_ms = plan.throttled_ms()
         v.samples = plan.switchover.samples if plan.switchover is not None else 0
-        v.relinks_after = plan.relinks_after
+        v.relinks_after = plan.relinks_after(now)
         v.connection_id_kept = {"seamless": True, "switch-host": False, "client-lost": False}.get(
             v.outcome
         )
@@ -540,14 +584,35 @@ class MigrationHold:
                 "moved then, and the client had "
                 + ("linked before" if plan.linked_before_switchover else "not linked yet")
             )
-        elif v.outcome in ("not-linked", "switch-host") and v.hold == "taint-free" and early:
-            assert plan.switchover_at is not None
-            v.taint_free_failed = True
+        elif v.outcome == "switch-host" and plan.linked_before_switchover:
             v.notes.append(
-                f"the guest switched over {(plan.switchover_at - plan.started_at) * 1000:.0f} ms "
-                "into the hold, before the client linked: too little memory to move for a "
-                "taint-free hold (1 MiB/s); allow_taint would hold it through QMP (taints)"
+                "every channel was initialized on the destination before the switchover, "
+                "yet the client was reset: its answer (MIGRATE_CONNECTED_SEAMLESS) reached "
+                "the source after QEMU had completed"
             )
+        elif v.outcome in ("not-linked", "switch-host") and early:
+            assert plan.switchover_at is not None
+            if v.hold == "taint-free":
+                v.taint_free_failed = True
+                v.notes.append(
+                    f"the guest switched over "
+                    f"{(plan.switchover_at - plan.started_at) * 1000:.0f} ms into the hold, "
+                    "before the client linked: too little memory to move for a taint-free "
+                    "hold (1 MiB/s); allow_taint would hold it through QMP (taints)"
+                )
+            elif self._throttled_at:
+                late = plan.switchover_at < self._throttled_at
+                v.notes.append(
+                    f"the guest switched over {(plan.switchover_at - self.setup_at) * 1000:.0f} "
+                    "ms after QEMU's setup, before the client linked; QEMU's throttle was in "
+                    f"place {(self._throttled_at - self.setup_at) * 1000:.0f} ms after it, "
+                    + (
+                        "after the switchover"
+                        if late
+                        else "too late to stop the first pass (the guest's memory had moved)"
+                    )
+                    + ": a near-empty guest migrated at full speed is across in about 0.1 s"
+                )
             if plan.switchover_at < self._applied_at:
                 # a near-empty guest, or one that moves faster than the agent answered
                 # (an unlimited migration of an idle guest): the verdict cannot tell which

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, get_args
 
+from spice_libvirt.libvirt.census import follow_client, linked_counts
 from spice_libvirt.libvirt.connection import GraphicsEvent, endpoint
 from spice_libvirt.libvirt.hold import (
     FINAL_STATES,
@@ -35,6 +36,7 @@ from spice_libvirt.libvirt.hold import (
     SWITCHOVER_STATES,
     DestinationLinks,
 )
+from spice_libvirt.libvirt.settle import SourceDepartures, reconnected_at, reconnects
 from spice_libvirt.migration.policy import NO_CONTACT, first_contact_deadline, release_point
 from spice_libvirt.migration.switchover import (
     HOLD_DOWNTIME_MS,
@@ -43,7 +45,17 @@ from spice_libvirt.migration.switchover import (
     SpeedChange,
     SwitchoverPlan,
 )
-from spice_libvirt.migration.verdict import AgentOutcome, agent_outcome
+from spice_libvirt.migration.verdict import (
+    AgentOutcome,
+    LinkedClient,
+    Settled,
+    Settling,
+    Verdict,
+    VerdictEvidence,
+    agent_outcome,
+    judge,
+    settled,
+)
 
 #: why a hold ended, in a few fixed words (the agent's ``releases_total{reason}`` label):
 #: ``linked`` the destination showed every channel; ``timeout`` the bound passed first;
@@ -64,6 +76,14 @@ ReleaseKind = Literal[
     "recovered",
 ]
 RELEASE_KINDS: tuple[ReleaseKind, ...] = get_args(ReleaseKind)
+
+#: after the migration completed, how long the client may take to leave the source:
+#: spice-server waits 10 s for it, then disconnects it itself
+LEAVE_BOUND_S = 11.0
+#: the verdict's wait once the client left, and the slack on top of its RTT (the
+#: controller's defaults: ``settle_timeout``, ``verdict_margin_ms``)
+SETTLE_BOUND_S = 6.0
+VERDICT_MARGIN_S = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,10 +125,15 @@ class HeldMigration:
     completed_at: float | None = None
     released_at: float | None = None
     release: Release | None = None
-    linked_before_switchover: bool = False
     #: when the caller switched to post-copy (the guest moved then)
     postcopy_at: float | None = None
-    relinks_after: int = 0
+    #: the client's channels leaving the source (the source libvirtd's graphics events)
+    departures: SourceDepartures = dataclasses.field(init=False)
+    #: a destination was watched for the client's links (False: nothing to judge by)
+    watched: bool = True
+    #: why the evidence was taken as conclusive (:func:`settled`), once it was
+    verdict_basis: str = ""
+    _client_ends: frozenset[tuple[str, int]] = dataclasses.field(init=False, default=frozenset())
     #: nothing of the client reached the destination in time (policy.first_contact_deadline)
     unreachable: bool = False
     notes: list[str] = dataclasses.field(default_factory=list)
@@ -119,6 +144,8 @@ class HeldMigration:
     def __post_init__(self) -> None:
         hosts = frozenset(endpoint(c)[0] for c in self.client_channels)
         self.links = DestinationLinks(self.domain, self.started_at, hosts)
+        self.departures = SourceDepartures(self.domain, len(self.client_channels))
+        self._client_ends = frozenset(endpoint(c) for c in self.client_channels)
 
     # ---------------------------------------------------------------- observations
 
@@ -126,22 +153,27 @@ class HeldMigration:
     def expected_channels(self) -> int:
         return len(self.client_channels)
 
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """The client addresses the hold is for (one per client, in order)."""
+        return tuple(sorted({host for host, _ in self._client_ends}))
+
     def destination_event(self, event: GraphicsEvent) -> None:
-        """A graphics event of the destination libvirtd (any domain; others are ignored)."""
-        if event.domain != self.domain:
-            return
-        if self.completed_at is not None and event.at >= self.completed_at:
-            if event.phase == "connect":
-                self.relinks_after += 1
-            return
+        """A graphics event of the destination libvirtd (any domain; others are ignored),
+        before the switchover and after it alike: the verdict weighs each by its time."""
         self.links.absorb(event)
 
+    def source_event(self, event: GraphicsEvent) -> None:
+        """A graphics event of the source libvirtd: the client's own channels leaving it."""
+        if event.domain == self.domain and endpoint(event.remote) in self._client_ends:
+            self.departures.absorb(event)
+
     def migration_status(self, status: str, at: float) -> None:
-        """QEMU's MIGRATION event on the source."""
+        """QEMU's MIGRATION event on the source (its time is when QEMU said so: the
+        evidence is weighed by event times, not by when the agent got round to it)."""
         self.status = status
         if status in SWITCHOVER_STATES and self.switchover_at is None:
             self.switchover_at = at
-            self.linked_before_switchover = self.links.complete(max(1, self.expected_channels))
         if status in POSTCOPY_STATES and self.postcopy_at is None:
             self.postcopy_at = at
         if status in FINAL_STATES and self.completed_at is None:
@@ -237,22 +269,103 @@ class HeldMigration:
     def release_reason(self) -> str:
         return self.release.why if self.release is not None else ""
 
-    def settle_until(self) -> float | None:
-        """After completion: until when a switch-host client would show up reconnecting
-        (about one RTT + 100 ms after the switchover); None before completion."""
-        if self.completed_at is None:
-            return None
-        rtt = self.links.rtt_estimate() or 0.3
-        return self.completed_at + min(2.0, rtt + 0.1)
+    # ---------------------------------------------------------------- the verdict
 
-    def verdict(self) -> AgentOutcome:
-        return agent_outcome(
-            clients=bool(self.client_channels),
-            status=self.status,
-            relinked=bool(self.relinks_after),
-            linked_before_switchover=self.linked_before_switchover,
-            unreachable_after_completion=self.unreachable and self.completed_at is not None,
+    @property
+    def linked_before_switchover(self) -> bool:
+        """Every channel of every client initialized on the destination before QEMU began
+        the switchover -- by the events' times, not by when the agent read them."""
+        if self.switchover_at is None:
+            return False
+        need = self._channels_by_address()
+        return bool(need) and all(
+            linked_counts(self.links, address, self.switchover_at, None, until=self.switchover_at)[
+                0
+            ]
+            >= channels
+            for address, channels in need.items()
         )
+
+    def _channels_by_address(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for host, _ in self._client_ends:
+            counts[host] = counts.get(host, 0) + 1
+        return counts
+
+    def _left_at(self) -> float | None:
+        """When the client began leaving the source (its first channel closed there)."""
+        return self.departures.first_at
+
+    def linked_clients(self, now: float) -> tuple[LinkedClient, ...]:
+        """Each client's evidence as of now (:func:`~spice_libvirt.libvirt.census.follow_client`)."""
+        switchover = self.switchover_at if self.switchover_at is not None else now
+        left = self._left_at() or self.completed_at or now
+        return tuple(
+            follow_client(self.links, address, channels, switchover=switchover, left_source=left)
+            for address, channels in sorted(self._channels_by_address().items())
+        )
+
+    def judge_due(self, now: float) -> Settled:
+        """Is the evidence conclusive (the controller's rule, :func:`settled`, on the same
+        taint-free evidence)? A completed migration is judged once the client has left the
+        source (at most :data:`LEAVE_BOUND_S` after the end) and then no later than
+        :data:`SETTLE_BOUND_S`; anything else at once."""
+        if not self.client_channels:
+            return Settled(True, "no SPICE client connected")
+        if self.status != "completed" or self.completed_at is None:
+            return Settled(True, f"the migration did not complete ({self.status})")
+        if not self.watched:
+            return Settled(True, "no destination watched: nothing to judge by")
+        left = self._left_at()
+        leave_by = self.completed_at + LEAVE_BOUND_S
+        if left is None and now < leave_by:
+            return Settled(False, "waiting for the client to leave the source", leave_by)
+        anchor = left if left is not None else leave_by
+        clients = self.linked_clients(now)
+        return settled(
+            Settling(
+                before={},
+                after=None,
+                returned_at=anchor,
+                now=now,
+                rtt=self.links.rtt_estimate(),
+                source_left_at=anchor,
+                reconnected_at=reconnected_at(self.links, anchor, frozenset(self.addresses)),
+                prelinks_dropped=any(c.dropped for c in clients),
+                margin=VERDICT_MARGIN_S,
+                bound=SETTLE_BOUND_S,
+                linked_kept=all(c.kept for c in clients),
+            )
+        )
+
+    def judgement(self, now: float) -> Verdict:
+        """The verdict of :func:`judge` on this migration's evidence as of ``now``."""
+        final = self.status if self.status in FINAL_STATES else None
+        return judge(
+            VerdictEvidence(
+                status=final,
+                before={},
+                linked=self.linked_before_switchover,
+                observed_by="libvirt's graphics events",
+                linked_clients=self.linked_clients(now),
+                lost_cause=NO_CONTACT if self.unreachable else None,
+            )
+        )
+
+    def verdict(self, now: float) -> AgentOutcome:
+        if not self.client_channels:
+            return "no-client"
+        if self.status in FINAL_STATES and not self.watched:
+            return "not-linked" if self.status == "completed" else "failed"
+        return agent_outcome(self.judgement(now), self.status)
+
+    def relinks_after(self, now: float) -> int:
+        """The client's new connections to the destination after it left the source."""
+        left = self._left_at() or self.completed_at
+        if left is None:
+            return 0
+        found = reconnects(self.links, left, frozenset(self.addresses))
+        return sum(1 for e in found if e.at <= now)
 
     def held_ms(self) -> float | None:
         """From ``setup`` to the release: the time the switchover was held back."""

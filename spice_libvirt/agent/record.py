@@ -40,8 +40,10 @@ class AgentVerdict(BaseModel):
 
     ``connection_id_kept`` is inferred, not read: asking QEMU for the session's connection
     id would taint the domain. A client whose every channel was initialized on the
-    destination before the switchover and that did not reconnect afterwards kept its
-    session (spice-server's seamless path); one that reconnected did not.
+    destination before the switchover, none of them dropped, and that did not reconnect
+    after it left the source kept its session (spice-server's seamless path); one that
+    reconnected did not (the controller's rule on the same evidence,
+    :func:`spice_libvirt.migration.verdict.judge`).
     """
 
     domain: str
@@ -74,7 +76,11 @@ class AgentVerdict(BaseModel):
     caller_restored: dict[str, int] = Field(default_factory=dict)
     outcome: AgentRecordOutcome
     connection_id_kept: bool | None = None
+    #: the client's new connections to the destination after it left the source
     relinks_after: int = 0
+    #: why the evidence was taken as conclusive when the verdict was taken
+    #: (:func:`spice_libvirt.migration.verdict.settled`)
+    verdict_basis: str = ""
     tainted: bool = False
     #: held taint-free, the guest still switched over before its client linked (too
     #: little memory to move at 1 MiB/s: only ``allow_taint`` holds it)

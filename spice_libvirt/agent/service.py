@@ -51,7 +51,7 @@ from spice_libvirt.agent.settings import AgentSettings
 from spice_libvirt.agent.watch import Destination, on_close, pump_source_events
 from spice_libvirt.files import PRIVATE_FILE, open_file
 from spice_libvirt.libvirt.claim import ClaimClock
-from spice_libvirt.libvirt.connection import Connection, MigrationEvent
+from spice_libvirt.libvirt.connection import Connection, GraphicsEvent, MigrationEvent
 from spice_libvirt.libvirt.hold import FINAL_STATES
 
 log = logging.getLogger(__name__)
@@ -207,6 +207,12 @@ class Agent:
         task.add_done_callback(functools.partial(self._done, hold))
         self._publish()
 
+    def _source_event(self, event: GraphicsEvent) -> None:
+        """A graphics event of the local libvirtd, to the hold of its domain."""
+        hold = self.holds.get(event.domain)
+        if hold is not None:
+            hold.source_event(event)
+
     def _done(self, hold: MigrationHold, task: asyncio.Task[AgentVerdict]) -> None:
         self.tasks.discard(task)
         self._judged.add(hold.domain)
@@ -272,7 +278,7 @@ class Agent:
         # the agent never heard of predates it and the kernel decides (see SourceChannels)
         self.sources = SourceChannels()
         source_events = asyncio.create_task(
-            pump_source_events(await local.graphics_events(), self.sources),
+            pump_source_events(await local.graphics_events(), self.sources, self._source_event),
             name="local graphics events",
         )
         events = await local.migration_events()

@@ -10,6 +10,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from spice_libvirt import errors
@@ -22,11 +23,18 @@ log = logging.getLogger(__name__)
 HISTORY_S = 30.0
 
 
-async def pump_source_events(stream: EventStream[GraphicsEvent], channels: SourceChannels) -> None:
-    """Feed ``channels`` the local libvirtd's graphics events until cancelled."""
+async def pump_source_events(
+    stream: EventStream[GraphicsEvent],
+    channels: SourceChannels,
+    also: Callable[[GraphicsEvent], None] | None = None,
+) -> None:
+    """Feed ``channels`` the local libvirtd's graphics events until cancelled, and ``also``
+    (the holds: a client leaving the source is evidence for their verdicts)."""
     try:
         async for event in stream:
             channels.absorb(event)
+            if also is not None:
+                also(event)
     finally:
         stream.close()
 

@@ -32,19 +32,22 @@ from spice_libvirt import errors
 from spice_libvirt.agent import procnet
 from spice_libvirt.agent.real_clients import SourceChannels
 from spice_libvirt.agent.trusted_qemu import LIBVIRT_QEMU_RUN_DIR, expected_qemu, trusted_qemu_pid
-from spice_libvirt.libvirt.connection import Connection
+from spice_libvirt.libvirt.connection import Connection, endpoint
 from spice_libvirt.libvirt.errors import PreflightError
 from spice_libvirt.libvirt.hold import DestinationLinks
 from spice_libvirt.libvirt.preflight import source_sessions, spice_graphics
+from spice_libvirt.libvirt.settle import reconnected_at
 from spice_libvirt.migration.evidence import Sessions, SpiceSession, parse_channel_name
+from spice_libvirt.migration.verdict import LinkedClient
 from spice_libvirt.migration.witness import MigrationWitness
 
 
 def address_of(remote: str) -> str:
     """``"10.0.0.3:4711"`` -> ``"10.0.0.3"``; ``"[::1]:4711"`` -> ``"::1"`` (the client's
-    address, as libvirt's graphics events and the kernel's tables both give it)."""
+    address, as libvirt's graphics events and the kernel's tables both give it; an
+    IPv4-mapped address as IPv4)."""
     host, _, _ = remote.rpartition(":")
-    return host.strip("[]") if host else remote
+    return endpoint(remote)[0] if host else remote
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,15 +143,21 @@ def kernel_census(domain: str, live_xml: str, source_uri: str) -> KernelCensus:
 
 
 def linked_counts(
-    links: DestinationLinks, address: str, before: float, tls_port: int | None
+    links: DestinationLinks,
+    address: str,
+    before: float,
+    tls_port: int | None,
+    *,
+    until: float | None = None,
 ) -> tuple[int, int, bool]:
     """For one client address, from the destination's graphics events: how many channels
     were initialized before ``before`` (the switchover) and are still connected, how many of
-    those on the TLS port, and whether a channel initialized before it was dropped later."""
+    those on the TLS port, and whether a channel initialized before it was dropped later.
+    ``until``: the events up to that moment only (what was linked *then*)."""
     initialized: dict[str, bool] = {}
     dropped = False
     for event in links.events:
-        if address_of(event.remote) != address:
+        if address_of(event.remote) != address or (until is not None and event.at >= until):
             continue
         if event.phase == "initialize" and event.at < before:
             initialized[event.remote] = _port(event.local) == tls_port
@@ -156,6 +165,20 @@ def linked_counts(
             del initialized[event.remote]
             dropped = True
     return len(initialized), sum(initialized.values()), dropped
+
+
+def linked_after(links: DestinationLinks, address: str, at: float) -> int:
+    """How many of ``address``'s channels were initialized on the destination at or after
+    ``at`` (the switchover) and are still connected: links that came too late to be kept."""
+    live: set[str] = set()
+    for event in links.events:
+        if address_of(event.remote) != address:
+            continue
+        if event.phase == "initialize" and event.at >= at:
+            live.add(event.remote)
+        elif event.phase == "disconnect":
+            live.discard(event.remote)
+    return len(live)
 
 
 def _port(address: str) -> int | None:
@@ -166,13 +189,34 @@ def _port(address: str) -> int | None:
 def reconnected_from(links: DestinationLinks, address: str, split: float) -> bool:
     """A connect from ``address`` reached the destination at or after ``split`` (the
     client left the source) from a port that was not one of its pre-links: a switch-host."""
-    before = {e.remote for e in links.events if e.phase == "connect" and e.at < split}
-    return any(
-        e.phase == "connect"
-        and e.at >= split
-        and e.remote not in before
-        and address_of(e.remote) == address
-        for e in links.events
+    return reconnected_at(links, split, frozenset({address})) is not None
+
+
+def follow_client(
+    links: DestinationLinks,
+    address: str,
+    channels: int,
+    *,
+    switchover: float,
+    left_source: float,
+    tls_port: int | None = None,
+    tls_channels: int = 0,
+) -> LinkedClient:
+    """One client's fate by its address, from the destination's graphics events: the
+    evidence the taint-free controller and the host agent both hand the verdict.
+    ``switchover``: when QEMU began switching over (what was linked before it could be
+    kept); ``left_source``: when the client began leaving the source (a connect after it
+    from a new port is its switch-host reconnect)."""
+    linked, linked_tls, dropped = linked_counts(links, address, switchover, tls_port)
+    return LinkedClient(
+        address=address,
+        channels=channels,
+        tls_channels=tls_channels,
+        prelinked=linked,
+        prelinked_tls=linked_tls,
+        dropped=dropped,
+        reconnected=reconnected_from(links, address, left_source),
+        later=linked_after(links, address, switchover),
     )
 
 
@@ -254,7 +298,9 @@ __all__ = [
     "KernelClient",
     "address_of",
     "census_from_sockets",
+    "follow_client",
     "kernel_census",
+    "linked_after",
     "linked_counts",
     "reconnected_from",
     "take_census",

@@ -42,8 +42,7 @@ from spice_libvirt.libvirt import migration_tls
 from spice_libvirt.libvirt.census import (
     Census,
     KernelCensus,
-    linked_counts,
-    reconnected_from,
+    follow_client,
     take_census,
 )
 from spice_libvirt.libvirt.claim import claim_for_controller, unclaim
@@ -559,23 +558,18 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
         now = time.monotonic()
         switchover = self._status.switchover_at or self._returned_at or now
         split = self._departures.first_at or self._returned_at or now
-        out: list[LinkedClient] = []
-        for client in kernel.clients:
-            linked, linked_tls, dropped = linked_counts(
-                self._links, client.address, switchover, self._dst_tls_port
+        return tuple(
+            follow_client(
+                self._links,
+                client.address,
+                len(client.channels),
+                switchover=switchover,
+                left_source=split,
+                tls_port=self._dst_tls_port,
+                tls_channels=client.tls_channels,
             )
-            out.append(
-                LinkedClient(
-                    address=client.address,
-                    channels=len(client.channels),
-                    tls_channels=client.tls_channels,
-                    prelinked=linked,
-                    prelinked_tls=linked_tls,
-                    dropped=dropped,
-                    reconnected=reconnected_from(self._links, client.address, split),
-                )
-            )
-        return tuple(out)
+            for client in kernel.clients
+        )
 
     async def _after_from_record(self, record: ClientMigrationRecord | None) -> Sessions | None:
         """Our client's session where it went, in its own words (taint-free)."""

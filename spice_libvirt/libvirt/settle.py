@@ -25,7 +25,7 @@ import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 
-from spice_libvirt.libvirt.connection import EventStream, GraphicsEvent
+from spice_libvirt.libvirt.connection import EventStream, GraphicsEvent, endpoint
 from spice_libvirt.libvirt.hold import DestinationLinks
 from spice_libvirt.migration.evidence import Sessions
 from spice_libvirt.migration.verdict import Settled, Settling, settled
@@ -71,18 +71,29 @@ class SettleInputs:
     linked_kept: Callable[[], bool] | None = None
 
 
-def reconnected_at(links: DestinationLinks, split: float) -> float | None:
-    """The first connect on the destination, at or after ``split``, from a remote that was
-    not connected before it (a pre-link): the switch-host reconnect."""
+def reconnects(
+    links: DestinationLinks, split: float, addresses: frozenset[str] | None = None
+) -> list[GraphicsEvent]:
+    """The connects on the destination at or after ``split`` from remotes that were not
+    connected before it (not pre-links): a switch-host client's new connections.
+    ``addresses``: only from these client addresses (None: from anyone)."""
     before = {e.remote for e in links.events if e.phase == "connect" and e.at < split}
-    return next(
-        (
-            e.at
-            for e in links.events
-            if e.phase == "connect" and e.at >= split and e.remote not in before
-        ),
-        None,
-    )
+    return [
+        e
+        for e in links.events
+        if e.phase == "connect"
+        and e.at >= split
+        and e.remote not in before
+        and (addresses is None or endpoint(e.remote)[0] in addresses)
+    ]
+
+
+def reconnected_at(
+    links: DestinationLinks, split: float, addresses: frozenset[str] | None = None
+) -> float | None:
+    """The first of :func:`reconnects`: the switch-host reconnect."""
+    found = reconnects(links, split, addresses)
+    return found[0].at if found else None
 
 
 def _absorb_all(
@@ -153,4 +164,4 @@ async def await_settled(
         await _either(gfx, src, recheck - time.monotonic())
 
 
-__all__ = ["SettleInputs", "SourceDepartures", "await_settled", "reconnected_at"]
+__all__ = ["SettleInputs", "SourceDepartures", "await_settled", "reconnected_at", "reconnects"]

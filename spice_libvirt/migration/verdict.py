@@ -71,6 +71,9 @@ class LinkedClient:
     dropped: bool = False
     #: it connected to the destination anew after leaving the source (switch-host)
     reconnected: bool = False
+    #: its channels initialized on the destination only after the switchover, still there
+    #: (too late to be kept; not lost either)
+    later: int = 0
 
     @property
     def kept(self) -> bool:
@@ -248,7 +251,7 @@ def _linked_client(ev: VerdictEvidence, c: LinkedClient) -> ClientVerdict:
         lost = c.tls_channels - c.prelinked_tls
         if lost > 0:
             v.tls_downgraded_channels = [f"{c.address}: {lost} of {c.tls_channels} TLS channel(s)"]
-    elif c.prelinked == 0 and not c.dropped:
+    elif c.prelinked == 0 and c.later == 0 and not c.dropped:
         v.path = "lost"
         v.note = ev.lost_cause or (
             f"no channel of {c.address} reached the destination, and it left the source: "
@@ -257,7 +260,11 @@ def _linked_client(ev: VerdictEvidence, c: LinkedClient) -> ClientVerdict:
     else:
         v.path = "failed"
         dropped = ", one dropped" if c.dropped else ""
-        v.note = f"{counted} before the switchover{dropped}: not linked to the destination"
+        late = f", {c.later} only after it" if c.later else ""
+        v.note = (
+            f"{counted} before the switchover{dropped}{late}: not linked to the destination "
+            "in time, and no reconnect seen"
+        )
     return v
 
 
@@ -393,38 +400,25 @@ def embedded_path_is_seamless(record: ClientMigrationRecord) -> bool:
 
 
 #: What the host agent can say of a migration someone else started: it follows libvirt's
-#: graphics events and the client's sockets, never a connection id, so a kept session shows
-#: as "every channel linked before the switchover and none anew after it".
+#: graphics events and the client's sockets, never a connection id (:class:`LinkedClient`).
+#: ``not-linked``: the client was neither kept nor shown reset (linked too late, or a
+#: channel dropped, and no reconnect seen).
 AgentOutcome = Literal[
     "seamless", "switch-host", "not-linked", "client-lost", "failed", "no-client"
 ]
 
 
-def agent_outcome(
-    *,
-    clients: bool,
-    status: str | None,
-    relinked: bool,
-    linked_before_switchover: bool,
-    unreachable_after_completion: bool,
-) -> AgentOutcome:
-    """The same rules from the agent's evidence: no client, nothing to follow; a migration
-    that did not complete failed (the client stayed); a client connecting to the
-    destination anew after the switchover was reset (switch-host); every channel linked
-    before it and no new one: kept; a client that never reached the destination, before
-    the switchover nor after the migration completed: lost; linked too late and not seen
-    again: ``not-linked`` (neither kept nor shown reset)."""
-    if not clients:
-        return "no-client"
-    if status in ("failed", "cancelled"):
-        return "failed"
-    if relinked:
-        return "switch-host"
-    if linked_before_switchover:
+def agent_outcome(verdict: Verdict, status: str | None) -> AgentOutcome:
+    """The agent's word for a :func:`judge` verdict on :class:`LinkedClient` evidence: the
+    same rules, in the agent's vocabulary (a migration that did not complete ``failed``:
+    the client stayed; a completed one that kept no client and reset none ``not-linked``;
+    seamless and semi-seamless look alike there)."""
+    outcome = verdict.outcome
+    if outcome in ("seamless", "semi-seamless"):
         return "seamless"
-    if unreachable_after_completion:
-        return "client-lost"
-    return "not-linked"
+    if outcome in ("switch-host", "client-lost", "no-client"):
+        return outcome
+    return "not-linked" if status == "completed" else "failed"
 
 
 def _downgraded(clients: list[ClientVerdict]) -> list[str]:
