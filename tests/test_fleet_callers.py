@@ -158,8 +158,9 @@ def test_the_vdsm_like_caller_is_seamless_and_its_schedule_and_bandwidth_respect
         for look in _after_release(record):
             assert (look["speed_mibs"], look["downtime_ms"]) == (52, record.downtime_ms), record
     # the agents: every migration held, then released to the caller's own values
-    verdicts = libvirt_agent.verdicts(fleet, src)  # newest first
-    by_domain = {v["domain"]: v for v in verdicts[: len(verdicts) - verdicts_before]}
+    # each comes once its client left the source and one RTT passed without a reconnect
+    verdicts = libvirt_agent.new_verdicts(fleet, src, verdicts_before, DOMAINS)
+    by_domain = {v["domain"]: v for v in verdicts}
     assert set(by_domain) == set(fleet.all_domains)
     for record in records:
         verdict = by_domain[record.domain]

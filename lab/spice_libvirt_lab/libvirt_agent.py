@@ -125,17 +125,27 @@ def verdicts(state: LabState, host: str) -> list[dict[str, Any]]:
     return [json.loads(e.detail) for e in entries if e.source == "agent"]
 
 
-def next_verdict(state: LabState, host: str, before: int, timeout: float = 30.0) -> dict[str, Any]:
-    """The first verdict after the ``before`` ones :func:`verdicts` listed (LabError if none
-    comes within ``timeout``: the agent judges once the client left the source, at most
-    11 s + 6 s after the migration ended)."""
+def new_verdicts(
+    state: LabState, host: str, before: int, count: int = 1, timeout: float = 30.0
+) -> list[dict[str, Any]]:
+    """The verdicts after the ``before`` ones :func:`verdicts` listed, newest first, once
+    there are ``count`` of them (LabError if not within ``timeout``: the agent judges once
+    the client left the source, at most 11 s + 6 s after the migration ended)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         found = verdicts(state, host)
-        if len(found) > before:
-            return found[0]
+        if len(found) >= before + count:
+            return found[: len(found) - before]
+        if time.monotonic() >= deadline:
+            raise LabError(
+                f"{len(found) - before} of {count} agent verdicts on host {host} within {timeout} s"
+            )
         time.sleep(0.1)
-    raise LabError(f"no agent verdict on host {host} within {timeout} s")
+
+
+def next_verdict(state: LabState, host: str, before: int, timeout: float = 30.0) -> dict[str, Any]:
+    """The newest verdict after the ``before`` ones (:func:`new_verdicts`)."""
+    return new_verdicts(state, host, before, 1, timeout)[0]
 
 
 def start_agents(state: LabState) -> None:
