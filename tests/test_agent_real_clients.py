@@ -1,10 +1,11 @@
 """Only real clients hold a migration: the unit half.
 
 A TCP connection to a SPICE port that never links a channel (no ticket, no link) is not a
-client: the agent and the controller (one census, ``agent/real_clients.py``) do not wait for
-it on the source, and a half-open connection from
-elsewhere on the destination does not keep the release from coming. The lab half, a bare
-connection held open during an agent-held migration, is in ``test_agent_trust_lab.py``.
+client: the agent and the controller (one census, ``agent/real_clients.py``) do not wait
+for it on the source, and a half-open connection from elsewhere on the destination does
+not keep the release from coming. The lab halves, such connections held open during a
+migration: the agent's in ``test_hostile_lab.py``, our controller's in
+``test_taint_free.py``.
 """
 
 from __future__ import annotations
