@@ -1,5 +1,5 @@
 """The host agent's decisions without I/O: release, caller changes, verdicts (agent/plan.py),
-the kernel's socket tables (agent/procnet.py), hold records, settings and the claim mark."""
+the kernel's socket tables (host/procnet.py), hold records, settings and the claim mark."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from spice_libvirt.agent import holdfile, procnet
+from spice_libvirt.agent import holdfile
 from spice_libvirt.agent.hold import spice_ports
 from spice_libvirt.agent.plan import CallerValues, HeldMigration, Release
 from spice_libvirt.agent.settings import AgentSettings, load_agent_settings
 from spice_libvirt.errors import AgentError, ConfigError
+from spice_libvirt.host import procnet
 from spice_libvirt.libvirt.claim import claim_active, claim_xml
 from spice_libvirt.libvirt.connection import GraphicsEvent, parse_migration_details
 

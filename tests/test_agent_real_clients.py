@@ -1,7 +1,7 @@
 """Only real clients hold a migration: the unit half.
 
 A TCP connection to a SPICE port that never links a channel (no ticket, no link) is not a
-client: the agent and the controller (one census, ``agent/real_clients.py``) do not wait
+client: the agent and the controller (one census, ``libvirt/real_clients.py``) do not wait
 for it on the source, and a half-open connection from elsewhere on the destination does
 not keep the release from coming. The lab halves, such connections held open during a
 migration: the agent's in ``test_hostile_lab.py``, our controller's in
@@ -11,15 +11,15 @@ migration: the agent's in ``test_hostile_lab.py``, our controller's in
 from __future__ import annotations
 
 from spice_libvirt.agent.plan import CallerValues, HeldMigration
-from spice_libvirt.agent.procnet import TcpSocket
-from spice_libvirt.agent.real_clients import (
+from spice_libvirt.host.procnet import TcpSocket
+from spice_libvirt.libvirt.connection import GraphicsEvent, endpoint
+from spice_libvirt.libvirt.hold import DestinationLinks
+from spice_libvirt.libvirt.real_clients import (
     LINK_REFUSAL_BYTES,
     SOURCE_CONNECTIONS_MAX,
     SourceChannels,
     answered,
 )
-from spice_libvirt.libvirt.connection import GraphicsEvent, endpoint
-from spice_libvirt.libvirt.hold import DestinationLinks
 
 CLIENT = "10.0.3.2"
 STRANGER = "10.0.3.66"

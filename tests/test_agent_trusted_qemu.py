@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from spice_libvirt.agent.trusted_qemu import ExpectedQemu, expected_qemu, trusted_qemu_pid
 from spice_libvirt.errors import AgentError
+from spice_libvirt.host.trusted_qemu import ExpectedQemu, expected_qemu, trusted_qemu_pid
 
 DOMAIN = "trust-guest"
 EMULATOR = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"

@@ -1,6 +1,6 @@
 """Hold the switchover, not the bulk: the speed plan's rules with made-up clocks
 (migration/switchover.py), the agent's plan using it (agent/plan.py), and the kernel's RTT
-of a socket (agent/tcpinfo.py)."""
+of a socket (host/tcpinfo.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from spice_libvirt.agent import procnet, tcpinfo
 from spice_libvirt.agent.plan import CallerValues, HeldMigration
+from spice_libvirt.host import procnet, tcpinfo
 from spice_libvirt.libvirt.connection import GraphicsEvent
 from spice_libvirt.migration.switchover import (
     MIB,

@@ -3,7 +3,7 @@
 One two-host libvirt lab for the module (the ``linux`` guest, which libvirt's 1 MiB/s speed
 floor holds for minutes; a client 300 ms away). Connections to the SPICE port that never
 link a channel -- bare, or sending garbage -- are no clients: they neither stretch the hold
-nor make a client of nobody (the census the agent takes too, ``agent/real_clients.py``). ``spice-libvirt migrate`` and ``evacuate``
+nor make a client of nobody (the census the agent takes too, ``libvirt/real_clients.py``). ``spice-libvirt migrate`` and ``evacuate``
 run as an operator runs them on the source host: no ``--allow-taint``. The oracle for the
 path is remote-viewer's own SPICE_DEBUG log (or our embedded client's record); the oracle
 for the taint is libvirt's own per-domain log on both hosts, which must never gain a

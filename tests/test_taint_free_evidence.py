@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from spice_libvirt import errors
-from spice_libvirt.agent import procnet
+from spice_libvirt.host import procnet
 from spice_libvirt.libvirt.census import (
     address_of,
     census_from_sockets,
@@ -93,7 +93,7 @@ def test_the_source_qemus_pid_file_is_the_source_libvirtds() -> None:
 
 
 def test_no_census_of_a_source_elsewhere_or_without_libvirts_record(tmp_path: Path) -> None:
-    """The kernel's view only of the QEMU libvirt recorded (agent.trusted_qemu): a remote
+    """The kernel's view only of the QEMU libvirt recorded (host.trusted_qemu): a remote
     source, or a domain with no pid file where its libvirtd keeps them, is no census."""
     xml = (
         "<domain><name>vm</name><devices><emulator>/usr/bin/qemu-system-x86_64</emulator>"

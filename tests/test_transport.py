@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from spice_libvirt.agent import procnet
 from spice_libvirt.agent.watch import Destination
 from spice_libvirt.errors import LibvirtError
+from spice_libvirt.host import procnet
 from spice_libvirt_lab import libvirt_agent, netns
 from spice_libvirt_lab.libvirt_lab import LabState
 from spice_libvirt_lab.libvirt_migrate import lab_migrate

@@ -4,10 +4,10 @@ The order matters and every step is bounded:
 
 1. Is it ours to hold? An outgoing migration (libvirt's job says so), not marked by our own
    controller (:mod:`spice_libvirt.libvirt.claim`), with SPICE clients connected now
-   (:mod:`spice_libvirt.agent.procnet`: the kernel's view of the QEMU libvirt recorded,
-   :mod:`spice_libvirt.agent.trusted_qemu`, so an agent started after the client connected
+   (:mod:`spice_libvirt.host.procnet`: the kernel's view of the QEMU libvirt recorded,
+   :mod:`spice_libvirt.host.trusted_qemu`, so an agent started after the client connected
    still knows every channel; only connections that linked a channel count,
-   :mod:`spice_libvirt.agent.real_clients`).
+   :mod:`spice_libvirt.libvirt.real_clients`).
 2. Write the caller's speed and downtime down (:mod:`spice_libvirt.agent.holdfile`), *then*
    hold -- at QEMU's ``setup``, since libvirt sets its own parameters at the start of its
    Perform phase and would overwrite an earlier hold: the downtime limit at 1 ms, and the
@@ -15,7 +15,7 @@ The order matters and every step is bounded:
    caller's, or a pace that ends the first pass when the client is expected to be linked,
    then 1 MiB/s as the end of the pass comes near; ``hold_mode = "bulk"``: 1 MiB/s at once).
    The client's RTT, which says how long it will need, comes from the kernel
-   (:mod:`spice_libvirt.agent.tcpinfo`).
+   (:mod:`spice_libvirt.host.tcpinfo`).
 3. Find the destination (the source QEMU's migration connection; for a tunnelled migration,
    which has none, every peer the agent watches) and wait there for every channel to
    initialize, sampling the progress and following the caller's own changes meanwhile;
@@ -36,17 +36,18 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from spice_libvirt import errors
-from spice_libvirt.agent import holdfile, procnet, tcpinfo
+from spice_libvirt.agent import holdfile
 from spice_libvirt.agent.plan import CallerValues, HeldMigration, Release
-from spice_libvirt.agent.real_clients import SourceChannels
 from spice_libvirt.agent.record import AgentVerdict
 from spice_libvirt.agent.settings import AgentSettings
-from spice_libvirt.agent.trusted_qemu import expected_qemu, trusted_qemu_pid
 from spice_libvirt.agent.watch import Destination
+from spice_libvirt.host import procnet, tcpinfo
+from spice_libvirt.host.trusted_qemu import expected_qemu, trusted_qemu_pid
 from spice_libvirt.libvirt.claim import ClaimClock, read_claim
 from spice_libvirt.libvirt.connection import Connection, GraphicsEvent, require_libvirt
 from spice_libvirt.libvirt.errors import LibvirtOperationError, error_code
 from spice_libvirt.libvirt.hold import FINAL_STATES
+from spice_libvirt.libvirt.real_clients import SourceChannels
 from spice_libvirt.migration.policy import NO_CONTACT
 from spice_libvirt.migration.switchover import (
     HOLD_DOWNTIME_MS,

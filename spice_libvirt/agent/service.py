@@ -39,7 +39,6 @@ from spice_libvirt.agent import holdfile
 from spice_libvirt.agent.hold import MigrationHold
 from spice_libvirt.agent.metrics import AgentMetrics, MetricsServer
 from spice_libvirt.agent.plan import Release
-from spice_libvirt.agent.real_clients import SourceChannels
 from spice_libvirt.agent.record import (
     AgentStatus,
     AgentVerdict,
@@ -53,6 +52,7 @@ from spice_libvirt.files import PRIVATE_FILE, open_file
 from spice_libvirt.libvirt.claim import ClaimClock
 from spice_libvirt.libvirt.connection import Connection, GraphicsEvent, MigrationEvent
 from spice_libvirt.libvirt.hold import FINAL_STATES
+from spice_libvirt.libvirt.real_clients import SourceChannels
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from spice_libvirt import errors
-from spice_libvirt.agent.real_clients import SourceChannels
 from spice_libvirt.libvirt.connection import Connection, EventStream, GraphicsEvent
+from spice_libvirt.libvirt.real_clients import SourceChannels
 
 log = logging.getLogger(__name__)
 

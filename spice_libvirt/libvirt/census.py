@@ -4,11 +4,11 @@
 taints the domain (``custom-monitor``); libvirt's public API lists no clients at all (its
 graphics events only say what happened *since* one subscribed). The kernel knows: every
 SPICE channel is one established TCP connection on one of the domain's SPICE ports, owned
-by the domain's QEMU process (:mod:`spice_libvirt.agent.procnet`, the agent's source too).
+by the domain's QEMU process (:mod:`spice_libvirt.host.procnet`, the agent's source too).
 
 A connection is not a client, though: anyone who reaches the port can hold one open and
 no ticket is needed for that. Only connections that linked a channel are counted, by the
-census the agent takes too (:mod:`spice_libvirt.agent.real_clients`; the controller
+census the agent takes too (:mod:`spice_libvirt.libvirt.real_clients`; the controller
 subscribes to graphics events only when it starts, so the kernel's count of what QEMU sent
 on each connection decides), and the others are named in the report, never waited for.
 
@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from spice_libvirt import errors
-from spice_libvirt.agent import procnet
-from spice_libvirt.agent.real_clients import SourceChannels
-from spice_libvirt.agent.trusted_qemu import LIBVIRT_QEMU_RUN_DIR, expected_qemu, trusted_qemu_pid
+from spice_libvirt.host import procnet
+from spice_libvirt.host.trusted_qemu import LIBVIRT_QEMU_RUN_DIR, expected_qemu, trusted_qemu_pid
 from spice_libvirt.libvirt.connection import Connection, endpoint
 from spice_libvirt.libvirt.errors import PreflightError
 from spice_libvirt.libvirt.hold import DestinationLinks
 from spice_libvirt.libvirt.preflight import source_sessions, spice_graphics
+from spice_libvirt.libvirt.real_clients import SourceChannels
 from spice_libvirt.libvirt.settle import reconnected_at
 from spice_libvirt.migration.evidence import Sessions, SpiceSession, parse_channel_name
 from spice_libvirt.migration.verdict import LinkedClient
@@ -128,7 +128,7 @@ def qemu_run_dir(source_uri: str) -> Path | None:
 def kernel_census(domain: str, live_xml: str, source_uri: str) -> KernelCensus:
     """The source QEMU's SPICE clients now, read from its sockets (only connections that
     linked a channel); the process is the one libvirt recorded and checked
-    (:mod:`spice_libvirt.agent.trusted_qemu`: an impostor that merely looks like the domain's
+    (:mod:`spice_libvirt.host.trusted_qemu`: an impostor that merely looks like the domain's
     QEMU is never read). :class:`~spice_libvirt.errors.AgentError`
     when the source is not on this machine or cannot be checked (not root)."""
     graphics = spice_graphics(live_xml)

@@ -20,8 +20,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from spice_libvirt.agent import tcpinfo
 from spice_libvirt.errors import AgentError
+from spice_libvirt.host import tcpinfo
 
 #: /proc/net/tcp state codes we care about
 TCP_ESTABLISHED = "01"

@@ -1,7 +1,7 @@
 """The kernel's table of TCP sockets and their round-trip times (``sock_diag`` netlink).
 
 How long a client takes to link to the destination is about seven of its round trips; the
-agent knows the client's SPICE sockets from ``/proc`` (:mod:`spice_libvirt.agent.procnet`)
+agent knows the client's SPICE sockets from ``/proc`` (:mod:`spice_libvirt.host.procnet`)
 and asks the kernel -- the same ``INET_DIAG`` query ``ss -ti`` makes -- for their smoothed
 RTT, so the hold knows at ``setup`` how long the client will need. Nothing is sent on the
 connections. The query runs in the caller's network namespace (the QEMU's, on a
@@ -13,7 +13,7 @@ table ``/proc/<pid>/net/tcp`` costs the kernel about 9 ms of CPU per read on a h
 connection hash table is large (measured here: 24 GiB of RAM, a 4-line table), the binary
 dump 1.6 ms. It also says how many bytes each socket's owner sent that the peer
 acknowledged (``tcpi_bytes_acked``): a SPICE connection on which QEMU never answered a link
-is no client (:mod:`spice_libvirt.agent.real_clients`). A process in another network
+is no client (:mod:`spice_libvirt.libvirt.real_clients`). A process in another network
 namespace (a lab's host) is asked through a netlink socket made in that namespace.
 
 :func:`parse_dump` is pure (tested on built messages); :func:`socket_rtts` and

@@ -2,7 +2,7 @@
 and the controller both take.
 
 Anyone who can reach a SPICE port can open a TCP connection to it and hold it open, no
-ticket needed; the kernel's table (:mod:`spice_libvirt.agent.procnet`) shows it like a
+ticket needed; the kernel's table (:mod:`spice_libvirt.host.procnet`) shows it like a
 channel. Waiting for it would stretch a hold to its bound. Two kinds of evidence tell a
 channel from such a connection without the monitor (which taints the domain):
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from spice_libvirt.agent.procnet import TcpSocket
+from spice_libvirt.host.procnet import TcpSocket
 from spice_libvirt.libvirt.connection import GraphicsEvent, endpoint
 
 #: connections remembered per domain (a client has a handful; the rest are a flood)
