@@ -228,6 +228,19 @@ def _migrate(lab_dir: Path, run: Run, *, watch: bool) -> LibvirtMigrationReport:
     return report
 
 
+def _new_run(state: libvirt_lab.LabState, rtt: float, method: str, client: str, i: int) -> Run:
+    """A row before its migration: what it measures and on which lab."""
+    return Run(
+        rtt_ms=rtt,
+        method=method,
+        client=client,
+        index=i,
+        outcome="?",
+        tls=state.tls is not None,
+        guest=state.guest,
+    )
+
+
 def _oracle(report: LibvirtMigrationReport) -> str:
     """The embedded client's own record, not the controller's verdict, as the oracle."""
     paths = [c.record.path for c in report.clients if c.record is not None]
@@ -246,15 +259,7 @@ def run_viewer(lab_dir: Path, display: str, rtt: float, method: str, i: int, log
         tls = ViewerTls(state.tls.ca_cert, endpoint.subject)
     name = f"rv-{int(rtt)}-{method}-{i}"
     viewer = start_viewer(endpoint.uri, display, log_dir, name=name, tls=tls, ns=state.client.netns)
-    run = Run(
-        rtt_ms=rtt,
-        method=method,
-        client="remote-viewer",
-        index=i,
-        outcome="?",
-        tls=state.tls is not None,
-        guest=state.guest,
-    )
+    run = _new_run(state, rtt, method, "remote-viewer", i)
     try:
         viewer.wait_channels(timeout=20.0)
         time.sleep(0.3)
@@ -285,15 +290,7 @@ def run_viewer(lab_dir: Path, display: str, rtt: float, method: str, i: int, log
 def run_embedded(lab_dir: Path, rtt: float, method: str, i: int) -> Run:
     state = libvirt_lab.load_state(lab_dir)
     assert state is not None
-    run = Run(
-        rtt_ms=rtt,
-        method=method,
-        client="embedded",
-        index=i,
-        outcome="?",
-        tls=state.tls is not None,
-        guest=state.guest,
-    )
+    run = _new_run(state, rtt, method, "embedded", i)
     try:
         report = _migrate(lab_dir, run, watch=True)
         run.outcome = _oracle(report)
