@@ -17,9 +17,14 @@ Wall time is the migrating caller's: the ``virsh`` process for plain and agent, 
 controller call for ours. "Held" is the agent's journal (``held_ms``: setup to release;
 ``throttled_ms``: the part at 1 MiB/s) or the controller's report. "Tainted" counts runs
 after which the domain's log gained a ``custom-monitor`` line. The methods alternate run by
-run, so they share the machine's load.
+run and the RTTs round by round (round ``i`` visits every RTT), so they share the machine's
+load and a run cut short leaves every cell with its rounds so far. ``--out`` appends each
+row to a JSON-lines file as soon as it is measured, with the commit and whether the tree
+was dirty.
 
     .venv/bin/python benchmarks/bench_agent.py --rtts 0,50,150,300 --runs 10
+    .venv/bin/python benchmarks/bench_agent.py --methods plain,agent --runs 10 --no-save \
+        --out benchmarks/results/agent-rtt-COMMIT.jsonl
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from benchmarks.benchutil import Machine, arg_parser, finish, fmt, machine
+from benchmarks.benchutil import Machine, arg_parser, finish, fmt, machine, source_state
 from spice_libvirt.hook.journal import Journal
 from spice_libvirt_lab import libvirt_agent, libvirt_lab, netns
 from spice_libvirt_lab.libvirt_migrate import lab_migrate
@@ -72,6 +77,8 @@ class Run(BaseModel):
     tainted: bool = False
     load_1m: float = 0.0
     commit: str | None = None
+    #: the tree had uncommitted changes when the row was measured
+    dirty: bool | None = None
     error: str | None = None
 
 
@@ -142,7 +149,8 @@ def _agents(state: LabState, method: str) -> Iterator[None]:
 
 def one_run(state: LabState, display: str, rtt: float, method: str, i: int) -> Run:
     src, dst = libvirt_agent.running_host(state)
-    run = Run(rtt_ms=rtt, method=method, i=i, src=src, commit=_commit())
+    source = source_state()
+    run = Run(rtt_ms=rtt, method=method, i=i, src=src, commit=source.commit, dirty=source.dirty)
     run.load_1m = round(os.getloadavg()[0], 2)
     uri = f"spice://{state.hosts[src].config.ip}:5900"
     name = f"bench-{method}-{rtt:.0f}-{i}"
@@ -254,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}"
     )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="append each row to this JSON-lines file at once"
+    )
     args = parser.parse_args(argv)
     rtts = [float(x) for x in args.rtts.split(",") if x]
     methods = [m for m in args.methods.split(",") if m]
@@ -268,13 +279,16 @@ def main(argv: list[str] | None = None) -> int:
         state = libvirt_lab.up(top / "lab", client_rtt_ms=rtts[0], guest="linux")
         with xvfb(state.run_dir) as xserver:
             display = xserver.display
-            for rtt in rtts:
-                set_client_rtt(state.lab_dir, rtt)
-                for i in range(args.runs):
+            for i in range(args.runs):
+                for rtt in rtts:
+                    set_client_rtt(state.lab_dir, rtt)
                     for method in methods:
                         with _agents(state, method):
                             run = one_run(state, display, rtt, method, i)
                             runs.append(run)
+                            if args.out is not None:
+                                with args.out.open("a") as fh:
+                                    fh.write(run.model_dump_json() + "\n")
                             print(
                                 f"{rtt:4.0f} ms {method:10} {i:2}: {run.outcome} wall "
                                 f"{fmt(run.wall_s, ' s', 2)} held {fmt(run.held_ms, ' ms', 0)}"
