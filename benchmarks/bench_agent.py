@@ -69,6 +69,11 @@ class Run(BaseModel):
     src: str
     outcome: str | None = None
     wall_s: float | None = None
+    #: switch-host: from ``migrate-switch-host`` to the new display channel (seamless: 0)
+    display_outage_s: float | None = None
+    #: the viewer's own link time to the destination (``migrate-begin-seamless`` to
+    #: ``connections all ok``)
+    client_link_s: float | None = None
     held_ms: float | None = None
     throttled_ms: float | None = None
     client_rtt_ms: float | None = None
@@ -181,7 +186,9 @@ def one_run(state: LabState, display: str, rtt: float, method: str, i: int) -> R
                 run.error = done.stderr.strip()[:300]
         deadline = time.monotonic() + 8.0
         while run.outcome is None and time.monotonic() < deadline:
-            run.outcome = viewer_outcome(viewer.log_text()[mark:]).path
+            seen = viewer_outcome(viewer.log_text()[mark:])
+            run.outcome, run.display_outage_s = seen.path, seen.display_outage_s
+            run.client_link_s = seen.link_s
             time.sleep(0.1)
         if method in AGENT_OPTIONS:
             verdict = _agent_verdict(state, src, journal_before)
