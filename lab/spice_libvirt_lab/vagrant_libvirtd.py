@@ -96,12 +96,22 @@ class PrivateLibvirtd(BaseModel):
         (etc / "virtlogd.conf").write_text("# defaults\n")
 
     def script(self) -> str:
+        """The daemons' start in their mount namespace.
+
+        A lab directory under ``/run`` (root's default) is hidden by the last mount, and
+        libvirtd must see it (the storage pool, the VMs' serial logs): it is mounted back on
+        its own path from the shell's working directory, which still reaches it (a path given
+        to ``mount`` as it is, not resolved again under the new ``/run``).
+        """
         q = shlex.quote
-        lines = ["set -e"]
+        lab = self.state_dir.parent.absolute()
+        lines = ["set -e", f"cd {q(str(lab))}"]
         lines += [
             f"mount --bind {q(str(self.state_dir / src))} {q(target)}"
             for src, target in BIND_MOUNTS
         ]
+        if lab.is_relative_to("/run"):
+            lines += [f"mkdir -p {q(str(lab))}", f"mount --no-canonicalize --bind . {q(str(lab))}"]
         lines += [
             "virtlogd -d -p /run/libvirt/virtlogd.pid",
             "exec libvirtd -d -p /run/libvirt/libvirtd.pid",
