@@ -349,6 +349,7 @@ def one_run(
 
 class Cell(BaseModel):
     domains: int
+    memory_mib: int
     workload: str
     caller: str
     agent: str
@@ -374,8 +375,10 @@ def _median(values: Sequence[float]) -> float | None:
 def cells(rows: list[Row]) -> list[Cell]:
     out: list[Cell] = []
     rows = [r for r in rows if r.caller in CALLERS]  # not the record of a lab that never came up
+    workloads = ("idle", "dirty")
     keys = sorted({(r.domains, r.workload, r.caller, r.agent) for r in rows},
-                  key=lambda k: (k[0], k[1], CALLERS.index(k[2]), list(AGENTS).index(k[3])))  # fmt: skip
+                  key=lambda k: (k[0], workloads.index(k[1]) if k[1] in workloads else 9,
+                                 CALLERS.index(k[2]), list(AGENTS).index(k[3])))  # fmt: skip
     for n, workload, caller, agent in keys:
         mine = [r for r in rows if (r.domains, r.workload, r.caller, r.agent) == (n, workload, caller, agent)]  # fmt: skip
         base = [r for r in rows if (r.domains, r.workload, r.caller, r.agent) == (n, workload, caller, "off")]  # fmt: skip
@@ -383,7 +386,8 @@ def cells(rows: list[Row]) -> list[Cell]:
         base_wall = _median([r.wall_s for r in base if r.wall_s is not None])
         out.append(
             Cell(
-                domains=n, workload=workload, caller=caller, agent=agent, runs=len(mine),
+                domains=n, memory_mib=mine[0].memory_mib, workload=workload, caller=caller,
+                agent=agent, runs=len(mine),
                 seamless=f"{sum(r.seamless for r in mine)}/{sum(len(r.paths) for r in mine)}",
                 wall_s=wall,
                 wall_vs_off=round(wall / base_wall, 3) if wall and base_wall and agent != "off" else None,
@@ -431,7 +435,7 @@ def plot(rows: list[Row], path: Path) -> None:
     colours = {"off": "#999999", "on": "#1f77b4", "bulk": "#ff7f0e"}
     bars = [c for c in cells(rows) if c.wall_s is not None]
     longest = max((c.wall_s or 0.0 for c in bars), default=1.0) or 1.0
-    left, right, bar_h, gap, top = 190, 60, 14, 12, 40
+    left, right, bar_h, gap, top = 190, 160, 14, 12, 40
     width = 760
     height = top + len(bars) * (bar_h + 3) + gap * len({(c.domains, c.workload) for c in bars}) + 30
     scale = (width - left - right) / longest
@@ -451,7 +455,7 @@ def plot(rows: list[Row], path: Path) -> None:
                 y += gap
             parts.append(
                 f'<text x="4" y="{y + 10}" font-weight="bold">'
-                f"{c.domains} x 256 MiB, {escape(c.workload)}</text>"
+                f"{c.domains} x {c.memory_mib} MiB, {escape(c.workload)}</text>"
             )
             y += bar_h + 3
         w = (c.wall_s or 0.0) * scale
