@@ -11,12 +11,14 @@ the lab showed (times in seconds; the client is 300 ms away).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 from typing import Any, cast
 
 import pytest
 
-from spice_libvirt.agent.hold import MigrationHold
+from spice_libvirt.agent.hold import MigrationHold, first_items
 from spice_libvirt.agent.plan import (
     LEAVE_BOUND_S,
     SETTLE_BOUND_S,
@@ -251,3 +253,27 @@ def test_a_qmp_throttle_that_came_after_the_first_pass_is_said_to_have_held_noth
         and "throttle was in place 80 ms after it, too late to stop the first pass" in n
         for n in hold.verdict.notes
     ), hold.verdict.notes
+
+
+def test_waiting_on_both_hosts_events_leaves_no_reader_behind() -> None:
+    """The agent waits on the source's and the destination's events at once; a wait that
+    ends (an item, the timeout, or the agent stopping) leaves no reader on either queue to
+    swallow the next event."""
+
+    async def scenario() -> None:
+        a: asyncio.Queue[str] = asyncio.Queue()
+        b: asyncio.Queue[str] = asyncio.Queue()
+        b.put_nowait("left")
+        assert await first_items([a, b], 1.0) == [(1, "left")]
+        assert await first_items([a, b], 0.01) == []
+        waiting = asyncio.ensure_future(first_items([a, b], 10.0))
+        await asyncio.sleep(0.01)
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        a.put_nowait("later")
+        b.put_nowait("later")
+        await asyncio.sleep(0)
+        assert (a.get_nowait(), b.get_nowait()) == ("later", "later")
+
+    asyncio.run(scenario())

@@ -98,12 +98,15 @@ async def first_items(queues: Sequence[asyncio.Queue[T]], timeout: float) -> lis
     ``(queue index, item)`` pairs; an item taken by a getter that was being cancelled is
     returned too, never lost."""
     getters = [asyncio.ensure_future(q.get()) for q in queues]
-    _, pending = await asyncio.wait(getters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    for fut in pending:
-        fut.cancel()
-    for fut in pending:
-        with contextlib.suppress(asyncio.CancelledError):
-            await fut
+    try:
+        await asyncio.wait(getters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when the hold itself is cancelled (the agent stops): no getter left
+        pending = [fut for fut in getters if not fut.done()]
+        for fut in pending:
+            fut.cancel()
+        for fut in pending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await fut
     return [
         (i, fut.result())
         for i, fut in enumerate(getters)
