@@ -40,7 +40,7 @@ from spice_libvirt_lab.libvirt_lab import LabState
 from spice_libvirt_lab.libvirt_migrate import lab_migrate
 from spice_libvirt_lab.libvirt_state import save
 from spice_libvirt_lab.libvirt_status import taint_lines
-from tests.rigs.libvirt_lab import lab_marks
+from tests.rigs.libvirt_lab import guest_kept_running, lab_marks
 from tests.rigs.viewer import RemoteViewer, XServer, start_viewer, wait_outcome
 
 libvirt = pytest.importorskip("libvirt")
@@ -380,13 +380,30 @@ def test_agent_status_says_what_the_running_agent_does(shared_lab: LabState) -> 
 
 
 def test_a_libvirtd_restart_mid_hold_ends_in_a_release(shared_lab: LabState) -> None:
+    """libvirtd restarted on the source while the agent holds the migration.
+
+    The hold is from the start (bulk), so the restart lands while the migration is held --
+    not at whatever moment the switchover plan let the bulk run (the restart then also came
+    mid-bulk, during the switchover or during the destination's Finish). The old libvirtd
+    does not end while its job runs and is ended at the lab's bound; the new one recovers
+    the unfinished outgoing job as libvirt documents it (cancelled, the guest resumed on the
+    source), the destination drops its incoming domain, and the agent, connected again,
+    undoes its hold: the caller's speed is back. Had libvirtd ended after QEMU's switchover
+    and before the destination's Finish, libvirt would leave the guest paused on the source
+    for the caller to decide; :func:`guest_kept_running` starts it again for later tests.
+    """
     src, dst = libvirt_agent.running_host(shared_lab)
     holds = libvirt_agent.agent_dir(shared_lab, src) / "holds"
+    before = len(verdicts(shared_lab, src))
     argv = libvirt_agent.plain_migrate_argv(shared_lab, src, dst)
+    caller: dict[str, subprocess.CompletedProcess[str]] = {}
     migration = threading.Thread(
-        target=lambda: subprocess.run(argv, capture_output=True, timeout=180, check=False)
+        target=lambda: caller.update(
+            done=subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)
+        )
     )
-    with stuck_client(shared_lab, src), agents(shared_lab, ["--hold-timeout", "30"]):
+    hold = ["--hold-timeout", "30", "--hold-mode", "bulk"]
+    with guest_kept_running(shared_lab), stuck_client(shared_lab, src), agents(shared_lab, hold):
         migration.start()
         wait_for_hold(holds)
         libvirt_lab.restart_libvirtd(shared_lab.lab_dir, src)
@@ -395,8 +412,21 @@ def test_a_libvirtd_restart_mid_hold_ends_in_a_release(shared_lab: LabState) -> 
             time.sleep(0.1)
         assert list(holds.glob("*.json")) == [], "the hold outlived the libvirtd restart"
         migration.join(120)
-    running, _ = libvirt_agent.running_host(shared_lab)
-    conn = libvirt.open(shared_lab.hosts[running].uri_unix)
+        verdict = next_verdict(shared_lab, src, before)
+        # libvirtd resumes a recovered guest in the background of its start
+        netns.wait_for(
+            lambda: libvirt_agent.where_running(libvirt_agent.domain_states(shared_lab)) == src,
+            timeout=30.0,
+            what=f"{shared_lab.domain} running on {src} again",
+        )
+        states = libvirt_agent.domain_states(shared_lab)
+    assert caller["done"].returncode != 0, "the caller's job ended with its libvirtd"
+    assert (states[src] or "").startswith("running"), states
+    left = states[dst]  # the incoming domain dropped (a persistent definition stays)
+    assert left is None or left.startswith("shut off"), states
+    assert "recovered" in verdict["released_why"]
+    assert "restored" in verdict["released_why"]
+    conn = libvirt.open(shared_lab.hosts[src].uri_unix)
     try:
         assert conn.lookupByName(shared_lab.domain).migrateGetMaxSpeed(0) > 1
     finally:

@@ -175,18 +175,44 @@ def metrics_address(state: LabState, host: str) -> str | None:
 # ------------------------------------------------------------------ migrations by "someone else"
 
 
-def running_host(state: LabState) -> tuple[HostName, HostName]:
-    """(the host the lab domain runs on, the other one), asked of both libvirtds: plain
-    ``virsh`` migrations move the guest behind the lab's bookkeeping."""
-    pairs: tuple[tuple[HostName, HostName], ...] = (("A", "B"), ("B", "A"))
-    for host, other in pairs:
+def domain_states(state: LabState) -> dict[HostName, str | None]:
+    """The lab domain's state on each host as libvirt gives it (``virsh domstate --reason``:
+    ``running (migrated)``, ``paused (migration)``, ``shut off (destroyed)``...), None where
+    the host does not know the domain, asked of both libvirtds: plain ``virsh`` migrations
+    move the guest behind the lab's bookkeeping."""
+    states: dict[HostName, str | None] = {}
+    for host in HOSTS:
         done = subprocess.run(
-            ["virsh", "-c", state.hosts[host].uri_unix, "domstate", state.domain],
+            ["virsh", "-c", state.hosts[host].uri_unix, "domstate", "--reason", state.domain],
             capture_output=True, text=True, timeout=30, check=False,
         )  # fmt: skip
-        if done.stdout.strip() == "running":
-            return host, other
-    raise LabError(f"{state.domain} runs on neither host")
+        error = done.stderr.strip()
+        if done.returncode == 0:
+            states[host] = done.stdout.strip()
+        elif "failed to get domain" in error:
+            states[host] = None
+        else:
+            states[host] = f"unknown ({error.splitlines()[0] if error else done.returncode})"
+    return states
+
+
+def where_running(states: dict[HostName, str | None]) -> HostName | None:
+    """The host whose state (:func:`domain_states`) is running, if any."""
+    for host, text in states.items():
+        if text is not None and text.split(" (")[0] == "running":
+            return host
+    return None
+
+
+def running_host(state: LabState) -> tuple[HostName, HostName]:
+    """(the host the lab domain runs on, the other one); LabError with each host's state
+    when it runs on neither."""
+    states = domain_states(state)
+    host = where_running(states)
+    if host is None:
+        seen = ", ".join(f"{h}: {text or 'not defined'}" for h, text in states.items())
+        raise LabError(f"{state.domain} runs on neither host ({seen})")
+    return host, ("B" if host == "A" else "A")
 
 
 def plain_migrate_argv(state: LabState, src: str, dst: str, extra: Sequence[str] = ()) -> list[str]:

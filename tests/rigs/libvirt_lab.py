@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from spice_libvirt_lab import libvirt_lab, netns
+from spice_libvirt_lab import libvirt_agent, libvirt_lab, netns
 from spice_libvirt_lab.labdir import LIBVIRT_SUBDIR
 from spice_libvirt_lab.libvirt_state import DownReport, LabState
 
@@ -116,3 +116,18 @@ def fresh_state(state: LabState) -> LabState:
     now = libvirt_lab.load_state(state.lab_dir)
     assert now is not None, f"no lab in {state.lab_dir}"
     return now
+
+
+@contextlib.contextmanager
+def guest_kept_running(state: LabState) -> Iterator[None]:
+    """For a test of a shared lab that may leave its guest running nowhere -- libvirt's own
+    rule when a libvirtd ends mid-migration at the wrong moment: the source paused for the
+    caller to decide, the destination's incoming domain dropped. Afterwards (also when the
+    block failed) a guest that runs on neither host is started again on A
+    (:func:`libvirt_lab.restart_guest`), so the module's later tests start from a running
+    guest, whatever this one found (the test asserts what happened)."""
+    try:
+        yield
+    finally:
+        if libvirt_agent.where_running(libvirt_agent.domain_states(state)) is None:
+            libvirt_lab.restart_guest(state.lab_dir)
