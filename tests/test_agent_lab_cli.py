@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from spice_libvirt_lab import libvirt_lab
+from spice_libvirt_lab import libvirt_lab, netns
 from spice_libvirt_lab.libvirt_agent import verdicts
-from tests.rigs.libvirt_lab import LIBVIRT_LAB
+from tests.rigs.libvirt_lab import LIBVIRT_LAB, assert_lab_gone, lab_processes
 from tests.rigs.viewer import XServer
 from tests.test_agent_lab import migrate_watched, tainted
 
@@ -52,11 +52,14 @@ def test_lab_up_agent_makes_a_hand_started_virsh_migration_seamless(
     assert tainted(state) == []
     assert len(verdicts(state, "A")) == 1
     assert len(verdicts(state, "B")) == 1
+    processes = lab_processes(state)
     down = lab_cli(top, "down", "--json")
     assert down.returncode == 0, down.stderr
     assert json.loads(down.stdout)["leftovers"] == []
-    for d in agents:
-        assert not Path(f"/proc/{d['proc']['pid']}").exists()
+    assert_lab_gone(state, processes)
+    # this very process (not a recycled PID) gone from the process table: ended and reaped
+    # by its parent, PID 1 once the "lab up" that started it had exited
+    assert [d["what"] for d in agents if netns.ProcRef(**d["proc"]).present()] == []
 
 
 def test_a_near_empty_guest_is_said_unholdable_and_held_by_qmp_only_when_allowed(

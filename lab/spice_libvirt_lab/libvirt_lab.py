@@ -98,6 +98,7 @@ from spice_libvirt_lab.libvirt_state import (
     default_lab_dir,
     load_state,
     locked,
+    recorded_processes,
     save,
 )
 from spice_libvirt_lab.libvirt_status import (
@@ -424,8 +425,15 @@ def _destroy_domains(host: LibvirtHost, timeout: float) -> list[str]:
     return destroyed
 
 
+#: how long ``down`` waits for the processes it ended to leave the process table
+#: (:func:`netns.wait_reaped`): the per-host daemons and the hosts' subreapers are children
+#: of PID 1 once the ``lab up`` that started them has exited
+REAP_TIMEOUT_S = 10.0
+
+
 def _teardown(state: LabState, *, keep_logs: bool = False) -> DownReport:
     report = DownReport(found=True, id=state.id)
+    recorded = recorded_processes(state)
     report.stopped += libvirt_daemons.stop_all(state)
     if state.bridge.proc is not None and state.bridge.proc.alive():
         netns.terminate([state.bridge.proc], timeout=5.0)
@@ -446,8 +454,13 @@ def _teardown(state: LabState, *, keep_logs: bool = False) -> DownReport:
             report.swept_pids += netns.pids_in(ns_name)
             netns.delete(ns_name, kill_timeout=10.0)
             report.namespaces_deleted.append(ns_name)
-    # leftovers: anything still alive, a namespace, a mount under the lab's directories
-    report.leftovers = anything_alive(state)
+    # leftovers: a namespace, a process still in the process table (alive, or ended and not
+    # reaped by its parent: "down" reports nothing left only when nothing is), a mount
+    report.leftovers = [n for n in state.namespaces if netns.exists(n)]
+    report.leftovers += [
+        f"{r.what} pid {r.pid}" + ("" if r.alive() else " (ended, not reaped by its parent)")
+        for r in netns.wait_reaped(recorded, timeout=REAP_TIMEOUT_S)
+    ]
     mounts = Path("/proc/self/mountinfo").read_text()
     report.leftovers += [
         line.split()[4]

@@ -319,15 +319,21 @@ def load_state(lab_dir: Path | None = None) -> LabState | None:
         raise LabError(f"lab state file {path} is unreadable: {exc}") from exc
 
 
-def anything_alive(state: LabState) -> list[str]:
-    alive = [n for n in state.namespaces if netns.exists(n)]
+def recorded_processes(state: LabState) -> list[netns.ProcRef]:
+    """Every process the lab started and recorded: the delay bridge, each host's libvirtd,
+    virtlogd and their subreaper, the per-host daemons (sshd, agents) and the clients."""
     refs = [state.bridge.proc] + [
         r
         for h in state.hosts.values()
         for r in (h.runtime.libvirtd, h.runtime.virtlogd, h.runtime.reaper)
     ]
-    refs += [p.proc for p in (*state.daemons, *state.clients)]
-    alive += [f"{r.what} pid {r.pid}" for r in refs if r is not None and r.alive()]
+    found = [r for r in refs if r is not None]
+    return found + [p.proc for p in (*state.daemons, *state.clients)]
+
+
+def anything_alive(state: LabState) -> list[str]:
+    alive = [n for n in state.namespaces if netns.exists(n)]
+    alive += [f"{r.what} pid {r.pid}" for r in recorded_processes(state) if r.alive()]
     return alive
 
 

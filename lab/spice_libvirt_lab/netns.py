@@ -37,7 +37,12 @@ import tenacity
 from pydantic import BaseModel
 
 from spice_libvirt.errors import LabError
-from spice_libvirt_lab.procs import proc_start_time, same_process_alive, wait_exit
+from spice_libvirt_lab.procs import (
+    proc_start_time,
+    same_process_alive,
+    same_process_present,
+    wait_exit,
+)
 
 #: Where ``ip netns`` keeps the bind mounts that name network namespaces.
 NETNS_RUN_DIR = Path("/run/netns")
@@ -349,6 +354,11 @@ class ProcRef(BaseModel):
         """Whether this very process (not a recycled PID) still runs (zombies count as gone)."""
         return same_process_alive(self.pid, self.start_time)
 
+    def present(self) -> bool:
+        """Whether this very process is still in the process table: alive, or ended and not
+        yet reaped by its parent."""
+        return same_process_present(self.pid, self.start_time)
+
 
 def _reap(pid: int) -> None:
     """Collect the exit status if the process is our own child (otherwise PID 1 will)."""
@@ -387,6 +397,27 @@ def terminate(
         _wait_all_exit(refs, 30.0)
         return killed
     return []
+
+
+def wait_reaped(
+    refs: Sequence[ProcRef], *, timeout: float, interval: float = 0.02
+) -> list[ProcRef]:
+    """Wait until each of ``refs`` has left the process table; those still in it after
+    ``timeout`` s (alive, or ended and not reaped).
+
+    An ended process is gone once its parent reaps it: ours are reaped here; one whose
+    parent is PID 1 (a daemon a finished command started) when PID 1 gets to it, which on
+    this machine takes up to 1.8 s (its init reaps every 1.2-1.8 s; systemd at once).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [ref for ref in refs if ref.present()]
+        for ref in left:
+            _reap(ref.pid)
+        left = [ref for ref in left if ref.present()]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(interval)
 
 
 def _wait_all_exit(refs: Sequence[ProcRef], timeout: float) -> bool:

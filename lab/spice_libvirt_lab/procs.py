@@ -46,6 +46,12 @@ def same_process_alive(pid: int, start_time: int | None) -> bool:
     return proc_start_time(pid) == start_time and proc_state(pid) not in (None, "Z", "X")
 
 
+def same_process_present(pid: int, start_time: int | None) -> bool:
+    """True while ``pid`` is still the process that started at ``start_time``, a zombie
+    included: an ended process stays in the process table until its parent reaps it."""
+    return start_time is not None and proc_start_time(pid) == start_time
+
+
 def _open_pidfd(pid: int, start_time: int | None) -> int | None:
     """A pidfd for ``pid`` if it still is the process that started at ``start_time``.
 

@@ -27,7 +27,7 @@ import pytest
 
 from spice_libvirt_lab import libvirt_agent, libvirt_lab, netns
 from spice_libvirt_lab.labdir import LIBVIRT_SUBDIR
-from spice_libvirt_lab.libvirt_state import DownReport, LabState
+from spice_libvirt_lab.libvirt_state import DownReport, LabState, recorded_processes
 
 #: the marks of every module that builds the lab
 LIBVIRT_LAB = [
@@ -51,13 +51,7 @@ def cli_dir(state: LabState) -> Path:
 def lab_processes(state: LabState) -> list[netns.ProcRef]:
     """Every process of the lab: the recorded ones (delay bridge, libvirtd, virtlogd, their
     subreaper, sshd, agents, clients) and whatever lives in its namespaces now (guests included)."""
-    refs = [state.bridge.proc] + [
-        r
-        for h in state.hosts.values()
-        for r in (h.runtime.libvirtd, h.runtime.virtlogd, h.runtime.reaper)
-    ]
-    found = [r for r in refs if r is not None]
-    found += [p.proc for p in (*state.daemons, *state.clients)]
+    found = recorded_processes(state)
     for name in state.namespaces:
         for pid in netns.pids_in(name):
             with contextlib.suppress(Exception):  # gone between the listing and the look
@@ -66,9 +60,15 @@ def lab_processes(state: LabState) -> list[netns.ProcRef]:
 
 
 def assert_lab_gone(state: LabState, processes: list[netns.ProcRef]) -> None:
-    """None of ``processes`` alive, no namespace with the lab's prefix, no mount of it."""
-    alive = [f"{p.what or 'pid'} {p.pid}" for p in processes if p.alive()]
-    assert alive == [], f"lab {state.id} left processes running: {alive}"
+    """None of ``processes`` alive -- and none the lab recorded still in the process table,
+    which ``lab down`` waits for --, no namespace with the lab's prefix, no mount of it."""
+    recorded = {(r.pid, r.start_time) for r in recorded_processes(state)}
+    left = [
+        f"{p.what or 'pid'} {p.pid}"
+        for p in processes
+        if (p.present() if (p.pid, p.start_time) in recorded else p.alive())
+    ]
+    assert left == [], f"lab {state.id} left processes behind: {left}"
     names = [n for n in netns.list_names() if n.startswith(state.prefix)]
     assert names == [], f"lab {state.id} left namespaces: {names}"
     mounts = [
