@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import select
 import signal
 import socket
@@ -124,14 +125,30 @@ def tainted(lab: LabState) -> list[str]:
 
 @contextlib.contextmanager
 def stuck_client(lab: LabState, host: str) -> Iterator[None]:
-    """A client connected to the SPICE port that never links anywhere: it counts as a
-    channel to hold for, and never shows up on the destination."""
-    client = netns.socket_in(lab.client.netns)
+    """A real client that linked its channels on ``host`` and then froze (SIGSTOP): the
+    agent counts it (only a connection that linked a channel is a client) and holds for
+    it, and it never shows up on the destination."""
+    err = lab.run_dir / "stuck-client.err"
+    url = f"spice://{lab.hosts[host].config.ip}:5900"
+    argv = [sys.executable, "-m", "spice_libvirt.cli", "watch", "--json", url]
+    with err.open("wb") as errors:
+        client = subprocess.Popen(
+            netns.exec_argv(lab.client.netns, argv),
+            stdout=subprocess.DEVNULL, stderr=errors, start_new_session=True,
+        )  # fmt: skip
     try:
-        client.connect((lab.hosts[host].config.ip, 5900))
+        netns.wait_for(
+            lambda: "watching session" in err.read_text(errors="replace"),
+            timeout=60.0,
+            what=f"the stuck client's link ({err})",
+        )
+        os.kill(client.pid, signal.SIGSTOP)
         yield
     finally:
-        client.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(client.pid, signal.SIGCONT)
+        netns.terminate([client.pid])
+        client.wait(10)
 
 
 def wait_for_hold(holds: Path) -> None:
