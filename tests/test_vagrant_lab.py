@@ -404,3 +404,20 @@ def test_vagrant_lab_up_migrate_there_and_back_down(tmp_path: Path) -> None:
     assert not (base / "vagrant" / "pool").exists()
     # libvirt's firewall chains for the lab network are gone with it
     assert _libvirt_chains() == chains_before
+
+
+def test_ssh_hands_the_remote_shell_each_word_quoted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sh -c SCRIPT`` reaches the host as one argument (ssh joins its words with spaces)."""
+    seen: list[list[str]] = []
+
+    def run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+        seen.append(argv)
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    vagrant_ssh(
+        VagrantLabState(directory=tmp_path), "hv1", ["sh", "-c", "a --json || test $? = 13"]
+    )
+    assert seen[0][-1] == "sudo -- sh -c 'a --json || test $? = 13'"

@@ -11,6 +11,7 @@ admin's ``ansible-playbook -i`` later, e.g. ``evacuate.yml``). The inventory mar
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 from pathlib import Path
 from typing import Literal
@@ -188,7 +189,8 @@ def ssh(
     state: VagrantLabState, host: str, command: list[str], *, timeout: float = 120.0
 ) -> subprocess.CompletedProcess[str]:
     """Run ``command`` on ``host`` as root (sudo) over ssh with the lab's ssh_config."""
-    argv = ["ssh", "-F", str(state.ssh_config), host, "sudo", "--", *command]
+    # ssh hands the remote shell one string: each word quoted, or "sh -c SCRIPT" splits
+    argv = ["ssh", "-F", str(state.ssh_config), host, shlex.join(["sudo", "--", *command])]
     try:
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as exc:
