@@ -271,7 +271,18 @@ def _assert_sandboxed_agent_reaches_its_peer(base: Path, host: str) -> None:
     assert isinstance(status, dict)
     assert status["running"] is True
     assert status["connected"] is True, status  # libvirt's socket, from the sandbox
-    assert f"qemu+{transport}://{peer}/system" in status["destinations"], status
+    # the peer is subscribed in the background (an ssh handshake between two TCG VMs takes
+    # seconds): its status says so once it answered, the agent's journal says why not
+    uri = f"qemu+{transport}://{peer}/system"
+    cli = remote_cli(host)
+    deadline = time.monotonic() + 120
+    while uri not in status["destinations"] and time.monotonic() < deadline:
+        time.sleep(5)
+        status = json.loads(_on(base, host, f"{cli} agent status --json"))
+    journal = "" if uri in status["destinations"] else _on(
+        base, host, "journalctl -u spice-libvirt-agent --no-pager -n 40 || true"
+    )  # fmt: skip
+    assert uri in status["destinations"], (status, journal)
 
 
 _PURGE_LEFTOVERS = (

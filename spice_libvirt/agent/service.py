@@ -60,6 +60,13 @@ log = logging.getLogger(__name__)
 START_STATUSES = ("setup", "active")
 #: how long the service waits for its holds to release on the way out
 STOP_GRACE_S = 10.0
+#: How long a configured peer may take to open from the background (an ssh handshake between
+#: busy hosts takes seconds; a hold cannot wait that long, the subscription at start can).
+PEER_OPEN_TIMEOUT_S = 30.0
+#: A configured peer that could not be opened is tried again after this, doubling up to
+#: PEER_RETRY_MAX_S while it stays unreachable (a warning per try, not a flood).
+PEER_RETRY_S = 5.0
+PEER_RETRY_MAX_S = 300.0
 
 
 def _addresses(uri: str) -> set[str]:
@@ -106,33 +113,51 @@ class Agent:
         host = f"[{peer}]" if ":" in peer else peer
         return self.settings.destination_uri.format(peer=host)
 
-    async def destination(self, peer: str) -> Destination | None:
-        """The subscribed destination libvirtd at ``peer`` (opened on first use, then kept)."""
+    async def destination(self, peer: str, timeout: float | None = None) -> Destination | None:
+        """The subscribed destination libvirtd at ``peer`` (opened on first use, then kept).
+        ``timeout``: how long opening may take; by default what a hold can afford."""
         uri = self._uri_for(peer)
         dest = self.destinations.get(uri)
         if dest is not None and dest.alive:
             return dest
-        if dest is not None:
+        if dest is not None:  # dropped: forgotten before another is opened
+            del self.destinations[uri]
             await dest.close()
-        timeout = min(5.0, self.settings.hold_timeout_s / 3)
+        if timeout is None:
+            timeout = min(5.0, self.settings.hold_timeout_s / 3)
         try:
-            dest = await Destination.open(uri, timeout)
+            opened = await Destination.open(uri, timeout)
         except errors.LibvirtError as exc:
             log.warning("agent: destination %s: %s", uri, exc)
-            self.destinations.pop(uri, None)
             return None
-        self.destinations[uri] = dest
+        current = self.destinations.get(uri)
+        if current is not None and current.alive:  # opened meanwhile (a hold, the peers' task)
+            await opened.close()
+            return current
+        if current is not None:
+            await current.close()
+        self.destinations[uri] = opened
         self._publish()
-        return dest
+        return opened
 
     async def known(self) -> list[Destination]:
         """Every destination watched now (the configured peers, once subscribed)."""
         return [d for d in self.destinations.values() if d.alive]
 
     async def _subscribe_peers(self) -> None:
-        for uri in self.settings.peers:
-            for address in sorted(_addresses(uri))[:1]:
-                await self.destination(address)
+        """Keep every configured peer subscribed: a peer that cannot be opened at start (it
+        reboots, its ssh handshake is slower than a hold may wait) or whose connection drops
+        is tried again, with :data:`PEER_OPEN_TIMEOUT_S` and a growing pause, until the agent
+        stops; a hold never waits on this (it opens what it needs itself)."""
+        pause = PEER_RETRY_S
+        while True:
+            missing = 0
+            for uri in self.settings.peers:
+                for address in sorted(_addresses(uri))[:1]:
+                    if await self.destination(address, timeout=PEER_OPEN_TIMEOUT_S) is None:
+                        missing += 1
+            pause = min(pause * 2, PEER_RETRY_MAX_S) if missing else PEER_RETRY_S
+            await asyncio.sleep(pause)
 
     # ------------------------------------------------------------ recovery
 
