@@ -193,7 +193,7 @@ def test_agent_unit_is_sandboxed_and_writes_only_its_state(tmp_path: Path) -> No
     assert not [x for x in lines if x.startswith("StateDirectory=")]  # not under /var/lib
     for key in (
         "ProtectSystem=strict", "ProtectHome=read-only", "NoNewPrivileges=yes",
-        "CapabilityBoundingSet=CAP_SYS_PTRACE CAP_DAC_READ_SEARCH", "PrivateTmp=yes",
+        "CapabilityBoundingSet=CAP_SYS_PTRACE CAP_DAC_READ_SEARCH CAP_SETPCAP", "PrivateTmp=yes",
         "RestrictSUIDSGID=yes", "SystemCallFilter=@system-service", "UMask=0077",
     ):  # fmt: skip
         assert key in lines, key

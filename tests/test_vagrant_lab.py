@@ -263,7 +263,7 @@ def _assert_sandboxed_agent_reaches_its_peer(base: Path, host: str) -> None:
     for line in (
         f"FragmentPath={where}/systemd/system/spice-libvirt-agent.service",
         "ProtectSystem=strict", "ProtectHome=read-only", "NoNewPrivileges=yes",
-        "CapabilityBoundingSet=cap_dac_read_search cap_sys_ptrace",
+        "CapabilityBoundingSet=cap_dac_read_search cap_setpcap cap_sys_ptrace",
         "ReadWritePaths=-/var/lib/spice-libvirt", "StateDirectory=spice-libvirt/agent",
     ):  # fmt: skip
         assert line in unit, (host, line, unit)
