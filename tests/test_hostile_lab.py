@@ -1,8 +1,9 @@
 """On real libvirtds: nobody can stretch a hold, and a client that cannot reach the
 destination is named for what happened to it.
 
-One two-host lab for the module (linux guest: the agent's taint-free hold needs memory to
-move; client 50 ms away). remote-viewer (a client we do not drive) and our embedded client,
+One two-host lab for the module (the memcheck guest with 128 MiB of data: the agent's
+taint-free hold needs memory to move, and QEMU 7.2's TCG can lose the linux guest on arrival;
+client 50 ms away). remote-viewer (a client we do not drive) and our embedded client,
 the host agent and our controller, for real:
 
 * a ticket-less TCP connection held open to the source's SPICE port, and an impostor
@@ -32,6 +33,7 @@ from spice_libvirt_lab.libvirt_agent import next_verdict, verdicts
 from spice_libvirt_lab.libvirt_agent import running_agents as agents
 from spice_libvirt_lab.libvirt_migrate import lab_migrate
 from spice_libvirt_lab.libvirt_state import LabState, save
+from spice_libvirt_lab.memcheck import MemcheckOptions
 from tests.rigs.libvirt_lab import fresh_state, lab_marks
 from tests.rigs.viewer import XServer
 from tests.test_agent_lab import viewer, virsh_migrate
@@ -39,7 +41,9 @@ from tests.test_agent_lab import viewer, virsh_migrate
 pytest.importorskip("libvirt")
 
 RTT_MS = 50.0
-pytestmark = lab_marks(client_rtt_ms=RTT_MS, guest="linux")
+pytestmark = lab_marks(
+    client_rtt_ms=RTT_MS, guest="memcheck", memcheck_options=MemcheckOptions(working_set_mib=128)
+)
 
 
 def _here(lab: LabState) -> tuple[str, str]:
