@@ -137,6 +137,7 @@ def _venv_run(
 
 
 @pytest.mark.skipif(shutil.which("python3") is None, reason="no system python3")
+@pytest.mark.slow  # a fresh venv installing the wheelhouse
 def test_clean_venv_installs_the_wheelhouse_and_runs_without_the_lab(
     built: dict[str, object],
 ) -> None:

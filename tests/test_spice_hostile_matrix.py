@@ -20,6 +20,9 @@ from spice_libvirt_lab.hostile_matrix import RSS_LIMIT_MB, SETTLE_LIMIT_S, Row
 CASES = [c.name for c in hostile_matrix.cases()]
 
 
+pytestmark = pytest.mark.slow  # 44 hostile servers against real client processes: ~30 s
+
+
 @pytest.fixture(scope="module")
 def rows() -> dict[str, Row]:
     """Every case once (three client processes at a time); rows by case name."""

@@ -25,7 +25,7 @@ import pytest
 from tests.honest_skips import why_real
 
 #: markers of tests that are never unit tests
-NOT_UNIT_MARKERS = ("qemu", "libvirt", "vagrant", "root")
+NOT_UNIT_MARKERS = ("qemu", "libvirt", "vagrant", "root", "slow")
 
 #: what a unit test must not start
 REAL_PROGRAMS = (
