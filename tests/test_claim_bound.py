@@ -45,3 +45,14 @@ def test_the_agent_bounds_a_mark_by_its_first_sighting() -> None:
     assert clock.holder("uuid-1", renewed, t0 + 1000) == "spice-libvirt migrate (pid 2)"
     assert clock.holder("uuid-1", None, t0 + 1001) is None
     assert clock.holder("uuid-1", mark, t0 + 1002) == "forever"
+
+
+def test_a_mark_made_on_another_host_is_not_honoured() -> None:
+    """Live metadata travels with the domain: the controller's mark for its migration out of
+    hv1 arrives on hv2, where the next migration (anyone's) is the agent's to hold."""
+    xml = claim_xml("spice-libvirt migrate (pid 5)", until=1000.0, host="hv1")
+    assert claim_active(xml, 999.0, host="hv1") == "spice-libvirt migrate (pid 5)"
+    assert claim_active(xml, 999.0, host="hv2") is None
+    assert claim_active(xml, 999.0) == "spice-libvirt migrate (pid 5)"  # host unknown: honoured
+    unnamed = claim_xml("older controller", until=1000.0)
+    assert claim_active(unnamed, 999.0, host="hv2") == "older controller"

@@ -202,7 +202,9 @@ class MigrationHold:
             return None  # not libvirt's outgoing migration (a save, a dump...)
         self.verdict.job = f"outgoing migration (remaining {stats.get('memory_remaining', '?')} B)"
         self._memory = int(stats.get("memory_total") or stats.get("memory_remaining") or 0)
-        holder = self.claims.holder(self.uuid or self.domain, claim, time.time())
+        holder = self.claims.holder(
+            self.uuid or self.domain, claim, time.time(), await self.claims.local_host(self.local)
+        )
         if holder is not None:
             self.verdict.outcome = "skipped"
             self.verdict.held_by = "controller"

@@ -31,13 +31,22 @@ CLAIM_KEY = "spice-libvirt-claim"
 CONTROLLER_CLAIM_S = 120.0
 
 
-def claim_xml(holder: str, until: float) -> str:
-    element = ET.Element("claim", {"holder": holder, "until": f"{until:.0f}"})
+def claim_xml(holder: str, until: float, host: str | None = None) -> str:
+    attrs = {"holder": holder, "until": f"{until:.0f}"}
+    if host:
+        attrs["host"] = host
+    element = ET.Element("claim", attrs)
     return ET.tostring(element, encoding="unicode")
 
 
-def claim_active(metadata: str | None, now: float, *, seen_at: float | None = None) -> str | None:
+def claim_active(
+    metadata: str | None, now: float, *, seen_at: float | None = None, host: str | None = None
+) -> str | None:
     """The holder named in ``metadata`` while the claim has not expired, else None.
+
+    A mark names the host the controller migrated the domain *from* (libvirt's hostname
+    there); live metadata travels with the domain, so on any other host (``host``, the
+    reader's) the mark is a left-over of a migration that is over: not honoured.
 
     No mark lasts longer than the controller's own (:data:`CONTROLLER_CLAIM_S`): an expiry
     further out than that from when the mark was first seen (``seen_at``, else ``now``) is
@@ -49,6 +58,9 @@ def claim_active(metadata: str | None, now: float, *, seen_at: float | None = No
         element = ET.fromstring(metadata)
         until = float(element.get("until", "0"))
     except (ET.ParseError, ValueError):
+        return None
+    marked_on = element.get("host")
+    if marked_on and host and marked_on != host:
         return None
     until = min(until, (now if seen_at is None else seen_at) + CONTROLLER_CLAIM_S)
     return element.get("holder") or "?" if until > now else None
@@ -62,15 +74,25 @@ class ClaimClock:
 
     def __init__(self) -> None:
         self._seen: dict[str, tuple[str, float]] = {}
+        self._host: str | None = None
 
-    def holder(self, domain: str, metadata: str | None, now: float) -> str | None:
+    async def local_host(self, conn: Connection) -> str | None:
+        """This host's name as libvirt gives it (asked once): a mark naming another host is
+        a left-over of a migration out of there."""
+        if self._host is None:
+            self._host = await host_name(conn)
+        return self._host
+
+    def holder(
+        self, domain: str, metadata: str | None, now: float, host: str | None = None
+    ) -> str | None:
         if not metadata:
             self._seen.pop(domain, None)
             return None
         seen = self._seen.get(domain)
         if seen is None or seen[0] != metadata:
             seen = self._seen[domain] = (metadata, now)
-        return claim_active(metadata, now, seen_at=seen[1])
+        return claim_active(metadata, now, seen_at=seen[1], host=host)
 
 
 def _live() -> int:
@@ -78,10 +100,19 @@ def _live() -> int:
     return int(lv.VIR_DOMAIN_AFFECT_LIVE)
 
 
+async def host_name(conn: Connection) -> str | None:
+    """libvirt's name for the host ``conn`` reaches (what a claim names), None if it will not say."""
+    try:
+        return str(await conn.call(conn.conn.getHostname, "host name"))
+    except LibvirtError:
+        return None
+
+
 async def set_claim(conn: Connection, dom: Any, holder: str, valid_s: float) -> None:
-    """Mark ``dom`` held by ``holder`` for ``valid_s`` seconds (live metadata only)."""
+    """Mark ``dom`` held by ``holder`` for ``valid_s`` seconds (live metadata only), on the
+    host ``conn`` reaches (the source of the migration the mark is for)."""
     lv = require_libvirt()
-    text = claim_xml(holder, time.time() + valid_s)
+    text = claim_xml(holder, time.time() + valid_s, await host_name(conn))
     await conn.call(
         lambda: dom.setMetadata(
             lv.VIR_DOMAIN_METADATA_ELEMENT, text, CLAIM_KEY, CLAIM_NAMESPACE, _live()
