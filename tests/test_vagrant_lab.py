@@ -389,7 +389,9 @@ def test_vagrant_lab_up_migrate_there_and_back_down(tmp_path: Path) -> None:
             assert "stopped end ok" in left or "release end ok" in left, journals
             # the source's agent: stepped aside for our controller, or held libvirt's own
             # migration until the client had linked (its peer over ssh or tls, sandboxed)
-            assert agent_row in left, journals
+            if agent_row not in left:  # the source agent's own verdicts say why
+                why = _on(base, source, f"{remote_cli(source)} agent status --json || true")
+                raise AssertionError(f"{agent_row!r} not in {journals}; {source}'s agent: {why}")
             rc, out, _ = _run([*cli, "--dir", str(base), "status", "--json"], 120)
             st = json.loads(out)
             assert (rc, st["location"], st["migrations"]) == (0, destination, n)
