@@ -130,6 +130,16 @@ def _after_release(record: DomainRecord) -> list[dict[str, int]]:
     return moving[held[-1] + 1 :] if held else moving
 
 
+def _downtimes_set_by(record: DomainRecord, t: float) -> set[int]:
+    """Every downtime the caller's schedule had set by ``t`` (s after its start; the monitor
+    looks and steps in one loop, so an action a moment after a look may already show)."""
+    return {
+        int(a["value"])
+        for a in record.actions
+        if a["action"] == "setDowntime" and a["t"] <= t + 0.5
+    }
+
+
 def test_the_vdsm_like_caller_is_seamless_and_its_schedule_and_bandwidth_respected(
     fleet: LabState,
 ) -> None:
@@ -156,7 +166,10 @@ def test_the_vdsm_like_caller_is_seamless_and_its_schedule_and_bandwidth_respect
         assert record.actions[0]["value"] == 101
         assert record.params["bandwidth"] == 52
         for look in _after_release(record):
-            assert (look["speed_mibs"], look["downtime_ms"]) == (52, record.downtime_ms), record
+            # the caller's own: its bandwidth, and a downtime its schedule had set by then
+            # (under load the schedule steps on after the release: 101, then 104, ...)
+            assert look["speed_mibs"] == 52, record
+            assert look["downtime_ms"] in _downtimes_set_by(record, look["t"]), record
     # the agents: every migration held, then released to the caller's own values
     # each comes once its client left the source and one RTT passed without a reconnect
     verdicts = libvirt_agent.new_verdicts(fleet, src, verdicts_before, DOMAINS)
