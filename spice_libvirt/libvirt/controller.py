@@ -231,7 +231,8 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
         orig_speed, params, flags = await self._job_parameters(
             src, dom, report, graphics_uri, escalate
         )
-        await claim_for_controller(src, dom, self.note)  # a host agent leaves it to us
+        if not req.plain:  # a held migration: a host agent leaves it to us (a plain one it holds)
+            await claim_for_controller(src, dom, self.note)
         t_start = time.monotonic()
         links = self._links
         links.t0 = t_start
