@@ -37,8 +37,24 @@ def _kind(mode: int) -> int:
     return mode & _S_IFMT
 
 
-def _owned_safely(st: os.stat_result) -> bool:
-    return st.st_uid in (0, os.geteuid())
+def change_refusal(
+    path: object, st: os.stat_result, owners: tuple[int, ...] = (0,), *, sticky_ok: bool = False
+) -> str | None:
+    """Why someone other than ``owners`` could change ``path`` (``st``: its status), or None.
+
+    The one rule every trust check here applies (the shim's interpreter and package, a
+    directory written in, a QEMU's pid file, the lab's directories): the owner is one of
+    ``owners``, and neither its group nor others may write it -- except, with
+    ``sticky_ok``, a directory with the sticky bit (``/tmp``: no one else can remove or
+    rename what is ours in it)."""
+    if st.st_uid not in owners:
+        allowed = " or ".join("root" if uid == 0 else f"uid {uid}" for uid in owners)
+        return f"{path} belongs to uid {st.st_uid}, not {allowed}"
+    mode = st.st_mode & 0o7777
+    if mode & 0o022 and not (sticky_ok and _kind(st.st_mode) == _S_IFDIR and mode & 0o1000):
+        who = {0o022: "its group and others", 0o020: "its group"}.get(mode & 0o022, "others")
+        return f"{path} is writable by {who} (mode {mode:04o})"
+    return None
 
 
 def check_directory(directory: str) -> None:
@@ -50,16 +66,11 @@ def check_directory(directory: str) -> None:
         raise UnsafePathError(f"{directory}: {exc.strerror or exc}") from exc
     if _kind(st.st_mode) != _S_IFDIR:
         raise UnsafePathError(f"cannot use {directory}: not a directory")
-    if not _owned_safely(st):
+    reason = change_refusal(directory, st, tuple(sorted({0, os.geteuid()})))
+    if reason is not None:
         raise UnsafePathError(
-            f"{directory} belongs to uid {st.st_uid}: another user could replace what we write "
-            "there; refused, nothing written"
-        )
-    if st.st_mode & 0o022:
-        raise UnsafePathError(
-            f"{directory} can be written by others (mode {st.st_mode & 0o7777:04o}): a file there "
-            "could be swapped for a symlink; refused, nothing written (use a directory only "
-            "root or you can write)"
+            f"{reason}: another user could swap a file there for a symlink; refused, nothing "
+            "written (use a directory only root or you can write)"
         )
 
 
@@ -201,6 +212,7 @@ __all__ = [
     "PRIVATE_FILE",
     "PUBLIC_EXECUTABLE",
     "UnsafePathError",
+    "change_refusal",
     "check_directory",
     "check_target",
     "ensure_directory",

@@ -28,26 +28,16 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from spice_libvirt.errors import UnsafePathError
+from spice_libvirt.files import change_refusal
 
 #: symlinks followed per path before giving up (the kernel's own limit)
 _MAX_LINKS = 40
 
 
-def _refusal(path: Path, st: os.stat_result) -> str | None:
-    """Why ``path`` (lstat ``st``) is not root-only, or None."""
-    if st.st_uid != 0:
-        return f"{path} belongs to uid {st.st_uid}, not root"
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o022 and not (stat.S_ISDIR(st.st_mode) and mode & stat.S_ISVTX):
-        who = {0o022: "group and others", 0o020: "its group"}.get(mode & 0o022, "others")
-        return f"{path} is writable by {who} (mode {mode:04o})"
-    return None
-
-
 def _require(path: Path, st: os.stat_result, what: str, checked: Path) -> None:
     """Raise for ``path``, naming ``checked`` (the file asked about) when ``path`` is one of
     the directories above it."""
-    reason = _refusal(path, st)
+    reason = change_refusal(path, st, sticky_ok=True)
     if reason is None:
         return
     if path == checked:

@@ -137,9 +137,9 @@ def test_a_journal_in_a_directory_others_can_write_is_refused(
     os.chmod(journal.parent, 0o1777)  # like /tmp
     done = _hook(shim, cfg)
     assert done.returncode == 0
-    assert "can be written by others (mode 1777)" in done.stderr
+    assert "is writable by its group and others (mode 1777)" in done.stderr
     assert list(journal.parent.iterdir()) == []
-    with pytest.raises(HookError, match="written by others"):
+    with pytest.raises(HookError, match="is writable by"):
         Journal(journal).record(JournalEntry(ts=1.0, object="g", operation="start"))
 
 
@@ -227,9 +227,9 @@ def test_write_file_is_atomic_with_its_own_mode_and_refuses_links(tmp_path: Path
     shared = tmp_path / "shared"
     shared.mkdir()
     os.chmod(shared, 0o777)
-    with pytest.raises(UnsafePathError, match="written by others"):
+    with pytest.raises(UnsafePathError, match="is writable by"):
         write_file(shared / "x", "x")
-    with pytest.raises(UnsafePathError, match="written by others"):
+    with pytest.raises(UnsafePathError, match="is writable by"):
         ensure_directory(shared / "sub")
     assert list(shared.iterdir()) == []
 

@@ -52,7 +52,7 @@ def test_a_lab_directory_others_can_write_is_refused(lab_dir: Path) -> None:
     shared.chmod(0o777)
     done = cli("lab", "--dir", str(shared), "status")
     assert done.returncode == ExitCode.LAB, done.stderr
-    assert "writable by others" in done.stderr
+    assert "is writable by" in done.stderr
     assert not (shared / "lab.lock").exists()  # refused before anything was created in it
 
 

@@ -57,7 +57,7 @@ def test_group_or_world_writable_is_refused(lab_dir: Path, mode: int) -> None:
     target = lab_dir / "lab"
     target.mkdir()
     target.chmod(mode)
-    with pytest.raises(UnsafeLabDirectory, match="writable by others"):
+    with pytest.raises(UnsafeLabDirectory, match="is writable by"):
         ensure_private_dir(target)
 
 
@@ -91,7 +91,7 @@ def test_writable_parent_without_sticky_bit_is_refused(lab_dir: Path) -> None:
     parent = lab_dir / "shared"
     parent.mkdir()
     parent.chmod(0o777)
-    with pytest.raises(UnsafeLabDirectory, match="writable by others"):
+    with pytest.raises(UnsafeLabDirectory, match="is writable by"):
         ensure_private_dir(parent / "lab")
     parent.chmod(0o1777)  # like /tmp: sticky, so others cannot replace our entry
     assert ensure_private_dir(parent / "lab").is_dir()
@@ -149,7 +149,7 @@ def test_reading_checks_without_creating(lab_dir: Path) -> None:
     shared = lab_dir / "shared"
     shared.mkdir()
     shared.chmod(0o777)
-    with pytest.raises(UnsafeLabDirectory, match="writable by others"):
+    with pytest.raises(UnsafeLabDirectory, match="is writable by"):
         libvirt_lab.load_state(shared)
-    with pytest.raises(UnsafeLabDirectory, match="writable by others"):
+    with pytest.raises(UnsafeLabDirectory, match="is writable by"):
         qemu_lab.QemuLab(shared).load()

@@ -106,7 +106,7 @@ def test_root_only_rule(tmp_path: Path) -> None:
     (tree / "sub" / "mod.py").write_text("x")
     trust.require_root_only_tree(tree)
     (tree / "sub" / "mod.py").chmod(0o666)
-    with pytest.raises(UnsafePathError, match=r"mod\.py is writable by group and others"):
+    with pytest.raises(UnsafePathError, match=r"mod\.py is writable by its group and others"):
         trust.require_root_only_tree(tree)
 
 

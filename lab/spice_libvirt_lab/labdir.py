@@ -21,6 +21,7 @@ import stat
 from pathlib import Path
 
 from spice_libvirt.errors import LabError
+from spice_libvirt.files import change_refusal
 
 #: Overrides the default lab directory for every lab command.
 LAB_DIR_ENV = "SPICE_LIBVIRT_LAB_DIR"
@@ -58,11 +59,9 @@ def libvirt_lab_dir(base: Path | None = None) -> Path:
 
 def _check_ancestor(path: Path, uid: int) -> None:
     """An ancestor may be root's or ours; writable by others only if sticky (like /tmp)."""
-    st = path.stat()
-    if st.st_uid not in (uid, 0):
-        raise UnsafeLabDirectory(f"{path} belongs to uid {st.st_uid}, not to uid {uid} or root")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
-        raise UnsafeLabDirectory(f"{path} is writable by others (mode {st.st_mode & 0o7777:o})")
+    reason = change_refusal(path, path.stat(), tuple(sorted({0, uid})), sticky_ok=True)
+    if reason is not None:
+        raise UnsafeLabDirectory(reason)
 
 
 def _check_own(path: Path, uid: int) -> None:
@@ -72,12 +71,9 @@ def _check_own(path: Path, uid: int) -> None:
         raise UnsafeLabDirectory(f"lab directory {path} is a symbolic link")
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafeLabDirectory(f"lab directory {path} is not a directory")
-    if st.st_uid != uid:
-        raise UnsafeLabDirectory(f"lab directory {path} belongs to uid {st.st_uid}, not {uid}")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise UnsafeLabDirectory(
-            f"lab directory {path} is writable by others (mode {st.st_mode & 0o7777:o})"
-        )
+    reason = change_refusal(path, st, (uid,))
+    if reason is not None:
+        raise UnsafeLabDirectory(f"lab directory {reason}")
 
 
 def ensure_private_dir(path: Path) -> Path:

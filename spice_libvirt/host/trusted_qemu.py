@@ -29,6 +29,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from spice_libvirt.errors import AgentError
+from spice_libvirt.files import change_refusal
 
 #: where the system libvirtd keeps its QEMU pid files
 LIBVIRT_QEMU_RUN_DIR = Path("/run/libvirt/qemu")
@@ -77,10 +78,9 @@ def expected_qemu(domain: str, live_xml: str) -> ExpectedQemu:
 
 def _private(path: Path, what: str, st: os.stat_result) -> None:
     """Owned by root and writable by nobody else, or the agent does not trust it."""
-    if st.st_uid != 0:
-        raise AgentError(f"{what} {path} is owned by uid {st.st_uid}, not root")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise AgentError(f"{what} {path} is writable by others (mode {st.st_mode & 0o777:o})")
+    reason = change_refusal(path, st)
+    if reason is not None:
+        raise AgentError(f"{what} {reason}")
 
 
 def _read_pidfile(run_dir: Path, domain: str) -> int:
