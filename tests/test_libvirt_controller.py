@@ -7,11 +7,7 @@ against evidence: the embedded client's own record, QMP on the destination, libv
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from typing import Any
 
 import pytest
 
@@ -35,25 +31,13 @@ from spice_libvirt.migration.evidence import sessions_from_query_spice, unsigned
 from spice_libvirt_lab import libvirt_lab
 from spice_libvirt_lab.libvirt_migrate import lab_migrate, lab_request
 from spice_libvirt_lab.libvirt_state import LabState
-from tests.rigs.libvirt_lab import cli_dir, fresh_state, lab_marks
+from tests.rigs.libvirt_lab import cli_dir, cli_json, fresh_state, lab_marks
 
 libvirt = pytest.importorskip("libvirt")
 
 RTT_MS = 150.0
 
 pytestmark = lab_marks(client_rtt_ms=RTT_MS)
-
-
-def _cli_json(*argv: str) -> tuple[int, dict[str, Any]]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "spice_libvirt", *argv],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert proc.stdout, proc.stderr
-    return proc.returncode, json.loads(proc.stdout)
 
 
 def test_lab_migrate_cli_is_seamless_with_the_hold(shared_lab: LabState) -> None:
@@ -63,7 +47,7 @@ def test_lab_migrate_cli_is_seamless_with_the_hold(shared_lab: LabState) -> None
     the lab allows the monitor passthrough for it (and says so), and the taint-free hold
     turns to the QMP throttle when the pass is about to end."""
     for _ in range(2):
-        rc, report = _cli_json("lab", "--dir", str(cli_dir(shared_lab)), "migrate", "--json")
+        rc, report, _ = cli_json("lab", "--dir", str(cli_dir(shared_lab)), "migrate", "--json")
         assert rc == 0, report
         assert report["outcome"] == "seamless"
         hold = report["hold"]
@@ -237,7 +221,7 @@ def test_failed_migration_is_reported_and_the_domain_keeps_running(shared_lab: L
     assert where is not None
     other: libvirt_lab.HostName = "B" if where == "A" else "A"
     bogus = state.subnet.replace(".0/24", ".99")
-    rc, report = _cli_json(
+    rc, report, _ = cli_json(
         "migrate",
         state.domain,
         "--from",

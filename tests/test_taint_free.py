@@ -28,7 +28,7 @@ from spice_libvirt_lab import libvirt_agent, netns
 from spice_libvirt_lab.libvirt_lab import LabState
 from spice_libvirt_lab.libvirt_migrate import lab_migrate
 from spice_libvirt_lab.memcheck import MemcheckOptions
-from tests.rigs.libvirt_lab import lab_marks
+from tests.rigs.libvirt_lab import cli_json, lab_marks
 from tests.rigs.viewer import XServer
 from tests.test_agent_lab import outcome, tainted, viewer
 
@@ -49,20 +49,8 @@ def display(x_server: XServer) -> str:
     return x_server.display
 
 
-def _cli(*argv: str) -> tuple[int, dict[str, Any], str]:
-    done = subprocess.run(
-        [sys.executable, "-m", "spice_libvirt", *argv],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.stdout, done.stderr
-    return done.returncode, json.loads(done.stdout), done.stderr
-
-
 def _migrate_cli(lab: LabState, src: str, dst: str) -> tuple[int, dict[str, Any], str]:
-    return _cli(
+    return cli_json(
         "migrate", lab.domain,
         "--from", lab.hosts[src].uri_unix,
         "--to", lab.hosts[dst].uri_tcp,
@@ -143,7 +131,7 @@ def test_evacuate_with_a_remote_viewer_is_seamless_and_leaves_no_taint(
     v = viewer(lab, display, src, "rv-taint-free-evacuate")
     try:
         mark = len(v.log_text())
-        rc, report, _ = _cli(
+        rc, report, _ = cli_json(
             "evacuate",
             "--from", lab.hosts[src].uri_unix,
             "--to", lab.hosts[dst].uri_tcp,

@@ -16,8 +16,11 @@ checks are about this lab's own processes, namespaces and mounts, never global l
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +49,20 @@ def lab_marks(**options: Any) -> list[pytest.MarkDecorator]:
 def cli_dir(state: LabState) -> Path:
     """What ``spice-libvirt lab --dir`` takes to reach this lab."""
     return state.lab_dir.parent
+
+
+def cli_json(*argv: str, timeout: float = 300) -> tuple[int, dict[str, Any], str]:
+    """``spice-libvirt ARGV`` (with ``--json`` among them): its exit status, its report and
+    its stderr; a run that printed no report fails the test with what it said."""
+    done = subprocess.run(
+        [sys.executable, "-m", "spice_libvirt", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.stdout, done.stderr
+    return done.returncode, json.loads(done.stdout), done.stderr
 
 
 def lab_processes(state: LabState) -> list[netns.ProcRef]:
