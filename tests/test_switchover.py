@@ -226,7 +226,7 @@ def test_post_copy_switches_over_at_once_and_releases_the_hold() -> None:
     p.destination_event(GraphicsEvent("vm", "connect", "10.0.0.2:5900", "10.0.0.3:50001", 101.5))
     p.destination_event(GraphicsEvent("vm", "initialize", "10.0.0.2:5900", "10.0.0.3:50001", 101.8))
     p.migration_status("completed", 104.0)
-    assert not p.linked_before_switchover
+    assert not p.linked_before_end
     assert p.verdict(110.0) == "not-linked"  # linked too late, and no reconnect seen
     assert p.throttled_ms() == 0.0
     assert p.held_ms() == 1000.0

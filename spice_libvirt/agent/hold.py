@@ -588,11 +588,11 @@ class MigrationHold:
             v.notes.append(
                 f"the caller switched to post-copy {after:.0f} ms into the hold: the guest "
                 "moved then, and the client had "
-                + ("linked before" if plan.linked_before_switchover else "not linked yet")
+                + ("linked before" if plan.linked_before_end else "not linked yet")
             )
-        elif v.outcome == "switch-host" and plan.linked_before_switchover:
+        elif v.outcome == "switch-host" and plan.linked_before_end:
             v.notes.append(
-                "every channel was initialized on the destination before the switchover, "
+                "every channel was initialized on the destination before QEMU completed, "
                 "yet the client was reset: its answer (MIGRATE_CONNECTED_SEAMLESS) reached "
                 "the source after QEMU had completed"
             )

@@ -272,17 +272,25 @@ class HeldMigration:
     # ---------------------------------------------------------------- the verdict
 
     @property
-    def linked_before_switchover(self) -> bool:
-        """Every channel of every client initialized on the destination before QEMU began
-        the switchover -- by the events' times, not by when the agent read them."""
-        if self.switchover_at is None:
+    def spice_end_at(self) -> float | None:
+        """When QEMU told spice-server the migration ended (it completed, or post-copy
+        began): the client's links made before then can be kept, those made while the
+        paused guest's last state moved included."""
+        if self.postcopy_at is not None:
+            return self.postcopy_at
+        return self.completed_at if self.status == "completed" else None
+
+    @property
+    def linked_before_end(self) -> bool:
+        """Every channel of every client initialized on the destination before spice-server
+        was told the migration ended -- by the events' times, not by when the agent read
+        them."""
+        end = self.spice_end_at
+        if end is None:
             return False
         need = self._channels_by_address()
         return bool(need) and all(
-            linked_counts(self.links, address, self.switchover_at, None, until=self.switchover_at)[
-                0
-            ]
-            >= channels
+            linked_counts(self.links, address, end, None, until=end)[0] >= channels
             for address, channels in need.items()
         )
 
@@ -298,10 +306,10 @@ class HeldMigration:
 
     def linked_clients(self, now: float) -> tuple[LinkedClient, ...]:
         """Each client's evidence as of now (:func:`~spice_libvirt.libvirt.census.follow_client`)."""
-        switchover = self.switchover_at if self.switchover_at is not None else now
+        end = self.spice_end_at if self.spice_end_at is not None else now
         left = self._left_at() or self.completed_at or now
         return tuple(
-            follow_client(self.links, address, channels, switchover=switchover, left_source=left)
+            follow_client(self.links, address, channels, spice_end=end, left_source=left)
             for address, channels in sorted(self._channels_by_address().items())
         )
 
@@ -345,7 +353,7 @@ class HeldMigration:
             VerdictEvidence(
                 status=final,
                 before={},
-                linked=self.linked_before_switchover,
+                linked=self.linked_before_end,
                 observed_by="libvirt's graphics events",
                 linked_clients=self.linked_clients(now),
                 lost_cause=NO_CONTACT if self.unreachable else None,
@@ -375,8 +383,9 @@ class HeldMigration:
 
     def link_wait_ms(self) -> float | None:
         """From the hold to the destination initializing the client's last channel, if it
-        did before the switchover (what the hold waited for); None when it did not."""
-        if not self.linked_before_switchover:
+        did before spice-server was told the migration ended (what the hold waited for);
+        None when it did not."""
+        if not self.linked_before_end:
             return None
         last = self.links.last_initialize()
         if last is None:

@@ -151,8 +151,9 @@ def linked_counts(
     until: float | None = None,
 ) -> tuple[int, int, bool]:
     """For one client address, from the destination's graphics events: how many channels
-    were initialized before ``before`` (the switchover) and are still connected, how many of
-    those on the TLS port, and whether a channel initialized before it was dropped later.
+    were initialized before ``before`` (when spice-server was told the migration ended) and
+    are still connected, how many of those on the TLS port, and whether a channel
+    initialized before it was dropped later.
     ``until``: the events up to that moment only (what was linked *then*)."""
     initialized: dict[str, bool] = {}
     dropped = False
@@ -169,7 +170,7 @@ def linked_counts(
 
 def linked_after(links: DestinationLinks, address: str, at: float) -> int:
     """How many of ``address``'s channels were initialized on the destination at or after
-    ``at`` (the switchover) and are still connected: links that came too late to be kept."""
+    ``at`` (that end) and are still connected: links that came too late to be kept."""
     live: set[str] = set()
     for event in links.events:
         if address_of(event.remote) != address:
@@ -197,17 +198,18 @@ def follow_client(
     address: str,
     channels: int,
     *,
-    switchover: float,
+    spice_end: float,
     left_source: float,
     tls_port: int | None = None,
     tls_channels: int = 0,
 ) -> LinkedClient:
     """One client's fate by its address, from the destination's graphics events: the
     evidence the taint-free controller and the host agent both hand the verdict.
-    ``switchover``: when QEMU began switching over (what was linked before it could be
-    kept); ``left_source``: when the client began leaving the source (a connect after it
+    ``spice_end``: when QEMU told spice-server the migration ended (what was linked before
+    it could be kept; a link made while the paused guest's last state moved still counts);
+    ``left_source``: when the client began leaving the source (a connect after it
     from a new port is its switch-host reconnect)."""
-    linked, linked_tls, dropped = linked_counts(links, address, switchover, tls_port)
+    linked, linked_tls, dropped = linked_counts(links, address, spice_end, tls_port)
     return LinkedClient(
         address=address,
         channels=channels,
@@ -216,7 +218,7 @@ def follow_client(
         prelinked_tls=linked_tls,
         dropped=dropped,
         reconnected=reconnected_from(links, address, left_source),
-        later=linked_after(links, address, switchover),
+        later=linked_after(links, address, spice_end),
     )
 
 

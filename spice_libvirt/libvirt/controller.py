@@ -557,14 +557,14 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
         if self._census.how != "kernel" or kernel is None:
             return ()
         now = time.monotonic()
-        switchover = self._status.switchover_at or self._returned_at or now
+        spice_end = self._status.spice_end_at or self._returned_at or now
         split = self._departures.first_at or self._returned_at or now
         return tuple(
             follow_client(
                 self._links,
                 client.address,
                 len(client.channels),
-                switchover=switchover,
+                spice_end=spice_end,
                 left_source=split,
                 tls_port=self._dst_tls_port,
                 tls_channels=client.tls_channels,

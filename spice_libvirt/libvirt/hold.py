@@ -62,6 +62,10 @@ FINAL_STATES = ("completed", "failed", "cancelled")
 POSTCOPY_STATES = ("postcopy-active", "postcopy-paused", "postcopy-recover")
 #: QEMU migration states in which the switchover is under way (the guest paused) or done
 SWITCHOVER_STATES = ("pre-switchover", "device", *POSTCOPY_STATES, *FINAL_STATES)
+#: the states at which QEMU calls spice_server_migrate_end (ui/spice-core.c: the migration
+#: completed, or post-copy began after the devices moved): a client whose channels linked to
+#: the destination before then can be kept, even when it linked while the guest was paused
+SPICE_END_STATES = ("completed", *POSTCOPY_STATES)
 #: how often the job statistics are read while a hold may still turn to the throttle
 FLOOR_POLL_S = 0.03
 
@@ -74,6 +78,8 @@ class MigrationStatus:
         self.domain = domain
         self.status = "none"
         self.switchover_at: float | None = None
+        #: when spice-server was told the migration ended (:data:`SPICE_END_STATES`)
+        self.spice_end_at: float | None = None
 
     def absorb(self, event: MigrationEvent) -> None:
         if event.domain != self.domain:
@@ -81,6 +87,8 @@ class MigrationStatus:
         self.status = event.status
         if event.status in SWITCHOVER_STATES and self.switchover_at is None:
             self.switchover_at = event.at
+        if event.status in SPICE_END_STATES and self.spice_end_at is None:
+            self.spice_end_at = event.at
 
     def drain(self) -> None:
         for event in self.events.drain():
