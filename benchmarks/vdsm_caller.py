@@ -53,6 +53,8 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from spice_libvirt.migration.switchover import HOLD_DOWNTIME_MS, HOLD_SPEED_MIBS
+
 #: VDSM's defaults (``vdsm/common/config.py.in``)
 MAX_BANDWIDTH_MIBS = 52
 MAX_OUTGOING_MIGRATIONS = 2
@@ -172,6 +174,27 @@ class DomainRecord:
         if self.started_at is None or self.ended_at is None:
             return None
         return round(self.ended_at - self.started_at, 3)
+
+    def looks_after_hold(self) -> list[dict[str, Any]]:
+        """The monitor's looks once the memory moved and a host agent's hold was off (the
+        hold is the speed floor, or the caller's speed with a 1 ms downtime until the client
+        linked): where the caller's own values must be in force."""
+        moving = [look for look in self.looks if look["remaining"] > 0]
+        held = [
+            i
+            for i, look in enumerate(moving)
+            if look["speed_mibs"] == HOLD_SPEED_MIBS or look["downtime_ms"] == HOLD_DOWNTIME_MS
+        ]
+        return moving[held[-1] + 1 :] if held else moving
+
+    def downtimes_set_by(self, t: float) -> set[int]:
+        """Every downtime the schedule had set by ``t`` (s after the start; the monitor looks
+        and steps in one loop, so an action a moment after a look may already show)."""
+        return {
+            int(a["value"])
+            for a in self.actions
+            if a["action"] == "setDowntime" and a["t"] <= t + 0.5
+        }
 
     def as_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -21,8 +21,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from benchmarks.vdsm_caller import Caller, DomainRecord, Options
-from spice_libvirt.migration.switchover import HOLD_DOWNTIME_MS, HOLD_SPEED_MIBS
+from benchmarks.vdsm_caller import Caller, Options
 from spice_libvirt_lab import libvirt_agent, libvirt_clients
 from spice_libvirt_lab.libvirt_agent import running_agents
 from spice_libvirt_lab.libvirt_state import HostName, LabState, save
@@ -118,28 +117,6 @@ def test_four_concurrent_plain_virsh_migrations_are_seamless(fleet: LabState) ->
     _guests_intact(fleet, dst)
 
 
-def _after_release(record: DomainRecord) -> list[dict[str, int]]:
-    """The monitor's looks once the memory moved and the agent's hold was off (the hold is
-    the speed floor, or the caller's speed with a 1 ms downtime until the client linked)."""
-    moving = [look for look in record.looks if look["remaining"] > 0]
-    held = [
-        i
-        for i, look in enumerate(moving)
-        if look["speed_mibs"] == HOLD_SPEED_MIBS or look["downtime_ms"] == HOLD_DOWNTIME_MS
-    ]
-    return moving[held[-1] + 1 :] if held else moving
-
-
-def _downtimes_set_by(record: DomainRecord, t: float) -> set[int]:
-    """Every downtime the caller's schedule had set by ``t`` (s after its start; the monitor
-    looks and steps in one loop, so an action a moment after a look may already show)."""
-    return {
-        int(a["value"])
-        for a in record.actions
-        if a["action"] == "setDowntime" and a["t"] <= t + 0.5
-    }
-
-
 def test_the_vdsm_like_caller_is_seamless_and_its_schedule_and_bandwidth_respected(
     fleet: LabState,
 ) -> None:
@@ -165,11 +142,11 @@ def test_the_vdsm_like_caller_is_seamless_and_its_schedule_and_bandwidth_respect
         assert record.actions[0]["action"] == "setDowntime"
         assert record.actions[0]["value"] == 101
         assert record.params["bandwidth"] == 52
-        for look in _after_release(record):
+        for look in record.looks_after_hold():
             # the caller's own: its bandwidth, and a downtime its schedule had set by then
             # (under load the schedule steps on after the release: 101, then 104, ...)
             assert look["speed_mibs"] == 52, record
-            assert look["downtime_ms"] in _downtimes_set_by(record, look["t"]), record
+            assert look["downtime_ms"] in record.downtimes_set_by(look["t"]), record
     # the agents: every migration held, then released to the caller's own values
     # each comes once its client left the source and one RTT passed without a reconnect
     verdicts = libvirt_agent.new_verdicts(fleet, src, verdicts_before, DOMAINS)
@@ -178,6 +155,6 @@ def test_the_vdsm_like_caller_is_seamless_and_its_schedule_and_bandwidth_respect
     for record in records:
         verdict = by_domain[record.domain]
         assert verdict["outcome"] == "seamless", verdict
-        set_by_caller = {a["value"] for a in record.actions if a["action"] == "setDowntime"}
+        set_by_caller = record.downtimes_set_by(float("inf"))
         assert verdict["caller_restored"]["speed_mibs"] == 52
         assert verdict["caller_restored"]["downtime_ms"] in set_by_caller, (verdict, record)
