@@ -5,19 +5,53 @@
 # Exit status: 0 only if everything passed; pytest's "no tests collected" (5) is a failure,
 # and so is any skipped test (tests/honest_skips.py lists them): a run that skipped the real
 # QEMU/libvirt tests proved nothing. SPICE_LIBVIRT_ALLOW_SKIPS=1 accepts skips (still listed).
-# The Vagrant lab's test (~10 min, two TCG VMs) runs too; SPICE_LIBVIRT_VAGRANT=0 leaves it
-# out (and its packages out of setup); a -m given here replaces that choice.
+# The Vagrant lab's test (~10 min, two TCG VMs at nice 19, mostly waiting on them) runs too,
+# beside the rest in a second pytest when no arguments are given (the run takes the longer
+# of the two, not their sum; its output follows the rest's); SPICE_LIBVIRT_VAGRANT=0 leaves
+# it out (and its packages out of setup); arguments given here run one pytest, as asked.
+# Ctrl-C or SIGTERM reaches both pytests as SIGTERM (tests/conftest.py makes it an interrupt):
+# each undoes what it started.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 
 bash scripts/setup.sh || exit 1
 
 select=()
+beside=()
 if [ "${SPICE_LIBVIRT_VAGRANT:-1}" = 0 ]; then
     select=(-m "not vagrant")
+elif [ "$#" -eq 0 ]; then
+    select=(-m "not vagrant")
+    beside=(-m vagrant)
 fi
-.venv/bin/pytest -q "${select[@]}" "$@"
+vagrant_log=$(mktemp) || exit 1
+pids=()
+interrupt() {
+    kill -TERM "${pids[@]}" 2>/dev/null
+    wait "${pids[@]}"
+    cat "$vagrant_log"
+    rm -f "$vagrant_log"
+    exit 130
+}
+trap interrupt INT TERM
+if [ "${#beside[@]}" -gt 0 ]; then
+    .venv/bin/pytest -q -p no:cacheprovider "${beside[@]}" >"$vagrant_log" 2>&1 &
+    pids+=("$!")
+fi
+.venv/bin/pytest -q "${select[@]}" "$@" &
+main=$!
+pids+=("$main")
+wait "$main"
 status=$?
+if [ "${#beside[@]}" -gt 0 ]; then
+    wait "${pids[0]}"
+    beside_status=$?
+    echo "--- the Vagrant lab's test (run beside the rest) ---"
+    cat "$vagrant_log"
+    [ "$status" -ne 0 ] || status=$beside_status
+fi
+rm -f "$vagrant_log"
+trap - INT TERM
 if [ "$status" -eq 5 ]; then
     echo "test: pytest collected no tests; that is a failure" >&2
     exit 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -42,6 +43,16 @@ from tests.honest_skips import (  # noqa: F401  (hooks: a skipped real test fail
 from tests.rigs import unit
 from tests.rigs.libvirt_lab import lab_directory, running_lab
 from tests.rigs.viewer import XServer, missing_tools, xvfb
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM ends the run as Ctrl-C does: the fixtures' teardown brings every lab, VM and
+    daemon down (``scripts/test.sh`` forwards it; a background pytest ignores SIGINT)."""
+    signal.signal(signal.SIGTERM, _interrupted)
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m selects: the unit marker must be there by then

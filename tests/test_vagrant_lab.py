@@ -173,15 +173,15 @@ def _cli() -> list[str]:
 
 
 def _run(argv: list[str], timeout: float) -> tuple[int, str, float]:
-    """A lab command; past ``timeout`` it gets SIGTERM (the lab undoes what it started) and
-    the test fails."""
+    """A lab command; past ``timeout``, or when the run is interrupted, it gets SIGTERM (the
+    lab undoes what it started) and the test fails (or the interrupt goes on)."""
     t0 = time.monotonic()
     proc = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
         out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except (subprocess.TimeoutExpired, KeyboardInterrupt) as exc:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             out, err = proc.communicate(timeout=600)
@@ -189,6 +189,8 @@ def _run(argv: list[str], timeout: float) -> tuple[int, str, float]:
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
         sys.stderr.write(err[-3000:])
+        if isinstance(exc, KeyboardInterrupt):
+            raise
         raise AssertionError(f"{argv} timed out after {timeout:.0f} s") from None
     took = time.monotonic() - t0
     if proc.returncode != 0:
