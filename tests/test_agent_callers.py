@@ -152,7 +152,9 @@ def test_vdsm_suspend_workload_policy_is_seamless_and_its_values_restored(
     # the caller's values: in force again after the release (its downtime schedule steps on
     # meanwhile: each look shows one it had set by then), and what the agent restored
     assert verdict["caller_restored"]["speed_mibs"] == 52
-    assert verdict["caller_restored"]["downtime_ms"] in record.downtimes_set_by(float("inf")), verdict
+    assert verdict["caller_restored"]["downtime_ms"] in record.downtimes_set_by(float("inf")), (
+        verdict
+    )
     for look in record.looks_after_hold():
         assert look["speed_mibs"] == 52, record.looks
         assert look["downtime_ms"] in record.downtimes_set_by(look["t"]), record.looks
