@@ -33,6 +33,7 @@ from spice_libvirt.libvirt.connection import GraphicsEvent, endpoint
 from spice_libvirt.libvirt.hold import (
     FINAL_STATES,
     POSTCOPY_STATES,
+    SPICE_END_STATES,
     SWITCHOVER_STATES,
     DestinationLinks,
 )
@@ -123,6 +124,10 @@ class HeldMigration:
     status: str = "setup"
     switchover_at: float | None = None
     completed_at: float | None = None
+    #: when QEMU told spice-server the migration ended (it completed, or post-copy began):
+    #: the client's links made before then can be kept, those made while the paused guest's
+    #: last state moved included
+    spice_end_at: float | None = None
     released_at: float | None = None
     release: Release | None = None
     #: when the caller switched to post-copy (the guest moved then)
@@ -178,6 +183,8 @@ class HeldMigration:
             self.postcopy_at = at
         if status in FINAL_STATES and self.completed_at is None:
             self.completed_at = at
+        if status in SPICE_END_STATES and self.spice_end_at is None:
+            self.spice_end_at = at
 
     def progress(self, sample: Progress) -> tuple[SpeedChange | None, float | None]:
         """A progress sample during the hold: a speed to set now, and when to sample next."""
@@ -270,15 +277,6 @@ class HeldMigration:
         return self.release.why if self.release is not None else ""
 
     # ---------------------------------------------------------------- the verdict
-
-    @property
-    def spice_end_at(self) -> float | None:
-        """When QEMU told spice-server the migration ended (it completed, or post-copy
-        began): the client's links made before then can be kept, those made while the
-        paused guest's last state moved included."""
-        if self.postcopy_at is not None:
-            return self.postcopy_at
-        return self.completed_at if self.status == "completed" else None
 
     @property
     def linked_before_end(self) -> bool:
