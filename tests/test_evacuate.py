@@ -65,7 +65,8 @@ async def test_evacuate_four_domains_with_clients_all_seamless(shared_lab: LabSt
         for name in names:
             host, port = endpoints[name]
             w = netns_witness(
-                ClientOptions(host=host, port=port, stream_port_name=None), state.client.netns
+                ClientOptions(host=host, port=port, stream_port_name=None, link_timeout=30.0),
+                state.client.netns,
             )
             await w.start()
             witnesses.append(w)
@@ -180,7 +181,8 @@ async def test_cancelled_evacuation_leaves_every_domain_on_the_source_unthrottle
         for name in names:
             host, port = endpoints[name]
             w = netns_witness(
-                ClientOptions(host=host, port=port, stream_port_name=None), state.client.netns
+                ClientOptions(host=host, port=port, stream_port_name=None, link_timeout=30.0),
+                state.client.netns,
             )
             await w.start()
             witnesses.append(w)
