@@ -38,7 +38,11 @@ def _kind(mode: int) -> int:
 
 
 def change_refusal(
-    path: object, st: os.stat_result, owners: tuple[int, ...] = (0,), *, sticky_ok: bool = False
+    path: object,
+    st: os.stat_result,
+    owners: frozenset[int] = frozenset({0}),
+    *,
+    sticky_ok: bool = False,
 ) -> str | None:
     """Why someone other than ``owners`` could change ``path`` (``st``: its status), or None.
 
@@ -48,7 +52,7 @@ def change_refusal(
     ``sticky_ok``, a directory with the sticky bit (``/tmp``: no one else can remove or
     rename what is ours in it)."""
     if st.st_uid not in owners:
-        allowed = " or ".join("root" if uid == 0 else f"uid {uid}" for uid in owners)
+        allowed = " or ".join("root" if uid == 0 else f"uid {uid}" for uid in sorted(owners))
         return f"{path} belongs to uid {st.st_uid}, not {allowed}"
     mode = st.st_mode & 0o7777
     if mode & 0o022 and not (sticky_ok and _kind(st.st_mode) == _S_IFDIR and mode & 0o1000):
@@ -66,7 +70,7 @@ def check_directory(directory: str) -> None:
         raise UnsafePathError(f"{directory}: {exc.strerror or exc}") from exc
     if _kind(st.st_mode) != _S_IFDIR:
         raise UnsafePathError(f"cannot use {directory}: not a directory")
-    reason = change_refusal(directory, st, tuple(sorted({0, os.geteuid()})))
+    reason = change_refusal(directory, st, frozenset({0, os.geteuid()}))
     if reason is not None:
         raise UnsafePathError(
             f"{reason}: another user could swap a file there for a symlink; refused, nothing "

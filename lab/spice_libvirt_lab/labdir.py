@@ -59,7 +59,7 @@ def libvirt_lab_dir(base: Path | None = None) -> Path:
 
 def _check_ancestor(path: Path, uid: int) -> None:
     """An ancestor may be root's or ours; writable by others only if sticky (like /tmp)."""
-    reason = change_refusal(path, path.stat(), tuple(sorted({0, uid})), sticky_ok=True)
+    reason = change_refusal(path, path.stat(), frozenset({0, uid}), sticky_ok=True)
     if reason is not None:
         raise UnsafeLabDirectory(reason)
 
@@ -71,7 +71,7 @@ def _check_own(path: Path, uid: int) -> None:
         raise UnsafeLabDirectory(f"lab directory {path} is a symbolic link")
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafeLabDirectory(f"lab directory {path} is not a directory")
-    reason = change_refusal(path, st, (uid,))
+    reason = change_refusal(path, st, frozenset({uid}))
     if reason is not None:
         raise UnsafeLabDirectory(f"lab directory {reason}")
 
