@@ -49,10 +49,12 @@ def _interrupted(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's: ``-m unit`` runs on two workers
 def pytest_configure(config: pytest.Config) -> None:
     """SIGTERM ends the run as Ctrl-C does: the fixtures' teardown brings every lab, VM and
     daemon down (``scripts/test.sh`` forwards it; a background pytest ignores SIGINT)."""
     signal.signal(signal.SIGTERM, _interrupted)
+    unit.spread(config)
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m selects: the unit marker must be there by then

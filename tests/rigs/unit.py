@@ -1,6 +1,6 @@
 """The ``unit`` marker: every test that needs no QEMU, libvirtd, namespace, X server or root.
 
-``pytest -m unit`` is the contributors' inner loop (no root needed, about a minute). A test
+``pytest -m unit`` is the contributors' inner loop (no root needed, under a minute). A test
 is *not* a unit test when it is marked ``qemu``, ``libvirt``, ``vagrant`` or ``root`` (needs
 root: network namespaces, mounts, chown; skipped without it, which fails the run), or uses a fixture that starts a real component
 (:data:`tests.honest_skips.REAL_FIXTURES`); every other test gets the marker at collection,
@@ -12,10 +12,16 @@ to run (a ``--version`` query excepted) and writes its name down, and the test t
 naming what it started. (A
 stand-in for the check, not for the component: the tests that start the real thing carry
 their marker and never see it.)
+
+``pytest -m unit`` runs on two worker processes when pytest-xdist is installed (a dev
+dependency; :func:`spread`): a third of the unit tests' wall is waiting on real deadlines
+(the hook's watchdogs, the SPICE client's), which two workers overlap. ``-n 0`` runs them in
+one process, ``-n N`` on N; any other selection, the whole suite included, runs in one.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,6 +85,29 @@ def mark_items(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.unit)
         elif not as_root and item.get_closest_marker("root") is not None:
             item.add_marker(pytest.mark.skip(reason="needs root"))
+
+
+#: workers for ``pytest -m unit`` (this machine has two cores; more would only queue)
+UNIT_WORKERS = 2
+
+
+def spread(config: pytest.Config) -> None:
+    """``-m unit`` alone, with pytest-xdist there and no ``-n`` given: run on
+    :data:`UNIT_WORKERS` workers. Called from ``pytest_configure``, before xdist's own
+    (``trylast``) turns ``tx`` into a distributed session; a worker never spreads again."""
+    if hasattr(config, "workerinput") or importlib.util.find_spec("xdist") is None:
+        return
+    option = config.option
+    if option.markexpr.strip() != "unit" or getattr(option, "numprocesses", None) is not None:
+        return
+    if not config.pluginmanager.hasplugin("xdist") or option.collectonly:
+        return
+    workers = min(UNIT_WORKERS, os.cpu_count() or 1)
+    if workers > 1:
+        option.numprocesses = workers
+        option.tx = ["popen"] * workers
+        if option.dist == "no":
+            option.dist = "load"
 
 
 def stand_ins(directory: Path) -> Path:
