@@ -80,6 +80,9 @@ METHODS: dict[str, tuple[bool, dict[str, Any], str]] = {
     # firmware guest only, every other guest is held taint-free as on a production host
     "ours": (False, {}, "ours (the controller's default hold)"),
     "ours-floor": (False, {"hold": "libvirt"}, "ours, taint-free hold (libvirt's 1 MiB/s floor)"),
+    # the floor from QEMU's setup: the client's links and the memory transfer one after the
+    # other (the default holds only the switchover, the bulk moving while the client links)
+    "ours-bulk": (False, {"hold_mode": "bulk"}, "ours, the floor from the start (bulk hold)"),
     "nowait": (False, {"hold": "none"}, "ours without the hold (`--no-wait-client`: switch-host)"),
     # released 0.6 s after QEMU is active whatever the client did: at 150-300 ms it is
     # still linking, so it gets SWITCH_HOST in the middle (a late client)
@@ -131,6 +134,10 @@ class Run(BaseModel):
     #: ``custom-monitor`` lines that appeared in the domain's logs during this run
     tainted: bool | None = None
     taint_log_lines: int | None = None
+    #: the hold's mode (``switchover``: the bulk at the domain's speed; ``bulk``: the floor
+    #: from the start), and how long the speed was at the floor before the release
+    hold_mode: str | None = None
+    floor_ms: float | None = None
     #: where the controller counted the clients, and why it escalated to the QMP throttle
     census: str | None = None
     escalated: str | None = None
@@ -210,6 +217,8 @@ def _migrate(lab_dir: Path, run: Run, *, watch: bool) -> LibvirtMigrationReport:
         run.hold = report.hold.applied
         run.census = report.hold.census
         run.escalated = report.hold.escalated
+        run.hold_mode = report.hold.mode
+        run.floor_ms = report.hold.floor_ms
     run.verdict = report.outcome
     run.wall_s = round((report.wall_ms or 0) / 1000.0, 3)
     run.verdict_ms = report.verdict_ready_ms

@@ -52,12 +52,22 @@ def assert_intact(before: GuestAccount, after: GuestAccount, destination: str) -
 
 
 def test_controller_holds_there_and_back(shared_lab: LabState) -> None:
-    for _ in range(MIGRATIONS):
+    """Both hold modes, alternated: the switchover hold (the default: the bulk moves at the
+    domain's speed, the floor only near the end of the pass) and the floor from the start."""
+    for i in range(MIGRATIONS):
+        mode = ("switchover", "bulk")[i % 2]
         before = account(shared_lab)
         destination = "B" if before.host == "A" else "A"
-        report = lab_migrate(shared_lab.lab_dir, watch=False)
+        report = lab_migrate(shared_lab.lab_dir, watch=False, options={"hold_mode": mode})
         assert report.migration.status == "completed", report.error
-        assert report.hold.applied != "none", report.hold.reason
+        assert report.hold.applied == "libvirt-floor", report.hold.reason
+        assert report.hold.mode == mode, report.notes
+        assert report.outcome == "seamless", (report.outcome, report.hold.release_reason)
+        if mode == "switchover":
+            assert report.hold.plan_notes, "the plan said nothing of what it did"
+            assert report.hold.samples > 0 or "from the start" in report.hold.plan_notes[0]
+        else:
+            assert report.hold.floor_ms == report.hold.held_ms
         assert_intact(before, checked_after(shared_lab, before), destination)
 
 

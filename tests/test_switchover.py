@@ -270,7 +270,8 @@ def test_socket_rtts_asks_the_kernel() -> None:
 
 
 def test_the_binary_dump_and_the_text_table_agree_on_this_process() -> None:
-    """``procnet.snapshot`` reads sock_diag (cheap); it must see what /proc/net/tcp shows."""
+    """``procnet.snapshot`` reads sock_diag (cheap); it must see what /proc/net/tcp shows,
+    and the RTT of each connection besides."""
     with socket.create_server(("127.0.0.1", 0)) as server:
         client = socket.create_connection(server.getsockname())
         peer, _ = server.accept()
@@ -283,7 +284,8 @@ def test_the_binary_dump_and_the_text_table_agree_on_this_process() -> None:
                 if r.inode in {s.inode for s in fast.sockets}
             ]
             port = server.getsockname()[1]
-    unsent = [dataclasses.replace(s, sent=None) for s in fast.sockets]
+    unsent = [dataclasses.replace(s, sent=None, rtt=None) for s in fast.sockets]
+    assert all(s.rtt is not None for s in fast.established)  # what the text table lacks
     assert sorted(unsent, key=lambda s: s.inode) == sorted(text, key=lambda s: s.inode)
     assert port in fast.listening_ports
     assert len(fast.established) == 2  # both ends of the connection are ours

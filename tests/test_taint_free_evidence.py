@@ -5,6 +5,7 @@ and the settle rules on that evidence. The lab runs are in ``tests/test_taint_fr
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,7 @@ def test_census_counts_only_connections_that_linked() -> None:
     assert [(c.address, len(c.channels)) for c in census.clients] == [("10.0.0.3", 5)]
     assert census.channels == 5
     assert census.bare == ("10.0.0.3:45000", "10.0.0.66:50000")
+    assert census.rtt_s is None  # the text table says no RTT: the hold assumes one
     assert "not waited for: 2 connection(s) that never linked" in census.describe()
     alone = census_from_sockets(
         "vm", 4242, procnet.ProcessSockets(4242, (bare, stranger)), SPICE, TLS
@@ -82,6 +84,20 @@ def test_census_counts_only_connections_that_linked() -> None:
     assert alone.clients == ()
     assert alone.channels == 0
     assert alone.describe().startswith("no SPICE client")
+
+
+def test_the_clients_rtt_is_the_median_of_their_linked_channels() -> None:
+    """What the switchover hold takes for the client's link time: a stranger's bare
+    connection from across the world does not count."""
+    client = [
+        dataclasses.replace(_sock("10.0.0.2", SPICE, "10.0.0.3", 40000 + i), rtt=rtt)
+        for i, rtt in enumerate((0.149, 0.151, 0.150, 0.300, 0.148))
+    ]
+    far = dataclasses.replace(_sock("10.0.0.2", SPICE, "10.0.0.66", 50000, sent=0), rtt=2.0)
+    census = census_from_sockets(
+        "vm", 4242, procnet.ProcessSockets(4242, (*client, far)), SPICE, TLS
+    )
+    assert census.rtt_s == 0.150
 
 
 def test_the_source_qemus_pid_file_is_the_source_libvirtds() -> None:

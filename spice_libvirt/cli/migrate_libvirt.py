@@ -54,6 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "downtime floors (taint-free), the QMP throttle only for a guest they cannot keep and "
         "only with --allow-taint; libvirt = the floors only; qmp = the throttle (--allow-taint)",
     )
+    group.add_argument(
+        "--hold-mode",
+        choices=("switchover", "bulk"),
+        default="switchover",
+        help="switchover (default): the memory moves at the domain's speed while the client "
+        "links, libvirt's floor only as the first pass nears its end; bulk: the floor from "
+        "the start (the client's links and the transfer one after the other)",
+    )
     add_allow_taint_argument(group)
     add_migrate_tls_argument(group)
     group.add_argument(
@@ -124,6 +132,7 @@ def request_fields(args: argparse.Namespace) -> dict[str, Any]:
         "require_seamless": args.require_seamless,
         "hold": args.hold if args.wait_client else "none",
         "hold_timeout": args.link_timeout,
+        "hold_mode": args.hold_mode,
         **({} if args.release_margin_ms is None else {"release_margin_ms": args.release_margin_ms}),
         "completion_timeout": args.timeout,
         "extend_ticket_s": args.extend_ticket,

@@ -61,9 +61,10 @@ def print_report(report: MigrationReport, as_json: bool) -> None:
 def print_hold(report: Any) -> None:
     """The libvirt path's hold: how the switchover was held until the client had linked."""
     hold = report.hold
+    mode = f", {hold.mode} mode, at the floor {hold.floor_ms} ms" if hold.mode else ""
     print(
-        f"hold: {hold.applied} ({hold.reason}); released after {hold.released_after_ms} ms: "
-        f"{hold.release_reason}; migrateToURI3 {report.wall_ms} ms"
+        f"hold: {hold.applied} ({hold.reason}{mode}); released after {hold.released_after_ms} "
+        f"ms: {hold.release_reason}; migrateToURI3 {report.wall_ms} ms"
     )
 
 

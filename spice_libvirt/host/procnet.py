@@ -41,6 +41,9 @@ class TcpSocket:
     #: bytes the process sent on it that the peer acknowledged (a connecting end's SYN counts
     #: one), from the kernel's tcp_info; None when only the text table could be read
     sent: int | None = None
+    #: the kernel's smoothed RTT of the connection (s); None when only the text table could
+    #: be read
+    rtt: float | None = None
 
     @property
     def peer(self) -> str:
@@ -152,7 +155,7 @@ def snapshot(pid: int, *, proc: Path = Path("/proc")) -> ProcessSockets:
             with contextlib.suppress(OSError):
                 rows = [
                     TcpSocket(s.local, s.local_port, s.remote, s.remote_port,
-                              _STATES[s.state], s.inode, s.acked)
+                              _STATES[s.state], s.inode, s.acked, s.rtt)
                     for s in tcpinfo.tcp_sockets(inodes, netns=netns)
                 ]  # fmt: skip
                 return ProcessSockets(pid, tuple(rows))

@@ -71,6 +71,9 @@ class KernelCensus:
     clients: tuple[KernelClient, ...]
     #: connections to the SPICE ports that never linked a channel (``ip:port``): not waited for
     bare: tuple[str, ...] = ()
+    #: the median of the kernel's RTT of the linked channels (s): how long the clients will
+    #: take to link to the destination; None when the kernel did not say
+    rtt_s: float | None = None
 
     @property
     def channels(self) -> int:
@@ -108,7 +111,9 @@ def census_from_sockets(
     clients = tuple(
         KernelClient(a, dict(sorted(ch.items()))) for a, ch in sorted(by_address.items())
     )
-    return KernelCensus(pid, clients, tuple(sorted(s.peer for s in bare)))
+    rtts = sorted(s.rtt for s in linked if s.rtt is not None)
+    rtt = rtts[len(rtts) // 2] if rtts else None
+    return KernelCensus(pid, clients, tuple(sorted(s.peer for s in bare)), rtt)
 
 
 def qemu_run_dir(source_uri: str) -> Path | None:

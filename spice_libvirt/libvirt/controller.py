@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from spice_libvirt import errors
+from spice_libvirt.host import procnet
 from spice_libvirt.libvirt import migration_tls
 from spice_libvirt.libvirt.census import (
     Census,
@@ -80,6 +81,7 @@ from spice_libvirt.migration.evidence import (
 from spice_libvirt.migration.placement import run_to_completion
 from spice_libvirt.migration.policy import HoldPolicy, choose_hold
 from spice_libvirt.migration.report import Endpoint
+from spice_libvirt.migration.switchover import HOLD_SPEED_MIBS, SwitchoverPlan, expected_link_s
 from spice_libvirt.migration.verdict import LinkedClient, VerdictEvidence, judge
 from spice_libvirt.spice.record import ClientMigrationRecord
 
@@ -268,6 +270,7 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
                     self._status,
                     escalate,
                 )
+                await self._plan_hold(src, dom, hold, orig_speed)
                 linked = await hold.run(
                     gfx, links, t_start, orig_speed, expected, migrations_before
                 )
@@ -306,6 +309,44 @@ class LibvirtMigrationController(ControllerBase[LibvirtMigrationRequest, Libvirt
             links.absorb(event)
         self._status.drain()
         return self._job_outcome(report, migration, error, cancelled, t_start)
+
+    async def _plan_hold(self, src: Connection, dom: Any, hold: Hold, orig_speed: int) -> None:
+        """The switchover plan of a hold at libvirt's floor (``hold_mode = "switchover"``):
+        how long the client will take to link (its RTT: our client's own, else the
+        kernel's for the source's sockets) and how much non-zero memory the first pass
+        moves (the source QEMU's resident guest RAM). Where that cannot be read (the source
+        QEMU's sockets were not, so neither is its memory) the floor stays from the start:
+        zero pages cross at memory speed whatever the limit, so a near-empty guest would be
+        over before the first sample could tell."""
+        report, req = hold.report, self.req
+        report.hold.mode = "bulk"
+        if report.hold.applied != "libvirt-floor" or req.hold_mode != "switchover":
+            return
+        kernel = self._census.kernel
+        with contextlib.suppress(errors.LibvirtError):
+            hold.ram_bytes = int(await src.call(dom.maxMemory, "domain memory")) * 1024
+        if kernel is not None and hold.ram_bytes:
+            hold.resident_bytes = await asyncio.to_thread(
+                procnet.guest_ram_resident, kernel.pid, hold.ram_bytes
+            )
+        if kernel is None or hold.resident_bytes is None:
+            self.note(
+                "the source QEMU's memory cannot be read from here: libvirt's speed floor "
+                "holds from the start (bulk), not only the switchover"
+            )
+            return
+        if self.witness is not None and req.witness_one_way_ms is not None:
+            rtt: float | None = 2 * req.witness_one_way_ms / 1000.0
+        else:
+            rtt = kernel.rtt_s
+        caller = orig_speed if orig_speed > HOLD_SPEED_MIBS else LIBVIRT_MAX_SPEED_MIBS
+        hold.plan = SwitchoverPlan(
+            mode="switchover",
+            caller_speed_mibs=caller,
+            link_s=expected_link_s(rtt, req.assumed_link_s),
+            guard_s=req.switchover_guard_s,
+        )
+        report.hold.mode = "switchover"
 
     async def _job_parameters(
         self,

@@ -4,12 +4,17 @@ libvirt sends ``client_migrate_info`` itself and migrates at once, so the only l
 *moment of switchover*. The hold is the host agent's, through libvirt's public API: the
 migration starts at libvirt's 1 MiB/s speed floor, and at QEMU's ``setup`` (its MIGRATION
 event; libvirt sets its own parameters just before) the downtime goes to 1 ms, so that a
-guest with memory to move stays in its first pass. That taints nothing. A near-empty guest
-(firmware only) moves in ~1.4 s even so; for it, and only when the operator allowed the
-monitor passthrough (``allow_taint``), QEMU's max-bandwidth goes to a few KiB/s once the
-pass is seen about to end (:class:`~spice_libvirt.migration.policy.FloorWatch`), which
-taints the domain. The release (speed and downtime back to the domain's) comes at the
-release point of :func:`spice_libvirt.migration.policy.release_point`:
+guest with memory to move stays in its first pass. Once the transfer runs, the switchover
+plan (:mod:`spice_libvirt.migration.switchover`, the agent's too) lifts the speed to the
+domain's own, or to a pace that ends the first pass about when the client is expected to
+be linked, and puts the floor back only as the end of the pass comes near: the client links
+while the memory moves (``hold_mode = "bulk"``: the floor from the start). That taints
+nothing. A near-empty guest (firmware only) moves in ~1.4 s even at the floor; for it, and
+only when the operator allowed the monitor passthrough (``allow_taint``), QEMU's
+max-bandwidth goes to a few KiB/s once the pass is seen about to end
+(:class:`~spice_libvirt.migration.policy.FloorWatch`), which taints the domain. The release
+(speed and downtime back to the domain's) comes at the release point of
+:func:`spice_libvirt.migration.policy.release_point`:
 
 * our embedded client: when it sent MIGRATE_CONNECTED_SEAMLESS, plus its one-way delay and
   a margin -- it knows, no guessing;
@@ -51,7 +56,14 @@ from spice_libvirt.migration.policy import (
     release_point,
 )
 from spice_libvirt.migration.progress import RunLog
-from spice_libvirt.migration.switchover import HOLD_DOWNTIME_MS
+from spice_libvirt.migration.switchover import (
+    HOLD_DOWNTIME_MS,
+    HOLD_SPEED_MIBS,
+    GuestMemory,
+    Progress,
+    SpeedChange,
+    SwitchoverPlan,
+)
 from spice_libvirt.migration.witness import MigrationWitness, await_connected
 
 #: QEMU migration states in which the RAM transfer runs (and can be held)
@@ -206,6 +218,15 @@ class Hold:
     status: MigrationStatus
     #: turn to the QMP throttle if the taint-free hold is about to run out (allow_taint)
     escalate: bool = False
+    #: the switchover plan (None: the floor from the start, as the bulk mode and the QMP
+    #: throttle hold)
+    plan: SwitchoverPlan | None = None
+    #: the guest's RAM, and how much of it the source QEMU has resident (None: unknown): the
+    #: non-zero data the first pass moves
+    ram_bytes: int = 0
+    resident_bytes: int | None = None
+    #: set when the link wait is over: the watch sets no speed after it (the release's)
+    _over: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
     async def run(
         self,
@@ -228,10 +249,13 @@ class Hold:
             return False
         if hold.applied == "qmp-throttle":
             await self._throttle()
-        self.log.record("hold", start, detail=hold.applied)
+        elif self.plan is not None:
+            await self._start_plan(self.plan)
+        self.log.record("hold", start, detail=f"{hold.applied} ({hold.mode})")
         wait_start = time.monotonic()
         deadline = t_active + self.req.hold_timeout
-        watch = asyncio.create_task(self._watch_floor()) if self.escalate else None
+        watching = self.escalate or (self.plan is not None and not self.plan.holding)
+        watch = asyncio.create_task(self._watch()) if watching else None
         try:
             if self.witness is not None:
                 point = await self._embedded_linked(
@@ -240,10 +264,7 @@ class Hold:
             else:
                 point = await self._destination_linked(gfx, links, deadline, t_active, expected)
         finally:
-            if watch is not None:
-                watch.cancel()
-                with contextlib.suppress(BaseException):
-                    await watch
+            await self._stop_watch(watch)
         linked = point is not None
         if not linked:
             link = self.report.link_wait
@@ -299,11 +320,93 @@ class Hold:
         except errors.LibvirtError as exc:
             self.log.note(f"downtime floor refused ({exc}): holding at the speed floor only")
 
+    async def _start_plan(self, plan: SwitchoverPlan) -> None:
+        """The transfer runs (at the floor, libvirt's start parameter): the speed the plan
+        asks for now -- the domain's own, a pace, or the floor kept. What QEMU scans after
+        the guest's RAM (video memory: zero pages, fast) is the job's total beyond it."""
+        total = 0
+        with contextlib.suppress(errors.LibvirtError):
+            stats = await self.src.call(lambda: self.dom.jobStats(0), "job stats", timeout=5.0)
+            total = int(stats.get("memory_total") or 0)
+        ram = self.ram_bytes
+        tail = max(0, total - ram) if ram and total else 0
+        memory = GuestMemory(self.resident_bytes, tail)
+        change = plan.start(time.monotonic(), memory, total or ram)
+        if change is None:
+            speed = plan.caller_speed_mibs
+            await self._set_speed(SpeedChange(speed, "the domain's own speed"))
+        elif change.speed_mibs != HOLD_SPEED_MIBS:
+            await self._set_speed(change)
+        for why in plan.notes:
+            self.log.note(why)
+
+    async def _watch(self) -> None:
+        """While the client links: the switchover plan's samples until the floor is back
+        on, then (``allow_taint``) the floor's own watch. Ends when the link wait is over."""
+        if self.plan is not None and not self.plan.holding:
+            await self._pace(self.plan)
+        if self.escalate and (self.plan is None or self.plan.holding):
+            await self._watch_floor()
+
+    async def _stop_watch(self, watch: asyncio.Task[None] | None) -> None:
+        """The watch ends between two calls, never in the middle of one: a speed it set after
+        the release would be a hold nobody releases."""
+        self._over.set()
+        if watch is None:
+            return
+        try:
+            await asyncio.shield(watch)
+        except asyncio.CancelledError:
+            watch.cancel()
+            raise
+        except errors.LibvirtError:
+            pass  # the release decides; the job may be over
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep ``seconds`` unless the link wait ends first; True if it is over."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, seconds)):
+                await self._over.wait()
+        return self._over.is_set() or self.migration.done()
+
+    async def _pace(self, plan: SwitchoverPlan) -> None:
+        """Sample the progress as the plan asks and set the speed it says, until the floor
+        is back on (or the link wait is over)."""
+        next_at: float | None = plan.first_sample_at()
+        while next_at is not None:
+            if await self._pause(next_at - time.monotonic()):
+                return
+            asked = time.monotonic()
+            try:
+                stats = await self.src.call(lambda: self.dom.jobStats(0), "job stats", timeout=5.0)
+            except errors.LibvirtError:
+                next_at = time.monotonic() + 0.1  # the job may be ending: the end decides
+                continue
+            now = time.monotonic()
+            change, next_at = plan.observe(
+                Progress(
+                    at=now,
+                    lag=max(0.0, asked - next_at) + (now - asked),
+                    remaining=int(stats.get("memory_remaining") or 0),
+                    iteration=int(stats.get("memory_iteration") or 0),
+                    sent_data=int(stats.get("memory_normal_bytes") or 0),
+                )
+            )
+            if change is not None:
+                await self._set_speed(change)
+                self.log.note(change.why)
+
+    async def _set_speed(self, change: SpeedChange) -> None:
+        if self._over.is_set():
+            return
+        speed = change.speed_mibs
+        await self.src.call(lambda: self.dom.migrateSetMaxSpeed(speed, 0), "hold: speed")
+
     async def _watch_floor(self) -> None:
         """Turn to the QMP throttle when the pass is about to end at the floor (libvirt's job
-        statistics: public API). Runs until cancelled at the release."""
+        statistics: public API). Runs until the link wait is over."""
         watch = FloorWatch()
-        while not self.migration.done():
+        while not self._over.is_set() and not self.migration.done():
             try:
                 stats = await self.src.call(lambda: self.dom.jobStats(0), "job stats", timeout=5.0)
             except errors.LibvirtError:
@@ -318,9 +421,11 @@ class Hold:
                 hold.escalated = why
                 hold.applied = "qmp-throttle"
                 self.log.note(f"the taint-free hold is running out ({why}): QMP throttle")
-                await self._throttle()
+                if not self._over.is_set():
+                    await self._throttle()
                 return
-            await asyncio.sleep(FLOOR_POLL_S)
+            if await self._pause(FLOOR_POLL_S):
+                return
 
     async def _throttle(self) -> None:
         hold = self.report.hold
@@ -463,8 +568,13 @@ class Hold:
             if not self.migration.done():
                 raise errors.MigrationError("release", f"could not release: {exc}") from exc
         hold = self.report.hold
-        hold.released_after_ms = round((time.monotonic() - t_start) * 1000.0, 3)
-        hold.held_ms = round((time.monotonic() - t_active) * 1000.0, 3)
+        released = time.monotonic()
+        hold.released_after_ms = round((released - t_start) * 1000.0, 3)
+        hold.held_ms = round((released - t_active) * 1000.0, 3)
+        plan = self.plan
+        hold.floor_ms = plan.held_ms(released) if plan is not None else hold.held_ms
+        if plan is not None:
+            hold.samples, hold.plan_notes = plan.samples, list(plan.notes)
 
 
 __all__ = [

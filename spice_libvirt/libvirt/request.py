@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from spice_libvirt.migration.policy import HoldApplied, HoldPolicy, TlsDowngradePolicy
 from spice_libvirt.migration.report import MigrationReport
+from spice_libvirt.migration.switchover import HoldMode
 
 #: libvirt's "unlimited" migration speed in MiB/s (LLONG_MAX >> 20), what virsh uses too
 LIBVIRT_MAX_SPEED_MIBS = 8796093022207
@@ -40,6 +41,16 @@ class LibvirtMigrationRequest(BaseModel):
     #: (:func:`spice_libvirt.libvirt.migration_tls.decide`)
     migrate_tls: bool | None = None
     hold_bytes_per_s: int = Field(default=4096, ge=1)
+    #: ``switchover``: the first pass runs at the domain's own speed (or a pace that ends it
+    #: when the client is expected to be linked) and the hold goes on only as the pass nears
+    #: its end (:mod:`spice_libvirt.migration.switchover`), so the client links while the
+    #: memory moves; ``bulk``: libvirt's speed floor from the start, the client's links and
+    #: the transfer one after the other. A QMP throttle (``hold = "qmp"``) is always bulk.
+    hold_mode: HoldMode = "switchover"
+    #: the switchover hold goes on when the rest of the pass would be sent within this
+    switchover_guard_s: float = Field(default=0.4, ge=0.05, le=10.0)
+    #: how long a client is taken to need to link when its RTT is unknown (a remote source)
+    assumed_link_s: float = Field(default=2.5, ge=0.1, le=60.0)
     #: how long the client may take to link before the hold is released anyway
     hold_timeout: float = Field(default=15.0, gt=0)
     #: added to the RTT estimate after the destination initialized the client's last
@@ -114,8 +125,17 @@ class HoldDetails(BaseModel):
     active_after_ms: float | None = None
     #: ms from migrateToURI3 to the release
     released_after_ms: float | None = None
-    #: ms the migration was actually held (active -> release)
+    #: ms from QEMU "active" to the release
     held_ms: float | None = None
+    #: ``switchover`` or ``bulk`` (the request's ``hold_mode``; ``bulk`` for the QMP throttle)
+    mode: HoldMode | None = None
+    #: ms the speed was at libvirt's floor before the release (the hold proper; in the
+    #: switchover mode 0 when the client linked while the first pass still ran)
+    floor_ms: float | None = None
+    #: progress samples the switchover plan took (one libvirt call each)
+    samples: int = 0
+    #: what the switchover plan did and why (paced, held at ... MiB left)
+    plan_notes: list[str] = Field(default_factory=list)
     release_reason: str | None = None
     client_rtt_estimate_ms: float | None = None
     expected_channels: int | None = None
