@@ -12,7 +12,8 @@ every run starts from a full host -- with one caller:
   downtime schedule, the ticket revived);
 * ``ansible``: ``ansible/evacuate.yml`` through the lab's inventory (over ssh, our
   ``spice-libvirt evacuate`` on the host, ``--parallel`` as given);
-* ``evacuate``: ``spice-libvirt lab evacuate --parallel P`` (our controller);
+* ``evacuate``: ``spice-libvirt lab evacuate --parallel P`` (our controller; ``evacuate-bulk``
+  with ``--hold-mode bulk``, the floor from QEMU's setup);
 
 and the agent ``off``, ``on`` (its default: the switchover hold) or ``bulk`` (``--hold-mode
 bulk``: 1 MiB/s from the start, the hold before the switchover hold). The runs alternate
@@ -61,7 +62,8 @@ from spice_libvirt_lab.libvirt_state import HostName, LabState, save
 from spice_libvirt_lab.libvirt_status import guest_accounts, where
 from spice_libvirt_lab.memcheck import MemcheckOptions
 
-CALLERS = ("virsh", "vdsm", "ansible", "evacuate")
+#: ``evacuate-bulk``: our evacuate with ``--hold-mode bulk`` (the floor from QEMU's setup)
+CALLERS = ("virsh", "vdsm", "ansible", "evacuate", "evacuate-bulk")
 AGENTS = {"off": None, "on": [], "bulk": ["--hold-mode", "bulk"]}
 #: how long a client may take to write its verdict after the caller returned
 CLIENT_WAIT_S = 60.0
@@ -237,15 +239,25 @@ def _ansible(
     return error, None  # the controller runs on the host, over ssh: its CPU is not ours to see
 
 
-def _evacuate(state: LabState, parallel: int) -> tuple[str | None, float | None]:
+def _evacuate(
+    state: LabState, parallel: int, mode: str, row: Row
+) -> tuple[str | None, float | None]:
+    """Our evacuate; its controller's holds into ``row`` (held: QEMU active to the
+    release; at 1 MiB/s: the part at libvirt's floor), as the agents' verdicts are."""
     before = _child_cpu_ms()
     argv = [
         str(BIN / "spice-libvirt"), "lab", "--dir", str(state.lab_dir.parent), "evacuate",
-        "--parallel", str(parallel), "--json",
+        "--parallel", str(parallel), "--hold-mode", mode, "--json",
     ]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=3600, check=False)
     cpu = _child_cpu_ms() - before
     error = None if done.returncode in (0, 8) else done.stderr.strip()[-400:]
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        for domain in json.loads(done.stdout)["report"]["domains"]:
+            hold = (domain.get("report") or {}).get("hold") or {}
+            if hold.get("held_ms") is not None:
+                row.held_ms.append(hold["held_ms"])
+                row.throttled_ms.append(hold.get("floor_ms") or 0.0)
     return error, cpu
 
 
@@ -293,7 +305,8 @@ def one_run(
             elif caller == "ansible":
                 error, cpu = _ansible(state, src, dst, args.parallel)
             else:
-                error, cpu = _evacuate(state, args.parallel)
+                mode = "bulk" if caller == "evacuate-bulk" else "switchover"
+                error, cpu = _evacuate(state, args.parallel, mode, row)
         except Exception as exc:  # one bad run is a row, not the end of the benchmark
             error, cpu = f"{type(exc).__name__}: {exc}", None
         row.wall_s = round(time.monotonic() - t0, 3)
@@ -477,7 +490,7 @@ def _rotation(callers: list[str], agents: list[str]) -> list[tuple[str, str]]:
     """Every (caller, agent) once, in a fixed order. The agents step aside for our own
     controller: ``evacuate`` runs without them, ``ansible`` (our evacuate on the host) without
     and with them in their default mode, which measures what their presence costs."""
-    skip = {"evacuate": {"on", "bulk"}, "ansible": {"bulk"}}
+    skip = {"evacuate": {"on", "bulk"}, "evacuate-bulk": {"on", "bulk"}, "ansible": {"bulk"}}
     return [(c, a) for c in callers for a in agents if a not in skip.get(c, set())]
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from spice_libvirt.cli.migrate import add_common_arguments, request_options
+from spice_libvirt.cli.migrate_libvirt import add_hold_mode_argument
 from spice_libvirt.cli.render import add_timeline_argument, print_report, save_timeline
 from spice_libvirt.errors import ConfigError, LabError
 from spice_libvirt.exitcodes import ExitCode, exit_codes_epilog, for_report
@@ -224,6 +225,7 @@ def _add_inspection(sub: Any) -> None:
     )
     evac.add_argument("--parallel", type=int, default=1, metavar="P", help="at a time (1)")
     evac.add_argument("--plain", action="store_true", help="no hold: the baseline")
+    add_hold_mode_argument(evac)
     evac.add_argument("--json", action="store_true", help="print per-domain verdicts as JSON")
     evac.set_defaults(handler=_evacuate)
 

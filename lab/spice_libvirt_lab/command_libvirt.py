@@ -143,7 +143,8 @@ def evacuate(args: argparse.Namespace, path: Path) -> int:
     """Drain the host the lab's guests run on; one line per domain (both ends' verdicts)."""
     from spice_libvirt_lab import libvirt_fleet
 
-    result = libvirt_fleet.lab_evacuate(path, parallel=args.parallel, options={"plain": args.plain})
+    options = {"plain": args.plain, "hold_mode": args.hold_mode}
+    result = libvirt_fleet.lab_evacuate(path, parallel=args.parallel, options=options)
     if args.json:
         print(result.model_dump_json(indent=1))
         return int(for_evacuation(result.report))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from spice_libvirt.cli import outcomes
 from spice_libvirt.cli.migrate_libvirt import (
     add_allow_taint_argument,
+    add_hold_mode_argument,
     add_migrate_tls_argument,
     allow_taint,
     migrate_tls,
@@ -71,6 +72,7 @@ def register(subparsers: Any) -> None:
         metavar="S",
         help="per-domain completion bound (300)",
     )
+    add_hold_mode_argument(parser)
     add_allow_taint_argument(parser)
     add_migrate_tls_argument(parser)
     parser.add_argument("--json", action="store_true", help="the report as one JSON object")
@@ -91,6 +93,7 @@ def _run(args: argparse.Namespace) -> int:
             options={
                 "plain": args.plain,
                 "hold_timeout": args.hold_timeout,
+                "hold_mode": args.hold_mode,
                 "completion_timeout": args.timeout,
                 "allow_taint": allow_taint(args),
                 "migrate_tls": migrate_tls(args),

@@ -54,14 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "downtime floors (taint-free), the QMP throttle only for a guest they cannot keep and "
         "only with --allow-taint; libvirt = the floors only; qmp = the throttle (--allow-taint)",
     )
-    group.add_argument(
-        "--hold-mode",
-        choices=("switchover", "bulk"),
-        default="switchover",
-        help="switchover (default): the memory moves at the domain's speed while the client "
-        "links, libvirt's floor only as the first pass nears its end; bulk: the floor from "
-        "the start (the client's links and the transfer one after the other)",
-    )
+    add_hold_mode_argument(group)
     add_allow_taint_argument(group)
     add_migrate_tls_argument(group)
     group.add_argument(
@@ -79,6 +72,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="extend a SPICE ticket that would expire before the client links (to now + S s; "
         "VDSM uses 120) instead of refusing",
+    )
+
+
+def add_hold_mode_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument(
+        "--hold-mode",
+        choices=("switchover", "bulk"),
+        default="switchover",
+        help="switchover (default): the memory moves at the domain's speed while the client "
+        "links, libvirt's floor only as the first pass nears its end; bulk: the floor from "
+        "the start (the client's links and the transfer one after the other)",
     )
 
 
