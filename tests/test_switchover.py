@@ -9,6 +9,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -320,3 +321,44 @@ def test_the_dump_says_what_each_end_sent_in_a_namespace_entered_by_path() -> No
     assert seen == sent
     with pytest.raises(FileNotFoundError):
         tcpinfo.tcp_sockets(sent, netns=Path("/proc/self/no-such-namespace"))
+
+
+_SMAPS_ENTRY = """{start:x}-{end:x} rw-p 00000000 00:00 0
+Size:             {kib} kB
+Rss:              {rss} kB
+VmFlags: rd wr mr mw me ac sd
+"""
+
+
+def _fake_proc(root: Path, pid: int, mappings: list[tuple[int, int]]) -> None:
+    """``maps`` and ``smaps`` of a process with mappings of (size MiB, resident MiB)."""
+    at, maps, smaps = 0x7F0000000000, [], []
+    for size, rss in mappings:
+        end = at + size * MIB
+        maps.append(f"{at:x}-{end:x} rw-p 00000000 00:00 0\n")
+        smaps.append(_SMAPS_ENTRY.format(start=at, end=end, kib=size * 1024, rss=rss * 1024))
+        at = end + 4096
+    (root / str(pid)).mkdir()
+    (root / str(pid) / "maps").write_text("".join(maps))
+    (root / str(pid) / "smaps").write_text("".join(smaps))
+
+
+def test_the_guest_rams_resident_set_is_read_from_its_own_mapping(tmp_path: Path) -> None:
+    """The mapping of the guest RAM's size (up to 4 MiB more) counts, the others do not."""
+    _fake_proc(tmp_path, 7, [(8, 8), (264, 100), (1024, 900), (2, 2)])
+    assert procnet.guest_ram_resident(7, 264 * MIB, proc=tmp_path) == 100 * MIB
+    assert procnet.guest_ram_resident(7, 262 * MIB, proc=tmp_path) == 100 * MIB
+    assert procnet.guest_ram_resident(7, 512 * MIB, proc=tmp_path) is None
+    assert procnet.guest_ram_resident(8, 264 * MIB, proc=tmp_path) is None  # no such process
+
+
+def test_smaps_is_read_only_up_to_the_guest_rams_mapping() -> None:
+    """With the count ``maps`` gave, nothing after the last guest RAM mapping is read (the
+    kernel would walk every later mapping's pages to write it)."""
+    entry = _SMAPS_ENTRY.format(start=0x1000, end=0x1000 + 264 * MIB, kib=264 * 1024, rss=5)
+
+    def lines() -> Iterator[str]:
+        yield from entry.splitlines()
+        raise AssertionError("read past the guest RAM's mapping")
+
+    assert procnet.parse_smaps_resident(lines(), 264 * MIB, expected=1) == 5 * 1024
