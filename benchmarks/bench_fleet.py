@@ -12,8 +12,9 @@ every run starts from a full host -- with one caller:
   downtime schedule, the ticket revived);
 * ``ansible``: ``ansible/evacuate.yml`` through the lab's inventory (over ssh, our
   ``spice-libvirt evacuate`` on the host, ``--parallel`` as given);
-* ``evacuate``: ``spice-libvirt lab evacuate --parallel P`` (our controller; ``evacuate-bulk``
-  with ``--hold-mode bulk``, the floor from QEMU's setup);
+* ``evacuate``: ``spice-libvirt lab evacuate --parallel P --hold-mode switchover`` (our
+  controller); ``evacuate-bulk`` with ``--hold-mode bulk``, the floor from QEMU's setup
+  (evacuate's default with ``--parallel`` above 1);
 
 and the agent ``off``, ``on`` (its default: the switchover hold) or ``bulk`` (``--hold-mode
 bulk``: 1 MiB/s from the start, the hold before the switchover hold). The runs alternate

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from spice_libvirt.cli.render import print_hold, print_report, save_timeline
 from spice_libvirt.errors import ConfigError
@@ -143,7 +144,9 @@ def evacuate(args: argparse.Namespace, path: Path) -> int:
     """Drain the host the lab's guests run on; one line per domain (both ends' verdicts)."""
     from spice_libvirt_lab import libvirt_fleet
 
-    options = {"plain": args.plain, "hold_mode": args.hold_mode}
+    options: dict[str, Any] = {"plain": args.plain}
+    if args.hold_mode is not None:
+        options["hold_mode"] = args.hold_mode
     result = libvirt_fleet.lab_evacuate(path, parallel=args.parallel, options=options)
     if args.json:
         print(result.model_dump_json(indent=1))

@@ -93,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
             options={
                 "plain": args.plain,
                 "hold_timeout": args.hold_timeout,
-                "hold_mode": args.hold_mode,
+                **({} if args.hold_mode is None else {"hold_mode": args.hold_mode}),
                 "completion_timeout": args.timeout,
                 "allow_taint": allow_taint(args),
                 "migrate_tls": migrate_tls(args),

@@ -79,10 +79,11 @@ def add_hold_mode_argument(parser: argparse.ArgumentParser | argparse._ArgumentG
     parser.add_argument(
         "--hold-mode",
         choices=("switchover", "bulk"),
-        default="switchover",
-        help="switchover (default): the memory moves at the domain's speed while the client "
-        "links, libvirt's floor only as the first pass nears its end; bulk: the floor from "
-        "the start (the client's links and the transfer one after the other)",
+        default=None,
+        help="switchover: the memory moves at the domain's speed while the client links, "
+        "libvirt's floor only as the first pass nears its end (migrate's default); bulk: the "
+        "floor from the start, the client's links and the transfer one after the other "
+        "(evacuate's default with --parallel above 1)",
     )
 
 
@@ -136,7 +137,7 @@ def request_fields(args: argparse.Namespace) -> dict[str, Any]:
         "require_seamless": args.require_seamless,
         "hold": args.hold if args.wait_client else "none",
         "hold_timeout": args.link_timeout,
-        "hold_mode": args.hold_mode,
+        **({} if args.hold_mode is None else {"hold_mode": args.hold_mode}),
         **({} if args.release_margin_ms is None else {"release_margin_ms": args.release_margin_ms}),
         "completion_timeout": args.timeout,
         "extend_ticket_s": args.extend_ticket,
