@@ -14,7 +14,9 @@ for the taint is libvirt's own per-domain log on both hosts, which must never ga
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import signal
 import struct
 import subprocess
 import sys
@@ -24,11 +26,14 @@ from typing import Any
 
 import pytest
 
+from spice_libvirt.exitcodes import ExitCode
 from spice_libvirt_lab import libvirt_agent, netns
 from spice_libvirt_lab.libvirt_lab import LabState
 from spice_libvirt_lab.libvirt_migrate import lab_migrate
+from spice_libvirt_lab.libvirt_status import where
 from spice_libvirt_lab.memcheck import MemcheckOptions
-from tests.rigs.libvirt_lab import cli_json, lab_marks
+from tests import faults
+from tests.rigs.libvirt_lab import cli_dir, cli_json, fresh_state, lab_marks
 from tests.rigs.viewer import XServer
 from tests.test_agent_lab import outcome, tainted, viewer
 
@@ -83,6 +88,10 @@ def _assert_taint_free_hold(report: dict[str, Any], census: str) -> None:
     assert hold["census"] == census
     assert "taint-free" in hold["reason"]
     assert hold["downtime_before_ms"] is not None
+    # one migration at a time, its QEMU's memory readable: the switchover hold, which says
+    # what it did (paced the first pass, put the floor back near its end)
+    assert hold["mode"] == "switchover", report["notes"]
+    assert hold["plan_notes"], hold
     # the client needs ~6 RTT to link: the floors really held it
     assert hold["held_ms"] is not None
     assert 5 * RTT_MS < hold["held_ms"] < 15_000
@@ -148,6 +157,35 @@ def test_evacuate_with_a_remote_viewer_is_seamless_and_leaves_no_taint(
     assert domain["outcome"] == "seamless"
     _assert_taint_free_hold(domain["report"], "kernel")
     assert tainted(lab) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_while_the_plan_paces_the_first_pass(lab: LabState, sig: int) -> None:
+    """``lab migrate`` interrupted while the switchover plan lets the first pass run at its
+    pace (the speed neither the domain's own nor libvirt's floor): the job undone, the
+    domain on the source with the speed it had."""
+    state = fresh_state(lab)
+    uris = {name: h.uri_unix for name, h in state.hosts.items()}
+    source = where(state)
+    before = faults.libvirt_host_view(uris[source], state.domain, qmp=False)
+
+    def pacing() -> bool:
+        view = faults.libvirt_host_view(uris[source], state.domain, qmp=False)
+        return bool(view.job) and view.max_speed_mibs not in (None, 1, before.max_speed_mibs)
+
+    run = faults.run_cli_interrupted(
+        ["lab", "--dir", str(cli_dir(lab)), "migrate", "--json"], pacing, sig
+    )
+    assert run.signalled_after_s is not None, run.stderr
+    expected = ExitCode.INTERRUPTED if sig == signal.SIGINT else ExitCode.TERMINATED
+    assert run.returncode == expected, run.stderr
+    assert "the domain runs on: source" in run.stderr, run.stderr
+    views = functools.partial(faults.libvirt_views, uris, state.domain, qmp=False)
+    assert faults.wait_for(lambda: faults.settled(views()), 10.0, 0.1), views()
+    after = faults.libvirt_host_view(uris[source], state.domain, qmp=False)
+    assert after.state == "running"
+    assert after.max_speed_mibs == before.max_speed_mibs, (before, after)
+    assert tainted(lab) == []  # nor did this test taint it
 
 
 def test_the_qmp_hold_is_refused_without_allow_taint(lab: LabState) -> None:
