@@ -131,17 +131,37 @@ def _spawn_client(state: LabState, domain: str, uri: str) -> LabProcess:
     return LabProcess(where="C", what=ref.what, proc=ref, log=log, domain=domain, address=uri)
 
 
-def start_clients(state: LabState, timeout: float = CLIENTS_READY_S, attempts: int = 3) -> None:
+def _domain_state(state: LabState, host: HostName, domain: str) -> str:
+    """libvirt's word on ``domain`` (state and reason numbers), for an error message."""
+    try:
+        conn = state.host(host).open()
+    except Exception as exc:  # the message is all this is for
+        return f"libvirtd on {host} unreachable ({exc})"
+    try:
+        st, reason = conn.lookupByName(domain).state()
+        return f"libvirt state {st}, reason {reason} on host {host}"
+    except Exception as exc:
+        return f"not known to libvirtd on {host} ({exc})"
+    finally:
+        conn.close()
+
+
+def start_clients(
+    state: LabState, timeout: float = CLIENTS_READY_S, attempts: int = 5, pause: float = 1.0
+) -> None:
     """One ``spice-libvirt watch --json`` per domain in the client namespace; wait until
     every one of them has linked its session.
 
-    A client whose link timed out is started again (up to ``attempts`` in all): a guest that
-    was started a moment ago, on a machine busy starting many, can miss a first link.
+    A client that ended before it linked is started again (up to ``attempts`` in all,
+    ``pause`` s more after each): a guest that was started a moment ago, on a machine busy
+    starting many, can miss a first link -- and a refused connection ends a client at once,
+    so the tries are spread out rather than spent in a second.
     """
     uris = spice_uris(state, "A", state.all_domains)
     for domain, uri in uris.items():
         libvirt_daemons.record(state, _spawn_client(state, domain, uri), client=True)
     tries = dict.fromkeys(uris, 1)
+    not_before = dict.fromkeys(uris, 0.0)
 
     def ready() -> bool:
         done = True
@@ -154,7 +174,14 @@ def start_clients(state: LabState, timeout: float = CLIENTS_READY_S, attempts: i
             if client.proc.alive():
                 continue
             if tries[client.domain] >= attempts:
-                raise LabError(f"{client.what} exited: {client.log.read_text()[-400:]}")
+                raise LabError(
+                    f"{client.what} exited after {attempts} tries "
+                    f"({_domain_state(state, 'A', client.domain)}): "
+                    f"{client.log.read_text()[-400:]}"
+                )
+            if time.monotonic() < not_before[client.domain]:
+                continue
+            not_before[client.domain] = time.monotonic() + pause * tries[client.domain]
             tries[client.domain] += 1
             state.clients[i] = _spawn_client(state, client.domain, uris[client.domain])
             save(state)

@@ -53,10 +53,10 @@ from spice_libvirt.migration.switchover import (
     HOLD_DOWNTIME_MS,
     HOLD_SPEED_MIBS,
     GuestMemory,
-    Progress,
     SpeedChange,
     SwitchoverPlan,
     expected_link_s,
+    progress_from_job_stats,
 )
 
 T = TypeVar("T")
@@ -408,13 +408,8 @@ class MigrationHold:
             stats = await self.local.call(lambda: dom.jobStats(0), "job stats")
         except errors.LibvirtError:
             return time.monotonic() + self.settings.poll_s  # the job may be ending
-        sample = Progress(
-            at=time.monotonic(),
-            lag=max(0.0, late) + (time.monotonic() - asked),
-            remaining=int(stats.get("memory_remaining") or 0),
-            iteration=int(stats.get("memory_iteration") or 0),
-            sent_data=int(stats.get("memory_normal_bytes") or 0),
-        )
+        now = time.monotonic()
+        sample = progress_from_job_stats(stats, now, max(0.0, late) + (now - asked))
         change, next_at = plan.progress(sample)
         if change is not None:
             await self._apply_change(change)

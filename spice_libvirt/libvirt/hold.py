@@ -60,9 +60,9 @@ from spice_libvirt.migration.switchover import (
     HOLD_DOWNTIME_MS,
     HOLD_SPEED_MIBS,
     GuestMemory,
-    Progress,
     SpeedChange,
     SwitchoverPlan,
+    progress_from_job_stats,
 )
 from spice_libvirt.migration.witness import MigrationWitness, await_connected
 
@@ -383,15 +383,8 @@ class Hold:
                 next_at = time.monotonic() + 0.1  # the job may be ending: the end decides
                 continue
             now = time.monotonic()
-            change, next_at = plan.observe(
-                Progress(
-                    at=now,
-                    lag=max(0.0, asked - next_at) + (now - asked),
-                    remaining=int(stats.get("memory_remaining") or 0),
-                    iteration=int(stats.get("memory_iteration") or 0),
-                    sent_data=int(stats.get("memory_normal_bytes") or 0),
-                )
-            )
+            lag = max(0.0, asked - next_at) + (now - asked)
+            change, next_at = plan.observe(progress_from_job_stats(stats, now, lag))
             if change is not None:
                 await self._set_speed(change)
                 self.log.note(change.why)

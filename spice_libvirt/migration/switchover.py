@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 MIB = 1 << 20
 #: the hold proper: libvirt's smallest speed (MiB/s) and downtime (ms)
@@ -72,6 +73,18 @@ class Progress:
     sent_data: int = 0
     #: how late the sample came (the holder's delay, scheduling and the call itself, s)
     lag: float = 0.0
+
+
+def progress_from_job_stats(stats: Mapping[str, Any], at: float, lag: float) -> Progress:
+    """A sample from libvirt's job statistics (``virDomainGetJobStats``), as the agent and
+    the controller both take them."""
+    return Progress(
+        at=at,
+        lag=lag,
+        remaining=int(stats.get("memory_remaining") or 0),
+        iteration=int(stats.get("memory_iteration") or 0),
+        sent_data=int(stats.get("memory_normal_bytes") or 0),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,4 +300,5 @@ __all__ = [
     "SpeedChange",
     "SwitchoverPlan",
     "expected_link_s",
+    "progress_from_job_stats",
 ]
