@@ -410,12 +410,13 @@ class Hold:
                 int(stats.get("memory_total", 0) or 0),
             )
             if why is not None:
+                if self._over.is_set():  # the client linked meanwhile: nothing to escalate
+                    return
                 hold = self.report.hold
                 hold.escalated = why
                 hold.applied = "qmp-throttle"
                 self.log.note(f"the taint-free hold is running out ({why}): QMP throttle")
-                if not self._over.is_set():
-                    await self._throttle()
+                await self._throttle()
                 return
             if await self._pause(FLOOR_POLL_S):
                 return
