@@ -305,11 +305,10 @@ class MigrationHold:
             ram = int(await self.local.call(dom.maxMemory, "domain memory")) * 1024
         except errors.LibvirtError:
             ram = 0
-        total = self._memory or ram
         data = await asyncio.to_thread(procnet.guest_ram_resident, self._pid, ram) if ram else None
         if data is not None:
             self.verdict.notes.append(f"guest RAM resident: {data >> 20} of {ram >> 20} MiB")
-        return GuestMemory(data, max(0, total - ram) if ram else 0), total
+        return GuestMemory.of(data, ram, self._memory)
 
     async def _hold_proper(self) -> None:
         """The speed is at the hold's now; with ``allow_taint`` QEMU's own throttle too."""

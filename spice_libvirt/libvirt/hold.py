@@ -328,10 +328,8 @@ class Hold:
         with contextlib.suppress(errors.LibvirtError):
             stats = await self.src.call(lambda: self.dom.jobStats(0), "job stats", timeout=5.0)
             total = int(stats.get("memory_total") or 0)
-        ram = self.ram_bytes
-        tail = max(0, total - ram) if ram and total else 0
-        memory = GuestMemory(self.resident_bytes, tail)
-        change = plan.start(time.monotonic(), memory, total or ram)
+        memory, total = GuestMemory.of(self.resident_bytes, self.ram_bytes, total)
+        change = plan.start(time.monotonic(), memory, total)
         if change is None:
             speed = plan.caller_speed_mibs
             await self._set_speed(SpeedChange(speed, "the domain's own speed"))

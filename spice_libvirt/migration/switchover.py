@@ -97,6 +97,13 @@ class GuestMemory:
     #: memory scanned after the guest RAM (video RAM and the like: mostly zero pages)
     tail_bytes: int = 0
 
+    @classmethod
+    def of(cls, resident: int | None, ram_bytes: int, job_total: int) -> tuple[GuestMemory, int]:
+        """From the guest RAM's resident set, its size and the job's memory total (0:
+        not known yet): what the first pass moves, and the total to scan."""
+        total = job_total or ram_bytes
+        return cls(resident, max(0, total - ram_bytes) if ram_bytes else 0), total
+
 
 class _Pace:
     """How fast one quantity runs down, from successive samples (the fastest counts)."""
