@@ -169,8 +169,13 @@ def snapshot(pid: int, *, proc: Path = Path("/proc")) -> ProcessSockets:
     return ProcessSockets(pid, tuple(r for r in text_rows if r.inode in inodes))
 
 
-def _mapping_size(head: str) -> int | None:
-    """The size of the mapping a ``maps``/``smaps`` header line starts with (None: not one)."""
+def _first_word(line: str) -> str:
+    return line.split(None, 1)[0] if line.strip() else ""
+
+
+def _mapping_size(line: str) -> int | None:
+    """The size of the mapping a ``maps``/``smaps`` header line names (None: not one)."""
+    head = _first_word(line)
     if "-" not in head or head.endswith(":"):
         return None
     start, _, end = head.partition("-")
@@ -196,11 +201,10 @@ def parse_smaps_resident(
     size = 0
     found = 0
     for line in lines:
-        head = line.split(None, 1)[0] if line.strip() else ""
-        mapping = _mapping_size(head)
+        mapping = _mapping_size(line)
         if mapping is not None:
             size = mapping
-        elif head == "Rss:" and _is_guest_ram(size, size_bytes, slack):
+        elif _first_word(line) == "Rss:" and _is_guest_ram(size, size_bytes, slack):
             parts = line.split()
             if len(parts) >= 2 and parts[1].isdigit():
                 resident = (resident or 0) + int(parts[1]) * 1024
@@ -218,13 +222,8 @@ def guest_ram_resident(
     ``maps`` (cheap: no page walk) says how many mappings have the guest RAM's size, so
     ``smaps`` is read only up to the last of them."""
     try:
-        heads = (proc / str(pid) / "maps").read_text().splitlines()
-        expected = sum(
-            1
-            for line in heads
-            if _is_guest_ram(_mapping_size(line.split(None, 1)[0] if line else "") or 0,
-                             ram_bytes, slack)
-        )  # fmt: skip
+        maps = (proc / str(pid) / "maps").read_text().splitlines()
+        expected = sum(_is_guest_ram(_mapping_size(line) or 0, ram_bytes, slack) for line in maps)
         if not expected:
             return None
         with (proc / str(pid) / "smaps").open() as smaps:
