@@ -44,7 +44,7 @@ from spice_libvirt_lab.libvirt_state import (
     locked,
     save,
 )
-from spice_libvirt_lab.libvirt_status import require_state, where
+from spice_libvirt_lab.libvirt_status import require_state, states_by_domain, where
 
 #: ``lab up --domains N`` at most (each guest is a QEMU; each client a Python process)
 MAX_DOMAINS = 64
@@ -131,21 +131,6 @@ def _spawn_client(state: LabState, domain: str, uri: str) -> LabProcess:
     return LabProcess(where="C", what=ref.what, proc=ref, log=log, domain=domain, address=uri)
 
 
-def _domain_state(state: LabState, host: HostName, domain: str) -> str:
-    """libvirt's word on ``domain`` (state and reason numbers), for an error message."""
-    try:
-        conn = state.host(host).open()
-    except Exception as exc:  # the message is all this is for
-        return f"libvirtd on {host} unreachable ({exc})"
-    try:
-        st, reason = conn.lookupByName(domain).state()
-        return f"libvirt state {st}, reason {reason} on host {host}"
-    except Exception as exc:
-        return f"not known to libvirtd on {host} ({exc})"
-    finally:
-        conn.close()
-
-
 def start_clients(
     state: LabState, timeout: float = CLIENTS_READY_S, attempts: int = 5, pause: float = 1.0
 ) -> None:
@@ -176,7 +161,7 @@ def start_clients(
             if tries[client.domain] >= attempts:
                 raise LabError(
                     f"{client.what} exited after {attempts} tries "
-                    f"({_domain_state(state, 'A', client.domain)}): "
+                    f"(libvirt states by host: {states_by_domain(state).get(client.domain)}): "
                     f"{client.log.read_text()[-400:]}"
                 )
             if time.monotonic() < not_before[client.domain]:

@@ -157,7 +157,7 @@ def status(lab_dir: Path | None = None) -> LabStatus:
     return result
 
 
-def _domain_states(state: LabState) -> dict[str, dict[HostName, int]]:
+def states_by_domain(state: LabState) -> dict[str, dict[HostName, int]]:
     """domain -> {host: libvirt state} over both hosts (a host that does not answer is
     left out: its guests count as running nowhere there)."""
     lv = require_libvirt()
@@ -186,7 +186,7 @@ def guest_accounts(lab_dir: Path | None = None) -> list[memcheck.GuestAccount]:
             f"the lab's guest is {state.guest}: only the memcheck guest keeps its own account "
             "(lab up --guest memcheck)"
         )
-    states = _domain_states(state)
+    states = states_by_domain(state)
     accounts = []
     for domain in state.all_domains:
         on = states.get(domain, {})
